@@ -1,0 +1,153 @@
+//! `serve --dev`: an in-process development OIDC issuer, like `vault server -dev`.
+//!
+//! It stands in for the `github` and `gitlab` issuers, at `{broker}/dev/github` and
+//! `{broker}/dev/gitlab`, serving discovery and JWKS over HTTP like a real issuer, so the broker
+//! verifies dev tokens through exactly the code path it uses for real ones. Loopback only.
+
+use crate::clock::UnixSeconds;
+use crate::config::{IssuerConfig, Platform};
+use crate::ids::{b64url, random};
+use crate::mint::jwt::JwtSigner;
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value, json};
+use std::path::Path;
+
+/// The built-in `dev` policy: the default `ephemera dev token` satisfies it and gets a broker
+/// JWT named `api`.
+pub const DEV_POLICY: &str = r#"
+description: Development policy. The default `ephemera dev token` satisfies it and gets a broker JWT named `api`.
+issuer: github
+match:
+  repository_id: "100001"
+  ref: refs/heads/main
+deny:
+  event_name: [pull_request, pull_request_target]
+ttl: {default: 15m, max: 1h}
+grants:
+  api:
+    backend: jwt
+    audience: https://api.dev.ephemera.invalid
+    claims:
+      scope: dev
+      repository: "${repository}"
+      ref: "${ref}"
+"#;
+
+/// How long dev tokens live: long enough for the README walkthrough.
+const DEV_TOKEN_SECS: i64 = 600;
+
+pub struct DevIssuer {
+    signer: JwtSigner,
+    base_url: String,
+}
+
+impl DevIssuer {
+    /// Loads (or creates) the dev issuer's ES256 key in `data_dir`, so a restart with the same
+    /// `--data-dir` keeps issuing tokens the broker still trusts.
+    pub fn load_or_generate(data_dir: &Path, base_url: &str) -> Result<DevIssuer, String> {
+        let signer = JwtSigner::load_or_generate(&data_dir.join("dev-issuer.pk8"), base_url)?;
+        Ok(DevIssuer { signer, base_url: base_url.trim_end_matches('/').to_string() })
+    }
+
+    pub fn issuer_url(&self, platform: Platform) -> String {
+        match platform {
+            Platform::GithubActions => format!("{}/dev/github", self.base_url),
+            Platform::GitlabCi => format!("{}/dev/gitlab", self.base_url),
+        }
+    }
+
+    /// The stand-in issuers, configured like real ones (pinned ES256, fetched over HTTP).
+    pub fn issuer_configs(&self, audience: &str) -> Vec<IssuerConfig> {
+        [("github", Platform::GithubActions), ("gitlab", Platform::GitlabCi)]
+            .into_iter()
+            .map(|(name, platform)| IssuerConfig {
+                name: name.into(),
+                platform,
+                url: self.issuer_url(platform),
+                audiences: vec![audience.to_string()],
+                algorithms: vec![Algorithm::ES256],
+                max_token_lifetime_secs: 3600,
+                leeway_secs: 30,
+                jwks_file: None,
+                jwks_url: None,
+                jwks_refresh_secs: 900,
+                unknown_kid_cooldown_secs: 60,
+            })
+            .collect()
+    }
+
+    pub fn discovery(&self, platform: Platform) -> Value {
+        let iss = self.issuer_url(platform);
+        json!({
+            "issuer": iss,
+            "jwks_uri": format!("{iss}/jwks"),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })
+    }
+
+    pub fn jwks(&self) -> Value {
+        json!({"keys": [self.signer.public_jwk()]})
+    }
+
+    /// A token for the default dev job, with `overrides` laid over the default claims. The
+    /// issuer always sets `iss`, `aud`, `iat`, `nbf`, `exp` and `jti` itself.
+    pub fn token(&self, platform: Platform, audience: &str, overrides: Option<&Map<String, Value>>, now: UnixSeconds) -> Result<String, String> {
+        let mut claims = match platform {
+            Platform::GithubActions => default_github_claims(),
+            Platform::GitlabCi => default_gitlab_claims(),
+        };
+        if let Some(extra) = overrides {
+            for (k, v) in extra {
+                claims.insert(k.clone(), v.clone());
+            }
+        }
+        for (k, v) in [
+            ("iss", json!(self.issuer_url(platform))),
+            ("aud", json!(audience)),
+            ("iat", json!(now)),
+            ("nbf", json!(now)),
+            ("exp", json!(now + DEV_TOKEN_SECS)),
+            ("jti", json!(b64url(&random::<16>()))),
+        ] {
+            claims.insert(k.into(), v);
+        }
+        self.signer.sign(&claims)
+    }
+}
+
+fn default_github_claims() -> Map<String, Value> {
+    let v = json!({
+        "sub": "repo:ephemera-dev/demo:ref:refs/heads/main",
+        "actor": "dev", "actor_id": "100002",
+        "base_ref": "", "head_ref": "",
+        "check_run_id": "1", "event_name": "push",
+        "job_workflow_ref": "ephemera-dev/demo/.github/workflows/deploy.yml@refs/heads/main",
+        "ref": "refs/heads/main", "ref_protected": "true", "ref_type": "branch",
+        "repository": "ephemera-dev/demo", "repository_id": "100001",
+        "repository_owner": "ephemera-dev", "repository_owner_id": "100000",
+        "repository_visibility": "private",
+        "run_attempt": "1", "run_id": "1", "run_number": "1",
+        "runner_environment": "github-hosted",
+        "sha": "0000000000000000000000000000000000000000",
+        "workflow": "deploy", "workflow_ref": "ephemera-dev/demo/.github/workflows/deploy.yml@refs/heads/main",
+    });
+    v.as_object().cloned().unwrap_or_default()
+}
+
+fn default_gitlab_claims() -> Map<String, Value> {
+    let v = json!({
+        "sub": "project_path:ephemera-dev/demo:ref_type:branch:ref:main",
+        "namespace_id": "200000", "namespace_path": "ephemera-dev",
+        "project_id": "200001", "project_path": "ephemera-dev/demo",
+        "user_id": "200002", "user_login": "dev",
+        "pipeline_id": "1", "pipeline_source": "push", "job_id": "1",
+        "ref": "main", "ref_type": "branch", "ref_path": "refs/heads/main", "ref_protected": "true",
+        "runner_id": 1, "runner_environment": "gitlab-hosted",
+        "sha": "0000000000000000000000000000000000000000",
+        "project_visibility": "private",
+        "job_project_id": "200001", "job_project_path": "ephemera-dev/demo",
+    });
+    v.as_object().cloned().unwrap_or_default()
+}

@@ -1,0 +1,115 @@
+//! One error type, one table: every failure reaches the wire through [`Error::code`],
+//! [`Error::status`] and [`Error::public_message`]. Detail for operators goes to the log only,
+//! under the same request id.
+
+use crate::identity::IdentityError;
+use crate::policy::Denial;
+
+#[derive(Debug)]
+pub enum Error {
+    /// Malformed JSON, unknown field, bad ttl. The message is about the caller's own request.
+    BadRequest(String),
+    /// Any token problem. Callers get one fixed message; the reason is logged.
+    InvalidToken(IdentityError),
+    /// A policy said no, or the policy does not exist (same shape: no existence oracle).
+    Denied(Denial),
+    PayloadTooLarge,
+    /// An admin endpoint without a valid admin token.
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed,
+    /// A credential backend failed; `detail` (upstream text) is logged, never returned.
+    Backend { backend: String, detail: String },
+    /// Fail closed: the ledger or audit log cannot be written, or the broker is shutting down.
+    Unavailable(String),
+    /// A bug.
+    Internal(String),
+}
+
+/// How loudly an error is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Error {
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::BadRequest(_) => 400,
+            Error::InvalidToken(_) | Error::Unauthorized => 401,
+            Error::Denied(_) => 403,
+            Error::NotFound => 404,
+            Error::MethodNotAllowed => 405,
+            Error::PayloadTooLarge => 413,
+            Error::Backend { .. } => 502,
+            Error::Unavailable(_) => 503,
+            Error::Internal(_) => 500,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BadRequest(_) => "bad_request",
+            Error::InvalidToken(_) => "invalid_token",
+            Error::Unauthorized => "unauthorized",
+            Error::Denied(_) => "policy_denied",
+            Error::NotFound => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::PayloadTooLarge => "payload_too_large",
+            Error::Backend { .. } => "backend_error",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// What the caller reads. Never a secret, never upstream text, never an expected claim value.
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::BadRequest(m) => m.clone(),
+            Error::InvalidToken(_) => "the token is not valid for this broker".into(),
+            Error::Unauthorized => "a valid admin token is required".into(),
+            Error::Denied(d) => d.public_message(),
+            Error::NotFound => "no such endpoint".into(),
+            Error::MethodNotAllowed => "method not allowed on this endpoint".into(),
+            Error::PayloadTooLarge => "the request body is larger than the limit".into(),
+            Error::Backend { backend, .. } => {
+                format!("credential backend `{backend}` failed; the request id leads to the detail in the broker log")
+            }
+            Error::Unavailable(_) => "the broker cannot record credentials right now; nothing was issued".into(),
+            Error::Internal(_) => "internal error; the request id leads to the detail in the broker log".into(),
+        }
+    }
+
+    /// What the log records beside the request id (no secrets: identity errors carry none).
+    pub fn log_detail(&self) -> String {
+        match self {
+            Error::InvalidToken(e) => e.to_string(),
+            Error::Denied(d) => d.log_detail(),
+            Error::Backend { backend, detail } => format!("backend {backend}: {detail}"),
+            Error::Unavailable(d) | Error::Internal(d) | Error::BadRequest(d) => d.clone(),
+            other => other.code().to_string(),
+        }
+    }
+
+    pub fn level(&self) -> Level {
+        match self {
+            Error::Backend { .. } | Error::Unavailable(_) | Error::Internal(_) => Level::Error,
+            Error::InvalidToken(_) | Error::Denied(_) | Error::Unauthorized => Level::Warn,
+            _ => Level::Info,
+        }
+    }
+}
+
+impl From<IdentityError> for Error {
+    fn from(e: IdentityError) -> Self {
+        Error::InvalidToken(e)
+    }
+}
+
+impl From<Denial> for Error {
+    fn from(d: Denial) -> Self {
+        Error::Denied(d)
+    }
+}

@@ -1,0 +1,283 @@
+//! http: the wire (DESIGN §2). Routes, body limits, bearer extraction, request ids, and the one
+//! place where an [`Error`] becomes a response body and a log line.
+
+use crate::app::App;
+use crate::config::Platform;
+use crate::error::{Error, Level};
+use crate::identity::IdentityError;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{Next, from_fn};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// Largest request body accepted on any endpoint.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+type AppState = State<Arc<App>>;
+
+pub fn router(app: Arc<App>) -> Router {
+    let mut router = Router::new()
+        .route("/v1/exchange", post(exchange))
+        .route("/v1/revoke", post(revoke))
+        .route("/v1/introspect", post(introspect))
+        .route("/.well-known/openid-configuration", get(openid_configuration))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    if app.dev.is_some() {
+        router = router
+            .route("/dev/{platform}/.well-known/openid-configuration", get(dev_discovery))
+            .route("/dev/{platform}/jwks", get(dev_jwks))
+            .route("/dev/token", post(dev_token));
+    }
+    router
+        .route_layer(from_fn(mark_route))
+        .fallback(|| async { Error::NotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(from_fn(request_context))
+        .with_state(app)
+}
+
+// ---- errors and request context -----------------------------------------------------------
+
+/// An error on its way out; `request_context` renders it with the request id and logs it.
+#[derive(Clone)]
+struct ErrorReport {
+    status: u16,
+    code: &'static str,
+    message: String,
+    detail: String,
+    level: Level,
+    bearer_challenge: bool,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = status.into_response();
+        response.extensions_mut().insert(ErrorReport {
+            status: self.status(),
+            code: self.code(),
+            message: self.public_message(),
+            detail: self.log_detail(),
+            level: self.level(),
+            bearer_challenge: matches!(self, Error::InvalidToken(_)),
+        });
+        response
+    }
+}
+
+/// The matched route template, so logs never carry a raw path (which could hold anything).
+#[derive(Clone)]
+struct Route(String);
+
+async fn mark_route(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    let mut response = next.run(req).await;
+    if let Some(r) = route {
+        response.extensions_mut().insert(Route(r));
+    }
+    response
+}
+
+async fn request_context(req: Request, next: Next) -> Response {
+    let request_id = crate::ids::request_id();
+    let method = req.method().clone();
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let started = Instant::now();
+    let mut response = next.run(req).instrument(span.clone()).await;
+    let route = response.extensions_mut().remove::<Route>().map_or_else(|| "<unmatched>".to_string(), |r| r.0);
+    if let Some(report) = response.extensions_mut().remove::<ErrorReport>() {
+        let _enter = span.enter();
+        match report.level {
+            Level::Error => tracing::error!(code = report.code, status = report.status, detail = %report.detail, "request failed"),
+            Level::Warn => tracing::warn!(code = report.code, status = report.status, detail = %report.detail, "request refused"),
+            Level::Info => tracing::info!(code = report.code, status = report.status, detail = %report.detail, "request refused"),
+        }
+        let body = json!({"error": {"code": report.code, "message": report.message, "request_id": request_id}});
+        *response.body_mut() = Body::from(body.to_string());
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+        if report.bearer_challenge {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    span.in_scope(|| {
+        tracing::info!(method = %method, route = %route, status = response.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
+    });
+    response
+}
+
+// ---- request helpers ----------------------------------------------------------------------
+
+/// Reads the body, refusing more than [`BODY_LIMIT`] bytes while reading (a declared length is
+/// refused before reading anything).
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return Err(Error::PayloadTooLarge);
+    }
+    match Limited::new(body, BODY_LIMIT).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::PayloadTooLarge),
+        Err(_) => Err(Error::BadRequest("the request body could not be read".into())),
+    }
+}
+
+/// A JSON body into `T` (which denies unknown fields). An empty body reads as `{}` where `T`
+/// allows it.
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    serde_json::from_slice(bytes).map_err(|e| {
+        let msg = e.to_string();
+        Error::BadRequest(format!("invalid JSON body: {}", crate::clock::truncate(&msg, 200)))
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
+    let value = headers.get(header::AUTHORIZATION).ok_or(IdentityError::Missing)?;
+    let text = value.to_str().map_err(|_| IdentityError::Malformed("Authorization header is not text"))?;
+    let (scheme, token) = text.split_once(' ').ok_or(IdentityError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(IdentityError::Missing.into());
+    }
+    Ok(token.trim())
+}
+
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+// ---- the job's endpoints ------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExchangeBody {
+    policy: String,
+    ttl: Option<String>,
+}
+
+async fn exchange(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(&headers, body).await?;
+    let request: ExchangeBody = parse_json(&bytes)?;
+    // The value is not echoed: a caller who pasted something secret into `ttl` gets it back
+    // nowhere.
+    let ttl = request.ttl.as_deref().map(crate::clock::parse_duration).transpose().map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
+    let token = bearer(&headers)?;
+    let reply = app.exchange(token, &request.policy, ttl).await?;
+    Ok(json_response(StatusCode::CREATED, &reply))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    lease_id: Option<String>,
+}
+
+async fn revoke(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(&headers, body).await?;
+    let request: RevokeBody = parse_json(&bytes)?;
+    let token = bearer(&headers)?;
+    let reply = app.revoke(token, request.lease_id.as_deref()).await?;
+    Ok(json_response(StatusCode::OK, &reply))
+}
+
+/// RFC 7662. Outside dev mode it needs the admin token (a relying service holds it); every
+/// token problem answers `{"active": false}`, never an error that says why.
+async fn introspect(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    if app.dev.is_none() && !bearer(&headers).is_ok_and(|t| app.is_admin(t)) {
+        return Err(Error::Unauthorized);
+    }
+    let bytes = read_body(&headers, body).await?;
+    let token = form_urlencoded::parse(&bytes).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned());
+    let Some(token) = token else {
+        return Err(Error::BadRequest("expected a form body `token=…` (RFC 7662)".into()));
+    };
+    Ok(json_response(StatusCode::OK, &app.introspect(&token)))
+}
+
+// ---- broker JWT discovery -----------------------------------------------------------------
+
+async fn openid_configuration(State(app): AppState) -> Response {
+    let iss = &app.public_url;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "issuer": iss,
+            "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+            "introspection_endpoint": format!("{iss}/v1/introspect"),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
+        }),
+    )
+}
+
+async fn jwks(State(app): AppState) -> Response {
+    json_response(StatusCode::OK, &app.backends.jwks())
+}
+
+// ---- operations ---------------------------------------------------------------------------
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): AppState) -> Response {
+    let (ready, detail) = app.readiness();
+    json_response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &detail)
+}
+
+async fn metrics(State(app): AppState) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics_text()).into_response()
+}
+
+// ---- dev mode -----------------------------------------------------------------------------
+
+fn dev_platform(name: &str) -> Result<Platform, Error> {
+    match name {
+        "github" => Ok(Platform::GithubActions),
+        "gitlab" => Ok(Platform::GitlabCi),
+        _ => Err(Error::NotFound),
+    }
+}
+
+async fn dev_discovery(State(app): AppState, Path(platform): Path<String>) -> Result<Response, Error> {
+    let dev = app.dev.as_ref().ok_or(Error::NotFound)?;
+    Ok(json_response(StatusCode::OK, &dev.discovery(dev_platform(&platform)?)))
+}
+
+async fn dev_jwks(State(app): AppState, Path(platform): Path<String>) -> Result<Response, Error> {
+    let dev = app.dev.as_ref().ok_or(Error::NotFound)?;
+    dev_platform(&platform)?;
+    Ok(json_response(StatusCode::OK, &dev.jwks()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenBody {
+    issuer: Option<String>,
+    claims: Option<serde_json::Map<String, Value>>,
+}
+
+async fn dev_token(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    let dev = app.dev.as_ref().ok_or(Error::NotFound)?;
+    let bytes = read_body(&headers, body).await?;
+    let request: DevTokenBody = parse_json(&bytes)?;
+    let platform = dev_platform(request.issuer.as_deref().unwrap_or("github")).map_err(|_| Error::BadRequest("`issuer` is `github` or `gitlab`".into()))?;
+    let token = dev.token(platform, &app.public_url, request.claims.as_ref(), app.now()).map_err(Error::Internal)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain")], format!("{token}\n")).into_response())
+}

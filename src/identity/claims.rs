@@ -1,0 +1,171 @@
+//! Platform claims: typed views of GitHub Actions and GitLab CI tokens, and the job key.
+//!
+//! GitHub sends every custom claim as a string (ids and booleans too); GitLab sends ids as
+//! strings but `runner_id` as a number. The views accept either form for ids and booleans and
+//! refuse anything else, so a job key is built from digits only and cannot be forged with `:`.
+
+use super::IdentityError;
+use crate::config::Platform;
+use serde_json::{Map, Value};
+
+pub type Claims = Map<String, Value>;
+
+/// A GitHub Actions job, as far as ephemera cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GithubClaims {
+    pub repository: String,
+    pub repository_id: u64,
+    pub repository_owner_id: u64,
+    pub run_id: u64,
+    pub run_attempt: u64,
+    /// Absent from some tokens (older runners, GHES); the job key then covers the run attempt.
+    pub check_run_id: Option<u64>,
+    pub event_name: Option<String>,
+    pub git_ref: Option<String>,
+    pub ref_protected: Option<bool>,
+    pub runner_environment: Option<String>,
+    pub actor_id: Option<u64>,
+}
+
+/// A GitLab CI job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitlabClaims {
+    pub project_id: u64,
+    pub project_path: Option<String>,
+    pub namespace_id: Option<u64>,
+    pub job_id: u64,
+    pub pipeline_source: Option<String>,
+    pub git_ref: Option<String>,
+    pub ref_protected: Option<bool>,
+    pub runner_id: Option<u64>,
+    pub user_id: Option<u64>,
+    /// Differs from `project_id` in fork merge-request pipelines.
+    pub job_project_id: Option<u64>,
+}
+
+impl GithubClaims {
+    pub fn from_claims(c: &Claims) -> Result<Self, IdentityError> {
+        Ok(GithubClaims {
+            repository: string(c, "repository")?.ok_or(IdentityError::MissingClaim("repository"))?,
+            repository_id: id(c, "repository_id")?.ok_or(IdentityError::MissingClaim("repository_id"))?,
+            repository_owner_id: id(c, "repository_owner_id")?.ok_or(IdentityError::MissingClaim("repository_owner_id"))?,
+            run_id: id(c, "run_id")?.ok_or(IdentityError::MissingClaim("run_id"))?,
+            run_attempt: id(c, "run_attempt")?.ok_or(IdentityError::MissingClaim("run_attempt"))?,
+            check_run_id: id(c, "check_run_id")?,
+            event_name: string(c, "event_name")?,
+            git_ref: string(c, "ref")?,
+            ref_protected: boolean(c, "ref_protected")?,
+            runner_environment: string(c, "runner_environment")?,
+            actor_id: id(c, "actor_id")?,
+        })
+    }
+
+    /// `github:{repository_id}:{run_id}:{run_attempt}:{check_run_id}` (DESIGN §3).
+    pub fn job_key(&self) -> String {
+        match self.check_run_id {
+            Some(check) => format!("github:{}:{}:{}:{check}", self.repository_id, self.run_id, self.run_attempt),
+            None => format!("github:{}:{}:{}", self.repository_id, self.run_id, self.run_attempt),
+        }
+    }
+}
+
+impl GitlabClaims {
+    pub fn from_claims(c: &Claims) -> Result<Self, IdentityError> {
+        Ok(GitlabClaims {
+            project_id: id(c, "project_id")?.ok_or(IdentityError::MissingClaim("project_id"))?,
+            project_path: string(c, "project_path")?,
+            namespace_id: id(c, "namespace_id")?,
+            job_id: id(c, "job_id")?.ok_or(IdentityError::MissingClaim("job_id"))?,
+            pipeline_source: string(c, "pipeline_source")?,
+            git_ref: string(c, "ref")?,
+            ref_protected: boolean(c, "ref_protected")?,
+            runner_id: id(c, "runner_id")?,
+            user_id: id(c, "user_id")?,
+            job_project_id: id(c, "job_project_id")?,
+        })
+    }
+
+    /// `gitlab:{project_id}:{job_id}` (DESIGN §3).
+    pub fn job_key(&self) -> String {
+        format!("gitlab:{}:{}", self.project_id, self.job_id)
+    }
+}
+
+/// The job key of a token from `platform`.
+pub fn job_key(platform: Platform, claims: &Claims) -> Result<String, IdentityError> {
+    Ok(match platform {
+        Platform::GithubActions => GithubClaims::from_claims(claims)?.job_key(),
+        Platform::GitlabCi => GitlabClaims::from_claims(claims)?.job_key(),
+    })
+}
+
+/// A numeric id sent as a string of digits (GitHub, GitLab) or as a JSON integer.
+fn id(c: &Claims, name: &'static str) -> Result<Option<u64>, IdentityError> {
+    match c.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().map(Some).map_err(|_| IdentityError::BadClaimType(name))
+        }
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or(IdentityError::BadClaimType(name)),
+        Some(_) => Err(IdentityError::BadClaimType(name)),
+    }
+}
+
+fn string(c: &Claims, name: &'static str) -> Result<Option<String>, IdentityError> {
+    match c.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(IdentityError::BadClaimType(name)),
+    }
+}
+
+/// A boolean sent as `"true"`/`"false"` (GitHub) or as a JSON boolean.
+fn boolean(c: &Claims, name: &'static str) -> Result<Option<bool>, IdentityError> {
+    match c.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(s)) if s == "true" => Ok(Some(true)),
+        Some(Value::String(s)) if s == "false" => Ok(Some(false)),
+        Some(_) => Err(IdentityError::BadClaimType(name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Claims {
+        let path = format!("{}/../shared/fixtures/claims/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn github_environment_deploy_gives_the_design_job_key() {
+        let g = GithubClaims::from_claims(&fixture("github-environment-deploy.json")).unwrap();
+        assert_eq!(g.job_key(), "github:74:7712340001:2:96193868770");
+        assert_eq!(g.ref_protected, Some(true));
+        assert_eq!(g.repository_owner_id, 65);
+    }
+
+    #[test]
+    fn github_token_without_check_run_id_keys_the_run_attempt() {
+        let mut c = fixture("github-push-immutable-sub.json");
+        c.remove("check_run_id");
+        assert_eq!(job_key(Platform::GithubActions, &c).unwrap(), "github:74:32291736541:1");
+    }
+
+    #[test]
+    fn gitlab_runner_id_is_a_number_and_fork_project_differs() {
+        let g = GitlabClaims::from_claims(&fixture("gitlab-fork-merge-request.json")).unwrap();
+        assert_eq!(g.runner_id, Some(4));
+        assert_eq!(g.job_project_id, Some(21));
+        assert_eq!(g.job_key(), "gitlab:20:303");
+    }
+
+    #[test]
+    fn an_id_with_a_colon_cannot_forge_a_job_key() {
+        let mut c = fixture("github-push-immutable-sub.json");
+        c.insert("run_id".into(), Value::String("1:2".into()));
+        assert!(matches!(job_key(Platform::GithubActions, &c), Err(IdentityError::BadClaimType("run_id"))));
+    }
+}

@@ -1,0 +1,129 @@
+//! identity: turns a CI platform's OIDC ID token into a [`VerifiedIdentity`], which nothing
+//! outside this module can construct. Knows no policy, no backend, no HTTP.
+
+pub mod claims;
+pub mod jwks;
+pub mod provider;
+mod verify;
+
+pub use claims::{Claims, GithubClaims, GitlabClaims};
+pub use verify::{Issuer, MAX_TOKEN_BYTES, Verifier};
+
+use crate::clock::UnixSeconds;
+use crate::config::Platform;
+use std::fmt;
+use std::sync::Arc;
+
+/// Proof that a token was verified: signature, issuer, audience, times, required claims.
+#[derive(Clone)]
+pub struct VerifiedIdentity(Arc<Inner>);
+
+struct Inner {
+    issuer: String,
+    platform: Platform,
+    job: String,
+    subject: String,
+    jti: Option<String>,
+    expires_at: UnixSeconds,
+    claims: Claims,
+    token_sha256: String,
+}
+
+impl VerifiedIdentity {
+    /// The configured issuer's name (not its URL).
+    pub fn issuer(&self) -> &str {
+        &self.0.issuer
+    }
+
+    pub fn platform(&self) -> Platform {
+        self.0.platform
+    }
+
+    /// The job key (DESIGN §3), built from verified claims only.
+    pub fn job(&self) -> &str {
+        &self.0.job
+    }
+
+    pub fn subject(&self) -> &str {
+        &self.0.subject
+    }
+
+    pub fn jti(&self) -> Option<&str> {
+        self.0.jti.as_deref()
+    }
+
+    pub fn expires_at(&self) -> UnixSeconds {
+        self.0.expires_at
+    }
+
+    /// Every verified claim: what policies match against and templates read from.
+    pub fn claims(&self) -> &Claims {
+        &self.0.claims
+    }
+
+    /// SHA-256 of the raw token, for logs and audit (the token itself is never kept).
+    pub fn token_sha256(&self) -> &str {
+        &self.0.token_sha256
+    }
+}
+
+impl fmt::Debug for VerifiedIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedIdentity")
+            .field("issuer", &self.0.issuer)
+            .field("job", &self.0.job)
+            .field("subject", &self.0.subject)
+            .field("token_sha256", &self.0.token_sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token was refused. Public callers see one fixed message; this goes to the log. No
+/// variant carries token bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityError {
+    Missing,
+    TooLarge(usize),
+    Malformed(&'static str),
+    /// A header that would let the token pick its own key (`jwk`, `jku`, `x5u`, `x5c`) or
+    /// demand extensions we do not implement (`crit`).
+    ForbiddenHeader(&'static str),
+    AlgorithmNotAllowed(String),
+    UnknownIssuer(String),
+    MissingKid,
+    UnknownKid(String),
+    KeyAlgorithmMismatch,
+    BadSignature,
+    Expired { exp: UnixSeconds, now: UnixSeconds },
+    NotYetValid { nbf: UnixSeconds, now: UnixSeconds },
+    IssuedInFuture { iat: UnixSeconds, now: UnixSeconds },
+    LifetimeTooLong { lifetime: i64, max: i64 },
+    WrongAudience,
+    MissingClaim(&'static str),
+    BadClaimType(&'static str),
+}
+
+impl fmt::Display for IdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use IdentityError::*;
+        match self {
+            Missing => write!(f, "no bearer token in the Authorization header"),
+            TooLarge(n) => write!(f, "token of {n} bytes is above the {MAX_TOKEN_BYTES}-byte limit"),
+            Malformed(what) => write!(f, "malformed token: {what}"),
+            ForbiddenHeader(h) => write!(f, "token header carries `{h}`, which is refused"),
+            AlgorithmNotAllowed(a) => write!(f, "algorithm `{}` is not pinned for this issuer", crate::clock::truncate(a, 16)),
+            UnknownIssuer(iss) => write!(f, "issuer `{}` is not configured (nothing was fetched)", crate::clock::truncate(iss, 200)),
+            MissingKid => write!(f, "token header has no `kid`"),
+            UnknownKid(kid) => write!(f, "no issuer key with kid `{}` (after at most one refetch per cooldown)", crate::clock::truncate(kid, 100)),
+            KeyAlgorithmMismatch => write!(f, "the key for this kid does not fit the token's algorithm"),
+            BadSignature => write!(f, "signature does not verify"),
+            Expired { exp, now } => write!(f, "token expired at {exp} (now {now})"),
+            NotYetValid { nbf, now } => write!(f, "token not valid before {nbf} (now {now})"),
+            IssuedInFuture { iat, now } => write!(f, "token issued in the future at {iat} (now {now})"),
+            LifetimeTooLong { lifetime, max } => write!(f, "token lifetime {lifetime}s is above the issuer's max_token_lifetime {max}s"),
+            WrongAudience => write!(f, "no token audience is configured for this issuer"),
+            MissingClaim(c) => write!(f, "required claim `{c}` is missing"),
+            BadClaimType(c) => write!(f, "claim `{c}` has the wrong type"),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Prometheus text metrics, kept with atomics (no registry crate needed for a handful of series).
+//! Label values are bounded: the policy label is a loaded policy's name or `unknown`, so a caller
+//! cannot grow the series set by inventing names.
+
+use dashmap::DashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+#[derive(Default)]
+pub struct Metrics {
+    exchanges: DashMap<(String, &'static str), AtomicU64>,
+    revocations: DashMap<&'static str, AtomicU64>,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+/// Gauges read at scrape time from their owners.
+pub struct Gauges {
+    pub live_leases: usize,
+    pub pending_revocations: usize,
+    pub jwks: Vec<(String, u64, u64)>,
+}
+
+impl Metrics {
+    pub fn exchange(&self, policy: &str, outcome: &'static str, seconds: f64) {
+        self.exchanges.entry((policy.to_string(), outcome)).or_default().fetch_add(1, Ordering::Relaxed);
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn revocation(&self, outcome: &'static str) {
+        self.revocations.entry(outcome).or_default().fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn revocation_expired(&self, n: usize) {
+        self.revocations.entry("expired").or_default().fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP ephemera_exchanges_total Exchanges by policy and outcome.\n# TYPE ephemera_exchanges_total counter");
+        let mut rows: Vec<_> = self.exchanges.iter().map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed))).collect();
+        rows.sort();
+        for ((policy, outcome), n) in rows {
+            let _ = writeln!(out, "ephemera_exchanges_total{{policy=\"{policy}\",outcome=\"{outcome}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP ephemera_exchange_duration_seconds Exchange latency inside the broker.\n# TYPE ephemera_exchange_duration_seconds histogram");
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "ephemera_exchange_duration_seconds_bucket{{le=\"{bound}\"}} {}", self.latency_buckets[i].load(Ordering::Relaxed));
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "ephemera_exchange_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "ephemera_exchange_duration_seconds_sum {}", self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "ephemera_exchange_duration_seconds_count {count}");
+        let _ = writeln!(out, "# HELP ephemera_revocations_total Lease revocations by outcome.\n# TYPE ephemera_revocations_total counter");
+        let mut rows: Vec<_> = self.revocations.iter().map(|e| (*e.key(), e.value().load(Ordering::Relaxed))).collect();
+        rows.sort();
+        for (outcome, n) in rows {
+            let _ = writeln!(out, "ephemera_revocations_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP ephemera_leases_live Leases currently active.\n# TYPE ephemera_leases_live gauge\nephemera_leases_live {}", gauges.live_leases);
+        let _ = writeln!(out, "# HELP ephemera_revocations_pending Leases whose revocation a backend has not confirmed yet.\n# TYPE ephemera_revocations_pending gauge\nephemera_revocations_pending {}", gauges.pending_revocations);
+        let _ = writeln!(out, "# HELP ephemera_jwks_fetches_total Issuer JWKS fetches by result.\n# TYPE ephemera_jwks_fetches_total counter");
+        for (issuer, ok, failed) in &gauges.jwks {
+            let _ = writeln!(out, "ephemera_jwks_fetches_total{{issuer=\"{issuer}\",result=\"attempted\"}} {ok}");
+            let _ = writeln!(out, "ephemera_jwks_fetches_total{{issuer=\"{issuer}\",result=\"failed\"}} {failed}");
+        }
+        out
+    }
+}

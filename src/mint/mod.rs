@@ -1,0 +1,134 @@
+//! mint: credential backends. A [`Backend`] turns one [`GrantedCredential`] of a [`Grant`] into a
+//! credential plus a [`RevokeHandle`], and later revokes by that handle. Backends say honestly
+//! what revoking does ([`Revocation`]). `jwt` lives here; `aws` drops in beside it.
+
+pub mod jwt;
+
+use crate::clock::{UnixSeconds, rfc3339};
+use crate::policy::{Grant, GrantedCredential};
+use crate::secret::SecretString;
+use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What ending a lease does to a credential (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Revocation {
+    /// Dead at once (e.g. a broker JWT: introspection answers inactive).
+    Immediate,
+    /// Dead once an IAM deny propagates (seconds).
+    DenyPolicy,
+    /// Lives until it expires; the backend cannot revoke.
+    Expiry,
+}
+
+/// A minted credential as the caller receives it. Secret fields are [`SecretString`]s, so a
+/// `Debug` of this never prints them; only the reply body (via `Serialize`) does.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub kind: &'static str,
+    pub revocation: Revocation,
+    pub expires_at: UnixSeconds,
+    pub public: Vec<(&'static str, Value)>,
+    pub secrets: Vec<(&'static str, SecretString)>,
+}
+
+impl Credential {
+    /// SHA-256 of every secret field, for logs and audit.
+    pub fn fingerprints(&self) -> BTreeMap<&'static str, String> {
+        self.secrets.iter().map(|(k, v)| (*k, v.fingerprint())).collect()
+    }
+}
+
+impl Serialize for Credential {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(3 + self.public.len() + self.secrets.len()))?;
+        map.serialize_entry("kind", self.kind)?;
+        map.serialize_entry("revocation", &self.revocation)?;
+        map.serialize_entry("expires_at", &rfc3339(self.expires_at))?;
+        for (k, v) in &self.public {
+            map.serialize_entry(k, v)?;
+        }
+        for (k, v) in &self.secrets {
+            map.serialize_entry(k, v.expose())?;
+        }
+        map.end()
+    }
+}
+
+/// What a backend needs to revoke a credential later. Serializable: the ledger journals it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RevokeHandle {
+    pub backend: String,
+    pub data: Value,
+}
+
+#[derive(Debug)]
+pub struct Minted {
+    pub credential: Credential,
+    pub handle: RevokeHandle,
+}
+
+/// Per-exchange facts a backend may stamp into what it mints.
+#[derive(Debug, Clone, Copy)]
+pub struct MintContext<'a> {
+    pub lease_id: &'a str,
+    pub now: UnixSeconds,
+}
+
+/// A backend failure. `detail` is for the log only (it may hold upstream text).
+#[derive(Debug, Clone)]
+pub struct MintError {
+    pub detail: String,
+}
+
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> &'static str;
+    /// The guarantee revoking gives, as reported to callers.
+    fn revocation(&self) -> Revocation;
+    fn mint<'a>(&'a self, grant: &'a Grant, credential: &'a GrantedCredential, ctx: MintContext<'a>) -> BoxFuture<'a, Result<Minted, MintError>>;
+    fn revoke<'a>(&'a self, handle: &'a RevokeHandle) -> BoxFuture<'a, Result<(), MintError>>;
+}
+
+/// Every configured backend, by name, plus the JWT signers (for JWKS and introspection).
+#[derive(Default, Clone)]
+pub struct Backends {
+    by_name: BTreeMap<String, Arc<dyn Backend>>,
+    signers: Vec<Arc<jwt::JwtSigner>>,
+}
+
+impl Backends {
+    pub fn from_config(config: &crate::config::Config) -> Result<Backends, String> {
+        let mut out = Backends::default();
+        for (name, backend) in &config.backends {
+            match backend {
+                crate::config::BackendConfig::Jwt(j) => {
+                    let signer = Arc::new(jwt::JwtSigner::load_or_generate(&config.data_dir.join(&j.signing_key_file), &config.public_url).map_err(|e| format!("backend {name}: {e}"))?);
+                    out.signers.push(signer.clone());
+                    out.by_name.insert(name.clone(), Arc::new(jwt::JwtBackend::new(signer)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Backend>> {
+        self.by_name.get(name)
+    }
+
+    pub fn signers(&self) -> &[Arc<jwt::JwtSigner>] {
+        &self.signers
+    }
+
+    /// The broker's JWKS: the public key of every JWT backend.
+    pub fn jwks(&self) -> Value {
+        serde_json::json!({"keys": self.signers.iter().map(|s| s.public_jwk().clone()).collect::<Vec<_>>()})
+    }
+}

@@ -1,0 +1,103 @@
+//! The outcome of a policy decision: a [`Grant`] (only this module builds one) or a [`Denial`].
+
+use crate::clock::{UnixSeconds, format_duration, truncate};
+use crate::identity::VerifiedIdentity;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// Permission to mint, for one job, under one policy. A backend takes `&Grant`, so nothing is
+/// minted without a verified identity and a policy decision.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub(super) policy: Arc<str>,
+    pub(super) identity: VerifiedIdentity,
+    pub(super) ttl_secs: i64,
+    pub(super) expires_at: UnixSeconds,
+    pub(super) credentials: Vec<GrantedCredential>,
+}
+
+impl Grant {
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    pub fn identity(&self) -> &VerifiedIdentity {
+        &self.identity
+    }
+
+    pub fn ttl_secs(&self) -> i64 {
+        self.ttl_secs
+    }
+
+    pub fn expires_at(&self) -> UnixSeconds {
+        self.expires_at
+    }
+
+    pub fn credentials(&self) -> &[GrantedCredential] {
+        &self.credentials
+    }
+}
+
+/// One credential the grant lists, with its templates already resolved from verified claims.
+#[derive(Debug, Clone)]
+pub struct GrantedCredential {
+    pub name: String,
+    pub backend: String,
+    pub spec: ResolvedSpec,
+}
+
+#[derive(Debug, Clone)]
+pub enum ResolvedSpec {
+    Jwt { audience: String, claims: Map<String, Value> },
+}
+
+/// Why a policy said no. The public message names the deciding claim, never the expected value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub policy: String,
+    pub claim: String,
+    pub reason: DenialReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenialReason {
+    /// No such policy. Worded exactly like [`DenialReason::WrongIssuer`], so a caller cannot
+    /// tell a missing policy from one bound to another issuer (no existence oracle).
+    UnknownPolicy,
+    WrongIssuer,
+    DenyRule,
+    MatchFailed,
+    TtlAboveMax { requested: i64, max: i64 },
+    TemplateClaimMissing { grant: String },
+}
+
+impl Denial {
+    pub(super) fn new(policy: &str, claim: &str, reason: DenialReason) -> Denial {
+        Denial { policy: truncate(policy, 64).to_string(), claim: claim.to_string(), reason }
+    }
+
+    pub fn public_message(&self) -> String {
+        let (policy, claim) = (&self.policy, &self.claim);
+        match &self.reason {
+            DenialReason::UnknownPolicy | DenialReason::WrongIssuer | DenialReason::MatchFailed => {
+                format!("claim `{claim}` did not match policy `{policy}`")
+            }
+            DenialReason::DenyRule => format!("claim `{claim}` matched a deny rule of policy `{policy}`"),
+            DenialReason::TtlAboveMax { requested, max } => {
+                format!("requested ttl {} is above the maximum {} of policy `{policy}`", format_duration(*requested), format_duration(*max))
+            }
+            DenialReason::TemplateClaimMissing { grant } => {
+                format!("claim `{claim}`, needed by grant `{grant}` of policy `{policy}`, is missing or not a single value")
+            }
+        }
+    }
+
+    /// For the log: says which case it really was.
+    pub fn log_detail(&self) -> String {
+        match self.reason {
+            DenialReason::UnknownPolicy => format!("no policy named `{}`", self.policy),
+            DenialReason::WrongIssuer => format!("policy `{}` is bound to another issuer", self.policy),
+            _ => self.public_message(),
+        }
+    }
+}

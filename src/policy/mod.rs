@@ -1,0 +1,385 @@
+//! policy: YAML files → compiled, immutable policies; `decide()` → [`Grant`] or [`Denial`].
+//! Reads identity's `VerifiedIdentity`; knows backends only as names and kinds from the config.
+//! `ephemera policy check` and the server call the same [`PolicySet::load`].
+
+mod decision;
+pub mod matcher;
+pub mod template;
+
+pub use decision::{Denial, DenialReason, Grant, GrantedCredential, ResolvedSpec};
+
+use crate::clock::{UnixSeconds, format_duration, parse_duration};
+use crate::config::{Config, Platform, is_name};
+use crate::identity::{Claims, VerifiedIdentity};
+use matcher::Matcher;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use template::{Template, TemplateValue, is_claim_name};
+
+/// Claims that identify a repository or project by an id that is never reused. A policy must
+/// bind one: names (`acme/web`) can be deleted and re-registered by someone else.
+pub const IMMUTABLE_CLAIMS: [&str; 4] = ["repository_id", "repository_owner_id", "project_id", "namespace_id"];
+/// Claims a broker JWT sets itself; a grant may not override them.
+const RESERVED_JWT_CLAIMS: [&str; 9] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "lease_id", "policy"];
+const MAX_POLICY_BYTES: u64 = 256 * 1024;
+
+/// What policy loading needs to know of the broker config.
+#[derive(Debug, Clone, Default)]
+pub struct LoadContext {
+    pub issuers: BTreeMap<String, Platform>,
+    /// Backend name → (kind, max ttl in seconds).
+    pub backends: BTreeMap<String, (&'static str, i64)>,
+}
+
+impl LoadContext {
+    pub fn from_config(config: &Config) -> LoadContext {
+        LoadContext {
+            issuers: config.issuers.iter().map(|i| (i.name.clone(), i.platform)).collect(),
+            backends: config.backends.iter().map(|(n, b)| (n.clone(), (b.kind(), b.max_ttl_secs()))).collect(),
+        }
+    }
+}
+
+/// One error in one policy file, with the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+        }
+    }
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    description: String,
+    issuer: String,
+    #[serde(rename = "match", default)]
+    match_rules: BTreeMap<String, Value>,
+    #[serde(default)]
+    deny: BTreeMap<String, Value>,
+    ttl: TtlFile,
+    #[serde(default)]
+    grants: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TtlFile {
+    default: String,
+    max: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwtGrantFile {
+    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
+    backend: String,
+    audience: String,
+    #[serde(default)]
+    claims: BTreeMap<String, Value>,
+}
+
+// ---- compiled ------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct Policy {
+    pub name: Arc<str>,
+    pub description: String,
+    pub issuer: String,
+    pub match_rules: Vec<Rule>,
+    pub deny_rules: Vec<Rule>,
+    pub ttl_default_secs: i64,
+    pub ttl_max_secs: i64,
+    pub grants: Vec<GrantSpec>,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub claim: String,
+    pub matcher: Matcher,
+}
+
+#[derive(Debug)]
+pub struct GrantSpec {
+    pub name: String,
+    pub backend: String,
+    pub spec: CredentialSpec,
+}
+
+#[derive(Debug)]
+pub enum CredentialSpec {
+    Jwt { audience: Template, claims: Vec<(String, TemplateValue)> },
+}
+
+/// Every loaded policy, by name. Immutable once built.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    policies: HashMap<String, Arc<Policy>>,
+}
+
+impl PolicySet {
+    /// Loads every `*.yaml`/`*.yml` file in `dir` plus `builtin` (name, YAML) pairs, and reports
+    /// every error of every file at once.
+    pub fn load(dir: &Path, builtin: &[(&str, &str)], ctx: &LoadContext) -> Result<PolicySet, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut sources: Vec<(String, PathBuf, String)> = Vec::new();
+        match read_policy_files(dir) {
+            Ok(files) => sources.extend(files),
+            Err(e) => errors.push(e),
+        }
+        for (name, yaml) in builtin {
+            sources.push(((*name).to_string(), PathBuf::from(format!("<built-in {name}>")), (*yaml).to_string()));
+        }
+        let mut policies = HashMap::new();
+        for (name, file, text) in sources {
+            if policies.contains_key(&name) {
+                errors.push(PolicyError { file, field: String::new(), message: format!("a policy named `{name}` is defined twice") });
+                continue;
+            }
+            match compile(&name, &file, &text, ctx) {
+                Ok(p) => {
+                    policies.insert(name, Arc::new(p));
+                }
+                Err(mut errs) => errors.append(&mut errs),
+            }
+        }
+        if errors.is_empty() { Ok(PolicySet { policies }) } else { Err(errors) }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Policy>> {
+        self.policies.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.policies.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The decision (DESIGN §1 step 2): the named policy's issuer, deny rules, then every match
+    /// rule, then the ttl, then the grant's templates. Pure: `now` is an argument.
+    pub fn decide(&self, name: &str, identity: &VerifiedIdentity, requested_ttl: Option<i64>, now: UnixSeconds) -> Result<Grant, Denial> {
+        // The name is only a map key: no file is opened for it, so `../x` is just an unknown name.
+        let policy = self.policies.get(name).ok_or_else(|| Denial::new(name, "iss", DenialReason::UnknownPolicy))?;
+        policy.evaluate(identity.issuer(), identity.claims())?;
+        let ttl_secs = requested_ttl.unwrap_or(policy.ttl_default_secs);
+        if ttl_secs > policy.ttl_max_secs {
+            // Denied, not clamped: a caller that asked for 2h and silently got 1h would find out
+            // the hard way, mid-deploy.
+            return Err(Denial::new(name, "ttl", DenialReason::TtlAboveMax { requested: ttl_secs, max: policy.ttl_max_secs }));
+        }
+        let credentials = policy.grants.iter().map(|g| g.resolve(name, identity.claims())).collect::<Result<Vec<_>, _>>()?;
+        Ok(Grant { policy: policy.name.clone(), identity: identity.clone(), ttl_secs, expires_at: now + ttl_secs, credentials })
+    }
+}
+
+impl Policy {
+    /// Issuer, deny rules (any that holds denies), then match rules (all must hold).
+    pub fn evaluate(&self, issuer: &str, claims: &Claims) -> Result<(), Denial> {
+        if issuer != self.issuer {
+            return Err(Denial::new(&self.name, "iss", DenialReason::WrongIssuer));
+        }
+        if let Some(rule) = self.deny_rules.iter().find(|r| r.matcher.matches(claims.get(&r.claim))) {
+            return Err(Denial::new(&self.name, &rule.claim, DenialReason::DenyRule));
+        }
+        if let Some(rule) = self.match_rules.iter().find(|r| !r.matcher.matches(claims.get(&r.claim))) {
+            return Err(Denial::new(&self.name, &rule.claim, DenialReason::MatchFailed));
+        }
+        Ok(())
+    }
+}
+
+impl GrantSpec {
+    fn resolve(&self, policy: &str, claims: &Claims) -> Result<GrantedCredential, Denial> {
+        let missing = |claim: String| Denial::new(policy, &claim, DenialReason::TemplateClaimMissing { grant: self.name.clone() });
+        let spec = match &self.spec {
+            CredentialSpec::Jwt { audience, claims: extra } => ResolvedSpec::Jwt {
+                audience: audience.render(claims).map_err(missing)?,
+                claims: extra.iter().map(|(k, v)| Ok((k.clone(), v.render(claims).map_err(missing)?))).collect::<Result<_, Denial>>()?,
+            },
+        };
+        Ok(GrantedCredential { name: self.name.clone(), backend: self.backend.clone(), spec })
+    }
+}
+
+fn read_policy_files(dir: &Path) -> Result<Vec<(String, PathBuf, String)>, PolicyError> {
+    let err = |message: String| PolicyError { file: dir.to_path_buf(), field: String::new(), message };
+    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read the policies directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let mut out = Vec::new();
+    for path in paths {
+        let ext = path.extension().and_then(|e| e.to_str());
+        if path.is_dir() || !matches!(ext, Some("yaml" | "yml")) {
+            continue; // tests/, README.md, schema.json …
+        }
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let file_err = |message: String| PolicyError { file: path.clone(), field: String::new(), message };
+        if !is_name(&stem) {
+            return Err(file_err("a policy file name must match [a-z0-9][a-z0-9-_]*.yaml".into()));
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+        if meta.len() > MAX_POLICY_BYTES {
+            return Err(file_err(format!("larger than {MAX_POLICY_BYTES} bytes")));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+        out.push((stem, path, text));
+    }
+    Ok(out)
+}
+
+/// Parse, don't validate: a file becomes a compiled [`Policy`] or a list of every error in it.
+fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Policy, Vec<PolicyError>> {
+    let mut errors = Vec::new();
+    let mut err = |field: String, message: String| errors.push(PolicyError { file: file.to_path_buf(), field, message });
+    let raw: PolicyFile = match serde_saphyr::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            err(String::new(), yaml_error(&e.to_string()));
+            return Err(errors);
+        }
+    };
+    if !ctx.issuers.contains_key(&raw.issuer) {
+        err("issuer".into(), format!("`{}` is not an issuer in the broker config (known: {})", raw.issuer, join(ctx.issuers.keys())));
+    }
+    let mut rules = |section: &str, map: &BTreeMap<String, Value>| -> Vec<Rule> {
+        let mut out = Vec::new();
+        for (claim, value) in map {
+            let field = format!("{section}.{claim}");
+            if !is_claim_name(claim) {
+                err(field.clone(), "not a claim name".into());
+            }
+            match Matcher::parse(value) {
+                Ok(matcher) => out.push(Rule { claim: claim.clone(), matcher }),
+                Err(e) => err(field, e),
+            }
+        }
+        out
+    };
+    let match_rules = rules("match", &raw.match_rules);
+    let deny_rules = rules("deny", &raw.deny);
+    if !match_rules.iter().any(|r| IMMUTABLE_CLAIMS.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
+        err("match".into(), format!("binds no immutable identity claim: add an exact value or list for one of {} (names like `repository` can be re-registered by someone else)", IMMUTABLE_CLAIMS.join(", ")));
+    }
+    let ttl_default_secs = parse_duration(&raw.ttl.default).unwrap_or_else(|e| {
+        err("ttl.default".into(), e);
+        0
+    });
+    let ttl_max_secs = parse_duration(&raw.ttl.max).unwrap_or_else(|e| {
+        err("ttl.max".into(), e);
+        0
+    });
+    if ttl_default_secs > ttl_max_secs {
+        err("ttl.default".into(), "is above ttl.max".into());
+    }
+    if raw.grants.is_empty() {
+        err("grants".into(), "a policy must grant at least one credential".into());
+    }
+    let mut grants = Vec::new();
+    for (grant_name, value) in &raw.grants {
+        let field = format!("grants.{grant_name}");
+        if !is_name(grant_name) {
+            err(field.clone(), "a grant name must match [a-z0-9][a-z0-9-_]*".into());
+        }
+        match compile_grant(grant_name, value, ctx, ttl_max_secs) {
+            Ok(g) => grants.push(g),
+            Err(list) => list.into_iter().for_each(|(sub, m)| err(if sub.is_empty() { field.clone() } else { format!("{field}.{sub}") }, m)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Policy {
+        name: Arc::from(name),
+        description: raw.description,
+        issuer: raw.issuer,
+        match_rules,
+        deny_rules,
+        ttl_default_secs,
+        ttl_max_secs,
+        grants,
+    })
+}
+
+fn compile_grant(name: &str, value: &Value, ctx: &LoadContext, ttl_max: i64) -> Result<GrantSpec, Vec<(String, String)>> {
+    let backend = value.get("backend").and_then(Value::as_str).ok_or_else(|| vec![("backend".to_string(), "required: the name of a backend from the broker config".to_string())])?;
+    let Some((kind, backend_max)) = ctx.backends.get(backend) else {
+        return Err(vec![("backend".into(), format!("`{backend}` is not a backend in the broker config (known: {})", join(ctx.backends.keys())))]);
+    };
+    let mut errors = Vec::new();
+    if ttl_max > *backend_max {
+        errors.push((String::new(), format!("ttl.max {} is above backend `{backend}`'s max_ttl {}", format_duration(ttl_max), format_duration(*backend_max))));
+    }
+    let spec = match *kind {
+        "jwt" => match serde_json::from_value::<JwtGrantFile>(value.clone()) {
+            Ok(file) => compile_jwt_grant(file, &mut errors),
+            Err(e) => {
+                errors.push((String::new(), e.to_string()));
+                None
+            }
+        },
+        other => {
+            errors.push(("backend".into(), format!("backend kind `{other}` has no grant fields defined")));
+            None
+        }
+    };
+    match spec {
+        Some(spec) if errors.is_empty() => Ok(GrantSpec { name: name.to_string(), backend: backend.to_string(), spec }),
+        _ => Err(errors),
+    }
+}
+
+fn compile_jwt_grant(file: JwtGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
+    let audience = Template::parse(&file.audience).map_err(|e| errors.push(("audience".into(), e))).ok();
+    if file.audience.is_empty() {
+        errors.push(("audience".into(), "must not be empty".into()));
+    }
+    let mut claims = Vec::new();
+    for (k, v) in &file.claims {
+        if RESERVED_JWT_CLAIMS.contains(&k.as_str()) {
+            errors.push((format!("claims.{k}"), "is set by the broker and cannot be overridden".into()));
+            continue;
+        }
+        match TemplateValue::parse(v) {
+            Ok(t) => claims.push((k.clone(), t)),
+            Err(e) => errors.push((format!("claims.{k}"), e)),
+        }
+    }
+    Some(CredentialSpec::Jwt { audience: audience?, claims })
+}
+
+/// serde-saphyr's messages can carry a rendered snippet; keep the first line, which says what
+/// and where.
+fn yaml_error(message: &str) -> String {
+    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid YAML").to_string()
+}
+
+fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let list: Vec<&str> = names.map(String::as_str).collect();
+    if list.is_empty() { "none".into() } else { list.join(", ") }
+}

@@ -1,0 +1,133 @@
+//! Start-up and shutdown: config → App → listener, background refreshers and the reaper.
+//! The binary and the integration tests start the broker through the same [`start`].
+
+use crate::app::App;
+use crate::clock::Clock;
+use crate::config::{BackendConfig, Config};
+use crate::dev::{DEV_POLICY, DevIssuer};
+use crate::identity::Verifier;
+use crate::identity::jwks::http_client;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::mint::Backends;
+use crate::policy::{LoadContext, PolicySet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Options {
+    pub config: Config,
+    pub dev: bool,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// A started broker.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish, stops background tasks.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.server).await;
+        self.background.iter().for_each(JoinHandle::abort);
+    }
+
+    /// Runs until SIGTERM or Ctrl-C, then shuts down gracefully.
+    pub async fn until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        self.shutdown().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Builds everything and starts serving. Refuses to start on any config or policy error.
+pub async fn start(options: Options) -> Result<Running, String> {
+    crate::install_crypto();
+    let Options { mut config, dev, clock } = options;
+    if dev && !config.listen.ip().is_loopback() {
+        return Err(format!("--dev serves an unauthenticated token issuer, so it listens on loopback only, not {}", config.listen));
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut builtin: Vec<(&str, &str)> = Vec::new();
+    let dev_issuer = if dev {
+        config.public_url = format!("http://{addr}");
+        crate::mint::jwt::create_private_dir(&config.data_dir).map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
+        let issuer = Arc::new(DevIssuer::load_or_generate(&config.data_dir, &config.public_url)?);
+        config.issuers = issuer.issuer_configs(&config.public_url);
+        config.backends.entry("jwt".into()).or_insert_with(BackendConfig::default_jwt);
+        builtin.push(("dev", DEV_POLICY));
+        Some(issuer)
+    } else {
+        None
+    };
+    let policies = PolicySet::load(&config.policies_dir, &builtin, &LoadContext::from_config(&config)).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
+    })?;
+    let backends = Backends::from_config(&config)?;
+    let http = http_client();
+    let verifier = Verifier::new(&config.issuers, &http, &clock)?;
+    let app = Arc::new(App {
+        verifier,
+        policies,
+        backends,
+        ledger: Ledger::default(),
+        clock,
+        metrics: Metrics::default(),
+        public_url: config.public_url.clone(),
+        admin_token_sha256: config.admin_token_sha256,
+        dev: dev_issuer,
+    });
+    let (tx, rx) = oneshot::channel::<()>();
+    let router = crate::http::router(app.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+    });
+    let mut background: Vec<JoinHandle<()>> = app.verifier.issuers().map(|i| tokio::spawn(i.jwks.clone().run_refresh())).collect();
+    background.push(tokio::spawn(reaper(app.clone(), config.reap_interval_secs)));
+    tracing::info!(%addr, policies = app.policies.len(), issuers = config.issuers.len(), dev, "ephemera started");
+    Ok(Running { addr, app, shutdown: Some(tx), server, background })
+}
+
+async fn reaper(app: Arc<App>, interval_secs: i64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(u64::try_from(interval_secs.max(1)).unwrap_or(5)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        app.reap_once().await;
+    }
+}
