@@ -72,7 +72,9 @@ impl App {
         let ctx = MintContext { lease_id: &id, now };
         let mut minted: Vec<(String, &'static str, Credential, RevokeHandle)> = Vec::new();
         for cred in grant.credentials() {
-            let backend = self.backends.get(&cred.backend).ok_or_else(|| Error::Internal(format!("policy names backend `{}` that is not loaded", cred.backend)))?;
+            let backend = self.backends.get(&cred.backend).ok_or_else(|| {
+                Error::Internal(format!("policy names backend `{}` that is not loaded", cred.backend))
+            })?;
             match backend.mint(&grant, cred, ctx).await {
                 Ok(m) => minted.push((cred.name.clone(), backend.kind(), m.credential, m.handle)),
                 Err(e) => {
@@ -93,11 +95,17 @@ impl App {
             state: LeaseState::Active,
             credentials: minted
                 .iter()
-                .map(|(name, kind, c, h)| LeaseCredential { name: name.clone(), kind, revocation: c.revocation, handle: h.clone() })
+                .map(|(name, kind, c, h)| LeaseCredential {
+                    name: name.clone(),
+                    kind,
+                    revocation: c.revocation,
+                    handle: h.clone(),
+                })
                 .collect(),
         };
         self.ledger.insert(lease);
-        let fingerprints: BTreeMap<&str, BTreeMap<&str, String>> = minted.iter().map(|(n, _, c, _)| (n.as_str(), c.fingerprints())).collect();
+        let fingerprints: BTreeMap<&str, BTreeMap<&str, String>> =
+            minted.iter().map(|(n, _, c, _)| (n.as_str(), c.fingerprints())).collect();
         tracing::info!(
             lease_id = %id, job = %identity.job(), policy = %grant.policy(), issuer = %identity.issuer(),
             token_sha256 = %identity.token_sha256(), ttl_secs = grant.ttl_secs(),
@@ -213,7 +221,8 @@ impl App {
     /// `/readyz`: policies loaded (the server does not start otherwise) and every issuer's keys
     /// fetched at least once.
     pub fn readiness(&self) -> (bool, Value) {
-        let issuers: BTreeMap<&str, bool> = self.verifier.issuers().map(|i| (i.config.name.as_str(), i.jwks.is_loaded())).collect();
+        let issuers: BTreeMap<&str, bool> =
+            self.verifier.issuers().map(|i| (i.config.name.as_str(), i.jwks.is_loaded())).collect();
         let ready = issuers.values().all(|ok| *ok);
         (ready, json!({"ready": ready, "policies": self.policies.len(), "ledger": "open", "issuer_keys": issuers}))
     }
@@ -223,9 +232,19 @@ impl App {
         let jwks = self
             .verifier
             .issuers()
-            .map(|i| (i.config.name.clone(), i.jwks.fetches.load(Ordering::Relaxed), i.jwks.fetch_failures.load(Ordering::Relaxed)))
+            .map(|i| {
+                (
+                    i.config.name.clone(),
+                    i.jwks.fetches.load(Ordering::Relaxed),
+                    i.jwks.fetch_failures.load(Ordering::Relaxed),
+                )
+            })
             .collect();
-        self.metrics.render(&Gauges { live_leases: self.ledger.live_count(now), pending_revocations: self.ledger.count_state(LeaseState::Revoking), jwks })
+        self.metrics.render(&Gauges {
+            live_leases: self.ledger.live_count(now),
+            pending_revocations: self.ledger.count_state(LeaseState::Revoking),
+            jwks,
+        })
     }
 
     /// Is this the admin token? Compared as SHA-256 digests in constant time.

@@ -161,8 +161,7 @@ impl Config {
         let Some(path) = path else {
             return Ok((Config::defaults(), Source::Defaults));
         };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+        let text = std::fs::read_to_string(&path).map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let config = Config::parse(&text, &base)
             .map_err(|errs| errs.into_iter().map(|e| format!("{}: {e}", path.display())).collect::<Vec<_>>())?;
@@ -179,8 +178,10 @@ impl Config {
     /// backend — so `policy check` works in a policy repository with no config at all.
     pub fn defaults() -> Config {
         let raw = RawConfig {
-            issuers: vec![default_issuer("github", Platform::GithubActions, "https://token.actions.githubusercontent.com"),
-                default_issuer("gitlab", Platform::GitlabCi, "https://gitlab.com")],
+            issuers: vec![
+                default_issuer("github", Platform::GithubActions, "https://token.actions.githubusercontent.com"),
+                default_issuer("gitlab", Platform::GitlabCi, "https://gitlab.com"),
+            ],
             ..RawConfig::default()
         };
         // Invariant: the built-in defaults are valid (tested by `defaults_are_valid`).
@@ -296,12 +297,20 @@ impl RawConfig {
                 url: raw.url.clone(),
                 audiences,
                 algorithms,
-                max_token_lifetime_secs: errs.duration(&format!("{at}.max_token_lifetime"), raw.max_token_lifetime.as_deref(), 3600),
+                max_token_lifetime_secs: errs.duration(
+                    &format!("{at}.max_token_lifetime"),
+                    raw.max_token_lifetime.as_deref(),
+                    3600,
+                ),
                 leeway_secs,
                 jwks_file: raw.jwks_file.as_ref().map(|p| base.join(p)),
                 jwks_url: raw.jwks_url.clone(),
                 jwks_refresh_secs: errs.duration(&format!("{at}.jwks_refresh"), raw.jwks_refresh.as_deref(), 900),
-                unknown_kid_cooldown_secs: errs.duration(&format!("{at}.unknown_kid_cooldown"), raw.unknown_kid_cooldown.as_deref(), 60),
+                unknown_kid_cooldown_secs: errs.duration(
+                    &format!("{at}.unknown_kid_cooldown"),
+                    raw.unknown_kid_cooldown.as_deref(),
+                    60,
+                ),
             });
         }
         out
@@ -320,7 +329,9 @@ impl RawConfig {
             }
             let backend = match raw {
                 RawBackend::Jwt { signing_key_file, max_ttl } => BackendConfig::Jwt(JwtBackendConfig {
-                    signing_key_file: signing_key_file.clone().unwrap_or_else(|| PathBuf::from(format!("keys/{name}.pk8"))),
+                    signing_key_file: signing_key_file
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(format!("keys/{name}.pk8"))),
                     max_ttl_secs: errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600),
                 }),
             };
@@ -423,7 +434,13 @@ mod tests {
             leeway = "5m"
         "#;
         let errs = Config::parse(toml, Path::new("")).unwrap_err().join("\n");
-        for needle in ["name: must match", "must be https", "`HS256` is not allowed", "`none` is not allowed", "leeway: at most 60s"] {
+        for needle in [
+            "name: must match",
+            "must be https",
+            "`HS256` is not allowed",
+            "`none` is not allowed",
+            "leeway: at most 60s",
+        ] {
             assert!(errs.contains(needle), "missing {needle:?} in {errs}");
         }
     }

@@ -19,7 +19,10 @@ pub enum Error {
     NotFound,
     MethodNotAllowed,
     /// A credential backend failed; `detail` (upstream text) is logged, never returned.
-    Backend { backend: String, detail: String },
+    Backend {
+        backend: String,
+        detail: String,
+    },
     /// Fail closed: the ledger or audit log cannot be written, or the broker is shutting down.
     Unavailable(String),
     /// A bug.

@@ -54,8 +54,7 @@ pub fn b64url_decode(text: &str) -> Option<Vec<u8>> {
 
 /// A lease id as the API accepts it: `lse_` and 26 Crockford characters, nothing else.
 pub fn is_lease_id(text: &str) -> bool {
-    text.strip_prefix("lse_")
-        .is_some_and(|rest| rest.len() == 26 && rest.bytes().all(|b| CROCKFORD.contains(&b)))
+    text.strip_prefix("lse_").is_some_and(|rest| rest.len() == 26 && rest.bytes().all(|b| CROCKFORD.contains(&b)))
 }
 
 #[cfg(test)]

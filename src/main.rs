@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "ephemera", version, about = "CI/CD credential broker: OIDC job tokens in, job-scoped short-lived credentials out")]
+#[command(
+    name = "ephemera",
+    version,
+    about = "CI/CD credential broker: OIDC job tokens in, job-scoped short-lived credentials out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,12 +92,22 @@ fn main() -> ExitCode {
 
 /// JSON log lines on stderr; `RUST_LOG` filters (default `info`).
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).with_current_span(true).with_span_list(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_current_span(true)
+        .with_span_list(false)
+        .init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config, String> {
@@ -131,7 +145,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 fn fresh_temp_dir() -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("ephemera-dev-{}", ephemera::secret::hex(&ephemera::ids::random::<6>())));
+    let dir =
+        std::env::temp_dir().join(format!("ephemera-dev-{}", ephemera::secret::hex(&ephemera::ids::random::<6>())));
     ephemera::mint::jwt::create_private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
 }
@@ -139,17 +154,31 @@ fn fresh_temp_dir() -> Result<PathBuf, String> {
 fn print_dev_banner(url: &str, data_dir: &Path) {
     let exe = std::env::current_exe().map_or_else(|_| "ephemera".to_string(), |p| p.display().to_string());
     println!("ephemera listening on {url}");
-    println!("dev mode: loopback only; in-process issuers `github` and `gitlab` at {url}/dev/...; data in {}", data_dir.display());
-    println!("policies: the example policies plus `dev`, which the default dev token satisfies (grants a JWT named `api`)");
+    println!(
+        "dev mode: loopback only; in-process issuers `github` and `gitlab` at {url}/dev/...; data in {}",
+        data_dir.display()
+    );
+    println!(
+        "policies: the example policies plus `dev`, which the default dev token satisfies (grants a JWT named `api`)"
+    );
     println!();
     println!("Try it (POSIX sh):");
-    println!("  TOKEN=$({exe} dev token --broker {url})");
-    println!("  curl -s -X POST {url}/v1/exchange -H \"Authorization: Bearer $TOKEN\" -d '{{\"policy\":\"dev\"}}' | tee /tmp/ephemera-exchange.json");
-    println!("  JWT=$(sed -n 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/p' /tmp/ephemera-exchange.json)");
+    // The reply holds a live JWT: it goes into the data directory (0700), not a shared /tmp path.
+    let reply = shell_quote(&data_dir.join("exchange.json").display().to_string());
+    println!("  TOKEN=$({} dev token --broker {url})", shell_quote(&exe));
+    println!(
+        "  curl -s -X POST {url}/v1/exchange -H \"Authorization: Bearer $TOKEN\" -d '{{\"policy\":\"dev\"}}' | tee {reply}"
+    );
+    println!("  JWT=$(sed -n 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/p' {reply})");
     println!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
     println!("  curl -s -X POST {url}/v1/revoke -H \"Authorization: Bearer $TOKEN\" -d '{{}}'");
     println!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
     println!();
+}
+
+/// Single-quotes a word for POSIX sh.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
 }
 
 fn policy_check(config: Option<&Path>) -> Result<(), String> {
@@ -179,7 +208,9 @@ fn dev_token(broker: &str, claims: Option<&Path>, issuer: &str) -> Result<(), St
     let body = serde_json::json!({"issuer": issuer, "claims": claims});
     let url = format!("{}/dev/token", broker.trim_end_matches('/'));
     runtime()?.block_on(async {
-        let resp = reqwest::Client::new().post(&url).json(&body).send().await.map_err(|e| format!("cannot reach the dev broker at {broker}: {e} (is `ephemera serve --dev` running?)"))?;
+        let resp = reqwest::Client::new().post(&url).json(&body).send().await.map_err(|e| {
+            format!("cannot reach the dev broker at {broker}: {e} (is `ephemera serve --dev` running?)")
+        })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| e.to_string())?;
         if !status.is_success() {

@@ -46,29 +46,58 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP ephemera_exchanges_total Exchanges by policy and outcome.\n# TYPE ephemera_exchanges_total counter");
-        let mut rows: Vec<_> = self.exchanges.iter().map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed))).collect();
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_exchanges_total Exchanges by policy and outcome.\n# TYPE ephemera_exchanges_total counter"
+        );
+        let mut rows: Vec<_> =
+            self.exchanges.iter().map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed))).collect();
         rows.sort();
         for ((policy, outcome), n) in rows {
             let _ = writeln!(out, "ephemera_exchanges_total{{policy=\"{policy}\",outcome=\"{outcome}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP ephemera_exchange_duration_seconds Exchange latency inside the broker.\n# TYPE ephemera_exchange_duration_seconds histogram");
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_exchange_duration_seconds Exchange latency inside the broker.\n# TYPE ephemera_exchange_duration_seconds histogram"
+        );
         for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "ephemera_exchange_duration_seconds_bucket{{le=\"{bound}\"}} {}", self.latency_buckets[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "ephemera_exchange_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.latency_buckets[i].load(Ordering::Relaxed)
+            );
         }
         let count = self.latency_count.load(Ordering::Relaxed);
         let _ = writeln!(out, "ephemera_exchange_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "ephemera_exchange_duration_seconds_sum {}", self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "ephemera_exchange_duration_seconds_sum {}",
+            self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "ephemera_exchange_duration_seconds_count {count}");
-        let _ = writeln!(out, "# HELP ephemera_revocations_total Lease revocations by outcome.\n# TYPE ephemera_revocations_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_revocations_total Lease revocations by outcome.\n# TYPE ephemera_revocations_total counter"
+        );
         let mut rows: Vec<_> = self.revocations.iter().map(|e| (*e.key(), e.value().load(Ordering::Relaxed))).collect();
         rows.sort();
         for (outcome, n) in rows {
             let _ = writeln!(out, "ephemera_revocations_total{{outcome=\"{outcome}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP ephemera_leases_live Leases currently active.\n# TYPE ephemera_leases_live gauge\nephemera_leases_live {}", gauges.live_leases);
-        let _ = writeln!(out, "# HELP ephemera_revocations_pending Leases whose revocation a backend has not confirmed yet.\n# TYPE ephemera_revocations_pending gauge\nephemera_revocations_pending {}", gauges.pending_revocations);
-        let _ = writeln!(out, "# HELP ephemera_jwks_fetches_total Issuer JWKS fetches by result.\n# TYPE ephemera_jwks_fetches_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_leases_live Leases currently active.\n# TYPE ephemera_leases_live gauge\nephemera_leases_live {}",
+            gauges.live_leases
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_revocations_pending Leases whose revocation a backend has not confirmed yet.\n# TYPE ephemera_revocations_pending gauge\nephemera_revocations_pending {}",
+            gauges.pending_revocations
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_jwks_fetches_total Issuer JWKS fetches by result.\n# TYPE ephemera_jwks_fetches_total counter"
+        );
         for (issuer, ok, failed) in &gauges.jwks {
             let _ = writeln!(out, "ephemera_jwks_fetches_total{{issuer=\"{issuer}\",result=\"attempted\"}} {ok}");
             let _ = writeln!(out, "ephemera_jwks_fetches_total{{issuer=\"{issuer}\",result=\"failed\"}} {failed}");

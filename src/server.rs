@@ -74,14 +74,20 @@ pub async fn start(options: Options) -> Result<Running, String> {
     crate::install_crypto();
     let Options { mut config, dev, clock } = options;
     if dev && !config.listen.ip().is_loopback() {
-        return Err(format!("--dev serves an unauthenticated token issuer, so it listens on loopback only, not {}", config.listen));
+        return Err(format!(
+            "--dev serves an unauthenticated token issuer, so it listens on loopback only, not {}",
+            config.listen
+        ));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let mut builtin: Vec<(&str, &str)> = Vec::new();
     let dev_issuer = if dev {
         config.public_url = format!("http://{addr}");
-        crate::mint::jwt::create_private_dir(&config.data_dir).map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
+        crate::mint::jwt::create_private_dir(&config.data_dir)
+            .map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
         let issuer = Arc::new(DevIssuer::load_or_generate(&config.data_dir, &config.public_url)?);
         config.issuers = issuer.issuer_configs(&config.public_url);
         config.backends.entry("jwt".into()).or_insert_with(BackendConfig::default_jwt);
@@ -90,10 +96,11 @@ pub async fn start(options: Options) -> Result<Running, String> {
     } else {
         None
     };
-    let policies = PolicySet::load(&config.policies_dir, &builtin, &LoadContext::from_config(&config)).map_err(|errors| {
-        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
-    })?;
+    let policies =
+        PolicySet::load(&config.policies_dir, &builtin, &LoadContext::from_config(&config)).map_err(|errors| {
+            let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
+        })?;
     let backends = Backends::from_config(&config)?;
     let http = http_client();
     let verifier = Verifier::new(&config.issuers, &http, &clock)?;
@@ -117,7 +124,8 @@ pub async fn start(options: Options) -> Result<Running, String> {
             })
             .await
     });
-    let mut background: Vec<JoinHandle<()>> = app.verifier.issuers().map(|i| tokio::spawn(i.jwks.clone().run_refresh())).collect();
+    let mut background: Vec<JoinHandle<()>> =
+        app.verifier.issuers().map(|i| tokio::spawn(i.jwks.clone().run_refresh())).collect();
     background.push(tokio::spawn(reaper(app.clone(), config.reap_interval_secs)));
     tracing::info!(%addr, policies = app.policies.len(), issuers = config.issuers.len(), dev, "ephemera started");
     Ok(Running { addr, app, shutdown: Some(tx), server, background })

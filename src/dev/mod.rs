@@ -93,7 +93,13 @@ impl DevIssuer {
 
     /// A token for the default dev job, with `overrides` laid over the default claims. The
     /// issuer always sets `iss`, `aud`, `iat`, `nbf`, `exp` and `jti` itself.
-    pub fn token(&self, platform: Platform, audience: &str, overrides: Option<&Map<String, Value>>, now: UnixSeconds) -> Result<String, String> {
+    pub fn token(
+        &self,
+        platform: Platform,
+        audience: &str,
+        overrides: Option<&Map<String, Value>>,
+        now: UnixSeconds,
+    ) -> Result<String, String> {
         let mut claims = match platform {
             Platform::GithubActions => default_github_claims(),
             Platform::GitlabCi => default_gitlab_claims(),

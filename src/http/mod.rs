@@ -100,16 +100,24 @@ async fn request_context(req: Request, next: Next) -> Response {
     if let Some(report) = response.extensions_mut().remove::<ErrorReport>() {
         let _enter = span.enter();
         match report.level {
-            Level::Error => tracing::error!(code = report.code, status = report.status, detail = %report.detail, "request failed"),
-            Level::Warn => tracing::warn!(code = report.code, status = report.status, detail = %report.detail, "request refused"),
-            Level::Info => tracing::info!(code = report.code, status = report.status, detail = %report.detail, "request refused"),
+            Level::Error => {
+                tracing::error!(code = report.code, status = report.status, detail = %report.detail, "request failed")
+            }
+            Level::Warn => {
+                tracing::warn!(code = report.code, status = report.status, detail = %report.detail, "request refused")
+            }
+            Level::Info => {
+                tracing::info!(code = report.code, status = report.status, detail = %report.detail, "request refused")
+            }
         }
         let body = json!({"error": {"code": report.code, "message": report.message, "request_id": request_id}});
         *response.body_mut() = Body::from(body.to_string());
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response.headers_mut().remove(header::CONTENT_LENGTH);
         if report.bearer_challenge {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
         }
     }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -126,7 +134,8 @@ async fn request_context(req: Request, next: Next) -> Response {
 /// Reads the body, refusing more than [`BODY_LIMIT`] bytes while reading (a declared length is
 /// refused before reading anything).
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
         return Err(Error::PayloadTooLarge);
     }
@@ -175,7 +184,12 @@ async fn exchange(State(app): AppState, headers: HeaderMap, body: Body) -> Resul
     let request: ExchangeBody = parse_json(&bytes)?;
     // The value is not echoed: a caller who pasted something secret into `ttl` gets it back
     // nowhere.
-    let ttl = request.ttl.as_deref().map(crate::clock::parse_duration).transpose().map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
+    let ttl = request
+        .ttl
+        .as_deref()
+        .map(crate::clock::parse_duration)
+        .transpose()
+        .map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
     let token = bearer(&headers)?;
     let reply = app.exchange(token, &request.policy, ttl).await?;
     Ok(json_response(StatusCode::CREATED, &reply))
@@ -277,7 +291,8 @@ async fn dev_token(State(app): AppState, headers: HeaderMap, body: Body) -> Resu
     let dev = app.dev.as_ref().ok_or(Error::NotFound)?;
     let bytes = read_body(&headers, body).await?;
     let request: DevTokenBody = parse_json(&bytes)?;
-    let platform = dev_platform(request.issuer.as_deref().unwrap_or("github")).map_err(|_| Error::BadRequest("`issuer` is `github` or `gitlab`".into()))?;
+    let platform = dev_platform(request.issuer.as_deref().unwrap_or("github"))
+        .map_err(|_| Error::BadRequest("`issuer` is `github` or `gitlab`".into()))?;
     let token = dev.token(platform, &app.public_url, request.claims.as_ref(), app.now()).map_err(Error::Internal)?;
     Ok(([(header::CONTENT_TYPE, "text/plain")], format!("{token}\n")).into_response())
 }

@@ -48,7 +48,8 @@ impl GithubClaims {
         Ok(GithubClaims {
             repository: string(c, "repository")?.ok_or(IdentityError::MissingClaim("repository"))?,
             repository_id: id(c, "repository_id")?.ok_or(IdentityError::MissingClaim("repository_id"))?,
-            repository_owner_id: id(c, "repository_owner_id")?.ok_or(IdentityError::MissingClaim("repository_owner_id"))?,
+            repository_owner_id: id(c, "repository_owner_id")?
+                .ok_or(IdentityError::MissingClaim("repository_owner_id"))?,
             run_id: id(c, "run_id")?.ok_or(IdentityError::MissingClaim("run_id"))?,
             run_attempt: id(c, "run_attempt")?.ok_or(IdentityError::MissingClaim("run_attempt"))?,
             check_run_id: id(c, "check_run_id")?,

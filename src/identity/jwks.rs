@@ -41,7 +41,8 @@ impl KeySet {
         struct Doc {
             keys: Vec<Value>,
         }
-        let doc: Doc = serde_json::from_slice(bytes).map_err(|e| FetchError::Invalid(format!("JWKS is not valid JSON: {e}")))?;
+        let doc: Doc =
+            serde_json::from_slice(bytes).map_err(|e| FetchError::Invalid(format!("JWKS is not valid JSON: {e}")))?;
         if doc.keys.len() > MAX_KEYS {
             return Err(FetchError::Invalid(format!("JWKS holds {} keys (at most {MAX_KEYS})", doc.keys.len())));
         }
@@ -78,7 +79,9 @@ fn parse_jwk(jwk: &Value, allowed: &[Algorithm]) -> Option<(String, VerifyKey)> 
     };
     let (key, family) = match (field("kty")?, field("crv")) {
         ("RSA", _) => (DecodingKey::from_rsa_components(field("n")?, field("e")?).ok()?, AlgorithmFamily::Rsa),
-        ("EC", Some("P-256" | "P-384")) => (DecodingKey::from_ec_components(field("x")?, field("y")?).ok()?, AlgorithmFamily::Ec),
+        ("EC", Some("P-256" | "P-384")) => {
+            (DecodingKey::from_ec_components(field("x")?, field("y")?).ok()?, AlgorithmFamily::Ec)
+        }
         ("OKP", Some("Ed25519")) => (DecodingKey::from_ed_components(field("x")?).ok()?, AlgorithmFamily::Ed),
         // `oct` and anything unknown: never loaded.
         _ => return None,
@@ -139,7 +142,13 @@ async fn get_capped(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, FetchE
 }
 
 fn without_url(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() { "timed out" } else if e.is_connect() { "connection failed" } else { "request failed" };
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
     kind.to_string()
 }
 
@@ -184,8 +193,10 @@ impl Jwks {
             fetch_failures: AtomicU64::new(0),
         };
         if let Some(path) = &config.jwks_file {
-            let bytes = std::fs::read(path).map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.name, path.display()))?;
-            let set = KeySet::parse(&bytes, &config.algorithms).map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.name, path.display()))?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.name, path.display()))?;
+            let set = KeySet::parse(&bytes, &config.algorithms)
+                .map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.name, path.display()))?;
             jwks.install(set);
         }
         Ok(jwks)
@@ -277,17 +288,24 @@ impl Jwks {
     async fn discover(&self) -> Result<String, FetchError> {
         let url = format!("{}/.well-known/openid-configuration", self.issuer_url.trim_end_matches('/'));
         let bytes = get_capped(&self.http, &url).await?;
-        let doc: Value = serde_json::from_slice(&bytes).map_err(|_| FetchError::Invalid("discovery document is not valid JSON".into()))?;
+        let doc: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| FetchError::Invalid("discovery document is not valid JSON".into()))?;
         // OIDC Discovery §4.3: the document must name the issuer we asked; otherwise one issuer's
         // keys could be served as another's.
         if doc.get("issuer").and_then(Value::as_str) != Some(self.issuer_url.as_str()) {
             return Err(FetchError::Invalid("discovery `issuer` differs from the configured issuer url".into()));
         }
-        let jwks_uri = doc.get("jwks_uri").and_then(Value::as_str).ok_or_else(|| FetchError::Invalid("discovery has no `jwks_uri`".into()))?;
+        let jwks_uri = doc
+            .get("jwks_uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| FetchError::Invalid("discovery has no `jwks_uri`".into()))?;
         // SSRF: a tampered discovery document must not point the broker at another host
         // (an internal service, a metadata endpoint). Only the issuer's own origin is contacted.
         if !same_origin(jwks_uri, &self.issuer_url) {
-            return Err(FetchError::Invalid(format!("discovery `jwks_uri` {} is not on the issuer's origin; set jwks_url in the config to allow it", truncate(jwks_uri, 200))));
+            return Err(FetchError::Invalid(format!(
+                "discovery `jwks_uri` {} is not on the issuer's origin; set jwks_url in the config to allow it",
+                truncate(jwks_uri, 200)
+            )));
         }
         if let Ok(mut slot) = self.discovered_jwks_url.lock() {
             *slot = Some(jwks_uri.to_string());

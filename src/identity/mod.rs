@@ -94,10 +94,22 @@ pub enum IdentityError {
     UnknownKid(String),
     KeyAlgorithmMismatch,
     BadSignature,
-    Expired { exp: UnixSeconds, now: UnixSeconds },
-    NotYetValid { nbf: UnixSeconds, now: UnixSeconds },
-    IssuedInFuture { iat: UnixSeconds, now: UnixSeconds },
-    LifetimeTooLong { lifetime: i64, max: i64 },
+    Expired {
+        exp: UnixSeconds,
+        now: UnixSeconds,
+    },
+    NotYetValid {
+        nbf: UnixSeconds,
+        now: UnixSeconds,
+    },
+    IssuedInFuture {
+        iat: UnixSeconds,
+        now: UnixSeconds,
+    },
+    LifetimeTooLong {
+        lifetime: i64,
+        max: i64,
+    },
     WrongAudience,
     MissingClaim(&'static str),
     BadClaimType(&'static str),
@@ -111,16 +123,26 @@ impl fmt::Display for IdentityError {
             TooLarge(n) => write!(f, "token of {n} bytes is above the {MAX_TOKEN_BYTES}-byte limit"),
             Malformed(what) => write!(f, "malformed token: {what}"),
             ForbiddenHeader(h) => write!(f, "token header carries `{h}`, which is refused"),
-            AlgorithmNotAllowed(a) => write!(f, "algorithm `{}` is not pinned for this issuer", crate::clock::truncate(a, 16)),
-            UnknownIssuer(iss) => write!(f, "issuer `{}` is not configured (nothing was fetched)", crate::clock::truncate(iss, 200)),
+            AlgorithmNotAllowed(a) => {
+                write!(f, "algorithm `{}` is not pinned for this issuer", crate::clock::truncate(a, 16))
+            }
+            UnknownIssuer(iss) => {
+                write!(f, "issuer `{}` is not configured (nothing was fetched)", crate::clock::truncate(iss, 200))
+            }
             MissingKid => write!(f, "token header has no `kid`"),
-            UnknownKid(kid) => write!(f, "no issuer key with kid `{}` (after at most one refetch per cooldown)", crate::clock::truncate(kid, 100)),
+            UnknownKid(kid) => write!(
+                f,
+                "no issuer key with kid `{}` (after at most one refetch per cooldown)",
+                crate::clock::truncate(kid, 100)
+            ),
             KeyAlgorithmMismatch => write!(f, "the key for this kid does not fit the token's algorithm"),
             BadSignature => write!(f, "signature does not verify"),
             Expired { exp, now } => write!(f, "token expired at {exp} (now {now})"),
             NotYetValid { nbf, now } => write!(f, "token not valid before {nbf} (now {now})"),
             IssuedInFuture { iat, now } => write!(f, "token issued in the future at {iat} (now {now})"),
-            LifetimeTooLong { lifetime, max } => write!(f, "token lifetime {lifetime}s is above the issuer's max_token_lifetime {max}s"),
+            LifetimeTooLong { lifetime, max } => {
+                write!(f, "token lifetime {lifetime}s is above the issuer's max_token_lifetime {max}s")
+            }
             WrongAudience => write!(f, "no token audience is configured for this issuer"),
             MissingClaim(c) => write!(f, "required claim `{c}` is missing"),
             BadClaimType(c) => write!(f, "claim `{c}` has the wrong type"),

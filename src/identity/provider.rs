@@ -71,7 +71,9 @@ struct RingVerifier {
 impl Verifier<Vec<u8>> for RingVerifier {
     fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), signature::Error> {
         let ok = match self.key.kind() {
-            DecodingKeyKind::SecretOrDer(bytes) => sig::UnparsedPublicKey::new(self.ring_alg, bytes).verify(msg, signature),
+            DecodingKeyKind::SecretOrDer(bytes) => {
+                sig::UnparsedPublicKey::new(self.ring_alg, bytes).verify(msg, signature)
+            }
             DecodingKeyKind::RsaModulusExponent { n, e } => {
                 let params = rsa_params(self.alg).ok_or_else(signature::Error::new)?;
                 sig::RsaPublicKeyComponents { n, e }.verify(params, msg, signature)

@@ -71,7 +71,9 @@ impl Verifier {
             return Err(IdentityError::TooLarge(token.len()));
         }
         let mut parts = token.split('.');
-        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(IdentityError::Malformed("not three dot-separated parts"));
         };
         let header = parse_header(header_b64)?;
@@ -107,10 +109,16 @@ impl Verifier {
 
 fn parse_header(header_b64: &str) -> Result<Header, IdentityError> {
     let bytes = b64url_decode(header_b64).ok_or(IdentityError::Malformed("header is not base64url"))?;
-    let header: Header = serde_json::from_slice(&bytes).map_err(|_| IdentityError::Malformed("header is not a JSON object with `alg`"))?;
+    let header: Header = serde_json::from_slice(&bytes)
+        .map_err(|_| IdentityError::Malformed("header is not a JSON object with `alg`"))?;
     // Key injection: `jwk`/`jku`/`x5u`/`x5c` let a token name its own verification key. We
     // never use them; refusing them outright keeps a future refactor from starting to.
-    for (name, present) in [("jwk", header.jwk.is_some()), ("jku", header.jku.is_some()), ("x5u", header.x5u.is_some()), ("x5c", header.x5c.is_some())] {
+    for (name, present) in [
+        ("jwk", header.jwk.is_some()),
+        ("jku", header.jku.is_some()),
+        ("x5u", header.x5u.is_some()),
+        ("x5c", header.x5c.is_some()),
+    ] {
         if present {
             return Err(IdentityError::ForbiddenHeader(name));
         }
@@ -133,7 +141,8 @@ fn time_claim(claims: &Claims, name: &'static str) -> Result<Option<UnixSeconds>
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => {
-            let v = n.as_i64().or_else(|| n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15).map(|f| f.floor() as i64));
+            let v =
+                n.as_i64().or_else(|| n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15).map(|f| f.floor() as i64));
             v.map(Some).ok_or(IdentityError::BadClaimType(name))
         }
         Some(_) => Err(IdentityError::BadClaimType(name)),
@@ -166,7 +175,9 @@ impl Issuer {
         // Audience: a token minted for another relying party must not work here.
         let audience_ok = match claims.get("aud") {
             Some(Value::String(a)) => self.config.audiences.contains(a),
-            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).any(|a| self.config.audiences.iter().any(|c| c == a)),
+            Some(Value::Array(list)) => {
+                list.iter().filter_map(Value::as_str).any(|a| self.config.audiences.iter().any(|c| c == a))
+            }
             None => return Err(IdentityError::MissingClaim("aud")),
             Some(_) => return Err(IdentityError::BadClaimType("aud")),
         };

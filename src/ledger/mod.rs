@@ -137,7 +137,8 @@ impl Ledger {
     /// Re-arms a pending revocation for a retry.
     pub fn retry_work(&self, id: &str) -> Option<RevokeWork> {
         let lease = self.leases.get(id)?;
-        (lease.state == LeaseState::Revoking).then(|| RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() })
+        (lease.state == LeaseState::Revoking)
+            .then(|| RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() })
     }
 
     pub fn count_state(&self, state: LeaseState) -> usize {
@@ -154,7 +155,16 @@ mod tests {
     use super::*;
 
     fn lease(id: &str, job: &str, expires_at: i64) -> Lease {
-        Lease { id: id.into(), job: job.into(), policy: "p".into(), issuer: "i".into(), created_at: 0, expires_at, state: LeaseState::Active, credentials: vec![] }
+        Lease {
+            id: id.into(),
+            job: job.into(),
+            policy: "p".into(),
+            issuer: "i".into(),
+            created_at: 0,
+            expires_at,
+            state: LeaseState::Active,
+            credentials: vec![],
+        }
     }
 
     #[test]

@@ -42,7 +42,8 @@ impl JwtSigner {
 
     pub fn from_pkcs8(der: &[u8], issuer: &str) -> Result<JwtSigner, String> {
         let rng = SystemRandom::new();
-        let (key, alg, jwk) = if let Ok(kp) = EcdsaKeyPair::from_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng) {
+        let (key, alg, jwk) = if let Ok(kp) = EcdsaKeyPair::from_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
+        {
             let point = kp.public_key().as_ref();
             let (x, y) = point[1..].split_at(32);
             let jwk = json!({"crv": "P-256", "kty": "EC", "x": b64url(x), "y": b64url(y)});
@@ -83,7 +84,9 @@ impl JwtSigner {
         let payload = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
         let mut token = format!("{}.{}", self.header_b64, b64url(&payload));
         let signature = match &self.key {
-            SigningKey::Es256(kp) => kp.sign(&self.rng, token.as_bytes()).map_err(|_| "ECDSA signing failed".to_string())?.as_ref().to_vec(),
+            SigningKey::Es256(kp) => {
+                kp.sign(&self.rng, token.as_bytes()).map_err(|_| "ECDSA signing failed".to_string())?.as_ref().to_vec()
+            }
             SigningKey::EdDsa(kp) => kp.sign(token.as_bytes()).as_ref().to_vec(),
         };
         token.push('.');
@@ -119,7 +122,8 @@ impl JwtSigner {
 }
 
 fn generate_key_file(path: &Path) -> Result<Vec<u8>, String> {
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new()).map_err(|_| "key generation failed".to_string())?;
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+        .map_err(|_| "key generation failed".to_string())?;
     if let Some(dir) = path.parent() {
         create_private_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
@@ -165,7 +169,12 @@ impl JwtBackend {
         JwtBackend { signer }
     }
 
-    fn mint_now(&self, grant: &Grant, credential: &GrantedCredential, ctx: MintContext<'_>) -> Result<Minted, MintError> {
+    fn mint_now(
+        &self,
+        grant: &Grant,
+        credential: &GrantedCredential,
+        ctx: MintContext<'_>,
+    ) -> Result<Minted, MintError> {
         let ResolvedSpec::Jwt { audience, claims: extra } = &credential.spec;
         let jti = jwt_id();
         let expires_at: UnixSeconds = grant.expires_at();
@@ -206,7 +215,12 @@ impl Backend for JwtBackend {
         Revocation::Immediate
     }
 
-    fn mint<'a>(&'a self, grant: &'a Grant, credential: &'a GrantedCredential, ctx: MintContext<'a>) -> BoxFuture<'a, Result<Minted, MintError>> {
+    fn mint<'a>(
+        &'a self,
+        grant: &'a Grant,
+        credential: &'a GrantedCredential,
+        ctx: MintContext<'a>,
+    ) -> BoxFuture<'a, Result<Minted, MintError>> {
         Box::pin(async move { self.mint_now(grant, credential, ctx) })
     }
 

@@ -93,7 +93,12 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
     /// The guarantee revoking gives, as reported to callers.
     fn revocation(&self) -> Revocation;
-    fn mint<'a>(&'a self, grant: &'a Grant, credential: &'a GrantedCredential, ctx: MintContext<'a>) -> BoxFuture<'a, Result<Minted, MintError>>;
+    fn mint<'a>(
+        &'a self,
+        grant: &'a Grant,
+        credential: &'a GrantedCredential,
+        ctx: MintContext<'a>,
+    ) -> BoxFuture<'a, Result<Minted, MintError>>;
     fn revoke<'a>(&'a self, handle: &'a RevokeHandle) -> BoxFuture<'a, Result<(), MintError>>;
 }
 
@@ -110,7 +115,13 @@ impl Backends {
         for (name, backend) in &config.backends {
             match backend {
                 crate::config::BackendConfig::Jwt(j) => {
-                    let signer = Arc::new(jwt::JwtSigner::load_or_generate(&config.data_dir.join(&j.signing_key_file), &config.public_url).map_err(|e| format!("backend {name}: {e}"))?);
+                    let signer = Arc::new(
+                        jwt::JwtSigner::load_or_generate(
+                            &config.data_dir.join(&j.signing_key_file),
+                            &config.public_url,
+                        )
+                        .map_err(|e| format!("backend {name}: {e}"))?,
+                    );
                     out.signers.push(signer.clone());
                     out.by_name.insert(name.clone(), Arc::new(jwt::JwtBackend::new(signer)));
                 }

@@ -67,8 +67,13 @@ pub enum DenialReason {
     WrongIssuer,
     DenyRule,
     MatchFailed,
-    TtlAboveMax { requested: i64, max: i64 },
-    TemplateClaimMissing { grant: String },
+    TtlAboveMax {
+        requested: i64,
+        max: i64,
+    },
+    TemplateClaimMissing {
+        grant: String,
+    },
 }
 
 impl Denial {
@@ -84,10 +89,16 @@ impl Denial {
             }
             DenialReason::DenyRule => format!("claim `{claim}` matched a deny rule of policy `{policy}`"),
             DenialReason::TtlAboveMax { requested, max } => {
-                format!("requested ttl {} is above the maximum {} of policy `{policy}`", format_duration(*requested), format_duration(*max))
+                format!(
+                    "requested ttl {} is above the maximum {} of policy `{policy}`",
+                    format_duration(*requested),
+                    format_duration(*max)
+                )
             }
             DenialReason::TemplateClaimMissing { grant } => {
-                format!("claim `{claim}`, needed by grant `{grant}` of policy `{policy}`, is missing or not a single value")
+                format!(
+                    "claim `{claim}`, needed by grant `{grant}` of policy `{policy}`, is missing or not a single value"
+                )
             }
         }
     }

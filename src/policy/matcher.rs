@@ -16,8 +16,14 @@ const MAX_REGEX_BYTES: usize = 256 * 1024;
 pub enum Matcher {
     Exact(String),
     AnyOf(Vec<String>),
-    Glob { source: String, regex: Regex },
-    Regex { source: String, regex: Regex },
+    Glob {
+        source: String,
+        regex: Regex,
+    },
+    Regex {
+        source: String,
+        regex: Regex,
+    },
     Not(Box<Matcher>),
     Exists(bool),
     /// For array claims (GitLab `groups_direct`): any element matches the inner matcher.
@@ -33,7 +39,10 @@ impl Matcher {
                 if items.is_empty() {
                     return Err("an empty list matches nothing; remove the rule or list values".into());
                 }
-                let texts = items.iter().map(|v| scalar_text(v).ok_or("a list matcher holds only strings, numbers or booleans")).collect::<Result<Vec<_>, _>>()?;
+                let texts = items
+                    .iter()
+                    .map(|v| scalar_text(v).ok_or("a list matcher holds only strings, numbers or booleans"))
+                    .collect::<Result<Vec<_>, _>>()?;
                 Ok(Matcher::AnyOf(texts))
             }
             Value::Object(map) => {
@@ -54,9 +63,14 @@ impl Matcher {
                         Ok(Matcher::Regex { regex: compile(&format!("^(?:{source})$"))?, source })
                     }
                     "not" => Ok(Matcher::Not(Box::new(Matcher::parse(inner)?))),
-                    "exists" => inner.as_bool().map(Matcher::Exists).ok_or_else(|| "`exists` takes true or false".into()),
+                    "exists" => {
+                        inner.as_bool().map(Matcher::Exists).ok_or_else(|| "`exists` takes true or false".into())
+                    }
                     "contains" => Ok(Matcher::Contains(Box::new(Matcher::parse(inner)?))),
-                    other => Err(format!("unknown matcher `{}` (use glob, regex, not, exists or contains)", crate::clock::truncate(other, 40))),
+                    other => Err(format!(
+                        "unknown matcher `{}` (use glob, regex, not, exists or contains)",
+                        crate::clock::truncate(other, 40)
+                    )),
                 }
             }
             scalar => Ok(Matcher::Exact(scalar_text(scalar).unwrap_or_default())),

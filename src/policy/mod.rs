@@ -140,17 +140,18 @@ impl PolicySet {
     pub fn load(dir: &Path, builtin: &[(&str, &str)], ctx: &LoadContext) -> Result<PolicySet, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let mut sources: Vec<(String, PathBuf, String)> = Vec::new();
-        match read_policy_files(dir) {
-            Ok(files) => sources.extend(files),
-            Err(e) => errors.push(e),
-        }
+        read_policy_files(dir, &mut sources, &mut errors);
         for (name, yaml) in builtin {
             sources.push(((*name).to_string(), PathBuf::from(format!("<built-in {name}>")), (*yaml).to_string()));
         }
         let mut policies = HashMap::new();
         for (name, file, text) in sources {
             if policies.contains_key(&name) {
-                errors.push(PolicyError { file, field: String::new(), message: format!("a policy named `{name}` is defined twice") });
+                errors.push(PolicyError {
+                    file,
+                    field: String::new(),
+                    message: format!("a policy named `{name}` is defined twice"),
+                });
                 continue;
             }
             match compile(&name, &file, &text, ctx) {
@@ -183,7 +184,13 @@ impl PolicySet {
 
     /// The decision (DESIGN §1 step 2): the named policy's issuer, deny rules, then every match
     /// rule, then the ttl, then the grant's templates. Pure: `now` is an argument.
-    pub fn decide(&self, name: &str, identity: &VerifiedIdentity, requested_ttl: Option<i64>, now: UnixSeconds) -> Result<Grant, Denial> {
+    pub fn decide(
+        &self,
+        name: &str,
+        identity: &VerifiedIdentity,
+        requested_ttl: Option<i64>,
+        now: UnixSeconds,
+    ) -> Result<Grant, Denial> {
         // The name is only a map key: no file is opened for it, so `../x` is just an unknown name.
         let policy = self.policies.get(name).ok_or_else(|| Denial::new(name, "iss", DenialReason::UnknownPolicy))?;
         policy.evaluate(identity.issuer(), identity.claims())?;
@@ -191,10 +198,21 @@ impl PolicySet {
         if ttl_secs > policy.ttl_max_secs {
             // Denied, not clamped: a caller that asked for 2h and silently got 1h would find out
             // the hard way, mid-deploy.
-            return Err(Denial::new(name, "ttl", DenialReason::TtlAboveMax { requested: ttl_secs, max: policy.ttl_max_secs }));
+            return Err(Denial::new(
+                name,
+                "ttl",
+                DenialReason::TtlAboveMax { requested: ttl_secs, max: policy.ttl_max_secs },
+            ));
         }
-        let credentials = policy.grants.iter().map(|g| g.resolve(name, identity.claims())).collect::<Result<Vec<_>, _>>()?;
-        Ok(Grant { policy: policy.name.clone(), identity: identity.clone(), ttl_secs, expires_at: now + ttl_secs, credentials })
+        let credentials =
+            policy.grants.iter().map(|g| g.resolve(name, identity.claims())).collect::<Result<Vec<_>, _>>()?;
+        Ok(Grant {
+            policy: policy.name.clone(),
+            identity: identity.clone(),
+            ttl_secs,
+            expires_at: now + ttl_secs,
+            credentials,
+        })
     }
 }
 
@@ -216,47 +234,66 @@ impl Policy {
 
 impl GrantSpec {
     fn resolve(&self, policy: &str, claims: &Claims) -> Result<GrantedCredential, Denial> {
-        let missing = |claim: String| Denial::new(policy, &claim, DenialReason::TemplateClaimMissing { grant: self.name.clone() });
+        let missing = |claim: String| {
+            Denial::new(policy, &claim, DenialReason::TemplateClaimMissing { grant: self.name.clone() })
+        };
         let spec = match &self.spec {
             CredentialSpec::Jwt { audience, claims: extra } => ResolvedSpec::Jwt {
                 audience: audience.render(claims).map_err(missing)?,
-                claims: extra.iter().map(|(k, v)| Ok((k.clone(), v.render(claims).map_err(missing)?))).collect::<Result<_, Denial>>()?,
+                claims: extra
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), v.render(claims).map_err(missing)?)))
+                    .collect::<Result<_, Denial>>()?,
             },
         };
         Ok(GrantedCredential { name: self.name.clone(), backend: self.backend.clone(), spec })
     }
 }
 
-fn read_policy_files(dir: &Path) -> Result<Vec<(String, PathBuf, String)>, PolicyError> {
-    let err = |message: String| PolicyError { file: dir.to_path_buf(), field: String::new(), message };
-    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read the policies directory: {e}")))?;
+/// Reads every policy file in `dir` into `out`; a file that cannot be read is an error, and
+/// reading goes on with the next file.
+fn read_policy_files(dir: &Path, out: &mut Vec<(String, PathBuf, String)>, errors: &mut Vec<PolicyError>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            let message = format!("cannot read the policies directory: {e}");
+            errors.push(PolicyError { file: dir.to_path_buf(), field: String::new(), message });
+            return;
+        }
+    };
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
-    let mut out = Vec::new();
     for path in paths {
         let ext = path.extension().and_then(|e| e.to_str());
         if path.is_dir() || !matches!(ext, Some("yaml" | "yml")) {
             continue; // tests/, README.md, schema.json …
         }
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-        let file_err = |message: String| PolicyError { file: path.clone(), field: String::new(), message };
-        if !is_name(&stem) {
-            return Err(file_err("a policy file name must match [a-z0-9][a-z0-9-_]*.yaml".into()));
+        match read_policy_file(&path) {
+            Ok((stem, text)) => out.push((stem, path, text)),
+            Err(message) => errors.push(PolicyError { file: path, field: String::new(), message }),
         }
-        let meta = std::fs::metadata(&path).map_err(|e| file_err(format!("cannot read: {e}")))?;
-        if meta.len() > MAX_POLICY_BYTES {
-            return Err(file_err(format!("larger than {MAX_POLICY_BYTES} bytes")));
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| file_err(format!("cannot read: {e}")))?;
-        out.push((stem, path, text));
     }
-    Ok(out)
+}
+
+fn read_policy_file(path: &Path) -> Result<(String, String), String> {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    // The file stem is the policy's name, which callers send: keep it to a plain, safe alphabet.
+    if !is_name(&stem) {
+        return Err("a policy file name must match [a-z0-9][a-z0-9-_]*.yaml (it is the policy's name)".into());
+    }
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if meta.len() > MAX_POLICY_BYTES {
+        return Err(format!("larger than {MAX_POLICY_BYTES} bytes"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    Ok((stem, text))
 }
 
 /// Parse, don't validate: a file becomes a compiled [`Policy`] or a list of every error in it.
 fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Policy, Vec<PolicyError>> {
     let mut errors = Vec::new();
-    let mut err = |field: String, message: String| errors.push(PolicyError { file: file.to_path_buf(), field, message });
+    let mut err =
+        |field: String, message: String| errors.push(PolicyError { file: file.to_path_buf(), field, message });
     let raw: PolicyFile = match serde_saphyr::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
@@ -265,7 +302,10 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
         }
     };
     if !ctx.issuers.contains_key(&raw.issuer) {
-        err("issuer".into(), format!("`{}` is not an issuer in the broker config (known: {})", raw.issuer, join(ctx.issuers.keys())));
+        err(
+            "issuer".into(),
+            format!("`{}` is not an issuer in the broker config (known: {})", raw.issuer, join(ctx.issuers.keys())),
+        );
     }
     let mut rules = |section: &str, map: &BTreeMap<String, Value>| -> Vec<Rule> {
         let mut out = Vec::new();
@@ -284,7 +324,13 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
     let match_rules = rules("match", &raw.match_rules);
     let deny_rules = rules("deny", &raw.deny);
     if !match_rules.iter().any(|r| IMMUTABLE_CLAIMS.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
-        err("match".into(), format!("binds no immutable identity claim: add an exact value or list for one of {} (names like `repository` can be re-registered by someone else)", IMMUTABLE_CLAIMS.join(", ")));
+        err(
+            "match".into(),
+            format!(
+                "binds no immutable identity claim: add an exact value or list for one of {} (names like `repository` can be re-registered by someone else)",
+                IMMUTABLE_CLAIMS.join(", ")
+            ),
+        );
     }
     let ttl_default_secs = parse_duration(&raw.ttl.default).unwrap_or_else(|e| {
         err("ttl.default".into(), e);
@@ -308,7 +354,9 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
         }
         match compile_grant(grant_name, value, ctx, ttl_max_secs) {
             Ok(g) => grants.push(g),
-            Err(list) => list.into_iter().for_each(|(sub, m)| err(if sub.is_empty() { field.clone() } else { format!("{field}.{sub}") }, m)),
+            Err(list) => list
+                .into_iter()
+                .for_each(|(sub, m)| err(if sub.is_empty() { field.clone() } else { format!("{field}.{sub}") }, m)),
         }
     }
     if !errors.is_empty() {
@@ -326,14 +374,31 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
     })
 }
 
-fn compile_grant(name: &str, value: &Value, ctx: &LoadContext, ttl_max: i64) -> Result<GrantSpec, Vec<(String, String)>> {
-    let backend = value.get("backend").and_then(Value::as_str).ok_or_else(|| vec![("backend".to_string(), "required: the name of a backend from the broker config".to_string())])?;
+fn compile_grant(
+    name: &str,
+    value: &Value,
+    ctx: &LoadContext,
+    ttl_max: i64,
+) -> Result<GrantSpec, Vec<(String, String)>> {
+    let backend = value.get("backend").and_then(Value::as_str).ok_or_else(|| {
+        vec![("backend".to_string(), "required: the name of a backend from the broker config".to_string())]
+    })?;
     let Some((kind, backend_max)) = ctx.backends.get(backend) else {
-        return Err(vec![("backend".into(), format!("`{backend}` is not a backend in the broker config (known: {})", join(ctx.backends.keys())))]);
+        return Err(vec![(
+            "backend".into(),
+            format!("`{backend}` is not a backend in the broker config (known: {})", join(ctx.backends.keys())),
+        )]);
     };
     let mut errors = Vec::new();
     if ttl_max > *backend_max {
-        errors.push((String::new(), format!("ttl.max {} is above backend `{backend}`'s max_ttl {}", format_duration(ttl_max), format_duration(*backend_max))));
+        errors.push((
+            String::new(),
+            format!(
+                "ttl.max {} is above backend `{backend}`'s max_ttl {}",
+                format_duration(ttl_max),
+                format_duration(*backend_max)
+            ),
+        ));
     }
     let spec = match *kind {
         "jwt" => match serde_json::from_value::<JwtGrantFile>(value.clone()) {
@@ -376,7 +441,8 @@ fn compile_jwt_grant(file: JwtGrantFile, errors: &mut Vec<(String, String)>) -> 
 /// serde-saphyr's messages can carry a rendered snippet; keep the first line, which says what
 /// and where.
 fn yaml_error(message: &str) -> String {
-    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid YAML").to_string()
+    let first = message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid YAML");
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
 
 fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {

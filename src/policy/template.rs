@@ -75,8 +75,12 @@ impl TemplateValue {
     pub fn parse(value: &Value) -> Result<TemplateValue, String> {
         Ok(match value {
             Value::String(s) => TemplateValue::Text(Template::parse(s)?),
-            Value::Array(items) => TemplateValue::List(items.iter().map(TemplateValue::parse).collect::<Result<_, _>>()?),
-            Value::Object(map) => TemplateValue::Map(map.iter().map(|(k, v)| Ok((k.clone(), TemplateValue::parse(v)?))).collect::<Result<_, String>>()?),
+            Value::Array(items) => {
+                TemplateValue::List(items.iter().map(TemplateValue::parse).collect::<Result<_, _>>()?)
+            }
+            Value::Object(map) => TemplateValue::Map(
+                map.iter().map(|(k, v)| Ok((k.clone(), TemplateValue::parse(v)?))).collect::<Result<_, String>>()?,
+            ),
             other => TemplateValue::Literal(other.clone()),
         })
     }
@@ -85,14 +89,20 @@ impl TemplateValue {
         Ok(match self {
             TemplateValue::Text(t) => Value::String(t.render(claims)?),
             TemplateValue::Literal(v) => v.clone(),
-            TemplateValue::List(items) => Value::Array(items.iter().map(|i| i.render(claims)).collect::<Result<_, _>>()?),
-            TemplateValue::Map(entries) => Value::Object(entries.iter().map(|(k, v)| Ok((k.clone(), v.render(claims)?))).collect::<Result<_, String>>()?),
+            TemplateValue::List(items) => {
+                Value::Array(items.iter().map(|i| i.render(claims)).collect::<Result<_, _>>()?)
+            }
+            TemplateValue::Map(entries) => Value::Object(
+                entries.iter().map(|(k, v)| Ok((k.clone(), v.render(claims)?))).collect::<Result<_, String>>()?,
+            ),
         })
     }
 }
 
 pub fn is_claim_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 #[cfg(test)]
@@ -102,7 +112,8 @@ mod tests {
 
     #[test]
     fn templates_resolve_claims_and_refuse_missing_ones() {
-        let claims: Claims = serde_json::from_value(json!({"repository": "acme/web", "run_id": "7", "groups": ["a"]})).unwrap();
+        let claims: Claims =
+            serde_json::from_value(json!({"repository": "acme/web", "run_id": "7", "groups": ["a"]})).unwrap();
         let t = Template::parse("repo:${repository}@${run_id} costs $5 and $${literal}").unwrap();
         assert_eq!(t.render(&claims).unwrap(), "repo:acme/web@7 costs $5 and ${literal}");
         assert_eq!(Template::parse("${missing}").unwrap().render(&claims).unwrap_err(), "missing");

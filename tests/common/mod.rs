@@ -1,0 +1,410 @@
+//! Test parts shared by the integration tests: a real OIDC issuer served in process
+//! ([`FakeIssuer`]: real RSA keys, discovery and JWKS over HTTP on 127.0.0.1) and an in-process
+//! broker ([`Broker`]) with a manual clock, driven over real HTTP.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use ephemera::clock::ManualClock;
+use ephemera::config::Config;
+use ephemera::ids::b64url;
+use ephemera::server::{Options, Running, start};
+use ring::rand::SystemRandom;
+use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+use serde_json::{Map, Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The fixtures' own clock: `iat` of github-push-immutable-sub.json.
+pub const NOW: i64 = 1_787_166_757;
+pub const AUDIENCE: &str = "https://ephemera.example.com";
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A claim set from `../shared/fixtures/claims/`.
+pub fn fixture(name: &str) -> Map<String, Value> {
+    let path = repo_path(&format!("../shared/fixtures/claims/{name}"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+// ---- FakeIssuer ---------------------------------------------------------------------------
+
+#[derive(Clone)]
+pub struct TestKey {
+    pub kid: String,
+    pair: Arc<RsaKeyPair>,
+    n: String,
+    pub pkcs8: Arc<Vec<u8>>,
+}
+
+impl TestKey {
+    /// One of the committed test keys: `rsa-a`, `rsa-b` or `rsa-c`.
+    pub fn load(name: &str) -> TestKey {
+        let pkcs8 = std::fs::read(repo_path(&format!("tests/fixtures/keys/{name}.pk8"))).unwrap();
+        let n =
+            std::fs::read_to_string(repo_path(&format!("tests/fixtures/keys/{name}.n"))).unwrap().trim().to_string();
+        TestKey {
+            kid: name.to_string(),
+            pair: Arc::new(RsaKeyPair::from_pkcs8(&pkcs8).unwrap()),
+            n,
+            pkcs8: Arc::new(pkcs8),
+        }
+    }
+
+    pub fn jwk(&self) -> Value {
+        json!({"kty": "RSA", "kid": self.kid, "use": "sig", "alg": "RS256", "n": self.n, "e": "AQAB"})
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        let mut sig = vec![0; self.pair.public().modulus_len()];
+        self.pair.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), message, &mut sig).unwrap();
+        sig
+    }
+}
+
+/// How the fake issuer answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mode {
+    Normal,
+    /// 503 on every request.
+    Down,
+    /// 200 with bytes that are not JSON.
+    Garbage,
+    /// A JWKS document larger than the broker's 64 KiB cap.
+    Huge,
+    /// 302 to another URL (which must not be followed).
+    Redirect(String),
+}
+
+struct FakeState {
+    url: String,
+    published: Mutex<Vec<TestKey>>,
+    signing: Mutex<TestKey>,
+    mode: Mutex<Mode>,
+    discovery_hits: AtomicUsize,
+    jwks_hits: AtomicUsize,
+}
+
+pub struct FakeIssuer {
+    pub url: String,
+    state: Arc<FakeState>,
+}
+
+impl FakeIssuer {
+    /// Starts on a free loopback port, publishing and signing with `rsa-a`.
+    pub async fn start() -> FakeIssuer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let key = TestKey::load("rsa-a");
+        let state = Arc::new(FakeState {
+            url: url.clone(),
+            published: Mutex::new(vec![key.clone()]),
+            signing: Mutex::new(key),
+            mode: Mutex::new(Mode::Normal),
+            discovery_hits: AtomicUsize::new(0),
+            jwks_hits: AtomicUsize::new(0),
+        });
+        let app = Router::new()
+            .route("/.well-known/openid-configuration", get(discovery))
+            .route("/.well-known/jwks", get(jwks))
+            .with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeIssuer { url, state }
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Publishes `keys` (replacing the set) without changing the signing key.
+    pub fn publish(&self, keys: &[&str]) {
+        *self.state.published.lock().unwrap() = keys.iter().map(|k| TestKey::load(k)).collect();
+    }
+
+    /// Signs future tokens with `key` (published or not).
+    pub fn sign_with(&self, key: &str) {
+        *self.state.signing.lock().unwrap() = TestKey::load(key);
+    }
+
+    pub fn signing_key(&self) -> TestKey {
+        self.state.signing.lock().unwrap().clone()
+    }
+
+    pub fn jwks_fetches(&self) -> usize {
+        self.state.jwks_hits.load(Ordering::SeqCst)
+    }
+
+    /// Every request the issuer has served (discovery and JWKS).
+    pub fn requests(&self) -> usize {
+        self.state.jwks_hits.load(Ordering::SeqCst) + self.state.discovery_hits.load(Ordering::SeqCst)
+    }
+
+    /// A fixture's claims re-stamped for this issuer at `now`: `iss`, `aud`, and times.
+    pub fn claims(&self, fixture_name: &str, now: i64) -> Map<String, Value> {
+        let mut c = fixture(fixture_name);
+        c.insert("iss".into(), json!(self.url));
+        c.insert("aud".into(), json!(AUDIENCE));
+        c.insert("iat".into(), json!(now));
+        c.insert("nbf".into(), json!(now));
+        c.insert("exp".into(), json!(now + 300));
+        c
+    }
+
+    /// RS256 with the current signing key and a normal header.
+    pub fn sign(&self, claims: &Map<String, Value>) -> String {
+        let kid = self.signing_key().kid;
+        self.sign_with_header(&json!({"alg": "RS256", "typ": "JWT", "kid": kid}), claims)
+    }
+
+    /// Any header, signed RS256 with the current signing key (for header attacks).
+    pub fn sign_with_header(&self, header: &Value, claims: &Map<String, Value>) -> String {
+        let message = format!(
+            "{}.{}",
+            b64url(header.to_string().as_bytes()),
+            b64url(Value::Object(claims.clone()).to_string().as_bytes())
+        );
+        let signature = self.signing_key().sign(message.as_bytes());
+        format!("{message}.{}", b64url(&signature))
+    }
+
+    /// The RS256→HS256 confusion: HMAC-SHA256 keyed with the issuer's *public* key.
+    pub fn sign_hs256_with_public_key(&self, claims: &Map<String, Value>) -> String {
+        let key = self.signing_key();
+        let header = json!({"alg": "HS256", "typ": "JWT", "kid": key.kid});
+        let message = format!(
+            "{}.{}",
+            b64url(header.to_string().as_bytes()),
+            b64url(Value::Object(claims.clone()).to_string().as_bytes())
+        );
+        let public = key.pair.public().as_ref().to_vec();
+        let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public), message.as_bytes());
+        format!("{message}.{}", b64url(tag.as_ref()))
+    }
+}
+
+fn misbehave(state: &FakeState) -> Option<Response> {
+    match state.mode.lock().unwrap().clone() {
+        Mode::Normal | Mode::Huge => None,
+        Mode::Down => Some(StatusCode::SERVICE_UNAVAILABLE.into_response()),
+        Mode::Garbage => Some((StatusCode::OK, "<html>not json</html>").into_response()),
+        Mode::Redirect(to) => Some((StatusCode::FOUND, [("location", to)]).into_response()),
+    }
+}
+
+async fn discovery(State(state): State<Arc<FakeState>>) -> Response {
+    state.discovery_hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(r) = misbehave(&state) {
+        return r;
+    }
+    axum::Json(json!({"issuer": state.url, "jwks_uri": format!("{}/.well-known/jwks", state.url)})).into_response()
+}
+
+async fn jwks(State(state): State<Arc<FakeState>>) -> Response {
+    state.jwks_hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(r) = misbehave(&state) {
+        return r;
+    }
+    let keys: Vec<Value> = state.published.lock().unwrap().iter().map(TestKey::jwk).collect();
+    let mut doc = json!({"keys": keys});
+    if *state.mode.lock().unwrap() == Mode::Huge {
+        doc["padding"] = json!("x".repeat(70 * 1024));
+    }
+    axum::Json(doc).into_response()
+}
+
+// ---- the broker, in process ---------------------------------------------------------------
+
+/// A policy that the `github-environment-deploy.json` fixture satisfies.
+pub const DEPLOY_POLICY: &str = r#"
+description: Deploy octo-repo to prod from main
+issuer: ci
+match:
+  repository_id: "74"
+  ref: refs/heads/main
+  environment: [prod, staging]
+  job_workflow_ref: {glob: "octo-org/octo-automation/.github/workflows/*.yml@refs/heads/main"}
+deny:
+  event_name: [pull_request, pull_request_target]
+  runner_environment: self-hosted
+ttl: {default: 15m, max: 1h}
+grants:
+  api:
+    backend: jwt
+    audience: https://api.internal.example
+    claims: {scope: "deploy:web", repository: "${repository}", environment: "${environment}"}
+"#;
+
+/// A policy the push fixtures satisfy (any event on main of repository 74, except PRs).
+pub const PUSH_POLICY: &str = r#"
+issuer: ci
+match:
+  repository_id: "74"
+  ref: refs/heads/main
+deny:
+  event_name: [pull_request, pull_request_target]
+ttl: {default: 10m, max: 30m}
+grants:
+  api: {backend: jwt, audience: https://api.internal.example}
+"#;
+
+pub struct Broker {
+    pub running: Running,
+    pub clock: Arc<ManualClock>,
+    pub http: reqwest::Client,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// A broker trusting `issuer` (as issuer `ci`), with the given (name, yaml) policies,
+    /// started on a free port with a manual clock at [`NOW`]; returns once `/readyz` is 200.
+    pub async fn start(issuer: &FakeIssuer, policies: &[(&str, &str)]) -> Broker {
+        Broker::start_with(issuer, policies, "").await
+    }
+
+    pub async fn start_with(issuer: &FakeIssuer, policies: &[(&str, &str)], issuer_extra_toml: &str) -> Broker {
+        init_log_capture();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        for (name, yaml) in policies {
+            std::fs::write(dir.path().join(format!("policies/{name}.yaml")), yaml).unwrap();
+        }
+        let toml = format!(
+            r#"
+            listen = "127.0.0.1:0"
+            public_url = "http://127.0.0.1:1"
+            [[issuers]]
+            name = "ci"
+            platform = "github-actions"
+            url = "{url}"
+            audiences = ["{AUDIENCE}"]
+            max_token_lifetime = "1h"
+            leeway = "30s"
+            unknown_kid_cooldown = "60s"
+            {issuer_extra_toml}
+            [backends.jwt]
+            type = "jwt"
+            max_ttl = "1h"
+            "#,
+            url = issuer.url
+        );
+        let config = Config::parse(&toml, dir.path()).unwrap();
+        let clock = Arc::new(ManualClock::new(NOW));
+        let running = start(Options { config, dev: false, clock: clock.clone() }).await.unwrap();
+        let url = running.url();
+        let broker = Broker { running, clock, http: reqwest::Client::new(), url, _dir: dir };
+        broker.wait_ready().await;
+        broker
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if self.running.app.readiness().0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("broker did not become ready: {}", self.running.app.readiness().1);
+    }
+
+    /// POST /v1/exchange with a bearer token and a raw body; returns (status, JSON body).
+    pub async fn exchange_raw(&self, token: &str, body: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/exchange", self.url))
+            .bearer_auth(token)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        status_json(resp).await
+    }
+
+    pub async fn exchange(&self, token: &str, policy: &str) -> (u16, Value) {
+        self.exchange_raw(token, &json!({"policy": policy}).to_string()).await
+    }
+
+    pub async fn revoke(&self, token: &str, body: Value) -> (u16, Value) {
+        let resp =
+            self.http.post(format!("{}/v1/revoke", self.url)).bearer_auth(token).json(&body).send().await.unwrap();
+        status_json(resp).await
+    }
+
+    /// Introspection needs the admin token outside dev mode; tests read the app directly.
+    pub fn introspect(&self, jwt: &str) -> Value {
+        self.running.app.introspect(jwt)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+}
+
+async fn status_json(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Asserts the DESIGN §2 error shape and code.
+pub fn assert_error(status_body: &(u16, Value), status: u16, code: &str) {
+    let (got_status, body) = status_body;
+    assert_eq!(*got_status, status, "status for {body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["request_id"].as_str().is_some_and(|r| r.starts_with("req_")), "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+// ---- log capture --------------------------------------------------------------------------
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures every log line of this test binary (JSON, as the broker writes them).
+pub fn init_log_capture() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        buf
+    });
+}
+
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
+}
+
+/// No secret, nor any long piece of one, in any log line captured so far.
+pub fn assert_not_logged(secrets: &[&str]) {
+    let logs = captured_logs();
+    assert!(!logs.is_empty(), "no logs were captured");
+    for secret in secrets {
+        for piece in secret.split('.').filter(|p| p.len() > 16) {
+            assert!(!logs.contains(piece), "a secret fragment reached the logs: {}…", &piece[..16]);
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! End to end: the real `ephemera` binary in `serve --dev`, driven over HTTP like a user would.
+//!
+//! Each test spawns its own broker on a free loopback port with its own data directory, so the
+//! tests run in parallel without sharing anything.
+// Test helpers outside `#[test]` functions: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::{Value, json};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// How long to wait for one line of the broker's stdout.
+const LINE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Readiness polling: at most this many tries, this far apart.
+const READY_TRIES: u32 = 200;
+const READY_INTERVAL: Duration = Duration::from_millis(50);
+/// The banner's sh script gets this long before it is killed.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The job key the default dev token maps to.
+const DEV_JOB: &str = "github:100001:1:1:1";
+
+/// A running `ephemera serve --dev`, killed on drop.
+struct DevBroker {
+    child: Child,
+    url: String,
+    data_dir: PathBuf,
+    stderr_path: PathBuf,
+    /// Lines of the broker's stdout, read on a background thread.
+    stdout: mpsc::Receiver<String>,
+    /// Stdout lines read so far (the first is the `listening` line).
+    seen: Vec<String>,
+    _logs: TempDir,
+}
+
+impl DevBroker {
+    /// Starts a dev broker with `data_dir` and waits for its `listening` line (not for
+    /// readiness: see [`DevBroker::wait_ready`]).
+    fn start(data_dir: &Path) -> DevBroker {
+        let logs = tempfile::tempdir().expect("a temp dir for the broker's stderr");
+        let stderr_path = logs.path().join("stderr.log");
+        let stderr = File::create(&stderr_path).expect("create the stderr file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn the ephemera binary");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Built before anything can panic, so Drop kills the child on every path.
+        let mut broker = DevBroker {
+            child,
+            url: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            stderr_path,
+            stdout: rx,
+            seen: Vec::new(),
+            _logs: logs,
+        };
+        let first = broker
+            .next_line()
+            .unwrap_or_else(|| panic!("the broker printed no first line; stderr:\n{}", broker.stderr()));
+        let url = first
+            .strip_prefix("ephemera listening on ")
+            .unwrap_or_else(|| panic!("unexpected first stdout line: {first:?}"));
+        assert!(url.starts_with("http://127.0.0.1:"), "dev mode must listen on loopback, got {url}");
+        assert!(!url.ends_with(":0"), "the printed URL must carry the real port, got {url}");
+        broker.url = url.to_string();
+        broker
+    }
+
+    /// The next stdout line, or `None` at end of output or after [`LINE_TIMEOUT`].
+    fn next_line(&mut self) -> Option<String> {
+        let line = self.stdout.recv_timeout(LINE_TIMEOUT).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
+    fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Everything the broker wrote to stderr so far.
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Polls `/readyz` until 200 (bounded), failing fast if the broker exits.
+    async fn wait_ready(&mut self, client: &reqwest::Client) {
+        let mut last = String::new();
+        for _ in 0..READY_TRIES {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("the broker exited with {status} before it was ready; stderr:\n{}", self.stderr());
+            }
+            match client.get(self.endpoint("/readyz")).send().await {
+                Ok(resp) if resp.status() == 200 => {
+                    let body: Value = resp.json().await.expect("readyz JSON");
+                    assert_eq!(body["ready"], true, "{body}");
+                    assert_eq!(body["issuer_keys"], json!({"github": true, "gitlab": true}), "{body}");
+                    return;
+                }
+                Ok(resp) => last = format!("{} {}", resp.status(), resp.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(READY_INTERVAL).await;
+        }
+        panic!("the broker was not ready in time (last: {last}); stderr:\n{}", self.stderr());
+    }
+
+    /// Stops the broker (SIGKILL) and waits for it, so its stderr is complete.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DevBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn client() -> reqwest::Client {
+    ephemera::install_crypto();
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(20)).build().expect("reqwest client")
+}
+
+/// A dev broker with a fresh data dir, ready to serve.
+async fn ready_broker(client: &reqwest::Client) -> (DevBroker, TempDir) {
+    let data = tempfile::tempdir().expect("data dir");
+    let mut broker = DevBroker::start(data.path());
+    broker.wait_ready(client).await;
+    (broker, data)
+}
+
+async fn dev_token(client: &reqwest::Client, broker: &DevBroker) -> String {
+    let resp = client.post(broker.endpoint("/dev/token")).send().await.expect("POST /dev/token");
+    assert_eq!(resp.status(), 200);
+    let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(ct.starts_with("text/plain"), "dev token content-type: {ct}");
+    let token = resp.text().await.expect("token text").trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "a dev token is a compact JWS: {token}");
+    token
+}
+
+async fn exchange(client: &reqwest::Client, broker: &DevBroker, bearer: &str, body: &Value) -> (u16, Value) {
+    let resp = client
+        .post(broker.endpoint("/v1/exchange"))
+        .bearer_auth(bearer)
+        .json(body)
+        .send()
+        .await
+        .expect("POST /v1/exchange");
+    let status = resp.status().as_u16();
+    let request_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body: Value = resp.json().await.expect("exchange reply is JSON");
+    if status >= 400 {
+        assert_error_shape(&body, request_id.as_deref());
+    }
+    (status, body)
+}
+
+async fn revoke(client: &reqwest::Client, broker: &DevBroker, bearer: &str) -> Value {
+    let resp = client
+        .post(broker.endpoint("/v1/revoke"))
+        .bearer_auth(bearer)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("POST /v1/revoke");
+    assert_eq!(resp.status(), 200);
+    resp.json().await.expect("revoke reply is JSON")
+}
+
+async fn introspect(client: &reqwest::Client, broker: &DevBroker, jwt: &str) -> Value {
+    let form = form_urlencoded::Serializer::new(String::new()).append_pair("token", jwt).finish();
+    let resp = client
+        .post(broker.endpoint("/v1/introspect"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .expect("POST /v1/introspect");
+    assert_eq!(resp.status(), 200);
+    resp.json().await.expect("introspect reply is JSON")
+}
+
+/// `{"error":{"code","message","request_id"}}`, with the id the `x-request-id` header carries.
+fn assert_error_shape(body: &Value, request_id: Option<&str>) {
+    let err = body["error"].as_object().unwrap_or_else(|| panic!("not an error body: {body}"));
+    let mut keys: Vec<&str> = err.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "message", "request_id"], "{body}");
+    assert!(err["code"].as_str().is_some_and(|c| !c.is_empty()), "{body}");
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    let id = err["request_id"].as_str().unwrap_or_default();
+    assert!(!id.is_empty(), "{body}");
+    assert_eq!(Some(id), request_id, "the body's request_id is the x-request-id header");
+}
+
+/// Decodes one JSON segment of a JWT (0: header, 1: claims) without verifying it.
+fn jwt_part(jwt: &str, n: usize) -> Value {
+    use base64::Engine;
+    let segment = jwt.split('.').nth(n).unwrap_or_else(|| panic!("JWT segment {n}"));
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(segment).expect("base64url segment");
+    serde_json::from_slice(&bytes).expect("JSON segment")
+}
+
+/// A successful dev exchange's reply, checked for shape; returns (lease id, broker JWT).
+fn check_exchange_reply(body: &Value) -> (String, String) {
+    let lease_id = body["lease_id"].as_str().unwrap_or_else(|| panic!("no lease_id: {body}")).to_string();
+    assert!(lease_id.starts_with("lse_"), "{lease_id}");
+    assert_eq!(body["policy"], "dev", "{body}");
+    assert_eq!(body["job"], DEV_JOB, "{body}");
+    assert!(body["expires_at"].as_str().is_some_and(|s| s.ends_with('Z') && s.contains('T')), "{body}");
+    let creds = body["credentials"].as_object().unwrap_or_else(|| panic!("no credentials: {body}"));
+    assert_eq!(creds.keys().collect::<Vec<_>>(), ["api"], "{body}");
+    let api = &creds["api"];
+    assert_eq!(api["kind"], "jwt", "{body}");
+    assert_eq!(api["revocation"], "immediate", "{body}");
+    assert!(api["expires_at"].is_string(), "{body}");
+    let jwt = api["token"].as_str().unwrap_or_else(|| panic!("no api token: {body}")).to_string();
+    assert_eq!(jwt.split('.').count(), 3, "{jwt}");
+    (lease_id, jwt)
+}
+
+#[tokio::test]
+async fn dev_broker_exchanges_introspects_and_revokes_over_http() {
+    let client = client();
+    let (broker, _data) = ready_broker(&client).await;
+
+    let token = dev_token(&client, &broker).await;
+    let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "dev"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (lease_id, jwt) = check_exchange_reply(&body);
+
+    // The minted JWT names the job and the lease, and is issued by this broker.
+    let claims = jwt_part(&jwt, 1);
+    assert_eq!(claims["sub"], DEV_JOB, "{claims}");
+    assert_eq!(claims["lease_id"], lease_id.as_str(), "{claims}");
+    assert_eq!(claims["iss"], broker.url.as_str(), "{claims}");
+    assert_eq!(claims["aud"], "https://api.dev.ephemera.invalid", "{claims}");
+    assert_eq!(claims["scope"], "dev", "{claims}");
+    assert_eq!(claims["repository"], "ephemera-dev/demo", "{claims}");
+
+    // Its signing key is published.
+    let jwks: Value = client
+        .get(broker.endpoint("/.well-known/jwks.json"))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("jwks JSON");
+    let header: Value = jwt_part(&jwt, 0);
+    let kids: Vec<&Value> = jwks["keys"].as_array().expect("keys").iter().map(|k| &k["kid"]).collect();
+    assert!(kids.contains(&&header["kid"]), "the JWT's kid {} is not in the JWKS {jwks}", header["kid"]);
+
+    let active = introspect(&client, &broker, &jwt).await;
+    assert_eq!(active["active"], true, "{active}");
+    assert_eq!(active["sub"], DEV_JOB, "{active}");
+    assert_eq!(active["lease_id"], lease_id.as_str(), "{active}");
+    assert_eq!(active["policy"], "dev", "{active}");
+
+    let revoked = revoke(&client, &broker, &token).await;
+    assert_eq!(revoked, json!({"revoked": [lease_id], "pending": []}));
+
+    let inactive = introspect(&client, &broker, &jwt).await;
+    assert_eq!(inactive, json!({"active": false}));
+
+    // Idempotent: nothing live is left, so a second revoke reports nothing.
+    let again = revoke(&client, &broker, &token).await;
+    assert_eq!(again, json!({"revoked": [], "pending": []}));
+
+    let metrics = client.get(broker.endpoint("/metrics")).send().await.expect("metrics");
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.expect("metrics text");
+    assert!(
+        text.lines().any(|l| l.trim() == r#"ephemera_exchanges_total{policy="dev",outcome="issued"} 1"#),
+        "metrics do not count the one issued exchange:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn printed_banner_commands_do_a_real_exchange_and_revoke() {
+    let client = client();
+    let (mut broker, _data) = ready_broker(&client).await;
+
+    // Read the banner up to the end of its "Try it" command block (bounded by LINE_TIMEOUT
+    // per line and by the banner ending).
+    let mut in_block = false;
+    let mut commands: Vec<String> = Vec::new();
+    while let Some(line) = broker.next_line() {
+        if line.starts_with("Try it") {
+            in_block = true;
+        } else if in_block {
+            match line.strip_prefix("  ") {
+                Some(cmd) => commands.push(cmd.to_string()),
+                None => break,
+            }
+        }
+    }
+    assert!(in_block, "no `Try it` section in the banner:\n{}", broker.seen.join("\n"));
+    assert_eq!(commands.len(), 6, "expected six commands:\n{}", commands.join("\n"));
+    assert!(commands[0].starts_with("TOKEN=$("), "{}", commands[0]);
+    for cmd in &commands[1..] {
+        assert!(
+            cmd.contains(&broker.url) || cmd.starts_with("JWT="),
+            "a command that does not talk to this broker: {cmd}"
+        );
+    }
+
+    let work = tempfile::tempdir().expect("script dir");
+    // The banner writes the reply (a live JWT) into the broker's private data directory.
+    let exchange_file = broker.data_dir().join("exchange.json");
+    let script = commands.join("\n");
+    assert!(
+        script.contains(&exchange_file.display().to_string()) && !script.contains("/tmp/ephemera-exchange.json"),
+        "the banner must write the live JWT into the data directory:\n{script}"
+    );
+    let out_path = work.path().join("stdout");
+    let err_path = work.path().join("stderr");
+    let mut sh = Command::new("sh")
+        .arg("-c")
+        .arg(format!("set -e\n{script}\n"))
+        .current_dir(work.path())
+        .env("RUST_LOG", "info")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("stdout file"))
+        .stderr(File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn sh");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = sh.try_wait().expect("try_wait sh") {
+            break status;
+        }
+        if started.elapsed() > SCRIPT_TIMEOUT {
+            let _ = sh.kill();
+            let _ = sh.wait();
+            panic!("the banner script did not finish in {SCRIPT_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let context =
+        format!("script:\n{script}\nstdout:\n{stdout}\nstderr:\n{stderr}\nbroker stderr:\n{}", broker.stderr());
+    assert!(status.success(), "the banner script failed ({status})\n{context}");
+
+    // The exchange reply went through tee to our file, not to /tmp.
+    let saved: Value = serde_json::from_str(std::fs::read_to_string(&exchange_file).expect("exchange file").trim())
+        .expect("exchange JSON");
+    let (lease_id, _) = check_exchange_reply(&saved);
+
+    let active_at = stdout.find(r#""active":true"#).unwrap_or_else(|| panic!("no active introspection\n{context}"));
+    let revoked_marker = format!(r#""revoked":["{lease_id}"]"#);
+    let revoked_at = stdout.find(&revoked_marker).unwrap_or_else(|| panic!("no {revoked_marker}\n{context}"));
+    assert!(stdout[revoked_at..].starts_with(r#""revoked":["lse_"#));
+    assert!(active_at < revoked_at, "introspection was not active before the revoke\n{context}");
+    assert!(stdout.trim_end().ends_with(r#"{"active":false}"#), "the final introspection is not inactive\n{context}");
+}
+
+#[tokio::test]
+async fn no_token_or_jwt_appears_in_the_broker_logs() {
+    let client = client();
+    let (mut broker, _data) = ready_broker(&client).await;
+
+    let token = dev_token(&client, &broker).await;
+    let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "dev"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (lease_id, jwt) = check_exchange_reply(&body);
+
+    // Failures log their detail; the detail must not carry the token either.
+    let (status, body) = exchange(&client, &broker, "not.a.token", &json!({"policy": "dev"})).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_token", "{body}");
+    let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "nope"})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "policy_denied", "{body}");
+    // The broker's own JWT presented as a CI token is refused, and must not be logged.
+    let (status, body) = exchange(&client, &broker, &jwt, &json!({"policy": "dev"})).await;
+    assert_eq!(status, 401, "{body}");
+    let introspected = introspect(&client, &broker, &jwt).await;
+    assert_eq!(introspected["active"], true, "{introspected}");
+
+    let revoked = revoke(&client, &broker, &token).await;
+    assert_eq!(revoked["revoked"], json!([lease_id]), "{revoked}");
+
+    broker.kill();
+    let logs = broker.stderr();
+    assert!(!logs.trim().is_empty(), "the broker logged nothing");
+    for (n, line) in logs.lines().enumerate() {
+        let parsed: Result<Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok_and(|v| v.is_object()), "stderr line {} is not a JSON object: {line:?}", n + 1);
+    }
+    // The logs are about this exchange (so the absence checks below are not vacuous).
+    assert!(logs.contains(&lease_id), "the issued lease is not logged:\n{logs}");
+    assert!(logs.contains("policy_denied") && logs.contains("invalid_token"), "the refusals are not logged:\n{logs}");
+
+    for (what, secret) in [("CI token", &token), ("broker JWT", &jwt)] {
+        assert!(!logs.contains(secret.as_str()), "the {what} appears in the broker log");
+        for (i, segment) in secret.split('.').enumerate() {
+            if segment.len() > 20 {
+                assert!(!logs.contains(segment), "segment {i} of the {what} appears in the broker log: {segment}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn restart_with_the_same_data_dir_keeps_the_signing_keys() {
+    let client = client();
+    let data = tempfile::tempdir().expect("data dir");
+
+    async fn get_json(client: &reqwest::Client, url: String) -> Value {
+        let resp = client.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert_eq!(resp.status(), 200, "GET {url}");
+        resp.json().await.expect("JSON body")
+    }
+
+    let mut first = DevBroker::start(data.path());
+    first.wait_ready(&client).await;
+    let before = get_json(&client, first.endpoint("/.well-known/jwks.json")).await;
+    let dev_before = get_json(&client, first.endpoint("/dev/github/jwks")).await;
+    first.kill();
+    drop(first);
+
+    let mut second = DevBroker::start(data.path());
+    second.wait_ready(&client).await;
+    let after = get_json(&client, second.endpoint("/.well-known/jwks.json")).await;
+    let dev_after = get_json(&client, second.endpoint("/dev/github/jwks")).await;
+
+    let keys = before["keys"].as_array().unwrap_or_else(|| panic!("no keys: {before}"));
+    assert!(!keys.is_empty(), "{before}");
+    let kid = keys[0]["kid"].as_str().unwrap_or_else(|| panic!("no kid: {before}"));
+    assert!(!kid.is_empty());
+    assert_eq!(after["keys"][0]["kid"], kid, "the signing key changed across a restart: {before} vs {after}");
+    assert_eq!(before, after, "the published keys changed across a restart");
+    // The dev issuer's key is kept too, as `DevIssuer::load_or_generate` promises.
+    assert!(dev_before["keys"][0]["kid"].is_string(), "{dev_before}");
+    assert_eq!(dev_before, dev_after, "the dev issuer's key changed across a restart");
+
+    // The restarted broker still mints with that key.
+    let token = dev_token(&client, &second).await;
+    let (status, body) = exchange(&client, &second, &token, &json!({"policy": "dev"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, jwt) = check_exchange_reply(&body);
+    let header: Value = jwt_part(&jwt, 0);
+    assert_eq!(header["kid"], kid, "the restarted broker signs with another key");
+}

@@ -1,0 +1,266 @@
+//! The exchange API over real HTTP: decisions, bodies, revocation, introspection, metrics.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+async fn setup() -> (FakeIssuer, Broker) {
+    let issuer = FakeIssuer::start().await;
+    let broker = Broker::start(&issuer, &[("deploy", DEPLOY_POLICY), ("push", PUSH_POLICY)]).await;
+    (issuer, broker)
+}
+
+#[tokio::test]
+async fn exchange_returns_201_with_the_design_body_and_a_verifiable_jwt() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (status, body) = broker.exchange(&token, "deploy").await;
+    assert_eq!(status, 201, "{body}");
+    assert!(body["lease_id"].as_str().unwrap().starts_with("lse_"));
+    assert_eq!(body["policy"], "deploy");
+    assert_eq!(body["expires_at"], ephemera::clock::rfc3339(NOW + 900), "default ttl 15m");
+    let api = &body["credentials"]["api"];
+    assert_eq!(api["kind"], "jwt");
+    assert_eq!(api["revocation"], "immediate");
+    let jwt = api["token"].as_str().unwrap();
+    let intro = broker.introspect(jwt);
+    assert_eq!(intro["active"], true, "{intro}");
+    assert_eq!(intro["sub"], "github:74:7712340001:2:96193868770");
+    assert_eq!(intro["aud"], "https://api.internal.example");
+    assert_eq!(intro["lease_id"], body["lease_id"]);
+    // The grant's templated claims come from verified claims.
+    let payload: serde_json::Value =
+        serde_json::from_slice(&ephemera::ids::b64url_decode(jwt.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    assert_eq!(payload["repository"], "octo-org/octo-repo");
+    assert_eq!(payload["environment"], "prod");
+    assert_eq!(payload["iss"], broker.running.app.public_url);
+    assert_eq!(payload["exp"], NOW + 900);
+    // The published JWKS verifies it (kid matches).
+    let (_, jwks) = broker.get("/.well-known/jwks.json").await;
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&ephemera::ids::b64url_decode(jwt.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(jwks["keys"][0]["kid"], header["kid"]);
+    assert_eq!(header["alg"], "ES256");
+}
+
+#[tokio::test]
+async fn a_pull_request_target_token_is_denied_naming_the_claim_not_the_value() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-pull-request-from-fork.json", NOW));
+    let reply = broker.exchange(&token, "push").await;
+    assert_error(&reply, 403, "policy_denied");
+    let message = reply.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`event_name`"), "{message}");
+    assert!(!message.contains("pull_request"), "the rule's values leaked: {message}");
+}
+
+#[tokio::test]
+async fn a_failed_match_rule_names_the_claim() {
+    let (issuer, broker) = setup().await;
+    let mut claims = issuer.claims("github-environment-deploy.json", NOW);
+    claims.insert("environment".into(), json!("dev"));
+    let reply = broker.exchange(&issuer.sign(&claims), "deploy").await;
+    assert_error(&reply, 403, "policy_denied");
+    assert_eq!(reply.1["error"]["message"], "claim `environment` did not match policy `deploy`");
+}
+
+#[tokio::test]
+async fn a_self_hosted_runner_hits_the_deny_rule() {
+    let (issuer, broker) = setup().await;
+    let mut claims = issuer.claims("github-environment-deploy.json", NOW);
+    claims.insert("runner_environment".into(), json!("self-hosted"));
+    let reply = broker.exchange(&issuer.sign(&claims), "deploy").await;
+    assert_error(&reply, 403, "policy_denied");
+    assert!(reply.1["error"]["message"].as_str().unwrap().contains("`runner_environment` matched a deny rule"));
+}
+
+#[tokio::test]
+async fn an_unknown_policy_is_denied_exactly_like_a_policy_of_another_issuer() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-push-immutable-sub.json", NOW));
+    let unknown = broker.exchange(&token, "no-such-policy").await;
+    assert_error(&unknown, 403, "policy_denied");
+    assert_eq!(unknown.1["error"]["message"], "claim `iss` did not match policy `no-such-policy`");
+    let traversal = broker.exchange(&token, "../../etc/passwd").await;
+    assert_error(&traversal, 403, "policy_denied");
+    assert_eq!(traversal.1["error"]["message"], "claim `iss` did not match policy `../../etc/passwd`");
+}
+
+#[tokio::test]
+async fn a_ttl_above_the_policy_max_is_denied_not_clamped() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let reply = broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"2h"}"#).await;
+    assert_error(&reply, 403, "policy_denied");
+    assert!(reply.1["error"]["message"].as_str().unwrap().contains("above the maximum 1h"));
+    let (status, body) = broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"5m"}"#).await;
+    assert_eq!(status, 201);
+    assert_eq!(body["expires_at"], ephemera::clock::rfc3339(NOW + 300));
+}
+
+#[tokio::test]
+async fn bad_bodies_get_400_or_413_with_the_error_shape() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    assert_error(&broker.exchange_raw(&token, "{not json").await, 400, "bad_request");
+    let unknown_field = broker.exchange_raw(&token, r#"{"policy":"deploy","polcy":"x"}"#).await;
+    assert_error(&unknown_field, 400, "bad_request");
+    assert!(unknown_field.1["error"]["message"].as_str().unwrap().contains("unknown field `polcy`"));
+    assert_error(&broker.exchange_raw(&token, r#"{"ttl":"5m"}"#).await, 400, "bad_request");
+    let bad_ttl = broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"eyJsecret-looking"}"#).await;
+    assert_error(&bad_ttl, 400, "bad_request");
+    assert!(!bad_ttl.1.to_string().contains("eyJsecret"), "the ttl value was echoed");
+    assert_error(&broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"0s"}"#).await, 400, "bad_request");
+    let two_mib = format!(r#"{{"policy":"deploy","x":"{}"}}"#, "a".repeat(2 * 1024 * 1024));
+    assert_error(&broker.exchange_raw(&token, &two_mib).await, 413, "payload_too_large");
+}
+
+#[tokio::test]
+async fn a_chunked_body_without_length_is_cut_off_at_the_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_issuer, broker) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(broker.running.addr).await.unwrap();
+    let head =
+        "POST /v1/exchange HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("1000\r\n{}\r\n", " ".repeat(4096));
+    for _ in 0..40 {
+        // The broker may answer and stop reading before all 160 KiB are sent; that is the point.
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut response = vec![0u8; 1024];
+    let n = stream.read(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+#[tokio::test]
+async fn revoke_ends_the_callers_leases_and_introspection_goes_inactive() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, first) = broker.exchange(&token, "deploy").await;
+    let (_, second) = broker.exchange(&token, "deploy").await;
+    let jwt = first["credentials"]["api"]["token"].as_str().unwrap();
+    let (status, reply) = broker.revoke(&token, json!({})).await;
+    assert_eq!(status, 200);
+    let mut revoked: Vec<String> = serde_json::from_value(reply["revoked"].clone()).unwrap();
+    revoked.sort();
+    let mut want =
+        vec![first["lease_id"].as_str().unwrap().to_string(), second["lease_id"].as_str().unwrap().to_string()];
+    want.sort();
+    assert_eq!(revoked, want);
+    assert_eq!(broker.introspect(jwt)["active"], false);
+    // Idempotent, and nothing left to end.
+    assert_eq!(broker.revoke(&token, json!({})).await.1, json!({"revoked": [], "pending": []}));
+    let (status, again) = broker.revoke(&token, json!({"lease_id": first["lease_id"]})).await;
+    assert_eq!((status, &again["revoked"][0]), (200, &first["lease_id"]));
+}
+
+#[tokio::test]
+async fn another_jobs_lease_or_an_unknown_id_is_neither_revoked_nor_reported() {
+    let (issuer, broker) = setup().await;
+    let victim = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, lease) = broker.exchange(&victim, "deploy").await;
+    let jwt = lease["credentials"]["api"]["token"].as_str().unwrap();
+    let attacker = issuer.sign(&issuer.claims("github-push-immutable-sub.json", NOW));
+    for body in
+        [json!({"lease_id": lease["lease_id"]}), json!({"lease_id": "lse_00000000000000000000000000"}), json!({})]
+    {
+        let (status, reply) = broker.revoke(&attacker, body).await;
+        assert_eq!((status, reply), (200, json!({"revoked": [], "pending": []})));
+    }
+    assert_eq!(broker.introspect(jwt)["active"], true, "another job's revoke ended the lease");
+}
+
+#[tokio::test]
+async fn one_lease_can_be_revoked_by_id_leaving_the_others() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, a) = broker.exchange(&token, "deploy").await;
+    let (_, b) = broker.exchange(&token, "deploy").await;
+    let (_, reply) = broker.revoke(&token, json!({"lease_id": a["lease_id"]})).await;
+    assert_eq!(reply["revoked"], json!([a["lease_id"]]));
+    assert_eq!(broker.introspect(a["credentials"]["api"]["token"].as_str().unwrap())["active"], false);
+    assert_eq!(broker.introspect(b["credentials"]["api"]["token"].as_str().unwrap())["active"], true);
+}
+
+#[tokio::test]
+async fn a_lease_expires_by_the_injected_clock() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, body) = broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"5m"}"#).await;
+    let jwt = body["credentials"]["api"]["token"].as_str().unwrap();
+    broker.clock.advance(299);
+    assert_eq!(broker.introspect(jwt)["active"], true);
+    broker.clock.advance(1);
+    assert_eq!(broker.introspect(jwt)["active"], false);
+    broker.running.app.reap_once().await;
+    let lease = broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
+    assert_eq!(lease.state, ephemera::ledger::LeaseState::Expired);
+}
+
+#[tokio::test]
+async fn a_forged_or_foreign_jwt_is_never_active() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, body) = broker.exchange(&token, "deploy").await;
+    let jwt = body["credentials"]["api"]["token"].as_str().unwrap();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let mut payload: serde_json::Value =
+        serde_json::from_slice(&ephemera::ids::b64url_decode(parts[1]).unwrap()).unwrap();
+    payload["exp"] = json!(NOW + 99_999);
+    let forged = format!("{}.{}.{}", parts[0], ephemera::ids::b64url(payload.to_string().as_bytes()), parts[2]);
+    assert_eq!(broker.introspect(&forged)["active"], false);
+    assert_eq!(broker.introspect(&token)["active"], false, "a CI token is not a broker JWT");
+    assert_eq!(broker.introspect("garbage")["active"], false);
+}
+
+#[tokio::test]
+async fn introspection_outside_dev_mode_needs_the_admin_token() {
+    let (_issuer, broker) = setup().await;
+    let resp = broker.http.post(format!("{}/v1/introspect", broker.url)).body("token=x").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn metrics_count_exchanges_by_policy_and_outcome_with_bounded_labels() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    broker.exchange(&token, "deploy").await;
+    broker.exchange(&token, "made-up-name-1").await;
+    broker.exchange("garbage", "deploy").await;
+    let (status, text) = broker.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(text.contains(r#"ephemera_exchanges_total{policy="deploy",outcome="issued"} 1"#), "{text}");
+    assert!(text.contains(r#"ephemera_exchanges_total{policy="deploy",outcome="invalid_token"} 1"#), "{text}");
+    assert!(text.contains(r#"ephemera_exchanges_total{policy="unknown",outcome="policy_denied"} 1"#), "{text}");
+    assert!(!text.contains("made-up-name"), "a caller-chosen name became a label");
+    assert!(text.contains("ephemera_exchange_duration_seconds_count 3"), "{text}");
+    assert!(text.contains("ephemera_leases_live 1"), "{text}");
+}
+
+#[tokio::test]
+async fn operational_endpoints_answer_and_unknown_routes_get_the_error_shape() {
+    let (_issuer, broker) = setup().await;
+    assert_eq!(broker.get("/healthz").await.0, 200);
+    let (status, ready) = broker.get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains(r#""ci":true"#), "{ready}");
+    let (status, body) = broker.get("/nope").await;
+    assert_eq!(status, 404);
+    assert!(body.contains(r#""code":"not_found""#));
+    let (status, body) = broker.get("/v1/exchange").await;
+    assert_eq!(status, 405);
+    assert!(body.contains(r#""code":"method_not_allowed""#));
+    let (status, discovery) = broker.get("/.well-known/openid-configuration").await;
+    assert_eq!(status, 200);
+    assert!(discovery.contains("/.well-known/jwks.json"));
+}

@@ -1,0 +1,174 @@
+//! Policies are parsed and checked at load: every error, with file and field, and the server
+//! refuses to start on any. `ephemera policy check` runs the same code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use ephemera::config::Config;
+use ephemera::policy::{LoadContext, PolicySet};
+
+fn ctx() -> LoadContext {
+    LoadContext::from_config(&Config::defaults())
+}
+
+/// Loads one file of tests/fixtures/policies/invalid alone; returns its errors as text.
+fn errors_of(file: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(repo_path(&format!("tests/fixtures/policies/invalid/{file}")), dir.path().join(file)).unwrap();
+    let errors = PolicySet::load(dir.path(), &[], &ctx()).expect_err(file);
+    let prefix = dir.path().join(file).display().to_string();
+    errors
+        .iter()
+        .map(|e| {
+            let text = e.to_string();
+            assert!(text.starts_with(&prefix), "error does not name its file: {text}");
+            text[prefix.len()..].to_string()
+        })
+        .collect()
+}
+
+fn assert_has(errors: &[String], want: &str) {
+    assert!(errors.iter().any(|e| e.contains(want)), "no error containing {want:?} in {errors:#?}");
+}
+
+#[test]
+fn an_invalid_regex_is_refused_at_load_with_its_field() {
+    assert_has(&errors_of("bad-regex.yaml"), ": match.ref: invalid pattern");
+}
+
+#[test]
+fn an_unknown_matcher_is_refused_at_load_with_its_field() {
+    assert_has(&errors_of("unknown-matcher.yaml"), ": match.ref: unknown matcher `regx`");
+}
+
+#[test]
+fn an_unknown_top_level_field_is_refused_with_its_line() {
+    assert_has(&errors_of("unknown-field.yaml"), "line 2 column 1: unknown field `mach`");
+}
+
+#[test]
+fn a_policy_bound_only_to_names_or_a_regex_on_an_id_fails_the_immutable_check() {
+    assert_has(&errors_of("names-only.yaml"), ": match: binds no immutable identity claim");
+}
+
+#[test]
+fn a_duplicate_key_is_refused_rather_than_silently_overriding() {
+    assert_has(&errors_of("duplicate-key.yaml"), "duplicate mapping key: repository_id");
+}
+
+#[test]
+fn a_ttl_above_the_backend_max_is_refused() {
+    assert_has(&errors_of("ttl-above-backend.yaml"), ": grants.api: ttl.max 2h is above backend `jwt`'s max_ttl 1h");
+}
+
+#[test]
+fn a_file_name_that_is_not_a_policy_name_is_refused() {
+    assert_has(&errors_of("Bad Name.yaml"), "a policy file name must match");
+}
+
+#[test]
+fn every_error_of_a_file_is_reported_at_once() {
+    let errors = errors_of("many-errors.yaml");
+    for want in [
+        ": issuer: `nope` is not an issuer",
+        ": match.environment: an empty list matches nothing",
+        ": deny.event_name: `exists` takes true or false",
+        ": ttl.default: is above ttl.max",
+        ": grants.api: unknown field `audiance`",
+        ": grants.db.backend: `vault` is not a backend",
+    ] {
+        assert_has(&errors, want);
+    }
+}
+
+#[test]
+fn template_and_reserved_claim_errors_name_their_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = r#"
+issuer: github
+match: {repository_id: "74"}
+ttl: {default: 5m, max: 10m}
+grants:
+  api: {backend: jwt, audience: "${unclosed", claims: {sub: overridden, ok: "${a b}"}}
+"#;
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let errors: Vec<String> =
+        PolicySet::load(dir.path(), &[], &ctx()).unwrap_err().iter().map(|e| e.to_string()).collect();
+    assert_has(&errors, ": grants.api.audience: unclosed `${`");
+    assert_has(&errors, ": grants.api.claims.sub: is set by the broker");
+    assert_has(&errors, ": grants.api.claims.ok: `${a b}` does not name a claim");
+}
+
+#[test]
+fn a_whole_directory_reports_every_file_and_the_binary_exits_1() {
+    let invalid = repo_path("tests/fixtures/policies/invalid");
+    let errors = PolicySet::load(&invalid, &[], &ctx()).unwrap_err();
+    let files: std::collections::BTreeSet<String> =
+        errors.iter().map(|e| e.file.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(
+        files.len(),
+        std::fs::read_dir(&invalid).unwrap().count(),
+        "a file's errors were not reported: {files:?}"
+    );
+
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("ephemera.toml");
+    std::fs::write(&config, format!("policies = {:?}\n", invalid.display().to_string())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+        .args(["policy", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for file in &files {
+        assert!(stdout.contains(file.as_str()), "{file} missing from:\n{stdout}");
+    }
+    assert!(stdout.contains("match.ref: unknown matcher `regx`"), "{stdout}");
+}
+
+#[test]
+fn the_example_policies_load_with_the_default_config() {
+    let set = PolicySet::load(&repo_path("policies"), &[], &ctx()).unwrap();
+    assert!(set.len() >= 2, "{:?}", set.names());
+}
+
+#[tokio::test]
+async fn the_server_refuses_to_start_on_a_policy_error() {
+    let issuer = FakeIssuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::copy(
+        repo_path("tests/fixtures/policies/invalid/bad-regex.yaml"),
+        dir.path().join("policies/bad-regex.yaml"),
+    )
+    .unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\n[[issuers]]\nname = \"github\"\nplatform = \"github-actions\"\nurl = \"{}\"\n",
+        issuer.url
+    );
+    let config = Config::parse(&toml, dir.path()).unwrap();
+    let clock = std::sync::Arc::new(ephemera::clock::ManualClock::new(NOW));
+    let err = ephemera::server::start(ephemera::server::Options { config, dev: false, clock })
+        .await
+        .err()
+        .expect("the server started");
+    assert!(err.contains("refusing to start") && err.contains("match.ref: invalid pattern"), "{err}");
+}
+
+/// The shipped example policy, exercised with the shared fixtures through the real API.
+#[tokio::test]
+async fn example_deploy_web_admits_the_environment_deploy_and_refuses_the_fork_pr() {
+    let issuer = FakeIssuer::start().await;
+    let yaml =
+        std::fs::read_to_string(repo_path("policies/deploy-web.yaml")).unwrap().replace("issuer: github", "issuer: ci");
+    let broker = Broker::start(&issuer, &[("deploy-web", &yaml)]).await;
+    let ok = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (status, body) = broker.exchange(&ok, "deploy-web").await;
+    assert_eq!(status, 201, "{body}");
+    let fork = issuer.sign(&issuer.claims("github-pull-request-from-fork.json", NOW));
+    let reply = broker.exchange(&fork, "deploy-web").await;
+    assert_error(&reply, 403, "policy_denied");
+    assert!(reply.1["error"]["message"].as_str().unwrap().contains("`event_name`"), "{}", reply.1);
+}
