@@ -116,11 +116,17 @@ fn load_config(path: Option<&Path>) -> Result<Config, String> {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let mut config = load_config(args.config.as_deref())?;
+    // Dev mode without --data-dir gets a fresh directory, removed again on a clean shutdown.
+    let mut temporary_data_dir = None;
     if args.dev {
         config.listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
         config.data_dir = match args.data_dir {
             Some(dir) => dir,
-            None => fresh_temp_dir()?,
+            None => {
+                let dir = fresh_temp_dir()?;
+                temporary_data_dir = Some(dir.clone());
+                dir
+            }
         };
     } else {
         if let Some(listen) = args.listen {
@@ -140,6 +146,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             println!("ephemera listening on {}", running.url());
         }
         running.until_signal().await;
+        if let Some(dir) = temporary_data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         Ok(())
     })
 }

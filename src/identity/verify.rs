@@ -103,7 +103,7 @@ impl Verifier {
             return Err(IdentityError::BadSignature);
         }
         issuer.check_claims(&claims, now)?;
-        issuer.identity(claims, token, now)
+        issuer.identity(claims, token)
     }
 }
 
@@ -191,7 +191,7 @@ impl Issuer {
         }
     }
 
-    fn identity(&self, claims: Claims, token: &str, _now: UnixSeconds) -> Result<VerifiedIdentity, IdentityError> {
+    fn identity(&self, claims: Claims, token: &str) -> Result<VerifiedIdentity, IdentityError> {
         let job = job_key(self.config.platform, &claims)?;
         let job = match &self.job_prefix {
             Some(prefix) => format!("{prefix}:{job}"),
