@@ -192,7 +192,7 @@ fn shell_quote(word: &str) -> String {
 
 fn policy_check(config: Option<&Path>) -> Result<(), String> {
     let config = load_config(config)?;
-    match PolicySet::load(&config.policies_dir, &[], &LoadContext::from_config(&config)) {
+    match PolicySet::load(Some(&config.policies_dir), &[], &LoadContext::from_config(&config)) {
         Ok(set) => {
             println!("ok: {} policies in {} ({})", set.len(), config.policies_dir.display(), set.names().join(", "));
             Ok(())

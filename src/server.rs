@@ -96,11 +96,17 @@ pub async fn start(options: Options) -> Result<Running, String> {
     } else {
         None
     };
-    let policies =
-        PolicySet::load(&config.policies_dir, &builtin, &LoadContext::from_config(&config)).map_err(|errors| {
-            let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
-        })?;
+    // `serve --dev` works from any directory: without a policies directory it serves `dev` alone.
+    let policies_dir = if dev && !config.policies_dir.exists() {
+        tracing::warn!(dir = %config.policies_dir.display(), "no policies directory; serving the built-in `dev` policy only");
+        None
+    } else {
+        Some(config.policies_dir.as_path())
+    };
+    let policies = PolicySet::load(policies_dir, &builtin, &LoadContext::from_config(&config)).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
+    })?;
     let backends = Backends::from_config(&config)?;
     let http = http_client();
     let verifier = Verifier::new(&config.issuers, &http, &clock)?;

@@ -42,13 +42,18 @@ impl DevBroker {
     /// Starts a dev broker with `data_dir` and waits for its `listening` line (not for
     /// readiness: see [`DevBroker::wait_ready`]).
     fn start(data_dir: &Path) -> DevBroker {
+        DevBroker::start_in(data_dir, Path::new(env!("CARGO_MANIFEST_DIR")))
+    }
+
+    /// Starts in working directory `cwd` (where `./policies` is looked up).
+    fn start_in(data_dir: &Path, cwd: &Path) -> DevBroker {
         let logs = tempfile::tempdir().expect("a temp dir for the broker's stderr");
         let stderr_path = logs.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create the stderr file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
             .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(cwd)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -422,6 +427,24 @@ async fn no_token_or_jwt_appears_in_the_broker_logs() {
     assert!(logs.contains(&lease_id), "the issued lease is not logged:\n{logs}");
     assert!(logs.contains("policy_denied") && logs.contains("invalid_token"), "the refusals are not logged:\n{logs}");
 
+    // Key material too: the private scalar of each key in the data directory, in every encoding a
+    // log might use. In ring's P-256 PKCS#8 document the 32-byte scalar sits at bytes 36..68.
+    let mut encodings = Vec::new();
+    for file in ["keys/jwt.pk8", "dev-issuer.pk8"] {
+        use base64::Engine;
+        let der = std::fs::read(broker.data_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(der[34..36], [0x04, 0x20], "{file}: the scalar is not where ring's PKCS#8 layout puts it");
+        let scalar = &der[36..68];
+        encodings.push((file, base64::engine::general_purpose::STANDARD.encode(scalar)[..40].to_string()));
+        encodings.push((file, base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(scalar)[..40].to_string()));
+        encodings.push((file, scalar.iter().map(|b| format!("{b:02x}")).collect()));
+        // As it would appear inside a base64 dump of the whole file (36 is a multiple of 3).
+        encodings.push((file, base64::engine::general_purpose::STANDARD.encode(&der)[48..90].to_string()));
+    }
+    for (file, encoded) in &encodings {
+        assert!(!logs.contains(encoded.as_str()), "the private key of {file} appears in the broker log");
+    }
+
     for (what, secret) in [("CI token", &token), ("broker JWT", &jwt)] {
         assert!(!logs.contains(secret.as_str()), "the {what} appears in the broker log");
         for (i, segment) in secret.split('.').enumerate() {
@@ -472,4 +495,18 @@ async fn restart_with_the_same_data_dir_keeps_the_signing_keys() {
     let (_, jwt) = check_exchange_reply(&body);
     let header: Value = jwt_part(&jwt, 0);
     assert_eq!(header["kid"], kid, "the restarted broker signs with another key");
+}
+
+#[tokio::test]
+async fn dev_mode_from_a_directory_without_policies_serves_the_dev_policy_alone() {
+    let client = client();
+    let data = tempfile::tempdir().expect("data dir");
+    let empty = tempfile::tempdir().expect("empty cwd");
+    let mut broker = DevBroker::start_in(data.path(), empty.path());
+    broker.wait_ready(&client).await;
+    let token = dev_token(&client, &broker).await;
+    let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "dev"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "deploy-web"})).await;
+    assert_eq!(status, 403, "the example policies must not be there: {body}");
 }

@@ -264,3 +264,46 @@ async fn operational_endpoints_answer_and_unknown_routes_get_the_error_shape() {
     assert_eq!(status, 200);
     assert!(discovery.contains("/.well-known/jwks.json"));
 }
+
+#[tokio::test]
+async fn a_gitlab_protected_branch_job_gets_the_example_release_grant_and_a_fork_mr_does_not() {
+    let issuer = FakeIssuer::start().await;
+    let yaml = std::fs::read_to_string(repo_path("policies/gitlab-release.yaml")).unwrap();
+    let broker = Broker::start_issuers(&[("gitlab", "gitlab-ci", &issuer)], &[("gitlab-release", &yaml)]).await;
+    let token = issuer.sign(&issuer.claims("gitlab-protected-branch.json", NOW));
+    let (status, body) = broker.exchange(&token, "gitlab-release").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["job"], "gitlab:20:302");
+    assert_eq!(body["credentials"]["registry"]["kind"], "jwt");
+    // Fork MR pipeline: `aud` is an array, config claims are null, job_project_id differs.
+    let mut fork = issuer.claims("gitlab-fork-merge-request.json", NOW);
+    fork.insert("aud".into(), json!(["https://vault.example.com", AUDIENCE]));
+    let reply = broker.exchange(&issuer.sign(&fork), "gitlab-release").await;
+    assert_error(&reply, 403, "policy_denied");
+    assert!(
+        reply.1["error"]["message"].as_str().unwrap().contains("`pipeline_source` matched a deny rule"),
+        "{}",
+        reply.1
+    );
+}
+
+#[tokio::test]
+async fn two_issuers_of_one_platform_prefix_the_job_key_with_the_issuer_name() {
+    let public = FakeIssuer::start().await;
+    let enterprise = FakeIssuer::start().await;
+    let policy = PUSH_POLICY.replace("issuer: ci", "issuer: ghes");
+    let broker = Broker::start_issuers(
+        &[("github", "github-actions", &public), ("ghes", "github-actions", &enterprise)],
+        &[("push", &policy)],
+    )
+    .await;
+    let token = enterprise.sign(&enterprise.claims("github-push-immutable-sub.json", NOW));
+    let (status, body) = broker.exchange(&token, "push").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["job"], "ghes:github:74:32291736541:1:96193868771");
+    // The same claims from the other issuer are another job, and the policy is bound to `ghes`.
+    let other = public.sign(&public.claims("github-push-immutable-sub.json", NOW));
+    let reply = broker.exchange(&other, "push").await;
+    assert_error(&reply, 403, "policy_denied");
+    assert_eq!(broker.revoke(&other, json!({})).await.1, json!({"revoked": [], "pending": []}));
+}

@@ -16,7 +16,7 @@ fn ctx() -> LoadContext {
 fn errors_of(file: &str) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(repo_path(&format!("tests/fixtures/policies/invalid/{file}")), dir.path().join(file)).unwrap();
-    let errors = PolicySet::load(dir.path(), &[], &ctx()).expect_err(file);
+    let errors = PolicySet::load(Some(dir.path()), &[], &ctx()).expect_err(file);
     let prefix = dir.path().join(file).display().to_string();
     errors
         .iter()
@@ -94,7 +94,7 @@ grants:
 "#;
     std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
     let errors: Vec<String> =
-        PolicySet::load(dir.path(), &[], &ctx()).unwrap_err().iter().map(|e| e.to_string()).collect();
+        PolicySet::load(Some(dir.path()), &[], &ctx()).unwrap_err().iter().map(|e| e.to_string()).collect();
     assert_has(&errors, ": grants.api.audience: unclosed `${`");
     assert_has(&errors, ": grants.api.claims.sub: is set by the broker");
     assert_has(&errors, ": grants.api.claims.ok: `${a b}` does not name a claim");
@@ -103,7 +103,7 @@ grants:
 #[test]
 fn a_whole_directory_reports_every_file_and_the_binary_exits_1() {
     let invalid = repo_path("tests/fixtures/policies/invalid");
-    let errors = PolicySet::load(&invalid, &[], &ctx()).unwrap_err();
+    let errors = PolicySet::load(Some(&invalid), &[], &ctx()).unwrap_err();
     let files: std::collections::BTreeSet<String> =
         errors.iter().map(|e| e.file.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(
@@ -130,7 +130,7 @@ fn a_whole_directory_reports_every_file_and_the_binary_exits_1() {
 
 #[test]
 fn the_example_policies_load_with_the_default_config() {
-    let set = PolicySet::load(&repo_path("policies"), &[], &ctx()).unwrap();
+    let set = PolicySet::load(Some(&repo_path("policies")), &[], &ctx()).unwrap();
     assert!(set.len() >= 2, "{:?}", set.names());
 }
 

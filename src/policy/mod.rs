@@ -135,12 +135,18 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
-    /// Loads every `*.yaml`/`*.yml` file in `dir` plus `builtin` (name, YAML) pairs, and reports
-    /// every error of every file at once.
-    pub fn load(dir: &Path, builtin: &[(&str, &str)], ctx: &LoadContext) -> Result<PolicySet, Vec<PolicyError>> {
+    /// Loads every `*.yaml`/`*.yml` file in `dir` (when given) plus `builtin` (name, YAML)
+    /// pairs, and reports every error of every file at once.
+    pub fn load(
+        dir: Option<&Path>,
+        builtin: &[(&str, &str)],
+        ctx: &LoadContext,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let mut sources: Vec<(String, PathBuf, String)> = Vec::new();
-        read_policy_files(dir, &mut sources, &mut errors);
+        if let Some(dir) = dir {
+            read_policy_files(dir, &mut sources, &mut errors);
+        }
         for (name, yaml) in builtin {
             sources.push(((*name).to_string(), PathBuf::from(format!("<built-in {name}>")), (*yaml).to_string()));
         }

@@ -262,38 +262,29 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker trusting `issuer` (as issuer `ci`), with the given (name, yaml) policies,
+    /// A broker trusting `issuer` (as GitHub issuer `ci`), with the given (name, yaml) policies,
     /// started on a free port with a manual clock at [`NOW`]; returns once `/readyz` is 200.
     pub async fn start(issuer: &FakeIssuer, policies: &[(&str, &str)]) -> Broker {
-        Broker::start_with(issuer, policies, "").await
+        Broker::start_issuers(&[("ci", "github-actions", issuer)], policies).await
     }
 
-    pub async fn start_with(issuer: &FakeIssuer, policies: &[(&str, &str)], issuer_extra_toml: &str) -> Broker {
+    /// A broker trusting each (name, platform, issuer).
+    pub async fn start_issuers(issuers: &[(&str, &str, &FakeIssuer)], policies: &[(&str, &str)]) -> Broker {
         init_log_capture();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
         for (name, yaml) in policies {
             std::fs::write(dir.path().join(format!("policies/{name}.yaml")), yaml).unwrap();
         }
-        let toml = format!(
-            r#"
-            listen = "127.0.0.1:0"
-            public_url = "http://127.0.0.1:1"
-            [[issuers]]
-            name = "ci"
-            platform = "github-actions"
-            url = "{url}"
-            audiences = ["{AUDIENCE}"]
-            max_token_lifetime = "1h"
-            leeway = "30s"
-            unknown_kid_cooldown = "60s"
-            {issuer_extra_toml}
-            [backends.jwt]
-            type = "jwt"
-            max_ttl = "1h"
-            "#,
-            url = issuer.url
-        );
+        let mut toml = String::from("listen = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:1\"\n");
+        for (name, platform, issuer) in issuers {
+            toml.push_str(&format!(
+                "[[issuers]]\nname = \"{name}\"\nplatform = \"{platform}\"\nurl = \"{}\"\naudiences = [\"{AUDIENCE}\"]\n\
+                 max_token_lifetime = \"1h\"\nleeway = \"30s\"\nunknown_kid_cooldown = \"60s\"\n",
+                issuer.url
+            ));
+        }
+        toml.push_str("[backends.jwt]\ntype = \"jwt\"\nmax_ttl = \"1h\"\n");
         let config = Config::parse(&toml, dir.path()).unwrap();
         let clock = Arc::new(ManualClock::new(NOW));
         let running = start(Options { config, dev: false, clock: clock.clone() }).await.unwrap();
