@@ -58,6 +58,8 @@ pub struct IssuerConfig {
     pub jwks_url: Option<String>,
     pub jwks_refresh_secs: i64,
     pub unknown_kid_cooldown_secs: i64,
+    /// Whole-request timeout for discovery and JWKS fetches.
+    pub fetch_timeout_secs: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -69,13 +71,20 @@ pub enum BackendConfig {
 pub struct JwtBackendConfig {
     /// PKCS#8 (DER or PEM), ES256 or EdDSA; generated when absent. Relative to `data_dir`.
     pub signing_key_file: PathBuf,
+    /// Keys this backend signed with before a rotation: still published in the JWKS and honoured
+    /// by introspection, never used to sign. They must exist.
+    pub previous_signing_key_files: Vec<PathBuf>,
     pub max_ttl_secs: i64,
 }
 
 impl BackendConfig {
     /// The default `jwt` backend: a key generated into the data directory.
     pub fn default_jwt() -> BackendConfig {
-        BackendConfig::Jwt(JwtBackendConfig { signing_key_file: PathBuf::from("keys/jwt.pk8"), max_ttl_secs: 3600 })
+        BackendConfig::Jwt(JwtBackendConfig {
+            signing_key_file: PathBuf::from("keys/jwt.pk8"),
+            previous_signing_key_files: Vec::new(),
+            max_ttl_secs: 3600,
+        })
     }
 
     pub fn kind(&self) -> &'static str {
@@ -124,12 +133,18 @@ struct RawIssuer {
     jwks_url: Option<String>,
     jwks_refresh: Option<String>,
     unknown_kid_cooldown: Option<String>,
+    fetch_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 enum RawBackend {
-    Jwt { signing_key_file: Option<PathBuf>, max_ttl: Option<String> },
+    Jwt {
+        signing_key_file: Option<PathBuf>,
+        #[serde(default)]
+        previous_signing_key_files: Vec<PathBuf>,
+        max_ttl: Option<String>,
+    },
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -203,6 +218,7 @@ fn default_issuer(name: &str, platform: Platform, url: &str) -> RawIssuer {
         jwks_url: None,
         jwks_refresh: None,
         unknown_kid_cooldown: None,
+        fetch_timeout: None,
     }
 }
 
@@ -311,6 +327,7 @@ impl RawConfig {
                     raw.unknown_kid_cooldown.as_deref(),
                     60,
                 ),
+                fetch_timeout_secs: errs.duration(&format!("{at}.fetch_timeout"), raw.fetch_timeout.as_deref(), 5),
             });
         }
         out
@@ -318,22 +335,24 @@ impl RawConfig {
 
     fn validate_backends(&self, errs: &mut Errors) -> BTreeMap<String, BackendConfig> {
         let mut out = BTreeMap::new();
-        let raw_backends: Vec<(&String, &RawBackend)> = self.backends.iter().collect();
-        let default_jwt = RawBackend::Jwt { signing_key_file: None, max_ttl: None };
-        let default_name = "jwt".to_string();
         // With no backend configured at all, a `jwt` backend is there (DESIGN §5).
-        let raw_backends = if raw_backends.is_empty() { vec![(&default_name, &default_jwt)] } else { raw_backends };
-        for (name, raw) in raw_backends {
+        if self.backends.is_empty() {
+            out.insert("jwt".to_string(), BackendConfig::default_jwt());
+        }
+        for (name, raw) in &self.backends {
             if !is_name(name) {
                 errs.0.push(format!("backends.{name}: name must match [a-z0-9][a-z0-9-_]*"));
             }
             let backend = match raw {
-                RawBackend::Jwt { signing_key_file, max_ttl } => BackendConfig::Jwt(JwtBackendConfig {
-                    signing_key_file: signing_key_file
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from(format!("keys/{name}.pk8"))),
-                    max_ttl_secs: errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600),
-                }),
+                RawBackend::Jwt { signing_key_file, previous_signing_key_files, max_ttl } => {
+                    BackendConfig::Jwt(JwtBackendConfig {
+                        signing_key_file: signing_key_file
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from(format!("keys/{name}.pk8"))),
+                        previous_signing_key_files: previous_signing_key_files.clone(),
+                        max_ttl_secs: errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600),
+                    })
+                }
             };
             out.insert(name.clone(), backend);
         }

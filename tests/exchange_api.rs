@@ -307,3 +307,43 @@ async fn two_issuers_of_one_platform_prefix_the_job_key_with_the_issuer_name() {
     assert_error(&reply, 403, "policy_denied");
     assert_eq!(broker.revoke(&other, json!({})).await.1, json!({"revoked": [], "pending": []}));
 }
+
+#[tokio::test]
+async fn previous_signing_keys_are_published_but_never_sign() {
+    let issuer = FakeIssuer::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let old_path = keys.path().join("old.pk8");
+    let old = ephemera::mint::jwt::JwtSigner::load_or_generate(&old_path, "x").unwrap();
+    let extra = Extra {
+        backend_toml: format!("previous_signing_key_files = [{:?}]", old_path.display().to_string()),
+        ..Extra::default()
+    };
+    let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", DEPLOY_POLICY)], &extra).await;
+    let (_, jwks) = broker.get("/.well-known/jwks.json").await;
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+    assert_eq!(kids.len(), 2, "{jwks}");
+    assert_eq!(kids[1], old.kid(), "the previous key is published after the current one");
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, body) = broker.exchange(&token, "deploy").await;
+    let jwt = body["credentials"]["api"]["token"].as_str().unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&ephemera::ids::b64url_decode(jwt.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(header["kid"], kids[0], "a previous key signed");
+}
+
+#[tokio::test]
+async fn a_missing_previous_signing_key_stops_the_start() {
+    let issuer = FakeIssuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\n[[issuers]]\nname = \"ci\"\nplatform = \"github-actions\"\nurl = \"{}\"\n\
+         [backends.jwt]\ntype = \"jwt\"\nprevious_signing_key_files = [\"gone.pk8\"]\n",
+        issuer.url
+    );
+    let config = ephemera::config::Config::parse(&toml, dir.path()).unwrap();
+    let clock = std::sync::Arc::new(ephemera::clock::ManualClock::new(NOW));
+    let err = ephemera::server::start(ephemera::server::Options { config, dev: false, clock }).await.err().unwrap();
+    assert!(err.contains("gone.pk8"), "{err}");
+}

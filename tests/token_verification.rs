@@ -295,3 +295,31 @@ async fn garbage_oversized_or_redirected_jwks_never_replace_the_last_good_keys()
     let (status, body) = broker.exchange(&issuer.sign(&deploy_claims(&issuer)), "deploy").await;
     assert_eq!(status, 201, "{body}");
 }
+
+#[tokio::test]
+async fn a_slow_issuer_times_out_and_the_last_good_keys_stay() {
+    let issuer = FakeIssuer::start().await;
+    let extra = Extra { issuer_toml: "fetch_timeout = \"1s\"".into(), ..Extra::default() };
+    let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", DEPLOY_POLICY)], &extra).await;
+    issuer.set_mode(Mode::Slow(3_000));
+    let jwks = broker.running.app.verifier.issuers().next().unwrap().jwks.clone();
+    let err = jwks.refresh().await.expect_err("a 3 s answer must not beat a 1 s timeout");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    let (status, body) = broker.exchange(&issuer.sign(&deploy_claims(&issuer)), "deploy").await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test]
+async fn static_jwks_file_keys_verify_with_no_network_at_all() {
+    let issuer = FakeIssuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, json!({"keys": [issuer.signing_key().jwk()]}).to_string()).unwrap();
+    let extra = Extra { issuer_toml: format!("jwks_file = {:?}", file.display().to_string()), ..Extra::default() };
+    let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", DEPLOY_POLICY)], &extra).await;
+    let (status, body) = broker.exchange(&issuer.sign(&deploy_claims(&issuer)), "deploy").await;
+    assert_eq!(status, 201, "{body}");
+    issuer.sign_with("rsa-b");
+    assert_rejected(&broker, &issuer.sign(&deploy_claims(&issuer))).await;
+    assert_eq!(issuer.requests(), 0, "an issuer with static keys was contacted");
+}

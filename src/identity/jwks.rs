@@ -122,9 +122,9 @@ pub fn http_client() -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
-/// GET with a size cap enforced while streaming, not after.
-async fn get_capped(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, FetchError> {
-    let mut resp = http.get(url).send().await.map_err(|e| FetchError::Network(without_url(&e)))?;
+/// GET with a whole-request timeout and a size cap enforced while streaming, not after.
+async fn get_capped(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<Vec<u8>, FetchError> {
+    let mut resp = http.get(url).timeout(timeout).send().await.map_err(|e| FetchError::Network(without_url(&e)))?;
     if !resp.status().is_success() {
         return Err(FetchError::Status(resp.status().as_u16()));
     }
@@ -166,6 +166,7 @@ pub struct Jwks {
     clock: Arc<dyn Clock>,
     cooldown_secs: i64,
     refresh_secs: i64,
+    timeout: Duration,
     /// Time of the last unknown-`kid` refetch; the async mutex also makes concurrent refetches
     /// wait for one fetch instead of each starting their own (singleflight).
     refetch_gate: tokio::sync::Mutex<Option<i64>>,
@@ -188,6 +189,7 @@ impl Jwks {
             clock,
             cooldown_secs: config.unknown_kid_cooldown_secs,
             refresh_secs: config.jwks_refresh_secs,
+            timeout: Duration::from_secs(u64::try_from(config.fetch_timeout_secs).unwrap_or(5)),
             refetch_gate: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
             fetch_failures: AtomicU64::new(0),
@@ -277,7 +279,7 @@ impl Jwks {
             None => self.discover().await?,
         };
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let bytes = get_capped(&self.http, &url).await?;
+        let bytes = get_capped(&self.http, &url, self.timeout).await?;
         KeySet::parse(&bytes, &self.algorithms)
     }
 
@@ -287,7 +289,7 @@ impl Jwks {
 
     async fn discover(&self) -> Result<String, FetchError> {
         let url = format!("{}/.well-known/openid-configuration", self.issuer_url.trim_end_matches('/'));
-        let bytes = get_capped(&self.http, &url).await?;
+        let bytes = get_capped(&self.http, &url, self.timeout).await?;
         let doc: Value = serde_json::from_slice(&bytes)
             .map_err(|_| FetchError::Invalid("discovery document is not valid JSON".into()))?;
         // OIDC Discovery §4.3: the document must name the issuer we asked; otherwise one issuer's

@@ -31,11 +31,15 @@ pub struct JwtSigner {
 impl JwtSigner {
     /// Loads a PKCS#8 key (DER or PEM); generates an ES256 key (mode 0600) when the file is absent.
     pub fn load_or_generate(path: &Path, issuer: &str) -> Result<JwtSigner, String> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => generate_key_file(path)?,
-            Err(e) => return Err(format!("signing key {}: {e}", path.display())),
-        };
+        if !path.exists() {
+            generate_key_file(path)?;
+        }
+        JwtSigner::load(path, issuer)
+    }
+
+    /// Loads a PKCS#8 key (DER or PEM) that must exist.
+    pub fn load(path: &Path, issuer: &str) -> Result<JwtSigner, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("signing key {}: {e}", path.display()))?;
         let der = pem_to_der(&bytes).ok_or_else(|| format!("signing key {}: not PKCS#8 DER or PEM", path.display()))?;
         JwtSigner::from_pkcs8(&der, issuer).map_err(|e| format!("signing key {}: {e}", path.display()))
     }
@@ -121,7 +125,7 @@ impl JwtSigner {
     }
 }
 
-fn generate_key_file(path: &Path) -> Result<Vec<u8>, String> {
+fn generate_key_file(path: &Path) -> Result<(), String> {
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
         .map_err(|_| "key generation failed".to_string())?;
     if let Some(dir) = path.parent() {
@@ -129,7 +133,7 @@ fn generate_key_file(path: &Path) -> Result<Vec<u8>, String> {
     }
     write_private_file(path, pkcs8.as_ref()).map_err(|e| format!("writing {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), "generated a new ES256 signing key");
-    Ok(pkcs8.as_ref().to_vec())
+    Ok(())
 }
 
 /// A directory only the broker's user can read.

@@ -115,14 +115,21 @@ impl Backends {
         for (name, backend) in &config.backends {
             match backend {
                 crate::config::BackendConfig::Jwt(j) => {
-                    let signer = Arc::new(
-                        jwt::JwtSigner::load_or_generate(
-                            &config.data_dir.join(&j.signing_key_file),
-                            &config.public_url,
-                        )
-                        .map_err(|e| format!("backend {name}: {e}"))?,
-                    );
+                    let load = |path: &std::path::Path, generate: bool| {
+                        let path = config.data_dir.join(path);
+                        let signer = if generate {
+                            jwt::JwtSigner::load_or_generate(&path, &config.public_url)
+                        } else {
+                            jwt::JwtSigner::load(&path, &config.public_url)
+                        };
+                        signer.map(Arc::new).map_err(|e| format!("backend {name}: {e}"))
+                    };
+                    let signer = load(&j.signing_key_file, true)?;
                     out.signers.push(signer.clone());
+                    // Previous keys verify (JWKS, introspection) but never sign.
+                    for previous in &j.previous_signing_key_files {
+                        out.signers.push(load(previous, false)?);
+                    }
                     out.by_name.insert(name.clone(), Arc::new(jwt::JwtBackend::new(signer)));
                 }
             }

@@ -80,6 +80,8 @@ pub enum Mode {
     Huge,
     /// 302 to another URL (which must not be followed).
     Redirect(String),
+    /// Answers normally, after this many milliseconds.
+    Slow(u64),
 }
 
 struct FakeState {
@@ -188,9 +190,14 @@ impl FakeIssuer {
     }
 }
 
-fn misbehave(state: &FakeState) -> Option<Response> {
-    match state.mode.lock().unwrap().clone() {
+async fn misbehave(state: &FakeState) -> Option<Response> {
+    let mode = state.mode.lock().unwrap().clone();
+    match mode {
         Mode::Normal | Mode::Huge => None,
+        Mode::Slow(ms) => {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            None
+        }
         Mode::Down => Some(StatusCode::SERVICE_UNAVAILABLE.into_response()),
         Mode::Garbage => Some((StatusCode::OK, "<html>not json</html>").into_response()),
         Mode::Redirect(to) => Some((StatusCode::FOUND, [("location", to)]).into_response()),
@@ -199,7 +206,7 @@ fn misbehave(state: &FakeState) -> Option<Response> {
 
 async fn discovery(State(state): State<Arc<FakeState>>) -> Response {
     state.discovery_hits.fetch_add(1, Ordering::SeqCst);
-    if let Some(r) = misbehave(&state) {
+    if let Some(r) = misbehave(&state).await {
         return r;
     }
     axum::Json(json!({"issuer": state.url, "jwks_uri": format!("{}/.well-known/jwks", state.url)})).into_response()
@@ -207,7 +214,7 @@ async fn discovery(State(state): State<Arc<FakeState>>) -> Response {
 
 async fn jwks(State(state): State<Arc<FakeState>>) -> Response {
     state.jwks_hits.fetch_add(1, Ordering::SeqCst);
-    if let Some(r) = misbehave(&state) {
+    if let Some(r) = misbehave(&state).await {
         return r;
     }
     let keys: Vec<Value> = state.published.lock().unwrap().iter().map(TestKey::jwk).collect();
@@ -253,6 +260,13 @@ grants:
   api: {backend: jwt, audience: https://api.internal.example}
 "#;
 
+/// Extra config lines for [`Broker::start_custom`].
+#[derive(Default)]
+pub struct Extra {
+    pub issuer_toml: String,
+    pub backend_toml: String,
+}
+
 pub struct Broker {
     pub running: Running,
     pub clock: Arc<ManualClock>,
@@ -270,6 +284,15 @@ impl Broker {
 
     /// A broker trusting each (name, platform, issuer).
     pub async fn start_issuers(issuers: &[(&str, &str, &FakeIssuer)], policies: &[(&str, &str)]) -> Broker {
+        Broker::start_custom(issuers, policies, &Extra::default()).await
+    }
+
+    /// As [`Broker::start_issuers`], with extra TOML lines for every issuer and the jwt backend.
+    pub async fn start_custom(
+        issuers: &[(&str, &str, &FakeIssuer)],
+        policies: &[(&str, &str)],
+        extra: &Extra,
+    ) -> Broker {
         init_log_capture();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
@@ -280,11 +303,11 @@ impl Broker {
         for (name, platform, issuer) in issuers {
             toml.push_str(&format!(
                 "[[issuers]]\nname = \"{name}\"\nplatform = \"{platform}\"\nurl = \"{}\"\naudiences = [\"{AUDIENCE}\"]\n\
-                 max_token_lifetime = \"1h\"\nleeway = \"30s\"\nunknown_kid_cooldown = \"60s\"\n",
-                issuer.url
+                 max_token_lifetime = \"1h\"\nleeway = \"30s\"\nunknown_kid_cooldown = \"60s\"\n{}\n",
+                issuer.url, extra.issuer_toml
             ));
         }
-        toml.push_str("[backends.jwt]\ntype = \"jwt\"\nmax_ttl = \"1h\"\n");
+        toml.push_str(&format!("[backends.jwt]\ntype = \"jwt\"\nmax_ttl = \"1h\"\n{}\n", extra.backend_toml));
         let config = Config::parse(&toml, dir.path()).unwrap();
         let clock = Arc::new(ManualClock::new(NOW));
         let running = start(Options { config, dev: false, clock: clock.clone() }).await.unwrap();
