@@ -437,6 +437,17 @@ mod tests {
     }
 
     #[test]
+    fn the_annotated_example_config_parses() {
+        let text = include_str!("../docs/ephemera.example.toml");
+        let c = Config::parse(text, Path::new("/etc/ephemera")).unwrap();
+        assert_eq!(c.issuers.len(), 2);
+        assert_eq!(c.issuers[1].max_token_lifetime_secs, 3 * 3600);
+        assert_eq!(c.policies_dir, PathBuf::from("/etc/ephemera/policies"));
+        assert!(c.backends.contains_key("internal-jwt") && !c.backends.contains_key("jwt"));
+        assert!(c.admin_token_sha256.is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let errs = Config::parse("listen = \"127.0.0.1:1\"\nlisen = 1\n", Path::new("")).unwrap_err();
         assert!(errs[0].contains("lisen"), "{errs:?}");
