@@ -71,10 +71,19 @@ impl App {
         let id = lease_id(now);
         let ctx = MintContext { lease_id: &id, now };
         let mut minted: Vec<(String, &'static str, Credential, RevokeHandle)> = Vec::new();
-        for cred in grant.credentials() {
-            let backend = self.backends.get(&cred.backend).ok_or_else(|| {
-                Error::Internal(format!("policy names backend `{}` that is not loaded", cred.backend))
-            })?;
+        // Every backend is resolved before anything is minted, so a missing one cannot strand
+        // credentials minted earlier in this exchange.
+        let plan = grant
+            .credentials()
+            .iter()
+            .map(|cred| {
+                let backend = self.backends.get(&cred.backend).ok_or_else(|| {
+                    Error::Internal(format!("policy names backend `{}` that is not loaded", cred.backend))
+                })?;
+                Ok((cred, backend))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        for (cred, backend) in plan {
             match backend.mint(&grant, cred, ctx).await {
                 Ok(m) => minted.push((cred.name.clone(), backend.kind(), m.credential, m.handle)),
                 Err(e) => {
@@ -127,7 +136,8 @@ impl App {
         let now = self.now();
         let identity = self.verifier.verify(token, now).await?;
         let ids = match lease {
-            Some(id) => self.own_lease(&identity, id).into_iter().collect(),
+            Some(id) if crate::ids::is_lease_id(id) => self.own_lease(&identity, id).into_iter().collect(),
+            Some(_) => Vec::new(),
             None => self.ledger.live_of_job(identity.job(), now),
         };
         let mut reply = RevokeReply { revoked: Vec::new(), pending: Vec::new() };
@@ -205,11 +215,16 @@ impl App {
         out
     }
 
-    /// One reaper pass: expire leases by the clock, retry pending revocations.
+    /// One reaper pass: leases past their expiry are revoked at their backends (a credential may
+    /// outlive its lease: STS sessions last at least 15 minutes), then pending revocations are
+    /// retried.
     pub async fn reap_once(&self) {
         let (expired, pending) = self.ledger.reap(self.now());
-        if expired > 0 {
-            self.metrics.revocation_expired(expired);
+        for work in expired {
+            let handles: Vec<RevokeHandle> = work.credentials.iter().map(|c| c.handle.clone()).collect();
+            let all_ok = self.revoke_handles(&handles).await;
+            self.ledger.finish_expiry(&work.lease_id, all_ok);
+            self.metrics.revocation(if all_ok { "expired" } else { "pending" });
         }
         for id in pending {
             if let Some(work) = self.ledger.retry_work(&id) {

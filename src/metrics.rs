@@ -40,10 +40,6 @@ impl Metrics {
         self.revocations.entry(outcome).or_default().fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn revocation_expired(&self, n: usize) {
-        self.revocations.entry("expired").or_default().fetch_add(n as u64, Ordering::Relaxed);
-    }
-
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::new();
         let _ = writeln!(

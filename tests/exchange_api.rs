@@ -114,6 +114,17 @@ async fn bad_bodies_get_400_or_413_with_the_error_shape() {
     assert_error(&bad_ttl, 400, "bad_request");
     assert!(!bad_ttl.1.to_string().contains("eyJsecret"), "the ttl value was echoed");
     assert_error(&broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"0s"}"#).await, 400, "bad_request");
+    // A pasted secret in a value (or as an odd key) is never echoed back, nor logged.
+    for body in [
+        r#""eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2ln""#,
+        r#"{"policy":["eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXBheWxvYWQ"]}"#,
+        r#"{"eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXBheWxvYWQ":1}"#,
+    ] {
+        let reply = broker.exchange_raw(&token, body).await;
+        assert_error(&reply, 400, "bad_request");
+        assert!(!reply.1.to_string().contains("c2VjcmV0LXBheWxvYWQ"), "echoed: {}", reply.1);
+    }
+    assert_not_logged(&["x.c2VjcmV0LXBheWxvYWQ.y"]);
     let two_mib = format!(r#"{{"policy":"deploy","x":"{}"}}"#, "a".repeat(2 * 1024 * 1024));
     assert_error(&broker.exchange_raw(&token, &two_mib).await, 413, "payload_too_large");
 }

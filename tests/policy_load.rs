@@ -172,3 +172,24 @@ async fn example_deploy_web_admits_the_environment_deploy_and_refuses_the_fork_p
     assert_error(&reply, 403, "policy_denied");
     assert!(reply.1["error"]["message"].as_str().unwrap().contains("`event_name`"), "{}", reply.1);
 }
+
+#[test]
+fn a_github_policy_binding_only_a_gitlab_id_fails_the_immutable_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "issuer: github\nmatch: {project_id: \"20\"}\nttl: {default: 5m, max: 10m}\ngrants:\n  api: {backend: jwt, audience: x}\n";
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let errors: Vec<String> =
+        PolicySet::load(Some(dir.path()), &[], &ctx()).unwrap_err().iter().map(|e| e.to_string()).collect();
+    assert_has(
+        &errors,
+        "binds no immutable identity claim: add an exact value or list for one of repository_id, repository_owner_id",
+    );
+}
+
+#[test]
+fn a_case_insensitive_regex_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "issuer: github\nmatch: {repository_id: \"74\", actor: {regex: \"(?i)octocat\"}}\nttl: {default: 5m, max: 10m}\ngrants:\n  api: {backend: jwt, audience: x}\n";
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    PolicySet::load(Some(dir.path()), &[], &ctx()).unwrap();
+}

@@ -150,10 +150,33 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
 /// allows it.
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
-    serde_json::from_slice(bytes).map_err(|e| {
-        let msg = e.to_string();
-        Error::BadRequest(format!("invalid JSON body: {}", crate::clock::truncate(&msg, 200)))
-    })
+    serde_json::from_slice(bytes).map_err(|e| Error::BadRequest(describe_json_error(&e)))
+}
+
+/// What was wrong with a JSON body, without quoting the caller's values: serde_json's own text
+/// quotes string values, which may be anything a caller pasted (a token, say), and the message is
+/// both returned and logged.
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let at = format!("line {}, column {}", e.line(), e.column());
+    let text = e.to_string();
+    if e.is_data() {
+        // `unknown field `x`, expected …` and `missing field `x`` name fields, not values; the
+        // unknown name is repeated only when it looks like a field name.
+        if let Some(rest) = text.strip_prefix("unknown field `") {
+            let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
+            let expected = expected.split(" at line").next().unwrap_or_default();
+            let safe = name.len() <= 40 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            return match safe {
+                true => format!("invalid JSON body: unknown field `{name}`{expected} ({at})"),
+                false => format!("invalid JSON body: unknown field{expected} ({at})"),
+            };
+        }
+        if text.starts_with("missing field `") {
+            return format!("invalid JSON body: {}", text.split(" at line").next().unwrap_or(&text));
+        }
+        return format!("invalid JSON body: a field has the wrong type or value ({at})");
+    }
+    format!("invalid JSON body: not well-formed JSON ({at})")
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, Error> {

@@ -110,11 +110,14 @@ impl fmt::Display for FetchError {
 }
 
 /// The HTTP client for issuer documents: no redirects (a redirect could lead anywhere), short
-/// timeouts, no proxy from the environment.
+/// timeouts, and no proxy: reqwest otherwise honours HTTP_PROXY / HTTPS_PROXY / ALL_PROXY from
+/// the environment, which would hand every issuer request (and the choice of where it goes) to
+/// whatever those variables say.
 pub fn http_client() -> reqwest::Client {
     crate::install_crypto();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5))
         .user_agent(concat!("ephemera/", env!("CARGO_PKG_VERSION")))
@@ -274,13 +277,22 @@ impl Jwks {
     }
 
     async fn fetch(&self) -> Result<KeySet, FetchError> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
         let url = match self.jwks_url() {
             Some(u) => u,
             None => self.discover().await?,
         };
-        self.fetches.fetch_add(1, Ordering::Relaxed);
-        let bytes = get_capped(&self.http, &url, self.timeout).await?;
-        KeySet::parse(&bytes, &self.algorithms)
+        let result = match get_capped(&self.http, &url, self.timeout).await {
+            Ok(bytes) => KeySet::parse(&bytes, &self.algorithms),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // The issuer may have moved its keys: rediscover on the next attempt.
+            if let Ok(mut slot) = self.discovered_jwks_url.lock() {
+                *slot = None;
+            }
+        }
+        result
     }
 
     fn jwks_url(&self) -> Option<String> {

@@ -101,21 +101,31 @@ impl Ledger {
         }
     }
 
+    /// Records an expiry: `Expired` once every backend confirmed, else pending like a revocation.
+    pub fn finish_expiry(&self, id: &str, all_ok: bool) {
+        if let Some(mut lease) = self.leases.get_mut(id)
+            && all_ok
+        {
+            lease.state = LeaseState::Expired;
+        }
+    }
+
     pub fn state(&self, id: &str) -> Option<LeaseState> {
         self.leases.get(id).map(|l| l.state)
     }
 
-    /// Marks leases past their expiry `Expired` and forgets ended leases after the retention.
-    /// Returns pending revocations to retry. (A full scan; the expiry index is issue 3.)
-    pub fn reap(&self, now: UnixSeconds) -> (usize, Vec<String>) {
-        let mut expired = 0;
+    /// Hands out leases past their expiry (moved to `Revoking`, so their credentials are revoked
+    /// at the backend before the lease is recorded `Expired`), lists pending revocations to retry,
+    /// and forgets ended leases after the retention. (A full scan; the expiry index is issue 3.)
+    pub fn reap(&self, now: UnixSeconds) -> (Vec<RevokeWork>, Vec<String>) {
+        let mut expired = Vec::new();
         let mut pending = Vec::new();
         let mut forget = Vec::new();
         for mut lease in self.leases.iter_mut() {
             match lease.state {
                 LeaseState::Active if now >= lease.expires_at => {
-                    lease.state = LeaseState::Expired;
-                    expired += 1;
+                    lease.state = LeaseState::Revoking;
+                    expired.push(RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() });
                 }
                 LeaseState::Revoking => pending.push(lease.id.clone()),
                 LeaseState::Revoked | LeaseState::Expired if now >= lease.expires_at + ENDED_RETENTION_SECS => {
@@ -181,7 +191,13 @@ mod tests {
         assert_eq!(l.live_of_job("job1", 10), vec!["b"]);
         assert!(l.is_live("c", 99));
         assert!(!l.is_live("c", 100));
-        assert_eq!(l.reap(100).0, 2);
+        let mut expired: Vec<String> = l.reap(100).0.into_iter().map(|w| w.lease_id).collect();
+        expired.sort();
+        assert_eq!(expired, ["b", "c"], "b and c expire; a was revoked");
+        assert_eq!(l.state("c"), Some(LeaseState::Revoking), "revoked at the backend before it is recorded expired");
+        assert!(l.reap(100).0.is_empty(), "expiry work is handed out once");
+        l.finish_expiry("b", true);
+        l.finish_expiry("c", true);
         assert_eq!(l.state("c"), Some(LeaseState::Expired));
         l.reap(100 + ENDED_RETENTION_SECS);
         assert!(l.get("c").is_none());

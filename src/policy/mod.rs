@@ -21,8 +21,17 @@ use std::sync::Arc;
 use template::{Template, TemplateValue, is_claim_name};
 
 /// Claims that identify a repository or project by an id that is never reused. A policy must
-/// bind one: names (`acme/web`) can be deleted and re-registered by someone else.
+/// bind one of its platform's: names (`acme/web`) can be deleted and re-registered by someone
+/// else, and another platform's id claim never appears in the token.
 pub const IMMUTABLE_CLAIMS: [&str; 4] = ["repository_id", "repository_owner_id", "project_id", "namespace_id"];
+
+fn immutable_claims(platform: Option<Platform>) -> &'static [&'static str] {
+    match platform {
+        Some(Platform::GithubActions) => &IMMUTABLE_CLAIMS[..2],
+        Some(Platform::GitlabCi) => &IMMUTABLE_CLAIMS[2..],
+        None => &IMMUTABLE_CLAIMS,
+    }
+}
 /// Claims a broker JWT sets itself; a grant may not override them.
 const RESERVED_JWT_CLAIMS: [&str; 9] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "lease_id", "policy"];
 const MAX_POLICY_BYTES: u64 = 256 * 1024;
@@ -329,12 +338,13 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
     };
     let match_rules = rules("match", &raw.match_rules);
     let deny_rules = rules("deny", &raw.deny);
-    if !match_rules.iter().any(|r| IMMUTABLE_CLAIMS.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
+    let immutable = immutable_claims(ctx.issuers.get(&raw.issuer).copied());
+    if !match_rules.iter().any(|r| immutable.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
         err(
             "match".into(),
             format!(
                 "binds no immutable identity claim: add an exact value or list for one of {} (names like `repository` can be re-registered by someone else)",
-                IMMUTABLE_CLAIMS.join(", ")
+                immutable.join(", ")
             ),
         );
     }
