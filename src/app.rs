@@ -1,19 +1,20 @@
-//! The exchange path, end to end: verify → decide → mint → record. Knows no HTTP.
+//! The exchange path, end to end: verify → decide → mint → record; and every way a lease ends.
+//! Knows no HTTP.
 
 use crate::clock::{Clock, UnixSeconds, rfc3339};
 use crate::dev::DevIssuer;
 use crate::error::Error;
 use crate::identity::{VerifiedIdentity, Verifier};
 use crate::ids::lease_id;
-use crate::ledger::{Lease, LeaseCredential, LeaseState, Ledger, RevokeWork};
+use crate::ledger::{LeaseCredential, LeaseFilter, LeaseState, Ledger, REASON_EXPIRED, RevokeWork};
 use crate::metrics::{Gauges, Metrics};
 use crate::mint::{Backends, Credential, MintContext, RevokeHandle};
-use crate::policy::PolicySet;
+use crate::policy::{Denial, Grant, PolicySet};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub struct App {
@@ -27,6 +28,10 @@ pub struct App {
     pub admin_token_sha256: Option<[u8; 32]>,
     /// Present only in `serve --dev`.
     pub dev: Option<Arc<DevIssuer>>,
+    /// Journal replayed and every pending revocation and passed expiry resumed.
+    pub resumed: AtomicBool,
+    /// Compact the journal after this many appended bytes.
+    pub compact_bytes: u64,
 }
 
 /// The 201 body of `POST /v1/exchange` (DESIGN §2).
@@ -39,7 +44,7 @@ pub struct ExchangeReply {
     pub credentials: BTreeMap<String, Credential>,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct RevokeReply {
     pub revoked: Vec<String>,
     pub pending: Vec<String>,
@@ -49,6 +54,8 @@ impl App {
     pub fn now(&self) -> UnixSeconds {
         self.clock.now()
     }
+
+    // ---- issuing -----------------------------------------------------------------------
 
     /// `POST /v1/exchange`. Counts the outcome and latency in metrics.
     pub async fn exchange(&self, token: &str, policy: &str, ttl_secs: Option<i64>) -> Result<ExchangeReply, Error> {
@@ -68,33 +75,40 @@ impl App {
         let now = self.now();
         let identity = self.verifier.verify(token, now).await?;
         let grant = self.policies.decide(policy, &identity, ttl_secs, now)?;
-        let id = lease_id(now);
-        let ctx = MintContext { lease_id: &id, now };
-        let mut minted: Vec<(String, &'static str, Credential, RevokeHandle)> = Vec::new();
-        // Every backend is resolved before anything is minted, so a missing one cannot strand
-        // credentials minted earlier in this exchange.
-        let plan = grant
-            .credentials()
-            .iter()
-            .map(|cred| {
-                let backend = self.backends.get(&cred.backend).ok_or_else(|| {
-                    Error::Internal(format!("policy names backend `{}` that is not loaded", cred.backend))
-                })?;
-                Ok((cred, backend))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        for (cred, backend) in plan {
-            match backend.mint(&grant, cred, ctx).await {
-                Ok(m) => minted.push((cred.name.clone(), backend.kind(), m.credential, m.handle)),
-                Err(e) => {
-                    // All or nothing: what was already minted for this exchange is revoked.
-                    let handles: Vec<RevokeHandle> = minted.into_iter().map(|(_, _, _, h)| h).collect();
-                    self.revoke_handles(&handles).await;
-                    return Err(Error::Backend { backend: cred.backend.clone(), detail: e.detail });
-                }
-            }
+        let jti = self.reserve_jti(&identity, grant.policy())?;
+        let result = self.mint_and_record(&identity, &grant, jti.as_ref(), now).await;
+        if let (Err(_), Some((key, _))) = (&result, &jti) {
+            self.ledger.release_jti(key);
         }
-        let lease = Lease {
+        result
+    }
+
+    /// Replay protection: a token's `jti` serves one exchange per policy (per issuer setting).
+    fn reserve_jti(&self, identity: &VerifiedIdentity, policy: &str) -> Result<Option<(String, UnixSeconds)>, Error> {
+        let Some(issuer) = self.verifier.issuer(identity.issuer()) else { return Ok(None) };
+        if !issuer.config.replay_protection {
+            return Ok(None);
+        }
+        let jti = identity.jti().ok_or_else(|| Denial::replayed(policy, true))?;
+        let key = crate::secret::sha256_hex(format!("{}\0{policy}\0{jti}", identity.issuer()).as_bytes());
+        // Kept as long as the token could still be accepted.
+        let exp = identity.expires_at() + issuer.config.leeway_secs;
+        if !self.ledger.reserve_jti(&key, exp) {
+            return Err(Denial::replayed(policy, false).into());
+        }
+        Ok(Some((key, exp)))
+    }
+
+    async fn mint_and_record(
+        &self,
+        identity: &VerifiedIdentity,
+        grant: &Grant,
+        jti: Option<&(String, UnixSeconds)>,
+        now: UnixSeconds,
+    ) -> Result<ExchangeReply, Error> {
+        let id = lease_id(now);
+        let minted = self.mint_all(grant, &id, now).await?;
+        let lease = crate::ledger::Lease {
             id: id.clone(),
             job: identity.job().to_string(),
             policy: grant.policy().to_string(),
@@ -102,17 +116,29 @@ impl App {
             created_at: now,
             expires_at: grant.expires_at(),
             state: LeaseState::Active,
+            reason: None,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
             credentials: minted
                 .iter()
                 .map(|(name, kind, c, h)| LeaseCredential {
                     name: name.clone(),
-                    kind,
+                    kind: (*kind).to_string(),
                     revocation: c.revocation,
                     handle: h.clone(),
                 })
                 .collect(),
+            claims: identity.claims_shared(),
         };
-        self.ledger.insert(lease);
+        // Durable before the reply. If it cannot be recorded, nothing minted may escape: revoke.
+        if let Err(e) = self.ledger.record_created(lease, jti.map(|(k, exp)| (k.as_str(), *exp))).await {
+            let handles: Vec<RevokeHandle> = minted.into_iter().map(|(_, _, _, h)| h).collect();
+            let revoked = self.revoke_handles(&handles).await.is_none();
+            return Err(Error::Unavailable(format!(
+                "lease {id} not recorded ({e}); minted credentials revoked: {revoked}"
+            )));
+        }
         let fingerprints: BTreeMap<&str, BTreeMap<&str, String>> =
             minted.iter().map(|(n, _, c, _)| (n.as_str(), c.fingerprints())).collect();
         tracing::info!(
@@ -130,8 +156,45 @@ impl App {
         })
     }
 
+    /// Mints every credential of the grant, all or nothing.
+    async fn mint_all(
+        &self,
+        grant: &Grant,
+        lease_id: &str,
+        now: UnixSeconds,
+    ) -> Result<Vec<(String, &'static str, Credential, RevokeHandle)>, Error> {
+        // Every backend is resolved before anything is minted, so a missing one cannot strand
+        // credentials minted earlier in this exchange.
+        let plan = grant
+            .credentials()
+            .iter()
+            .map(|cred| {
+                let backend = self.backends.get(&cred.backend).ok_or_else(|| {
+                    Error::Internal(format!("policy names backend `{}` that is not loaded", cred.backend))
+                })?;
+                Ok((cred, backend))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let ctx = MintContext { lease_id, now };
+        let mut minted = Vec::new();
+        for (cred, backend) in plan {
+            match backend.mint(grant, cred, ctx).await {
+                Ok(m) => minted.push((cred.name.clone(), backend.kind(), m.credential, m.handle)),
+                Err(e) => {
+                    let handles: Vec<RevokeHandle> = minted.into_iter().map(|(_, _, _, h)| h).collect();
+                    self.revoke_handles(&handles).await;
+                    return Err(Error::Backend { backend: cred.backend.clone(), detail: e.detail });
+                }
+            }
+        }
+        Ok(minted)
+    }
+
+    // ---- ending ------------------------------------------------------------------------
+
     /// `POST /v1/revoke`: the job's own token ends its leases. A lease of another job, or an
-    /// unknown id, is neither revoked nor reported (no oracle).
+    /// unknown id, is neither revoked nor reported (no oracle). Works with a token whose `jti`
+    /// was already used for an exchange.
     pub async fn revoke(&self, token: &str, lease: Option<&str>) -> Result<RevokeReply, Error> {
         let now = self.now();
         let identity = self.verifier.verify(token, now).await?;
@@ -140,23 +203,7 @@ impl App {
             Some(_) => Vec::new(),
             None => self.ledger.live_of_job(identity.job(), now),
         };
-        let mut reply = RevokeReply { revoked: Vec::new(), pending: Vec::new() };
-        for id in ids {
-            match self.ledger.begin_revoke(&id) {
-                Some(work) => {
-                    if self.run_revocation(work, "job").await {
-                        reply.revoked.push(id);
-                    } else {
-                        reply.pending.push(id);
-                    }
-                }
-                // Idempotent: already ended by an earlier call, a webhook or expiry.
-                None => match self.ledger.state(&id) {
-                    Some(LeaseState::Revoking) => reply.pending.push(id),
-                    _ => reply.revoked.push(id),
-                },
-            }
-        }
+        let reply = self.end_leases(ids, "job").await;
         tracing::info!(job = %identity.job(), revoked = ?reply.revoked, pending = ?reply.pending, "revoke by job");
         Ok(reply)
     }
@@ -165,31 +212,113 @@ impl App {
         self.ledger.get(id).filter(|l| l.job == identity.job()).map(|l| l.id)
     }
 
-    /// Revokes every credential of a lease at its backend, then records the outcome (the backend
-    /// first, so the ledger never says revoked while a credential still works).
-    async fn run_revocation(&self, work: RevokeWork, reason: &str) -> bool {
-        let handles: Vec<RevokeHandle> = work.credentials.iter().map(|c| c.handle.clone()).collect();
-        let all_ok = self.revoke_handles(&handles).await;
-        self.ledger.finish_revoke(&work.lease_id, all_ok);
-        self.metrics.revocation(if all_ok { "revoked" } else { "pending" });
-        tracing::info!(lease_id = %work.lease_id, reason, all_ok, "lease revocation");
-        all_ok
+    /// Every live lease of `job` (webhooks, admin).
+    pub async fn end_job(&self, job: &str, reason: &str) -> RevokeReply {
+        let ids = self.ledger.live_of_job(job, self.now());
+        self.end_leases(ids, reason).await
     }
 
-    async fn revoke_handles(&self, handles: &[RevokeHandle]) -> bool {
-        let mut all_ok = true;
+    /// Every live lease matching `filter` (admin: a policy, a repository, an actor).
+    pub async fn end_matching(&self, filter: &LeaseFilter, reason: &str) -> RevokeReply {
+        let now = self.now();
+        let ids: Vec<String> =
+            self.ledger.list(filter, usize::MAX).into_iter().filter(|l| l.is_live(now)).map(|l| l.id).collect();
+        self.end_leases(ids, reason).await
+    }
+
+    /// Ends each lease: revoked at its backends, then recorded. Already-ended leases are
+    /// reported as they stand (revoke is idempotent).
+    pub async fn end_leases(&self, ids: Vec<String>, reason: &str) -> RevokeReply {
+        let mut reply = RevokeReply::default();
+        for id in ids {
+            let state = match self.ledger.begin_revoke(&id, reason, self.now()).await {
+                Some(work) => self.run_revocation(work).await,
+                None => match self.ledger.state(&id) {
+                    Some(state) => state,
+                    None => continue,
+                },
+            };
+            if state.is_pending() { reply.pending.push(id) } else { reply.revoked.push(id) }
+        }
+        reply
+    }
+
+    /// Revokes every credential of a lease at its backend first, then records the outcome, so the
+    /// ledger never says revoked while a credential still works.
+    async fn run_revocation(&self, work: RevokeWork) -> LeaseState {
+        let handles: Vec<RevokeHandle> = work.credentials.iter().map(|c| c.handle.clone()).collect();
+        let error = self.revoke_handles(&handles).await;
+        let state = self.ledger.finish_revoke(&work.lease_id, error.clone(), self.now()).await;
+        self.metrics.revocation(state.as_str());
+        match &error {
+            None => tracing::info!(lease_id = %work.lease_id, state = state.as_str(), "lease ended"),
+            Some(e) => {
+                tracing::warn!(lease_id = %work.lease_id, state = state.as_str(), error = %e, "lease revocation failed; will retry")
+            }
+        }
+        state
+    }
+
+    /// Revokes each handle at its backend; the first error, if any.
+    async fn revoke_handles(&self, handles: &[RevokeHandle]) -> Option<String> {
+        let mut first_error = None;
         for handle in handles {
             let result = match self.backends.get(&handle.backend) {
                 Some(b) => b.revoke(handle).await,
                 None => Err(crate::mint::MintError { detail: format!("backend `{}` is not loaded", handle.backend) }),
             };
             if let Err(e) = result {
-                tracing::warn!(backend = %handle.backend, detail = %e.detail, "credential revocation failed; will retry");
-                all_ok = false;
+                first_error.get_or_insert(format!("backend {}: {}", handle.backend, e.detail));
             }
         }
-        all_ok
+        first_error
     }
+
+    /// One reaper pass: leases past their expiry are revoked at their backends (a credential may
+    /// outlive its lease: STS sessions last at least 15 minutes), due retries run, ended leases
+    /// and spent `jti`s are forgotten, and the journal is compacted when it has grown.
+    pub async fn reap_once(&self) {
+        let now = self.now();
+        for id in self.ledger.due_expiries(now) {
+            if let Some(work) = self.ledger.begin_revoke(&id, REASON_EXPIRED, now).await {
+                self.run_revocation(work).await;
+            }
+        }
+        for work in self.ledger.due_retries(now) {
+            self.run_revocation(work).await;
+        }
+        self.ledger.forget_ended(now);
+        self.compact_if_grown().await;
+    }
+
+    async fn compact_if_grown(&self) {
+        let Some(journal) = self.ledger.journal() else { return };
+        if journal.stats().bytes_since_compaction.load(Ordering::Relaxed) < self.compact_bytes {
+            return;
+        }
+        let snapshot = self.ledger.snapshot();
+        let records = snapshot.len();
+        match journal.compact(snapshot).await {
+            Ok(()) => tracing::info!(records, "journal compacted"),
+            Err(e) => tracing::error!(error = %e, "journal compaction failed; appends continue on the old journal"),
+        }
+    }
+
+    /// At start, after the journal replay: every pending revocation is tried at once (whatever
+    /// its backoff said) and every expiry that passed while the broker was down fires. Only then
+    /// does `/readyz` say ready.
+    pub async fn resume(&self) {
+        let pending = self.ledger.all_pending();
+        let resumed = pending.len();
+        for work in pending {
+            self.run_revocation(work).await;
+        }
+        self.reap_once().await;
+        self.resumed.store(true, Ordering::Release);
+        tracing::info!(leases = self.ledger.len(), resumed_revocations = resumed, "ledger resumed");
+    }
+
+    // ---- reading -----------------------------------------------------------------------
 
     /// RFC 7662 introspection of a broker-signed JWT: active only if the signature is ours, it
     /// has not expired, and its lease is live and lists this token's `jti`.
@@ -215,35 +344,23 @@ impl App {
         out
     }
 
-    /// One reaper pass: leases past their expiry are revoked at their backends (a credential may
-    /// outlive its lease: STS sessions last at least 15 minutes), then pending revocations are
-    /// retried.
-    pub async fn reap_once(&self) {
-        let (expired, pending) = self.ledger.reap(self.now());
-        for work in expired {
-            let handles: Vec<RevokeHandle> = work.credentials.iter().map(|c| c.handle.clone()).collect();
-            let all_ok = self.revoke_handles(&handles).await;
-            self.ledger.finish_expiry(&work.lease_id, all_ok);
-            self.metrics.revocation(if all_ok { "expired" } else { "pending" });
-        }
-        for id in pending {
-            if let Some(work) = self.ledger.retry_work(&id) {
-                self.run_revocation(work, "retry").await;
-            }
-        }
-    }
-
-    /// `/readyz`: policies loaded (the server does not start otherwise) and every issuer's keys
-    /// fetched at least once.
+    /// `/readyz`: policies loaded (the server does not start otherwise), the ledger replayed and
+    /// resumed, the journal writable, and every issuer's keys fetched at least once.
     pub fn readiness(&self) -> (bool, Value) {
         let issuers: BTreeMap<&str, bool> =
             self.verifier.issuers().map(|i| (i.config.name.as_str(), i.jwks.is_loaded())).collect();
-        let ready = issuers.values().all(|ok| *ok);
-        (ready, json!({"ready": ready, "policies": self.policies.len(), "ledger": "open", "issuer_keys": issuers}))
+        let resumed = self.resumed.load(Ordering::Acquire);
+        let journal_ok = self.ledger.journal().is_none_or(|j| !j.stats().broken.load(Ordering::Acquire));
+        let ready = resumed && journal_ok && issuers.values().all(|ok| *ok);
+        let ledger = match (resumed, journal_ok) {
+            (false, _) => "resuming",
+            (true, false) => "journal-broken",
+            (true, true) => "open",
+        };
+        (ready, json!({"ready": ready, "policies": self.policies.len(), "ledger": ledger, "issuer_keys": issuers}))
     }
 
     pub fn metrics_text(&self) -> String {
-        let now = self.now();
         let jwks = self
             .verifier
             .issuers()
@@ -256,8 +373,9 @@ impl App {
             })
             .collect();
         self.metrics.render(&Gauges {
-            live_leases: self.ledger.live_count(now),
-            pending_revocations: self.ledger.count_state(LeaseState::Revoking),
+            live_leases: self.ledger.count(LeaseState::Active),
+            pending_revocations: self.ledger.count(LeaseState::Revoking),
+            irrevocable: self.ledger.count(LeaseState::Irrevocable),
             jwks,
         })
     }

@@ -22,6 +22,8 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
     pub backends: BTreeMap<String, BackendConfig>,
     pub reap_interval_secs: i64,
+    /// The journal is compacted once this many bytes were appended since the last compaction.
+    pub compact_bytes: u64,
     /// SHA-256 of the admin bearer token; admin endpoints are off without it.
     pub admin_token_sha256: Option<[u8; 32]>,
 }
@@ -60,6 +62,8 @@ pub struct IssuerConfig {
     pub unknown_kid_cooldown_secs: i64,
     /// Whole-request timeout for discovery and JWKS fetches.
     pub fetch_timeout_secs: i64,
+    /// A token's `jti` may be used for at most one exchange per policy.
+    pub replay_protection: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +138,7 @@ struct RawIssuer {
     jwks_refresh: Option<String>,
     unknown_kid_cooldown: Option<String>,
     fetch_timeout: Option<String>,
+    replay_protection: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +156,7 @@ enum RawBackend {
 #[serde(deny_unknown_fields)]
 struct RawLedger {
     reap_interval: Option<String>,
+    compact_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -219,6 +225,7 @@ fn default_issuer(name: &str, platform: Platform, url: &str) -> RawIssuer {
         jwks_refresh: None,
         unknown_kid_cooldown: None,
         fetch_timeout: None,
+        replay_protection: None,
     }
 }
 
@@ -273,6 +280,7 @@ impl RawConfig {
             issuers,
             backends,
             reap_interval_secs,
+            compact_bytes: self.ledger.compact_bytes.unwrap_or(64 * 1024 * 1024),
             admin_token_sha256,
         })
     }
@@ -328,6 +336,7 @@ impl RawConfig {
                     60,
                 ),
                 fetch_timeout_secs: errs.duration(&format!("{at}.fetch_timeout"), raw.fetch_timeout.as_deref(), 5),
+                replay_protection: raw.replay_protection.unwrap_or(true),
             });
         }
         out

@@ -139,7 +139,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let data_dir = config.data_dir.clone();
     runtime()?.block_on(async {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let running = ephemera::server::start(ephemera::server::Options { config, dev: args.dev, clock }).await?;
+        let running = ephemera::server::start(ephemera::server::Options::new(config, args.dev, clock)).await?;
         if args.dev {
             print_dev_banner(&running.url(), &data_dir);
         } else {

@@ -21,6 +21,7 @@ pub struct Metrics {
 pub struct Gauges {
     pub live_leases: usize,
     pub pending_revocations: usize,
+    pub irrevocable: usize,
     pub jwks: Vec<(String, u64, u64)>,
 }
 
@@ -89,6 +90,11 @@ impl Metrics {
             out,
             "# HELP ephemera_revocations_pending Leases whose revocation a backend has not confirmed yet.\n# TYPE ephemera_revocations_pending gauge\nephemera_revocations_pending {}",
             gauges.pending_revocations
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_leases_irrevocable Leases whose revocation failed every retry; still retried, never dropped.\n# TYPE ephemera_leases_irrevocable gauge\nephemera_leases_irrevocable {}",
+            gauges.irrevocable
         );
         let _ = writeln!(
             out,

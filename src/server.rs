@@ -7,9 +7,10 @@ use crate::config::{BackendConfig, Config};
 use crate::dev::{DEV_POLICY, DevIssuer};
 use crate::identity::Verifier;
 use crate::identity::jwks::http_client;
-use crate::ledger::Ledger;
+use crate::ledger::journal::{FileStorage, Journal, Storage};
+use crate::ledger::{Ledger, RetryPolicy};
 use crate::metrics::Metrics;
-use crate::mint::Backends;
+use crate::mint::{BackendWrap, Backends};
 use crate::policy::{LoadContext, PolicySet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +22,25 @@ pub struct Options {
     pub config: Config,
     pub dev: bool,
     pub clock: Arc<dyn Clock>,
+    /// Fault injection for tests: wraps the journal's storage (e.g. to fail writes like a full
+    /// disk) and named backends (e.g. to fail revocations). `None` in production.
+    pub faults: Option<Faults>,
+}
+
+/// Wraps the journal's storage.
+pub type StorageWrap = Box<dyn FnOnce(Box<dyn Storage>) -> Box<dyn Storage> + Send>;
+
+/// Test hooks for faults a real part cannot be made to produce on demand.
+#[derive(Default)]
+pub struct Faults {
+    pub storage: Option<StorageWrap>,
+    pub backend: Option<Arc<BackendWrap>>,
+}
+
+impl Options {
+    pub fn new(config: Config, dev: bool, clock: Arc<dyn Clock>) -> Options {
+        Options { config, dev, clock, faults: None }
+    }
 }
 
 /// A started broker.
@@ -37,13 +57,20 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting, lets in-flight requests finish, stops background tasks.
+    /// Stops accepting, lets in-flight requests finish, stops background tasks, flushes the
+    /// journal. Live leases stay live: their jobs are still running, and the next start resumes
+    /// them.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         let _ = (&mut self.server).await;
         self.background.iter().for_each(JoinHandle::abort);
+        if let Some(journal) = self.app.ledger.journal()
+            && let Err(e) = journal.flush().await
+        {
+            tracing::error!(error = %e, "journal flush at shutdown failed");
+        }
     }
 
     /// Runs until SIGTERM or Ctrl-C, then shuts down gracefully.
@@ -72,7 +99,8 @@ async fn wait_for_signal() {
 /// Builds everything and starts serving. Refuses to start on any config or policy error.
 pub async fn start(options: Options) -> Result<Running, String> {
     crate::install_crypto();
-    let Options { mut config, dev, clock } = options;
+    let Options { mut config, dev, clock, faults } = options;
+    let mut faults = faults.unwrap_or_default();
     if dev && !config.listen.ip().is_loopback() {
         return Err(format!(
             "--dev serves an unauthenticated token issuer, so it listens on loopback only, not {}",
@@ -107,19 +135,25 @@ pub async fn start(options: Options) -> Result<Running, String> {
         let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
         format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
     })?;
-    let backends = Backends::from_config(&config)?;
+    let mut backends = Backends::from_config(&config)?;
+    if let Some(wrap) = &faults.backend {
+        backends.wrap(wrap.as_ref());
+    }
+    let ledger = open_ledger(&config, faults.storage.take())?;
     let http = http_client();
     let verifier = Verifier::new(&config.issuers, &http, &clock)?;
     let app = Arc::new(App {
         verifier,
         policies,
         backends,
-        ledger: Ledger::default(),
+        ledger,
         clock,
         metrics: Metrics::default(),
         public_url: config.public_url.clone(),
         admin_token_sha256: config.admin_token_sha256,
         dev: dev_issuer,
+        resumed: std::sync::atomic::AtomicBool::new(false),
+        compact_bytes: config.compact_bytes,
     });
     let (tx, rx) = oneshot::channel::<()>();
     let router = crate::http::router(app.clone());
@@ -137,7 +171,34 @@ pub async fn start(options: Options) -> Result<Running, String> {
     Ok(Running { addr, app, shutdown: Some(tx), server, background })
 }
 
+/// Opens `data_dir/ledger/journal`: replays it into a fresh ledger (a torn tail is cut, a
+/// corrupt record stops the start) and starts its writer.
+fn open_ledger(config: &Config, wrap: Option<StorageWrap>) -> Result<Ledger, String> {
+    let dir = config.data_dir.join("ledger");
+    crate::mint::jwt::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
+    let path = dir.join("journal");
+    let (storage, replayed) = FileStorage::open(&path).map_err(|e| format!("refusing to start: {e}"))?;
+    if replayed.truncated > 0 {
+        tracing::warn!(path = %path.display(), bytes = replayed.truncated, "cut a torn tail from the journal (a crash mid-write)");
+    }
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let storage: Box<dyn Storage> = Box::new(storage);
+    let storage = match wrap {
+        Some(wrap) => wrap(storage),
+        None => storage,
+    };
+    let records = replayed.events.len();
+    let ledger = Ledger::new(Some(Journal::start(storage, len)), RetryPolicy::default());
+    for event in replayed.events {
+        ledger.apply(event);
+    }
+    tracing::info!(path = %path.display(), records, leases = ledger.len(), "journal replayed");
+    Ok(ledger)
+}
+
+/// Resumes the ledger (pending revocations, passed expiries), then reaps on a schedule.
 async fn reaper(app: Arc<App>, interval_secs: i64) {
+    app.resume().await;
     let mut tick = tokio::time::interval(Duration::from_secs(u64::try_from(interval_secs.max(1)).unwrap_or(5)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -156,7 +156,8 @@ async fn revoke_ends_the_callers_leases_and_introspection_goes_inactive() {
     let (issuer, broker) = setup().await;
     let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
     let (_, first) = broker.exchange(&token, "deploy").await;
-    let (_, second) = broker.exchange(&token, "deploy").await;
+    let again = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, second) = broker.exchange(&again, "deploy").await;
     let jwt = first["credentials"]["api"]["token"].as_str().unwrap();
     let (status, reply) = broker.revoke(&token, json!({})).await;
     assert_eq!(status, 200);
@@ -194,7 +195,7 @@ async fn one_lease_can_be_revoked_by_id_leaving_the_others() {
     let (issuer, broker) = setup().await;
     let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
     let (_, a) = broker.exchange(&token, "deploy").await;
-    let (_, b) = broker.exchange(&token, "deploy").await;
+    let (_, b) = broker.exchange(&issuer.sign(&issuer.claims("github-environment-deploy.json", NOW)), "deploy").await;
     let (_, reply) = broker.revoke(&token, json!({"lease_id": a["lease_id"]})).await;
     assert_eq!(reply["revoked"], json!([a["lease_id"]]));
     assert_eq!(broker.introspect(a["credentials"]["api"]["token"].as_str().unwrap())["active"], false);
@@ -355,6 +356,6 @@ async fn a_missing_previous_signing_key_stops_the_start() {
     );
     let config = ephemera::config::Config::parse(&toml, dir.path()).unwrap();
     let clock = std::sync::Arc::new(ephemera::clock::ManualClock::new(NOW));
-    let err = ephemera::server::start(ephemera::server::Options { config, dev: false, clock }).await.err().unwrap();
+    let err = ephemera::server::start(ephemera::server::Options::new(config, false, clock)).await.err().unwrap();
     assert!(err.contains("gone.pk8"), "{err}");
 }

@@ -150,7 +150,7 @@ async fn the_server_refuses_to_start_on_a_policy_error() {
     );
     let config = Config::parse(&toml, dir.path()).unwrap();
     let clock = std::sync::Arc::new(ephemera::clock::ManualClock::new(NOW));
-    let err = ephemera::server::start(ephemera::server::Options { config, dev: false, clock })
+    let err = ephemera::server::start(ephemera::server::Options::new(config, false, clock))
         .await
         .err()
         .expect("the server started");

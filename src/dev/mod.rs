@@ -73,6 +73,7 @@ impl DevIssuer {
                 jwks_refresh_secs: 900,
                 unknown_kid_cooldown_secs: 60,
                 fetch_timeout_secs: 5,
+                replay_protection: true,
             })
             .collect()
     }

@@ -25,7 +25,7 @@ struct Inner {
     subject: String,
     jti: Option<String>,
     expires_at: UnixSeconds,
-    claims: Claims,
+    claims: Arc<Claims>,
     token_sha256: String,
 }
 
@@ -59,6 +59,11 @@ impl VerifiedIdentity {
     /// Every verified claim: what policies match against and templates read from.
     pub fn claims(&self) -> &Claims {
         &self.0.claims
+    }
+
+    /// The claims, shared (a lease keeps them without copying).
+    pub fn claims_shared(&self) -> Arc<Claims> {
+        self.0.claims.clone()
     }
 
     /// SHA-256 of the raw token, for logs and audit (the token itself is never kept).

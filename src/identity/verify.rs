@@ -62,6 +62,11 @@ impl Verifier {
         self.by_url.values()
     }
 
+    /// The configured issuer named `name`.
+    pub fn issuer(&self, name: &str) -> Option<&Arc<Issuer>> {
+        self.by_url.values().find(|i| i.config.name == name)
+    }
+
     /// Verifies `token` at time `now`.
     pub async fn verify(&self, token: &str, now: UnixSeconds) -> Result<VerifiedIdentity, IdentityError> {
         if token.is_empty() {
@@ -205,7 +210,7 @@ impl Issuer {
             jti: text("jti"),
             expires_at: time_claim(&claims, "exp")?.unwrap_or_default(),
             job,
-            claims,
+            claims: Arc::new(claims),
             token_sha256: sha256_hex(token.as_bytes()),
         })))
     }

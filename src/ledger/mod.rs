@@ -1,31 +1,72 @@
-//! ledger: one lease per exchange, indexed by id and by job. In memory for now (the durable
-//! journal is issue 3). Every method is synchronous and returns owned data, so no map guard is
-//! ever held across an `.await`.
+//! ledger: every lease ephemera ever issued, until its credentials are certainly dead.
+//!
+//! In memory: leases by id ([`DashMap`]), an index by job, and ordered indexes of expiries,
+//! revocation retries and forget times, so ending a job's leases or reaping never scans the rest.
+//! On disk: the [`journal`], where every state change is recorded; a restart replays it.
+//! Methods never hold a map guard across an `.await`.
+
+pub mod journal;
 
 use crate::clock::UnixSeconds;
+use crate::identity::Claims;
 use crate::mint::{Revocation, RevokeHandle};
 use dashmap::DashMap;
-use serde::Serialize;
+use journal::{Journal, JournalError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LeaseState {
     Active,
-    /// Revocation started; a backend has not confirmed yet.
+    /// Ending: a backend has not confirmed every credential dead yet. Retried with backoff.
     Revoking,
     Revoked,
     Expired,
+    /// Revocation failed [`RetryPolicy::max_attempts`] times. Still retried, slowly, forever;
+    /// counted in metrics and listed by the admin API. Never dropped.
+    Irrevocable,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl LeaseState {
+    const ALL: [LeaseState; 5] =
+        [LeaseState::Active, LeaseState::Revoking, LeaseState::Revoked, LeaseState::Expired, LeaseState::Irrevocable];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Active => "active",
+            LeaseState::Revoking => "revoking",
+            LeaseState::Revoked => "revoked",
+            LeaseState::Expired => "expired",
+            LeaseState::Irrevocable => "irrevocable",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<LeaseState> {
+        LeaseState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Still holding credentials that need ending.
+    pub fn is_pending(self) -> bool {
+        matches!(self, LeaseState::Revoking | LeaseState::Irrevocable)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseCredential {
     pub name: String,
-    pub kind: &'static str,
+    pub kind: String,
     pub revocation: Revocation,
     pub handle: RevokeHandle,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
     pub id: String,
     pub job: String,
@@ -34,40 +75,426 @@ pub struct Lease {
     pub created_at: UnixSeconds,
     pub expires_at: UnixSeconds,
     pub state: LeaseState,
+    /// Why it is ending: `job`, `webhook`, `admin`, `expired`, …
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub next_attempt_at: UnixSeconds,
+    #[serde(default)]
+    pub last_error: Option<String>,
     pub credentials: Vec<LeaseCredential>,
+    /// The verified claims it was granted on: for re-evaluation and the audit trail.
+    pub claims: Arc<Claims>,
 }
 
 impl Lease {
     pub fn is_live(&self, now: UnixSeconds) -> bool {
         self.state == LeaseState::Active && now < self.expires_at
     }
+
+    fn ends_with_expiry(&self) -> bool {
+        self.reason.as_deref() == Some(REASON_EXPIRED)
+    }
 }
 
-/// What a revocation must undo, handed out when a lease leaves `Active`.
+pub const REASON_EXPIRED: &str = "expired";
+
+/// One journal record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Event {
+    Created {
+        lease: Lease,
+    },
+    RevokeRequested {
+        id: String,
+        reason: String,
+        at: UnixSeconds,
+    },
+    Revoked {
+        id: String,
+        at: UnixSeconds,
+    },
+    Expired {
+        id: String,
+        at: UnixSeconds,
+    },
+    RevokeFailed {
+        id: String,
+        at: UnixSeconds,
+        attempts: u32,
+        next_at: UnixSeconds,
+        error: String,
+    },
+    Irrevocable {
+        id: String,
+        at: UnixSeconds,
+        attempts: u32,
+        next_at: UnixSeconds,
+        error: String,
+    },
+    /// A token's `jti` was used for an exchange under a policy (replay protection).
+    JtiUsed {
+        key: String,
+        exp: UnixSeconds,
+    },
+}
+
+/// What a revocation must undo, handed out when a lease leaves `Active` (or is retried).
 #[derive(Debug, Clone)]
 pub struct RevokeWork {
     pub lease_id: String,
     pub credentials: Vec<LeaseCredential>,
 }
 
+/// Backoff for failed revocations.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Failures before a lease is declared irrevocable.
+    pub max_attempts: u32,
+    pub base_secs: i64,
+    pub cap_secs: i64,
+    /// How often an irrevocable lease is still tried.
+    pub irrevocable_every_secs: i64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 8, base_secs: 2, cap_secs: 300, irrevocable_every_secs: 600 }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with ±25 % jitter, so many failing leases do not retry in lockstep.
+    fn delay(&self, attempts: u32) -> i64 {
+        let exp = self.base_secs.saturating_mul(1i64 << attempts.min(30)).min(self.cap_secs);
+        let jitter_range = (exp / 2).max(1);
+        let r = i64::from(u16::from_le_bytes(crate::ids::random::<2>())) % jitter_range;
+        (exp - exp / 4 + r).max(1)
+    }
+}
+
+/// When a started revocation has not reported back after this long, the reaper tries again.
+const STALLED_ATTEMPT_SECS: i64 = 60;
+
+/// How long an ended lease stays visible (introspection answers, operators) before it is forgotten.
+pub const ENDED_RETENTION_SECS: i64 = 3600;
+
+/// Filters for listing and bulk revocation. Every given field must match.
+#[derive(Debug, Default, Clone)]
+pub struct LeaseFilter {
+    pub job: Option<String>,
+    pub policy: Option<String>,
+    pub state: Option<LeaseState>,
+    pub repository_id: Option<String>,
+    pub project_id: Option<String>,
+    /// GitHub `actor_id` or GitLab `user_id`.
+    pub actor_id: Option<String>,
+}
+
+impl LeaseFilter {
+    pub fn matches(&self, lease: &Lease) -> bool {
+        let claim = |name: &str, want: &Option<String>| {
+            want.as_ref().is_none_or(|w| {
+                lease.claims.get(name).and_then(crate::policy::matcher::scalar_text).as_ref() == Some(w)
+            })
+        };
+        self.job.as_ref().is_none_or(|j| *j == lease.job)
+            && self.policy.as_ref().is_none_or(|p| *p == lease.policy)
+            && self.state.is_none_or(|s| s == lease.state)
+            && claim("repository_id", &self.repository_id)
+            && claim("project_id", &self.project_id)
+            && self.actor_id.as_ref().is_none_or(|a| {
+                ["actor_id", "user_id"]
+                    .iter()
+                    .any(|c| lease.claims.get(*c).and_then(crate::policy::matcher::scalar_text).as_ref() == Some(a))
+            })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.job.is_none()
+            && self.policy.is_none()
+            && self.state.is_none()
+            && self.repository_id.is_none()
+            && self.project_id.is_none()
+            && self.actor_id.is_none()
+    }
+}
+
+type TimeIndex = Mutex<BTreeSet<(UnixSeconds, String)>>;
+
 #[derive(Default)]
 pub struct Ledger {
     leases: DashMap<String, Lease>,
     by_job: DashMap<String, Vec<String>>,
+    expiries: TimeIndex,
+    retries: TimeIndex,
+    forget_at: TimeIndex,
+    jtis: DashMap<String, UnixSeconds>,
+    jti_expiries: TimeIndex,
+    counts: [AtomicUsize; 5],
+    journal: Option<Journal>,
+    retry: RetryPolicy,
 }
 
-/// How long an ended lease stays visible (for introspection answers and operators) before the
-/// reaper forgets it.
-const ENDED_RETENTION_SECS: i64 = 3600;
+fn lock(index: &TimeIndex) -> std::sync::MutexGuard<'_, BTreeSet<(UnixSeconds, String)>> {
+    index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Removes every entry of `index` due at `now` and returns their ids, each once (a lease can
+/// have stale entries: the index is cleaned lazily, and callers re-check the lease itself).
+fn take_due(index: &TimeIndex, now: UnixSeconds) -> Vec<String> {
+    let mut set = lock(index);
+    let mut due = Vec::new();
+    while set.first().is_some_and(|first| first.0 <= now) {
+        if let Some((_, id)) = set.pop_first()
+            && !due.contains(&id)
+        {
+            due.push(id);
+        }
+    }
+    due
+}
 
 impl Ledger {
-    pub fn insert(&self, lease: Lease) {
+    /// A ledger recording to `journal` (or, with `None`, in memory only).
+    pub fn new(journal: Option<Journal>, retry: RetryPolicy) -> Ledger {
+        Ledger { journal, retry, ..Ledger::default() }
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    async fn record(&self, events: &[Event]) -> Result<(), JournalError> {
+        match &self.journal {
+            Some(j) => j.append(events).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records a change that already happened in memory; a failure is logged, not returned: the
+    /// revocation itself must go on even when the disk does not.
+    async fn record_or_log(&self, event: Event) {
+        if let Err(e) = self.record(std::slice::from_ref(&event)).await {
+            tracing::error!(error = %e, "journal write failed for a lease state change; the journal is behind memory until it recovers");
+        }
+    }
+
+    // ---- replay ------------------------------------------------------------------------
+
+    /// Applies a journal event to memory (at start, and for every snapshot record). Idempotent:
+    /// applying an event twice leaves the same state.
+    pub fn apply(&self, event: Event) {
+        match event {
+            Event::Created { lease } => {
+                if !self.leases.contains_key(&lease.id) {
+                    self.insert_memory(lease);
+                }
+            }
+            Event::RevokeRequested { id, reason, .. } => self.update(&id, |l| {
+                if l.state == LeaseState::Active {
+                    l.state = LeaseState::Revoking;
+                    l.reason = Some(reason);
+                }
+            }),
+            Event::Revoked { id, .. } => self.update(&id, |l| l.state = LeaseState::Revoked),
+            Event::Expired { id, .. } => self.update(&id, |l| l.state = LeaseState::Expired),
+            Event::RevokeFailed { id, attempts, next_at, error, .. } => self.update(&id, |l| {
+                l.state = LeaseState::Revoking;
+                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error));
+            }),
+            Event::Irrevocable { id, attempts, next_at, error, .. } => self.update(&id, |l| {
+                l.state = LeaseState::Irrevocable;
+                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error));
+            }),
+            Event::JtiUsed { key, exp } => {
+                self.jtis.insert(key.clone(), exp);
+                lock(&self.jti_expiries).insert((exp, key));
+            }
+        }
+    }
+
+    /// Changes one lease, keeping the per-state counts and the time indexes in step.
+    fn update(&self, id: &str, change: impl FnOnce(&mut Lease)) {
+        let Some(mut lease) = self.leases.get_mut(id) else { return };
+        let before = lease.state;
+        change(&mut lease);
+        let after = lease.state;
+        if before != after {
+            self.counts[before.index()].fetch_sub(1, Ordering::Relaxed);
+            self.counts[after.index()].fetch_add(1, Ordering::Relaxed);
+        }
+        if after.is_pending() {
+            lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
+        }
+        if matches!(after, LeaseState::Revoked | LeaseState::Expired) && before != after {
+            lock(&self.forget_at)
+                .insert((lease.expires_at.max(lease.created_at) + ENDED_RETENTION_SECS, lease.id.clone()));
+        }
+    }
+
+    fn insert_memory(&self, lease: Lease) {
+        self.counts[lease.state.index()].fetch_add(1, Ordering::Relaxed);
+        match lease.state {
+            LeaseState::Active => {
+                lock(&self.expiries).insert((lease.expires_at, lease.id.clone()));
+            }
+            LeaseState::Revoking | LeaseState::Irrevocable => {
+                lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
+            }
+            LeaseState::Revoked | LeaseState::Expired => {
+                lock(&self.forget_at).insert((lease.expires_at + ENDED_RETENTION_SECS, lease.id.clone()));
+            }
+        }
         self.by_job.entry(lease.job.clone()).or_default().push(lease.id.clone());
         self.leases.insert(lease.id.clone(), lease);
     }
 
+    // ---- issuing -----------------------------------------------------------------------
+
+    /// Reserves a `jti` for one exchange; `false` if it was already used (a replay).
+    pub fn reserve_jti(&self, key: &str, exp: UnixSeconds) -> bool {
+        match self.jtis.entry(key.to_string()) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(exp);
+                lock(&self.jti_expiries).insert((exp, key.to_string()));
+                true
+            }
+        }
+    }
+
+    /// Gives a reserved `jti` back after an exchange that issued nothing.
+    pub fn release_jti(&self, key: &str) {
+        self.jtis.remove(key);
+    }
+
+    /// Makes a new lease durable, then visible. Nothing is in memory unless it is on disk.
+    pub async fn record_created(&self, lease: Lease, jti: Option<(&str, UnixSeconds)>) -> Result<(), JournalError> {
+        let mut events = Vec::with_capacity(2);
+        if let Some((key, exp)) = jti {
+            events.push(Event::JtiUsed { key: key.to_string(), exp });
+        }
+        events.push(Event::Created { lease: lease.clone() });
+        self.record(&events).await?;
+        self.insert_memory(lease);
+        Ok(())
+    }
+
+    // ---- ending ------------------------------------------------------------------------
+
+    /// Starts ending an active lease: `Revoking` in memory and in the journal (so a crash
+    /// mid-revocation resumes it), and hands out the work. `None` if it is not active (revoke is
+    /// idempotent: only one caller gets the work).
+    pub async fn begin_revoke(&self, id: &str, reason: &str, now: UnixSeconds) -> Option<RevokeWork> {
+        let work = {
+            let mut lease = self.leases.get_mut(id)?;
+            if lease.state != LeaseState::Active {
+                return None;
+            }
+            lease.state = LeaseState::Revoking;
+            lease.reason = Some(reason.to_string());
+            // A safety net: if the attempt about to run never reports back, the reaper retries.
+            lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
+            lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
+            RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() }
+        };
+        self.counts[LeaseState::Active.index()].fetch_sub(1, Ordering::Relaxed);
+        self.counts[LeaseState::Revoking.index()].fetch_add(1, Ordering::Relaxed);
+        self.record_or_log(Event::RevokeRequested { id: id.to_string(), reason: reason.to_string(), at: now }).await;
+        Some(work)
+    }
+
+    /// Records the outcome of a revocation attempt: every backend confirmed (revoked, or expired
+    /// if expiry started it), or not (retry later with backoff; irrevocable after too many).
+    pub async fn finish_revoke(&self, id: &str, error: Option<String>, now: UnixSeconds) -> LeaseState {
+        let Some(lease) = self.get(id) else { return LeaseState::Revoked };
+        let event = match error {
+            None if lease.ends_with_expiry() => Event::Expired { id: id.to_string(), at: now },
+            None => Event::Revoked { id: id.to_string(), at: now },
+            Some(error) => {
+                let attempts = lease.attempts.saturating_add(1);
+                if attempts >= self.retry.max_attempts {
+                    let next_at = now + self.retry.irrevocable_every_secs;
+                    Event::Irrevocable { id: id.to_string(), at: now, attempts, next_at, error }
+                } else {
+                    let next_at = now + self.retry.delay(attempts);
+                    Event::RevokeFailed { id: id.to_string(), at: now, attempts, next_at, error }
+                }
+            }
+        };
+        self.apply(event.clone());
+        self.record_or_log(event).await;
+        self.state(id).unwrap_or(LeaseState::Revoked)
+    }
+
+    /// Active leases whose expiry has come (ids; each handed out once).
+    pub fn due_expiries(&self, now: UnixSeconds) -> Vec<String> {
+        take_due(&self.expiries, now)
+            .into_iter()
+            .filter(|id| self.leases.get(id).is_some_and(|l| l.state == LeaseState::Active && l.expires_at <= now))
+            .collect()
+    }
+
+    /// Pending revocations whose retry time has come.
+    pub fn due_retries(&self, now: UnixSeconds) -> Vec<RevokeWork> {
+        take_due(&self.retries, now).into_iter().filter_map(|id| self.retry_work(&id, now)).collect()
+    }
+
+    /// Every pending revocation, due or not (start-up resumes them all at once).
+    pub fn all_pending(&self) -> Vec<RevokeWork> {
+        let ids: Vec<String> = self.leases.iter().filter(|l| l.state.is_pending()).map(|l| l.id.clone()).collect();
+        ids.iter().filter_map(|id| self.retry_work(id, i64::MAX)).collect()
+    }
+
+    fn retry_work(&self, id: &str, now: UnixSeconds) -> Option<RevokeWork> {
+        let lease = self.leases.get(id)?;
+        (lease.state.is_pending() && lease.next_attempt_at <= now)
+            .then(|| RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() })
+    }
+
+    /// Forgets leases that ended more than [`ENDED_RETENTION_SECS`] ago, and used `jti`s whose
+    /// tokens have expired. Never a pending lease.
+    pub fn forget_ended(&self, now: UnixSeconds) -> usize {
+        let mut forgotten = 0;
+        for id in take_due(&self.forget_at, now) {
+            let removed =
+                self.leases.remove_if(&id, |_, l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired));
+            if let Some((_, lease)) = removed {
+                self.counts[lease.state.index()].fetch_sub(1, Ordering::Relaxed);
+                if let Some(mut ids) = self.by_job.get_mut(&lease.job) {
+                    ids.retain(|i| *i != id);
+                }
+                self.by_job.remove_if(&lease.job, |_, ids| ids.is_empty());
+                forgotten += 1;
+            }
+        }
+        for key in take_due(&self.jti_expiries, now) {
+            self.jtis.remove_if(&key, |_, exp| *exp <= now);
+        }
+        forgotten
+    }
+
+    /// Everything a fresh journal needs: every remembered lease in its current state, and the
+    /// `jti`s still guarded.
+    pub fn snapshot(&self) -> Vec<Event> {
+        let mut events: Vec<Event> =
+            self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().clone(), exp: *e.value() }).collect();
+        events.extend(self.leases.iter().map(|l| Event::Created { lease: l.value().clone() }));
+        events
+    }
+
+    // ---- reading -----------------------------------------------------------------------
+
     pub fn get(&self, id: &str) -> Option<Lease> {
         self.leases.get(id).map(|l| l.clone())
+    }
+
+    pub fn state(&self, id: &str) -> Option<LeaseState> {
+        self.leases.get(id).map(|l| l.state)
     }
 
     pub fn is_live(&self, id: &str, now: UnixSeconds) -> bool {
@@ -80,83 +507,31 @@ impl Ledger {
         ids.into_iter().filter(|id| self.is_live(id, now)).collect()
     }
 
-    /// Moves an active lease to `Revoking` and hands out its credentials; `None` if the lease is
-    /// unknown or not active (revoke is idempotent: only one caller gets the work).
-    pub fn begin_revoke(&self, id: &str) -> Option<RevokeWork> {
-        let mut lease = self.leases.get_mut(id)?;
-        if lease.state != LeaseState::Active {
-            return None;
-        }
-        lease.state = LeaseState::Revoking;
-        Some(RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() })
-    }
-
-    /// Records the outcome: `Revoked` when every backend confirmed, else it stays `Revoking`
-    /// (pending; retried by the reaper until it succeeds).
-    pub fn finish_revoke(&self, id: &str, all_ok: bool) {
-        if let Some(mut lease) = self.leases.get_mut(id)
-            && all_ok
-        {
-            lease.state = LeaseState::Revoked;
-        }
-    }
-
-    /// Records an expiry: `Expired` once every backend confirmed, else pending like a revocation.
-    pub fn finish_expiry(&self, id: &str, all_ok: bool) {
-        if let Some(mut lease) = self.leases.get_mut(id)
-            && all_ok
-        {
-            lease.state = LeaseState::Expired;
-        }
-    }
-
-    pub fn state(&self, id: &str) -> Option<LeaseState> {
-        self.leases.get(id).map(|l| l.state)
-    }
-
-    /// Hands out leases past their expiry (moved to `Revoking`, so their credentials are revoked
-    /// at the backend before the lease is recorded `Expired`), lists pending revocations to retry,
-    /// and forgets ended leases after the retention. (A full scan; the expiry index is issue 3.)
-    pub fn reap(&self, now: UnixSeconds) -> (Vec<RevokeWork>, Vec<String>) {
-        let mut expired = Vec::new();
-        let mut pending = Vec::new();
-        let mut forget = Vec::new();
-        for mut lease in self.leases.iter_mut() {
-            match lease.state {
-                LeaseState::Active if now >= lease.expires_at => {
-                    lease.state = LeaseState::Revoking;
-                    expired.push(RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() });
-                }
-                LeaseState::Revoking => pending.push(lease.id.clone()),
-                LeaseState::Revoked | LeaseState::Expired if now >= lease.expires_at + ENDED_RETENTION_SECS => {
-                    forget.push((lease.id.clone(), lease.job.clone()));
-                }
-                _ => {}
+    /// Leases matching `filter`, oldest first, at most `limit`. A job filter uses the job index;
+    /// other filters scan (admin queries, not the hot path).
+    pub fn list(&self, filter: &LeaseFilter, limit: usize) -> Vec<Lease> {
+        let mut out: Vec<Lease> = match &filter.job {
+            Some(job) => {
+                let ids = self.by_job.get(job).map(|ids| ids.clone()).unwrap_or_default();
+                ids.iter().filter_map(|id| self.get(id)).filter(|l| filter.matches(l)).collect()
             }
-        }
-        for (id, job) in forget {
-            self.leases.remove(&id);
-            if let Some(mut ids) = self.by_job.get_mut(&job) {
-                ids.retain(|i| *i != id);
-            }
-            self.by_job.remove_if(&job, |_, ids| ids.is_empty());
-        }
-        (expired, pending)
+            None => self.leases.iter().filter(|l| filter.matches(l)).map(|l| l.clone()).collect(),
+        };
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.truncate(limit);
+        out
     }
 
-    /// Re-arms a pending revocation for a retry.
-    pub fn retry_work(&self, id: &str) -> Option<RevokeWork> {
-        let lease = self.leases.get(id)?;
-        (lease.state == LeaseState::Revoking)
-            .then(|| RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() })
+    pub fn count(&self, state: LeaseState) -> usize {
+        self.counts[state.index()].load(Ordering::Relaxed)
     }
 
-    pub fn count_state(&self, state: LeaseState) -> usize {
-        self.leases.iter().filter(|l| l.state == state).count()
+    pub fn len(&self) -> usize {
+        self.leases.len()
     }
 
-    pub fn live_count(&self, now: UnixSeconds) -> usize {
-        self.leases.iter().filter(|l| l.is_live(now)).count()
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
     }
 }
 
@@ -173,34 +548,90 @@ mod tests {
             created_at: 0,
             expires_at,
             state: LeaseState::Active,
+            reason: None,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
             credentials: vec![],
+            claims: Arc::new(Claims::new()),
         }
     }
 
-    #[test]
-    fn revoke_is_handed_out_once_and_expiry_is_by_the_injected_clock() {
+    #[tokio::test]
+    async fn revoke_is_handed_out_once_and_expiry_follows_the_clock() {
         let l = Ledger::default();
-        l.insert(lease("a", "job1", 100));
-        l.insert(lease("b", "job1", 100));
-        l.insert(lease("c", "job2", 100));
+        for (id, job) in [("a", "job1"), ("b", "job1"), ("c", "job2")] {
+            l.record_created(lease(id, job, 100), None).await.unwrap();
+        }
         assert_eq!(l.live_of_job("job1", 10), vec!["a", "b"]);
-        assert!(l.begin_revoke("a").is_some());
-        assert!(l.begin_revoke("a").is_none(), "second revoke gets no work");
-        l.finish_revoke("a", true);
-        assert_eq!(l.state("a"), Some(LeaseState::Revoked));
+        assert!(l.begin_revoke("a", "job", 10).await.is_some());
+        assert!(l.begin_revoke("a", "job", 10).await.is_none(), "second revoke gets no work");
+        assert_eq!(l.finish_revoke("a", None, 10).await, LeaseState::Revoked);
         assert_eq!(l.live_of_job("job1", 10), vec!["b"]);
-        assert!(l.is_live("c", 99));
-        assert!(!l.is_live("c", 100));
-        let mut expired: Vec<String> = l.reap(100).0.into_iter().map(|w| w.lease_id).collect();
-        expired.sort();
-        assert_eq!(expired, ["b", "c"], "b and c expire; a was revoked");
-        assert_eq!(l.state("c"), Some(LeaseState::Revoking), "revoked at the backend before it is recorded expired");
-        assert!(l.reap(100).0.is_empty(), "expiry work is handed out once");
-        l.finish_expiry("b", true);
-        l.finish_expiry("c", true);
-        assert_eq!(l.state("c"), Some(LeaseState::Expired));
-        l.reap(100 + ENDED_RETENTION_SECS);
+        assert!(l.due_expiries(99).is_empty(), "nothing expires early");
+        let mut due = l.due_expiries(100);
+        due.sort();
+        assert_eq!(due, ["b", "c"]);
+        assert!(l.due_expiries(100).is_empty(), "expiry work is handed out once");
+        l.begin_revoke("c", REASON_EXPIRED, 100).await.unwrap();
+        assert_eq!(l.finish_revoke("c", None, 100).await, LeaseState::Expired);
+        assert_eq!(l.forget_ended(100 + ENDED_RETENTION_SECS - 1), 0);
+        assert_eq!(l.forget_ended(100 + ENDED_RETENTION_SECS), 2, "a (revoked) and c (expired)");
         assert!(l.get("c").is_none());
         assert!(l.live_of_job("job2", 0).is_empty());
+        assert_eq!(l.count(LeaseState::Active), 1);
+    }
+
+    #[tokio::test]
+    async fn failures_back_off_then_become_irrevocable_and_are_still_retried() {
+        let l = Ledger::new(
+            None,
+            RetryPolicy { max_attempts: 3, base_secs: 10, cap_secs: 1000, irrevocable_every_secs: 600 },
+        );
+        l.record_created(lease("a", "j", 1000), None).await.unwrap();
+        l.begin_revoke("a", "job", 0).await.unwrap();
+        assert!(l.due_retries(0).is_empty(), "the caller of begin_revoke makes the first attempt");
+        assert_eq!(l.get("a").unwrap().next_attempt_at, STALLED_ATTEMPT_SECS, "a stalled attempt is retried");
+        assert_eq!(l.finish_revoke("a", Some("boom".into()), 0).await, LeaseState::Revoking);
+        let next = l.get("a").unwrap().next_attempt_at;
+        assert!((15..=25).contains(&next), "10 s × 2 ± 25 %: {next}");
+        assert!(l.due_retries(next - 1).is_empty());
+        assert_eq!(l.due_retries(next).len(), 1);
+        l.finish_revoke("a", Some("boom".into()), next).await;
+        assert_eq!(l.finish_revoke("a", Some("boom".into()), next).await, LeaseState::Irrevocable);
+        assert_eq!(l.count(LeaseState::Irrevocable), 1);
+        let at = l.get("a").unwrap().next_attempt_at;
+        assert_eq!(at, next + 600);
+        assert_eq!(l.due_retries(at).len(), 1, "irrevocable leases are retried, never dropped");
+        assert_eq!(l.finish_revoke("a", None, at).await, LeaseState::Revoked);
+        assert_eq!(l.count(LeaseState::Irrevocable), 0);
+    }
+
+    #[test]
+    fn replaying_events_twice_gives_the_same_state() {
+        let l = Ledger::default();
+        let events = [
+            Event::Created { lease: lease("a", "j", 100) },
+            Event::RevokeRequested { id: "a".into(), reason: "job".into(), at: 5 },
+            Event::RevokeFailed { id: "a".into(), at: 5, attempts: 1, next_at: 7, error: "x".into() },
+        ];
+        for e in events.iter().chain(events.iter()) {
+            l.apply(e.clone());
+        }
+        let a = l.get("a").unwrap();
+        assert_eq!((a.state, a.attempts, a.next_attempt_at), (LeaseState::Revoking, 1, 7));
+        assert_eq!(l.count(LeaseState::Revoking), 1);
+        assert_eq!(l.count(LeaseState::Active), 0);
+    }
+
+    #[test]
+    fn a_jti_is_used_once_until_it_expires() {
+        let l = Ledger::default();
+        assert!(l.reserve_jti("k", 50));
+        assert!(!l.reserve_jti("k", 50));
+        l.forget_ended(49);
+        assert!(!l.reserve_jti("k", 50));
+        l.forget_ended(50);
+        assert!(l.reserve_jti("k", 80), "the entry went away with the token");
     }
 }

@@ -17,8 +17,11 @@ use std::sync::Arc;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Replaces a named backend with a wrapper around it (fault injection in tests).
+pub type BackendWrap = dyn Fn(&str, Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync;
+
 /// What ending a lease does to a credential (DESIGN §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Revocation {
     /// Dead at once (e.g. a broker JWT: introspection answers inactive).
@@ -135,6 +138,13 @@ impl Backends {
             }
         }
         Ok(out)
+    }
+
+    /// Replaces every backend with `wrap(name, backend)` (fault injection in tests).
+    pub fn wrap(&mut self, wrap: &BackendWrap) {
+        for (name, backend) in self.by_name.iter_mut() {
+            *backend = wrap(name, backend.clone());
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Backend>> {

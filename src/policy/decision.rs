@@ -74,9 +74,18 @@ pub enum DenialReason {
     TemplateClaimMissing {
         grant: String,
     },
+    /// The token's `jti` was already used for an exchange under this policy.
+    Replayed,
+    /// Replay protection is on for the issuer and the token has no `jti`.
+    MissingJti,
 }
 
 impl Denial {
+    /// A replayed token (or one without `jti` where replay protection needs it).
+    pub fn replayed(policy: &str, missing_jti: bool) -> Denial {
+        Denial::new(policy, "jti", if missing_jti { DenialReason::MissingJti } else { DenialReason::Replayed })
+    }
+
     pub(super) fn new(policy: &str, claim: &str, reason: DenialReason) -> Denial {
         Denial { policy: truncate(policy, 64).to_string(), claim: claim.to_string(), reason }
     }
@@ -94,6 +103,12 @@ impl Denial {
                     format_duration(*requested),
                     format_duration(*max)
                 )
+            }
+            DenialReason::Replayed => {
+                format!("this token was already used for an exchange with policy `{policy}`; request a fresh ID token")
+            }
+            DenialReason::MissingJti => {
+                format!("claim `jti` is missing; replay protection for policy `{policy}` needs it")
             }
             DenialReason::TemplateClaimMissing { grant } => {
                 format!(

@@ -221,13 +221,12 @@ impl PolicySet {
         }
         let credentials =
             policy.grants.iter().map(|g| g.resolve(name, identity.claims())).collect::<Result<Vec<_>, _>>()?;
-        Ok(Grant {
-            policy: policy.name.clone(),
-            identity: identity.clone(),
-            ttl_secs,
-            expires_at: now + ttl_secs,
-            credentials,
-        })
+        // GitLab sets a job token's `exp` to the job timeout: a lease never outlives its job.
+        let expires_at = match identity.platform() {
+            Platform::GitlabCi => (now + ttl_secs).min(identity.expires_at()),
+            Platform::GithubActions => now + ttl_secs,
+        };
+        Ok(Grant { policy: policy.name.clone(), identity: identity.clone(), ttl_secs, expires_at, credentials })
     }
 }
 

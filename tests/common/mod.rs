@@ -11,12 +11,15 @@ use axum::routing::get;
 use ephemera::clock::ManualClock;
 use ephemera::config::Config;
 use ephemera::ids::b64url;
-use ephemera::server::{Options, Running, start};
+use ephemera::ledger::journal::Storage;
+use ephemera::mint::{Backend, BoxFuture, MintContext, MintError, Minted, Revocation, RevokeHandle};
+use ephemera::policy::{Grant, GrantedCredential};
+use ephemera::server::{Faults, Options, Running, start};
 use ring::rand::SystemRandom;
 use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The fixtures' own clock: `iat` of github-push-immutable-sub.json.
@@ -147,9 +150,11 @@ impl FakeIssuer {
         self.state.jwks_hits.load(Ordering::SeqCst) + self.state.discovery_hits.load(Ordering::SeqCst)
     }
 
-    /// A fixture's claims re-stamped for this issuer at `now`: `iss`, `aud`, and times.
+    /// A fixture's claims re-stamped for this issuer at `now`: `iss`, `aud`, times, and a fresh
+    /// `jti` (as the platforms mint a new one for every token).
     pub fn claims(&self, fixture_name: &str, now: i64) -> Map<String, Value> {
         let mut c = fixture(fixture_name);
+        c.insert("jti".into(), json!(ephemera::ids::b64url(&ephemera::ids::random::<12>())));
         c.insert("iss".into(), json!(self.url));
         c.insert("aud".into(), json!(AUDIENCE));
         c.insert("iat".into(), json!(now));
@@ -265,6 +270,97 @@ grants:
 pub struct Extra {
     pub issuer_toml: String,
     pub backend_toml: String,
+    pub ledger_toml: String,
+}
+
+// ---- fakes for faults real parts cannot produce on demand ----------------------------------
+
+/// A backend wrapper whose revocations fail a set number of times (or forever, with `u32::MAX`)
+/// before reaching the real backend. A fake: no real backend fails on cue.
+pub struct FlakyRevoke {
+    inner: Arc<dyn Backend>,
+    failures_left: AtomicU32,
+    pub revoke_calls: AtomicUsize,
+}
+
+impl FlakyRevoke {
+    pub fn new(inner: Arc<dyn Backend>, failures: u32) -> Arc<FlakyRevoke> {
+        Arc::new(FlakyRevoke { inner, failures_left: AtomicU32::new(failures), revoke_calls: AtomicUsize::new(0) })
+    }
+}
+
+impl Backend for FlakyRevoke {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn revocation(&self) -> Revocation {
+        self.inner.revocation()
+    }
+    fn mint<'a>(
+        &'a self,
+        grant: &'a Grant,
+        cred: &'a GrantedCredential,
+        ctx: MintContext<'a>,
+    ) -> BoxFuture<'a, Result<Minted, MintError>> {
+        self.inner.mint(grant, cred, ctx)
+    }
+    fn revoke<'a>(&'a self, handle: &'a RevokeHandle) -> BoxFuture<'a, Result<(), MintError>> {
+        self.revoke_calls.fetch_add(1, Ordering::SeqCst);
+        let left = self.failures_left.load(Ordering::SeqCst);
+        if left > 0 {
+            if left != u32::MAX {
+                self.failures_left.store(left - 1, Ordering::SeqCst);
+            }
+            return Box::pin(async { Err(MintError { detail: "injected: upstream 503".into() }) });
+        }
+        self.inner.revoke(handle)
+    }
+}
+
+/// Faults that wrap every backend in `flaky`.
+pub fn flaky_backends(flaky: Arc<std::sync::Mutex<Option<Arc<FlakyRevoke>>>>, failures: u32) -> Faults {
+    Faults {
+        backend: Some(Arc::new(move |_name: &str, inner: Arc<dyn Backend>| -> Arc<dyn Backend> {
+            let wrapped = FlakyRevoke::new(inner, failures);
+            *flaky.lock().unwrap() = Some(wrapped.clone());
+            wrapped
+        })),
+        storage: None,
+    }
+}
+
+/// Journal storage whose writes fail with ENOSPC once `full` is set, like a full disk. A fake:
+/// filling a real disk in a test would take the machine down with it.
+pub struct FullDisk {
+    inner: Box<dyn Storage>,
+    full: Arc<AtomicBool>,
+}
+
+impl Storage for FullDisk {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            // Like a real ENOSPC mid-write: part of the batch lands first.
+            let _ = self.inner.append(&bytes[..bytes.len() / 2]);
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        self.inner.append(bytes)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.inner.replace(bytes)
+    }
+}
+
+pub fn full_disk(full: Arc<AtomicBool>) -> Faults {
+    Faults {
+        storage: Some(Box::new(move |inner| Box::new(FullDisk { inner, full }) as Box<dyn Storage>)),
+        backend: None,
+    }
 }
 
 pub struct Broker {
@@ -272,7 +368,9 @@ pub struct Broker {
     pub clock: Arc<ManualClock>,
     pub http: reqwest::Client,
     pub url: String,
-    _dir: tempfile::TempDir,
+    /// The config's folder; the data directory is `dir/data`. Shared so a restart reuses it.
+    pub dir: Arc<tempfile::TempDir>,
+    toml: String,
 }
 
 impl Broker {
@@ -293,13 +391,22 @@ impl Broker {
         policies: &[(&str, &str)],
         extra: &Extra,
     ) -> Broker {
-        init_log_capture();
-        let dir = tempfile::tempdir().unwrap();
+        Broker::start_with_faults(issuers, policies, extra, None).await
+    }
+
+    pub async fn start_with_faults(
+        issuers: &[(&str, &str, &FakeIssuer)],
+        policies: &[(&str, &str)],
+        extra: &Extra,
+        faults: Option<Faults>,
+    ) -> Broker {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
         std::fs::create_dir(dir.path().join("policies")).unwrap();
         for (name, yaml) in policies {
             std::fs::write(dir.path().join(format!("policies/{name}.yaml")), yaml).unwrap();
         }
         let mut toml = String::from("listen = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:1\"\n");
+        toml.push_str(&format!("[ledger]\n{}\n", extra.ledger_toml));
         for (name, platform, issuer) in issuers {
             toml.push_str(&format!(
                 "[[issuers]]\nname = \"{name}\"\nplatform = \"{platform}\"\nurl = \"{}\"\naudiences = [\"{AUDIENCE}\"]\n\
@@ -308,13 +415,40 @@ impl Broker {
             ));
         }
         toml.push_str(&format!("[backends.jwt]\ntype = \"jwt\"\nmax_ttl = \"1h\"\n{}\n", extra.backend_toml));
+        Broker::launch(dir, toml, Arc::new(ManualClock::new(NOW)), faults).await
+    }
+
+    async fn launch(
+        dir: Arc<tempfile::TempDir>,
+        toml: String,
+        clock: Arc<ManualClock>,
+        faults: Option<Faults>,
+    ) -> Broker {
+        init_log_capture();
         let config = Config::parse(&toml, dir.path()).unwrap();
-        let clock = Arc::new(ManualClock::new(NOW));
-        let running = start(Options { config, dev: false, clock: clock.clone() }).await.unwrap();
+        let mut options = Options::new(config, false, clock.clone());
+        options.faults = faults;
+        let running = start(options).await.unwrap();
         let url = running.url();
-        let broker = Broker { running, clock, http: reqwest::Client::new(), url, _dir: dir };
+        let broker = Broker { running, clock, http: reqwest::Client::new(), url, dir, toml };
         broker.wait_ready().await;
         broker
+    }
+
+    /// Shuts down gracefully and starts again on the same data directory and clock.
+    pub async fn restart(self, faults: Option<Faults>) -> Broker {
+        let Broker { running, clock, dir, toml, .. } = self;
+        running.shutdown().await;
+        Broker::launch(dir, toml, clock, faults).await
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.path().join("data/ledger/journal")
+    }
+
+    /// The journal's events, read from disk.
+    pub fn journal_events(&self) -> Vec<ephemera::ledger::Event> {
+        ephemera::ledger::journal::decode(&std::fs::read(self.journal_path()).unwrap()).unwrap().0
     }
 
     async fn wait_ready(&self) {

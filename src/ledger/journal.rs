@@ -1,0 +1,434 @@
+//! The lease journal: an append-only file of length-prefixed, checksummed records.
+//!
+//! ```text
+//! file   = MAGIC record*
+//! record = len:u32 LE | crc32(len ‖ payload):u32 LE | payload (JSON of one `Event`)
+//! ```
+//!
+//! A crash can leave a torn tail (a record cut short, or whose bytes never reached the disk): it
+//! is truncated at start. A bad record *before* the tail is corruption, not a crash: the start
+//! stops with the byte offset, because silently dropping it could forget a lease that still
+//! needs revoking. One writer task appends; concurrent callers share one `fsync` (group commit)
+//! and each learns whether its records are durable.
+
+use super::Event;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+const MAGIC: &[u8; 8] = b"EPHJRNL1";
+/// No single event is anywhere near this; a larger length field means a corrupt header.
+const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
+/// How many queued appends one fsync may cover.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalError(pub String);
+
+impl std::fmt::Display for JournalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What reading a journal found.
+#[derive(Debug)]
+pub struct Replayed {
+    pub events: Vec<Event>,
+    /// Bytes cut from a torn tail (0 when the file ended cleanly).
+    pub truncated: u64,
+}
+
+/// Where the journal's bytes go. [`FileStorage`] is the real one; tests wrap it to inject write
+/// failures a real disk produces only rarely (ENOSPC, EIO).
+pub trait Storage: Send + 'static {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+    /// Cuts the file back to `len` bytes (after a failed append left partial bytes).
+    fn truncate(&mut self, len: u64) -> std::io::Result<()>;
+    /// Atomically replaces the whole file with `bytes` (compaction).
+    fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+pub struct FileStorage {
+    path: PathBuf,
+    file: File,
+}
+
+impl FileStorage {
+    /// Opens (or creates) the journal at `path`, reads every record, truncates a torn tail, and
+    /// returns the storage positioned for appending.
+    pub fn open(path: &Path) -> Result<(FileStorage, Replayed), JournalError> {
+        let err = |what: &str, e: std::io::Error| JournalError(format!("journal {}: {what}: {e}", path.display()));
+        let mut file =
+            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| err("cannot open", e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| err("cannot read", e))?;
+        if bytes.is_empty() {
+            file.write_all(MAGIC).and_then(|()| file.sync_all()).map_err(|e| err("cannot initialise", e))?;
+            sync_dir(path).map_err(|e| err("cannot sync its directory", e))?;
+            return Ok((FileStorage { path: path.to_path_buf(), file }, Replayed { events: Vec::new(), truncated: 0 }));
+        }
+        let (events, good_len) =
+            decode(&bytes).map_err(|e| JournalError(format!("journal {}: {e}", path.display())))?;
+        let truncated = bytes.len() as u64 - good_len;
+        if truncated > 0 {
+            file.set_len(good_len).and_then(|()| file.sync_all()).map_err(|e| err("cannot truncate a torn tail", e))?;
+            file.seek(SeekFrom::End(0)).map_err(|e| err("cannot seek", e))?;
+        }
+        Ok((FileStorage { path: path.to_path_buf(), file }, Replayed { events, truncated }))
+    }
+}
+
+impl Storage for FileStorage {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.seek(SeekFrom::End(0)).map(|_| ())
+    }
+
+    fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("compact");
+        let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        out.write_all(bytes)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        sync_dir(&self.path)?;
+        self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
+        Ok(())
+    }
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
+}
+
+/// Encodes events as records (without the file magic).
+pub fn encode(events: &[Event], out: &mut Vec<u8>) {
+    for event in events {
+        // Invariant: `Event` holds only strings, numbers and JSON values; serializing cannot fail.
+        let payload = serde_json::to_vec(event).unwrap_or_default();
+        let len = (payload.len() as u32).to_le_bytes();
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&checksum(&len, &payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+}
+
+/// CRC32 over the length field and the payload, so a damaged length is caught too.
+fn checksum(len: &[u8; 4], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(len);
+    h.update(payload);
+    h.finalize()
+}
+
+/// Decodes a whole journal file. Returns the events and the length of the good prefix; a torn
+/// tail is everything after it. Corruption before the tail is an error.
+pub fn decode(bytes: &[u8]) -> Result<(Vec<Event>, u64), String> {
+    if bytes.len() < MAGIC.len() {
+        // A crash while writing the magic of a brand-new journal: nothing was recorded yet.
+        return if MAGIC.starts_with(bytes) { Ok((Vec::new(), 0)) } else { Err("not an ephemera journal".into()) };
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not an ephemera journal (bad magic)".into());
+    }
+    let mut events = Vec::new();
+    let mut at = MAGIC.len();
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        // After a crash the file system may show unsynced appended blocks as zeros.
+        if rest.iter().all(|b| *b == 0) {
+            break;
+        }
+        let Some(header) = rest.get(..8) else { break }; // torn: header cut short
+        let len_bytes = [header[0], header[1], header[2], header[3]];
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 || len > MAX_RECORD_BYTES {
+            return Err(format!("corrupt record at byte {at}: impossible length {len}"));
+        }
+        let Some(payload) = rest.get(8..8 + len) else { break }; // torn: runs past the end
+        let after = rest.len() - 8 - len;
+        if checksum(&len_bytes, payload) != crc {
+            if after == 0 {
+                break; // torn: the last record's bytes did not all reach the disk
+            }
+            return Err(format!("corrupt record at byte {at}: checksum mismatch, with {after} bytes after it"));
+        }
+        let event: Event =
+            serde_json::from_slice(payload).map_err(|e| format!("unreadable record at byte {at}: {e}"))?;
+        events.push(event);
+        at += 8 + len;
+    }
+    Ok((events, at as u64))
+}
+
+enum Command {
+    Append { bytes: Vec<u8>, done: oneshot::Sender<Result<(), JournalError>> },
+    Compact { snapshot: Vec<Event>, done: oneshot::Sender<Result<(), JournalError>> },
+}
+
+/// The handle appenders use. Cloning shares the one writer task.
+#[derive(Clone)]
+pub struct Journal {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    /// Bytes written since the last compaction (or start).
+    pub bytes_since_compaction: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub records: AtomicU64,
+    /// Set after a write that could not be undone: every later append fails until a restart.
+    pub broken: AtomicBool,
+}
+
+impl Journal {
+    /// Starts the writer task over `storage`, whose file currently holds `len` bytes.
+    pub fn start(storage: Box<dyn Storage>, len: u64) -> Journal {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let stats = Arc::new(Stats::default());
+        stats.bytes_since_compaction.store(len, Ordering::Relaxed);
+        tokio::spawn(writer(storage, len, rx, stats.clone()));
+        Journal { tx, stats }
+    }
+
+    /// Appends events; returns once they are on disk (fsync), or why they are not.
+    pub async fn append(&self, events: &[Event]) -> Result<(), JournalError> {
+        let mut bytes = Vec::new();
+        encode(events, &mut bytes);
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Append { bytes, done })
+            .await
+            .map_err(|_| JournalError("the journal writer stopped".into()))?;
+        wait.await.map_err(|_| JournalError("the journal writer stopped".into()))?
+    }
+
+    /// Replaces the journal with `snapshot` (every lease still remembered, in its current state).
+    pub async fn compact(&self, snapshot: Vec<Event>) -> Result<(), JournalError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Compact { snapshot, done })
+            .await
+            .map_err(|_| JournalError("the journal writer stopped".into()))?;
+        wait.await.map_err(|_| JournalError("the journal writer stopped".into()))?
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Waits until everything queued so far is durable (used at shutdown).
+    pub async fn flush(&self) -> Result<(), JournalError> {
+        self.append(&[]).await
+    }
+}
+
+/// The single writer: takes every queued append, writes them, one fsync, answers all.
+async fn writer(storage: Box<dyn Storage>, len: u64, mut rx: mpsc::Receiver<Command>, stats: Arc<Stats>) {
+    let state = Arc::new(std::sync::Mutex::new((storage, len)));
+    while let Some(first) = rx.recv().await {
+        let mut appends = Vec::new();
+        let mut compact = None;
+        match first {
+            Command::Append { bytes, done } => appends.push((bytes, done)),
+            Command::Compact { snapshot, done } => compact = Some((snapshot, done)),
+        }
+        while compact.is_none() && appends.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Command::Append { bytes, done }) => appends.push((bytes, done)),
+                Ok(Command::Compact { snapshot, done }) => compact = Some((snapshot, done)),
+                Err(_) => break,
+            }
+        }
+        if !appends.is_empty() {
+            let batch: Vec<u8> = appends.iter().flat_map(|(b, _)| b.iter().copied()).collect();
+            let result = write_batch(&state, batch, &stats).await;
+            for (_, done) in appends {
+                let _ = done.send(result.clone());
+            }
+        }
+        if let Some((snapshot, done)) = compact {
+            let _ = done.send(write_snapshot(&state, snapshot, &stats).await);
+        }
+    }
+}
+
+type Shared = Arc<std::sync::Mutex<(Box<dyn Storage>, u64)>>;
+
+async fn write_batch(state: &Shared, batch: Vec<u8>, stats: &Arc<Stats>) -> Result<(), JournalError> {
+    if stats.broken.load(Ordering::Acquire) {
+        return Err(JournalError("the journal is broken after an earlier write failure; restart the broker".into()));
+    }
+    let (state, stats) = (state.clone(), stats.clone());
+    let blocking = tokio::task::spawn_blocking(move || {
+        let mut guard = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (storage, len) = &mut *guard;
+        let result = storage.append(&batch).and_then(|()| storage.sync());
+        match result {
+            Ok(()) => {
+                *len += batch.len() as u64;
+                stats.bytes_since_compaction.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // Cut off whatever part of the batch got written, so the next append does not
+                // land after garbage (which the next start would call corruption).
+                if storage.truncate(*len).and_then(|()| storage.sync()).is_err() {
+                    stats.broken.store(true, Ordering::Release);
+                }
+                Err(JournalError(format!("journal write failed: {e}")))
+            }
+        }
+    });
+    blocking.await.unwrap_or_else(|e| Err(JournalError(format!("journal writer panicked: {e}"))))
+}
+
+async fn write_snapshot(state: &Shared, snapshot: Vec<Event>, stats: &Arc<Stats>) -> Result<(), JournalError> {
+    let (state, stats) = (state.clone(), stats.clone());
+    let blocking = tokio::task::spawn_blocking(move || {
+        let mut bytes = MAGIC.to_vec();
+        encode(&snapshot, &mut bytes);
+        let mut guard = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (storage, len) = &mut *guard;
+        storage.replace(&bytes).map_err(|e| JournalError(format!("journal compaction failed: {e}")))?;
+        *len = bytes.len() as u64;
+        stats.bytes_since_compaction.store(0, Ordering::Relaxed);
+        Ok(())
+    });
+    blocking.await.unwrap_or_else(|e| Err(JournalError(format!("journal compaction panicked: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(n: usize) -> Vec<Event> {
+        (0..n).map(|i| Event::Revoked { id: format!("lse_{i}"), at: i as i64 }).collect()
+    }
+
+    fn file_with(events: &[Event]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        encode(events, &mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let bytes = file_with(&events(3));
+        let (decoded, good) = decode(&bytes).unwrap();
+        assert_eq!(decoded, events(3));
+        assert_eq!(good, bytes.len() as u64);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_every_possible_length() {
+        let whole = file_with(&events(3));
+        let two = file_with(&events(2)).len();
+        for cut in two..whole.len() {
+            let (decoded, good) = decode(&whole[..cut]).unwrap();
+            assert_eq!(decoded, events(2), "cut at {cut}");
+            assert_eq!(good, two as u64, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_last_record_with_bad_bytes_is_a_torn_tail() {
+        let mut bytes = file_with(&events(3));
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        assert_eq!(decode(&bytes).unwrap().0, events(2));
+    }
+
+    #[test]
+    fn a_corrupt_middle_record_stops_with_its_offset() {
+        let mut bytes = file_with(&events(3));
+        bytes[MAGIC.len() + 10] ^= 0xff; // inside the first payload
+        let err = decode(&bytes).unwrap_err();
+        assert!(err.contains("corrupt record at byte 8"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_filled_tail_after_a_crash_is_torn_not_corrupt() {
+        let mut bytes = file_with(&events(2));
+        bytes.extend_from_slice(&[0u8; 4096]);
+        assert_eq!(decode(&bytes).unwrap().0, events(2));
+    }
+
+    #[test]
+    fn a_damaged_length_field_mid_file_is_corruption() {
+        let mut bytes = file_with(&events(3));
+        bytes[MAGIC.len()] ^= 0x01; // length of the first record, off by one
+        assert!(decode(&bytes).unwrap_err().contains("corrupt record at byte 8"));
+    }
+
+    #[test]
+    fn another_file_is_not_a_journal() {
+        assert!(decode(b"{\"some\": \"json\"}").is_err());
+    }
+
+    #[test]
+    fn open_truncates_a_torn_tail_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut bytes = file_with(&events(2));
+        bytes.extend_from_slice(&[7, 0, 0]);
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, replayed) = FileStorage::open(&path).unwrap();
+        assert_eq!(replayed.events, events(2));
+        assert_eq!(replayed.truncated, 3);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes.len() as u64 - 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_fsyncs_and_all_become_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (storage, _) = FileStorage::open(&path).unwrap();
+        let journal = Journal::start(Box::new(storage), MAGIC.len() as u64);
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let j = journal.clone();
+                tokio::spawn(async move { j.append(&[Event::Revoked { id: format!("lse_{i}"), at: 0 }]).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let fsyncs = journal.stats().fsyncs.load(Ordering::Relaxed);
+        assert!(fsyncs < 200, "no group commit: {fsyncs} fsyncs for 200 appends");
+        let (events, _) = decode(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(events.len(), 200);
+    }
+
+    #[tokio::test]
+    async fn compaction_replaces_the_file_and_appends_continue_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (storage, _) = FileStorage::open(&path).unwrap();
+        let journal = Journal::start(Box::new(storage), MAGIC.len() as u64);
+        journal.append(&events(5)).await.unwrap();
+        journal.compact(events(1)).await.unwrap();
+        journal.append(&[Event::Revoked { id: "after".into(), at: 9 }]).await.unwrap();
+        let (decoded, _) = decode(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(decoded, vec![events(1)[0].clone(), Event::Revoked { id: "after".into(), at: 9 }]);
+    }
+}
