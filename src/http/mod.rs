@@ -19,10 +19,14 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
 
+mod admin;
+mod hooks;
+
 /// Largest request body accepted on any endpoint.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
 type AppState = State<Arc<App>>;
+type AppRouter = Router<Arc<App>>;
 
 pub fn router(app: Arc<App>) -> Router {
     let mut router = Router::new()
@@ -33,7 +37,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .merge(admin::routes())
+        .merge(hooks::routes());
     if app.dev.is_some() {
         router = router
             .route("/dev/{platform}/.well-known/openid-configuration", get(dev_discovery))
@@ -133,7 +139,7 @@ async fn request_context(req: Request, next: Next) -> Response {
 
 /// Reads the body, refusing more than [`BODY_LIMIT`] bytes while reading (a declared length is
 /// refused before reading anything).
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
@@ -148,7 +154,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
 
 /// A JSON body into `T` (which denies unknown fields). An empty body reads as `{}` where `T`
 /// allows it.
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     serde_json::from_slice(bytes).map_err(|e| Error::BadRequest(describe_json_error(&e)))
 }
@@ -179,7 +185,7 @@ fn describe_json_error(e: &serde_json::Error) -> String {
     format!("invalid JSON body: not well-formed JSON ({at})")
 }
 
-fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
     let value = headers.get(header::AUTHORIZATION).ok_or(IdentityError::Missing)?;
     let text = value.to_str().map_err(|_| IdentityError::Malformed("Authorization header is not text"))?;
     let (scheme, token) = text.split_once(' ').ok_or(IdentityError::Missing)?;
@@ -189,7 +195,7 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
     Ok(token.trim())
 }
 
-fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
