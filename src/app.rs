@@ -32,6 +32,7 @@ pub struct App {
     pub resumed: AtomicBool,
     /// Compact the journal after this many appended bytes.
     pub compact_bytes: u64,
+    pub hooks: crate::config::HooksConfig,
 }
 
 /// The 201 body of `POST /v1/exchange` (DESIGN §2).

@@ -2,6 +2,7 @@
 //! error is reported at once; secrets live in files, never inline.
 
 use crate::clock::parse_duration;
+use crate::secret::SecretString;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +27,28 @@ pub struct Config {
     pub compact_bytes: u64,
     /// SHA-256 of the admin bearer token; admin endpoints are off without it.
     pub admin_token_sha256: Option<[u8; 32]>,
+    /// Platform webhooks; each is off unless its secret is configured.
+    pub hooks: HooksConfig,
+}
+
+/// `[hooks]`: the platform webhooks that end a job's leases when the platform says it completed.
+#[derive(Debug, Clone, Default)]
+pub struct HooksConfig {
+    /// `POST /v1/hooks/github`, authenticated by HMAC-SHA256 with this secret.
+    pub github: Option<HookConfig>,
+    /// `POST /v1/hooks/gitlab`, authenticated by this token in `X-Gitlab-Token`.
+    pub gitlab: Option<HookConfig>,
+}
+
+/// One enabled webhook.
+#[derive(Debug, Clone)]
+pub struct HookConfig {
+    /// Read from `secret_file` at server start ([`HooksConfig::load_secrets`]), not when the config
+    /// is parsed: `ephemera policy check` must work where the secrets are not.
+    pub secret: SecretString,
+    pub secret_file: PathBuf,
+    /// The configured issuer whose job keys the hook ends (named, or the only one of its platform).
+    pub issuer: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -121,6 +144,8 @@ struct RawConfig {
     ledger: RawLedger,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    hooks: RawHooks,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +188,15 @@ struct RawLedger {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     token_sha256: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    github_secret_file: Option<PathBuf>,
+    gitlab_token_file: Option<PathBuf>,
+    github_issuer: Option<String>,
+    gitlab_issuer: Option<String>,
 }
 
 /// Where a config came from, for relative paths and messages.
@@ -261,6 +295,7 @@ impl RawConfig {
         let public_url = public_url.trim_end_matches('/').to_string();
         let data_dir = base.join(self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data")));
         let issuers = self.validate_issuers(&public_url, base, &mut errs);
+        let hooks = self.hooks.validate(&issuers, base, &mut errs);
         let backends = self.validate_backends(&mut errs);
         let reap_interval_secs = errs.duration("ledger.reap_interval", self.ledger.reap_interval.as_deref(), 5);
         let admin_token_sha256 = self.admin.token_sha256.as_deref().and_then(|h| {
@@ -282,6 +317,7 @@ impl RawConfig {
             reap_interval_secs,
             compact_bytes: self.ledger.compact_bytes.unwrap_or(64 * 1024 * 1024),
             admin_token_sha256,
+            hooks,
         })
     }
 
@@ -367,6 +403,96 @@ impl RawConfig {
         }
         out
     }
+}
+
+impl RawHooks {
+    fn validate(&self, issuers: &[IssuerConfig], base: &Path, errs: &mut Errors) -> HooksConfig {
+        let github = (self.github_secret_file.as_deref(), "github_secret_file");
+        let gitlab = (self.gitlab_token_file.as_deref(), "gitlab_token_file");
+        HooksConfig {
+            github: hook(
+                github,
+                (self.github_issuer.as_deref(), "github_issuer"),
+                Platform::GithubActions,
+                issuers,
+                base,
+                errs,
+            ),
+            gitlab: hook(
+                gitlab,
+                (self.gitlab_issuer.as_deref(), "gitlab_issuer"),
+                Platform::GitlabCi,
+                issuers,
+                base,
+                errs,
+            ),
+        }
+    }
+}
+
+/// One webhook: its secret file and the issuer whose job keys it ends.
+fn hook(
+    (file, file_field): (Option<&Path>, &str),
+    (named, issuer_field): (Option<&str>, &str),
+    platform: Platform,
+    issuers: &[IssuerConfig],
+    base: &Path,
+    errs: &mut Errors,
+) -> Option<HookConfig> {
+    let candidates: Vec<&str> = issuers.iter().filter(|i| i.platform == platform).map(|i| i.name.as_str()).collect();
+    let issuer = match named {
+        Some(name) if candidates.contains(&name) => Some(name.to_string()),
+        Some(name) => {
+            errs.0.push(format!("hooks.{issuer_field}: no {} issuer is named `{name}`", platform.as_str()));
+            None
+        }
+        None if file.is_none() => None,
+        None => match candidates.as_slice() {
+            [only] => Some((*only).to_string()),
+            [] => {
+                errs.0.push(format!("hooks.{file_field}: no {} issuer is configured", platform.as_str()));
+                None
+            }
+            many => {
+                errs.0.push(format!(
+                    "hooks.{issuer_field}: {} {} issuers are configured ({}); name the one whose jobs the webhook ends",
+                    many.len(),
+                    platform.as_str(),
+                    many.join(", ")
+                ));
+                None
+            }
+        },
+    };
+    let secret_file = base.join(file?);
+    Some(HookConfig { secret: SecretString::new(String::new()), secret_file, issuer: issuer? })
+}
+
+impl HooksConfig {
+    /// Reads each enabled hook's secret from its file. The server calls this at start and refuses
+    /// to start on an error, so a broken file stops the start, not the first delivery.
+    pub fn load_secrets(&mut self) -> Result<(), Vec<String>> {
+        let mut errs = Vec::new();
+        for (hook, field) in [(&mut self.github, "github_secret_file"), (&mut self.gitlab, "gitlab_token_file")] {
+            if let Some(hook) = hook.as_mut() {
+                match read_secret_file(&hook.secret_file) {
+                    Ok(secret) => hook.secret = secret,
+                    Err(e) => errs.push(format!("hooks.{field}: {e}")),
+                }
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+}
+
+/// A secret from a file: the whole file, less one trailing newline (as `echo` writes it).
+fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = text.strip_suffix('\n').map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    if text.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(SecretString::new(text.to_string()))
 }
 
 fn parse_algorithms(raw: Option<&[String]>, at: &str, errs: &mut Errors) -> Vec<Algorithm> {

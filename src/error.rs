@@ -72,7 +72,9 @@ impl Error {
         match self {
             Error::BadRequest(m) => m.clone(),
             Error::InvalidToken(_) => "the token is not valid for this broker".into(),
-            Error::Unauthorized => "a valid admin token is required".into(),
+            Error::Unauthorized => {
+                "this endpoint needs valid credentials (the admin token, or the webhook's secret)".into()
+            }
             Error::Denied(d) => d.public_message(),
             Error::NotFound => "no such endpoint".into(),
             Error::MethodNotAllowed => "method not allowed on this endpoint".into(),

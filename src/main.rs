@@ -183,6 +183,10 @@ fn print_dev_banner(url: &str, data_dir: &Path) {
     println!("  curl -s -X POST {url}/v1/revoke -H \"Authorization: Bearer $TOKEN\" -d '{{}}'");
     println!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
     println!();
+    let admin = shell_quote(&data_dir.join(ephemera::server::DEV_ADMIN_TOKEN_FILE).display().to_string());
+    println!("Admin API (leases, revoke by job or filter):");
+    println!("  curl -s {url}/v1/leases -H \"Authorization: Bearer $(cat {admin})\"");
+    println!();
 }
 
 /// Single-quotes a word for POSIX sh.

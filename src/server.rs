@@ -120,6 +120,9 @@ pub async fn start(options: Options) -> Result<Running, String> {
         config.issuers = issuer.issuer_configs(&config.public_url);
         config.backends.entry("jwt".into()).or_insert_with(BackendConfig::default_jwt);
         builtin.push(("dev", DEV_POLICY));
+        if config.admin_token_sha256.is_none() {
+            config.admin_token_sha256 = Some(dev_admin_token(&config.data_dir)?);
+        }
         Some(issuer)
     } else {
         None
@@ -135,6 +138,7 @@ pub async fn start(options: Options) -> Result<Running, String> {
         let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
         format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
     })?;
+    config.hooks.load_secrets().map_err(|errs| format!("refusing to start: {}", errs.join("; ")))?;
     let mut backends = Backends::from_config(&config)?;
     if let Some(wrap) = &faults.backend {
         backends.wrap(wrap.as_ref());
@@ -154,6 +158,7 @@ pub async fn start(options: Options) -> Result<Running, String> {
         dev: dev_issuer,
         resumed: std::sync::atomic::AtomicBool::new(false),
         compact_bytes: config.compact_bytes,
+        hooks: config.hooks.clone(),
     });
     let (tx, rx) = oneshot::channel::<()>();
     let router = crate::http::router(app.clone());
@@ -170,6 +175,25 @@ pub async fn start(options: Options) -> Result<Running, String> {
     tracing::info!(%addr, policies = app.policies.len(), issuers = config.issuers.len(), dev, "ephemera started");
     Ok(Running { addr, app, shutdown: Some(tx), server, background })
 }
+
+/// Dev mode's admin token: generated once into `data_dir/admin-token` (0600), like `vault
+/// server -dev`'s root token, and kept across restarts with the same data directory.
+fn dev_admin_token(data_dir: &std::path::Path) -> Result<[u8; 32], String> {
+    let path = data_dir.join(DEV_ADMIN_TOKEN_FILE);
+    if !path.exists() {
+        let token = crate::ids::b64url(&crate::ids::random::<32>());
+        crate::mint::jwt::write_private_file(&path, token.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let token = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(out)
+}
+
+/// Where `serve --dev` keeps its admin token, inside the data directory.
+pub const DEV_ADMIN_TOKEN_FILE: &str = "admin-token";
 
 /// Opens `data_dir/ledger/journal`: replays it into a fresh ledger (a torn tail is cut, a
 /// corrupt record stops the start) and starts its writer.

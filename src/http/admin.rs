@@ -1,9 +1,165 @@
-//! The admin API (DESIGN §2): list, inspect and end leases. Bearer admin token, compared as a
-//! SHA-256 digest in constant time.
+//! The admin API (DESIGN §2): list, inspect and end leases — one, a job's, or every live lease
+//! of a policy, a repository or project id, or an actor (the "leaver" event). Bearer admin
+//! token, compared as a SHA-256 digest in constant time; without a configured token every admin
+//! call is refused.
 
-use super::AppRouter;
+use super::{AppRouter, AppState, bearer, detached, json_response, parse_json, read_body};
+use crate::app::App;
+use crate::clock::rfc3339;
+use crate::error::Error;
+use crate::ledger::{Lease, LeaseFilter, LeaseState};
 use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Longest list one call returns; `truncated` says when there was more.
+const MAX_LIST: usize = 1000;
 
 pub(super) fn routes() -> AppRouter {
     Router::new()
+        .route("/v1/leases", get(list))
+        .route("/v1/leases/revoke", post(revoke_matching))
+        .route("/v1/leases/{id}", get(show).delete(revoke_one))
+        .route("/v1/jobs/revoke", post(revoke_job))
+}
+
+fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), Error> {
+    match bearer(headers) {
+        Ok(token) if app.is_admin(token) => Ok(()),
+        _ => Err(Error::Unauthorized),
+    }
+}
+
+/// A lease as operators see it: everything but the revoke handles' internals.
+pub(crate) fn lease_view(lease: &Lease) -> Value {
+    json!({
+        "id": lease.id,
+        "job": lease.job,
+        "policy": lease.policy,
+        "issuer": lease.issuer,
+        "state": lease.state.as_str(),
+        "created_at": rfc3339(lease.created_at),
+        "expires_at": rfc3339(lease.expires_at),
+        "reason": lease.reason,
+        "attempts": lease.attempts,
+        "next_attempt_at": (lease.state.is_pending()).then(|| rfc3339(lease.next_attempt_at)),
+        "last_error": lease.last_error,
+        "credentials": lease.credentials.iter().map(|c| json!({
+            "name": c.name, "kind": c.kind, "revocation": c.revocation, "backend": c.handle.backend,
+        })).collect::<Vec<_>>(),
+        "claims": lease.claims.as_ref(),
+    })
+}
+
+/// `GET /v1/leases?job=&policy=&state=&repository_id=&project_id=&actor_id=`
+async fn list(State(app): AppState, headers: HeaderMap, uri: Uri) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    let filter = parse_filter(uri.query().unwrap_or_default())?;
+    let mut leases = app.ledger.list(&filter, MAX_LIST + 1);
+    let truncated = leases.len() > MAX_LIST;
+    leases.truncate(MAX_LIST);
+    let views: Vec<Value> = leases.iter().map(lease_view).collect();
+    Ok(json_response(StatusCode::OK, &json!({"leases": views, "truncated": truncated})))
+}
+
+fn parse_filter(query: &str) -> Result<LeaseFilter, Error> {
+    let mut filter = LeaseFilter::default();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let value = value.into_owned();
+        let slot = match key.as_ref() {
+            "job" => &mut filter.job,
+            "policy" => &mut filter.policy,
+            "repository_id" => &mut filter.repository_id,
+            "project_id" => &mut filter.project_id,
+            "actor_id" => &mut filter.actor_id,
+            "state" => {
+                let state = LeaseState::parse(&value).ok_or_else(|| {
+                    Error::BadRequest("`state` is one of active, revoking, revoked, expired, irrevocable".into())
+                })?;
+                filter.state = Some(state);
+                continue;
+            }
+            _ => {
+                return Err(Error::BadRequest(
+                    "unknown query parameter (use job, policy, state, repository_id, project_id, actor_id)".into(),
+                ));
+            }
+        };
+        *slot = Some(value);
+    }
+    Ok(filter)
+}
+
+/// `GET /v1/leases/{id}`
+async fn show(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    let lease = app.ledger.get(&id).ok_or(Error::NotFound)?;
+    Ok(json_response(StatusCode::OK, &lease_view(&lease)))
+}
+
+/// `DELETE /v1/leases/{id}`
+async fn revoke_one(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    if app.ledger.get(&id).is_none() {
+        return Err(Error::NotFound);
+    }
+    let lease = id.clone();
+    let reply = detached(async move { app.end_leases(vec![lease], "admin").await }).await?;
+    tracing::info!(lease_id = %id, revoked = ?reply.revoked, pending = ?reply.pending, "admin revoked a lease");
+    Ok(json_response(StatusCode::OK, &reply))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobBody {
+    job: String,
+}
+
+/// `POST /v1/jobs/revoke {"job": "…"}`
+async fn revoke_job(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    let request: JobBody = parse_json(&read_body(&headers, body).await?)?;
+    let (job, app2) = (request.job.clone(), app.clone());
+    let reply = detached(async move { app2.end_job(&job, "admin").await }).await?;
+    tracing::info!(job = %request.job, revoked = ?reply.revoked, pending = ?reply.pending, "admin revoked a job");
+    Ok(json_response(StatusCode::OK, &reply))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatchBody {
+    policy: Option<String>,
+    repository_id: Option<String>,
+    project_id: Option<String>,
+    actor_id: Option<String>,
+}
+
+/// `POST /v1/leases/revoke {"policy"?, "repository_id"?, "project_id"?, "actor_id"?}`: every
+/// live lease matching all the given fields (a policy withdrawn, a repository archived, a person
+/// gone). At least one field: an empty filter would end every lease.
+async fn revoke_matching(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    let request: MatchBody = parse_json(&read_body(&headers, body).await?)?;
+    let filter = LeaseFilter {
+        policy: request.policy,
+        repository_id: request.repository_id,
+        project_id: request.project_id,
+        actor_id: request.actor_id,
+        ..LeaseFilter::default()
+    };
+    if filter.is_empty() {
+        return Err(Error::BadRequest(
+            "name at least one of policy, repository_id, project_id, actor_id (an empty filter would end every lease)"
+                .into(),
+        ));
+    }
+    let (f, app2) = (filter.clone(), app.clone());
+    let reply = detached(async move { app2.end_matching(&f, "admin").await }).await?;
+    tracing::info!(filter = ?filter, revoked = reply.revoked.len(), pending = reply.pending.len(), "admin revoked by filter");
+    Ok(json_response(StatusCode::OK, &reply))
 }

@@ -1,8 +1,327 @@
-//! Platform webhooks: a job-completed event ends every lease of that job.
+//! Platform webhooks (DESIGN §2): a job-completed event ends every lease of that job.
+//!
+//! Each hook is off — its route does not exist, so 404 — unless its secret is configured. A
+//! delivery is authenticated over the raw body before a byte of it is parsed; only then is it
+//! deduplicated, read, and acted on. Job keys are built from JSON numbers only, so a payload
+//! cannot forge a key with `:`.
 
-use super::AppRouter;
+use super::{AppRouter, json_response, parse_json, read_body};
+use crate::app::App;
+use crate::config::{HookConfig, HooksConfig, Platform};
+use crate::error::Error;
 use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use ring::{digest, hmac};
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 
-pub(super) fn routes() -> AppRouter {
-    Router::new()
+/// How many delivery ids each hook remembers for deduplication.
+const REMEMBERED_DELIVERIES: usize = 10_000;
+/// Delivery ids are GUIDs (36 characters); anything far longer is not one.
+const MAX_DELIVERY_ID: usize = 128;
+/// Why every lease ends here, in the ledger and the audit trail.
+const REASON: &str = "webhook";
+
+pub(super) fn routes(config: &HooksConfig) -> AppRouter {
+    let mut router = Router::new();
+    if let Some(c) = &config.github {
+        let hook = Arc::new(Hook::github(c));
+        router = router.route(
+            "/v1/hooks/github",
+            post(move |State(app): State<Arc<App>>, headers: HeaderMap, body: Body| {
+                github(app, hook.clone(), headers, body)
+            }),
+        );
+    }
+    if let Some(c) = &config.gitlab {
+        let hook = Arc::new(Hook::gitlab(c));
+        router = router.route(
+            "/v1/hooks/gitlab",
+            post(move |State(app): State<Arc<App>>, headers: HeaderMap, body: Body| {
+                gitlab(app, hook.clone(), headers, body)
+            }),
+        );
+    }
+    router
+}
+
+// ---- GitHub ---------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct GithubAction {
+    action: String,
+}
+
+/// The parts of a `workflow_job` event that make the job key (DESIGN §3). Unknown fields are
+/// ignored: the platform adds fields to its payloads at will.
+#[derive(Deserialize)]
+struct GithubCompleted {
+    repository: GithubRepository,
+    workflow_job: WorkflowJob,
+}
+
+#[derive(Deserialize)]
+struct GithubRepository {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+struct WorkflowJob {
+    /// The job's `check_run_id`.
+    id: u64,
+    run_id: u64,
+    run_attempt: u64,
+}
+
+async fn github(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(&headers, body).await?;
+    hook.authenticate(&headers, &bytes)?;
+    let delivery = delivery_id(&headers, "x-github-delivery")?;
+    let Some(claim) = hook.deliveries.claim(delivery) else { return Ok(duplicate(&hook, delivery)) };
+    let event = headers.get("x-github-event").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    match event {
+        "ping" => return Ok(ignored(&hook, delivery, claim, "ping")),
+        "workflow_job" => {}
+        _ => return Ok(ignored(&hook, delivery, claim, "not a workflow_job event")),
+    }
+    if parse_json::<GithubAction>(&bytes)?.action != "completed" {
+        return Ok(ignored(&hook, delivery, claim, "workflow_job action is not completed"));
+    }
+    let e: GithubCompleted = parse_json(&bytes)?;
+    let w = e.workflow_job;
+    let key = format!("github:{}:{}:{}:{}", e.repository.id, w.run_id, w.run_attempt, w.id);
+    end_job(app, &hook, delivery, claim, key).await
+}
+
+// ---- GitLab ---------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct GitlabKind {
+    object_kind: String,
+}
+
+#[derive(Deserialize)]
+struct GitlabBuild {
+    build_status: String,
+    project_id: u64,
+    build_id: u64,
+}
+
+/// The job statuses after which a GitLab job no longer runs.
+const GITLAB_FINAL: [&str; 3] = ["success", "failed", "canceled"];
+
+async fn gitlab(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(&headers, body).await?;
+    hook.authenticate(&headers, &bytes)?;
+    let delivery = delivery_id(&headers, "x-gitlab-event-uuid")?;
+    let Some(claim) = hook.deliveries.claim(delivery) else { return Ok(duplicate(&hook, delivery)) };
+    if parse_json::<GitlabKind>(&bytes)?.object_kind != "build" {
+        return Ok(ignored(&hook, delivery, claim, "object_kind is not build"));
+    }
+    let build: GitlabBuild = parse_json(&bytes)?;
+    if !GITLAB_FINAL.contains(&build.build_status.as_str()) {
+        return Ok(ignored(&hook, delivery, claim, "build_status is not final"));
+    }
+    end_job(app, &hook, delivery, claim, format!("gitlab:{}:{}", build.project_id, build.build_id)).await
+}
+
+// ---- shared -----------------------------------------------------------------------------------
+
+/// One enabled webhook.
+struct Hook {
+    name: &'static str,
+    platform: Platform,
+    issuer: String,
+    auth: Auth,
+    deliveries: Deliveries,
+}
+
+enum Auth {
+    /// GitHub: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>`.
+    Hmac(hmac::Key),
+    /// GitLab: `X-Gitlab-Token: <token>`; only the token's SHA-256 is kept.
+    Token(digest::Digest),
+}
+
+impl Hook {
+    fn github(c: &HookConfig) -> Hook {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, c.secret.expose().as_bytes());
+        Hook::new("github", Platform::GithubActions, c, Auth::Hmac(key))
+    }
+
+    fn gitlab(c: &HookConfig) -> Hook {
+        let token = digest::digest(&digest::SHA256, c.secret.expose().as_bytes());
+        Hook::new("gitlab", Platform::GitlabCi, c, Auth::Token(token))
+    }
+
+    fn new(name: &'static str, platform: Platform, c: &HookConfig, auth: Auth) -> Hook {
+        Hook { name, platform, issuer: c.issuer.clone(), auth, deliveries: Deliveries::default() }
+    }
+
+    /// The sender holds the secret. Nothing of the body is read before this passes.
+    fn authenticate(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Error> {
+        let result = match &self.auth {
+            Auth::Hmac(key) => github_signature(headers).and_then(|tag| {
+                // Constant time: `ring` compares the tags without an early exit.
+                hmac::verify(key, body, &tag).map_err(|_| "signature does not match the body")
+            }),
+            Auth::Token(expected) => match headers.get("x-gitlab-token") {
+                None => Err("no X-Gitlab-Token header"),
+                // Digests of both, so neither the comparison's time nor its length check says
+                // anything about the token's length.
+                Some(given) => {
+                    let given = digest::digest(&digest::SHA256, given.as_bytes());
+                    match crate::secret::constant_time_eq(given.as_ref(), expected.as_ref()) {
+                        true => Ok(()),
+                        false => Err("X-Gitlab-Token does not match"),
+                    }
+                }
+            },
+        };
+        result.map_err(|reason| {
+            tracing::warn!(hook = self.name, reason, "webhook delivery not authenticated");
+            Error::Unauthorized
+        })
+    }
+
+    /// The job key as the verifier builds it for this hook's issuer: prefixed with the issuer's
+    /// name where more than one issuer of the platform is configured (DESIGN §3). Counted over
+    /// the issuers actually running, so it agrees with the verifier's rule by construction.
+    fn job_key(&self, app: &App, key: String) -> String {
+        let same_platform = app.verifier.issuers().filter(|i| i.platform() == self.platform).count();
+        match same_platform > 1 {
+            true => format!("{}:{key}", self.issuer),
+            false => key,
+        }
+    }
+}
+
+/// `sha256=<64 hex digits>`.
+fn github_signature(headers: &HeaderMap) -> Result<[u8; 32], &'static str> {
+    let value = headers.get("x-hub-signature-256").ok_or("no X-Hub-Signature-256 header")?;
+    let text = value.to_str().map_err(|_| "X-Hub-Signature-256 is not text")?;
+    let hex = text.strip_prefix("sha256=").ok_or("X-Hub-Signature-256 does not start with sha256=")?;
+    crate::config::parse_sha256_hex(hex).ok_or("X-Hub-Signature-256 is not 64 hex digits")
+}
+
+/// The delivery's id, when the platform sent one.
+fn delivery_id<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Error> {
+    let Some(value) = headers.get(name) else { return Ok(None) };
+    match value.to_str() {
+        Ok(id) if !id.is_empty() && id.len() <= MAX_DELIVERY_ID => Ok(Some(id)),
+        _ => Err(Error::BadRequest(format!("the {name} header is not a delivery id"))),
+    }
+}
+
+/// Ends the job's leases. The revocation runs in its own task, so a platform that stops waiting
+/// for the reply (GitHub gives up after 10 s) does not cut it short.
+async fn end_job(
+    app: Arc<App>,
+    hook: &Hook,
+    delivery: Option<&str>,
+    claim: Claim<'_>,
+    key: String,
+) -> Result<Response, Error> {
+    let job = hook.job_key(&app, key);
+    let task = {
+        let job = job.clone();
+        tokio::spawn(async move { app.end_job(&job, REASON).await })
+    };
+    let reply = task.await.map_err(|e| Error::Internal(format!("webhook revocation task failed: {e}")))?;
+    claim.keep();
+    tracing::info!(hook = hook.name, delivery, job = %job, revoked = ?reply.revoked, pending = ?reply.pending, "webhook ended job");
+    Ok(json_response(StatusCode::OK, &reply))
+}
+
+fn ignored(hook: &Hook, delivery: Option<&str>, claim: Claim<'_>, reason: &'static str) -> Response {
+    claim.keep();
+    tracing::info!(hook = hook.name, delivery, reason, "webhook ignored");
+    json_response(StatusCode::OK, &json!({"ignored": reason}))
+}
+
+fn duplicate(hook: &Hook, delivery: Option<&str>) -> Response {
+    tracing::info!(hook = hook.name, delivery, "webhook duplicate delivery ignored");
+    json_response(StatusCode::OK, &json!({"duplicate": true}))
+}
+
+/// The last [`REMEMBERED_DELIVERIES`] delivery ids, oldest first. In memory only: a restart
+/// forgets them, which is safe because ending a job's leases twice ends nothing more.
+#[derive(Default)]
+struct Deliveries(Mutex<(VecDeque<String>, HashSet<String>)>);
+
+impl Deliveries {
+    /// `None` when `id` was seen already; otherwise a claim on it that is released again unless
+    /// the delivery is handled ([`Claim::keep`]), so a failed delivery can be redelivered.
+    fn claim<'d>(&'d self, id: Option<&str>) -> Option<Claim<'d>> {
+        let Some(id) = id else { return Some(Claim { deliveries: self, id: None }) };
+        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (order, seen) = &mut *guard;
+        if !seen.insert(id.to_string()) {
+            return None;
+        }
+        order.push_back(id.to_string());
+        if order.len() > REMEMBERED_DELIVERIES
+            && let Some(oldest) = order.pop_front()
+        {
+            seen.remove(&oldest);
+        }
+        Some(Claim { deliveries: self, id: Some(id.to_string()) })
+    }
+
+    fn release(&self, id: &str) {
+        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (order, seen) = &mut *guard;
+        if seen.remove(id) {
+            order.retain(|o| o != id);
+        }
+    }
+}
+
+/// A delivery id being handled; forgotten again on drop (an error, a cancelled request) unless
+/// kept.
+struct Claim<'d> {
+    deliveries: &'d Deliveries,
+    id: Option<String>,
+}
+
+impl Claim<'_> {
+    fn keep(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.deliveries.release(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_remember_a_bounded_window_and_release_unhandled_ones() {
+        let d = Deliveries::default();
+        d.claim(Some("a")).unwrap().keep();
+        assert!(d.claim(Some("a")).is_none(), "a kept delivery is a duplicate");
+        drop(d.claim(Some("b")).unwrap());
+        assert!(d.claim(Some("b")).is_some(), "a dropped claim is released");
+        assert!(d.claim(None).is_some() && d.claim(None).is_some(), "no id: never a duplicate");
+        for i in 0..REMEMBERED_DELIVERIES {
+            d.claim(Some(&i.to_string())).unwrap().keep();
+        }
+        assert!(d.claim(Some("a")).is_some(), "the oldest id was forgotten");
+        assert!(d.claim(Some(&(REMEMBERED_DELIVERIES - 1).to_string())).is_none());
+        let (order, seen) = &*d.0.lock().unwrap();
+        assert!(order.len() <= REMEMBERED_DELIVERIES && seen.len() == order.len());
+    }
 }

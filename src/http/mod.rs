@@ -39,7 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(admin::routes())
-        .merge(hooks::routes());
+        .merge(hooks::routes(&app.hooks));
     if app.dev.is_some() {
         router = router
             .route("/dev/{platform}/.well-known/openid-configuration", get(dev_discovery))
@@ -195,6 +195,12 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
     Ok(token.trim())
 }
 
+/// Runs `work` on its own task: a client that hangs up must not cut a revocation off halfway
+/// (the request future is dropped on disconnect; a spawned task is not).
+pub(crate) async fn detached<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> Result<T, Error> {
+    tokio::spawn(work).await.map_err(|e| Error::Internal(format!("revocation task failed: {e}")))
+}
+
 pub(crate) fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
     (status, axum::Json(body)).into_response()
 }
@@ -233,8 +239,8 @@ struct RevokeBody {
 async fn revoke(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body).await?;
     let request: RevokeBody = parse_json(&bytes)?;
-    let token = bearer(&headers)?;
-    let reply = app.revoke(token, request.lease_id.as_deref()).await?;
+    let token = bearer(&headers)?.to_string();
+    let reply = detached(async move { app.revoke(&token, request.lease_id.as_deref()).await }).await??;
     Ok(json_response(StatusCode::OK, &reply))
 }
 

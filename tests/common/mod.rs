@@ -271,6 +271,8 @@ pub struct Extra {
     pub issuer_toml: String,
     pub backend_toml: String,
     pub ledger_toml: String,
+    /// Appended verbatim at the end of the config (e.g. a `[hooks]` table).
+    pub hooks_toml: String,
 }
 
 // ---- fakes for faults real parts cannot produce on demand ----------------------------------
@@ -415,6 +417,7 @@ impl Broker {
             ));
         }
         toml.push_str(&format!("[backends.jwt]\ntype = \"jwt\"\nmax_ttl = \"1h\"\n{}\n", extra.backend_toml));
+        toml.push_str(&format!("{}\n", extra.hooks_toml));
         Broker::launch(dir, toml, Arc::new(ManualClock::new(NOW)), faults).await
     }
 

@@ -1,0 +1,167 @@
+//! The admin API over real HTTP: listing, inspecting and ending leases, and its authentication.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-secret-for-tests";
+
+async fn setup() -> (FakeIssuer, Broker) {
+    let issuer = FakeIssuer::start().await;
+    let sha = ephemera::secret::sha256_hex(ADMIN.as_bytes());
+    let extra = Extra { backend_toml: format!("[admin]\ntoken_sha256 = \"{sha}\""), ..Extra::default() };
+    let broker = Broker::start_custom(
+        &[("ci", "github-actions", &issuer)],
+        &[("deploy", DEPLOY_POLICY), ("push", PUSH_POLICY)],
+        &extra,
+    )
+    .await;
+    (issuer, broker)
+}
+
+async fn admin(broker: &Broker, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    admin_as(broker, ADMIN, method, path, body).await
+}
+
+async fn admin_as(
+    broker: &Broker,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = broker.http.request(method, format!("{}{path}", broker.url)).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// One lease of the deploy fixture's job and one of the push fixture's job.
+async fn two_jobs(issuer: &FakeIssuer, broker: &Broker) -> (Value, Value) {
+    let (_, deploy) =
+        broker.exchange(&issuer.sign(&issuer.claims("github-environment-deploy.json", NOW)), "deploy").await;
+    let (_, push) = broker.exchange(&issuer.sign(&issuer.claims("github-push-immutable-sub.json", NOW)), "push").await;
+    (deploy, push)
+}
+
+fn active(broker: &Broker, body: &Value) -> bool {
+    broker.introspect(body["credentials"]["api"]["token"].as_str().unwrap())["active"] == true
+}
+
+#[tokio::test]
+async fn admin_calls_without_the_admin_token_are_refused() {
+    let (issuer, broker) = setup().await;
+    let (deploy, _) = two_jobs(&issuer, &broker).await;
+    let ci_token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    for token in ["", "wrong", ci_token.as_str()] {
+        let (status, body) = admin_as(&broker, token, reqwest::Method::GET, "/v1/leases", None).await;
+        assert_eq!(status, 401, "{token:?}: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    let path = format!("/v1/leases/{}", deploy["lease_id"].as_str().unwrap());
+    assert_eq!(admin_as(&broker, "wrong", reqwest::Method::DELETE, &path, None).await.0, 401);
+    assert!(active(&broker, &deploy), "a refused admin call ended a lease");
+}
+
+#[tokio::test]
+async fn leases_are_listed_by_job_policy_and_state_with_their_claims() {
+    let (issuer, broker) = setup().await;
+    let (deploy, push) = two_jobs(&issuer, &broker).await;
+    let (status, all) = admin(&broker, reqwest::Method::GET, "/v1/leases", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(all["leases"].as_array().unwrap().len(), 2);
+    assert_eq!(all["truncated"], false);
+    let job = "github:74:7712340001:2:96193868770";
+    let (_, by_job) =
+        admin(&broker, reqwest::Method::GET, &format!("/v1/leases?job={}", job.replace(':', "%3A")), None).await;
+    assert_eq!(by_job["leases"].as_array().unwrap().len(), 1);
+    let lease = &by_job["leases"][0];
+    assert_eq!(lease["id"], deploy["lease_id"]);
+    assert_eq!(lease["state"], "active");
+    assert_eq!(lease["claims"]["environment"], "prod", "the claims snapshot is shown");
+    assert_eq!(lease["credentials"][0]["kind"], "jwt");
+    assert!(!lease.to_string().contains("eyJ"), "a credential leaked into the admin view");
+    let (_, by_policy) = admin(&broker, reqwest::Method::GET, "/v1/leases?policy=push", None).await;
+    assert_eq!(by_policy["leases"][0]["id"], push["lease_id"]);
+    let (_, none) = admin(&broker, reqwest::Method::GET, "/v1/leases?state=revoked", None).await;
+    assert_eq!(none["leases"], json!([]));
+    let (status, bad) = admin(&broker, reqwest::Method::GET, "/v1/leases?stat=active", None).await;
+    assert_eq!((status, &bad["error"]["code"]), (400, &json!("bad_request")));
+    let (status, _) = admin(&broker, reqwest::Method::GET, "/v1/leases?state=dead", None).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn one_lease_is_shown_and_ended_by_id_and_an_unknown_id_is_404() {
+    let (issuer, broker) = setup().await;
+    let (deploy, push) = two_jobs(&issuer, &broker).await;
+    let path = format!("/v1/leases/{}", deploy["lease_id"].as_str().unwrap());
+    let (status, shown) = admin(&broker, reqwest::Method::GET, &path, None).await;
+    assert_eq!((status, &shown["policy"]), (200, &json!("deploy")));
+    let (status, reply) = admin(&broker, reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(reply, json!({"revoked": [deploy["lease_id"]], "pending": []}));
+    assert!(!active(&broker, &deploy));
+    assert!(active(&broker, &push), "another lease was ended");
+    let (_, shown) = admin(&broker, reqwest::Method::GET, &path, None).await;
+    assert_eq!((shown["state"].as_str(), shown["reason"].as_str()), (Some("revoked"), Some("admin")));
+    assert_eq!(admin(&broker, reqwest::Method::GET, "/v1/leases/lse_00000000000000000000000000", None).await.0, 404);
+    assert_eq!(admin(&broker, reqwest::Method::DELETE, "/v1/leases/nope", None).await.0, 404);
+}
+
+#[tokio::test]
+async fn a_job_is_ended_by_its_key() {
+    let (issuer, broker) = setup().await;
+    let (deploy, push) = two_jobs(&issuer, &broker).await;
+    let (status, reply) = admin(
+        &broker,
+        reqwest::Method::POST,
+        "/v1/jobs/revoke",
+        Some(json!({"job": "github:74:32291736541:1:96193868771"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(reply["revoked"], json!([push["lease_id"]]));
+    assert!(!active(&broker, &push));
+    assert!(active(&broker, &deploy));
+    let (status, _) = admin(&broker, reqwest::Method::POST, "/v1/jobs/revoke", Some(json!({"jobs": "x"}))).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn the_leaver_event_ends_every_live_lease_of_an_actor_policy_or_repository() {
+    let (issuer, broker) = setup().await;
+    let (deploy, push) = two_jobs(&issuer, &broker).await;
+    // Both fixtures' actor is octocat (actor_id 12): a person leaves.
+    let (_, reply) = admin(&broker, reqwest::Method::POST, "/v1/leases/revoke", Some(json!({"actor_id": "12"}))).await;
+    let mut ended: Vec<Value> = reply["revoked"].as_array().unwrap().clone();
+    ended.sort_by_key(|v| v.as_str().unwrap().to_string());
+    let mut want = vec![deploy["lease_id"].clone(), push["lease_id"].clone()];
+    want.sort_by_key(|v| v.as_str().unwrap().to_string());
+    assert_eq!(ended, want);
+    // A policy withdrawn and a repository archived, on fresh leases.
+    let (deploy, push) = two_jobs(&issuer, &broker).await;
+    let (_, reply) = admin(&broker, reqwest::Method::POST, "/v1/leases/revoke", Some(json!({"policy": "push"}))).await;
+    assert_eq!(reply["revoked"], json!([push["lease_id"]]));
+    assert!(active(&broker, &deploy));
+    let (_, reply) =
+        admin(&broker, reqwest::Method::POST, "/v1/leases/revoke", Some(json!({"repository_id": "74"}))).await;
+    assert_eq!(reply["revoked"], json!([deploy["lease_id"]]));
+    let (_, reply) =
+        admin(&broker, reqwest::Method::POST, "/v1/leases/revoke", Some(json!({"project_id": "20"}))).await;
+    assert_eq!(reply, json!({"revoked": [], "pending": []}));
+}
+
+#[tokio::test]
+async fn an_empty_filter_is_refused_rather_than_ending_everything() {
+    let (issuer, broker) = setup().await;
+    let (deploy, _) = two_jobs(&issuer, &broker).await;
+    let (status, body) = admin(&broker, reqwest::Method::POST, "/v1/leases/revoke", Some(json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(active(&broker, &deploy));
+}
