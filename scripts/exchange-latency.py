@@ -24,19 +24,23 @@ def main():
     a = ap.parse_args()
     pid = a.pid or int(subprocess.check_output(["pgrep", "-f", "ephemera serve"]).split()[0])
     conn = http.client.HTTPConnection(a.host, a.port)
-    conn.request("POST", "/dev/token", body="{}")
-    token = conn.getresponse().read().decode().strip()
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    # Replay protection: a token serves one exchange per policy, so each exchange gets its own
+    # token, fetched before the timed loop.
+    tokens = []
+    for _ in range(a.n + 200):
+        conn.request("POST", "/dev/token", body="{}")
+        tokens.append(conn.getresponse().read().decode().strip())
+    headers = lambda t: {"Authorization": f"Bearer {t}", "Content-Type": "application/json"}
     body = json.dumps({"policy": "dev"})
-    for _ in range(200):  # warm-up
-        conn.request("POST", "/v1/exchange", body=body, headers=headers)
+    for t in tokens[a.n:]:  # warm-up
+        conn.request("POST", "/v1/exchange", body=body, headers=headers(t))
         conn.getresponse().read()
     lat = []
     cpu0 = cpu_seconds(pid)
     t0 = time.perf_counter()
-    for _ in range(a.n):
+    for t in tokens[: a.n]:
         s = time.perf_counter()
-        conn.request("POST", "/v1/exchange", body=body, headers=headers)
+        conn.request("POST", "/v1/exchange", body=body, headers=headers(t))
         r = conn.getresponse()
         r.read()
         assert r.status == 201, r.status

@@ -324,3 +324,18 @@ async fn compaction_keeps_every_remembered_lease_and_drops_history() {
     assert_eq!(ledger.state(b["lease_id"].as_str().unwrap()), Some(LeaseState::Active));
     assert_error(&broker.exchange(&t, "deploy").await, 403, "policy_denied");
 }
+
+#[tokio::test]
+async fn an_expired_token_cannot_revoke_and_the_lease_stays_until_its_own_end() {
+    let issuer = FakeIssuer::start().await;
+    let broker = Broker::start(&issuer, &[("deploy", DEPLOY_POLICY)]).await;
+    let t = token(&issuer, NOW);
+    let (_, body) = broker.exchange(&t, "deploy").await;
+    broker.clock.advance(300 + 31); // the token's exp (NOW + 300) plus the leeway
+    let reply = broker.revoke(&t, json!({})).await;
+    assert_error(&reply, 401, "invalid_token");
+    assert_eq!(broker.introspect(&jwt_of(&body))["active"], true, "an expired token ended a lease");
+    // A fresh token of the same job still can.
+    let fresh = token(&issuer, NOW + 331);
+    assert_eq!(broker.revoke(&fresh, json!({})).await.1["revoked"], json!([body["lease_id"]]));
+}
