@@ -8,31 +8,18 @@
 // Test helpers outside `#[test]` functions: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::dev_broker::{DEV_JOB, DevBroker, LINE_TIMEOUT, client_with_timeout, dev_token, revoke};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// How long to wait for the broker's `listening` line.
-const LINE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Readiness polling: at most this many tries, this far apart.
-const READY_TRIES: u32 = 200;
-const READY_INTERVAL: Duration = Duration::from_millis(50);
-/// Waiting for the process to exit: at most this many tries, this far apart (20 s).
-const EXIT_TRIES: u32 = 400;
-const EXIT_INTERVAL: Duration = Duration::from_millis(50);
 /// One HTTP request (a revoke of a few hundred leases is one request with an fsync per step).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The job key the default dev token maps to.
-const DEV_JOB: &str = "github:100001:1:1:1";
 
 /// The SIGKILL stream: this many concurrent tasks, each with this many pre-fetched tokens …
 const STREAM_TASKS: usize = 4;
@@ -40,146 +27,8 @@ const STREAM_PER_TASK: usize = 200;
 /// … killed once this many exchanges got their 201.
 const KILL_AFTER: usize = 100;
 
-/// A running (or exited) `ephemera serve --dev`, killed on drop.
-struct Broker {
-    child: Child,
-    url: String,
-    stderr_path: PathBuf,
-    /// Lines of the broker's stdout, read on a background thread.
-    stdout: mpsc::Receiver<String>,
-    _logs: TempDir,
-}
-
-impl Broker {
-    /// Spawns a dev broker on a free loopback port with `data_dir`, without waiting for anything.
-    fn spawn(data_dir: &Path) -> Broker {
-        let logs = tempfile::tempdir().expect("a temp dir for the broker's stderr");
-        let stderr_path = logs.path().join("stderr.log");
-        let stderr = File::create(&stderr_path).expect("create the stderr file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
-            .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            // Proxies that lead nowhere: the broker must never route issuer fetches through them.
-            .env("HTTP_PROXY", "http://127.0.0.1:9")
-            .env("http_proxy", "http://127.0.0.1:9")
-            .env("HTTPS_PROXY", "http://127.0.0.1:9")
-            .env("ALL_PROXY", "http://127.0.0.1:9")
-            .env("all_proxy", "http://127.0.0.1:9")
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn the ephemera binary");
-        let out = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Broker { child, url: String::new(), stderr_path, stdout: rx, _logs: logs }
-    }
-
-    /// Spawns a dev broker and waits for its `listening` line (not for readiness).
-    fn start(data_dir: &Path) -> Broker {
-        let mut broker = Broker::spawn(data_dir);
-        let first = broker
-            .stdout
-            .recv_timeout(LINE_TIMEOUT)
-            .unwrap_or_else(|_| panic!("the broker printed no first line; stderr:\n{}", broker.stderr()));
-        let url = first
-            .strip_prefix("ephemera listening on ")
-            .unwrap_or_else(|| panic!("unexpected first stdout line: {first:?}"));
-        assert!(url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"), "unexpected URL {url}");
-        broker.url = url.to_string();
-        broker
-    }
-
-    /// `127.0.0.1:PORT`.
-    fn addr(&self) -> &str {
-        self.url.strip_prefix("http://").expect("an http URL")
-    }
-
-    fn endpoint(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    /// Everything the broker wrote to stderr so far.
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Polls `/readyz` until 200 (bounded), failing fast if the broker exits.
-    async fn wait_ready(&mut self, client: &reqwest::Client) {
-        let mut last = String::new();
-        for _ in 0..READY_TRIES {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("the broker exited with {status} before it was ready; stderr:\n{}", self.stderr());
-            }
-            match client.get(self.endpoint("/readyz")).send().await {
-                Ok(resp) if resp.status() == 200 => {
-                    let body: Value = resp.json().await.expect("readyz JSON");
-                    assert_eq!(body["ready"], true, "{body}");
-                    assert_eq!(body["ledger"], "open", "{body}");
-                    return;
-                }
-                Ok(resp) => last = format!("{} {}", resp.status(), resp.text().await.unwrap_or_default()),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(READY_INTERVAL).await;
-        }
-        panic!("the broker was not ready in time (last: {last}); stderr:\n{}", self.stderr());
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix), then reaps the process.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Sends SIGTERM through kill(1): no `libc` among the dependencies.
-    fn sigterm(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill(1)");
-        assert!(status.success(), "kill -TERM {} failed: {status}", self.child.id());
-    }
-
-    /// Waits (bounded) for the process to exit on its own.
-    async fn wait_exit(&mut self) -> ExitStatus {
-        for _ in 0..EXIT_TRIES {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            tokio::time::sleep(EXIT_INTERVAL).await;
-        }
-        panic!("the broker did not exit within {:?}; stderr:\n{}", EXIT_INTERVAL * EXIT_TRIES, self.stderr());
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 fn client() -> reqwest::Client {
-    ephemera::install_crypto();
-    reqwest::Client::builder().no_proxy().timeout(REQUEST_TIMEOUT).build().expect("reqwest client")
-}
-
-/// A fresh dev token (a fresh random `jti`: replay protection allows one exchange per token).
-async fn dev_token(client: &reqwest::Client, url: &str) -> String {
-    let resp = client.post(format!("{url}/dev/token")).send().await.expect("POST /dev/token");
-    assert_eq!(resp.status(), 200);
-    let token = resp.text().await.expect("token text").trim().to_string();
-    assert_eq!(token.split('.').count(), 3, "a dev token is a compact JWS: {token}");
-    token
+    client_with_timeout(REQUEST_TIMEOUT)
 }
 
 /// `count` fresh dev tokens, fetched by a few concurrent tasks.
@@ -257,17 +106,10 @@ async fn assert_active(client: &reqwest::Client, url: &str, lease_id: &str, jwt:
     assert_eq!(reply["sub"], DEV_JOB, "{when}: {reply}");
 }
 
+/// The job's revoke with a fresh dev token: ends every live lease of [`DEV_JOB`].
 async fn revoke_all(client: &reqwest::Client, url: &str) -> Value {
     let token = dev_token(client, url).await;
-    let resp = client
-        .post(format!("{url}/v1/revoke"))
-        .bearer_auth(&token)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("POST /v1/revoke");
-    assert_eq!(resp.status(), 200);
-    resp.json().await.expect("revoke reply is JSON")
+    revoke(client, url, &token).await
 }
 
 async fn metrics(client: &reqwest::Client, url: &str) -> String {
@@ -332,17 +174,23 @@ async fn kill_9_mid_stream_loses_no_lease_that_got_a_201() {
     let started = Instant::now();
     let client = client();
     let data = tempfile::tempdir().expect("data dir");
-    let mut first = Broker::start(data.path());
+    let mut first = DevBroker::start(data.path());
     first.wait_ready(&client).await;
 
     // Tokens first, so the stream is nothing but exchanges.
-    let mut tokens = dev_tokens(&client, &first.url, STREAM_TASKS * STREAM_PER_TASK).await;
+    let mut tokens = dev_tokens(&client, first.url(), STREAM_TASKS * STREAM_PER_TASK).await;
     let successes = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..STREAM_TASKS {
         let chunk = tokens.split_off(tokens.len() - STREAM_PER_TASK);
-        tasks.push(tokio::spawn(stream(client.clone(), first.url.clone(), chunk, successes.clone(), killed.clone())));
+        tasks.push(tokio::spawn(stream(
+            client.clone(),
+            first.url().to_string(),
+            chunk,
+            successes.clone(),
+            killed.clone(),
+        )));
     }
 
     // Wait (bounded) for enough 201s; a task that ends before that has failed, so stop waiting.
@@ -354,7 +202,7 @@ async fn kill_9_mid_stream_loses_no_lease_that_got_a_201() {
     }
     let at_kill = successes.load(Ordering::SeqCst);
     killed.store(true, Ordering::SeqCst);
-    first.kill9();
+    first.kill();
     let stream_secs = started.elapsed().as_secs_f64();
 
     let mut issued: Vec<(String, String)> = Vec::new();
@@ -377,15 +225,15 @@ async fn kill_9_mid_stream_loses_no_lease_that_got_a_201() {
     drop(first);
 
     // Restart on the same data directory: every lease that got a 201 is there and live.
-    let mut second = Broker::start(data.path());
+    let mut second = DevBroker::start(data.path());
     second.wait_ready(&client).await;
     let stderr = second.stderr();
     for (lease_id, jwt) in &issued {
-        assert_active(&client, &second.url, lease_id, jwt, "after kill -9 and restart").await;
+        assert_active(&client, second.url(), lease_id, jwt, "after kill -9 and restart").await;
     }
 
     // The job's revoke finds and ends every one of them (and maybe leases cut in flight).
-    let reply = revoke_all(&client, &second.url).await;
+    let reply = revoke_all(&client, second.url()).await;
     let revoked: BTreeSet<&str> = reply["revoked"]
         .as_array()
         .unwrap_or_else(|| panic!("no revoked list: {reply}"))
@@ -398,7 +246,7 @@ async fn kill_9_mid_stream_loses_no_lease_that_got_a_201() {
     let extra = revoked.len() - unique.len();
     assert!(extra <= STREAM_TASKS, "{extra} leases were revoked that no task saw a 201 for: {reply}");
     for (lease_id, jwt) in &issued {
-        let after = introspect(&client, &second.url, jwt).await;
+        let after = introspect(&client, second.url(), jwt).await;
         assert_eq!(after, json!({"active": false}), "lease {lease_id} is still active after the revoke");
     }
     eprintln!(
@@ -416,20 +264,20 @@ async fn expiry_still_works_after_a_kill_9() {
     let started = Instant::now();
     let client = client();
     let data = tempfile::tempdir().expect("data dir");
-    let mut first = Broker::start(data.path());
+    let mut first = DevBroker::start(data.path());
     first.wait_ready(&client).await;
-    let (lease_id, jwt) = exchange(&client, &first.url, &json!({"policy": "dev", "ttl": "2s"})).await;
+    let (lease_id, jwt) = exchange(&client, first.url(), &json!({"policy": "dev", "ttl": "2s"})).await;
     let exp = jwt_exp(&jwt);
-    first.kill9();
+    first.kill();
     drop(first);
 
-    let mut second = Broker::start(data.path());
+    let mut second = DevBroker::start(data.path());
     second.wait_ready(&client).await;
 
     // Right after the restart: active if surely before `exp`, inactive if surely after; in
     // between (the request straddled `exp`) either answer is right.
     let before = unix_now();
-    let reply = introspect(&client, &second.url, &jwt).await;
+    let reply = introspect(&client, second.url(), &jwt).await;
     let after = unix_now();
     let checked_active = if after < exp as f64 {
         assert_eq!(reply["active"], true, "the 2s lease was lost across kill -9: {reply}");
@@ -445,7 +293,7 @@ async fn expiry_still_works_after_a_kill_9() {
     // It ends within the bound …
     let mut inactive = false;
     for _ in 0..100 {
-        if introspect(&client, &second.url, &jwt).await == json!({"active": false}) {
+        if introspect(&client, second.url(), &jwt).await == json!({"active": false}) {
             inactive = true;
             break;
         }
@@ -459,7 +307,7 @@ async fn expiry_still_works_after_a_kill_9() {
     let mut last = String::new();
     let mut reaped = false;
     for _ in 0..200 {
-        last = metrics(&client, &second.url).await;
+        last = metrics(&client, second.url()).await;
         if has_metric_line(&last, "ephemera_leases_live 0")
             && has_metric_line(&last, r#"ephemera_revocations_total{outcome="expired"} 1"#)
         {
@@ -469,7 +317,7 @@ async fn expiry_still_works_after_a_kill_9() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(reaped, "the restarted broker never ended the expired lease {lease_id}:\n{last}");
-    let reply = revoke_all(&client, &second.url).await;
+    let reply = revoke_all(&client, second.url()).await;
     assert_eq!(reply, json!({"revoked": [], "pending": []}), "an expired lease is not the job's to revoke");
     eprintln!(
         "expiry after kill -9: active right after the restart checked: {checked_active}; test took {:.2}s",
@@ -528,23 +376,23 @@ async fn sigterm_finishes_in_flight_requests_flushes_and_exits_0() {
     let started = Instant::now();
     let client = client();
     let data = tempfile::tempdir().expect("data dir");
-    let mut first = Broker::start(data.path());
+    let mut first = DevBroker::start(data.path());
     first.wait_ready(&client).await;
     let mut leases = Vec::new();
     for _ in 0..3 {
-        leases.push(exchange(&client, &first.url, &json!({"policy": "dev"})).await);
+        leases.push(exchange(&client, first.url(), &json!({"policy": "dev"})).await);
     }
 
     // One exchange is inside the broker, its body not yet sent, when SIGTERM arrives.
     let body = json!({"policy": "dev"}).to_string();
-    let token = dev_token(&client, &first.url).await;
+    let token = dev_token(&client, first.url()).await;
     let in_flight = begin_exchange(first.addr(), &token, &body).await;
     first.sigterm();
 
     // The broker stops accepting (its listener is closed) while the exchange is still open.
     let mut closed = false;
     for _ in 0..500 {
-        if first.child.try_wait().expect("try_wait").is_some() {
+        if first.try_wait().is_some() {
             break; // exited already: the in-flight exchange below will show it was dropped
         }
         match tokio::net::TcpStream::connect(first.addr()).await {
@@ -568,12 +416,12 @@ async fn sigterm_finishes_in_flight_requests_flushes_and_exits_0() {
     drop(first);
 
     // Graceful shutdown keeps live leases live, the one finished during shutdown included.
-    let mut second = Broker::start(data.path());
+    let mut second = DevBroker::start(data.path());
     second.wait_ready(&client).await;
     for (lease_id, jwt) in &leases {
-        assert_active(&client, &second.url, lease_id, jwt, "after SIGTERM and restart").await;
+        assert_active(&client, second.url(), lease_id, jwt, "after SIGTERM and restart").await;
     }
-    let text = metrics(&client, &second.url).await;
+    let text = metrics(&client, second.url()).await;
     assert!(has_metric_line(&text, "ephemera_leases_live 4"), "expected 4 live leases:\n{text}");
     eprintln!("sigterm: exit {exit}; test took {:.2}s", started.elapsed().as_secs_f64());
 }
@@ -583,11 +431,11 @@ async fn a_corrupt_journal_stops_the_start_with_a_clear_error() {
     let started = Instant::now();
     let client = client();
     let data = tempfile::tempdir().expect("data dir");
-    let mut first = Broker::start(data.path());
+    let mut first = DevBroker::start(data.path());
     first.wait_ready(&client).await;
-    exchange(&client, &first.url, &json!({"policy": "dev"})).await;
-    exchange(&client, &first.url, &json!({"policy": "dev"})).await;
-    first.kill9();
+    exchange(&client, first.url(), &json!({"policy": "dev"})).await;
+    exchange(&client, first.url(), &json!({"policy": "dev"})).await;
+    first.kill();
     drop(first);
 
     // Byte 20 lies in the payload of the first record (8 bytes of magic, 8 of record header).
@@ -598,7 +446,7 @@ async fn a_corrupt_journal_stops_the_start_with_a_clear_error() {
     bytes[20] ^= 0xff;
     std::fs::write(&journal, &bytes).expect("write the damaged journal");
 
-    let mut second = Broker::spawn(data.path());
+    let mut second = DevBroker::spawn(data.path());
     let exit = second.wait_exit().await;
     let stderr = second.stderr();
     assert!(!exit.success(), "the broker started on a corrupt journal; stderr:\n{stderr}");
@@ -610,7 +458,7 @@ async fn a_corrupt_journal_stops_the_start_with_a_clear_error() {
     assert!(message.contains("corrupt record at byte 8"), "unclear error: {message}");
     // The process has exited, so its stdout reaches end of file: read it all (bounded).
     let mut stdout = Vec::new();
-    while let Ok(line) = second.stdout.recv_timeout(LINE_TIMEOUT) {
+    while let Some(line) = second.next_line() {
         stdout.push(line);
     }
     assert!(!stdout.iter().any(|l| l.starts_with("ephemera listening")), "it listened: {stdout:?}");

@@ -5,161 +5,17 @@
 // Test helpers outside `#[test]` functions: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::dev_broker::{DEV_JOB, DevBroker, client, dev_token, revoke};
 use serde_json::{Value, json};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-/// How long to wait for one line of the broker's stdout.
-const LINE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Readiness polling: at most this many tries, this far apart.
-const READY_TRIES: u32 = 200;
-const READY_INTERVAL: Duration = Duration::from_millis(50);
 /// The banner's sh script gets this long before it is killed.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The job key the default dev token maps to.
-const DEV_JOB: &str = "github:100001:1:1:1";
-
-/// A running `ephemera serve --dev`, killed on drop.
-struct DevBroker {
-    child: Child,
-    url: String,
-    data_dir: PathBuf,
-    stderr_path: PathBuf,
-    /// Lines of the broker's stdout, read on a background thread.
-    stdout: mpsc::Receiver<String>,
-    /// Stdout lines read so far (the first is the `listening` line).
-    seen: Vec<String>,
-    _logs: TempDir,
-}
-
-impl DevBroker {
-    /// Starts a dev broker with `data_dir` and waits for its `listening` line (not for
-    /// readiness: see [`DevBroker::wait_ready`]).
-    fn start(data_dir: &Path) -> DevBroker {
-        DevBroker::start_in(data_dir, Path::new(env!("CARGO_MANIFEST_DIR")))
-    }
-
-    /// Starts in working directory `cwd` (where `./policies` is looked up).
-    fn start_in(data_dir: &Path, cwd: &Path) -> DevBroker {
-        let logs = tempfile::tempdir().expect("a temp dir for the broker's stderr");
-        let stderr_path = logs.path().join("stderr.log");
-        let stderr = File::create(&stderr_path).expect("create the stderr file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
-            .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .current_dir(cwd)
-            // Proxies that lead nowhere: the broker must never route issuer fetches through the
-            // environment's proxy settings, or its dev issuers' keys would never load.
-            .env("HTTP_PROXY", "http://127.0.0.1:9")
-            .env("http_proxy", "http://127.0.0.1:9")
-            .env("HTTPS_PROXY", "http://127.0.0.1:9")
-            .env("ALL_PROXY", "http://127.0.0.1:9")
-            .env("all_proxy", "http://127.0.0.1:9")
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn the ephemera binary");
-        let out = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Built before anything can panic, so Drop kills the child on every path.
-        let mut broker = DevBroker {
-            child,
-            url: String::new(),
-            data_dir: data_dir.to_path_buf(),
-            stderr_path,
-            stdout: rx,
-            seen: Vec::new(),
-            _logs: logs,
-        };
-        let first = broker
-            .next_line()
-            .unwrap_or_else(|| panic!("the broker printed no first line; stderr:\n{}", broker.stderr()));
-        let url = first
-            .strip_prefix("ephemera listening on ")
-            .unwrap_or_else(|| panic!("unexpected first stdout line: {first:?}"));
-        assert!(url.starts_with("http://127.0.0.1:"), "dev mode must listen on loopback, got {url}");
-        assert!(!url.ends_with(":0"), "the printed URL must carry the real port, got {url}");
-        broker.url = url.to_string();
-        broker
-    }
-
-    /// The next stdout line, or `None` at end of output or after [`LINE_TIMEOUT`].
-    fn next_line(&mut self) -> Option<String> {
-        let line = self.stdout.recv_timeout(LINE_TIMEOUT).ok()?;
-        self.seen.push(line.clone());
-        Some(line)
-    }
-
-    fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    /// Everything the broker wrote to stderr so far.
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    fn endpoint(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    /// Polls `/readyz` until 200 (bounded), failing fast if the broker exits.
-    async fn wait_ready(&mut self, client: &reqwest::Client) {
-        let mut last = String::new();
-        for _ in 0..READY_TRIES {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("the broker exited with {status} before it was ready; stderr:\n{}", self.stderr());
-            }
-            match client.get(self.endpoint("/readyz")).send().await {
-                Ok(resp) if resp.status() == 200 => {
-                    let body: Value = resp.json().await.expect("readyz JSON");
-                    assert_eq!(body["ready"], true, "{body}");
-                    assert_eq!(body["issuer_keys"], json!({"github": true, "gitlab": true}), "{body}");
-                    return;
-                }
-                Ok(resp) => last = format!("{} {}", resp.status(), resp.text().await.unwrap_or_default()),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(READY_INTERVAL).await;
-        }
-        panic!("the broker was not ready in time (last: {last}); stderr:\n{}", self.stderr());
-    }
-
-    /// Stops the broker (SIGKILL) and waits for it, so its stderr is complete.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for DevBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn client() -> reqwest::Client {
-    ephemera::install_crypto();
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(20)).build().expect("reqwest client")
-}
 
 /// A dev broker with a fresh data dir, ready to serve.
 async fn ready_broker(client: &reqwest::Client) -> (DevBroker, TempDir) {
@@ -167,16 +23,6 @@ async fn ready_broker(client: &reqwest::Client) -> (DevBroker, TempDir) {
     let mut broker = DevBroker::start(data.path());
     broker.wait_ready(client).await;
     (broker, data)
-}
-
-async fn dev_token(client: &reqwest::Client, broker: &DevBroker) -> String {
-    let resp = client.post(broker.endpoint("/dev/token")).send().await.expect("POST /dev/token");
-    assert_eq!(resp.status(), 200);
-    let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    assert!(ct.starts_with("text/plain"), "dev token content-type: {ct}");
-    let token = resp.text().await.expect("token text").trim().to_string();
-    assert_eq!(token.split('.').count(), 3, "a dev token is a compact JWS: {token}");
-    token
 }
 
 async fn exchange(client: &reqwest::Client, broker: &DevBroker, bearer: &str, body: &Value) -> (u16, Value) {
@@ -194,18 +40,6 @@ async fn exchange(client: &reqwest::Client, broker: &DevBroker, bearer: &str, bo
         assert_error_shape(&body, request_id.as_deref());
     }
     (status, body)
-}
-
-async fn revoke(client: &reqwest::Client, broker: &DevBroker, bearer: &str) -> Value {
-    let resp = client
-        .post(broker.endpoint("/v1/revoke"))
-        .bearer_auth(bearer)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("POST /v1/revoke");
-    assert_eq!(resp.status(), 200);
-    resp.json().await.expect("revoke reply is JSON")
 }
 
 async fn introspect(client: &reqwest::Client, broker: &DevBroker, jwt: &str) -> Value {
@@ -265,7 +99,7 @@ async fn dev_broker_exchanges_introspects_and_revokes_over_http() {
     let client = client();
     let (broker, _data) = ready_broker(&client).await;
 
-    let token = dev_token(&client, &broker).await;
+    let token = dev_token(&client, broker.url()).await;
     let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "dev"})).await;
     assert_eq!(status, 201, "{body}");
     let (lease_id, jwt) = check_exchange_reply(&body);
@@ -274,7 +108,7 @@ async fn dev_broker_exchanges_introspects_and_revokes_over_http() {
     let claims = jwt_part(&jwt, 1);
     assert_eq!(claims["sub"], DEV_JOB, "{claims}");
     assert_eq!(claims["lease_id"], lease_id.as_str(), "{claims}");
-    assert_eq!(claims["iss"], broker.url.as_str(), "{claims}");
+    assert_eq!(claims["iss"], broker.url(), "{claims}");
     assert_eq!(claims["aud"], "https://api.dev.ephemera.invalid", "{claims}");
     assert_eq!(claims["scope"], "dev", "{claims}");
     assert_eq!(claims["repository"], "ephemera-dev/demo", "{claims}");
@@ -298,14 +132,14 @@ async fn dev_broker_exchanges_introspects_and_revokes_over_http() {
     assert_eq!(active["lease_id"], lease_id.as_str(), "{active}");
     assert_eq!(active["policy"], "dev", "{active}");
 
-    let revoked = revoke(&client, &broker, &token).await;
+    let revoked = revoke(&client, broker.url(), &token).await;
     assert_eq!(revoked, json!({"revoked": [lease_id], "pending": []}));
 
     let inactive = introspect(&client, &broker, &jwt).await;
     assert_eq!(inactive, json!({"active": false}));
 
     // Idempotent: nothing live is left, so a second revoke reports nothing.
-    let again = revoke(&client, &broker, &token).await;
+    let again = revoke(&client, broker.url(), &token).await;
     assert_eq!(again, json!({"revoked": [], "pending": []}));
 
     let metrics = client.get(broker.endpoint("/metrics")).send().await.expect("metrics");
@@ -336,12 +170,12 @@ async fn printed_banner_commands_do_a_real_exchange_and_revoke() {
             }
         }
     }
-    assert!(in_block, "no `Try it` section in the banner:\n{}", broker.seen.join("\n"));
+    assert!(in_block, "no `Try it` section in the banner:\n{}", broker.seen().join("\n"));
     assert_eq!(commands.len(), 6, "expected six commands:\n{}", commands.join("\n"));
     assert!(commands[0].starts_with("TOKEN=$("), "{}", commands[0]);
     for cmd in &commands[1..] {
         assert!(
-            cmd.contains(&broker.url) || cmd.starts_with("JWT="),
+            cmd.contains(broker.url()) || cmd.starts_with("JWT="),
             "a command that does not talk to this broker: {cmd}"
         );
     }
@@ -404,7 +238,7 @@ async fn no_token_or_jwt_appears_in_the_broker_logs() {
     let client = client();
     let (mut broker, _data) = ready_broker(&client).await;
 
-    let token = dev_token(&client, &broker).await;
+    let token = dev_token(&client, broker.url()).await;
     let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "dev"})).await;
     assert_eq!(status, 201, "{body}");
     let (lease_id, jwt) = check_exchange_reply(&body);
@@ -422,7 +256,7 @@ async fn no_token_or_jwt_appears_in_the_broker_logs() {
     let introspected = introspect(&client, &broker, &jwt).await;
     assert_eq!(introspected["active"], true, "{introspected}");
 
-    let revoked = revoke(&client, &broker, &token).await;
+    let revoked = revoke(&client, broker.url(), &token).await;
     assert_eq!(revoked["revoked"], json!([lease_id]), "{revoked}");
 
     broker.kill();
@@ -498,7 +332,7 @@ async fn restart_with_the_same_data_dir_keeps_the_signing_keys() {
     assert_eq!(dev_before, dev_after, "the dev issuer's key changed across a restart");
 
     // The restarted broker still mints with that key.
-    let token = dev_token(&client, &second).await;
+    let token = dev_token(&client, second.url()).await;
     let (status, body) = exchange(&client, &second, &token, &json!({"policy": "dev"})).await;
     assert_eq!(status, 201, "{body}");
     let (_, jwt) = check_exchange_reply(&body);
@@ -513,7 +347,7 @@ async fn dev_mode_from_a_directory_without_policies_serves_the_dev_policy_alone(
     let empty = tempfile::tempdir().expect("empty cwd");
     let mut broker = DevBroker::start_in(data.path(), empty.path());
     broker.wait_ready(&client).await;
-    let token = dev_token(&client, &broker).await;
+    let token = dev_token(&client, broker.url()).await;
     let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "dev"})).await;
     assert_eq!(status, 201, "{body}");
     let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "deploy-web"})).await;

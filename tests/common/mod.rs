@@ -3,6 +3,8 @@
 //! broker ([`Broker`]) with a manual clock, driven over real HTTP.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod dev_broker;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
