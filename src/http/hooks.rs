@@ -5,7 +5,7 @@
 //! deduplicated, read, and acted on. Job keys are built from JSON numbers only, so a payload
 //! cannot forge a key with `:`.
 
-use super::{AppRouter, json_response, parse_json, read_body};
+use super::{AppRouter, detached, json_response, parse_json, read_body};
 use crate::app::App;
 use crate::config::{HookConfig, HooksConfig, Platform};
 use crate::error::Error;
@@ -229,11 +229,8 @@ async fn end_job(
     key: String,
 ) -> Result<Response, Error> {
     let job = hook.job_key(&app, key);
-    let task = {
-        let job = job.clone();
-        tokio::spawn(async move { app.end_job(&job, REASON).await })
-    };
-    let reply = task.await.map_err(|e| Error::Internal(format!("webhook revocation task failed: {e}")))?;
+    let ended = job.clone();
+    let reply = detached(async move { app.end_job(&ended, REASON).await }).await?;
     claim.keep();
     tracing::info!(hook = hook.name, delivery, job = %job, revoked = ?reply.revoked, pending = ?reply.pending, "webhook ended job");
     Ok(json_response(StatusCode::OK, &reply))
