@@ -289,6 +289,7 @@ impl App {
             self.run_revocation(work).await;
         }
         self.ledger.forget_ended(now);
+        self.backends.maintain(now).await;
         self.compact_if_grown().await;
     }
 

@@ -92,6 +92,29 @@ pub struct IssuerConfig {
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
     Jwt(JwtBackendConfig),
+    Aws(AwsBackendConfig),
+}
+
+/// `type = "aws"`: STS AssumeRole from the broker's own AWS identity.
+#[derive(Debug, Clone)]
+pub struct AwsBackendConfig {
+    pub region: String,
+    /// Overrides the STS and IAM endpoints (tests, private endpoints).
+    pub endpoint_url: Option<String>,
+    /// `deny-policy` needs `iam:PutRolePolicy` on the roles; `expiry` is honest about not having it.
+    pub revocation: AwsRevocation,
+    pub max_ttl_secs: i64,
+    /// A shared credentials file instead of the SDK's default chain (env, profile, IMDS, …).
+    pub credentials_file: Option<PathBuf>,
+    pub profile: Option<String>,
+    pub timeout_secs: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AwsRevocation {
+    DenyPolicy,
+    Expiry,
 }
 
 #[derive(Debug, Clone)]
@@ -117,12 +140,14 @@ impl BackendConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             BackendConfig::Jwt(_) => "jwt",
+            BackendConfig::Aws(_) => "aws",
         }
     }
 
     pub fn max_ttl_secs(&self) -> i64 {
         match self {
             BackendConfig::Jwt(j) => j.max_ttl_secs,
+            BackendConfig::Aws(a) => a.max_ttl_secs,
         }
     }
 }
@@ -174,6 +199,15 @@ enum RawBackend {
         #[serde(default)]
         previous_signing_key_files: Vec<PathBuf>,
         max_ttl: Option<String>,
+    },
+    Aws {
+        region: String,
+        endpoint_url: Option<String>,
+        revocation: Option<AwsRevocation>,
+        max_ttl: Option<String>,
+        credentials_file: Option<PathBuf>,
+        profile: Option<String>,
+        timeout: Option<String>,
     },
 }
 
@@ -296,7 +330,7 @@ impl RawConfig {
         let data_dir = base.join(self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data")));
         let issuers = self.validate_issuers(&public_url, base, &mut errs);
         let hooks = self.hooks.validate(&issuers, base, &mut errs);
-        let backends = self.validate_backends(&mut errs);
+        let backends = self.validate_backends(base, &mut errs);
         let reap_interval_secs = errs.duration("ledger.reap_interval", self.ledger.reap_interval.as_deref(), 5);
         let admin_token_sha256 = self.admin.token_sha256.as_deref().and_then(|h| {
             parse_sha256_hex(h).or_else(|| {
@@ -378,7 +412,7 @@ impl RawConfig {
         out
     }
 
-    fn validate_backends(&self, errs: &mut Errors) -> BTreeMap<String, BackendConfig> {
+    fn validate_backends(&self, base: &Path, errs: &mut Errors) -> BTreeMap<String, BackendConfig> {
         let mut out = BTreeMap::new();
         // With no backend configured at all, a `jwt` backend is there (DESIGN §5).
         if self.backends.is_empty() {
@@ -396,6 +430,27 @@ impl RawConfig {
                             .unwrap_or_else(|| PathBuf::from(format!("keys/{name}.pk8"))),
                         previous_signing_key_files: previous_signing_key_files.clone(),
                         max_ttl_secs: errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600),
+                    })
+                }
+                RawBackend::Aws { region, endpoint_url, revocation, max_ttl, credentials_file, profile, timeout } => {
+                    let max_ttl_secs = errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600);
+                    if let Err(e) = crate::mint::aws::rules::check_backend_max_ttl(max_ttl_secs) {
+                        errs.0.push(format!("backends.{name}.max_ttl: {e}"));
+                    }
+                    if let Some(Err(e)) = endpoint_url.as_deref().map(check_url) {
+                        errs.0.push(format!("backends.{name}.endpoint_url: {e}"));
+                    }
+                    if region.is_empty() || !region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                        errs.0.push(format!("backends.{name}.region: `{region}` is not a region like eu-west-1"));
+                    }
+                    BackendConfig::Aws(AwsBackendConfig {
+                        region: region.clone(),
+                        endpoint_url: endpoint_url.clone(),
+                        revocation: revocation.unwrap_or(AwsRevocation::DenyPolicy),
+                        max_ttl_secs,
+                        credentials_file: credentials_file.as_ref().map(|p| base.join(p)),
+                        profile: profile.clone(),
+                        timeout_secs: errs.duration(&format!("backends.{name}.timeout"), timeout.as_deref(), 10),
                     })
                 }
             };

@@ -139,7 +139,7 @@ pub async fn start(options: Options) -> Result<Running, String> {
         format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
     })?;
     config.hooks.load_secrets().map_err(|errs| format!("refusing to start: {}", errs.join("; ")))?;
-    let mut backends = Backends::from_config(&config)?;
+    let mut backends = Backends::from_config(&config, &clock).await?;
     if let Some(wrap) = &faults.backend {
         backends.wrap(wrap.as_ref());
     }

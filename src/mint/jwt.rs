@@ -179,7 +179,9 @@ impl JwtBackend {
         credential: &GrantedCredential,
         ctx: MintContext<'_>,
     ) -> Result<Minted, MintError> {
-        let ResolvedSpec::Jwt { audience, claims: extra } = &credential.spec;
+        let ResolvedSpec::Jwt { audience, claims: extra } = &credential.spec else {
+            return Err(MintError { detail: format!("grant `{}` is not a jwt grant", credential.name) });
+        };
         let jti = jwt_id();
         let expires_at: UnixSeconds = grant.expires_at();
         let mut claims = extra.clone();

@@ -2,6 +2,7 @@
 //! credential plus a [`RevokeHandle`], and later revokes by that handle. Backends say honestly
 //! what revoking does ([`Revocation`]). `jwt` lives here; `aws` drops in beside it.
 
+pub mod aws;
 pub mod jwt;
 
 use crate::clock::{UnixSeconds, rfc3339};
@@ -103,6 +104,11 @@ pub trait Backend: Send + Sync {
         ctx: MintContext<'a>,
     ) -> BoxFuture<'a, Result<Minted, MintError>>;
     fn revoke<'a>(&'a self, handle: &'a RevokeHandle) -> BoxFuture<'a, Result<(), MintError>>;
+    /// Periodic housekeeping (the reaper calls it), e.g. dropping deny entries of sessions that
+    /// have expired on their own.
+    fn maintain<'a>(&'a self, _now: UnixSeconds) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Every configured backend, by name, plus the JWT signers (for JWKS and introspection).
@@ -113,7 +119,10 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn from_config(config: &crate::config::Config) -> Result<Backends, String> {
+    pub async fn from_config(
+        config: &crate::config::Config,
+        clock: &Arc<dyn crate::clock::Clock>,
+    ) -> Result<Backends, String> {
         let mut out = Backends::default();
         for (name, backend) in &config.backends {
             match backend {
@@ -135,6 +144,12 @@ impl Backends {
                     }
                     out.by_name.insert(name.clone(), Arc::new(jwt::JwtBackend::new(signer)));
                 }
+                crate::config::BackendConfig::Aws(a) => {
+                    let backend = aws::AwsBackend::new(name, a, clock.clone())
+                        .await
+                        .map_err(|e| format!("backend {name}: {e}"))?;
+                    out.by_name.insert(name.clone(), Arc::new(backend));
+                }
             }
         }
         Ok(out)
@@ -144,6 +159,13 @@ impl Backends {
     pub fn wrap(&mut self, wrap: &BackendWrap) {
         for (name, backend) in self.by_name.iter_mut() {
             *backend = wrap(name, backend.clone());
+        }
+    }
+
+    /// Every backend's housekeeping.
+    pub async fn maintain(&self, now: UnixSeconds) {
+        for backend in self.by_name.values() {
+            backend.maintain(now).await;
         }
     }
 

@@ -48,7 +48,19 @@ pub struct GrantedCredential {
 
 #[derive(Debug, Clone)]
 pub enum ResolvedSpec {
-    Jwt { audience: String, claims: Map<String, Value> },
+    Jwt {
+        audience: String,
+        claims: Map<String, Value>,
+    },
+    Aws {
+        role_arn: String,
+        /// Packed (compact JSON), already checked against STS's 2,048-character limit.
+        session_policy: Option<String>,
+        policy_arns: Vec<String>,
+        external_id: Option<String>,
+        /// Values resolved from verified claims, not yet sanitised (the backend does that).
+        session_tags: Vec<(String, String)>,
+    },
 }
 
 /// Why a policy said no. The public message names the deciding claim, never the expected value.

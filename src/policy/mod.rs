@@ -105,6 +105,21 @@ struct JwtGrantFile {
     claims: BTreeMap<String, Value>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AwsGrantFile {
+    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
+    backend: String,
+    role_arn: String,
+    session_policy: Option<Value>,
+    #[serde(default)]
+    policy_arns: Vec<String>,
+    external_id: Option<String>,
+    /// Tag key → template (e.g. `repository: "${repository}"`), resolved from verified claims.
+    #[serde(default)]
+    session_tags: BTreeMap<String, String>,
+}
+
 // ---- compiled ------------------------------------------------------------------------------
 
 #[derive(Debug)]
@@ -134,7 +149,17 @@ pub struct GrantSpec {
 
 #[derive(Debug)]
 pub enum CredentialSpec {
-    Jwt { audience: Template, claims: Vec<(String, TemplateValue)> },
+    Jwt {
+        audience: Template,
+        claims: Vec<(String, TemplateValue)>,
+    },
+    Aws {
+        role_arn: String,
+        session_policy: Option<String>,
+        policy_arns: Vec<String>,
+        external_id: Option<String>,
+        session_tags: Vec<(String, Template)>,
+    },
 }
 
 /// Every loaded policy, by name. Immutable once built.
@@ -252,6 +277,18 @@ impl GrantSpec {
             Denial::new(policy, &claim, DenialReason::TemplateClaimMissing { grant: self.name.clone() })
         };
         let spec = match &self.spec {
+            CredentialSpec::Aws { role_arn, session_policy, policy_arns, external_id, session_tags } => {
+                ResolvedSpec::Aws {
+                    role_arn: role_arn.clone(),
+                    session_policy: session_policy.clone(),
+                    policy_arns: policy_arns.clone(),
+                    external_id: external_id.clone(),
+                    session_tags: session_tags
+                        .iter()
+                        .map(|(k, t)| Ok((k.clone(), t.render(claims).map_err(missing)?)))
+                        .collect::<Result<_, Denial>>()?,
+                }
+            }
             CredentialSpec::Jwt { audience, claims: extra } => ResolvedSpec::Jwt {
                 audience: audience.render(claims).map_err(missing)?,
                 claims: extra
@@ -423,6 +460,13 @@ fn compile_grant(
                 None
             }
         },
+        "aws" => match serde_json::from_value::<AwsGrantFile>(value.clone()) {
+            Ok(file) => compile_aws_grant(file, &mut errors),
+            Err(e) => {
+                errors.push((String::new(), e.to_string()));
+                None
+            }
+        },
         other => {
             errors.push(("backend".into(), format!("backend kind `{other}` has no grant fields defined")));
             None
@@ -451,6 +495,55 @@ fn compile_jwt_grant(file: JwtGrantFile, errors: &mut Vec<(String, String)>) -> 
         }
     }
     Some(CredentialSpec::Jwt { audience: audience?, claims })
+}
+
+/// An `aws` grant, checked against the limits AWS would otherwise enforce (or, with moto in
+/// tests and some private endpoints, silently not): the format rules live in `mint::aws::rules`,
+/// pure functions with no client behind them.
+fn compile_aws_grant(file: AwsGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
+    use crate::mint::aws::rules;
+    let mut err = |field: &str, e: String| errors.push((field.to_string(), e));
+    if let Err(e) = rules::check_role_arn(&file.role_arn) {
+        err("role_arn", e);
+    }
+    let session_policy = match file.session_policy.as_ref().map(rules::pack_session_policy) {
+        Some(Ok(packed)) => Some(packed),
+        Some(Err(e)) => {
+            err("session_policy", e);
+            None
+        }
+        None => None,
+    };
+    if let Err(e) = rules::check_policy_arns(&file.policy_arns) {
+        err("policy_arns", e);
+    }
+    if file.session_tags.len() > rules::MAX_SESSION_TAGS {
+        err("session_tags", format!("at most {} session tags", rules::MAX_SESSION_TAGS));
+    }
+    let keys: Vec<&str> = file.session_tags.keys().map(String::as_str).collect();
+    if let Err(e) = rules::check_tag_keys_unique(&keys) {
+        err("session_tags", e);
+    }
+    let mut session_tags = Vec::new();
+    for (key, value) in &file.session_tags {
+        if let Err(e) = rules::check_tag_key(key) {
+            err(&format!("session_tags.{key}"), e);
+        }
+        match Template::parse(value) {
+            Ok(t) => session_tags.push((key.clone(), t)),
+            Err(e) => err(&format!("session_tags.{key}"), e),
+        }
+    }
+    if file.external_id.as_ref().is_some_and(|x| x.len() < 2 || x.len() > 1224) {
+        err("external_id", "must be 2 to 1,224 characters".into());
+    }
+    Some(CredentialSpec::Aws {
+        role_arn: file.role_arn,
+        session_policy,
+        policy_arns: file.policy_arns,
+        external_id: file.external_id,
+        session_tags,
+    })
 }
 
 /// serde-saphyr's messages can carry a rendered snippet; keep the first line, which says what

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod dev_broker;
+pub mod moto;
 
 use axum::Router;
 use axum::extract::State;
