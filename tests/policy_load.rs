@@ -193,3 +193,85 @@ fn a_case_insensitive_regex_loads() {
     std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
     PolicySet::load(Some(dir.path()), &[], &ctx()).unwrap();
 }
+
+fn aws_ctx() -> LoadContext {
+    let mut ctx = ctx();
+    ctx.backends.insert("aws".into(), ("aws", 3600));
+    ctx
+}
+
+fn aws_errors(grant: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "issuer: github\nmatch: {{repository_id: \"74\"}}\nttl: {{default: 5m, max: 1h}}\ngrants:\n  aws:\n{grant}"
+    );
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    match PolicySet::load(Some(dir.path()), &[], &aws_ctx()) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const ROLE: &str = "    backend: aws\n    role_arn: arn:aws:iam::111111111111:role/deploy-web\n";
+
+#[test]
+fn a_valid_aws_grant_loads() {
+    let grant = format!(
+        "{ROLE}    session_policy: {{Version: \"2012-10-17\", Statement: [{{Effect: Allow, Action: \"s3:*\", Resource: \"*\"}}]}}\n    policy_arns: [arn:aws:iam::aws:policy/ReadOnlyAccess]\n    session_tags: {{repository: \"${{repository}}\"}}\n"
+    );
+    assert_eq!(aws_errors(&grant), Vec::<String>::new());
+}
+
+#[test]
+fn a_session_policy_above_the_packed_limit_is_refused_at_load() {
+    let resources: Vec<String> = (0..100).map(|i| format!("\"arn:aws:s3:::bucket-number-{i}/*\"")).collect();
+    let grant = format!(
+        "{ROLE}    session_policy: {{Version: \"2012-10-17\", Statement: [{{Effect: Allow, Action: \"s3:GetObject\", Resource: [{}]}}]}}\n",
+        resources.join(", ")
+    );
+    assert_has(&aws_errors(&grant), "grants.aws.session_policy:");
+    assert_has(&aws_errors(&grant), "2,048 characters");
+}
+
+#[test]
+fn a_session_policy_that_is_not_a_policy_document_is_refused_at_load() {
+    assert_has(&aws_errors(&format!("{ROLE}    session_policy: \"not json at all\"\n")), "grants.aws.session_policy:");
+    assert_has(&aws_errors(&format!("{ROLE}    session_policy: {{Statement: []}}\n")), "grants.aws.session_policy:");
+}
+
+#[test]
+fn a_role_arn_that_is_not_an_arn_is_refused_at_load() {
+    for arn in [
+        "deploy-web",
+        "arn:aws:iam::11111111111:role/deploy",
+        "arn:aws:s3:::bucket",
+        "arn:aws:iam::111111111111:user/bob",
+    ] {
+        let grant = format!("    backend: aws\n    role_arn: \"{arn}\"\n");
+        assert_has(&aws_errors(&grant), "grants.aws.role_arn:");
+    }
+}
+
+#[test]
+fn too_many_policy_arns_or_bad_tag_keys_are_refused_at_load() {
+    let arns: Vec<String> = (0..11).map(|i| format!("arn:aws:iam::aws:policy/P{i}")).collect();
+    assert_has(&aws_errors(&format!("{ROLE}    policy_arns: [{}]\n", arns.join(", "))), "grants.aws.policy_arns:");
+    assert_has(
+        &aws_errors(&format!("{ROLE}    session_tags: {{\"bad;key\": x}}\n")),
+        "grants.aws.session_tags.bad;key:",
+    );
+    assert_has(
+        &aws_errors(&format!("{ROLE}    session_tags: {{Repo: \"a\", repo: \"b\"}}\n")),
+        "grants.aws.session_tags:",
+    );
+    assert_has(&aws_errors(&format!("{ROLE}    roles_arn: x\n")), "unknown field `roles_arn`");
+}
+
+#[test]
+fn an_aws_backend_max_ttl_outside_what_sts_allows_is_a_config_error() {
+    let toml = "[backends.aws]\ntype = \"aws\"\nregion = \"eu-west-1\"\nmax_ttl = \"13h\"\n";
+    let errors = Config::parse(toml, std::path::Path::new("")).unwrap_err().join("\n");
+    assert!(errors.contains("backends.aws.max_ttl"), "{errors}");
+    let toml = "[backends.aws]\ntype = \"aws\"\nregion = \"eu west\"\n";
+    assert!(Config::parse(toml, std::path::Path::new("")).unwrap_err().join("\n").contains("backends.aws.region"));
+}
