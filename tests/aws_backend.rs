@@ -221,3 +221,27 @@ async fn sts_down_is_a_502_with_nothing_recorded_or_leaked() {
     assert!(s.broker.running.app.ledger.is_empty(), "a lease was recorded for nothing");
     assert!(!reply.1.to_string().contains("127.0.0.1"), "upstream detail reached the caller: {}", reply.1);
 }
+
+#[tokio::test]
+async fn a_role_whose_inline_policies_are_full_keeps_the_revocation_pending_and_visible() {
+    let s = setup("deny-policy").await;
+    // Another inline policy already uses nearly all of the role's 10,240 characters.
+    let resources: Vec<String> = (0..437).map(|i| format!("\"arn:aws:s3:::b{i:04}/*\"")).collect();
+    let big = format!(
+        r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"s3:GetObject","Resource":[{}]}}]}}"#,
+        resources.join(",")
+    );
+    assert!(big.len() > 10_000 && big.len() < 10_240, "{}", big.len());
+    s.moto.boto3(
+        "iam.put_role_policy(RoleName=sys.argv[2], PolicyName='app', PolicyDocument=sys.argv[3])",
+        &[&s.role, &big],
+    );
+    let token = deploy_token(&s);
+    let (_, body) = s.broker.exchange(&token, "deploy").await;
+    let lease = body["lease_id"].as_str().unwrap().to_string();
+    let (_, reply) = s.broker.revoke(&token, json!({})).await;
+    assert_eq!(reply["pending"], json!([lease]), "{reply}");
+    let error = s.broker.running.app.ledger.get(&lease).unwrap().last_error.unwrap();
+    assert!(error.contains("10240-character limit"), "{error}");
+    assert!(s.moto.get_role_policy(&s.role, "ephemera-revoked").is_none(), "an over-limit policy was written");
+}
