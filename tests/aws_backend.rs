@@ -34,14 +34,7 @@ async fn setup(revocation: &str) -> Setup {
     let moto = Moto::start();
     let role = format!("deploy-{}", ephemera::secret::hex(&ephemera::ids::random::<4>()));
     let arn = moto.create_role(&role);
-    let creds = tempfile::tempdir().unwrap();
-    let file = creds.path().join("credentials");
-    std::fs::write(&file, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
-    let backend_toml = format!(
-        "[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\ncredentials_file = {:?}\nrevocation = \"{revocation}\"\nmax_ttl = \"1h\"\n",
-        moto.endpoint,
-        file.display().to_string()
-    );
+    let (backend_toml, creds) = aws_backend(&moto.endpoint, revocation);
     let issuer = FakeIssuer::start().await;
     let policy = POLICY.replace("ROLE_ARN", &arn);
     let extra = Extra { backend_toml, ..Extra::default() };

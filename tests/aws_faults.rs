@@ -64,13 +64,7 @@ async fn setup(script: Vec<u16>) -> Setup {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let app = Router::new().route("/", post(sts)).with_state(fake.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let creds = tempfile::tempdir().unwrap();
-    let file = creds.path().join("credentials");
-    std::fs::write(&file, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
-    let backend_toml = format!(
-        "[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\ncredentials_file = {:?}\n",
-        file.display().to_string()
-    );
+    let (backend_toml, creds) = aws_backend(&url, "deny-policy");
     let issuer = FakeIssuer::start().await;
     let extra = Extra { backend_toml, ..Extra::default() };
     let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", POLICY)], &extra).await;

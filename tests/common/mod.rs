@@ -268,6 +268,20 @@ grants:
   api: {backend: jwt, audience: https://api.internal.example}
 "#;
 
+/// Config lines for an `aws` backend named `aws` talking to `endpoint`, and the directory holding
+/// the static test credentials it reads (keep it alive as long as the broker).
+pub fn aws_backend(endpoint: &str, revocation: &str) -> (String, tempfile::TempDir) {
+    let creds = tempfile::tempdir().unwrap();
+    let file = creds.path().join("credentials");
+    std::fs::write(&file, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
+    let toml = format!(
+        "[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
+         credentials_file = {:?}\nrevocation = \"{revocation}\"\nmax_ttl = \"1h\"\n",
+        file.display().to_string()
+    );
+    (toml, creds)
+}
+
 /// Extra config lines for [`Broker::start_custom`].
 #[derive(Default)]
 pub struct Extra {
