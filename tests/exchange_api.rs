@@ -359,3 +359,54 @@ async fn a_missing_previous_signing_key_stops_the_start() {
     let err = ephemera::server::start(ephemera::server::Options::new(config, false, clock)).await.err().unwrap();
     assert!(err.contains("gone.pk8"), "{err}");
 }
+
+#[tokio::test]
+async fn the_env_format_is_sourceable_by_sh_and_carries_the_credentials() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let resp = broker
+        .http
+        .post(format!("{}/v1/exchange", broker.url))
+        .bearer_auth(&token)
+        .header("accept", "text/plain")
+        .body(r#"{"policy":"deploy"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let env = resp.text().await.unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{env}\nprintf '%s\\n%s\\n%s' \"$EPHEMERA_LEASE_ID\" \"$EPHEMERA_API_KIND\" \"$EPHEMERA_API_TOKEN\""
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("lse_"), "{env}");
+    assert_eq!(lines[1], "jwt");
+    assert_eq!(broker.introspect(lines[2])["active"], true);
+    // `?format=env` works too, and errors stay JSON.
+    let fresh = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let resp = broker
+        .http
+        .post(format!("{}/v1/exchange?format=env", broker.url))
+        .bearer_auth(&fresh)
+        .body(r#"{"policy":"deploy"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.text().await.unwrap().contains("export EPHEMERA_API_TOKEN='eyJ"));
+    let resp = broker
+        .http
+        .post(format!("{}/v1/exchange?format=env", broker.url))
+        .bearer_auth("bad")
+        .body(r#"{"policy":"deploy"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(resp.text().await.unwrap().contains(r#""code":"invalid_token""#));
+}

@@ -214,7 +214,19 @@ struct ExchangeBody {
     ttl: Option<String>,
 }
 
-async fn exchange(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+/// Does the caller want the `env` format (`Accept: text/plain` or `?format=env`)?
+fn wants_env(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    accept.contains("text/plain")
+        || uri.query().is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "format" && v == "env"))
+}
+
+async fn exchange(
+    State(app): AppState,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Error> {
     let bytes = read_body(&headers, body).await?;
     let request: ExchangeBody = parse_json(&bytes)?;
     // The value is not echoed: a caller who pasted something secret into `ttl` gets it back
@@ -227,6 +239,10 @@ async fn exchange(State(app): AppState, headers: HeaderMap, body: Body) -> Resul
         .map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
     let token = bearer(&headers)?;
     let reply = app.exchange(token, &request.policy, ttl).await?;
+    if wants_env(&headers, &uri) {
+        return Ok((StatusCode::CREATED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], reply.to_env())
+            .into_response());
+    }
     Ok(json_response(StatusCode::CREATED, &reply))
 }
 
