@@ -6,6 +6,7 @@
 //! the rooms together. Dependencies point one way: `http` → `app` → {identity, policy, mint, ledger}.
 
 pub mod app;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;

@@ -30,6 +30,93 @@ enum Command {
     /// Development helpers for a running `serve --dev` broker.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Exchange this job's OIDC ID token for the credentials a policy grants (prints them on stdout).
+    #[command(after_help = EXCHANGE_HELP)]
+    Exchange(ExchangeArgs),
+    /// Revoke this job's leases (or one of them) before they expire.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Revoke(RevokeArgs),
+}
+
+/// The exit codes of `exchange` and `revoke` (docs/cli.md), for their `--help`.
+macro_rules! exit_codes_help {
+    () => {
+        "\
+Exit codes:
+  0  success
+  1  any other failure (bad reply, no token, no single `aws` credential for credential-process, ...)
+  2  usage error
+  3  denied by the policy (403 policy_denied)
+  4  invalid ID token (401)
+  5  broker unreachable, timed out (30 s), or answered 5xx / 429: worth retrying with a fresh token
+Errors go to stderr as `ephemera: <code>: <message> (request <request_id>)`; the token is never printed."
+    };
+}
+
+const EXIT_CODES_HELP: &str = exit_codes_help!();
+
+const EXCHANGE_HELP: &str = concat!(
+    "\
+Formats:
+  json                the broker's reply as is (lease id, expiry, every credential)
+  env                 `export NAME='value'` lines for POSIX sh: `eval \"$(ephemera exchange ...)\"`
+  credential-process  the AWS CLI / SDK external-process JSON for the single `aws` credential:
+                      credential_process = ephemera exchange --broker URL --policy NAME --format credential-process
+  github-env          the same variables as `env`, in $GITHUB_ENV's heredoc form (append it to $GITHUB_ENV;
+                      masking the values with ::add-mask:: is the caller's job, the GitHub action does it)
+
+",
+    exit_codes_help!()
+);
+
+/// Where the job's OIDC ID token comes from.
+#[derive(Args)]
+struct TokenArgs {
+    /// Read the ID token from this environment variable.
+    #[arg(long, value_name = "VAR", default_value = ephemera::client::DEFAULT_TOKEN_ENV)]
+    token_env: String,
+    /// Read the ID token from this file instead (surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE", conflicts_with = "token_env")]
+    token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn source(self) -> ephemera::client::TokenSource {
+        match self.token_file {
+            Some(path) => ephemera::client::TokenSource::File(path),
+            None => ephemera::client::TokenSource::Env(self.token_env),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ExchangeArgs {
+    /// The broker's base URL, e.g. https://ephemera.example.com.
+    #[arg(long, value_name = "URL")]
+    broker: String,
+    /// The policy to exchange under.
+    #[arg(long, value_name = "NAME")]
+    policy: String,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// Lease lifetime, e.g. 10m (default and maximum: the policy's).
+    #[arg(long, value_name = "D")]
+    ttl: Option<String>,
+    /// Output format (see below).
+    #[arg(long, default_value = "json", value_parser = clap::builder::PossibleValuesParser::new(["json", "env", "credential-process", "github-env"]))]
+    format: String,
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// The broker's base URL, e.g. https://ephemera.example.com.
+    #[arg(long, value_name = "URL")]
+    broker: String,
+    /// Revoke only this lease (default: every lease of the token's job).
+    #[arg(long, value_name = "ID")]
+    lease: Option<String>,
+    #[command(flatten)]
+    token: TokenArgs,
 }
 
 #[derive(Args)]
@@ -72,11 +159,24 @@ enum DevCommand {
     },
 }
 
+/// `println!` for the server's banner, ignoring a closed stdout: a broker must not die because
+/// whoever started it stopped reading its output (`println!` panics on EPIPE).
+macro_rules! say {
+    () => {{
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), b"\n");
+    }};
+    ($($arg:tt)*) => {{
+        let _ = std::io::Write::write_fmt(&mut std::io::stdout(), format_args!("{}\n", format_args!($($arg)*)));
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     ephemera::install_crypto();
     let result = match cli.command {
+        Command::Exchange(args) => return client_command(exchange(args)),
+        Command::Revoke(args) => return client_command(revoke(args)),
         Command::Serve(args) => serve(args),
         Command::Policy(PolicyCommand::Check { config }) => policy_check(config.as_deref()),
         Command::Dev(DevCommand::Token { broker, claims, issuer }) => dev_token(&broker, claims.as_deref(), &issuer),
@@ -86,6 +186,44 @@ fn main() -> ExitCode {
         Err(message) => {
             eprintln!("ephemera: {message}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn exchange(args: ExchangeArgs) -> Result<String, ephemera::client::Failure> {
+    let format = ephemera::client::Format::parse(&args.format)
+        .map_err(|message| ephemera::client::Failure { exit: ephemera::client::EXIT_USAGE, message })?;
+    ephemera::client::exchange(&args.broker, &args.policy, &args.token.source(), args.ttl.as_deref(), format).await
+}
+
+async fn revoke(args: RevokeArgs) -> Result<String, ephemera::client::Failure> {
+    ephemera::client::revoke(&args.broker, args.lease.as_deref(), &args.token.source()).await
+}
+
+/// Runs a client command: its output on stdout, or its failure on stderr with its exit code.
+fn client_command(work: impl std::future::Future<Output = Result<String, ephemera::client::Failure>>) -> ExitCode {
+    let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(work),
+        Err(e) => Err(ephemera::client::Failure {
+            exit: ephemera::client::EXIT_OTHER,
+            message: format!("cannot start the runtime: {e}"),
+        }),
+    };
+    match result {
+        Ok(text) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ephemera: cannot write the output: {e}");
+                    ExitCode::from(ephemera::client::EXIT_OTHER)
+                }
+            }
+        }
+        Err(failure) => {
+            eprintln!("ephemera: {}", failure.message);
+            ExitCode::from(failure.exit)
         }
     }
 }
@@ -143,7 +281,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         if args.dev {
             print_dev_banner(&running.url(), &data_dir);
         } else {
-            println!("ephemera listening on {}", running.url());
+            say!("ephemera listening on {}", running.url());
         }
         running.until_signal().await;
         if let Some(dir) = temporary_data_dir {
@@ -162,31 +300,29 @@ fn fresh_temp_dir() -> Result<PathBuf, String> {
 
 fn print_dev_banner(url: &str, data_dir: &Path) {
     let exe = std::env::current_exe().map_or_else(|_| "ephemera".to_string(), |p| p.display().to_string());
-    println!("ephemera listening on {url}");
-    println!(
+    say!("ephemera listening on {url}");
+    say!(
         "dev mode: loopback only; in-process issuers `github` and `gitlab` at {url}/dev/...; data in {}",
         data_dir.display()
     );
-    println!(
-        "policies: the example policies plus `dev`, which the default dev token satisfies (grants a JWT named `api`)"
-    );
-    println!();
-    println!("Try it (POSIX sh):");
+    say!("policies: the example policies plus `dev`, which the default dev token satisfies (grants a JWT named `api`)");
+    say!();
+    say!("Try it (POSIX sh):");
     // The reply holds a live JWT: it goes into the data directory (0700), not a shared /tmp path.
     let reply = shell_quote(&data_dir.join("exchange.json").display().to_string());
-    println!("  TOKEN=$({} dev token --broker {url})", shell_quote(&exe));
-    println!(
+    say!("  TOKEN=$({} dev token --broker {url})", shell_quote(&exe));
+    say!(
         "  curl -s -X POST {url}/v1/exchange -H \"Authorization: Bearer $TOKEN\" -d '{{\"policy\":\"dev\"}}' | tee {reply}"
     );
-    println!("  JWT=$(sed -n 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/p' {reply})");
-    println!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
-    println!("  curl -s -X POST {url}/v1/revoke -H \"Authorization: Bearer $TOKEN\" -d '{{}}'");
-    println!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
-    println!();
+    say!("  JWT=$(sed -n 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/p' {reply})");
+    say!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
+    say!("  curl -s -X POST {url}/v1/revoke -H \"Authorization: Bearer $TOKEN\" -d '{{}}'");
+    say!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
+    say!();
     let admin = shell_quote(&data_dir.join(ephemera::server::DEV_ADMIN_TOKEN_FILE).display().to_string());
-    println!("Admin API (leases, revoke by job or filter):");
-    println!("  curl -s {url}/v1/leases -H \"Authorization: Bearer $(cat {admin})\"");
-    println!();
+    say!("Admin API (leases, revoke by job or filter):");
+    say!("  curl -s {url}/v1/leases -H \"Authorization: Bearer $(cat {admin})\"");
+    say!();
 }
 
 /// Single-quotes a word for POSIX sh.

@@ -1,0 +1,462 @@
+'use strict';
+// The ephemera GitHub Action: exchange the job's OIDC ID token for short-lived credentials
+// (main), and revoke the lease when the job ends (post). Node built-ins only: global fetch,
+// fs, crypto. Nothing to install, bundle or audit beyond this directory.
+//
+// Every function takes a context `ctx` (env, write, sleep, random) so the tests can drive it
+// with a fake runner environment; `defaultContext()` is the real runner.
+
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const crypto = require('crypto');
+
+const MAX_ATTEMPTS = 4;
+const BASE_DELAY_MS = 1000;
+const MAX_DELAY_MS = 20000;
+const REQUEST_TIMEOUT_MS = 30000;
+const STATE_LEASE_ID = 'lease_id';
+// Credential fields that are not secret; every other string field of a credential is masked.
+const PUBLIC_FIELDS = new Set(['kind', 'revocation', 'expires_at', 'expiration', 'region']);
+
+function defaultContext() {
+  return {
+    env: process.env,
+    write: (s) => process.stdout.write(s),
+    sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+    random: Math.random,
+  };
+}
+
+class ActionError extends Error {}
+
+// ---- inputs ---------------------------------------------------------------------------------
+
+/** An input as the runner passes it: `INPUT_<NAME>`, uppercased, dashes kept, spaces → `_`. */
+function getInput(ctx, name) {
+  const value = ctx.env[`INPUT_${name.replace(/ /g, '_').toUpperCase()}`];
+  return (value || '').trim();
+}
+
+function getRequiredInput(ctx, name) {
+  const value = getInput(ctx, name);
+  if (!value) throw new ActionError(`input \`${name}\` is required`);
+  return value;
+}
+
+/** A YAML-1.2-core boolean input; `fallback` when empty (which may be `undefined` = auto). */
+function getBooleanInput(ctx, name, fallback) {
+  const value = getInput(ctx, name);
+  if (value === '') return fallback;
+  if (['true', 'True', 'TRUE'].includes(value)) return true;
+  if (['false', 'False', 'FALSE'].includes(value)) return false;
+  throw new ActionError(`input \`${name}\` must be \`true\` or \`false\`, not \`${value}\``);
+}
+
+/** The broker's base URL, without trailing slashes; https, or http on loopback only. */
+function brokerUrl(ctx) {
+  const raw = getRequiredInput(ctx, 'broker-url').replace(/\/+$/, '');
+  let url;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new ActionError(`input \`broker-url\` is not a URL: \`${raw}\``);
+  }
+  const loopback = ['127.0.0.1', 'localhost', '[::1]'].includes(url.hostname);
+  if (url.protocol !== 'https:' && !(url.protocol === 'http:' && loopback)) {
+    throw new ActionError(
+      `input \`broker-url\` must be https:// (plain http is accepted on loopback only, ` +
+        `since the job's ID token is sent to it): \`${raw}\``
+    );
+  }
+  return raw;
+}
+
+// ---- workflow commands and file commands ----------------------------------------------------
+
+function escapeData(s) {
+  return String(s).replace(/%/g, '%25').replace(/\r/g, '%0D').replace(/\n/g, '%0A');
+}
+
+function info(ctx, message) {
+  ctx.write(`${message}\n`);
+}
+
+function command(ctx, name, message) {
+  ctx.write(`::${name}::${escapeData(message)}\n`);
+}
+
+/**
+ * Registers a secret with the runner's log masker: one `::add-mask::` per line, because the
+ * runner masks each registered string separately and a multi-line value in one command would
+ * not match what a later step prints line by line.
+ */
+function mask(ctx, value) {
+  if (value === undefined || value === null) return;
+  const text = String(value);
+  const lines = new Set([text, ...text.split(/\r\n|\r|\n/)]);
+  for (const line of lines) {
+    if (line.trim() === '' || /[\r\n]/.test(line)) continue;
+    ctx.write(`::add-mask::${escapeData(line)}\n`);
+  }
+}
+
+/** Appends `NAME<<DELIM\nvalue\nDELIM\n` to a runner file command (GITHUB_ENV, _OUTPUT, _STATE). */
+function fileCommand(ctx, fileVar, name, value) {
+  const file = ctx.env[fileVar];
+  if (!file) {
+    throw new ActionError(`${fileVar} is not set: this action needs a GitHub Actions runner (2.297 or newer)`);
+  }
+  const text = String(value);
+  const delimiter = `ghadelimiter_${crypto.randomUUID()}`;
+  if (name.includes(delimiter) || text.includes(delimiter)) {
+    throw new ActionError(`unexpected input: the value of \`${name}\` contains the delimiter`);
+  }
+  if (/[\r\n]/.test(name) || name.includes('<<') || name.includes('=')) {
+    throw new ActionError(`invalid name for ${fileVar}: \`${name}\``);
+  }
+  fs.appendFileSync(file, `${name}<<${delimiter}${os.EOL}${text}${os.EOL}${delimiter}${os.EOL}`, 'utf8');
+}
+
+const exportVariable = (ctx, name, value) => fileCommand(ctx, 'GITHUB_ENV', name, value);
+const setOutput = (ctx, name, value) => fileCommand(ctx, 'GITHUB_OUTPUT', name, value);
+const saveState = (ctx, name, value) => fileCommand(ctx, 'GITHUB_STATE', name, value);
+
+/** Parses a file written with the heredoc form back to `{name: value}` (the tests use it). */
+function parseFileCommands(text) {
+  const result = {};
+  const lines = text.split(/\r?\n/);
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    if (line === '') continue;
+    const heredoc = line.indexOf('<<');
+    const eq = line.indexOf('=');
+    if (heredoc > 0 && (eq < 0 || heredoc < eq)) {
+      const name = line.slice(0, heredoc);
+      const delimiter = line.slice(heredoc + 2);
+      const value = [];
+      i++;
+      while (i < lines.length && lines[i] !== delimiter) value.push(lines[i++]);
+      if (i >= lines.length) throw new Error(`unterminated heredoc for ${name}`);
+      result[name] = value.join('\n');
+    } else if (eq > 0) {
+      result[line.slice(0, eq)] = line.slice(eq + 1);
+    } else {
+      throw new Error(`malformed file command line: ${line}`);
+    }
+  }
+  return result;
+}
+
+/** A short SHA-256 fingerprint of a secret, safe to log: lets two logs be compared. */
+function fingerprint(value) {
+  return `sha256:${crypto.createHash('sha256').update(String(value)).digest('hex').slice(0, 16)}`;
+}
+
+// ---- HTTP: ID token, retries ----------------------------------------------------------------
+
+class RetryableError extends Error {}
+
+/** The job's OIDC ID token for `audience`, from the runner's token endpoint; masked at once. */
+async function getIdToken(ctx, audience) {
+  const url = ctx.env.ACTIONS_ID_TOKEN_REQUEST_URL;
+  const token = ctx.env.ACTIONS_ID_TOKEN_REQUEST_TOKEN;
+  if (!url || !token) {
+    throw new ActionError(
+      'the job cannot request an OIDC ID token: ACTIONS_ID_TOKEN_REQUEST_URL / ' +
+        'ACTIONS_ID_TOKEN_REQUEST_TOKEN are not set. Add this to the workflow or the job:\n' +
+        '  permissions:\n    id-token: write\n    contents: read\n' +
+        '(pull requests from forks never get an ID token)'
+    );
+  }
+  const full = `${url}${url.includes('?') ? '&' : '?'}audience=${encodeURIComponent(audience)}`;
+  let response;
+  try {
+    response = await fetch(full, {
+      headers: { Authorization: `Bearer ${token}`, Accept: 'application/json' },
+      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    });
+  } catch (e) {
+    throw new RetryableError(`cannot reach the runner's ID token endpoint: ${describe(e)}`);
+  }
+  const text = await response.text().catch(() => '');
+  if (response.status === 429 || response.status >= 500) {
+    throw new RetryableError(`the runner's ID token endpoint answered ${response.status}`);
+  }
+  if (!response.ok) {
+    throw new ActionError(`the runner's ID token endpoint answered ${response.status}`);
+  }
+  let value;
+  try {
+    value = JSON.parse(text).value;
+  } catch {
+    value = undefined;
+  }
+  if (typeof value !== 'string' || value === '') {
+    throw new ActionError("the runner's ID token endpoint answered without a token");
+  }
+  mask(ctx, value);
+  return value;
+}
+
+function describe(e) {
+  const cause = e && e.cause && (e.cause.code || e.cause.message);
+  return cause ? `${e.message} (${cause})` : String((e && e.message) || e);
+}
+
+/** Backoff before attempt `attempt + 1`: exponential, full-jittered in [50%, 100%]. */
+function backoffMs(ctx, attempt, retryAfterSecs) {
+  const exp = Math.min(MAX_DELAY_MS, BASE_DELAY_MS * 2 ** (attempt - 1));
+  const jittered = Math.round(exp * (0.5 + 0.5 * ctx.random()));
+  if (retryAfterSecs > 0) return Math.min(MAX_DELAY_MS, Math.max(jittered, retryAfterSecs * 1000));
+  return jittered;
+}
+
+/**
+ * POSTs `body` to the broker with a fresh ID token per attempt. Retries network errors, 429 and
+ * 5xx only (up to MAX_ATTEMPTS); returns `{status, body}` for any other answer.
+ */
+async function callBroker(ctx, { base, audience, route, body }) {
+  let lastError;
+  for (let attempt = 1; attempt <= MAX_ATTEMPTS; attempt++) {
+    let retryAfter = 0;
+    try {
+      const idToken = await getIdToken(ctx, audience);
+      let response;
+      try {
+        response = await fetch(`${base}${route}`, {
+          method: 'POST',
+          headers: {
+            Authorization: `Bearer ${idToken}`,
+            'Content-Type': 'application/json',
+            Accept: 'application/json',
+            'User-Agent': 'ephemera-github-action',
+          },
+          body: JSON.stringify(body),
+          signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+        });
+      } catch (e) {
+        throw new RetryableError(`cannot reach the broker at ${base}: ${describe(e)}`);
+      }
+      const text = await response.text().catch(() => '');
+      let parsed;
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        parsed = undefined;
+      }
+      if (response.status === 429 || response.status >= 500) {
+        retryAfter = Number(response.headers.get('retry-after')) || 0;
+        throw new RetryableError(`the broker answered ${response.status}${errorSuffix(parsed)}`);
+      }
+      return { status: response.status, body: parsed };
+    } catch (e) {
+      if (!(e instanceof RetryableError)) throw e;
+      lastError = e;
+      if (attempt === MAX_ATTEMPTS) break;
+      const delay = backoffMs(ctx, attempt, retryAfter);
+      info(ctx, `attempt ${attempt}/${MAX_ATTEMPTS} failed: ${e.message}; retrying in ${(delay / 1000).toFixed(1)}s`);
+      await ctx.sleep(delay);
+    }
+  }
+  throw new ActionError(`giving up after ${MAX_ATTEMPTS} attempts: ${lastError.message}`);
+}
+
+function errorSuffix(body) {
+  const err = body && body.error;
+  if (!err) return '';
+  return `: ${err.code}: ${err.message}${err.request_id ? ` (request ${err.request_id})` : ''}`;
+}
+
+// ---- main -----------------------------------------------------------------------------------
+
+/** The claims of an ID token (its payload, unverified): what the broker saw. Not secret. */
+function decodeClaims(idToken) {
+  try {
+    return JSON.parse(Buffer.from(idToken.split('.')[1], 'base64url').toString('utf8'));
+  } catch {
+    return undefined;
+  }
+}
+
+function shellQuote(s) {
+  return /^[A-Za-z0-9_./:@%+=-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+/** Explains a 403: the denial (it names the claim) and the `policy explain` command to run. */
+async function reportDenial(ctx, { policy, audience, body }) {
+  const err = (body && body.error) || {};
+  command(ctx, 'error', `ephemera denied policy \`${policy}\`: ${err.message || 'policy_denied'}` +
+    (err.request_id ? ` (request ${err.request_id})` : ''));
+  // The claims this job presents (a fresh token has the same claims but `jti`, `iat`, `exp`).
+  let claims;
+  try {
+    claims = decodeClaims(await getIdToken(ctx, audience));
+  } catch {
+    claims = undefined;
+  }
+  const dir = ctx.env.RUNNER_TEMP || os.tmpdir();
+  const file = path.join(dir, 'ephemera-claims.json');
+  if (claims) {
+    fs.writeFileSync(file, `${JSON.stringify(claims, null, 2)}\n`);
+    info(ctx, "::group::This job's ID token claims (save them as claims.json)");
+    info(ctx, JSON.stringify(claims, null, 2));
+    info(ctx, '::endgroup::');
+    info(ctx, `The claims are also in ${file} on the runner.`);
+  }
+  info(ctx, 'An operator can see which rule decided with:');
+  info(ctx, `  ephemera policy explain --policy ${shellQuote(policy)} --claims claims.json`);
+  throw new ActionError(`policy \`${policy}\` denied this job: ${err.message || 'policy_denied'}`);
+}
+
+/** Every secret string of a credential (all fields except the known public ones). */
+function secretsOf(credential) {
+  const out = [];
+  for (const [key, value] of Object.entries(credential || {})) {
+    if (PUBLIC_FIELDS.has(key)) continue;
+    if (typeof value === 'string') out.push(value);
+    else if (value && typeof value === 'object') out.push(...secretsOf(value));
+  }
+  return out;
+}
+
+/** The `main` step. Returns false (after an `::error::`) when the step must fail. */
+async function run(ctx = defaultContext()) {
+  try {
+    await exchange(ctx);
+    return true;
+  } catch (e) {
+    command(ctx, 'error', e instanceof ActionError ? e.message : `unexpected error: ${e && e.stack ? e.stack : e}`);
+    return false;
+  }
+}
+
+async function exchange(ctx) {
+  const base = brokerUrl(ctx);
+  const policy = getRequiredInput(ctx, 'policy');
+  const audience = getInput(ctx, 'audience') || base;
+  const ttl = getInput(ctx, 'ttl');
+  const exportAws = getBooleanInput(ctx, 'export-aws-env', undefined);
+  const jwtOutput = getBooleanInput(ctx, 'jwt-output', false);
+  getBooleanInput(ctx, 'revoke', true); // validated here, so a typo fails before anything is minted
+
+  const body = ttl ? { policy, ttl } : { policy };
+  const { status, body: reply } = await callBroker(ctx, { base, audience, route: '/v1/exchange', body });
+  if (status === 403) await reportDenial(ctx, { policy, audience, body: reply });
+  if (status === 401) {
+    throw new ActionError(
+      `the broker rejected the ID token${errorSuffix(reply)}. Check that \`audience\` (${audience}) ` +
+        "is one the broker's issuer configuration accepts"
+    );
+  }
+  if (status !== 201 || !reply || typeof reply.lease_id !== 'string') {
+    throw new ActionError(`unexpected answer from the broker: ${status}${errorSuffix(reply)}`);
+  }
+
+  // Mask first: nothing is written anywhere before every secret line is registered.
+  const credentials = reply.credentials && typeof reply.credentials === 'object' ? reply.credentials : {};
+  for (const credential of Object.values(credentials)) {
+    for (const secret of secretsOf(credential)) mask(ctx, secret);
+  }
+  // Then the lease id, so `post` revokes even if a later step of `main` fails.
+  saveState(ctx, STATE_LEASE_ID, reply.lease_id);
+  setOutput(ctx, 'lease-id', reply.lease_id);
+  setOutput(ctx, 'expires-at', reply.expires_at || '');
+
+  info(ctx, `ephemera lease ${reply.lease_id} (policy ${reply.policy}, job ${reply.job}), expires ${reply.expires_at}`);
+  const aws = [];
+  const jwts = [];
+  for (const [name, credential] of Object.entries(credentials)) {
+    const prints = secretsOf(credential).map(fingerprint).join(', ');
+    info(ctx, `  credential \`${name}\`: ${credential.kind}, revocation ${credential.revocation}, ` +
+      `expires ${credential.expires_at}, ${prints}`);
+    if (credential.kind === 'aws') aws.push([name, credential]);
+    if (credential.kind === 'jwt') jwts.push([name, credential]);
+  }
+
+  if (exportAws !== false && aws.length === 1) {
+    const [name, c] = aws[0];
+    exportVariable(ctx, 'AWS_ACCESS_KEY_ID', c.access_key_id);
+    exportVariable(ctx, 'AWS_SECRET_ACCESS_KEY', c.secret_access_key);
+    exportVariable(ctx, 'AWS_SESSION_TOKEN', c.session_token);
+    if (c.region) {
+      exportVariable(ctx, 'AWS_REGION', c.region);
+      exportVariable(ctx, 'AWS_DEFAULT_REGION', c.region);
+    }
+    info(ctx, `exported credential \`${name}\` to AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN` +
+      (c.region ? ', AWS_REGION, AWS_DEFAULT_REGION' : ''));
+  } else if (exportAws !== false && aws.length > 1) {
+    command(ctx, 'warning', `policy \`${policy}\` returned ${aws.length} aws credentials ` +
+      `(${aws.map(([n]) => n).join(', ')}); none was exported to AWS_* because the choice would be ambiguous`);
+  } else if (exportAws === true && aws.length === 0) {
+    command(ctx, 'warning', `export-aws-env is true but policy \`${policy}\` returned no aws credential`);
+  }
+
+  if (jwtOutput) {
+    for (const [name, c] of jwts) {
+      setOutput(ctx, `jwt-${name}`, c.token);
+      info(ctx, `JWT \`${name}\` is in the step output \`jwt-${name}\``);
+    }
+    if (jwts.length === 1) setOutput(ctx, 'jwt', jwts[0][1].token);
+  } else if (jwts.length > 0) {
+    info(ctx, 'JWTs are not exposed as step outputs (set `jwt-output: true` to get them)');
+  }
+}
+
+// ---- post -----------------------------------------------------------------------------------
+
+/** The `post` step: revokes the saved lease. Never fails the job; a failure is a warning. */
+async function post(ctx = defaultContext()) {
+  const backstop = 'the broker still ends the lease when the job completes (webhook) or when its TTL runs out';
+  let leaseId;
+  try {
+    leaseId = (ctx.env[`STATE_${STATE_LEASE_ID}`] || '').trim();
+    if (!getBooleanInput(ctx, 'revoke', true)) {
+      info(ctx, `revoke is false: lease ${leaseId || '(none)'} is left to its TTL`);
+      return;
+    }
+    if (!leaseId) {
+      info(ctx, 'no lease to revoke (the exchange did not complete)');
+      return;
+    }
+    const base = brokerUrl(ctx);
+    const audience = getInput(ctx, 'audience') || base;
+    const { status, body } = await callBroker(ctx, { base, audience, route: '/v1/revoke', body: { lease_id: leaseId } });
+    if (status !== 200 || !body) throw new ActionError(`the broker answered ${status}${errorSuffix(body)}`);
+    const revoked = Array.isArray(body.revoked) ? body.revoked : [];
+    const pending = Array.isArray(body.pending) ? body.pending : [];
+    if (revoked.includes(leaseId)) {
+      info(ctx, `revoked lease ${leaseId}`);
+    } else if (pending.includes(leaseId)) {
+      info(ctx, `lease ${leaseId} ended; revocation of some credentials is pending at the backend ` +
+        '(e.g. an IAM deny still propagating); the broker retries it');
+    } else {
+      info(ctx, `lease ${leaseId} was already ended (revoked or expired); nothing to do`);
+    }
+  } catch (e) {
+    const why = e instanceof ActionError ? e.message : String((e && e.message) || e);
+    command(ctx, 'warning', `could not revoke ephemera lease ${leaseId || ''}: ${why}. This does not fail the job: ${backstop}.`);
+  }
+}
+
+module.exports = {
+  ActionError,
+  MAX_ATTEMPTS,
+  STATE_LEASE_ID,
+  backoffMs,
+  callBroker,
+  defaultContext,
+  escapeData,
+  exportVariable,
+  fileCommand,
+  fingerprint,
+  getBooleanInput,
+  getIdToken,
+  getInput,
+  mask,
+  parseFileCommands,
+  post,
+  run,
+  saveState,
+  setOutput,
+};

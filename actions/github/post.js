@@ -1,0 +1,3 @@
+'use strict';
+// The action's `post` step (post-if: always()): revoke the lease. A failure is only a warning.
+require('./lib.js').post();

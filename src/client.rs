@@ -1,0 +1,394 @@
+//! The client side of the broker, for deployment scripts: `ephemera exchange` and
+//! `ephemera revoke` (DESIGN §5, docs/cli.md).
+//!
+//! Every failure is a [`Failure`] carrying the process exit code ([`EXIT_DENIED`],
+//! [`EXIT_INVALID_TOKEN`], [`EXIT_UNREACHABLE`], [`EXIT_OTHER`]) and a one-line message that
+//! never contains the caller's token.
+
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Anything not covered by the codes below (bad reply, missing token, no `aws` credential, …).
+pub const EXIT_OTHER: u8 = 1;
+/// Usage errors: clap's own exit code.
+pub const EXIT_USAGE: u8 = 2;
+/// The policy denied the exchange (403 `policy_denied`).
+pub const EXIT_DENIED: u8 = 3;
+/// The broker refused the token (401).
+pub const EXIT_INVALID_TOKEN: u8 = 4;
+/// The broker could not be reached, or answered 5xx or 429: worth retrying later.
+pub const EXIT_UNREACHABLE: u8 = 5;
+
+/// The environment variable `--token-env` reads by default.
+pub const DEFAULT_TOKEN_ENV: &str = "EPHEMERA_ID_TOKEN";
+
+/// One request's bound, connect included.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of a non-JSON error body goes into a message.
+const BODY_EXCERPT: usize = 200;
+
+/// A failed command: its exit code and the message for stderr (without the `ephemera: ` prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub exit: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn other(message: impl Into<String>) -> Failure {
+        Failure { exit: EXIT_OTHER, message: message.into() }
+    }
+}
+
+/// Where the caller's OIDC ID token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl TokenSource {
+    /// The token, trimmed. The error names the source, never the content.
+    pub fn read(&self) -> Result<String, Failure> {
+        let (token, from) = match self {
+            TokenSource::Env(var) => {
+                let value = std::env::var(var).map_err(|_| {
+                    Failure::other(format!("no ID token: environment variable {var} is not set (or not UTF-8)"))
+                })?;
+                (value, format!("environment variable {var}"))
+            }
+            TokenSource::File(path) => {
+                let value = std::fs::read_to_string(path)
+                    .map_err(|e| Failure::other(format!("no ID token: cannot read {}: {e}", path.display())))?;
+                (value, path.display().to_string())
+            }
+        };
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Failure::other(format!("no ID token: {from} is empty")));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Failure::other(format!("no ID token: {from} holds more than one word")));
+        }
+        Ok(token.to_string())
+    }
+}
+
+/// `--format` of `ephemera exchange`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Env,
+    CredentialProcess,
+    GithubEnv,
+}
+
+impl Format {
+    pub fn parse(text: &str) -> Result<Format, String> {
+        match text {
+            "json" => Ok(Format::Json),
+            "env" => Ok(Format::Env),
+            "credential-process" => Ok(Format::CredentialProcess),
+            "github-env" => Ok(Format::GithubEnv),
+            other => Err(format!("`{other}` is not one of json, env, credential-process, github-env")),
+        }
+    }
+}
+
+/// A broker base URL, checked: `http` or `https`, no query, no trailing slash.
+fn base_url(broker: &str) -> Result<String, Failure> {
+    let url = url::Url::parse(broker).map_err(|e| Failure::other(format!("--broker `{broker}`: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.query().is_some() || url.fragment().is_some() {
+        return Err(Failure::other(format!("--broker `{broker}`: expected http(s)://host[:port][/path]")));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+fn http_client() -> Result<reqwest::Client, Failure> {
+    crate::install_crypto();
+    reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        // A redirect would carry the job's token somewhere the caller did not name.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("ephemera-cli/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Failure::other(format!("cannot build the HTTP client: {e}")))
+}
+
+/// POSTs `body` with the bearer token; returns the body text of a 2xx reply, else the failure
+/// the broker's error JSON (or the transport) describes.
+async fn post(url: &str, token: &str, body: &Value, accept: &str) -> Result<String, Failure> {
+    let client = http_client()?;
+    let resp =
+        client.post(url).bearer_auth(token).header(reqwest::header::ACCEPT, accept).json(body).send().await.map_err(
+            |e| Failure { exit: EXIT_UNREACHABLE, message: format!("unreachable: {url}: {}", error_chain(&e)) },
+        )?;
+    let status = resp.status();
+    let header_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let text = resp.text().await.map_err(|e| Failure {
+        exit: EXIT_UNREACHABLE,
+        message: format!("unreachable: {url}: reading the reply: {}", error_chain(&e)),
+    })?;
+    if status.is_success() {
+        return Ok(text);
+    }
+    let exit = match status.as_u16() {
+        403 => EXIT_DENIED,
+        401 => EXIT_INVALID_TOKEN,
+        429 | 500..=599 => EXIT_UNREACHABLE,
+        _ => EXIT_OTHER,
+    };
+    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let field = |k: &str| error.and_then(|e| e.get(k)).and_then(Value::as_str).map(str::to_string);
+    let request_id = field("request_id").or(header_id).unwrap_or_else(|| "unknown".into());
+    let message = match (field("code"), field("message")) {
+        (Some(code), Some(message)) => format!("{code}: {message} (request {request_id})"),
+        _ => {
+            let excerpt: String = text.trim().chars().take(BODY_EXCERPT).collect();
+            format!("http_{}: {url} answered {status}: {excerpt} (request {request_id})", status.as_u16())
+        }
+    };
+    // The broker never echoes the token; a proxy in between might. Belt and braces.
+    Err(Failure { exit, message: message.replace(token, "<token>") })
+}
+
+/// `e: cause: cause`, so "connection refused" is not hidden behind "error sending request".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// `ephemera exchange`: the text to print on stdout.
+pub async fn exchange(
+    broker: &str,
+    policy: &str,
+    token: &TokenSource,
+    ttl: Option<&str>,
+    format: Format,
+) -> Result<String, Failure> {
+    let url = format!("{}/v1/exchange", base_url(broker)?);
+    let token = token.read()?;
+    let mut body = json!({"policy": policy});
+    if let Some(ttl) = ttl {
+        body["ttl"] = json!(ttl);
+    }
+    // The env format is the broker's own (one implementation of the quoting rules).
+    let accept = if format == Format::Env { "text/plain" } else { "application/json" };
+    let text = post(&url, &token, &body, accept).await?;
+    if format == Format::Env {
+        return Ok(with_newline(text));
+    }
+    let reply: Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::other(format!("the broker's exchange reply is not JSON: {e}")))?;
+    match format {
+        Format::Json | Format::Env => Ok(with_newline(text)),
+        Format::CredentialProcess => credential_process(&reply),
+        Format::GithubEnv => github_env(&reply),
+    }
+}
+
+/// `ephemera revoke`: the broker's JSON reply.
+pub async fn revoke(broker: &str, lease: Option<&str>, token: &TokenSource) -> Result<String, Failure> {
+    let url = format!("{}/v1/revoke", base_url(broker)?);
+    let token = token.read()?;
+    let body = match lease {
+        Some(id) => json!({"lease_id": id}),
+        None => json!({}),
+    };
+    post(&url, &token, &body, "application/json").await.map(with_newline)
+}
+
+fn with_newline(mut text: String) -> String {
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
+}
+
+/// The AWS CLI / SDK external-process document for the reply's single `aws` credential.
+/// `Expiration` is the earlier of the STS session's end and the lease's, so the SDK asks again
+/// before the broker revokes the session.
+pub fn credential_process(reply: &Value) -> Result<String, Failure> {
+    let credentials = reply.get("credentials").and_then(Value::as_object);
+    let aws: Vec<(&String, &Value)> = credentials
+        .into_iter()
+        .flatten()
+        .filter(|(_, c)| c.get("kind").and_then(Value::as_str) == Some("aws"))
+        .collect();
+    let (name, cred) = match aws.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(Failure::other(
+                "credential-process: the policy granted no `aws` credential (use --format json to see the grant)",
+            ));
+        }
+        several => {
+            let names: Vec<&str> = several.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(Failure::other(format!(
+                "credential-process: the policy granted {} `aws` credentials ({}); it needs exactly one",
+                names.len(),
+                names.join(", ")
+            )));
+        }
+    };
+    let field = |k: &str| {
+        cred.get(k)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Failure::other(format!("credential-process: credential `{name}` has no `{k}`")))
+    };
+    let session_end = field("expiration")?;
+    let expiration = match cred.get("expires_at").and_then(Value::as_str) {
+        Some(lease_end) if earlier(lease_end, session_end) => lease_end,
+        _ => session_end,
+    };
+    let doc = json!({
+        "Version": 1,
+        "AccessKeyId": field("access_key_id")?,
+        "SecretAccessKey": field("secret_access_key")?,
+        "SessionToken": field("session_token")?,
+        "Expiration": expiration,
+    });
+    Ok(format!("{doc}\n"))
+}
+
+/// Is RFC 3339 time `a` before `b`? False when either does not parse.
+fn earlier(a: &str, b: &str) -> bool {
+    match (humantime::parse_rfc3339(a), humantime::parse_rfc3339(b)) {
+        (Ok(a), Ok(b)) => a < b,
+        _ => false,
+    }
+}
+
+/// The variables of the `env` format, with the same names the broker uses
+/// (`ExchangeReply::to_env`): `EPHEMERA_LEASE_ID`, `EPHEMERA_EXPIRES_AT`, `EPHEMERA_JOB`,
+/// `EPHEMERA_POLICY`, `EPHEMERA_<NAME>_<FIELD>` for every credential field, and the standard
+/// `AWS_*` variables when exactly one credential is of kind `aws`.
+pub fn env_vars(reply: &Value) -> Vec<(String, String)> {
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let top = |k: &str| reply.get(k).map(text).unwrap_or_default();
+    let mut vars: Vec<(String, String)> = vec![
+        ("EPHEMERA_LEASE_ID".into(), top("lease_id")),
+        ("EPHEMERA_EXPIRES_AT".into(), top("expires_at")),
+        ("EPHEMERA_JOB".into(), top("job")),
+        ("EPHEMERA_POLICY".into(), top("policy")),
+    ];
+    let credentials = reply.get("credentials").and_then(Value::as_object);
+    for (name, cred) in credentials.into_iter().flatten() {
+        for (field, value) in cred.as_object().into_iter().flatten() {
+            vars.push((format!("EPHEMERA_{}_{}", env_name(name), env_name(field)), text(value)));
+        }
+    }
+    let aws: Vec<&Value> =
+        credentials.into_iter().flatten().map(|(_, c)| c).filter(|c| c["kind"].as_str() == Some("aws")).collect();
+    if let [only] = aws.as_slice() {
+        let field = |k: &str| only.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        for (var, key) in [
+            ("AWS_ACCESS_KEY_ID", "access_key_id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
+            ("AWS_SESSION_TOKEN", "session_token"),
+            ("AWS_REGION", "region"),
+            ("AWS_DEFAULT_REGION", "region"),
+        ] {
+            vars.push((var.into(), field(key)));
+        }
+    }
+    vars
+}
+
+/// `deploy-web` → `DEPLOY_WEB` (as the broker names them).
+fn env_name(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+}
+
+/// Lines to append to `$GITHUB_ENV`: every variable in the multi-line (heredoc) form with a
+/// random delimiter, so no value, whatever it holds, can end its entry early or add another.
+pub fn github_env(reply: &Value) -> Result<String, Failure> {
+    let mut out = String::new();
+    for (name, value) in env_vars(reply) {
+        let delimiter = loop {
+            let candidate = format!("ghadelimiter_{}", crate::secret::hex(&crate::ids::random::<16>()));
+            if !value.contains(&candidate) {
+                break candidate;
+            }
+        };
+        if value.contains('\r') {
+            return Err(Failure::other(format!("github-env: the value of {name} holds a carriage return")));
+        }
+        out.push_str(&format!("{name}<<{delimiter}\n{value}\n{delimiter}\n"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn aws_reply(names: &[&str]) -> Value {
+        let mut creds = serde_json::Map::new();
+        for n in names {
+            creds.insert(
+                (*n).to_string(),
+                json!({"kind": "aws", "revocation": "deny-policy", "expires_at": "2026-11-25T17:10:00Z",
+                       "access_key_id": "ASIA1", "secret_access_key": "s'e\ncret", "session_token": "tok",
+                       "expiration": "2026-11-25T17:20:00Z", "region": "us-east-1"}),
+            );
+        }
+        json!({"lease_id": "lse_1", "policy": "p", "job": "github:1:1:1:1", "expires_at": "2026-11-25T17:10:00Z",
+               "credentials": creds})
+    }
+
+    #[test]
+    fn credential_process_takes_the_earlier_expiry() {
+        let doc: Value = serde_json::from_str(&credential_process(&aws_reply(&["aws"])).unwrap()).unwrap();
+        assert_eq!(doc["Version"], 1);
+        assert_eq!(doc["AccessKeyId"], "ASIA1");
+        assert_eq!(doc["SecretAccessKey"], "s'e\ncret");
+        assert_eq!(doc["Expiration"], "2026-11-25T17:10:00Z");
+    }
+
+    #[test]
+    fn credential_process_needs_exactly_one_aws_credential() {
+        assert_eq!(credential_process(&aws_reply(&[])).unwrap_err().exit, EXIT_OTHER);
+        let e = credential_process(&aws_reply(&["a", "b"])).unwrap_err();
+        assert!(e.message.contains("a, b"), "{}", e.message);
+    }
+
+    #[test]
+    fn github_env_uses_heredocs_for_multiline_values() {
+        let out = github_env(&aws_reply(&["aws"])).unwrap();
+        assert!(out.contains("AWS_SECRET_ACCESS_KEY<<ghadelimiter_"), "{out}");
+        let mut lines = out.lines();
+        let mut seen = 0;
+        while let Some(head) = lines.next() {
+            let (name, delim) = head.split_once("<<").unwrap();
+            let mut value = Vec::new();
+            for line in lines.by_ref() {
+                if line == delim {
+                    break;
+                }
+                value.push(line);
+            }
+            if name == "EPHEMERA_AWS_SECRET_ACCESS_KEY" {
+                assert_eq!(value.join("\n"), "s'e\ncret");
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, env_vars(&aws_reply(&["aws"])).len());
+    }
+
+    #[test]
+    fn formats_parse() {
+        assert_eq!(Format::parse("credential-process"), Ok(Format::CredentialProcess));
+        assert!(Format::parse("yaml").is_err());
+    }
+}

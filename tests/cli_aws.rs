@@ -1,0 +1,196 @@
+//! The real AWS CLI (v1, installed into `.venv` by scripts/test) with a profile whose
+//! `credential_process` is `ephemera exchange … --format credential-process`, against a dev broker
+//! whose `aws` backend talks to moto.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::dev_broker::{client, dev_token};
+use common::moto::Moto;
+use serde_json::Value;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const PROXY_VARS: [&str; 8] =
+    ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+const AWS_VARS: [&str; 6] = [
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+];
+
+/// `serve --dev --config <file>` on a free loopback port, killed on drop.
+struct ConfiguredDevBroker {
+    child: Child,
+    url: String,
+    stderr_path: PathBuf,
+}
+
+impl ConfiguredDevBroker {
+    fn start(config: &Path, data_dir: &Path, logs: &Path) -> ConfiguredDevBroker {
+        let stderr_path = logs.join("broker.stderr");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ephemera"));
+        cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr_path).unwrap());
+        for var in PROXY_VARS.iter().chain(&AWS_VARS) {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd.spawn().expect("spawn the broker");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        // Keep draining: the banner goes on, and a closed pipe would kill the broker mid-println.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let mut broker = ConfiguredDevBroker { child, url: String::new(), stderr_path };
+        let url = first
+            .trim()
+            .strip_prefix("ephemera listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}; stderr:\n{}", broker.stderr()));
+        broker.url = url.to_string();
+        broker
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self, http: &reqwest::Client) {
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the broker exited with {status}; stderr:\n{}", self.stderr());
+            }
+            if let Ok(resp) = http.get(format!("{}/readyz", self.url)).send().await
+                && resp.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the broker was not ready in time; stderr:\n{}", self.stderr());
+    }
+}
+
+impl Drop for ConfiguredDevBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `<crate>/.venv/bin/aws`, next to the moto_server scripts/test installs.
+fn aws_cli() -> PathBuf {
+    let from_moto =
+        std::env::var_os("EPHEMERA_MOTO_SERVER").map(PathBuf::from).and_then(|p| Some(p.parent()?.join("aws")));
+    let in_venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/aws");
+    from_moto.into_iter().chain([in_venv.clone()]).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "the AWS CLI is not installed: run scripts/test (it installs awscli into .venv); looked at {}",
+            in_venv.display()
+        )
+    })
+}
+
+#[tokio::test]
+async fn aws_cli_uses_ephemera_as_its_credential_process() {
+    let aws = aws_cli();
+    let moto = Moto::start();
+    let role = "cli-deploy";
+    let role_arn = moto.create_role(role);
+
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("aws-credentials");
+    std::fs::write(&creds, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/aws-deploy.yaml"),
+        format!(
+            "description: The default dev token gets an AWS session\n\
+             issuer: github\n\
+             match:\n  repository_id: \"100001\"\n\
+             ttl: {{default: 15m, max: 1h}}\n\
+             grants:\n  aws:\n    backend: aws\n    role_arn: {role_arn}\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("ephemera.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "policies = \"policies\"\n\n[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\n\
+             endpoint_url = \"{}\"\ncredentials_file = {:?}\n",
+            moto.endpoint,
+            creds.display().to_string()
+        ),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let http = client();
+    let mut broker = ConfiguredDevBroker::start(&config, data.path(), dir.path());
+    broker.wait_ready(&http).await;
+
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile ephemera]\nregion = us-east-1\ncredential_process = \"{}\" exchange --broker {} --policy aws-deploy \
+             --token-env EPHEMERA_ID_TOKEN --format credential-process\n",
+            env!("CARGO_BIN_EXE_ephemera"),
+            broker.url
+        ),
+    )
+    .unwrap();
+
+    let token = dev_token(&http, &broker.url).await;
+    let mut cmd = Command::new(&aws);
+    cmd.args(["sts", "get-caller-identity", "--profile", "ephemera", "--output", "json", "--endpoint-url"])
+        .arg(&moto.endpoint)
+        .env("AWS_CONFIG_FILE", &aws_config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("EPHEMERA_ID_TOKEN", &token)
+        .stdin(Stdio::null());
+    for var in PROXY_VARS.iter().chain(&AWS_VARS) {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("run the AWS CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "aws sts get-caller-identity failed ({}):\n{stderr}\nbroker stderr:\n{}",
+        out.status,
+        broker.stderr()
+    );
+    assert!(!stderr.contains(&token), "the ID token leaked: {stderr}");
+    let identity: Value = serde_json::from_slice(&out.stdout).expect("get-caller-identity prints JSON");
+    let arn = identity["Arn"].as_str().unwrap_or_else(|| panic!("no Arn: {identity}"));
+    assert!(arn.contains(&format!("assumed-role/{role}/")), "{arn}");
+
+    // The session is one lease at the broker: the credential process exchanged exactly once.
+    let admin = std::fs::read_to_string(data.path().join(ephemera::server::DEV_ADMIN_TOKEN_FILE)).unwrap();
+    let leases: Value = http
+        .get(format!("{}/v1/leases", broker.url))
+        .bearer_auth(admin.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let list = leases["leases"].as_array().unwrap_or_else(|| panic!("{leases}"));
+    assert_eq!(list.len(), 1, "{leases}");
+    assert_eq!(list[0]["policy"], "aws-deploy", "{leases}");
+    assert_eq!(list[0]["state"], "active", "{leases}");
+    assert_eq!(list[0]["credentials"][0]["kind"], "aws", "{leases}");
+}
