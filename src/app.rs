@@ -46,52 +46,11 @@ pub struct ExchangeReply {
 }
 
 impl ExchangeReply {
-    /// The reply as POSIX `sh` assignments (`export NAME='value'`), for jobs that have only `curl`
-    /// and `sh`: `EPHEMERA_LEASE_ID`, `EPHEMERA_EXPIRES_AT`, `EPHEMERA_JOB`, `EPHEMERA_POLICY`,
-    /// every credential field as `EPHEMERA_<NAME>_<FIELD>`, and, when the grant holds exactly one
-    /// `aws` credential, the standard `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-    /// `AWS_SESSION_TOKEN`, `AWS_REGION` and `AWS_DEFAULT_REGION`. Values are single-quoted, so no
-    /// character in them is ever interpreted by the shell.
+    /// The reply as POSIX `sh` assignments (`crate::env_format`): every field single-quoted, so no
+    /// character in a value is ever interpreted by the shell.
     pub fn to_env(&self) -> String {
-        let mut vars: Vec<(String, String)> = vec![
-            ("EPHEMERA_LEASE_ID".into(), self.lease_id.clone()),
-            ("EPHEMERA_EXPIRES_AT".into(), self.expires_at.clone()),
-            ("EPHEMERA_JOB".into(), self.job.clone()),
-            ("EPHEMERA_POLICY".into(), self.policy.clone()),
-        ];
-        for (name, cred) in &self.credentials {
-            let fields = serde_json::to_value(cred).unwrap_or_default();
-            for (field, value) in fields.as_object().into_iter().flatten() {
-                let text = value.as_str().map_or_else(|| value.to_string(), str::to_string);
-                vars.push((format!("EPHEMERA_{}_{}", env_name(name), env_name(field)), text));
-            }
-        }
-        let aws: Vec<&Credential> = self.credentials.values().filter(|c| c.kind == "aws").collect();
-        if let [only] = aws.as_slice() {
-            let fields = serde_json::to_value(only).unwrap_or_default();
-            let field = |k: &str| fields.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-            for (var, key) in [
-                ("AWS_ACCESS_KEY_ID", "access_key_id"),
-                ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
-                ("AWS_SESSION_TOKEN", "session_token"),
-                ("AWS_REGION", "region"),
-                ("AWS_DEFAULT_REGION", "region"),
-            ] {
-                vars.push((var.into(), field(key)));
-            }
-        }
-        vars.iter().map(|(k, v)| format!("export {k}={}\n", sh_quote(v))).collect()
+        crate::env_format::render(&serde_json::to_value(self).unwrap_or_default())
     }
-}
-
-/// `deploy-web` → `DEPLOY_WEB`.
-fn env_name(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
-}
-
-/// Single quotes for POSIX sh: nothing inside is interpreted; a `'` becomes `'\''`.
-pub fn sh_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "'\\''"))
 }
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -436,20 +395,5 @@ impl App {
         let Some(want) = &self.admin_token_sha256 else { return false };
         let got = ring::digest::digest(&ring::digest::SHA256, bearer.as_bytes());
         crate::secret::constant_time_eq(got.as_ref(), want)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sh_quoting_survives_hostile_values() {
-        for value in ["plain", "a'b", "$(touch /tmp/pwned)", "`id`", "two\nlines", "'; rm -rf / #", ""] {
-            let script = format!("v={}; printf %s \"$v\"", sh_quote(value));
-            let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
-            assert_eq!(String::from_utf8(out.stdout).unwrap(), value, "{script}");
-        }
-        assert_eq!(env_name("deploy-web"), "DEPLOY_WEB");
     }
 }

@@ -5,6 +5,7 @@
 //! [`EXIT_INVALID_TOKEN`], [`EXIT_UNREACHABLE`], [`EXIT_OTHER`]) and a one-line message that
 //! never contains the caller's token.
 
+use crate::env_format::env_vars;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -266,47 +267,6 @@ fn earlier(a: &str, b: &str) -> bool {
         (Ok(a), Ok(b)) => a < b,
         _ => false,
     }
-}
-
-/// The variables of the `env` format, with the same names the broker uses
-/// (`ExchangeReply::to_env`): `EPHEMERA_LEASE_ID`, `EPHEMERA_EXPIRES_AT`, `EPHEMERA_JOB`,
-/// `EPHEMERA_POLICY`, `EPHEMERA_<NAME>_<FIELD>` for every credential field, and the standard
-/// `AWS_*` variables when exactly one credential is of kind `aws`.
-pub fn env_vars(reply: &Value) -> Vec<(String, String)> {
-    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
-    let top = |k: &str| reply.get(k).map(text).unwrap_or_default();
-    let mut vars: Vec<(String, String)> = vec![
-        ("EPHEMERA_LEASE_ID".into(), top("lease_id")),
-        ("EPHEMERA_EXPIRES_AT".into(), top("expires_at")),
-        ("EPHEMERA_JOB".into(), top("job")),
-        ("EPHEMERA_POLICY".into(), top("policy")),
-    ];
-    let credentials = reply.get("credentials").and_then(Value::as_object);
-    for (name, cred) in credentials.into_iter().flatten() {
-        for (field, value) in cred.as_object().into_iter().flatten() {
-            vars.push((format!("EPHEMERA_{}_{}", env_name(name), env_name(field)), text(value)));
-        }
-    }
-    let aws: Vec<&Value> =
-        credentials.into_iter().flatten().map(|(_, c)| c).filter(|c| c["kind"].as_str() == Some("aws")).collect();
-    if let [only] = aws.as_slice() {
-        let field = |k: &str| only.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-        for (var, key) in [
-            ("AWS_ACCESS_KEY_ID", "access_key_id"),
-            ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
-            ("AWS_SESSION_TOKEN", "session_token"),
-            ("AWS_REGION", "region"),
-            ("AWS_DEFAULT_REGION", "region"),
-        ] {
-            vars.push((var.into(), field(key)));
-        }
-    }
-    vars
-}
-
-/// `deploy-web` → `DEPLOY_WEB` (as the broker names them).
-fn env_name(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
 }
 
 /// Lines to append to `$GITHUB_ENV`: every variable in the multi-line (heredoc) form with a

@@ -10,6 +10,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod env_format;
 pub mod error;
 pub mod http;
 pub mod identity;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::dev_broker::{DevBroker, client, dev_token};
+use common::dev_broker::{DevBroker, client, dev_token, introspect};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};
@@ -42,19 +42,6 @@ fn stdout(out: &Output) -> String {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-async fn introspect(client: &reqwest::Client, broker: &DevBroker, jwt: &str) -> Value {
-    let form = form_urlencoded::Serializer::new(String::new()).append_pair("token", jwt).finish();
-    let resp = client
-        .post(broker.endpoint("/v1/introspect"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form)
-        .send()
-        .await
-        .expect("POST /v1/introspect");
-    assert_eq!(resp.status(), 200);
-    resp.json().await.expect("introspect JSON")
 }
 
 fn is_jwt(text: &str) -> bool {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::dev_broker::{DevBroker, client};
+use common::dev_broker::{DevBroker, client, introspect};
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -58,16 +58,7 @@ async fn gitlab_token(client: &reqwest::Client, broker: &DevBroker) -> String {
 }
 
 async fn introspect_active(client: &reqwest::Client, broker: &DevBroker, jwt: &str) -> bool {
-    let form = form_urlencoded::Serializer::new(String::new()).append_pair("token", jwt).finish();
-    let resp = client
-        .post(broker.endpoint("/v1/introspect"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form)
-        .send()
-        .await
-        .expect("POST /v1/introspect");
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().await.unwrap();
+    let body = introspect(client, broker, jwt).await;
     body["active"].as_bool().unwrap_or_else(|| panic!("no `active` in {body}"))
 }
 

@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::dev_broker::introspect_at as introspect;
 use common::dev_broker::{DEV_JOB, DevBroker, LINE_TIMEOUT, client_with_timeout, dev_token, revoke};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -83,20 +84,6 @@ fn check_exchange_reply(body: &Value) -> (String, String) {
     let jwt = body["credentials"]["api"]["token"].as_str().unwrap_or_else(|| panic!("no api token: {body}"));
     assert_eq!(jwt.split('.').count(), 3, "{jwt}");
     (lease_id, jwt.to_string())
-}
-
-async fn introspect(client: &reqwest::Client, url: &str, jwt: &str) -> Value {
-    // JWTs are base64url segments and dots: nothing to percent-encode.
-    assert!(jwt.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)), "{jwt}");
-    let resp = client
-        .post(format!("{url}/v1/introspect"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={jwt}"))
-        .send()
-        .await
-        .expect("POST /v1/introspect");
-    assert_eq!(resp.status(), 200);
-    resp.json().await.expect("introspect reply is JSON")
 }
 
 async fn assert_active(client: &reqwest::Client, url: &str, lease_id: &str, jwt: &str, when: &str) {

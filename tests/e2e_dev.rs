@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::dev_broker::{DEV_JOB, DevBroker, client, dev_token, revoke};
+use common::dev_broker::{DEV_JOB, DevBroker, client, dev_token, introspect, revoke};
 use serde_json::{Value, json};
 use std::fs::File;
 use std::process::{Command, Stdio};
@@ -40,19 +40,6 @@ async fn exchange(client: &reqwest::Client, broker: &DevBroker, bearer: &str, bo
         assert_error_shape(&body, request_id.as_deref());
     }
     (status, body)
-}
-
-async fn introspect(client: &reqwest::Client, broker: &DevBroker, jwt: &str) -> Value {
-    let form = form_urlencoded::Serializer::new(String::new()).append_pair("token", jwt).finish();
-    let resp = client
-        .post(broker.endpoint("/v1/introspect"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form)
-        .send()
-        .await
-        .expect("POST /v1/introspect");
-    assert_eq!(resp.status(), 200);
-    resp.json().await.expect("introspect reply is JSON")
 }
 
 /// `{"error":{"code","message","request_id"}}`, with the id the `x-request-id` header carries.

@@ -243,3 +243,22 @@ pub async fn revoke(client: &reqwest::Client, url: &str, bearer: &str) -> Value 
     assert_eq!(resp.status(), 200);
     resp.json().await.expect("revoke reply is JSON")
 }
+
+/// POST /v1/introspect (no authentication in dev mode) for a broker JWT.
+pub async fn introspect(client: &reqwest::Client, broker: &DevBroker, jwt: &str) -> serde_json::Value {
+    introspect_at(client, broker.url(), jwt).await
+}
+
+/// As [`introspect`], for a broker known by its URL only.
+pub async fn introspect_at(client: &reqwest::Client, url: &str, jwt: &str) -> serde_json::Value {
+    let form = form_urlencoded::Serializer::new(String::new()).append_pair("token", jwt).finish();
+    let resp = client
+        .post(format!("{url}/v1/introspect"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .expect("POST /v1/introspect");
+    assert_eq!(resp.status(), 200);
+    resp.json().await.expect("introspect reply is JSON")
+}
