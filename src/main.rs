@@ -142,6 +142,24 @@ enum PolicyCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Show every deny and match rule of a policy against a claim set, and the decision.
+    /// Nothing is minted. Exit status: 0 allow, 3 deny, 1 error.
+    Explain {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        policy: String,
+        /// A JSON file of claims (e.g. the claims the GitHub Action saved on a denial).
+        #[arg(long)]
+        claims: PathBuf,
+        /// The issuer the claims come from (default: the configured issuer whose url is the
+        /// claims' `iss`, else the policy's own issuer).
+        #[arg(long)]
+        issuer: Option<String>,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,6 +197,9 @@ fn main() -> ExitCode {
         Command::Revoke(args) => return client_command(revoke(args)),
         Command::Serve(args) => serve(args),
         Command::Policy(PolicyCommand::Check { config }) => policy_check(config.as_deref()),
+        Command::Policy(PolicyCommand::Explain { config, policy, claims, issuer, format }) => {
+            return policy_explain(config.as_deref(), &policy, &claims, issuer.as_deref(), &format);
+        }
         Command::Dev(DevCommand::Token { broker, claims, issuer }) => dev_token(&broker, claims.as_deref(), &issuer),
     };
     match result {
@@ -328,6 +349,44 @@ fn print_dev_banner(url: &str, data_dir: &Path) {
 /// Single-quotes a word for POSIX sh.
 fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Option<&str>, format: &str) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("ephemera: {message}");
+        ExitCode::FAILURE
+    };
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let set = match PolicySet::load(Some(&config.policies_dir), &[], &LoadContext::from_config(&config)) {
+        Ok(set) => set,
+        Err(errors) => return fail(format!("{} policy error(s); run `ephemera policy check`", errors.len())),
+    };
+    let Some(policy) = set.get(name) else {
+        return fail(format!("no policy named `{name}` in {}", config.policies_dir.display()));
+    };
+    let claims: ephemera::identity::Claims = match std::fs::read_to_string(claims)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{}: not a JSON object of claims: {e}", claims.display())),
+    };
+    let from_iss = claims
+        .get("iss")
+        .and_then(|v| v.as_str())
+        .and_then(|iss| config.issuers.iter().find(|i| i.url == iss))
+        .map(|i| i.name.clone());
+    let issuer = issuer.map(str::to_string).or(from_iss).unwrap_or_else(|| policy.issuer.clone());
+    let trace = policy.explain(&issuer, &claims);
+    let text = match format {
+        "json" => serde_json::to_string_pretty(&trace).unwrap_or_default() + "\n",
+        _ => trace.render(),
+    };
+    print!("{text}");
+    if trace.decision == "allow" { ExitCode::SUCCESS } else { ExitCode::from(3) }
 }
 
 fn policy_check(config: Option<&Path>) -> Result<(), String> {

@@ -165,3 +165,31 @@ async fn an_empty_filter_is_refused_rather_than_ending_everything() {
     assert_eq!(status, 400, "{body}");
     assert!(active(&broker, &deploy));
 }
+
+#[tokio::test]
+async fn explain_traces_a_policy_against_claims_without_minting() {
+    let (_issuer, broker) = setup().await;
+    let claims = fixture("github-pull-request-from-fork.json");
+    let (status, trace) = admin(
+        &broker,
+        reqwest::Method::POST,
+        "/v1/explain",
+        Some(json!({"policy": "push", "claims": claims, "issuer": "ci"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{trace}");
+    assert_eq!(trace["decision"], "deny");
+    assert_eq!(trace["deciding_claim"], "event_name");
+    assert!(trace["rules"].as_array().unwrap().iter().any(|r| r["claim"] == "ref" && r["pass"] == true));
+    assert!(broker.running.app.ledger.is_empty(), "explain minted something");
+    assert_eq!(
+        admin(&broker, reqwest::Method::POST, "/v1/explain", Some(json!({"policy": "nope", "claims": {}}))).await.0,
+        404
+    );
+    assert_eq!(
+        admin_as(&broker, "wrong", reqwest::Method::POST, "/v1/explain", Some(json!({"policy": "push", "claims": {}})))
+            .await
+            .0,
+        401
+    );
+}

@@ -275,3 +275,24 @@ fn an_aws_backend_max_ttl_outside_what_sts_allows_is_a_config_error() {
     let toml = "[backends.aws]\ntype = \"aws\"\nregion = \"eu west\"\n";
     assert!(Config::parse(toml, std::path::Path::new("")).unwrap_err().join("\n").contains("backends.aws.region"));
 }
+
+#[test]
+fn policy_explain_traces_the_shipped_policy_against_the_shared_fixtures() {
+    let run = |fixture: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .args(["policy", "explain", "--policy", "deploy-web", "--claims"])
+            .arg(repo_path(&format!("../shared/fixtures/claims/{fixture}")))
+            .current_dir(repo_path(""))
+            .output()
+            .unwrap()
+    };
+    let ok = run("github-environment-deploy.json");
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(text.contains("decision: allow") && text.contains("pass  match repository_id = \"74\""), "{text}");
+    let denied = run("github-pull-request-from-fork.json");
+    let text = String::from_utf8_lossy(&denied.stdout);
+    assert_eq!(denied.status.code(), Some(3), "{text}");
+    assert!(text.contains("decision: deny (deciding claim `event_name`)"), "{text}");
+    assert!(text.contains("FAIL  match environment = (missing)"), "every rule is shown: {text}");
+}

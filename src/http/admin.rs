@@ -26,6 +26,7 @@ pub(super) fn routes() -> AppRouter {
         .route("/v1/leases/revoke", post(revoke_matching))
         .route("/v1/leases/{id}", get(show).delete(revoke_one))
         .route("/v1/jobs/revoke", post(revoke_job))
+        .route("/v1/explain", post(explain))
 }
 
 fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), Error> {
@@ -112,6 +113,31 @@ async fn revoke_one(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
     let reply = detached(async move { app.end_leases(vec![lease], "admin").await }).await?;
     tracing::info!(lease_id = %id, revoked = ?reply.revoked, pending = ?reply.pending, "admin revoked a lease");
     Ok(json_response(StatusCode::OK, &reply))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainBody {
+    policy: String,
+    claims: crate::identity::Claims,
+    /// The configured issuer the claims come from; default: the one whose url is `claims.iss`,
+    /// else the policy's own.
+    issuer: Option<String>,
+}
+
+/// `POST /v1/explain`: the rule-by-rule trace of a policy against a claim set; nothing is minted.
+async fn explain(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    let request: ExplainBody = parse_json(&read_body(&headers, body).await?)?;
+    let policy = app.policies.get(&request.policy).ok_or(Error::NotFound)?;
+    let from_iss = request
+        .claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .and_then(|iss| app.verifier.issuers().find(|i| i.config.url == iss))
+        .map(|i| i.config.name.clone());
+    let issuer = request.issuer.or(from_iss).unwrap_or_else(|| policy.issuer.clone());
+    Ok(json_response(StatusCode::OK, &policy.explain(&issuer, &request.claims)))
 }
 
 #[derive(Deserialize)]

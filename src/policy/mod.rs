@@ -3,6 +3,7 @@
 //! `ephemera policy check` and the server call the same [`PolicySet::load`].
 
 mod decision;
+pub mod explain;
 pub mod matcher;
 pub mod template;
 
