@@ -18,6 +18,21 @@ fn jwt_of(body: &serde_json::Value) -> String {
     body["credentials"]["api"]["token"].as_str().unwrap().to_string()
 }
 
+/// A broker whose every backend fails its first `failures` revocations (`u32::MAX`: forever), and
+/// the handle to inspect that fake.
+async fn flaky_broker(issuer: &FakeIssuer, failures: u32) -> (Broker, Arc<Mutex<Option<Arc<FlakyRevoke>>>>) {
+    let flaky = Arc::new(Mutex::new(None));
+    let faults = flaky_backends(flaky.clone(), failures);
+    let broker = Broker::start_with_faults(
+        &[("ci", "github-actions", issuer)],
+        &[("deploy", DEPLOY_POLICY)],
+        &Extra::default(),
+        Some(faults),
+    )
+    .await;
+    (broker, flaky)
+}
+
 #[tokio::test]
 async fn a_lease_survives_a_restart_and_can_still_be_revoked() {
     let issuer = FakeIssuer::start().await;
@@ -67,14 +82,7 @@ async fn an_unrecordable_lease_gets_503_and_its_credentials_are_revoked() {
 #[tokio::test]
 async fn a_backend_failing_three_times_then_succeeding_is_revoked_with_the_retries_in_the_journal() {
     let issuer = FakeIssuer::start().await;
-    let flaky = Arc::new(Mutex::new(None));
-    let broker = Broker::start_with_faults(
-        &[("ci", "github-actions", &issuer)],
-        &[("deploy", DEPLOY_POLICY)],
-        &Extra::default(),
-        Some(flaky_backends(flaky.clone(), 3)),
-    )
-    .await;
+    let (broker, flaky) = flaky_broker(&issuer, 3).await;
     let t = token(&issuer, NOW);
     let (_, body) = broker.exchange(&t, "deploy").await;
     let id = body["lease_id"].as_str().unwrap().to_string();
@@ -102,14 +110,7 @@ async fn a_backend_failing_three_times_then_succeeding_is_revoked_with_the_retri
 #[tokio::test]
 async fn a_backend_failing_forever_leaves_the_lease_irrevocable_listed_counted_and_retried() {
     let issuer = FakeIssuer::start().await;
-    let flaky = Arc::new(Mutex::new(None));
-    let broker = Broker::start_with_faults(
-        &[("ci", "github-actions", &issuer)],
-        &[("deploy", DEPLOY_POLICY)],
-        &Extra::default(),
-        Some(flaky_backends(flaky.clone(), u32::MAX)),
-    )
-    .await;
+    let (broker, flaky) = flaky_broker(&issuer, u32::MAX).await;
     let t = token(&issuer, NOW);
     let (_, body) = broker.exchange(&t, "deploy").await;
     let id = body["lease_id"].as_str().unwrap().to_string();
@@ -141,14 +142,7 @@ async fn a_backend_failing_forever_leaves_the_lease_irrevocable_listed_counted_a
 #[tokio::test]
 async fn a_pending_revocation_is_resumed_by_the_next_start_before_ready() {
     let issuer = FakeIssuer::start().await;
-    let flaky = Arc::new(Mutex::new(None));
-    let broker = Broker::start_with_faults(
-        &[("ci", "github-actions", &issuer)],
-        &[("deploy", DEPLOY_POLICY)],
-        &Extra::default(),
-        Some(flaky_backends(flaky.clone(), u32::MAX)),
-    )
-    .await;
+    let (broker, _flaky) = flaky_broker(&issuer, u32::MAX).await;
     let t = token(&issuer, NOW);
     let (_, body) = broker.exchange(&t, "deploy").await;
     let id = body["lease_id"].as_str().unwrap().to_string();

@@ -132,10 +132,11 @@ fn boolean(c: &Claims, name: &'static str) -> Result<Option<bool>, IdentityError
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Claims {
+    /// A claim set from `../shared/fixtures/claims/` (shared with other modules' tests).
+    pub(crate) fn fixture(name: &str) -> Claims {
         let path = format!("{}/../shared/fixtures/claims/{name}", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }

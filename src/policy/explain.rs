@@ -113,12 +113,8 @@ impl Trace {
 mod tests {
     use super::*;
     use crate::config::Platform;
+    use crate::identity::claims::tests::fixture;
     use crate::policy::{LoadContext, PolicySet};
-
-    fn fixture(name: &str) -> Claims {
-        let path = format!("{}/../shared/fixtures/claims/{name}", env!("CARGO_MANIFEST_DIR"));
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
 
     #[test]
     fn the_trace_reports_every_rule_and_agrees_with_evaluate() {
