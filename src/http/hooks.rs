@@ -7,7 +7,7 @@
 
 use super::{AppRouter, detached, json_response, parse_json, read_body};
 use crate::app::App;
-use crate::config::{HookConfig, HooksConfig, Platform};
+use crate::config::{HookConfig, HooksConfig};
 use crate::error::Error;
 use axum::Router;
 use axum::body::Body;
@@ -136,7 +136,6 @@ async fn gitlab(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) 
 /// One enabled webhook.
 struct Hook {
     name: &'static str,
-    platform: Platform,
     issuer: String,
     auth: Auth,
     deliveries: Deliveries,
@@ -152,16 +151,16 @@ enum Auth {
 impl Hook {
     fn github(c: &HookConfig) -> Hook {
         let key = hmac::Key::new(hmac::HMAC_SHA256, c.secret.expose().as_bytes());
-        Hook::new("github", Platform::GithubActions, c, Auth::Hmac(key))
+        Hook::new("github", c, Auth::Hmac(key))
     }
 
     fn gitlab(c: &HookConfig) -> Hook {
         let token = digest::digest(&digest::SHA256, c.secret.expose().as_bytes());
-        Hook::new("gitlab", Platform::GitlabCi, c, Auth::Token(token))
+        Hook::new("gitlab", c, Auth::Token(token))
     }
 
-    fn new(name: &'static str, platform: Platform, c: &HookConfig, auth: Auth) -> Hook {
-        Hook { name, platform, issuer: c.issuer.clone(), auth, deliveries: Deliveries::default() }
+    fn new(name: &'static str, c: &HookConfig, auth: Auth) -> Hook {
+        Hook { name, issuer: c.issuer.clone(), auth, deliveries: Deliveries::default() }
     }
 
     /// The sender holds the secret. Nothing of the body is read before this passes.
@@ -190,14 +189,12 @@ impl Hook {
         })
     }
 
-    /// The job key as the verifier builds it for this hook's issuer: prefixed with the issuer's
-    /// name where more than one issuer of the platform is configured (DESIGN §3). Counted over
-    /// the issuers actually running, so it agrees with the verifier's rule by construction.
+    /// The job key as the verifier builds it for this hook's issuer (`Issuer::job_key`). The
+    /// issuer always exists: config validation checks the name, and dev mode's stand-ins keep it.
     fn job_key(&self, app: &App, key: String) -> String {
-        let same_platform = app.verifier.issuers().filter(|i| i.platform() == self.platform).count();
-        match same_platform > 1 {
-            true => format!("{}:{key}", self.issuer),
-            false => key,
+        match app.verifier.issuer(&self.issuer) {
+            Some(issuer) => issuer.job_key(key),
+            None => key,
         }
     }
 }

@@ -197,11 +197,7 @@ impl Issuer {
     }
 
     fn identity(&self, claims: Claims, token: &str) -> Result<VerifiedIdentity, IdentityError> {
-        let job = job_key(self.config.platform, &claims)?;
-        let job = match &self.job_prefix {
-            Some(prefix) => format!("{prefix}:{job}"),
-            None => job,
-        };
+        let job = self.job_key(job_key(self.config.platform, &claims)?);
         let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
         Ok(VerifiedIdentity(Arc::new(Inner {
             issuer: self.config.name.clone(),
@@ -217,5 +213,15 @@ impl Issuer {
 
     pub fn platform(&self) -> Platform {
         self.config.platform
+    }
+
+    /// A platform job key (`github:…`, `gitlab:…`) as this issuer's leases carry it: prefixed
+    /// with the issuer's name where more than one issuer of the platform is configured
+    /// (DESIGN §3). Tokens and webhooks both go through here, so their keys always agree.
+    pub fn job_key(&self, key: String) -> String {
+        match &self.job_prefix {
+            Some(prefix) => format!("{prefix}:{key}"),
+            None => key,
+        }
     }
 }
