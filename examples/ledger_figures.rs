@@ -60,8 +60,8 @@ async fn main() {
 
     // 1. Durable records per second: 256 concurrent appenders, group commit.
     let path = dir.path().join("journal-commit");
-    let (storage, _) = FileStorage::open(&path).unwrap();
-    let journal = Journal::start(Box::new(storage), 8);
+    let (storage, opened) = FileStorage::open(&path).unwrap();
+    let journal = Journal::start(Box::new(storage), opened.len);
     let ledger = Arc::new(Ledger::new(Some(journal.clone()), RetryPolicy::default()));
     let started = Instant::now();
     let per_task = 200;

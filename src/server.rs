@@ -205,7 +205,7 @@ fn open_ledger(config: &Config, wrap: Option<StorageWrap>) -> Result<Ledger, Str
     if replayed.truncated > 0 {
         tracing::warn!(path = %path.display(), bytes = replayed.truncated, "cut a torn tail from the journal (a crash mid-write)");
     }
-    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let len = replayed.len;
     let storage: Box<dyn Storage> = Box::new(storage);
     let storage = match wrap {
         Some(wrap) => wrap(storage),

@@ -40,6 +40,9 @@ pub struct Replayed {
     pub events: Vec<Event>,
     /// Bytes cut from a torn tail (0 when the file ended cleanly).
     pub truncated: u64,
+    /// The file's length afterwards: where the next append lands, and what a failed append is
+    /// cut back to.
+    pub len: u64,
 }
 
 /// Where the journal's bytes go. [`FileStorage`] is the real one; tests wrap it to inject write
@@ -67,19 +70,25 @@ impl FileStorage {
             OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| err("cannot open", e))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(|e| err("cannot read", e))?;
-        if bytes.is_empty() {
-            file.write_all(MAGIC).and_then(|()| file.sync_all()).map_err(|e| err("cannot initialise", e))?;
-            sync_dir(path).map_err(|e| err("cannot sync its directory", e))?;
-            return Ok((FileStorage { path: path.to_path_buf(), file }, Replayed { events: Vec::new(), truncated: 0 }));
-        }
         let (events, good_len) =
             decode(&bytes).map_err(|e| JournalError(format!("journal {}: {e}", path.display())))?;
         let truncated = bytes.len() as u64 - good_len;
+        if good_len == 0 {
+            // New, or a crash while its magic was being written: (re)initialise it, so nothing is
+            // ever appended to a file without the magic.
+            file.set_len(0)
+                .and_then(|()| file.write_all(MAGIC))
+                .and_then(|()| file.sync_all())
+                .map_err(|e| err("cannot initialise", e))?;
+            sync_dir(path).map_err(|e| err("cannot sync its directory", e))?;
+            let replayed = Replayed { events, truncated, len: MAGIC.len() as u64 };
+            return Ok((FileStorage { path: path.to_path_buf(), file }, replayed));
+        }
         if truncated > 0 {
             file.set_len(good_len).and_then(|()| file.sync_all()).map_err(|e| err("cannot truncate a torn tail", e))?;
             file.seek(SeekFrom::End(0)).map_err(|e| err("cannot seek", e))?;
         }
-        Ok((FileStorage { path: path.to_path_buf(), file }, Replayed { events, truncated }))
+        Ok((FileStorage { path: path.to_path_buf(), file }, Replayed { events, truncated, len: good_len }))
     }
 }
 
@@ -396,6 +405,21 @@ mod tests {
         assert_eq!(replayed.events, events(2));
         assert_eq!(replayed.truncated, 3);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes.len() as u64 - 3);
+    }
+
+    #[test]
+    fn a_crash_while_writing_the_magic_leaves_a_journal_that_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        std::fs::write(&path, &MAGIC[..3]).unwrap();
+        let (mut storage, replayed) = FileStorage::open(&path).unwrap();
+        assert_eq!((replayed.events.len(), replayed.len), (0, MAGIC.len() as u64));
+        let mut record = Vec::new();
+        encode(&events(1), &mut record);
+        storage.append(&record).unwrap();
+        drop(storage);
+        let (_, again) = FileStorage::open(&path).unwrap();
+        assert_eq!(again.events, events(1), "the next start must read what was appended");
     }
 
     #[tokio::test]
