@@ -126,6 +126,8 @@ struct AwsGrantFile {
 #[derive(Debug)]
 pub struct Policy {
     pub name: Arc<str>,
+    /// The file it was loaded from (`<built-in NAME>` for built-ins), for lint and reload reports.
+    pub source: PathBuf,
     pub description: String,
     pub issuer: String,
     pub match_rules: Vec<Rule>,
@@ -163,6 +165,14 @@ pub enum CredentialSpec {
     },
 }
 
+/// One policy file's text: its name (the file stem), where it came from, the YAML.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub file: PathBuf,
+    pub text: String,
+}
+
 /// Every loaded policy, by name. Immutable once built.
 #[derive(Debug, Default)]
 pub struct PolicySet {
@@ -178,15 +188,51 @@ impl PolicySet {
         ctx: &LoadContext,
     ) -> Result<PolicySet, Vec<PolicyError>> {
         let mut errors = Vec::new();
-        let mut sources: Vec<(String, PathBuf, String)> = Vec::new();
+        let mut sources: Vec<Source> = Vec::new();
         if let Some(dir) = dir {
             read_policy_files(dir, &mut sources, &mut errors);
         }
+        Self::compile_sources(sources, builtin, ctx, errors)
+    }
+
+    /// Like [`PolicySet::load`], from files already read (name, path shown in errors, YAML):
+    /// what admin `POST /v1/policies/diff` receives. Names are checked as file stems are.
+    pub fn load_sources(
+        sources: Vec<Source>,
+        builtin: &[(&str, &str)],
+        ctx: &LoadContext,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut checked = Vec::new();
+        for source in sources {
+            if !is_name(&source.name) {
+                let message = "a policy name must match [a-z0-9][a-z0-9-_]* (it is the file stem)".to_string();
+                errors.push(PolicyError { file: source.file, field: String::new(), message });
+            } else if source.text.len() as u64 > MAX_POLICY_BYTES {
+                let message = format!("larger than {MAX_POLICY_BYTES} bytes");
+                errors.push(PolicyError { file: source.file, field: String::new(), message });
+            } else {
+                checked.push(source);
+            }
+        }
+        Self::compile_sources(checked, builtin, ctx, errors)
+    }
+
+    fn compile_sources(
+        mut sources: Vec<Source>,
+        builtin: &[(&str, &str)],
+        ctx: &LoadContext,
+        mut errors: Vec<PolicyError>,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
         for (name, yaml) in builtin {
-            sources.push(((*name).to_string(), PathBuf::from(format!("<built-in {name}>")), (*yaml).to_string()));
+            sources.push(Source {
+                name: (*name).to_string(),
+                file: PathBuf::from(format!("<built-in {name}>")),
+                text: (*yaml).to_string(),
+            });
         }
         let mut policies = HashMap::new();
-        for (name, file, text) in sources {
+        for Source { name, file, text } in sources {
             if policies.contains_key(&name) {
                 errors.push(PolicyError {
                     file,
@@ -213,6 +259,13 @@ impl PolicySet {
         let mut names: Vec<&str> = self.policies.keys().map(String::as_str).collect();
         names.sort_unstable();
         names
+    }
+
+    /// Every policy, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        let mut all: Vec<&Arc<Policy>> = self.policies.values().collect();
+        all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        all.into_iter()
     }
 
     pub fn len(&self) -> usize {
@@ -304,7 +357,7 @@ impl GrantSpec {
 
 /// Reads every policy file in `dir` into `out`; a file that cannot be read is an error, and
 /// reading goes on with the next file.
-fn read_policy_files(dir: &Path, out: &mut Vec<(String, PathBuf, String)>, errors: &mut Vec<PolicyError>) {
+pub fn read_policy_files(dir: &Path, out: &mut Vec<Source>, errors: &mut Vec<PolicyError>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -321,7 +374,7 @@ fn read_policy_files(dir: &Path, out: &mut Vec<(String, PathBuf, String)>, error
             continue; // tests/, README.md, schema.json …
         }
         match read_policy_file(&path) {
-            Ok((stem, text)) => out.push((stem, path, text)),
+            Ok((name, text)) => out.push(Source { name, file: path, text }),
             Err(message) => errors.push(PolicyError { file: path, field: String::new(), message }),
         }
     }
@@ -417,6 +470,7 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
     }
     Ok(Policy {
         name: Arc::from(name),
+        source: file.to_path_buf(),
         description: raw.description,
         issuer: raw.issuer,
         match_rules,
