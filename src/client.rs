@@ -134,6 +134,11 @@ async fn post(url: &str, token: &str, body: &Value, accept: &str) -> Result<Stri
     if status.is_success() {
         return Ok(text);
     }
+    Err(failure(status, header_id, &text, url, token))
+}
+
+/// The failure a non-2xx reply describes (the broker's error JSON, or an excerpt of the body).
+fn failure(status: reqwest::StatusCode, header_id: Option<String>, text: &str, url: &str, token: &str) -> Failure {
     let exit = match status.as_u16() {
         403 => EXIT_DENIED,
         401 => EXIT_INVALID_TOKEN,
@@ -152,7 +157,70 @@ async fn post(url: &str, token: &str, body: &Value, accept: &str) -> Result<Stri
         }
     };
     // The broker never echoes the token; a proxy in between might. Belt and braces.
-    Err(Failure { exit, message: message.replace(token, "<token>") })
+    Failure { exit, message: message.replace(token, "<token>") }
+}
+
+/// `ephemera policy diff`: sends the policy files of `dir` (the candidate set, whole) to admin
+/// `POST /v1/policies/diff` and prints the live leases rolling them out would end. Exit 0 when
+/// the candidate is valid (whatever it would end), 1 when the broker would refuse it.
+pub async fn policy_diff(broker: &str, dir: &std::path::Path, admin: &TokenSource, json_out: bool) -> Result<String, Failure> {
+    let url = format!("{}/v1/policies/diff", base_url(broker)?);
+    let token = admin.read()?;
+    let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    crate::policy::read_policy_files(dir, &mut sources, &mut errors);
+    if let Some(e) = errors.first() {
+        return Err(Failure::other(e.to_string()));
+    }
+    let policies: serde_json::Map<String, Value> = sources.into_iter().map(|s| (s.name, json!(s.text))).collect();
+    let resp = http_client()?
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&json!({"policies": policies}))
+        .send()
+        .await
+        .map_err(|e| Failure { exit: EXIT_UNREACHABLE, message: format!("unreachable: {url}: {}", error_chain(&e)) })?;
+    let status = resp.status();
+    let header_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let text = resp.text().await.map_err(|e| Failure {
+        exit: EXIT_UNREACHABLE,
+        message: format!("unreachable: {url}: reading the reply: {}", error_chain(&e)),
+    })?;
+    if !(status.is_success() || status.as_u16() == 422) {
+        return Err(failure(status, header_id, &text, &url, &token));
+    }
+    let reply: Value =
+        serde_json::from_str(&text).map_err(|e| Failure::other(format!("the broker's diff reply is not JSON: {e}")))?;
+    if json_out {
+        return match reply["valid"] == true {
+            true => Ok(with_newline(text)),
+            false => Err(Failure::other(format!("the broker would refuse this policy set: {text}"))),
+        };
+    }
+    render_diff(&reply, dir)
+}
+
+fn render_diff(reply: &Value, dir: &std::path::Path) -> Result<String, Failure> {
+    let list = |k: &str| reply.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
+    if reply["valid"] != true {
+        let errors: Vec<String> = list("errors").iter().filter_map(Value::as_str).map(|e| format!("  {e}")).collect();
+        return Err(Failure::other(format!(
+            "the broker would refuse the policies in {} ({} error(s)); nothing would change:\n{}",
+            dir.display(),
+            errors.len(),
+            errors.join("\n")
+        )));
+    }
+    let ending = list("would_end");
+    let mut out = match ending.len() {
+        0 => format!("rolling out {} ends no live lease\n", dir.display()),
+        n => format!("rolling out {} would end {n} live lease(s) (reason policy-changed):\n", dir.display()),
+    };
+    for e in &ending {
+        let field = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        out.push_str(&format!("  {}  policy {}  job {}  {}\n", field("lease_id"), field("policy"), field("job"), field("reason")));
+    }
+    Ok(out)
 }
 
 /// `e: cause: cause`, so "connection refused" is not hidden behind "error sending request".

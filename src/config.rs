@@ -29,7 +29,45 @@ pub struct Config {
     pub admin_token_sha256: Option<[u8; 32]>,
     /// Platform webhooks; each is off unless its secret is configured.
     pub hooks: HooksConfig,
+    /// Poll the policies directory for changes this often (`None`: only SIGHUP reloads).
+    pub reload_watch_secs: Option<i64>,
+    /// The audit sink; without it, exchanges are audited to nowhere (a warning at start).
+    pub audit: Option<AuditConfig>,
 }
+
+/// `[audit]`: one JSON line per exchange, denial, revocation and reload.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub file: PathBuf,
+    /// The claims copied into each event (an allowlist: a claim not named here never appears).
+    pub claims: Vec<String>,
+}
+
+/// Claims an audit event carries by default: who and what ran, never anything secret-shaped.
+pub const DEFAULT_AUDIT_CLAIMS: [&str; 22] = [
+    "sub",
+    "repository",
+    "repository_id",
+    "repository_owner_id",
+    "ref",
+    "sha",
+    "environment",
+    "event_name",
+    "workflow_ref",
+    "job_workflow_ref",
+    "run_id",
+    "run_attempt",
+    "actor",
+    "actor_id",
+    "runner_environment",
+    "project_path",
+    "project_id",
+    "namespace_id",
+    "pipeline_id",
+    "pipeline_source",
+    "job_id",
+    "user_id",
+];
 
 /// `[hooks]`: the platform webhooks that end a job's leases when the platform says it completed.
 #[derive(Debug, Clone, Default)]
@@ -171,6 +209,25 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     hooks: RawHooks,
+    #[serde(default)]
+    reload: RawReload,
+    audit: Option<RawAudit>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    /// Poll the policies directory (default true). SIGHUP reloads either way.
+    watch: Option<bool>,
+    /// How often (default 2s).
+    interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    file: PathBuf,
+    claims: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -338,6 +395,18 @@ impl RawConfig {
                 None
             })
         });
+        let watch_interval = errs.duration("reload.interval", self.reload.interval.as_deref(), 2);
+        if watch_interval < 1 {
+            errs.0.push("reload.interval: at least 1s".into());
+        }
+        let reload_watch_secs = self.reload.watch.unwrap_or(true).then_some(watch_interval);
+        let audit = self.audit.map(|a| AuditConfig {
+            file: base.join(a.file),
+            claims: a.claims.unwrap_or_else(|| DEFAULT_AUDIT_CLAIMS.iter().map(|c| (*c).to_string()).collect()),
+        });
+        if let Some(bad) = audit.iter().flat_map(|a| &a.claims).find(|c| !crate::policy::template::is_claim_name(c)) {
+            errs.0.push(format!("audit.claims: `{}` is not a claim name", crate::clock::truncate(bad, 40)));
+        }
         if !errs.0.is_empty() {
             return Err(errs.0);
         }
@@ -352,6 +421,8 @@ impl RawConfig {
             compact_bytes: self.ledger.compact_bytes.unwrap_or(64 * 1024 * 1024),
             admin_token_sha256,
             hooks,
+            reload_watch_secs,
+            audit,
         })
     }
 

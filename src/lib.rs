@@ -6,6 +6,7 @@
 //! the rooms together. Dependencies point one way: `http` → `app` → {identity, policy, mint, ledger}.
 
 pub mod app;
+pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod config;

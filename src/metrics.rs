@@ -12,6 +12,9 @@ const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 pub struct Metrics {
     exchanges: DashMap<(String, &'static str), AtomicU64>,
     revocations: DashMap<&'static str, AtomicU64>,
+    /// Leases ended, by reason (reasons are the broker's own constants).
+    ended: DashMap<String, AtomicU64>,
+    reloads: DashMap<&'static str, AtomicU64>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -22,6 +25,11 @@ pub struct Gauges {
     pub live_leases: usize,
     pub pending_revocations: usize,
     pub irrevocable: usize,
+    pub live_by_backend: Vec<(String, usize)>,
+    pub policies_loaded: usize,
+    pub policy_generation: u64,
+    pub policies_reload_failing: bool,
+    pub audit_failures: u64,
     pub jwks: Vec<(String, u64, u64)>,
 }
 
@@ -35,6 +43,16 @@ impl Metrics {
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn reload(&self, outcome: &'static str) {
+        self.reloads.entry(outcome).or_default().fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn leases_ended(&self, reason: &str, n: usize) {
+        if n > 0 {
+            self.ended.entry(reason.to_string()).or_default().fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn revocation(&self, outcome: &'static str) {
@@ -85,6 +103,50 @@ impl Metrics {
             out,
             "# HELP ephemera_leases_live Leases currently active.\n# TYPE ephemera_leases_live gauge\nephemera_leases_live {}",
             gauges.live_leases
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_leases_live_by_backend Active leases holding a credential of each backend.\n# TYPE ephemera_leases_live_by_backend gauge"
+        );
+        for (backend, n) in &gauges.live_by_backend {
+            let _ = writeln!(out, "ephemera_leases_live_by_backend{{backend=\"{backend}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_leases_ended_total Leases ended, by reason (job, webhook, admin, expired, policy-changed, ...).\n# TYPE ephemera_leases_ended_total counter"
+        );
+        let mut rows: Vec<_> = self.ended.iter().map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed))).collect();
+        rows.sort();
+        for (reason, n) in rows {
+            let _ = writeln!(out, "ephemera_leases_ended_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_policy_reloads_total Policy reloads by outcome (failed: the last good set stays in use).\n# TYPE ephemera_policy_reloads_total counter"
+        );
+        for outcome in ["ok", "failed"] {
+            let n = self.reloads.get(outcome).map_or(0, |v| v.load(Ordering::Relaxed));
+            let _ = writeln!(out, "ephemera_policy_reloads_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_policies_loaded Policies in the set in use.\n# TYPE ephemera_policies_loaded gauge\nephemera_policies_loaded {}",
+            gauges.policies_loaded
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_policy_generation Successful policy loads since start.\n# TYPE ephemera_policy_generation gauge\nephemera_policy_generation {}",
+            gauges.policy_generation
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_policy_reload_failing 1 while the last reload failed and an older set is in use.\n# TYPE ephemera_policy_reload_failing gauge\nephemera_policy_reload_failing {}",
+            u8::from(gauges.policies_reload_failing)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ephemera_audit_write_failures_total Audit events that could not be written (exchanges failed closed).\n# TYPE ephemera_audit_write_failures_total counter\nephemera_audit_write_failures_total {}",
+            gauges.audit_failures
         );
         let _ = writeln!(
             out,

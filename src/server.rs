@@ -11,7 +11,9 @@ use crate::ledger::journal::{FileStorage, Journal, Storage};
 use crate::ledger::{Ledger, RetryPolicy};
 use crate::metrics::Metrics;
 use crate::mint::{BackendWrap, Backends};
-use crate::policy::{LoadContext, PolicySet};
+use crate::app::policies::{LivePolicies, PolicySource};
+use crate::audit::Audit;
+use crate::policy::LoadContext;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +113,7 @@ pub async fn start(options: Options) -> Result<Running, String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let mut builtin: Vec<(&str, &str)> = Vec::new();
+    let mut builtin: Vec<(String, String)> = Vec::new();
     let dev_issuer = if dev {
         config.public_url = format!("http://{addr}");
         crate::mint::jwt::create_private_dir(&config.data_dir)
@@ -119,7 +121,7 @@ pub async fn start(options: Options) -> Result<Running, String> {
         let issuer = Arc::new(DevIssuer::load_or_generate(&config.data_dir, &config.public_url)?);
         config.issuers = issuer.issuer_configs(&config.public_url);
         config.backends.entry("jwt".into()).or_insert_with(BackendConfig::default_jwt);
-        builtin.push(("dev", DEV_POLICY));
+        builtin.push(("dev".into(), DEV_POLICY.into()));
         if config.admin_token_sha256.is_none() {
             config.admin_token_sha256 = Some(dev_admin_token(&config.data_dir)?);
         }
@@ -132,12 +134,22 @@ pub async fn start(options: Options) -> Result<Running, String> {
         tracing::warn!(dir = %config.policies_dir.display(), "no policies directory; serving the built-in `dev` policy only");
         None
     } else {
-        Some(config.policies_dir.as_path())
+        Some(config.policies_dir.clone())
     };
-    let policies = PolicySet::load(policies_dir, &builtin, &LoadContext::from_config(&config)).map_err(|errors| {
-        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let source = PolicySource { dir: policies_dir, builtin, ctx: LoadContext::from_config(&config) };
+    let policies = source.load().map_err(|list| {
         format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
     })?;
+    let policies = LivePolicies::new(policies, source, clock.now());
+    let audit = match &config.audit {
+        Some(audit) => Audit::open(audit).map_err(|e| format!("refusing to start: {e}"))?,
+        None => {
+            if !dev {
+                tracing::warn!("no [audit] file configured: exchanges, denials and revocations are not audited");
+            }
+            Audit::disabled()
+        }
+    };
     config.hooks.load_secrets().map_err(|errs| format!("refusing to start: {}", errs.join("; ")))?;
     let mut backends = Backends::from_config(&config, &clock).await?;
     if let Some(wrap) = &faults.backend {
@@ -159,6 +171,7 @@ pub async fn start(options: Options) -> Result<Running, String> {
         resumed: std::sync::atomic::AtomicBool::new(false),
         compact_bytes: config.compact_bytes,
         hooks: config.hooks.clone(),
+        audit,
     });
     let (tx, rx) = oneshot::channel::<()>();
     let router = crate::http::router(app.clone());
@@ -172,7 +185,8 @@ pub async fn start(options: Options) -> Result<Running, String> {
     let mut background: Vec<JoinHandle<()>> =
         app.verifier.issuers().map(|i| tokio::spawn(i.jwks.clone().run_refresh())).collect();
     background.push(tokio::spawn(reaper(app.clone(), config.reap_interval_secs)));
-    tracing::info!(%addr, policies = app.policies.len(), issuers = config.issuers.len(), dev, "ephemera started");
+    background.push(tokio::spawn(reloader(app.clone(), config.reload_watch_secs)));
+    tracing::info!(%addr, policies = app.policies.current().len(), issuers = config.issuers.len(), dev, "ephemera started");
     Ok(Running { addr, app, shutdown: Some(tx), server, background })
 }
 
@@ -218,6 +232,40 @@ fn open_ledger(config: &Config, wrap: Option<StorageWrap>) -> Result<Ledger, Str
     }
     tracing::info!(path = %path.display(), records, leases = ledger.len(), "journal replayed");
     Ok(ledger)
+}
+
+/// Reloads the policies on SIGHUP (and reopens the audit file, for logrotate), and when the
+/// policies directory changes (polled every `watch_secs`; `None`: SIGHUP only).
+async fn reloader(app: Arc<App>, watch_secs: Option<i64>) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let mut hangup: Option<()> = None;
+    let period = Duration::from_secs(u64::try_from(watch_secs.unwrap_or(0).max(1)).unwrap_or(2));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; the set was just loaded
+    loop {
+        let forced = tokio::select! {
+            _ = async {
+                #[cfg(unix)]
+                match hangup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+                #[cfg(not(unix))]
+                std::future::pending::<()>().await
+            } => true,
+            _ = tick.tick(), if watch_secs.is_some() => false,
+        };
+        if forced {
+            tracing::info!("SIGHUP: reloading policies, reopening the audit file");
+            if let Err(e) = app.audit.reopen() {
+                tracing::error!(error = %e, "audit file not reopened; still writing to the old one");
+            }
+        }
+        app.reload_policies(forced).await;
+    }
 }
 
 /// Resumes the ledger (pending revocations, passed expiries), then reaps on a schedule.

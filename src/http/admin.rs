@@ -27,6 +27,51 @@ pub(super) fn routes() -> AppRouter {
         .route("/v1/leases/{id}", get(show).delete(revoke_one))
         .route("/v1/jobs/revoke", post(revoke_job))
         .route("/v1/explain", post(explain))
+        .route("/v1/policies/reload", post(reload_policies))
+        .route("/v1/policies/diff", post(diff_policies))
+}
+
+/// Largest policy set `POST /v1/policies/diff` takes (each file is capped at 256 KiB on its own).
+const DIFF_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// `POST /v1/policies/reload`: what SIGHUP does (for brokers no one can send a signal to).
+async fn reload_policies(State(app): AppState, headers: HeaderMap) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    let report = detached(async move { app.reload_policies(true).await }).await?;
+    let status = if report.outcome == "failed" { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
+    Ok(json_response(status, &report))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffBody {
+    /// The candidate policy set, whole: policy name (file stem) → YAML text.
+    policies: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST /v1/policies/diff`: the live leases a candidate policy set would end, before it is
+/// rolled out. Nothing changes. A candidate a reload would refuse answers 422 with every error.
+async fn diff_policies(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    let request: DiffBody = parse_json(&super::read_body_up_to(&headers, body, DIFF_BODY_LIMIT).await?)?;
+    let sources = request
+        .policies
+        .into_iter()
+        .map(|(name, text)| crate::policy::Source {
+            file: std::path::PathBuf::from(format!("{}.yaml", crate::clock::truncate(&name, 64))),
+            name,
+            text,
+        })
+        .collect();
+    let app2 = app.clone();
+    // Parsing a candidate set is CPU work: off the async workers.
+    let result = tokio::task::spawn_blocking(move || app2.diff_policies(sources))
+        .await
+        .map_err(|e| Error::Internal(format!("diff task: {e}")))?;
+    Ok(match result {
+        Ok(ending) => json_response(StatusCode::OK, &json!({"valid": true, "would_end": ending})),
+        Err(errors) => json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({"valid": false, "errors": errors})),
+    })
 }
 
 fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), Error> {
@@ -129,7 +174,8 @@ struct ExplainBody {
 async fn explain(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     require_admin(&app, &headers)?;
     let request: ExplainBody = parse_json(&read_body(&headers, body).await?)?;
-    let policy = app.policies.get(&request.policy).ok_or(Error::NotFound)?;
+    let policies = app.policies.current();
+    let policy = policies.get(&request.policy).ok_or(Error::NotFound)?;
     let from_iss = request
         .claims
         .get("iss")

@@ -96,8 +96,13 @@ async fn mark_route(req: Request, next: Next) -> Response {
     response
 }
 
-async fn request_context(req: Request, next: Next) -> Response {
+/// The request's id, for handlers that put it in an audit event.
+#[derive(Clone)]
+pub(crate) struct RequestId(pub String);
+
+async fn request_context(mut req: Request, next: Next) -> Response {
     let request_id = crate::ids::request_id();
+    req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().clone();
     let span = tracing::info_span!("request", request_id = %request_id);
     let started = Instant::now();
@@ -140,12 +145,17 @@ async fn request_context(req: Request, next: Next) -> Response {
 /// Reads the body, refusing more than [`BODY_LIMIT`] bytes while reading (a declared length is
 /// refused before reading anything).
 pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
+    read_body_up_to(headers, body, BODY_LIMIT).await
+}
+
+/// [`read_body`] with another limit (admin endpoints that take a whole policy set).
+pub(crate) async fn read_body_up_to(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Error> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+    if declared.is_some_and(|n| n > limit as u64) {
         return Err(Error::PayloadTooLarge);
     }
-    match Limited::new(body, BODY_LIMIT).collect().await {
+    match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::PayloadTooLarge),
         Err(_) => Err(Error::BadRequest("the request body could not be read".into())),
@@ -223,6 +233,7 @@ fn wants_env(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
 
 async fn exchange(
     State(app): AppState,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
@@ -238,7 +249,7 @@ async fn exchange(
         .transpose()
         .map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
     let token = bearer(&headers)?;
-    let reply = app.exchange(token, &request.policy, ttl).await?;
+    let reply = app.exchange(token, &request.policy, ttl, &request_id).await?;
     if wants_env(&headers, &uri) {
         return Ok((StatusCode::CREATED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], reply.to_env())
             .into_response());

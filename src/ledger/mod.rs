@@ -235,6 +235,8 @@ pub struct Ledger {
     jtis: DashMap<String, UnixSeconds>,
     jti_expiries: TimeIndex,
     counts: [AtomicUsize; 5],
+    /// Active leases per backend (a lease with credentials from two backends counts in both).
+    active_by_backend: DashMap<String, usize>,
     journal: Option<Journal>,
     retry: RetryPolicy,
 }
@@ -326,6 +328,9 @@ impl Ledger {
         if before != after {
             self.counts[before.index()].fetch_sub(1, Ordering::Relaxed);
             self.counts[after.index()].fetch_add(1, Ordering::Relaxed);
+            if before == LeaseState::Active {
+                self.count_backends(&lease, false);
+            }
         }
         if after.is_pending() {
             lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
@@ -336,10 +341,32 @@ impl Ledger {
         }
     }
 
+    /// Adds (or removes) an active lease to the per-backend counts.
+    fn count_backends(&self, lease: &Lease, add: bool) {
+        let mut seen: Vec<&str> = Vec::new();
+        for c in &lease.credentials {
+            let backend = c.handle.backend.as_str();
+            if seen.contains(&backend) {
+                continue;
+            }
+            seen.push(backend);
+            let mut n = self.active_by_backend.entry(backend.to_string()).or_default();
+            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        }
+    }
+
+    /// Active leases per backend, by backend name.
+    pub fn active_by_backend(&self) -> Vec<(String, usize)> {
+        let mut rows: Vec<(String, usize)> = self.active_by_backend.iter().map(|e| (e.key().clone(), *e.value())).collect();
+        rows.sort();
+        rows
+    }
+
     fn insert_memory(&self, lease: Lease) {
         self.counts[lease.state.index()].fetch_add(1, Ordering::Relaxed);
         match lease.state {
             LeaseState::Active => {
+                self.count_backends(&lease, true);
                 lock(&self.expiries).insert((lease.expires_at, lease.id.clone()));
             }
             LeaseState::Revoking | LeaseState::Irrevocable => {
@@ -400,6 +427,7 @@ impl Ledger {
             // A safety net: if the attempt about to run never reports back, the reaper retries.
             lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
             lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
+            self.count_backends(&lease, false);
             RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() }
         };
         self.counts[LeaseState::Active.index()].fetch_sub(1, Ordering::Relaxed);

@@ -186,8 +186,14 @@ impl DevBroker {
 
     /// Sends SIGTERM through kill(1): no `libc` among the dependencies.
     pub fn sigterm(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill(1)");
-        assert!(status.success(), "kill -TERM {} failed: {status}", self.child.id());
+        self.signal("TERM");
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, ...) through kill(1).
+    pub fn signal(&self, name: &str) {
+        let status =
+            Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().expect("run kill(1)");
+        assert!(status.success(), "kill -{name} {} failed: {status}", self.child.id());
     }
 
     /// Waits (bounded) for the process to exit on its own.

@@ -1,6 +1,9 @@
-//! The exchange path, end to end: verify → decide → mint → record; and every way a lease ends.
-//! Knows no HTTP.
+//! The exchange path, end to end: verify → decide → mint → record → audit; and every way a
+//! lease ends. Knows no HTTP. [`policies`] holds the live policy set and its reloads.
 
+pub mod policies;
+
+use crate::audit::Audit;
 use crate::clock::{Clock, UnixSeconds, rfc3339};
 use crate::dev::DevIssuer;
 use crate::error::Error;
@@ -10,6 +13,7 @@ use crate::ledger::{LeaseCredential, LeaseFilter, LeaseState, Ledger, REASON_EXP
 use crate::metrics::{Gauges, Metrics};
 use crate::mint::{Backends, Credential, MintContext, RevokeHandle};
 use crate::policy::{Denial, Grant, PolicySet};
+use policies::LivePolicies;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -19,7 +23,7 @@ use std::time::Instant;
 
 pub struct App {
     pub verifier: Verifier,
-    pub policies: PolicySet,
+    pub policies: LivePolicies,
     pub backends: Backends,
     pub ledger: Ledger,
     pub clock: Arc<dyn Clock>,
@@ -33,6 +37,7 @@ pub struct App {
     /// Compact the journal after this many appended bytes.
     pub compact_bytes: u64,
     pub hooks: crate::config::HooksConfig,
+    pub audit: Audit,
 }
 
 /// The 201 body of `POST /v1/exchange` (DESIGN §2).
@@ -43,6 +48,9 @@ pub struct ExchangeReply {
     pub job: String,
     pub expires_at: String,
     pub credentials: BTreeMap<String, Credential>,
+    /// For the audit event; not part of the reply.
+    #[serde(skip)]
+    pub ttl_secs: i64,
 }
 
 impl ExchangeReply {
@@ -52,6 +60,9 @@ impl ExchangeReply {
         crate::env_format::render(&serde_json::to_value(self).unwrap_or_default())
     }
 }
+
+/// Why a lease ended when its exchange could not be audited.
+pub const REASON_AUDIT_UNAVAILABLE: &str = "audit-unavailable";
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct RevokeReply {
@@ -66,12 +77,22 @@ impl App {
 
     // ---- issuing -----------------------------------------------------------------------
 
-    /// `POST /v1/exchange`. Counts the outcome and latency in metrics.
-    pub async fn exchange(&self, token: &str, policy: &str, ttl_secs: Option<i64>) -> Result<ExchangeReply, Error> {
+    /// `POST /v1/exchange`. Audited (fail closed) and counted in metrics.
+    pub async fn exchange(
+        &self,
+        token: &str,
+        policy: &str,
+        ttl_secs: Option<i64>,
+        request_id: &str,
+    ) -> Result<ExchangeReply, Error> {
         let started = Instant::now();
-        let result = self.exchange_inner(token, policy, ttl_secs).await;
+        // The set in use now; a reload during this exchange does not change its decision.
+        let policies = self.policies.current();
+        let mut identity = None;
+        let result = self.exchange_inner(&policies, token, policy, ttl_secs, &mut identity).await;
+        let result = self.audit_exchange(request_id, policy, identity.as_ref(), result).await;
         // Bounded label: only loaded policy names, so callers cannot mint new series.
-        let label = if self.policies.get(policy).is_some() { policy } else { "unknown" };
+        let label = if policies.get(policy).is_some() { policy } else { "unknown" };
         let outcome = match &result {
             Ok(_) => "issued",
             Err(e) => e.code(),
@@ -80,12 +101,20 @@ impl App {
         result
     }
 
-    async fn exchange_inner(&self, token: &str, policy: &str, ttl_secs: Option<i64>) -> Result<ExchangeReply, Error> {
+    async fn exchange_inner(
+        &self,
+        policies: &PolicySet,
+        token: &str,
+        policy: &str,
+        ttl_secs: Option<i64>,
+        verified: &mut Option<VerifiedIdentity>,
+    ) -> Result<ExchangeReply, Error> {
         let now = self.now();
-        let identity = self.verifier.verify(token, now).await?;
-        let grant = self.policies.decide(policy, &identity, ttl_secs, now)?;
-        let jti = self.reserve_jti(&identity, grant.policy())?;
-        let result = self.mint_and_record(&identity, &grant, jti.as_ref(), now).await;
+        let identity = verified.insert(self.verifier.verify(token, now).await?);
+        let grant = policies.decide(policy, identity, ttl_secs, now)?;
+        let identity = &*identity;
+        let jti = self.reserve_jti(identity, grant.policy())?;
+        let result = self.mint_and_record(identity, &grant, jti.as_ref(), now).await;
         if let (Err(_), Some((key, _))) = (&result, &jti) {
             self.ledger.release_jti(key);
         }
@@ -162,7 +191,70 @@ impl App {
             job: identity.job().to_string(),
             expires_at: rfc3339(grant.expires_at()),
             credentials: minted.into_iter().map(|(n, _, c, _)| (n, c)).collect(),
+            ttl_secs: grant.ttl_secs(),
         })
+    }
+
+    /// Writes the exchange's audit event: `exchange` (issued, or failed in the broker or a
+    /// backend) or `denial` (invalid token, policy said no). Fail closed: when the event cannot
+    /// be written, an issued lease is revoked before anything leaves, and a denial becomes 503.
+    async fn audit_exchange(
+        &self,
+        request_id: &str,
+        policy: &str,
+        identity: Option<&VerifiedIdentity>,
+        result: Result<ExchangeReply, Error>,
+    ) -> Result<ExchangeReply, Error> {
+        if !self.audit.is_enabled() {
+            return result;
+        }
+        let mut event = json!({
+            "time": rfc3339(self.now()),
+            "request_id": request_id,
+            // The caller's text when the policy is unknown: bounded, JSON-escaped.
+            "policy": crate::clock::truncate(policy, 64),
+        });
+        if let (Some(identity), Some(obj)) = (identity, event.as_object_mut()) {
+            obj.insert("issuer".into(), json!(identity.issuer()));
+            obj.insert("job".into(), json!(identity.job()));
+            obj.insert("token_sha256".into(), json!(identity.token_sha256()));
+            obj.insert("claims".into(), self.audit.select_claims(identity.claims()));
+        }
+        let fields = match &result {
+            Ok(reply) => {
+                let credentials: BTreeMap<&str, Value> = reply
+                    .credentials
+                    .iter()
+                    .map(|(name, c)| (name.as_str(), json!({"kind": c.kind, "sha256": c.fingerprints()})))
+                    .collect();
+                json!({"event": "exchange", "decision": "allow", "lease_id": reply.lease_id,
+                       "ttl_secs": reply.ttl_secs, "expires_at": reply.expires_at, "credentials": credentials})
+            }
+            Err(Error::Denied(d)) => json!({"event": "denial", "decision": "deny", "code": "policy_denied",
+                                            "deciding_claim": d.claim, "reason": crate::clock::truncate(&d.log_detail(), 200)}),
+            Err(e @ Error::InvalidToken(_)) => {
+                json!({"event": "denial", "decision": "deny", "code": e.code(), "reason": e.log_detail()})
+            }
+            Err(e) => json!({"event": "exchange", "decision": "error", "code": e.code()}),
+        };
+        if let (Some(obj), Value::Object(more)) = (event.as_object_mut(), fields) {
+            obj.extend(more);
+        }
+        let Err(e) = self.audit.write(&event) else { return result };
+        tracing::error!(error = %e, "audit event not written; failing the exchange closed");
+        match result {
+            Ok(reply) => {
+                // Recorded but not audited: revoke before a single credential leaves.
+                let ended = self.end_leases(vec![reply.lease_id.clone()], REASON_AUDIT_UNAVAILABLE).await;
+                Err(Error::Unavailable(format!(
+                    "{e}; lease {} revoked: {}",
+                    reply.lease_id,
+                    if ended.pending.is_empty() { "yes" } else { "pending (retried)" }
+                )))
+            }
+            Err(Error::Denied(_) | Error::InvalidToken(_)) => Err(Error::Unavailable(e)),
+            Err(other) => Err(other),
+        }
     }
 
     /// Mints every credential of the grant, all or nothing.
@@ -239,6 +331,7 @@ impl App {
     /// reported as they stand (revoke is idempotent).
     pub async fn end_leases(&self, ids: Vec<String>, reason: &str) -> RevokeReply {
         let mut reply = RevokeReply::default();
+        self.metrics.leases_ended(reason, ids.len());
         for id in ids {
             let state = match self.ledger.begin_revoke(&id, reason, self.now()).await {
                 Some(work) => self.run_revocation(work).await,
@@ -259,6 +352,7 @@ impl App {
         let error = self.revoke_handles(&handles).await;
         let state = self.ledger.finish_revoke(&work.lease_id, error.clone(), self.now()).await;
         self.metrics.revocation(state.as_str());
+        self.audit_revocation(&work.lease_id, state, error.as_deref());
         match &error {
             None => tracing::info!(lease_id = %work.lease_id, state = state.as_str(), "lease ended"),
             Some(e) => {
@@ -266,6 +360,29 @@ impl App {
             }
         }
         state
+    }
+
+    /// A revocation's audit event. Never blocks the revocation: a failure is logged.
+    fn audit_revocation(&self, lease_id: &str, state: LeaseState, error: Option<&str>) {
+        if !self.audit.is_enabled() {
+            return;
+        }
+        let lease = self.ledger.get(lease_id);
+        let event = json!({
+            "time": rfc3339(self.now()),
+            "event": "revocation",
+            "lease_id": lease_id,
+            "job": lease.as_ref().map(|l| l.job.as_str()),
+            "policy": lease.as_ref().map(|l| l.policy.as_str()),
+            "issuer": lease.as_ref().map(|l| l.issuer.as_str()),
+            "reason": lease.as_ref().and_then(|l| l.reason.as_deref()),
+            "outcome": state.as_str(),
+            "credentials": lease.as_ref().map(|l| l.credentials.iter().map(|c| json!({"name": c.name, "kind": c.kind})).collect::<Vec<_>>()),
+            "error": error,
+        });
+        if let Err(e) = self.audit.write(&event) {
+            tracing::error!(error = %e, lease_id, "audit event for a revocation not written (the revocation itself went ahead)");
+        }
     }
 
     /// Revokes each handle at its backend; the first error, if any.
@@ -367,7 +484,17 @@ impl App {
             (true, false) => "journal-broken",
             (true, true) => "open",
         };
-        (ready, json!({"ready": ready, "policies": self.policies.len(), "ledger": ledger, "issuer_keys": issuers}))
+        let status = self.policies.status();
+        let policies = json!({
+            "loaded": self.policies.current().len(),
+            "generation": status.generation,
+            "loaded_at": status.loaded_at,
+            "last_reload": status.last_outcome,
+            "last_reload_at": status.last_attempt_at,
+            "errors": status.errors,
+        });
+        // A failed reload does not make the broker unready: it keeps serving the last good set.
+        (ready, json!({"ready": ready, "policies": policies, "ledger": ledger, "issuer_keys": issuers}))
     }
 
     pub fn metrics_text(&self) -> String {
@@ -386,6 +513,11 @@ impl App {
             live_leases: self.ledger.count(LeaseState::Active),
             pending_revocations: self.ledger.count(LeaseState::Revoking),
             irrevocable: self.ledger.count(LeaseState::Irrevocable),
+            live_by_backend: self.ledger.active_by_backend(),
+            policies_loaded: self.policies.current().len(),
+            policy_generation: self.policies.status().generation,
+            policies_reload_failing: self.policies.status().last_outcome == "failed",
+            audit_failures: self.audit.failures.load(Ordering::Relaxed),
             jwks,
         })
     }
