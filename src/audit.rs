@@ -47,6 +47,11 @@ impl Audit {
         })
     }
 
+    /// The file events go to, when there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.sink.as_ref().map(|s| s.path.as_path())
+    }
+
     pub fn is_enabled(&self) -> bool {
         self.sink.is_some()
     }

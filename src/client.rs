@@ -145,7 +145,7 @@ fn failure(status: reqwest::StatusCode, header_id: Option<String>, text: &str, u
         429 | 500..=599 => EXIT_UNREACHABLE,
         _ => EXIT_OTHER,
     };
-    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    let parsed: Option<Value> = serde_json::from_str(text).ok();
     let error = parsed.as_ref().and_then(|v| v.get("error"));
     let field = |k: &str| error.and_then(|e| e.get(k)).and_then(Value::as_str).map(str::to_string);
     let request_id = field("request_id").or(header_id).unwrap_or_else(|| "unknown".into());
@@ -163,9 +163,14 @@ fn failure(status: reqwest::StatusCode, header_id: Option<String>, text: &str, u
 /// `ephemera policy diff`: sends the policy files of `dir` (the candidate set, whole) to admin
 /// `POST /v1/policies/diff` and prints the live leases rolling them out would end. Exit 0 when
 /// the candidate is valid (whatever it would end), 1 when the broker would refuse it.
-pub async fn policy_diff(broker: &str, dir: &std::path::Path, admin: &TokenSource, json_out: bool) -> Result<String, Failure> {
+pub async fn policy_diff(
+    broker: &str,
+    dir: &std::path::Path,
+    admin: &TokenSource,
+    json_out: bool,
+) -> Result<String, Failure> {
     let url = format!("{}/v1/policies/diff", base_url(broker)?);
-    let token = admin.read()?;
+    let token = admin.read().map_err(|f| Failure::other(f.message.replace("no ID token", "no admin token")))?;
     let mut sources = Vec::new();
     let mut errors = Vec::new();
     crate::policy::read_policy_files(dir, &mut sources, &mut errors);
@@ -173,13 +178,10 @@ pub async fn policy_diff(broker: &str, dir: &std::path::Path, admin: &TokenSourc
         return Err(Failure::other(e.to_string()));
     }
     let policies: serde_json::Map<String, Value> = sources.into_iter().map(|s| (s.name, json!(s.text))).collect();
-    let resp = http_client()?
-        .post(&url)
-        .bearer_auth(&token)
-        .json(&json!({"policies": policies}))
-        .send()
-        .await
-        .map_err(|e| Failure { exit: EXIT_UNREACHABLE, message: format!("unreachable: {url}: {}", error_chain(&e)) })?;
+    let resp =
+        http_client()?.post(&url).bearer_auth(&token).json(&json!({"policies": policies})).send().await.map_err(
+            |e| Failure { exit: EXIT_UNREACHABLE, message: format!("unreachable: {url}: {}", error_chain(&e)) },
+        )?;
     let status = resp.status();
     let header_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let text = resp.text().await.map_err(|e| Failure {
@@ -218,7 +220,13 @@ fn render_diff(reply: &Value, dir: &std::path::Path) -> Result<String, Failure> 
     };
     for e in &ending {
         let field = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
-        out.push_str(&format!("  {}  policy {}  job {}  {}\n", field("lease_id"), field("policy"), field("job"), field("reason")));
+        out.push_str(&format!(
+            "  {}  policy {}  job {}  {}\n",
+            field("lease_id"),
+            field("policy"),
+            field("job"),
+            field("reason")
+        ));
     }
     Ok(out)
 }

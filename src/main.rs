@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use ephemera::clock::{Clock, SystemClock};
 use ephemera::config::Config;
-use ephemera::policy::{LoadContext, PolicySet};
+use ephemera::policy::{LoadContext, PolicySet, lint, testing};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -137,10 +137,17 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Parse and check every policy, reporting every error with file and field.
+    /// Parse and lint every policy (the server runs the same code), reporting every finding with
+    /// file, policy, rule id, field and a fix. Exit status: 0 no errors, 1 any error (or, with
+    /// --strict, any warning).
     Check {
         #[arg(long)]
         config: Option<PathBuf>,
+        #[arg(long, default_value = "text", value_parser = clap::builder::PossibleValuesParser::new(["text", "json"]))]
+        format: String,
+        /// Fail on warnings too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Show every deny and match rule of a policy against a claim set, and the decision.
     /// Nothing is minted. Exit status: 0 allow, 3 deny, 1 error.
@@ -159,6 +166,40 @@ enum PolicyCommand {
         /// `text` or `json`.
         #[arg(long, default_value = "text")]
         format: String,
+    },
+    /// Run the policy test cases (`<policies dir>/tests/*.yaml`): each case's claims decided by
+    /// its policy as an exchange would decide them. Exit status: 0 all pass, 1 otherwise.
+    Test {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The directory of test files (default: `tests` in the policies directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value = "text", value_parser = clap::builder::PossibleValuesParser::new(["text", "json"]))]
+        format: String,
+    },
+    /// Ask a running broker which live leases a policy change would end, before rolling it out
+    /// (admin `POST /v1/policies/diff`). The directory is sent whole, as the new set. Nothing
+    /// changes. Exit status: 0 when the broker would accept the set, 1 when it would refuse it.
+    Diff {
+        /// The broker's base URL.
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        /// The candidate policies directory.
+        #[arg(long, value_name = "DIR", default_value = "policies")]
+        dir: PathBuf,
+        /// The environment variable holding the admin token (never on the command line).
+        #[arg(long, value_name = "VAR", default_value = "EPHEMERA_ADMIN_TOKEN")]
+        admin_token_env: String,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text", value_parser = clap::builder::PossibleValuesParser::new(["text", "json"]))]
+        format: String,
+    },
+    /// Print the JSON Schema of policy files (committed as policies/schema.json), for editors.
+    Schema {
+        /// Print the schema of policy test files instead (policies/tests/schema.json).
+        #[arg(long)]
+        tests: bool,
     },
 }
 
@@ -196,9 +237,23 @@ fn main() -> ExitCode {
         Command::Exchange(args) => return client_command(exchange(args)),
         Command::Revoke(args) => return client_command(revoke(args)),
         Command::Serve(args) => serve(args),
-        Command::Policy(PolicyCommand::Check { config }) => policy_check(config.as_deref()),
+        Command::Policy(PolicyCommand::Diff { broker, dir, admin_token_env, format }) => {
+            return client_command(async move {
+                let admin = ephemera::client::TokenSource::Env(admin_token_env);
+                ephemera::client::policy_diff(&broker, &dir, &admin, format == "json").await
+            });
+        }
+        Command::Policy(PolicyCommand::Check { config, format, strict }) => {
+            return policy_check(config.as_deref(), &format, strict);
+        }
         Command::Policy(PolicyCommand::Explain { config, policy, claims, issuer, format }) => {
             return policy_explain(config.as_deref(), &policy, &claims, issuer.as_deref(), &format);
+        }
+        Command::Policy(PolicyCommand::Test { config, dir, format }) => {
+            return policy_test(config.as_deref(), dir.as_deref(), &format);
+        }
+        Command::Policy(PolicyCommand::Schema { tests }) => {
+            write_stdout(&if tests { testing::test_schema() } else { ephemera::policy::policy_schema() })
         }
         Command::Dev(DevCommand::Token { broker, claims, issuer }) => dev_token(&broker, claims.as_deref(), &issuer),
     };
@@ -300,7 +355,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let running = ephemera::server::start(ephemera::server::Options::new(config, args.dev, clock)).await?;
         if args.dev {
-            print_dev_banner(&running.url(), &data_dir);
+            print_dev_banner(&running.url(), &data_dir, running.app.audit.path());
         } else {
             say!("ephemera listening on {}", running.url());
         }
@@ -319,7 +374,7 @@ fn fresh_temp_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-fn print_dev_banner(url: &str, data_dir: &Path) {
+fn print_dev_banner(url: &str, data_dir: &Path, audit: Option<&Path>) {
     let exe = std::env::current_exe().map_or_else(|_| "ephemera".to_string(), |p| p.display().to_string());
     say!("ephemera listening on {url}");
     say!(
@@ -344,6 +399,11 @@ fn print_dev_banner(url: &str, data_dir: &Path) {
     say!("Admin API (leases, revoke by job or filter):");
     say!("  curl -s {url}/v1/leases -H \"Authorization: Bearer $(cat {admin})\"");
     say!();
+    if let Some(audit) = audit {
+        say!("Audit events (one JSON line per exchange, denial, revocation, reload):");
+        say!("  tail -f {}", shell_quote(&audit.display().to_string()));
+        say!();
+    }
 }
 
 /// Single-quotes a word for POSIX sh.
@@ -374,12 +434,7 @@ fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Opti
         Ok(c) => c,
         Err(e) => return fail(format!("{}: not a JSON object of claims: {e}", claims.display())),
     };
-    let from_iss = claims
-        .get("iss")
-        .and_then(|v| v.as_str())
-        .and_then(|iss| config.issuers.iter().find(|i| i.url == iss))
-        .map(|i| i.name.clone());
-    let issuer = issuer.map(str::to_string).or(from_iss).unwrap_or_else(|| policy.issuer.clone());
+    let issuer = issuer.map_or_else(|| policy.claims_issuer(&claims, &config.issuers), str::to_string);
     let trace = policy.explain(&issuer, &claims);
     let text = match format {
         "json" => serde_json::to_string_pretty(&trace).unwrap_or_default() + "\n",
@@ -389,20 +444,57 @@ fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Opti
     if trace.decision == "allow" { ExitCode::SUCCESS } else { ExitCode::from(3) }
 }
 
-fn policy_check(config: Option<&Path>) -> Result<(), String> {
-    let config = load_config(config)?;
-    match PolicySet::load(Some(&config.policies_dir), &[], &LoadContext::from_config(&config)) {
-        Ok(set) => {
-            println!("ok: {} policies in {} ({})", set.len(), config.policies_dir.display(), set.names().join(", "));
-            Ok(())
+/// `policy check`: the lint report on stdout; exit 1 when it is not ok.
+fn policy_check(config: Option<&Path>, format: &str, strict: bool) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ephemera: {e}");
+            return ExitCode::FAILURE;
         }
-        Err(errors) => {
-            for e in &errors {
-                println!("error: {e}");
-            }
-            Err(format!("{} policy error(s)", errors.len()))
-        }
+    };
+    let report = lint::check_dir(&config.policies_dir, &LoadContext::from_config(&config), strict);
+    let text = if format == "json" { report.to_json() } else { report.render_text() };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        eprintln!("ephemera: cannot write the report: {e}");
+        return ExitCode::FAILURE;
     }
+    if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// `policy test`: the report on stdout; exit 1 when a case fails or a file or case cannot load.
+fn policy_test(config: Option<&Path>, dir: Option<&Path>, format: &str) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("ephemera: {message}");
+        ExitCode::FAILURE
+    };
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let policies = match PolicySet::load(Some(&config.policies_dir), &[], &LoadContext::from_config(&config)) {
+        Ok(set) => set,
+        Err(errors) => return fail(format!("{} policy error(s); run `ephemera policy check`", errors.len())),
+    };
+    let dir = dir.map_or_else(|| config.policies_dir.join("tests"), Path::to_path_buf);
+    let ctx = testing::Context { policies: &policies, issuers: &config.issuers };
+    let report = match testing::Suite::load(&dir, &ctx) {
+        Ok(suite) => suite.run(&policies),
+        Err(message) => return fail(message),
+    };
+    if let Err(e) = write_stdout(&if format == "json" { report.render_json() } else { report.render_text() }) {
+        return fail(e);
+    }
+    if report.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// A report on stdout: an error (not `print!`'s panic) when whoever reads it has gone away.
+fn write_stdout(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| format!("cannot write the output: {e}"))
 }
 
 fn dev_token(broker: &str, claims: Option<&Path>, issuer: &str) -> Result<(), String> {

@@ -115,7 +115,8 @@ impl Metrics {
             out,
             "# HELP ephemera_leases_ended_total Leases ended, by reason (job, webhook, admin, expired, policy-changed, ...).\n# TYPE ephemera_leases_ended_total counter"
         );
-        let mut rows: Vec<_> = self.ended.iter().map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed))).collect();
+        let mut rows: Vec<_> =
+            self.ended.iter().map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed))).collect();
         rows.sort();
         for (reason, n) in rows {
             let _ = writeln!(out, "ephemera_leases_ended_total{{reason=\"{reason}\"}} {n}");

@@ -2,6 +2,8 @@
 //! The binary and the integration tests start the broker through the same [`start`].
 
 use crate::app::App;
+use crate::app::policies::{LivePolicies, PolicySource};
+use crate::audit::Audit;
 use crate::clock::Clock;
 use crate::config::{BackendConfig, Config};
 use crate::dev::{DEV_POLICY, DevIssuer};
@@ -11,8 +13,6 @@ use crate::ledger::journal::{FileStorage, Journal, Storage};
 use crate::ledger::{Ledger, RetryPolicy};
 use crate::metrics::Metrics;
 use crate::mint::{BackendWrap, Backends};
-use crate::app::policies::{LivePolicies, PolicySource};
-use crate::audit::Audit;
 use crate::policy::LoadContext;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -125,6 +125,11 @@ pub async fn start(options: Options) -> Result<Running, String> {
         if config.admin_token_sha256.is_none() {
             config.admin_token_sha256 = Some(dev_admin_token(&config.data_dir)?);
         }
+        // Dev mode audits into its data directory unless told otherwise: the walkthrough shows it.
+        config.audit.get_or_insert_with(|| crate::config::AuditConfig {
+            file: config.data_dir.join(DEV_AUDIT_FILE),
+            claims: crate::config::DEFAULT_AUDIT_CLAIMS.iter().map(|c| (*c).to_string()).collect(),
+        });
         Some(issuer)
     } else {
         None
@@ -137,9 +142,9 @@ pub async fn start(options: Options) -> Result<Running, String> {
         Some(config.policies_dir.clone())
     };
     let source = PolicySource { dir: policies_dir, builtin, ctx: LoadContext::from_config(&config) };
-    let policies = source.load().map_err(|list| {
-        format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  "))
-    })?;
+    let policies = source
+        .load()
+        .map_err(|list| format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  ")))?;
     let policies = LivePolicies::new(policies, source, clock.now());
     let audit = match &config.audit {
         Some(audit) => Audit::open(audit).map_err(|e| format!("refusing to start: {e}"))?,
@@ -205,6 +210,9 @@ fn dev_admin_token(data_dir: &std::path::Path) -> Result<[u8; 32], String> {
     out.copy_from_slice(digest.as_ref());
     Ok(out)
 }
+
+/// Where `serve --dev` writes its audit events (unless `[audit]` names a file), in the data directory.
+pub const DEV_AUDIT_FILE: &str = "audit.jsonl";
 
 /// Where `serve --dev` keeps its admin token, inside the data directory.
 pub const DEV_ADMIN_TOKEN_FILE: &str = "admin-token";

@@ -76,7 +76,8 @@ async fn every_exchange_denial_and_revocation_is_one_audit_event_with_fingerprin
 async fn only_allowlisted_claims_reach_the_audit_event() {
     let issuer = FakeIssuer::start().await;
     let broker = broker_with_audit(&issuer, "file = \"audit.jsonl\"\nclaims = [\"repository\", \"actor\"]").await;
-    let (status, _) = broker.exchange(&issuer.sign(&issuer.claims("github-environment-deploy.json", NOW)), "deploy").await;
+    let (status, _) =
+        broker.exchange(&issuer.sign(&issuer.claims("github-environment-deploy.json", NOW)), "deploy").await;
     assert_eq!(status, 201);
     let claims = events(&broker)[0]["claims"].clone();
     let keys: Vec<&String> = claims.as_object().unwrap().keys().collect();
@@ -106,7 +107,10 @@ async fn an_unwritable_audit_sink_fails_the_exchange_closed_and_revokes_what_was
     let denied = broker.exchange(&issuer.sign(&wrong_ref), "deploy").await;
     assert_error(&denied, 503, "unavailable");
     let metrics = broker.running.app.metrics_text();
-    assert!(metrics.lines().any(|l| l.starts_with("ephemera_audit_write_failures_total ") && !l.ends_with(" 0")), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("ephemera_audit_write_failures_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
     assert!(captured_logs().contains("failing the exchange closed"));
 }
 
@@ -126,7 +130,8 @@ async fn a_reload_is_audited() {
 async fn an_audit_file_that_cannot_be_opened_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
-    let toml = "listen = \"127.0.0.1:0\"\n[backends.jwt]\ntype = \"jwt\"\n[audit]\nfile = \"no/such/dir/audit.jsonl\"\n";
+    let toml =
+        "listen = \"127.0.0.1:0\"\n[backends.jwt]\ntype = \"jwt\"\n[audit]\nfile = \"no/such/dir/audit.jsonl\"\n";
     let config = ephemera::config::Config::parse(toml, dir.path()).unwrap();
     let clock = std::sync::Arc::new(ephemera::clock::ManualClock::new(NOW));
     let err = match ephemera::server::start(ephemera::server::Options::new(config, false, clock)).await {

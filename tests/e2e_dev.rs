@@ -136,6 +136,14 @@ async fn dev_broker_exchanges_introspects_and_revokes_over_http() {
         text.lines().any(|l| l.trim() == r#"ephemera_exchanges_total{policy="dev",outcome="issued"} 1"#),
         "metrics do not count the one issued exchange:\n{text}"
     );
+
+    // Dev mode audits into its data directory: the exchange and the revocation, no secret.
+    let audit = std::fs::read_to_string(broker.data_dir().join("audit.jsonl")).expect("dev audit file");
+    let events: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds, ["exchange", "revocation"], "{audit}");
+    assert_eq!(events[0]["lease_id"], lease_id.as_str());
+    assert!(!audit.contains(&jwt) && !audit.contains(&token), "a secret reached the audit file");
 }
 
 #[tokio::test]

@@ -296,3 +296,92 @@ fn policy_explain_traces_the_shipped_policy_against_the_shared_fixtures() {
     assert!(text.contains("decision: deny (deciding claim `event_name`)"), "{text}");
     assert!(text.contains("FAIL  match environment = (missing)"), "every rule is shown: {text}");
 }
+
+// ---- hostile input: refused after bounded work, with an error that names the limit ----------
+//
+// None of these tests time anything: each asserts the error names the limit that stopped the
+// parse, which the parser reports as soon as it crosses it (so the work done is bounded by the
+// limit, not by what the document would expand to).
+
+/// The errors of one policy file, written to a fresh directory.
+fn errors_of_text(yaml: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    PolicySet::load(Some(dir.path()), &[], &ctx()).unwrap_err().iter().map(|e| e.to_string()).collect()
+}
+
+const POLICY_HEAD: &str = "issuer: github\nmatch: {repository_id: \"74\"}\nttl: {default: 5m, max: 10m}\ngrants:\n  api:\n    backend: jwt\n    audience: x\n    claims:\n";
+
+#[test]
+fn a_yaml_alias_bomb_is_refused_by_the_alias_expansion_limit() {
+    // Billion laughs: nine levels of nine aliases would expand ~400 bytes into 9^9 scalars.
+    let mut yaml = String::from(POLICY_HEAD);
+    yaml.push_str("      l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        yaml.push_str(&format!("      l{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"));
+    }
+    assert!(yaml.len() < 1024);
+    let errors = errors_of_text(&yaml);
+    assert_has(&errors, "budget breached: RecordedAnchorEvents");
+    assert_has(&errors, "10000 events replayed from aliases");
+}
+
+#[test]
+fn a_wide_alias_fan_out_is_refused_by_the_alias_count_limit() {
+    // One anchor, used more often than any policy would: every use replays the subtree.
+    let mut yaml = String::from(POLICY_HEAD);
+    yaml.push_str("      a: &a [x]\n      b: [");
+    yaml.push_str(&vec!["*a"; 1_500].join(", "));
+    yaml.push_str("]\n");
+    assert_has(&errors_of_text(&yaml), "budget breached: Aliases { aliases: 1001 }");
+}
+
+#[test]
+fn a_deeply_nested_flow_document_is_refused_by_the_depth_limit() {
+    let yaml = format!("issuer: github\nmatch: {{repository_id: \"74\", x: {}", "[".repeat(100_000));
+    let errors = errors_of_text(&yaml);
+    assert_has(&errors, "recursion limit exceeded");
+    assert_has(&errors, "nesting depth 32");
+    // Refused at the 32nd `[` (the `{` is the first level): columns 1-32 hold `match: {…, x: `.
+    assert_has(&errors, "line 2 column 64: ");
+}
+
+#[test]
+fn a_deeply_nested_block_document_is_refused_by_the_depth_limit() {
+    let mut yaml = String::from(POLICY_HEAD);
+    for depth in 0..200 {
+        yaml.push_str(&format!("{}k:\n", "  ".repeat(depth + 3)));
+    }
+    let errors = errors_of_text(&yaml);
+    assert_has(&errors, "budget breached: Depth { depth: 33 }");
+}
+
+#[test]
+fn a_file_just_over_the_size_cap_is_refused_before_it_is_parsed() {
+    let mut yaml = format!("{POLICY_HEAD}      scope: deploy\n");
+    // A valid policy padded with a comment to one byte over 256 KiB.
+    yaml.push_str("# ");
+    yaml.push_str(&"x".repeat(256 * 1024 + 1 - yaml.len() - 1));
+    yaml.push('\n');
+    assert_eq!(yaml.len(), 256 * 1024 + 1);
+    let errors = errors_of_text(&yaml);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_has(&errors, "p.yaml: larger than 262144 bytes");
+    // At the cap exactly, it loads.
+    let at_cap = &yaml[..yaml.len() - 2];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.yaml"), format!("{at_cap}\n")).unwrap();
+    PolicySet::load(Some(dir.path()), &[], &ctx()).unwrap();
+}
+
+#[test]
+fn a_huge_regex_is_refused_at_load() {
+    let long = "a".repeat(1025);
+    let yaml = format!(
+        "issuer: github\nmatch: {{repository_id: \"74\", ref: {{regex: \"a{{1000}}{{1000}}{{1000}}\"}}, sha: {{regex: {long}}}}}\nttl: {{default: 5m, max: 10m}}\ngrants:\n  api: {{backend: jwt, audience: x}}\n"
+    );
+    let errors = errors_of_text(&yaml);
+    assert_has(&errors, ": match.ref: invalid pattern");
+    assert_has(&errors, ": match.sha: `regex` pattern is longer than 1024 characters");
+}

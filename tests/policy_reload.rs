@@ -64,8 +64,7 @@ fn lease(broker: &Broker, body: &Value) -> ephemera::ledger::Lease {
 }
 
 async fn admin_post(broker: &Broker, path: &str, body: Value) -> (u16, Value) {
-    let resp =
-        broker.http.post(format!("{}{path}", broker.url)).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    let resp = broker.http.post(format!("{}{path}", broker.url)).bearer_auth(ADMIN).json(&body).send().await.unwrap();
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
@@ -95,8 +94,14 @@ async fn a_reload_that_tightens_a_policy_revokes_only_the_leases_it_no_longer_al
     // The lease the new set still allows is untouched.
     assert_eq!(lease(&broker, &main).state, LeaseState::Active);
     assert_eq!(broker.introspect(jwt(&main))["active"], true);
-    assert_eq!(metric(&broker, "ephemera_leases_ended_total{reason=\"policy-changed\"}"), "ephemera_leases_ended_total{reason=\"policy-changed\"} 1");
-    assert_eq!(metric(&broker, "ephemera_policy_reloads_total{outcome=\"ok\"}"), "ephemera_policy_reloads_total{outcome=\"ok\"} 1");
+    assert_eq!(
+        metric(&broker, "ephemera_leases_ended_total{reason=\"policy-changed\"}"),
+        "ephemera_leases_ended_total{reason=\"policy-changed\"} 1"
+    );
+    assert_eq!(
+        metric(&broker, "ephemera_policy_reloads_total{outcome=\"ok\"}"),
+        "ephemera_policy_reloads_total{outcome=\"ok\"} 1"
+    );
     // And new exchanges are decided by the new set.
     let (status, _) = broker.exchange(&issuer.sign(&deploy_claims(&issuer, "refs/heads/feature")), "deploy").await;
     assert_eq!(status, 403);
@@ -145,7 +150,10 @@ async fn a_reload_with_one_broken_file_among_good_ones_keeps_the_last_good_set()
     assert_eq!(ready["policies"]["generation"], 1);
     assert!(ready["policies"]["errors"][0].as_str().unwrap().contains("broken.yaml"), "{ready}");
     assert_eq!(metric(&broker, "ephemera_policy_reload_failing "), "ephemera_policy_reload_failing 1");
-    assert_eq!(metric(&broker, "ephemera_policy_reloads_total{outcome=\"failed\"}"), "ephemera_policy_reloads_total{outcome=\"failed\"} 1");
+    assert_eq!(
+        metric(&broker, "ephemera_policy_reloads_total{outcome=\"failed\"}"),
+        "ephemera_policy_reloads_total{outcome=\"failed\"} 1"
+    );
     assert!(captured_logs().contains("policy reload refused"));
 
     // Fixing the file applies the whole change, including the re-evaluation.
@@ -194,12 +202,14 @@ async fn diff_lists_the_leases_a_change_would_end_and_changes_nothing() {
 
     assert_eq!(status, 200, "{diff}");
     assert_eq!(diff["valid"], true);
-    let mut ids: Vec<&str> = diff["would_end"].as_array().unwrap().iter().map(|e| e["lease_id"].as_str().unwrap()).collect();
+    let mut ids: Vec<&str> =
+        diff["would_end"].as_array().unwrap().iter().map(|e| e["lease_id"].as_str().unwrap()).collect();
     ids.sort_unstable();
     let mut want = vec![feature["lease_id"].as_str().unwrap(), other["lease_id"].as_str().unwrap()];
     want.sort_unstable();
     assert_eq!(ids, want, "{diff}");
-    let by_id = |id: &Value| diff["would_end"].as_array().unwrap().iter().find(|e| e["lease_id"] == *id).unwrap().clone();
+    let by_id =
+        |id: &Value| diff["would_end"].as_array().unwrap().iter().find(|e| e["lease_id"] == *id).unwrap().clone();
     assert_eq!(by_id(&feature["lease_id"])["claim"], "ref");
     assert_eq!(by_id(&other["lease_id"])["reason"], "policy removed");
     // Nothing changed.
@@ -272,4 +282,91 @@ async fn the_file_watch_reloads_when_the_directory_changes() {
     assert_eq!(generation, 2, "the watch did not pick up the new file");
     let (status, body) = broker.exchange(&issuer.sign(&deploy_claims(&issuer, "refs/heads/main")), "second").await;
     assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test]
+async fn policy_diff_cli_prints_the_leases_a_directory_would_end() {
+    let issuer = FakeIssuer::start().await;
+    let broker = broker(&issuer, &[("deploy", OPEN)], None).await;
+    let (_, feature) = broker.exchange(&issuer.sign(&deploy_claims(&issuer, "refs/heads/feature")), "deploy").await;
+    let candidate = tempfile::tempdir().unwrap();
+    std::fs::write(candidate.path().join("deploy.yaml"), MAIN_ONLY).unwrap();
+    std::fs::write(candidate.path().join("README.md"), "not a policy").unwrap();
+
+    let url = broker.url.clone();
+    let run = move |dir: &std::path::Path, token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"));
+        cmd.args(["policy", "diff", "--broker", &url, "--dir"]).arg(dir).env_remove("EPHEMERA_ADMIN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("EPHEMERA_ADMIN_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let dir = candidate.path().to_path_buf();
+    let run2 = run.clone();
+    let out = tokio::task::spawn_blocking(move || run2(&dir, Some(ADMIN))).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("would end 1 live lease"), "{stdout}");
+    assert!(stdout.contains(feature["lease_id"].as_str().unwrap()), "{stdout}");
+    assert_eq!(lease(&broker, &feature).state, LeaseState::Active, "a diff changes nothing");
+
+    // No admin token: a clear message, exit 1; the wrong one: 401 (exit 4).
+    let dir = candidate.path().to_path_buf();
+    let run2 = run.clone();
+    let (missing, wrong) =
+        tokio::task::spawn_blocking(move || (run2(&dir, None), run2(&dir, Some("nope")))).await.unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no admin token"));
+    assert_eq!(wrong.status.code(), Some(4), "{}", String::from_utf8_lossy(&wrong.stderr));
+
+    // A candidate the broker would refuse: exit 1 with the errors.
+    std::fs::write(candidate.path().join("deploy.yaml"), "issuer: [").unwrap();
+    let dir = candidate.path().to_path_buf();
+    let refused = tokio::task::spawn_blocking(move || run(&dir, Some(ADMIN))).await.unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("would refuse") && stderr.contains("deploy.yaml"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_reload_whose_lint_finds_an_error_is_refused_like_a_parse_error() {
+    let issuer = FakeIssuer::start().await;
+    let broker = broker(&issuer, &[("deploy", OPEN)], None).await;
+    // Parses fine, but any pull request of the repository would get the grant.
+    write_policy(
+        &broker,
+        "deploy",
+        "issuer: ci\nmatch:\n  repository_id: \"74\"\n  sub: {glob: \"repo:octo-org/octo-repo:*\"}\nttl: {default: 5m, max: 10m}\ngrants:\n  api: {backend: jwt, audience: x}\n",
+    );
+    let report = broker.running.app.reload_policies(true).await;
+    assert_eq!(report.outcome, "failed");
+    assert!(report.errors.iter().any(|e| e.contains("sub-matches-untrusted")), "{:?}", report.errors);
+    assert_eq!(broker.running.app.policies.status().generation, 1);
+}
+
+#[tokio::test]
+async fn a_reload_whose_grant_now_needs_a_claim_the_lease_lacks_ends_that_lease() {
+    let issuer = FakeIssuer::start().await;
+    let broker = broker(&issuer, &[("deploy", OPEN)], None).await;
+    let mut no_env = deploy_claims(&issuer, "refs/heads/main");
+    no_env.remove("environment");
+    let (_, without) = broker.exchange(&issuer.sign(&no_env), "deploy").await;
+    let (_, with) = broker.exchange(&issuer.sign(&deploy_claims(&issuer, "refs/heads/feature")), "deploy").await;
+
+    write_policy(
+        &broker,
+        "deploy",
+        &OPEN.replace(
+            "audience: https://api.internal.example",
+            "audience: https://api.internal.example, claims: {env: \"${environment}\"}",
+        ),
+    );
+    let report = broker.running.app.reload_policies(true).await;
+
+    assert_eq!(report.outcome, "ok", "{report:?}");
+    let ended: Vec<&str> = report.ended.iter().map(|e| e.lease_id.as_str()).collect();
+    assert_eq!(ended, [without["lease_id"].as_str().unwrap()]);
+    assert_eq!(report.ended[0].claim.as_deref(), Some("environment"));
+    assert_eq!(lease(&broker, &with).state, LeaseState::Active);
 }

@@ -13,6 +13,7 @@
 use super::App;
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::ledger::{Lease, LeaseFilter, LeaseState};
+use crate::policy::lint::Severity;
 use crate::policy::{LoadContext, PolicyError, PolicySet, Source};
 use serde::Serialize;
 use serde_json::json;
@@ -60,10 +61,19 @@ fn render_errors(errors: Vec<PolicyError>) -> Vec<String> {
     errors.iter().map(ToString::to_string).collect()
 }
 
-/// Lint errors refuse the set; warnings are logged.
+/// The lint `policy check` runs: an error finding refuses the set (it is plainly exploitable),
+/// a warning is logged with its fix.
 fn lint_gate(set: PolicySet, ctx: &LoadContext) -> Result<PolicySet, Vec<String>> {
-    let _ = ctx;
-    Ok(set)
+    let findings = crate::policy::lint::lint(&set, ctx);
+    let mut errors = Vec::new();
+    for f in findings {
+        let text = format!("{}: {}[{}]: {}: {}", f.file.display(), f.severity.as_str(), f.rule, f.field, f.message);
+        match f.severity {
+            Severity::Error => errors.push(text),
+            Severity::Warning => tracing::warn!(finding = %text, fix = %f.fix, "policy lint warning"),
+        }
+    }
+    if errors.is_empty() { Ok(set) } else { Err(errors) }
 }
 
 fn dir_fingerprint(dir: &Path) -> [u8; 32] {
@@ -181,7 +191,8 @@ pub struct ReloadReport {
 }
 
 /// Would `set` still allow `lease`? `None` if so, else why not. The decision is the exchange's
-/// own ([`crate::policy::Policy::evaluate`]) on the claims the lease was granted on.
+/// own ([`PolicySet::decide_claims`]: issuer, deny and match rules, grant templates) on the
+/// issuer and claims the lease was granted on.
 fn still_allowed(set: &PolicySet, lease: &Lease) -> Option<Ending> {
     let ending = |reason: String, claim: Option<String>| Ending {
         lease_id: lease.id.clone(),
@@ -190,11 +201,12 @@ fn still_allowed(set: &PolicySet, lease: &Lease) -> Option<Ending> {
         reason,
         claim,
     };
-    let Some(policy) = set.get(&lease.policy) else {
+    if set.get(&lease.policy).is_none() {
         return Some(ending("policy removed".into(), None));
-    };
-    match policy.evaluate(&lease.issuer, &lease.claims) {
-        Ok(()) => None,
+    }
+    // The ttl is not re-decided (the policy default always fits its max); rules and templates are.
+    match set.decide_claims(&lease.policy, &lease.issuer, &lease.claims, None) {
+        Ok(_) => None,
         Err(denial) => Some(ending(denial.log_detail(), Some(denial.claim))),
     }
 }

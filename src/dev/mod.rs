@@ -21,7 +21,8 @@ match:
   repository_id: "100001"
   ref: refs/heads/main
 deny:
-  event_name: [pull_request, pull_request_target]
+  event_name: [pull_request, pull_request_target, workflow_run]
+  runner_environment: self-hosted
 ttl: {default: 15m, max: 1h}
 grants:
   api:

@@ -176,13 +176,9 @@ async fn explain(State(app): AppState, headers: HeaderMap, body: Body) -> Result
     let request: ExplainBody = parse_json(&read_body(&headers, body).await?)?;
     let policies = app.policies.current();
     let policy = policies.get(&request.policy).ok_or(Error::NotFound)?;
-    let from_iss = request
-        .claims
-        .get("iss")
-        .and_then(Value::as_str)
-        .and_then(|iss| app.verifier.issuers().find(|i| i.config.url == iss))
-        .map(|i| i.config.name.clone());
-    let issuer = request.issuer.or(from_iss).unwrap_or_else(|| policy.issuer.clone());
+    let issuer = request
+        .issuer
+        .unwrap_or_else(|| policy.claims_issuer(&request.claims, app.verifier.issuers().map(|i| &i.config)));
     Ok(json_response(StatusCode::OK, &policy.explain(&issuer, &request.claims)))
 }
 

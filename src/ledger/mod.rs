@@ -357,7 +357,8 @@ impl Ledger {
 
     /// Active leases per backend, by backend name.
     pub fn active_by_backend(&self) -> Vec<(String, usize)> {
-        let mut rows: Vec<(String, usize)> = self.active_by_backend.iter().map(|e| (e.key().clone(), *e.value())).collect();
+        let mut rows: Vec<(String, usize)> =
+            self.active_by_backend.iter().map(|e| (e.key().clone(), *e.value())).collect();
         rows.sort();
         rows
     }

@@ -4,16 +4,20 @@
 
 mod decision;
 pub mod explain;
+mod file;
+pub mod lint;
 pub mod matcher;
 pub mod template;
+pub mod testing;
 
 pub use decision::{Denial, DenialReason, Grant, GrantedCredential, ResolvedSpec};
+pub use file::policy_schema;
 
 use crate::clock::{UnixSeconds, format_duration, parse_duration};
-use crate::config::{Config, Platform, is_name};
+use crate::config::{Config, IssuerConfig, Platform, is_name};
 use crate::identity::{Claims, VerifiedIdentity};
+use file::{AwsGrantFile, JwtGrantFile, PolicyFile};
 use matcher::Matcher;
-use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -60,6 +64,16 @@ pub struct PolicyError {
     pub file: PathBuf,
     pub field: String,
     pub message: String,
+    /// The lint rule id `policy check` reports it under: [`lint::INVALID`], or the id of the lint
+    /// the load check enforces ([`lint::IMMUTABLE_ID`], [`lint::TTL_ABOVE_BACKEND_MAX`]).
+    pub rule: &'static str,
+}
+
+impl PolicyError {
+    /// An error reported under [`lint::INVALID`].
+    pub fn new(file: PathBuf, field: String, message: String) -> PolicyError {
+        PolicyError { file, field, message, rule: lint::INVALID }
+    }
 }
 
 impl fmt::Display for PolicyError {
@@ -70,55 +84,6 @@ impl fmt::Display for PolicyError {
             write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
         }
     }
-}
-
-// ---- the file as written -------------------------------------------------------------------
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyFile {
-    #[serde(default)]
-    description: String,
-    issuer: String,
-    #[serde(rename = "match", default)]
-    match_rules: BTreeMap<String, Value>,
-    #[serde(default)]
-    deny: BTreeMap<String, Value>,
-    ttl: TtlFile,
-    #[serde(default)]
-    grants: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TtlFile {
-    default: String,
-    max: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JwtGrantFile {
-    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
-    backend: String,
-    audience: String,
-    #[serde(default)]
-    claims: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AwsGrantFile {
-    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
-    backend: String,
-    role_arn: String,
-    session_policy: Option<Value>,
-    #[serde(default)]
-    policy_arns: Vec<String>,
-    external_id: Option<String>,
-    /// Tag key → template (e.g. `repository: "${repository}"`), resolved from verified claims.
-    #[serde(default)]
-    session_tags: BTreeMap<String, String>,
 }
 
 // ---- compiled ------------------------------------------------------------------------------
@@ -207,10 +172,10 @@ impl PolicySet {
         for source in sources {
             if !is_name(&source.name) {
                 let message = "a policy name must match [a-z0-9][a-z0-9-_]* (it is the file stem)".to_string();
-                errors.push(PolicyError { file: source.file, field: String::new(), message });
+                errors.push(PolicyError::new(source.file, String::new(), message));
             } else if source.text.len() as u64 > MAX_POLICY_BYTES {
                 let message = format!("larger than {MAX_POLICY_BYTES} bytes");
-                errors.push(PolicyError { file: source.file, field: String::new(), message });
+                errors.push(PolicyError::new(source.file, String::new(), message));
             } else {
                 checked.push(source);
             }
@@ -234,11 +199,7 @@ impl PolicySet {
         let mut policies = HashMap::new();
         for Source { name, file, text } in sources {
             if policies.contains_key(&name) {
-                errors.push(PolicyError {
-                    file,
-                    field: String::new(),
-                    message: format!("a policy named `{name}` is defined twice"),
-                });
+                errors.push(PolicyError::new(file, String::new(), format!("a policy named `{name}` is defined twice")));
                 continue;
             }
             match compile(&name, &file, &text, ctx) {
@@ -276,8 +237,8 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
-    /// The decision (DESIGN §1 step 2): the named policy's issuer, deny rules, then every match
-    /// rule, then the ttl, then the grant's templates. Pure: `now` is an argument.
+    /// The decision (DESIGN §1 step 2): [`PolicySet::decide_claims`] on the verified identity,
+    /// then the lease's expiry. Pure: `now` is an argument.
     pub fn decide(
         &self,
         name: &str,
@@ -285,9 +246,29 @@ impl PolicySet {
         requested_ttl: Option<i64>,
         now: UnixSeconds,
     ) -> Result<Grant, Denial> {
+        let Allowed { policy, ttl_secs, credentials } =
+            self.decide_claims(name, identity.issuer(), identity.claims(), requested_ttl)?;
+        // GitLab sets a job token's `exp` to the job timeout: a lease never outlives its job.
+        let expires_at = match identity.platform() {
+            Platform::GitlabCi => (now + ttl_secs).min(identity.expires_at()),
+            Platform::GithubActions => now + ttl_secs,
+        };
+        Ok(Grant { policy, identity: identity.clone(), ttl_secs, expires_at, credentials })
+    }
+
+    /// Everything [`PolicySet::decide`] decides, from an issuer name and a claim set: the named
+    /// policy's issuer, deny rules, then every match rule, then the ttl, then the grants'
+    /// templates. `ephemera policy test` runs this, so a test passes only if an exchange would.
+    pub fn decide_claims(
+        &self,
+        name: &str,
+        issuer: &str,
+        claims: &Claims,
+        requested_ttl: Option<i64>,
+    ) -> Result<Allowed, Denial> {
         // The name is only a map key: no file is opened for it, so `../x` is just an unknown name.
         let policy = self.policies.get(name).ok_or_else(|| Denial::new(name, "iss", DenialReason::UnknownPolicy))?;
-        policy.evaluate(identity.issuer(), identity.claims())?;
+        policy.evaluate(issuer, claims)?;
         let ttl_secs = requested_ttl.unwrap_or(policy.ttl_default_secs);
         if ttl_secs > policy.ttl_max_secs {
             // Denied, not clamped: a caller that asked for 2h and silently got 1h would find out
@@ -298,18 +279,30 @@ impl PolicySet {
                 DenialReason::TtlAboveMax { requested: ttl_secs, max: policy.ttl_max_secs },
             ));
         }
-        let credentials =
-            policy.grants.iter().map(|g| g.resolve(name, identity.claims())).collect::<Result<Vec<_>, _>>()?;
-        // GitLab sets a job token's `exp` to the job timeout: a lease never outlives its job.
-        let expires_at = match identity.platform() {
-            Platform::GitlabCi => (now + ttl_secs).min(identity.expires_at()),
-            Platform::GithubActions => now + ttl_secs,
-        };
-        Ok(Grant { policy: policy.name.clone(), identity: identity.clone(), ttl_secs, expires_at, credentials })
+        let credentials = policy.grants.iter().map(|g| g.resolve(name, claims)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Allowed { policy: policy.name.clone(), ttl_secs, credentials })
     }
 }
 
+/// What a policy allows a claim set, before it becomes a [`Grant`] (which also needs the
+/// [`VerifiedIdentity`] the claims came from).
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    pub policy: Arc<str>,
+    pub ttl_secs: i64,
+    /// Every grant's credential, templates resolved.
+    pub credentials: Vec<GrantedCredential>,
+}
+
 impl Policy {
+    /// The configured issuer a claim set comes from when nobody says: the one whose `url` is the
+    /// claims' `iss`, else this policy's own (`policy explain`, admin explain, `policy test`).
+    pub fn claims_issuer<'a>(&self, claims: &Claims, issuers: impl IntoIterator<Item = &'a IssuerConfig>) -> String {
+        let iss = claims.get("iss").and_then(Value::as_str);
+        let configured = iss.and_then(|iss| issuers.into_iter().find(|i| i.url == iss));
+        configured.map_or_else(|| self.issuer.clone(), |i| i.name.clone())
+    }
+
     /// Issuer, deny rules (any that holds denies), then match rules (all must hold).
     pub fn evaluate(&self, issuer: &str, claims: &Claims) -> Result<(), Denial> {
         if issuer != self.issuer {
@@ -362,7 +355,7 @@ pub fn read_policy_files(dir: &Path, out: &mut Vec<Source>, errors: &mut Vec<Pol
         Ok(entries) => entries,
         Err(e) => {
             let message = format!("cannot read the policies directory: {e}");
-            errors.push(PolicyError { file: dir.to_path_buf(), field: String::new(), message });
+            errors.push(PolicyError::new(dir.to_path_buf(), String::new(), message));
             return;
         }
     };
@@ -375,7 +368,7 @@ pub fn read_policy_files(dir: &Path, out: &mut Vec<Source>, errors: &mut Vec<Pol
         }
         match read_policy_file(&path) {
             Ok((name, text)) => out.push(Source { name, file: path, text }),
-            Err(message) => errors.push(PolicyError { file: path, field: String::new(), message }),
+            Err(message) => errors.push(PolicyError::new(path, String::new(), message)),
         }
     }
 }
@@ -397,12 +390,13 @@ fn read_policy_file(path: &Path) -> Result<(String, String), String> {
 /// Parse, don't validate: a file becomes a compiled [`Policy`] or a list of every error in it.
 fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Policy, Vec<PolicyError>> {
     let mut errors = Vec::new();
-    let mut err =
-        |field: String, message: String| errors.push(PolicyError { file: file.to_path_buf(), field, message });
-    let raw: PolicyFile = match serde_saphyr::from_str(text) {
+    let mut err = |field: String, message: String| errors.push(PolicyError::new(file.to_path_buf(), field, message));
+    // Errors that are also lints, under the lint's rule id (pushed to `errors` at the end).
+    let mut lint_errors = Vec::new();
+    let raw: PolicyFile = match file::parse_yaml(text) {
         Ok(raw) => raw,
         Err(e) => {
-            err(String::new(), yaml_error(&e.to_string()));
+            err(String::new(), e);
             return Err(errors);
         }
     };
@@ -430,13 +424,15 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
     let deny_rules = rules("deny", &raw.deny);
     let immutable = immutable_claims(ctx.issuers.get(&raw.issuer).copied());
     if !match_rules.iter().any(|r| immutable.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
-        err(
-            "match".into(),
-            format!(
+        lint_errors.push(PolicyError {
+            file: file.to_path_buf(),
+            field: "match".into(),
+            message: format!(
                 "binds no immutable identity claim: add an exact value or list for one of {} (names like `repository` can be re-registered by someone else)",
                 immutable.join(", ")
             ),
-        );
+            rule: lint::IMMUTABLE_ID,
+        });
     }
     let ttl_default_secs = parse_duration(&raw.ttl.default).unwrap_or_else(|e| {
         err("ttl.default".into(), e);
@@ -458,13 +454,18 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
         if !is_name(grant_name) {
             err(field.clone(), "a grant name must match [a-z0-9][a-z0-9-_]*".into());
         }
-        match compile_grant(grant_name, value, ctx, ttl_max_secs) {
+        if let Some(message) = ttl_above_backend_max(value, ctx, ttl_max_secs) {
+            let rule = lint::TTL_ABOVE_BACKEND_MAX;
+            lint_errors.push(PolicyError { file: file.to_path_buf(), field: field.clone(), message, rule });
+        }
+        match compile_grant(grant_name, value, ctx) {
             Ok(g) => grants.push(g),
             Err(list) => list
                 .into_iter()
                 .for_each(|(sub, m)| err(if sub.is_empty() { field.clone() } else { format!("{field}.{sub}") }, m)),
         }
     }
+    errors.append(&mut lint_errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -481,32 +482,17 @@ fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Pol
     })
 }
 
-fn compile_grant(
-    name: &str,
-    value: &Value,
-    ctx: &LoadContext,
-    ttl_max: i64,
-) -> Result<GrantSpec, Vec<(String, String)>> {
+fn compile_grant(name: &str, value: &Value, ctx: &LoadContext) -> Result<GrantSpec, Vec<(String, String)>> {
     let backend = value.get("backend").and_then(Value::as_str).ok_or_else(|| {
         vec![("backend".to_string(), "required: the name of a backend from the broker config".to_string())]
     })?;
-    let Some((kind, backend_max)) = ctx.backends.get(backend) else {
+    let Some((kind, _)) = ctx.backends.get(backend) else {
         return Err(vec![(
             "backend".into(),
             format!("`{backend}` is not a backend in the broker config (known: {})", join(ctx.backends.keys())),
         )]);
     };
     let mut errors = Vec::new();
-    if ttl_max > *backend_max {
-        errors.push((
-            String::new(),
-            format!(
-                "ttl.max {} is above backend `{backend}`'s max_ttl {}",
-                format_duration(ttl_max),
-                format_duration(*backend_max)
-            ),
-        ));
-    }
     let spec = match *kind {
         "jwt" => match serde_json::from_value::<JwtGrantFile>(value.clone()) {
             Ok(file) => compile_jwt_grant(file, &mut errors),
@@ -531,6 +517,20 @@ fn compile_grant(
         Some(spec) if errors.is_empty() => Ok(GrantSpec { name: name.to_string(), backend: backend.to_string(), spec }),
         _ => Err(errors),
     }
+}
+
+/// A grant's ttl ceiling is its backend's: a policy cannot promise a lease the backend will not
+/// honour (or, for AWS, one STS would cut short).
+fn ttl_above_backend_max(grant: &Value, ctx: &LoadContext, ttl_max: i64) -> Option<String> {
+    let backend = grant.get("backend").and_then(Value::as_str)?;
+    let (_, backend_max) = ctx.backends.get(backend)?;
+    (ttl_max > *backend_max).then(|| {
+        format!(
+            "ttl.max {} is above backend `{backend}`'s max_ttl {}",
+            format_duration(ttl_max),
+            format_duration(*backend_max)
+        )
+    })
 }
 
 fn compile_jwt_grant(file: JwtGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
@@ -599,13 +599,6 @@ fn compile_aws_grant(file: AwsGrantFile, errors: &mut Vec<(String, String)>) -> 
         external_id: file.external_id,
         session_tags,
     })
-}
-
-/// serde-saphyr's messages can carry a rendered snippet; keep the first line, which says what
-/// and where.
-fn yaml_error(message: &str) -> String {
-    let first = message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid YAML");
-    first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
 
 fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {

@@ -191,8 +191,10 @@ impl DevBroker {
 
     /// Sends a signal (`TERM`, `HUP`, ...) through kill(1).
     pub fn signal(&self, name: &str) {
-        let status =
-            Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().expect("run kill(1)");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill(1)");
         assert!(status.success(), "kill -{name} {} failed: {status}", self.child.id());
     }
 

@@ -1,0 +1,262 @@
+//! A policy file as written: the raw serde structs (`deny_unknown_fields`) that
+//! [`compile`](super::compile) turns into a [`Policy`](super::Policy), the YAML limits every
+//! policy-repository file is parsed under, and the JSON Schema of the format
+//! (`ephemera policy schema`, committed as `policies/schema.json`). The doc comments below are
+//! the schema's descriptions: an editor shows them on hover.
+
+use schemars::generate::SchemaSettings;
+use schemars::transform::RecursiveTransform;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+// ---- YAML limits ---------------------------------------------------------------------------
+//
+// A policy file is at most 256 KiB, but YAML can make far more of it: `&a`/`*a` aliases replay a
+// subtree wherever they appear, so nine nested lists of nine aliases ("billion laughs") expand
+// a few hundred bytes into 9^9 nodes; and every `[` nests a level the parser recurses into. A real policy
+// is a few dozen nodes, at most 9 levels deep (grants → session_policy → Statement → Condition
+// → …). These caps refuse hostile input after a bounded amount of work, with an error that names
+// the limit, instead of relying on the library's defaults (which admit 250,000 nodes).
+
+/// Deepest nesting of block and flow collections.
+const MAX_DEPTH: usize = 32;
+/// Collection and scalar nodes in one file, as written.
+const MAX_NODES: usize = 20_000;
+/// Parser events in one file (about two per collection, one per scalar).
+const MAX_EVENTS: usize = 50_000;
+/// `*alias` uses, and `&anchor` definitions.
+const MAX_ALIASES: usize = 1_000;
+/// Events injected by replaying aliases, across the file: the amplification bound.
+const MAX_REPLAYED_EVENTS: usize = 10_000;
+/// Aliases inside aliased subtrees inside …
+const MAX_REPLAY_DEPTH: usize = 8;
+/// `<<` merge keys.
+const MAX_MERGE_KEYS: usize = 100;
+/// Total scalar text: no more than the file itself may hold.
+const MAX_SCALAR_BYTES: usize = super::MAX_POLICY_BYTES as usize;
+
+/// Parses one YAML document under the limits above; errors are one line, `line L column C: …`.
+pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| yaml_error(&e.to_string()))
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+            flow_nesting_limit: MAX_DEPTH,
+            max_nodes: MAX_NODES,
+            max_events: MAX_EVENTS,
+            max_aliases: MAX_ALIASES,
+            max_anchors: MAX_ALIASES,
+            max_recorded_anchor_events: MAX_REPLAYED_EVENTS,
+            max_recorded_anchor_bytes: MAX_SCALAR_BYTES,
+            max_merge_keys: MAX_MERGE_KEYS,
+            max_documents: 1,
+            max_total_scalar_bytes: MAX_SCALAR_BYTES,
+            max_inclusion_depth: 0,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: MAX_REPLAYED_EVENTS,
+            max_replay_stack_depth: MAX_REPLAY_DEPTH,
+            max_alias_expansions_per_anchor: MAX_ALIASES,
+        },
+        // A repeated key is an error, never a silent override (the library's default, made explicit).
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
+        // The snippet form starts with `line L column C: …`, the one line `yaml_error` keeps.
+        with_snippet: true,
+    }
+}
+
+/// serde-saphyr's messages can carry a rendered snippet; keep the first line, which says what
+/// and where, and say which limit a hostile document ran into.
+fn yaml_error(message: &str) -> String {
+    let first = message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid YAML");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    if first.contains("budget breached") || first.contains("recursion limit exceeded") {
+        return format!(
+            "{first} (limits: nesting depth {MAX_DEPTH}, {MAX_NODES} nodes, {MAX_ALIASES} aliases, {MAX_REPLAYED_EVENTS} events replayed from aliases)"
+        );
+    }
+    first.to_string()
+}
+
+// ---- the policy file -----------------------------------------------------------------------
+
+/// An ephemera policy: which CI jobs may get which credentials. One YAML file per policy in the
+/// broker's `policies` directory; the file stem is the policy's name. A request is allowed only
+/// if the token comes from `issuer`, no `deny` rule holds and every `match` rule holds.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "ephemera policy", transform = require_match_and_grants)]
+pub(super) struct PolicyFile {
+    /// For people; not used in decisions.
+    #[serde(default)]
+    pub description: String,
+    /// The name (not the URL) of an issuer in the broker config, e.g. `github` or `gitlab`.
+    /// Tokens from any other issuer are denied.
+    pub issuer: String,
+    /// Claim name → matcher; every rule must hold. Must bind an immutable id (`repository_id`,
+    /// `repository_owner_id`, `project_id` or `namespace_id`) to an exact value or a list.
+    #[serde(rename = "match", default)]
+    #[schemars(schema_with = "rules_schema")]
+    pub match_rules: BTreeMap<String, Value>,
+    /// Claim name → matcher; if any rule holds the request is denied. Checked before `match`. A
+    /// rule on a missing claim does not fire.
+    #[serde(default)]
+    #[schemars(schema_with = "rules_schema")]
+    pub deny: BTreeMap<String, Value>,
+    /// Lease and credential lifetime.
+    pub ttl: TtlFile,
+    /// Grant name → the credential one exchange mints under it (the key in the reply's
+    /// `credentials`). At least one.
+    #[serde(default)]
+    #[schemars(schema_with = "grants_schema")]
+    pub grants: BTreeMap<String, Value>,
+}
+
+/// Durations are written like `90s`, `15m`, `1h`, `1h30m`: whole seconds, at least 1s.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Ttl")]
+pub(super) struct TtlFile {
+    /// The ttl when the exchange asks for none; at most `max`.
+    pub default: String,
+    /// The longest ttl an exchange may ask for; a request above it is denied, not clamped. At
+    /// most the `max_ttl` of every backend the policy grants from.
+    pub max: String,
+}
+
+/// A broker-signed JWT (a backend of `type = "jwt"`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "JwtGrant")]
+pub(super) struct JwtGrantFile {
+    /// The name of a backend in the broker config; its kind decides the other fields.
+    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
+    pub backend: String,
+    /// The `aud` of the minted JWT (one string, not empty). May hold `${claim}` templates.
+    #[schemars(length(min = 1))]
+    pub audience: String,
+    /// Extra claims. Strings are `${claim}` templates, also inside lists and maps; numbers,
+    /// booleans and null are copied. `iss`, `sub`, `aud`, `exp`, `nbf`, `iat`, `jti`, `lease_id`
+    /// and `policy` are set by the broker.
+    #[serde(default)]
+    pub claims: BTreeMap<String, Value>,
+}
+
+/// AWS STS credentials for a role (a backend of `type = "aws"`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "AwsGrant")]
+pub(super) struct AwsGrantFile {
+    /// The name of a backend in the broker config; its kind decides the other fields.
+    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
+    pub backend: String,
+    /// The role to assume, `arn:aws:iam::ACCOUNT:role/NAME`.
+    pub role_arn: String,
+    /// An IAM policy document that scopes the session down (packed, at most 2,048 characters).
+    #[serde(default)]
+    #[schemars(schema_with = "session_policy_schema")]
+    pub session_policy: Option<Value>,
+    /// Managed policy ARNs that scope the session down (at most 10).
+    #[serde(default)]
+    pub policy_arns: Vec<String>,
+    /// The role's trust policy's `sts:ExternalId` (2 to 1,224 characters).
+    pub external_id: Option<String>,
+    /// Tag key → template (e.g. `repository: "${repository}"`), resolved from verified claims.
+    #[serde(default)]
+    pub session_tags: BTreeMap<String, String>,
+}
+
+/// The JSON Schema of policy files, as `ephemera policy schema` prints it.
+pub fn policy_schema() -> String {
+    schema_text::<PolicyFile>()
+}
+
+/// Draft-07 (what YAML and JSON editors support most widely), pretty, with a final newline.
+pub(crate) fn schema_text<T: JsonSchema>() -> String {
+    let settings = SchemaSettings::draft07().with_transform(RecursiveTransform(unwrap_description));
+    let schema = settings.into_generator().into_root_schema_for::<T>();
+    // Serialising a `serde_json::Value` cannot fail (string keys only).
+    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+}
+
+/// Doc comments wrap at 100 columns; an editor's hover should not.
+fn unwrap_description(schema: &mut Schema) {
+    if let Some(Value::String(text)) = schema.get_mut("description") {
+        *text = text.replace('\n', " ");
+    }
+}
+
+/// `match` and `grants` default to empty for serde, so that loading says what is missing ("binds
+/// no immutable identity claim", "must grant at least one credential"); a policy without them
+/// never loads, so the schema requires them.
+fn require_match_and_grants(schema: &mut Schema) {
+    if let Some(Value::Array(required)) = schema.get_mut("required") {
+        required.extend(["match".into(), "grants".into()]);
+    }
+}
+
+fn rules_schema(generator: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,128}$"},
+        "additionalProperties": generator.subschema_for::<MatcherSchema>(),
+    })
+}
+
+fn grants_schema(generator: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "minProperties": 1,
+        "propertyNames": {"pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"},
+        "additionalProperties": {
+            "oneOf": [generator.subschema_for::<JwtGrantFile>(), generator.subschema_for::<AwsGrantFile>()],
+        },
+    })
+}
+
+fn session_policy_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "object"})
+}
+
+/// The schema of a matcher. Matchers are `serde_json::Value` in [`PolicyFile`] and parsed by
+/// [`Matcher::parse`](super::matcher::Matcher::parse); this type exists only to describe them.
+struct MatcherSchema;
+
+impl JsonSchema for MatcherSchema {
+    fn schema_name() -> Cow<'static, str> {
+        "Matcher".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let matcher = generator.subschema_for::<MatcherSchema>();
+        let one_key = |key: &str, description: &str, value: Schema| {
+            json_schema!({
+                "type": "object",
+                "description": description,
+                "properties": {(key): value},
+                "required": [key],
+                "additionalProperties": false,
+            })
+        };
+        let scalar = json_schema!({"type": ["string", "number", "boolean"]});
+        json_schema!({
+            "description": "How a claim must look. Scalars compare as text (\"74\" equals 74). A missing or null claim fails every matcher except {exists: false} and {not: …}.",
+            "oneOf": [
+                {"type": ["string", "number", "boolean"], "description": "Exact: the claim's text equals this value."},
+                {"type": "array", "minItems": 1, "items": scalar, "description": "Any of: the claim's text equals one of these values."},
+                one_key("glob", "The whole value matches the glob: `*` matches any run of characters except `/`; everything else is literal.", json_schema!({"type": "string", "maxLength": 1024})),
+                one_key("regex", "The whole value matches the pattern, always anchored as ^(?:…)$ (Rust regex syntax, linear time).", json_schema!({"type": "string", "maxLength": 1024})),
+                one_key("not", "The inner matcher does not hold (a missing claim passes).", matcher.clone()),
+                one_key("exists", "true: the claim is present and not null; false: absent or null.", json_schema!({"type": "boolean"})),
+                one_key("contains", "The claim is an array and at least one element satisfies the inner matcher.", matcher),
+            ],
+        })
+    }
+}

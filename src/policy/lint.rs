@@ -1,0 +1,561 @@
+//! `ephemera policy check`'s lints: what a policy lets through that its author probably did not
+//! mean to, each finding with its file, policy, rule id, severity, field and a concrete fix.
+//!
+//! [`lint`] is pure and runs on a loaded [`PolicySet`]; the server runs it on every (re)load and
+//! refuses a set with any [`Severity::Error`], so an error is only what is plainly exploitable.
+//! Anything that depends on what the broker cannot see (branch protection, environment rules,
+//! who may push) is a [`Severity::Warning`]. Two lints are enforced by the loader itself and
+//! reach the report as load errors: [`IMMUTABLE_ID`] and [`TTL_ABOVE_BACKEND_MAX`].
+//!
+//! "Can a job with this claim value get the grant?" is always answered by running the policy's
+//! own compiled matchers on probe values ([`admits`]), never by comparing YAML text, so a lint
+//! and [`Policy::evaluate`] cannot disagree about what a rule matches.
+
+use super::explain::describe;
+use super::matcher::Matcher;
+use super::{LoadContext, Policy, PolicyError, PolicySet, Rule, Source, read_policy_files};
+use crate::config::Platform;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// A load error that is no specific lint (bad YAML, unknown field, unknown backend …).
+pub const INVALID: &str = "invalid";
+/// No exact/list match on `repository_id`/`repository_owner_id` (`project_id`/`namespace_id`).
+pub const IMMUTABLE_ID: &str = "immutable-id";
+/// `ttl.max` above a granting backend's `max_ttl`.
+pub const TTL_ABOVE_BACKEND_MAX: &str = "ttl-above-backend-max";
+pub const NAME_WITHOUT_ID: &str = "name-without-id";
+pub const SUB_MATCHES_UNTRUSTED: &str = "sub-matches-untrusted";
+pub const UNTRUSTED_TRIGGER: &str = "untrusted-trigger";
+pub const RUNNER_UNPINNED: &str = "runner-unpinned";
+pub const WORKFLOW_REF_WITHOUT_REPOSITORY: &str = "workflow-ref-without-repository";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Plainly exploitable: the server refuses to load a set with one.
+    Error,
+    /// Probably not what was meant; the server logs it and loads.
+    Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    pub file: PathBuf,
+    /// The policy's name (empty when the finding is about no single policy, e.g. an unreadable
+    /// policies directory).
+    pub policy: String,
+    pub rule: &'static str,
+    /// Where the fix goes, e.g. `match.repository` or `deny.event_name` (empty: the whole file).
+    pub field: String,
+    /// What is wrong and why it matters.
+    pub message: String,
+    /// What to change, often the YAML to add.
+    pub fix: String,
+}
+
+/// Every finding of every policy in `set`, sorted by file, then field, then rule id.
+pub fn lint(set: &PolicySet, ctx: &LoadContext) -> Vec<Finding> {
+    let mut findings: Vec<Finding> = set.iter().flat_map(|p| lint_policy(p, ctx)).collect();
+    sort(&mut findings);
+    findings
+}
+
+/// One policy's findings. A policy whose issuer is not in `ctx` has none: the loader refuses it.
+pub fn lint_policy(policy: &Policy, ctx: &LoadContext) -> Vec<Finding> {
+    let Some(&platform) = ctx.issuers.get(&policy.issuer) else {
+        return Vec::new();
+    };
+    let checks: [fn(&Policy, Platform) -> Vec<Finding>; 5] =
+        [name_without_id, sub_matches_untrusted, untrusted_trigger, runner_unpinned, workflow_ref_without_repository];
+    checks.iter().flat_map(|check| check(policy, platform)).collect()
+}
+
+fn sort(findings: &mut [Finding]) {
+    findings.sort_by(|a, b| (&a.file, &a.field, a.rule).cmp(&(&b.file, &b.field, b.rule)));
+}
+
+impl Finding {
+    fn new(severity: Severity, policy: &Policy, rule: &'static str, field: &str, message: String, fix: String) -> Self {
+        Finding {
+            severity,
+            file: policy.source.clone(),
+            policy: policy.name.to_string(),
+            rule,
+            field: field.to_string(),
+            message,
+            fix,
+        }
+    }
+}
+
+/// A load error as a finding: always an error, under the rule id the loader gave it.
+impl From<&PolicyError> for Finding {
+    fn from(e: &PolicyError) -> Finding {
+        Finding {
+            severity: Severity::Error,
+            file: e.file.clone(),
+            policy: policy_name_of(&e.file),
+            rule: e.rule,
+            field: e.field.clone(),
+            message: e.message.clone(),
+            fix: load_error_fix(e),
+        }
+    }
+}
+
+/// The policy a file defines: its stem, or NAME of `<built-in NAME>`; none for a directory.
+fn policy_name_of(file: &Path) -> String {
+    let text = file.to_string_lossy();
+    if let Some(name) = text.strip_prefix("<built-in ").and_then(|t| t.strip_suffix('>')) {
+        return name.to_string();
+    }
+    match file.extension().and_then(|e| e.to_str()) {
+        Some("yaml" | "yml") => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+fn load_error_fix(e: &PolicyError) -> String {
+    match e.rule {
+        IMMUTABLE_ID => "bind the repository or project by its numeric id (quoted), e.g. for GitHub:\n\
+                         match:\n  repository_id: \"74\"\n\
+                         or for GitLab:\n\
+                         match:\n  project_id: \"20\""
+            .into(),
+        TTL_ABOVE_BACKEND_MAX => {
+            "lower `ttl.max` (and `ttl.default`) to the backend's max_ttl or below, or raise that backend's \
+             `max_ttl` in the broker config"
+                .into()
+        }
+        _ if e.field.is_empty() => "correct the file as the message says (docs/policy.md describes every field)".into(),
+        _ => format!("correct `{}` as the message says (docs/policy.md describes every field)", e.field),
+    }
+}
+
+// ---- probes: the policy's own matchers on made-up claim values ------------------------------
+
+/// A claim and its value in a made-up token; `None` is a claim the token lacks.
+type Probe<'a> = (&'a str, Option<&'a str>);
+
+/// Would a token carrying these claim values get past every deny and match rule on those
+/// claims? Rules on other claims are taken as passable: the lints ask what a job *can* reach,
+/// and most other claims (branch names, environments, actors, workflow paths) are chosen by
+/// whoever pushes the workflow.
+fn admits(policy: &Policy, probe: &[Probe<'_>]) -> bool {
+    probe.iter().all(|(claim, value)| {
+        let value = value.map(|v| Value::String(v.to_string()));
+        let on_claim = |r: &&Rule| r.claim == *claim;
+        !policy.deny_rules.iter().filter(on_claim).any(|r| r.matcher.matches(value.as_ref()))
+            && policy.match_rules.iter().filter(on_claim).all(|r| r.matcher.matches(value.as_ref()))
+    })
+}
+
+fn match_rule<'a>(policy: &'a Policy, claim: &str) -> Option<&'a Rule> {
+    policy.match_rules.iter().find(|r| r.claim == claim)
+}
+
+/// Pinned to known values (exact or list) by a match rule.
+fn bound(policy: &Policy, claim: &str) -> bool {
+    match_rule(policy, claim).is_some_and(|r| r.matcher.is_binding())
+}
+
+fn mentioned(policy: &Policy, claim: &str) -> bool {
+    policy.match_rules.iter().chain(&policy.deny_rules).any(|r| r.claim == claim)
+}
+
+/// The exact value a match rule pins `claim` to, for a fix text; else `placeholder`.
+fn bound_value(policy: &Policy, claim: &str, placeholder: &str) -> String {
+    match match_rule(policy, claim).map(|r| &r.matcher) {
+        Some(Matcher::Exact(v)) => v.clone(),
+        _ => placeholder.to_string(),
+    }
+}
+
+// ---- name-without-id ----------------------------------------------------------------------
+
+/// (name claim, the id claims that pin what the name means). A bound repository id pins its
+/// owner too, so it also covers a rule on the owner's name.
+const GITHUB_NAMES: [(&str, &[&str]); 2] =
+    [("repository", &["repository_id"]), ("repository_owner", &["repository_owner_id", "repository_id"])];
+const GITLAB_NAMES: [(&str, &[&str]); 2] =
+    [("project_path", &["project_id"]), ("namespace_path", &["namespace_id", "project_id"])];
+
+/// Attack: `acme/web` is deleted (or renamed, or its owner renames), and someone else registers
+/// the name; their jobs now send `repository: acme/web` and match. Ids are never reused.
+fn name_without_id(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    let pairs = match platform {
+        Platform::GithubActions => GITHUB_NAMES,
+        Platform::GitlabCi => GITLAB_NAMES,
+    };
+    pairs
+        .iter()
+        .filter_map(|(name, ids)| {
+            let rule = match_rule(policy, name)?;
+            if ids.iter().any(|id| bound(policy, id)) {
+                return None;
+            }
+            let message = format!(
+                "`{name}` is matched by name ({}) but `{}` is not bound: a repository, project, owner or group can be \
+                 deleted or renamed and its name registered by someone else, whose jobs would then match",
+                describe(&rule.matcher),
+                ids[0]
+            );
+            let named = bound_value(policy, name, name);
+            let fix = format!("bind the id too (it never changes hands):\nmatch:\n  {}: \"<id of {named}>\"", ids[0]);
+            Some(Finding::new(Severity::Warning, policy, NAME_WITHOUT_ID, &format!("match.{name}"), message, fix))
+        })
+        .collect()
+}
+
+// ---- sub-matches-untrusted ----------------------------------------------------------------
+
+/// What a pull request's job sends besides its subject and environment.
+const PULL_REQUEST_CLAIMS: [Probe<'static>; 2] =
+    [("event_name", Some("pull_request")), ("ref", Some("refs/pull/1/merge"))];
+/// An environment name nobody configured: a workflow that names a missing environment gets one
+/// created on the fly, with no protection rules.
+const PROBE_ENVIRONMENT: &str = "ephemera-lint-probe";
+/// Owner/repository for patterns with no literal `repo:OWNER/REPO:` prefix.
+const GENERIC_REPO: &str = "repo:octo-org/octo-repo:";
+
+/// Attack: `sub: {glob: "repo:acme/web:*"}` is meant for pushes (`repo:acme/web:ref:…`) but also
+/// matches `repo:acme/web:pull_request`, the subject of a job run for a pull request (unreviewed
+/// code, from anyone who can open one), and `repo:acme/web:environment:NAME` for an environment
+/// the pull request's workflow names itself. An error unless something else in the policy
+/// (a deny or match rule on `event_name`, `ref` or `sub`) turns a pull request's job away; then
+/// there is no finding, as the probe shows the hole closed.
+fn sub_matches_untrusted(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    if platform != Platform::GithubActions {
+        return Vec::new();
+    }
+    let Some(rule) = match_rule(policy, "sub") else {
+        return Vec::new();
+    };
+    let literal = match &rule.matcher {
+        Matcher::Glob { source, .. } => glob_literal_prefix(source),
+        Matcher::Regex { source, .. } => regex_literal_prefix(source),
+        _ => return Vec::new(),
+    };
+    let reached: Vec<String> = subject_probes(&literal)
+        .into_iter()
+        .filter(|(subject, environment)| {
+            let mut probe = vec![("sub", Some(subject.as_str())), ("environment", *environment)];
+            probe.extend(PULL_REQUEST_CLAIMS);
+            admits(policy, &probe)
+        })
+        .map(|(subject, _)| format!("`{subject}`"))
+        .collect();
+    if reached.is_empty() {
+        return Vec::new();
+    }
+    let message = format!(
+        "the {} on `sub` also matches a pull request's job ({}) and no rule turns such a job away: any pull \
+         request's unreviewed code gets this grant",
+        describe(&rule.matcher),
+        reached.join(", ")
+    );
+    // The repository the pattern names, when its literal prefix names one whole.
+    let repo = repo_prefix(&literal)
+        .filter(|p| literal.starts_with(p.as_str()))
+        .map_or("repo:OWNER/REPO".to_string(), |p| p.trim_end_matches(':').to_string());
+    let fix = format!(
+        "match the subject you mean exactly, e.g. `sub: \"{repo}:ref:refs/heads/main\"`, or turn pull requests \
+         away:\nmatch:\n  ref: refs/heads/main\ndeny:\n  event_name: [pull_request, pull_request_target, workflow_run]"
+    );
+    vec![Finding::new(Severity::Error, policy, SUB_MATCHES_UNTRUSTED, "match.sub", message, fix)]
+}
+
+/// Subjects of a pull request's job in the repositories the pattern's literal prefix names,
+/// each with the job's `environment` claim: none, or one the workflow names itself.
+fn subject_probes(literal: &str) -> Vec<(String, Option<&'static str>)> {
+    let mut prefixes = BTreeSet::from([GENERIC_REPO.to_string()]);
+    if let Some(prefix) = repo_prefix(literal) {
+        prefixes.insert(prefix);
+    }
+    prefixes
+        .iter()
+        .flat_map(|p| {
+            [
+                (format!("{p}pull_request"), None),
+                (format!("{p}environment:{PROBE_ENVIRONMENT}"), Some(PROBE_ENVIRONMENT)),
+            ]
+        })
+        .collect()
+}
+
+/// `repo:OWNER/REPO:` from a pattern's literal prefix, completing a partial one (`repo:acme/`
+/// → `repo:acme/probe:`) so that a wildcard repository is probed in the named owner.
+fn repo_prefix(literal: &str) -> Option<String> {
+    let rest = literal.strip_prefix("repo:")?;
+    Some(match rest.find(':') {
+        Some(i) => format!("repo:{}", &rest[..=i]),
+        None if rest.contains('/') => format!("{literal}probe:"),
+        None => format!("{literal}/probe:"),
+    })
+}
+
+/// The characters before a glob's first `*` (everything else in a glob is literal).
+fn glob_literal_prefix(glob: &str) -> String {
+    glob.split('*').next().unwrap_or_default().to_string()
+}
+
+/// The literal characters a regex starts with: up to the first metacharacter, dropping the last
+/// literal when a quantifier that can make it optional (`?`, `*`, `{`) follows.
+fn regex_literal_prefix(regex: &str) -> String {
+    let mut out = String::new();
+    let mut chars = regex.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e) if !e.is_ascii_alphanumeric() => out.push(e),
+                _ => break, // \d, \w, \b …: a class or an assertion
+            },
+            '?' | '*' | '{' => {
+                out.pop();
+                break;
+            }
+            '.' | '^' | '$' | '+' | '(' | ')' | '[' | ']' | '}' | '|' => break,
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+// ---- untrusted-trigger --------------------------------------------------------------------
+
+/// GitHub events that run in the base repository (its secrets, `ref` = its default branch) but
+/// are started by a pull request, a fork's included.
+const UNTRUSTED_GITHUB_EVENTS: [&str; 2] = ["pull_request_target", "workflow_run"];
+
+/// Attack (GitHub): a fork opens a pull request; a `pull_request_target` workflow (or a
+/// `workflow_run` one after the PR's CI) checks out the PR's head and runs it with the base
+/// repository's token, whose `ref` is `refs/heads/main`, so `ref` rules do not stop it.
+/// Attack (GitLab): in a fork's merge-request pipeline `project_id` is the target project but
+/// the code is the fork's (`job_project_id`), so `project_id` rules do not stop it.
+fn untrusted_trigger(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    match platform {
+        Platform::GithubActions => github_untrusted_trigger(policy),
+        Platform::GitlabCi => gitlab_untrusted_trigger(policy),
+    }
+}
+
+fn github_untrusted_trigger(policy: &Policy) -> Vec<Finding> {
+    let reached: Vec<&str> =
+        UNTRUSTED_GITHUB_EVENTS.into_iter().filter(|e| admits(policy, &[("event_name", Some(e))])).collect();
+    if reached.is_empty() {
+        return Vec::new();
+    }
+    let message = format!(
+        "a job triggered by {} can get this grant: these events run with the base repository's identity \
+         (`ref` is its default branch) but are started by pull requests, forks' included, and a workflow that \
+         checks out the pull request's head runs its code",
+        reached.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(" or ")
+    );
+    let fix = format!(
+        "deny:\n  event_name: [{}]\n(or match only the events you mean, e.g. `match: {{event_name: [push, workflow_dispatch]}}`)",
+        reached.join(", ")
+    );
+    vec![Finding::new(Severity::Warning, policy, UNTRUSTED_TRIGGER, "deny.event_name", message, fix)]
+}
+
+fn gitlab_untrusted_trigger(policy: &Policy) -> Vec<Finding> {
+    let code_pinned = bound(policy, "job_project_id") || bound(policy, "job_namespace_id");
+    if code_pinned || !admits(policy, &[("pipeline_source", Some("merge_request_event"))]) {
+        return Vec::new();
+    }
+    let message = "a merge-request pipeline can get this grant while `job_project_id` is not bound: in a fork's \
+                   merge-request pipeline `project_id` is this project but the code is the fork's (`job_project_id`)"
+        .to_string();
+    let project = bound_value(policy, "project_id", "<project id>");
+    let fix = format!(
+        "deny:\n  pipeline_source: merge_request_event\n(or bind where the code comes from: `match: {{job_project_id: \"{project}\"}}`)"
+    );
+    vec![Finding::new(Severity::Warning, policy, UNTRUSTED_TRIGGER, "deny.pipeline_source", message, fix)]
+}
+
+// ---- runner-unpinned ----------------------------------------------------------------------
+
+/// Attack: a self-hosted runner can be shared or persistent; an earlier job on it (another
+/// repository's, a pull request's) can leave a backdoor that reads this job's credentials.
+fn runner_unpinned(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    if mentioned(policy, "runner_environment") {
+        return Vec::new();
+    }
+    let hosted = match platform {
+        Platform::GithubActions => "github-hosted",
+        Platform::GitlabCi => "gitlab-hosted",
+    };
+    let message = "no rule on `runner_environment`: the job may run on a self-hosted runner, which can be shared or \
+                   persistent, so what ran on it before may read this job's credentials"
+        .to_string();
+    let fix = format!(
+        "match:\n  runner_environment: {hosted}\n(a match rule fails closed when the claim is missing; \
+         `deny: {{runner_environment: self-hosted}}` does not)"
+    );
+    vec![Finding::new(Severity::Warning, policy, RUNNER_UNPINNED, "match.runner_environment", message, fix)]
+}
+
+// ---- workflow-ref-without-repository ------------------------------------------------------
+
+/// Attack: `job_workflow_ref: acme/deploy/.github/workflows/deploy.yml@…` with only the owner
+/// bound lets every repository of the owner that calls the reusable workflow get the grant, with
+/// its own inputs: a compromised or throwaway repository deploys production.
+fn workflow_ref_without_repository(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    let (workflow, repository) = match platform {
+        Platform::GithubActions => ("job_workflow_ref", "repository_id"),
+        Platform::GitlabCi => ("ci_config_ref_uri", "project_id"),
+    };
+    if match_rule(policy, workflow).is_none() || bound(policy, repository) {
+        return Vec::new();
+    }
+    let message = format!(
+        "`{workflow}` is matched but `{repository}` is not bound: any repository or project of the owner that \
+         runs this workflow gets the grant, with its own inputs"
+    );
+    let fix = format!("bind the callers:\nmatch:\n  {repository}: [\"<id>\", \"<id>\"]");
+    let field = format!("match.{workflow}");
+    vec![Finding::new(Severity::Warning, policy, WORKFLOW_REF_WITHOUT_REPOSITORY, &field, message, fix)]
+}
+
+// ---- the report -----------------------------------------------------------------------------
+
+/// What `ephemera policy check` prints, as text or JSON.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// No error, and under `--strict` no warning either: the exit status is 0 exactly when true.
+    pub ok: bool,
+    /// Policy files checked.
+    pub policies: usize,
+    pub errors: usize,
+    pub warnings: usize,
+    pub findings: Vec<Finding>,
+    #[serde(skip)]
+    strict: bool,
+}
+
+/// Loads every policy in `dir` with the server's loader and lints it. When some file does not
+/// load, the set is refused as a whole (as the server would), and every file that loads on its
+/// own is still linted, so one broken file does not hide the others' findings.
+pub fn check_dir(dir: &Path, ctx: &LoadContext, strict: bool) -> Report {
+    let mut read_errors = Vec::new();
+    let mut sources: Vec<Source> = Vec::new();
+    read_policy_files(dir, &mut sources, &mut read_errors);
+    let files: BTreeSet<&Path> =
+        sources.iter().map(|s| s.file.as_path()).chain(read_errors.iter().map(|e| e.file.as_path())).collect();
+    let policies = files.into_iter().filter(|f| *f != dir).count();
+    let mut findings: Vec<Finding> = read_errors.iter().map(Finding::from).collect();
+    match PolicySet::load_sources(sources.clone(), &[], ctx) {
+        Ok(set) => findings.extend(lint(&set, ctx)),
+        Err(errors) => {
+            findings.extend(errors.iter().map(Finding::from));
+            for source in sources {
+                if let Ok(alone) = PolicySet::load_sources(vec![source], &[], ctx) {
+                    findings.extend(lint(&alone, ctx));
+                }
+            }
+        }
+    }
+    sort(&mut findings);
+    Report::new(policies, findings, strict)
+}
+
+impl Report {
+    pub fn new(policies: usize, findings: Vec<Finding>, strict: bool) -> Report {
+        let errors = findings.iter().filter(|f| f.severity == Severity::Error).count();
+        let warnings = findings.len() - errors;
+        let ok = errors == 0 && !(strict && warnings > 0);
+        Report { ok, policies, errors, warnings, findings, strict }
+    }
+
+    /// One block per finding, then a summary line.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        for f in &self.findings {
+            out.push_str(&render_finding(f));
+        }
+        let verdict = match (self.ok, self.errors) {
+            (true, _) => "ok",
+            (false, 0) if self.strict => "failed (--strict: warnings fail)",
+            (false, _) => "failed",
+        };
+        out.push_str(&format!(
+            "{verdict}: {}, {}, {}\n",
+            plural(self.policies, "policy", "policies"),
+            plural(self.errors, "error", "errors"),
+            plural(self.warnings, "warning", "warnings")
+        ));
+        out
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing plain strings, numbers and paths cannot fail; an empty object is never
+        // printed in practice, and would fail a consumer's parse rather than pass as "ok".
+        serde_json::to_string_pretty(self).unwrap_or_default() + "\n"
+    }
+}
+
+/// `FILE: SEVERITY[RULE]: policy `NAME`: FIELD: MESSAGE`, then the fix, indented.
+fn render_finding(f: &Finding) -> String {
+    let mut head = format!("{}: {}[{}]: ", f.file.display(), f.severity.as_str(), f.rule);
+    if !f.policy.is_empty() {
+        head.push_str(&format!("policy `{}`: ", f.policy));
+    }
+    if !f.field.is_empty() {
+        head.push_str(&format!("{}: ", f.field));
+    }
+    let fix = f.fix.lines().collect::<Vec<_>>().join("\n       ");
+    format!("{head}{}\n  fix: {fix}\n", f.message)
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_prefixes_stop_at_the_first_wildcard() {
+        let cases = [
+            (regex_literal_prefix("repo:acme/web:.*"), "repo:acme/web:"),
+            (regex_literal_prefix(r"repo:acme/web\.io:(ref|pull_request).*"), "repo:acme/web.io:"),
+            (regex_literal_prefix("repo:acme/webs?:.*"), "repo:acme/web"),
+            (regex_literal_prefix(r"repo:\w+/web:.*"), "repo:"),
+            (regex_literal_prefix("(?i)repo:acme"), ""),
+            (glob_literal_prefix("repo:acme/*:*"), "repo:acme/"),
+            (glob_literal_prefix("repo:acme/web:ref:refs/heads/main"), "repo:acme/web:ref:refs/heads/main"),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn repo_prefixes_are_completed_to_owner_and_repository() {
+        assert_eq!(repo_prefix("repo:acme/web:ref:x").as_deref(), Some("repo:acme/web:"));
+        assert_eq!(repo_prefix("repo:acme/").as_deref(), Some("repo:acme/probe:"));
+        assert_eq!(repo_prefix("repo:acme").as_deref(), Some("repo:acme/probe:"));
+        assert_eq!(repo_prefix("project_path:x"), None);
+    }
+
+    #[test]
+    fn a_load_error_names_its_policy_from_the_file() {
+        assert_eq!(policy_name_of(Path::new("policies/deploy-web.yaml")), "deploy-web");
+        assert_eq!(policy_name_of(Path::new("<built-in dev>")), "dev");
+        assert_eq!(policy_name_of(Path::new("policies")), "");
+    }
+}

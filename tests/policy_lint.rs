@@ -1,0 +1,412 @@
+//! `ephemera policy check`'s lints: for each lint, policies that trigger it and close variants
+//! that do not. A finding of severity error makes the server refuse the policy set, so the
+//! near misses matter as much as the hits.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use ephemera::config::Config;
+use ephemera::policy::lint::{self, Finding, Severity};
+use ephemera::policy::{LoadContext, PolicySet};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+fn ctx() -> LoadContext {
+    LoadContext::from_config(&Config::defaults())
+}
+
+/// A policy named `p` with these `match` and `deny` maps (YAML flow maps).
+fn policy(issuer: &str, match_rules: &str, deny: &str) -> String {
+    format!(
+        "issuer: {issuer}\nmatch: {match_rules}\ndeny: {deny}\nttl: {{default: 5m, max: 10m}}\ngrants:\n  api: {{backend: jwt, audience: x}}\n"
+    )
+}
+
+/// Every finding for one policy: load errors when it does not load, else its lints.
+fn findings(yaml: &str) -> Vec<Finding> {
+    match PolicySet::load(None, &[("p", yaml)], &ctx()) {
+        Ok(set) => lint::lint(&set, &ctx()),
+        Err(errors) => errors.iter().map(Finding::from).collect(),
+    }
+}
+
+/// One case: a scenario, a policy, and the finding of `rule` it must raise (severity, field),
+/// or `None` when it must raise no finding of that rule.
+type Case<'a> = (&'a str, String, Option<(Severity, &'a str)>);
+
+fn check_table(rule: &str, cases: &[Case<'_>]) {
+    for (scenario, yaml, want) in cases {
+        let all = findings(yaml);
+        let got: Vec<(Severity, &str)> =
+            all.iter().filter(|f| f.rule == rule).map(|f| (f.severity, f.field.as_str())).collect();
+        let want: Vec<(Severity, &str)> = want.iter().copied().collect();
+        assert_eq!(got, want, "{rule}: {scenario}\n{yaml}\nall findings: {all:#?}");
+        for f in all.iter().filter(|f| f.rule == rule) {
+            assert!(!f.message.is_empty() && !f.fix.is_empty(), "{scenario}: {f:?}");
+            assert_eq!(f.policy, "p", "{scenario}");
+        }
+    }
+}
+
+const WARN: Severity = Severity::Warning;
+const ERROR: Severity = Severity::Error;
+
+#[test]
+fn immutable_id_is_a_load_error_reported_under_its_own_rule() {
+    check_table(
+        "immutable-id",
+        &[
+            ("bound only by name", policy("github", r#"{repository: acme/web}"#, "{}"), Some((ERROR, "match"))),
+            (
+                "a glob on the id binds nothing",
+                policy("github", r#"{repository_id: {glob: "7*"}}"#, "{}"),
+                Some((ERROR, "match")),
+            ),
+            ("a GitLab id on a GitHub policy", policy("github", r#"{project_id: "20"}"#, "{}"), Some((ERROR, "match"))),
+            ("the repository id bound", policy("github", r#"{repository_id: "74"}"#, "{}"), None),
+            ("the project id bound", policy("gitlab", r#"{project_id: "20"}"#, "{}"), None),
+        ],
+    );
+}
+
+#[test]
+fn ttl_above_backend_max_is_a_load_error_reported_under_its_own_rule() {
+    let ttl =
+        |max: &str| policy("github", r#"{repository_id: "74"}"#, "{}").replace("max: 10m", &format!("max: {max}"));
+    check_table(
+        "ttl-above-backend-max",
+        &[
+            ("2h over the jwt backend's 1h", ttl("2h"), Some((ERROR, "grants.api"))),
+            ("exactly the backend's 1h", ttl("1h"), None),
+        ],
+    );
+}
+
+#[test]
+fn name_without_id_fires_on_a_name_whose_id_is_not_bound() {
+    check_table(
+        "name-without-id",
+        &[
+            (
+                "repository name under a bound owner",
+                policy("github", r#"{repository_owner_id: "65", repository: acme/web}"#, "{}"),
+                Some((WARN, "match.repository")),
+            ),
+            (
+                "owner glob beside a bound repository id",
+                policy("github", r#"{repository_id: "74", repository_owner: {glob: "acme*"}}"#, "{}"),
+                None,
+            ),
+            (
+                "owner name beside its repository id (the repository pins its owner)",
+                policy("github", r#"{repository_id: "74", repository_owner: acme}"#, "{}"),
+                None,
+            ),
+            (
+                "repository name beside its id",
+                policy("github", r#"{repository_id: "74", repository: acme/web}"#, "{}"),
+                None,
+            ),
+            (
+                "repository id only by a glob",
+                policy(
+                    "github",
+                    r#"{repository_owner_id: "65", repository_id: {glob: "7*"}, repository: acme/web}"#,
+                    "{}",
+                ),
+                Some((WARN, "match.repository")),
+            ),
+            (
+                "GitLab project path under a bound group",
+                policy("gitlab", r#"{namespace_id: "72", project_path: my-group/my-project}"#, "{}"),
+                Some((WARN, "match.project_path")),
+            ),
+            (
+                "GitLab group path beside the project id",
+                policy("gitlab", r#"{project_id: "20", namespace_path: my-group}"#, "{}"),
+                None,
+            ),
+            (
+                "a name only in deny narrows, it does not grant",
+                policy("github", r#"{repository_owner_id: "65"}"#, "{repository: acme/legacy}"),
+                None,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn sub_matches_untrusted_is_an_error_unless_something_turns_pull_requests_away() {
+    let repo = r#"repository_id: "74""#;
+    let sub = |rule: &str, extra_match: &str, deny: &str| {
+        policy("github", &format!("{{{repo}, sub: {rule}{extra_match}}}"), deny)
+    };
+    check_table(
+        "sub-matches-untrusted",
+        &[
+            (
+                "glob on every subject of the repository",
+                sub(r#"{glob: "repo:acme/web:*"}"#, "", "{}"),
+                Some((ERROR, "match.sub")),
+            ),
+            (
+                "regex on every subject of the repository",
+                sub(r#"{regex: "repo:acme/web:.*"}"#, "", "{}"),
+                Some((ERROR, "match.sub")),
+            ),
+            (
+                "regex alternation that names pull_request",
+                sub(r#"{regex: "repo:acme/web:(ref:refs/heads/main|pull_request)"}"#, "", "{}"),
+                Some((ERROR, "match.sub")),
+            ),
+            (
+                "glob on every repository of the owner",
+                sub(r#"{glob: "repo:acme/*:*"}"#, "", "{}"),
+                Some((ERROR, "match.sub")),
+            ),
+            ("regex with no literal prefix", sub(r#"{regex: ".*"}"#, "", "{}"), Some((ERROR, "match.sub"))),
+            (
+                "glob on every environment (a pull request can name a new, unprotected one)",
+                sub(r#"{glob: "repo:acme/web:environment:*"}"#, "", "{}"),
+                Some((ERROR, "match.sub")),
+            ),
+            (
+                "the same glob with ref bound to main",
+                sub(r#"{glob: "repo:acme/web:*"}"#, ", ref: refs/heads/main", "{}"),
+                None,
+            ),
+            (
+                "the same glob with pull requests denied by event",
+                sub(r#"{glob: "repo:acme/web:*"}"#, "", "{event_name: [pull_request]}"),
+                None,
+            ),
+            (
+                "the same glob matching only push and dispatch events",
+                sub(r#"{glob: "repo:acme/web:*"}"#, ", event_name: [push, workflow_dispatch]", "{}"),
+                None,
+            ),
+            (
+                "a deny on pull_request_target alone leaves pull_request open",
+                sub(r#"{glob: "repo:acme/web:*"}"#, "", "{event_name: [pull_request_target]}"),
+                Some((ERROR, "match.sub")),
+            ),
+            (
+                "environment glob with the environment pinned (left to its protection rules)",
+                sub(r#"{glob: "repo:acme/web:environment:*"}"#, ", environment: production", "{}"),
+                None,
+            ),
+            ("glob on branches only", sub(r#"{glob: "repo:acme/web:ref:refs/heads/*"}"#, "", "{}"), None),
+            ("exact subject", sub(r#""repo:acme/web:ref:refs/heads/main""#, "", "{}"), None),
+            (
+                "GitLab subjects are not GitHub's",
+                policy("gitlab", r#"{project_id: "20", sub: {glob: "project_path:my-group/my-project:*"}}"#, "{}"),
+                None,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn untrusted_trigger_fires_while_pull_request_target_workflow_run_or_fork_mrs_reach_the_grant() {
+    let gh = |match_rules: &str, deny: &str| policy("github", match_rules, deny);
+    let gl = |match_rules: &str, deny: &str| policy("gitlab", match_rules, deny);
+    check_table(
+        "untrusted-trigger",
+        &[
+            ("no rule on event_name", gh(r#"{repository_id: "74"}"#, "{}"), Some((WARN, "deny.event_name"))),
+            (
+                "ref bound to main does not stop pull_request_target (its ref is the base branch)",
+                gh(r#"{repository_id: "74", ref: refs/heads/main}"#, "{}"),
+                Some((WARN, "deny.event_name")),
+            ),
+            (
+                "deny covers pull_request_target only",
+                gh(r#"{repository_id: "74"}"#, "{event_name: pull_request_target}"),
+                Some((WARN, "deny.event_name")),
+            ),
+            (
+                "match excludes only pull_request",
+                gh(r#"{repository_id: "74", event_name: {not: pull_request}}"#, "{}"),
+                Some((WARN, "deny.event_name")),
+            ),
+            (
+                "deny covers both",
+                gh(r#"{repository_id: "74"}"#, "{event_name: [pull_request, pull_request_target, workflow_run]}"),
+                None,
+            ),
+            (
+                "deny by a glob covering both",
+                gh(r#"{repository_id: "74"}"#, r#"{event_name: {regex: "pull_request.*|workflow_run"}}"#),
+                None,
+            ),
+            ("match only push", gh(r#"{repository_id: "74", event_name: push}"#, "{}"), None),
+            (
+                "GitLab: merge-request pipelines reach the grant",
+                gl(r#"{project_id: "20"}"#, "{}"),
+                Some((WARN, "deny.pipeline_source")),
+            ),
+            (
+                "GitLab: ref_protected does not pin where the code comes from",
+                gl(r#"{project_id: "20", ref_protected: "true"}"#, "{}"),
+                Some((WARN, "deny.pipeline_source")),
+            ),
+            ("GitLab: job_project_id bound", gl(r#"{project_id: "20", job_project_id: "20"}"#, "{}"), None),
+            (
+                "GitLab: job_project_id only by a glob",
+                gl(r#"{project_id: "20", job_project_id: {glob: "*"}}"#, "{}"),
+                Some((WARN, "deny.pipeline_source")),
+            ),
+            (
+                "GitLab: merge-request pipelines denied",
+                gl(r#"{project_id: "20"}"#, "{pipeline_source: merge_request_event}"),
+                None,
+            ),
+            ("GitLab: match only push", gl(r#"{project_id: "20", pipeline_source: push}"#, "{}"), None),
+        ],
+    );
+}
+
+#[test]
+fn runner_unpinned_fires_when_no_rule_mentions_runner_environment() {
+    check_table(
+        "runner-unpinned",
+        &[
+            (
+                "GitHub, no rule",
+                policy("github", r#"{repository_id: "74"}"#, "{}"),
+                Some((WARN, "match.runner_environment")),
+            ),
+            (
+                "GitLab, no rule",
+                policy("gitlab", r#"{project_id: "20"}"#, "{}"),
+                Some((WARN, "match.runner_environment")),
+            ),
+            (
+                "GitHub, matched to github-hosted",
+                policy("github", r#"{repository_id: "74", runner_environment: github-hosted}"#, "{}"),
+                None,
+            ),
+            (
+                "GitLab, self-hosted denied",
+                policy("gitlab", r#"{project_id: "20"}"#, "{runner_environment: self-hosted}"),
+                None,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn workflow_ref_without_repository_fires_on_an_owner_wide_reusable_workflow_grant() {
+    let wf = r#"job_workflow_ref: {glob: "acme/deploy/.github/workflows/*.yml@refs/heads/main"}"#;
+    let ci = r#"ci_config_ref_uri: "gitlab.com/my-group/ci//deploy.yml@refs/heads/main""#;
+    check_table(
+        "workflow-ref-without-repository",
+        &[
+            (
+                "GitHub, owner bound only",
+                policy("github", &format!(r#"{{repository_owner_id: "65", {wf}}}"#), "{}"),
+                Some((WARN, "match.job_workflow_ref")),
+            ),
+            (
+                "GitHub, repositories bound by a list",
+                policy("github", &format!(r#"{{repository_id: ["74", "75"], {wf}}}"#), "{}"),
+                None,
+            ),
+            (
+                "GitHub, workflow ref only in deny",
+                policy("github", r#"{repository_owner_id: "65"}"#, &format!("{{{wf}}}")),
+                None,
+            ),
+            (
+                "GitLab, group bound only",
+                policy("gitlab", &format!(r#"{{namespace_id: "72", {ci}}}"#), "{}"),
+                Some((WARN, "match.ci_config_ref_uri")),
+            ),
+            ("GitLab, project bound", policy("gitlab", &format!(r#"{{project_id: "20", {ci}}}"#), "{}"), None),
+        ],
+    );
+}
+
+// ---- the lints agree with the decision ------------------------------------------------------
+
+fn fixture(name: &str) -> Map<String, Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/claims").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The lint's verdict, and whether the real decision admits the fixture's token.
+fn verdict_and_decision(yaml: &str, rule: &str, issuer: &str, claims: &str) -> (bool, bool) {
+    let set = PolicySet::load(None, &[("p", yaml)], &ctx()).unwrap();
+    let flagged = lint::lint(&set, &ctx()).iter().any(|f| f.rule == rule);
+    (flagged, set.get("p").unwrap().evaluate(issuer, &fixture(claims)).is_ok())
+}
+
+#[test]
+fn a_policy_flagged_for_untrusted_triggers_admits_the_fork_fixtures_and_its_fixed_variant_does_not() {
+    let github = |deny: &str| policy("github", r#"{repository_id: "74", ref: refs/heads/main}"#, deny);
+    let gitlab = |deny: &str| policy("gitlab", r#"{project_id: "20"}"#, deny);
+    let fork_pr = "github-pull-request-from-fork.json";
+    let fork_mr = "gitlab-fork-merge-request.json";
+    assert_eq!(verdict_and_decision(&github("{}"), "untrusted-trigger", "github", fork_pr), (true, true));
+    assert_eq!(
+        verdict_and_decision(
+            &github("{event_name: [pull_request_target, workflow_run]}"),
+            "untrusted-trigger",
+            "github",
+            fork_pr
+        ),
+        (false, false)
+    );
+    assert_eq!(verdict_and_decision(&gitlab("{}"), "untrusted-trigger", "gitlab", fork_mr), (true, true));
+    assert_eq!(
+        verdict_and_decision(&gitlab("{pipeline_source: merge_request_event}"), "untrusted-trigger", "gitlab", fork_mr),
+        (false, false)
+    );
+}
+
+#[test]
+fn the_example_policies_lint_clean() {
+    let set = PolicySet::load(Some(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")), &[], &ctx()).unwrap();
+    assert_eq!(lint::lint(&set, &ctx()), Vec::<Finding>::new());
+}
+
+#[test]
+fn findings_are_sorted_by_file_then_field_and_render_as_text_and_json() {
+    let noisy = policy("github", r#"{repository_owner_id: "65", repository: acme/web}"#, "{}");
+    let quiet = policy(
+        "github",
+        r#"{repository_id: "74", runner_environment: github-hosted}"#,
+        "{event_name: [pull_request_target, workflow_run]}",
+    );
+    let set = PolicySet::load(None, &[("b-noisy", &noisy), ("a-quiet", &quiet)], &ctx()).unwrap();
+    let findings = lint::lint(&set, &ctx());
+    let keys: Vec<(String, &str)> = findings.iter().map(|f| (f.policy.clone(), f.field.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            ("b-noisy".to_string(), "deny.event_name"),
+            ("b-noisy".to_string(), "match.repository"),
+            ("b-noisy".to_string(), "match.runner_environment"),
+        ]
+    );
+    let report = lint::Report::new(set.len(), findings, false);
+    assert!(report.ok);
+    let text = report.render_text();
+    assert!(
+        text.contains(
+            "<built-in b-noisy>: warning[runner-unpinned]: policy `b-noisy`: match.runner_environment: no rule"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("\n  fix: match:\n         runner_environment: github-hosted"), "{text}");
+    assert!(text.ends_with("ok: 2 policies, 0 errors, 3 warnings\n"), "{text}");
+    let json: Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["findings"][0]["severity"], "warning");
+    assert_eq!(json["findings"][0]["rule"], "untrusted-trigger");
+    assert_eq!((json["ok"].as_bool(), json["warnings"].as_u64()), (Some(true), Some(3)));
+    assert!(!lint::Report::new(2, lint::lint(&set, &ctx()), true).ok, "--strict fails on warnings");
+}
+
+#[test]
+fn the_built_in_dev_policy_lints_without_findings() {
+    let all = findings(ephemera::dev::DEV_POLICY);
+    assert!(all.is_empty(), "serve --dev would log these at every start: {all:#?}");
+}
