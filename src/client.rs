@@ -120,21 +120,37 @@ fn http_client() -> Result<reqwest::Client, Failure> {
 /// POSTs `body` with the bearer token; returns the body text of a 2xx reply, else the failure
 /// the broker's error JSON (or the transport) describes.
 async fn post(url: &str, token: &str, body: &Value, accept: &str) -> Result<String, Failure> {
-    let client = http_client()?;
-    let resp =
-        client.post(url).bearer_auth(token).header(reqwest::header::ACCEPT, accept).json(body).send().await.map_err(
-            |e| Failure { exit: EXIT_UNREACHABLE, message: format!("unreachable: {url}: {}", error_chain(&e)) },
-        )?;
-    let status = resp.status();
-    let header_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let text = resp.text().await.map_err(|e| Failure {
-        exit: EXIT_UNREACHABLE,
-        message: format!("unreachable: {url}: reading the reply: {}", error_chain(&e)),
-    })?;
+    let (status, header_id, text) = send(url, token, body, accept).await?;
     if status.is_success() {
         return Ok(text);
     }
     Err(failure(status, header_id, &text, url, token))
+}
+
+/// POSTs `body` with the bearer token: the status, the `x-request-id` header and the body text,
+/// whatever the status; only a transport failure is a [`Failure`] (worth retrying).
+async fn send(
+    url: &str,
+    token: &str,
+    body: &Value,
+    accept: &str,
+) -> Result<(reqwest::StatusCode, Option<String>, String), Failure> {
+    let unreachable = |what: &str, e: &reqwest::Error| Failure {
+        exit: EXIT_UNREACHABLE,
+        message: format!("unreachable: {url}{what}: {}", error_chain(e)),
+    };
+    let resp = http_client()?
+        .post(url)
+        .bearer_auth(token)
+        .header(reqwest::header::ACCEPT, accept)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| unreachable("", &e))?;
+    let status = resp.status();
+    let header_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let text = resp.text().await.map_err(|e| unreachable(": reading the reply", &e))?;
+    Ok((status, header_id, text))
 }
 
 /// The failure a non-2xx reply describes (the broker's error JSON, or an excerpt of the body).
@@ -178,16 +194,7 @@ pub async fn policy_diff(
         return Err(Failure::other(e.to_string()));
     }
     let policies: serde_json::Map<String, Value> = sources.into_iter().map(|s| (s.name, json!(s.text))).collect();
-    let resp =
-        http_client()?.post(&url).bearer_auth(&token).json(&json!({"policies": policies})).send().await.map_err(
-            |e| Failure { exit: EXIT_UNREACHABLE, message: format!("unreachable: {url}: {}", error_chain(&e)) },
-        )?;
-    let status = resp.status();
-    let header_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let text = resp.text().await.map_err(|e| Failure {
-        exit: EXIT_UNREACHABLE,
-        message: format!("unreachable: {url}: reading the reply: {}", error_chain(&e)),
-    })?;
+    let (status, header_id, text) = send(&url, &token, &json!({"policies": policies}), "application/json").await?;
     if !(status.is_success() || status.as_u16() == 422) {
         return Err(failure(status, header_id, &text, &url, &token));
     }

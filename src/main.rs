@@ -406,6 +406,14 @@ fn print_dev_banner(url: &str, data_dir: &Path, audit: Option<&Path>) {
     }
 }
 
+/// The config and its policies, for the commands that evaluate them (`explain`, `test`).
+fn load_policies(config: Option<&Path>) -> Result<(Config, PolicySet), String> {
+    let config = load_config(config)?;
+    let set = PolicySet::load(Some(&config.policies_dir), &[], &LoadContext::from_config(&config))
+        .map_err(|errors| format!("{} policy error(s); run `ephemera policy check`", errors.len()))?;
+    Ok((config, set))
+}
+
 /// Single-quotes a word for POSIX sh.
 fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
@@ -416,13 +424,9 @@ fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Opti
         eprintln!("ephemera: {message}");
         ExitCode::FAILURE
     };
-    let config = match load_config(config) {
-        Ok(c) => c,
+    let (config, set) = match load_policies(config) {
+        Ok(loaded) => loaded,
         Err(e) => return fail(e),
-    };
-    let set = match PolicySet::load(Some(&config.policies_dir), &[], &LoadContext::from_config(&config)) {
-        Ok(set) => set,
-        Err(errors) => return fail(format!("{} policy error(s); run `ephemera policy check`", errors.len())),
     };
     let Some(policy) = set.get(name) else {
         return fail(format!("no policy named `{name}` in {}", config.policies_dir.display()));
@@ -470,13 +474,9 @@ fn policy_test(config: Option<&Path>, dir: Option<&Path>, format: &str) -> ExitC
         eprintln!("ephemera: {message}");
         ExitCode::FAILURE
     };
-    let config = match load_config(config) {
-        Ok(c) => c,
+    let (config, policies) = match load_policies(config) {
+        Ok(loaded) => loaded,
         Err(e) => return fail(e),
-    };
-    let policies = match PolicySet::load(Some(&config.policies_dir), &[], &LoadContext::from_config(&config)) {
-        Ok(set) => set,
-        Err(errors) => return fail(format!("{} policy error(s); run `ephemera policy check`", errors.len())),
     };
     let dir = dir.map_or_else(|| config.policies_dir.join("tests"), Path::to_path_buf);
     let ctx = testing::Context { policies: &policies, issuers: &config.issuers };
