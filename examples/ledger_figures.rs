@@ -9,7 +9,7 @@
 
 use ephemera::identity::Claims;
 use ephemera::ledger::journal::{FileStorage, Journal, encode};
-use ephemera::ledger::{Event, Lease, LeaseCredential, LeaseState, Ledger, RetryPolicy};
+use ephemera::ledger::{ClaimSnapshot, Event, Lease, LeaseCredential, LeaseState, Ledger, RetryPolicy, name};
 use ephemera::mint::{Revocation, RevokeHandle};
 use serde_json::json;
 use std::sync::Arc;
@@ -25,10 +25,10 @@ fn claims(i: usize) -> Claims {
 
 fn lease(i: usize, expires_at: i64) -> Lease {
     Lease {
-        id: format!("lse_{i:026}"),
-        job: format!("github:74:{i}:1:{i}"),
-        policy: "deploy".into(),
-        issuer: "github".into(),
+        id: format!("lse_{i:026}").into(),
+        job: format!("github:74:{i}:1:{i}").into(),
+        policy: name::intern("deploy"),
+        issuer: name::intern("github"),
         created_at: 0,
         expires_at,
         state: LeaseState::Active,
@@ -36,13 +36,13 @@ fn lease(i: usize, expires_at: i64) -> Lease {
         attempts: 0,
         next_attempt_at: 0,
         last_error: None,
-        credentials: vec![LeaseCredential {
-            name: "api".into(),
-            kind: "jwt".into(),
-            revocation: Revocation::Immediate,
-            handle: RevokeHandle { backend: "jwt".into(), data: json!({"jti": format!("jti_{i}")}) },
-        }],
-        claims: Arc::new(claims(i)),
+        credentials: Box::new([LeaseCredential::new(
+            "api",
+            "jwt",
+            Revocation::Immediate,
+            &RevokeHandle { backend: "jwt".into(), data: json!({"jti": format!("jti_{i}")}) },
+        )]),
+        claims: ClaimSnapshot::new(&claims(i)),
     }
 }
 
@@ -93,7 +93,7 @@ async fn main() {
     let mut bytes = b"EPHJRNL1".to_vec();
     let mut batch = Vec::new();
     for i in 0..n {
-        batch.push(Event::Created { lease: lease(i, 1_000 + (i % 3600) as i64) });
+        batch.push(Event::Created { lease: Box::new(lease(i, 1_000 + (i % 3600) as i64)) });
         if batch.len() == 10_000 {
             encode(&batch, &mut bytes);
             batch.clear();
@@ -103,15 +103,30 @@ async fn main() {
     std::fs::write(&path, &bytes).unwrap();
     let journal_bytes = bytes.len();
     drop(bytes);
+    let decode_started = Instant::now();
+    let raw = std::fs::read(&path).unwrap();
+    let read_secs = decode_started.elapsed().as_secs_f64();
+    let mut decoded_events = 0usize;
+    ephemera::ledger::journal::decode_with(&raw, |_| decoded_events += 1).unwrap();
+    let decode_secs = decode_started.elapsed().as_secs_f64() - read_secs;
+    drop(raw);
+    println!("  (read {read_secs:.2} s, decode alone {decode_secs:.2} s for {decoded_events} records)");
     let rss_before = rss_bytes();
     let started = Instant::now();
-    let (_, replayed) = FileStorage::open(&path).unwrap();
-    let decoded = started.elapsed().as_secs_f64();
-    let ledger = Ledger::new(None, RetryPolicy::default());
-    for e in replayed.events {
-        ledger.apply(e);
-    }
+    // As the server replays (server::open_ledger): sized first, decoded on a second thread.
+    let ledger = std::cell::RefCell::new(Ledger::default());
+    FileStorage::open_into(
+        &path,
+        |n| *ledger.borrow_mut() = Ledger::with_capacity(n, RetryPolicy::default()),
+        |batch| {
+            let l = ledger.borrow();
+            batch.into_iter().for_each(|e| l.apply(e));
+        },
+    )
+    .unwrap();
+    let ledger = ledger.into_inner();
     let replay_secs = started.elapsed().as_secs_f64();
+    let decoded = 0.0;
     let rss = rss_bytes().saturating_sub(rss_before);
     println!(
         "replay of {n} leases: {replay_secs:.2} s ({decoded:.2} s reading and decoding {:.0} MB of journal)",
@@ -122,7 +137,7 @@ async fn main() {
     // 3. Revoke-by-job and reaping with 1k vs n other leases.
     let small = Ledger::new(None, RetryPolicy::default());
     for i in 0..1_000 {
-        small.apply(Event::Created { lease: lease(i, 1_000 + (i % 3600) as i64) });
+        small.apply(Event::Created { lease: Box::new(lease(i, 1_000 + (i % 3600) as i64)) });
     }
     let job_cost = |l: &Ledger, base: usize| {
         let started = Instant::now();

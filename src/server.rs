@@ -223,22 +223,31 @@ fn open_ledger(config: &Config, wrap: Option<StorageWrap>) -> Result<Ledger, Str
     let dir = config.data_dir.join("ledger");
     crate::mint::jwt::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
     let path = dir.join("journal");
-    let (storage, replayed) = FileStorage::open(&path).map_err(|e| format!("refusing to start: {e}"))?;
+    let ledger = std::cell::RefCell::new(Ledger::default());
+    let mut records = 0;
+    let started = std::time::Instant::now();
+    let (storage, replayed) = FileStorage::open_into(
+        &path,
+        |n| *ledger.borrow_mut() = Ledger::with_capacity(n, RetryPolicy::default()),
+        |batch| {
+            records += batch.len();
+            let ledger = ledger.borrow();
+            batch.into_iter().for_each(|e| ledger.apply(e));
+        },
+    )
+    .map_err(|e| format!("refusing to start: {e}"))?;
+    let mut ledger = ledger.into_inner();
     if replayed.truncated > 0 {
         tracing::warn!(path = %path.display(), bytes = replayed.truncated, "cut a torn tail from the journal (a crash mid-write)");
     }
-    let len = replayed.len;
     let storage: Box<dyn Storage> = Box::new(storage);
     let storage = match wrap {
         Some(wrap) => wrap(storage),
         None => storage,
     };
-    let records = replayed.events.len();
-    let ledger = Ledger::new(Some(Journal::start(storage, len)), RetryPolicy::default());
-    for event in replayed.events {
-        ledger.apply(event);
-    }
-    tracing::info!(path = %path.display(), records, leases = ledger.len(), "journal replayed");
+    ledger.attach(Journal::start(storage, replayed.len));
+    let millis = started.elapsed().as_millis() as u64;
+    tracing::info!(path = %path.display(), records, leases = ledger.len(), millis, "journal replayed");
     Ok(ledger)
 }
 

@@ -98,7 +98,7 @@ async fn an_unwritable_audit_sink_fails_the_exchange_closed_and_revokes_what_was
     let leases = broker.running.app.ledger.list(&ephemera::ledger::LeaseFilter::default(), 10);
     assert_eq!(leases.len(), 1);
     assert_eq!((leases[0].state, leases[0].reason.as_deref()), (LeaseState::Revoked, Some("audit-unavailable")));
-    let jwt_jti = leases[0].credentials[0].handle.data["jti"].clone();
+    let jwt_jti = leases[0].credentials[0].data()["jti"].clone();
     assert!(jwt_jti.is_string());
 
     // A denial cannot be audited either: 503 rather than an unaudited answer.

@@ -166,7 +166,7 @@ async fn the_deny_entry_goes_away_once_the_session_has_expired() {
     s.broker.revoke(&token, json!({})).await;
     assert!(s.moto.get_role_policy(&s.role, "ephemera-revoked").is_some());
     let lease = s.broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
-    let session_end = lease.credentials[0].handle.data["session_expires_at"].as_i64().unwrap();
+    let session_end = lease.credentials[0].data()["session_expires_at"].as_i64().unwrap();
     // Before the session could have expired, the entry stays.
     s.broker.clock.set(session_end - 1);
     s.broker.running.app.reap_once().await;

@@ -44,7 +44,7 @@ async fn a_lease_survives_a_restart_and_can_still_be_revoked() {
     let broker = broker.restart(None).await;
     assert_eq!(broker.introspect(&jwt)["active"], true, "the lease was lost in the restart");
     let lease = broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
-    assert_eq!(lease.claims.get("repository_id"), Some(&json!("74")), "the claims snapshot was not kept");
+    assert_eq!(lease.claims.get("repository_id"), Some(json!("74")), "the claims snapshot was not kept");
     let (_, reply) = broker.revoke(&t, json!({})).await;
     assert_eq!(reply["revoked"], json!([body["lease_id"]]));
     let broker = broker.restart(None).await;

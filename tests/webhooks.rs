@@ -321,7 +321,10 @@ async fn with_two_github_issuers_the_named_one_has_its_prefixed_job_key_ended() 
     let (_, jwt_ci) = lease(&broker, &ci, &ci.claims("github-environment-deploy.json", NOW), "deploy").await;
     let (lease_ghes, jwt_ghes) =
         lease(&broker, &ghes, &ghes.claims("github-environment-deploy.json", NOW), "deploy-ghes").await;
-    assert_eq!(broker.running.app.ledger.get(&lease_ghes).unwrap().job, "ghes:github:74:7712340001:2:96193868770");
+    assert_eq!(
+        broker.running.app.ledger.get(&lease_ghes).unwrap().job.as_ref(),
+        "ghes:github:74:7712340001:2:96193868770"
+    );
 
     let reply = github_signed(&broker, "workflow_job", "d-1", &workflow_job("completed", GITHUB_JOB)).await;
     assert_eq!(reply, (200, json!({"revoked": [lease_ghes], "pending": []})));
@@ -337,7 +340,7 @@ async fn a_finished_gitlab_build_ends_the_jobs_lease() {
     for (i, status) in ["success", "failed", "canceled"].iter().enumerate() {
         let (lease_id, jwt) =
             lease(&broker, &issuer, &issuer.claims("gitlab-protected-branch.json", NOW), "gitlab-release").await;
-        assert_eq!(broker.running.app.ledger.get(&lease_id).unwrap().job, "gitlab:20:302");
+        assert_eq!(broker.running.app.ledger.get(&lease_id).unwrap().job.as_ref(), "gitlab:20:302");
         let reply = gitlab_hook(&broker, Some(GITLAB_TOKEN), &format!("u-{i}"), &gitlab_build(status, 20, 302)).await;
         assert_eq!(reply, (200, json!({"revoked": [lease_id], "pending": []})), "{status}");
         assert!(!active(&broker, &jwt), "{status}");

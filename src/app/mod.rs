@@ -147,10 +147,10 @@ impl App {
         let id = lease_id(now);
         let minted = self.mint_all(grant, &id, now).await?;
         let lease = crate::ledger::Lease {
-            id: id.clone(),
-            job: identity.job().to_string(),
-            policy: grant.policy().to_string(),
-            issuer: identity.issuer().to_string(),
+            id: id.as_str().into(),
+            job: identity.job().into(),
+            policy: crate::ledger::name::intern(grant.policy()),
+            issuer: crate::ledger::name::intern(identity.issuer()),
             created_at: now,
             expires_at: grant.expires_at(),
             state: LeaseState::Active,
@@ -160,14 +160,9 @@ impl App {
             last_error: None,
             credentials: minted
                 .iter()
-                .map(|(name, kind, c, h)| LeaseCredential {
-                    name: name.clone(),
-                    kind: (*kind).to_string(),
-                    revocation: c.revocation,
-                    handle: h.clone(),
-                })
+                .map(|(name, kind, c, h)| LeaseCredential::new(name, kind, c.revocation, h))
                 .collect(),
-            claims: identity.claims_shared(),
+            claims: crate::ledger::ClaimSnapshot::new(identity.claims()),
         };
         // Durable before the reply. If it cannot be recorded, nothing minted may escape: revoke.
         if let Err(e) = self.ledger.record_created(lease, jti.map(|(k, exp)| (k.as_str(), *exp))).await {
@@ -310,7 +305,7 @@ impl App {
     }
 
     fn own_lease(&self, identity: &VerifiedIdentity, id: &str) -> Option<String> {
-        self.ledger.get(id).filter(|l| l.job == identity.job()).map(|l| l.id)
+        self.ledger.get(id).filter(|l| *l.job == *identity.job()).map(|l| l.id.to_string())
     }
 
     /// Every live lease of `job` (webhooks, admin).
@@ -322,8 +317,13 @@ impl App {
     /// Every live lease matching `filter` (admin: a policy, a repository, an actor).
     pub async fn end_matching(&self, filter: &LeaseFilter, reason: &str) -> RevokeReply {
         let now = self.now();
-        let ids: Vec<String> =
-            self.ledger.list(filter, usize::MAX).into_iter().filter(|l| l.is_live(now)).map(|l| l.id).collect();
+        let ids: Vec<String> = self
+            .ledger
+            .list(filter, usize::MAX)
+            .into_iter()
+            .filter(|l| l.is_live(now))
+            .map(|l| l.id.to_string())
+            .collect();
         self.end_leases(ids, reason).await
     }
 
@@ -348,7 +348,7 @@ impl App {
     /// Revokes every credential of a lease at its backend first, then records the outcome, so the
     /// ledger never says revoked while a credential still works.
     async fn run_revocation(&self, work: RevokeWork) -> LeaseState {
-        let handles: Vec<RevokeHandle> = work.credentials.iter().map(|c| c.handle.clone()).collect();
+        let handles: Vec<RevokeHandle> = work.credentials.iter().map(|c| c.handle()).collect();
         let error = self.revoke_handles(&handles).await;
         let state = self.ledger.finish_revoke(&work.lease_id, error.clone(), self.now()).await;
         self.metrics.revocation(state.as_str());
@@ -372,12 +372,12 @@ impl App {
             "time": rfc3339(self.now()),
             "event": "revocation",
             "lease_id": lease_id,
-            "job": lease.as_ref().map(|l| l.job.as_str()),
-            "policy": lease.as_ref().map(|l| l.policy.as_str()),
-            "issuer": lease.as_ref().map(|l| l.issuer.as_str()),
+            "job": lease.as_ref().map(|l| &*l.job),
+            "policy": lease.as_ref().map(|l| &*l.policy),
+            "issuer": lease.as_ref().map(|l| &*l.issuer),
             "reason": lease.as_ref().and_then(|l| l.reason.as_deref()),
             "outcome": state.as_str(),
-            "credentials": lease.as_ref().map(|l| l.credentials.iter().map(|c| json!({"name": c.name, "kind": c.kind})).collect::<Vec<_>>()),
+            "credentials": lease.as_ref().map(|l| l.credentials.iter().map(|c| json!({"name": &*c.name, "kind": &*c.kind})).collect::<Vec<_>>()),
             "error": error,
         });
         if let Err(e) = self.audit.write(&event) {
@@ -458,7 +458,7 @@ impl App {
         let lease_id = claims.get("lease_id").and_then(Value::as_str).unwrap_or_default();
         let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
         let Some(lease) = self.ledger.get(lease_id) else { return inactive };
-        let listed = lease.credentials.iter().any(|c| c.handle.data.get("jti").and_then(Value::as_str) == Some(jti));
+        let listed = lease.credentials.iter().any(|c| c.data().get("jti").and_then(Value::as_str) == Some(jti));
         if now >= exp || !lease.is_live(now) || !listed {
             return inactive;
         }

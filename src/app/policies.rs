@@ -195,9 +195,9 @@ pub struct ReloadReport {
 /// issuer and claims the lease was granted on.
 fn still_allowed(set: &PolicySet, lease: &Lease) -> Option<Ending> {
     let ending = |reason: String, claim: Option<String>| Ending {
-        lease_id: lease.id.clone(),
-        job: lease.job.clone(),
-        policy: lease.policy.clone(),
+        lease_id: lease.id.to_string(),
+        job: lease.job.to_string(),
+        policy: lease.policy.to_string(),
         reason,
         claim,
     };
@@ -205,7 +205,7 @@ fn still_allowed(set: &PolicySet, lease: &Lease) -> Option<Ending> {
         return Some(ending("policy removed".into(), None));
     }
     // The ttl is not re-decided (the policy default always fits its max); rules and templates are.
-    match set.decide_claims(&lease.policy, &lease.issuer, &lease.claims, None) {
+    match set.decide_claims(&lease.policy, &lease.issuer, &lease.claims.to_claims(), None) {
         Ok(_) => None,
         Err(denial) => Some(ending(denial.log_detail(), Some(denial.claim))),
     }

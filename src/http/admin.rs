@@ -96,9 +96,9 @@ pub(crate) fn lease_view(lease: &Lease) -> Value {
         "next_attempt_at": (lease.state.is_pending()).then(|| rfc3339(lease.next_attempt_at)),
         "last_error": lease.last_error,
         "credentials": lease.credentials.iter().map(|c| json!({
-            "name": c.name, "kind": c.kind, "revocation": c.revocation, "backend": c.handle.backend,
+            "name": &*c.name, "kind": &*c.kind, "revocation": c.revocation, "backend": &*c.backend,
         })).collect::<Vec<_>>(),
-        "claims": lease.claims.as_ref(),
+        "claims": &lease.claims,
     })
 }
 

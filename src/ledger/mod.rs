@@ -6,14 +6,15 @@
 //! Methods never hold a map guard across an `.await`.
 
 pub mod journal;
+pub mod snapshot;
 
 use crate::clock::UnixSeconds;
-use crate::identity::Claims;
 use crate::mint::{Revocation, RevokeHandle};
 use dashmap::DashMap;
 use journal::{Journal, JournalError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+pub use snapshot::ClaimSnapshot;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -58,35 +59,112 @@ impl LeaseState {
     }
 }
 
+/// One credential of a lease: what revoking it needs. Names are interned ([`name`]); the revoke
+/// handle's data is kept as compact JSON text (a `serde_json` map costs ~600 bytes even with
+/// one entry) and parsed back only when the credential is revoked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "CredentialJson", into = "CredentialJson")]
 pub struct LeaseCredential {
-    pub name: String,
-    pub kind: String,
+    pub name: Arc<str>,
+    pub kind: Arc<str>,
     pub revocation: Revocation,
-    pub handle: RevokeHandle,
+    pub backend: Arc<str>,
+    /// The handle's data, as JSON text.
+    pub data: Box<str>,
 }
 
+impl LeaseCredential {
+    pub fn new(name: &str, kind: &str, revocation: Revocation, handle: &RevokeHandle) -> LeaseCredential {
+        LeaseCredential {
+            name: name::intern(name),
+            kind: name::intern(kind),
+            revocation,
+            backend: name::intern(&handle.backend),
+            data: handle.data.to_string().into_boxed_str(),
+        }
+    }
+
+    /// The handle its backend revokes with.
+    pub fn handle(&self) -> RevokeHandle {
+        RevokeHandle { backend: self.backend.to_string(), data: self.data() }
+    }
+
+    /// The handle's data (e.g. a broker JWT's `jti`).
+    pub fn data(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or_default()
+    }
+}
+
+/// The JSON shape of a credential in journal records (`handle: {backend, data}`), unchanged
+/// since the first journal format so old journals replay.
+#[derive(Serialize, Deserialize)]
+struct CredentialJson {
+    name: String,
+    kind: String,
+    revocation: Revocation,
+    handle: RevokeHandle,
+}
+
+impl From<CredentialJson> for LeaseCredential {
+    fn from(c: CredentialJson) -> Self {
+        LeaseCredential::new(&c.name, &c.kind, c.revocation, &c.handle)
+    }
+}
+
+impl From<LeaseCredential> for CredentialJson {
+    fn from(c: LeaseCredential) -> Self {
+        CredentialJson {
+            handle: c.handle(),
+            name: c.name.to_string(),
+            kind: c.kind.to_string(),
+            revocation: c.revocation,
+        }
+    }
+}
+
+/// Interned names (policies, issuers, reasons, credential names, kinds, backends): a handful of
+/// distinct values shared by every lease. Never freed; the sets are bounded by the config and the
+/// code.
+pub mod name {
+    use std::collections::HashSet;
+    use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+
+    static NAMES: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
+
+    pub fn intern(text: &str) -> Arc<str> {
+        let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = names.get(text) {
+            return found.clone();
+        }
+        let new: Arc<str> = Arc::from(text);
+        names.insert(new.clone());
+        new
+    }
+}
+
+/// One lease, as the ledger keeps it: compact, because a broker may hold a million (issue 7's
+/// goal is ≤ 1 KiB each, claims included). The id and the job are shared with the indexes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
-    pub id: String,
-    pub job: String,
-    pub policy: String,
-    pub issuer: String,
+    pub id: Arc<str>,
+    pub job: Arc<str>,
+    pub policy: Arc<str>,
+    pub issuer: Arc<str>,
     pub created_at: UnixSeconds,
     pub expires_at: UnixSeconds,
     pub state: LeaseState,
     /// Why it is ending: `job`, `webhook`, `admin`, `expired`, …
     #[serde(default)]
-    pub reason: Option<String>,
+    pub reason: Option<Arc<str>>,
     #[serde(default)]
     pub attempts: u32,
     #[serde(default)]
     pub next_attempt_at: UnixSeconds,
     #[serde(default)]
-    pub last_error: Option<String>,
-    pub credentials: Vec<LeaseCredential>,
-    /// The verified claims it was granted on: for re-evaluation and the audit trail.
-    pub claims: Arc<Claims>,
+    pub last_error: Option<Box<str>>,
+    pub credentials: Box<[LeaseCredential]>,
+    /// The verified claims it was granted on: for re-evaluation, filters and the audit trail.
+    pub claims: ClaimSnapshot,
 }
 
 impl Lease {
@@ -106,7 +184,7 @@ pub const REASON_EXPIRED: &str = "expired";
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Event {
     Created {
-        lease: Lease,
+        lease: Box<Lease>,
     },
     RevokeRequested {
         id: String,
@@ -145,8 +223,8 @@ pub enum Event {
 /// What a revocation must undo, handed out when a lease leaves `Active` (or is retried).
 #[derive(Debug, Clone)]
 pub struct RevokeWork {
-    pub lease_id: String,
-    pub credentials: Vec<LeaseCredential>,
+    pub lease_id: Arc<str>,
+    pub credentials: Box<[LeaseCredential]>,
 }
 
 /// Backoff for failed revocations.
@@ -198,18 +276,18 @@ impl LeaseFilter {
     pub fn matches(&self, lease: &Lease) -> bool {
         let claim = |name: &str, want: &Option<String>| {
             want.as_ref().is_none_or(|w| {
-                lease.claims.get(name).and_then(crate::policy::matcher::scalar_text).as_ref() == Some(w)
+                lease.claims.get(name).as_ref().and_then(crate::policy::matcher::scalar_text).as_ref() == Some(w)
             })
         };
-        self.job.as_ref().is_none_or(|j| *j == lease.job)
-            && self.policy.as_ref().is_none_or(|p| *p == lease.policy)
+        self.job.as_ref().is_none_or(|j| **j == *lease.job)
+            && self.policy.as_ref().is_none_or(|p| **p == *lease.policy)
             && self.state.is_none_or(|s| s == lease.state)
             && claim("repository_id", &self.repository_id)
             && claim("project_id", &self.project_id)
             && self.actor_id.as_ref().is_none_or(|a| {
-                ["actor_id", "user_id"]
-                    .iter()
-                    .any(|c| lease.claims.get(*c).and_then(crate::policy::matcher::scalar_text).as_ref() == Some(a))
+                ["actor_id", "user_id"].iter().any(|c| {
+                    lease.claims.get(c).as_ref().and_then(crate::policy::matcher::scalar_text).as_ref() == Some(a)
+                })
             })
     }
 
@@ -223,16 +301,26 @@ impl LeaseFilter {
     }
 }
 
-type TimeIndex = Mutex<BTreeSet<(UnixSeconds, String)>>;
+/// Ids by the second something is due: a few thousand distinct seconds hold a million ids, so
+/// an insert compares integers in a small, cache-resident tree and pushes onto a vector.
+#[derive(Default)]
+struct TimeIndex(Mutex<BTreeMap<UnixSeconds, Vec<Arc<str>>>>);
+
+impl TimeIndex {
+    fn insert(&self, at: UnixSeconds, id: Arc<str>) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(at).or_default().push(id);
+    }
+}
 
 #[derive(Default)]
 pub struct Ledger {
-    leases: DashMap<String, Lease>,
-    by_job: DashMap<String, Vec<String>>,
+    /// Boxed: a map slot is then 24 bytes, and a hash table keeps up to half its slots empty.
+    leases: DashMap<Arc<str>, Box<Lease>>,
+    by_job: DashMap<Arc<str>, Vec<Arc<str>>>,
     expiries: TimeIndex,
     retries: TimeIndex,
     forget_at: TimeIndex,
-    jtis: DashMap<String, UnixSeconds>,
+    jtis: DashMap<Arc<str>, UnixSeconds>,
     jti_expiries: TimeIndex,
     counts: [AtomicUsize; 5],
     /// Active leases per backend (a lease with credentials from two backends counts in both).
@@ -241,22 +329,17 @@ pub struct Ledger {
     retry: RetryPolicy,
 }
 
-fn lock(index: &TimeIndex) -> std::sync::MutexGuard<'_, BTreeSet<(UnixSeconds, String)>> {
-    index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Removes every entry of `index` due at `now` and returns their ids, each once (a lease can
 /// have stale entries: the index is cleaned lazily, and callers re-check the lease itself).
-fn take_due(index: &TimeIndex, now: UnixSeconds) -> Vec<String> {
-    let mut set = lock(index);
-    let mut due = Vec::new();
-    while set.first().is_some_and(|first| first.0 <= now) {
-        if let Some((_, id)) = set.pop_first()
-            && !due.contains(&id)
-        {
-            due.push(id);
-        }
-    }
+fn take_due(index: &TimeIndex, now: UnixSeconds) -> Vec<Arc<str>> {
+    let mut due: Vec<Arc<str>> = {
+        let mut map = index.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let later = map.split_off(&now.saturating_add(1));
+        std::mem::replace(&mut *map, later).into_values().flatten().collect()
+    };
+    // Sorted and deduplicated outside the lock (a lease can be listed twice).
+    due.sort_unstable();
+    due.dedup();
     due
 }
 
@@ -264,6 +347,22 @@ impl Ledger {
     /// A ledger recording to `journal` (or, with `None`, in memory only).
     pub fn new(journal: Option<Journal>, retry: RetryPolicy) -> Ledger {
         Ledger { journal, retry, ..Ledger::default() }
+    }
+
+    /// An empty ledger sized for `leases`, without a journal yet: replay fills it, then
+    /// [`Ledger::attach`] gives it the journal it was replayed from.
+    pub fn with_capacity(leases: usize, retry: RetryPolicy) -> Ledger {
+        Ledger {
+            leases: DashMap::with_capacity(leases),
+            by_job: DashMap::with_capacity(leases),
+            retry,
+            ..Ledger::default()
+        }
+    }
+
+    /// Starts recording to `journal` (after a replay).
+    pub fn attach(&mut self, journal: Journal) {
+        self.journal = Some(journal);
     }
 
     pub fn journal(&self) -> Option<&Journal> {
@@ -293,28 +392,29 @@ impl Ledger {
         match event {
             Event::Created { lease } => {
                 if !self.leases.contains_key(&lease.id) {
-                    self.insert_memory(lease);
+                    self.insert_memory(*lease);
                 }
             }
             Event::RevokeRequested { id, reason, .. } => self.update(&id, |l| {
                 if l.state == LeaseState::Active {
                     l.state = LeaseState::Revoking;
-                    l.reason = Some(reason);
+                    l.reason = Some(name::intern(&reason));
                 }
             }),
             Event::Revoked { id, .. } => self.update(&id, |l| l.state = LeaseState::Revoked),
             Event::Expired { id, .. } => self.update(&id, |l| l.state = LeaseState::Expired),
             Event::RevokeFailed { id, attempts, next_at, error, .. } => self.update(&id, |l| {
                 l.state = LeaseState::Revoking;
-                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error));
+                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error.into()));
             }),
             Event::Irrevocable { id, attempts, next_at, error, .. } => self.update(&id, |l| {
                 l.state = LeaseState::Irrevocable;
-                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error));
+                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error.into()));
             }),
             Event::JtiUsed { key, exp } => {
+                let key: Arc<str> = key.into();
                 self.jtis.insert(key.clone(), exp);
-                lock(&self.jti_expiries).insert((exp, key));
+                self.jti_expiries.insert(exp, key);
             }
         }
     }
@@ -333,11 +433,10 @@ impl Ledger {
             }
         }
         if after.is_pending() {
-            lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
+            self.retries.insert(lease.next_attempt_at, lease.id.clone());
         }
         if matches!(after, LeaseState::Revoked | LeaseState::Expired) && before != after {
-            lock(&self.forget_at)
-                .insert((lease.expires_at.max(lease.created_at) + ENDED_RETENTION_SECS, lease.id.clone()));
+            self.forget_at.insert(lease.expires_at.max(lease.created_at) + ENDED_RETENTION_SECS, lease.id.clone());
         }
     }
 
@@ -345,13 +444,20 @@ impl Ledger {
     fn count_backends(&self, lease: &Lease, add: bool) {
         let mut seen: Vec<&str> = Vec::new();
         for c in &lease.credentials {
-            let backend = c.handle.backend.as_str();
+            let backend = &*c.backend;
             if seen.contains(&backend) {
                 continue;
             }
             seen.push(backend);
-            let mut n = self.active_by_backend.entry(backend.to_string()).or_default();
-            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+            // `get_mut` first: the entry exists for every lease but the first of a backend, and
+            // `entry` would allocate the key each time.
+            match self.active_by_backend.get_mut(backend) {
+                Some(mut n) => *n = if add { *n + 1 } else { n.saturating_sub(1) },
+                None if add => {
+                    *self.active_by_backend.entry(backend.to_string()).or_default() += 1;
+                }
+                None => {}
+            }
         }
     }
 
@@ -368,28 +474,29 @@ impl Ledger {
         match lease.state {
             LeaseState::Active => {
                 self.count_backends(&lease, true);
-                lock(&self.expiries).insert((lease.expires_at, lease.id.clone()));
+                self.expiries.insert(lease.expires_at, lease.id.clone());
             }
             LeaseState::Revoking | LeaseState::Irrevocable => {
-                lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
+                self.retries.insert(lease.next_attempt_at, lease.id.clone());
             }
             LeaseState::Revoked | LeaseState::Expired => {
-                lock(&self.forget_at).insert((lease.expires_at + ENDED_RETENTION_SECS, lease.id.clone()));
+                self.forget_at.insert(lease.expires_at + ENDED_RETENTION_SECS, lease.id.clone());
             }
         }
         self.by_job.entry(lease.job.clone()).or_default().push(lease.id.clone());
-        self.leases.insert(lease.id.clone(), lease);
+        self.leases.insert(lease.id.clone(), Box::new(lease));
     }
 
     // ---- issuing -----------------------------------------------------------------------
 
     /// Reserves a `jti` for one exchange; `false` if it was already used (a replay).
     pub fn reserve_jti(&self, key: &str, exp: UnixSeconds) -> bool {
-        match self.jtis.entry(key.to_string()) {
+        let key: Arc<str> = key.into();
+        match self.jtis.entry(key.clone()) {
             dashmap::Entry::Occupied(_) => false,
             dashmap::Entry::Vacant(v) => {
                 v.insert(exp);
-                lock(&self.jti_expiries).insert((exp, key.to_string()));
+                self.jti_expiries.insert(exp, key);
                 true
             }
         }
@@ -406,7 +513,7 @@ impl Ledger {
         if let Some((key, exp)) = jti {
             events.push(Event::JtiUsed { key: key.to_string(), exp });
         }
-        events.push(Event::Created { lease: lease.clone() });
+        events.push(Event::Created { lease: Box::new(lease.clone()) });
         self.record(&events).await?;
         self.insert_memory(lease);
         Ok(())
@@ -424,10 +531,10 @@ impl Ledger {
                 return None;
             }
             lease.state = LeaseState::Revoking;
-            lease.reason = Some(reason.to_string());
+            lease.reason = Some(name::intern(reason));
             // A safety net: if the attempt about to run never reports back, the reaper retries.
             lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
-            lock(&self.retries).insert((lease.next_attempt_at, lease.id.clone()));
+            self.retries.insert(lease.next_attempt_at, lease.id.clone());
             self.count_backends(&lease, false);
             RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() }
         };
@@ -465,6 +572,7 @@ impl Ledger {
         take_due(&self.expiries, now)
             .into_iter()
             .filter(|id| self.leases.get(id).is_some_and(|l| l.state == LeaseState::Active && l.expires_at <= now))
+            .map(|id| id.to_string())
             .collect()
     }
 
@@ -475,7 +583,7 @@ impl Ledger {
 
     /// Every pending revocation, due or not (start-up resumes them all at once).
     pub fn all_pending(&self) -> Vec<RevokeWork> {
-        let ids: Vec<String> = self.leases.iter().filter(|l| l.state.is_pending()).map(|l| l.id.clone()).collect();
+        let ids: Vec<Arc<str>> = self.leases.iter().filter(|l| l.state.is_pending()).map(|l| l.id.clone()).collect();
         ids.iter().filter_map(|id| self.retry_work(id, i64::MAX)).collect()
     }
 
@@ -510,16 +618,16 @@ impl Ledger {
     /// Everything a fresh journal needs: every remembered lease in its current state, and the
     /// `jti`s still guarded.
     pub fn snapshot(&self) -> Vec<Event> {
-        let mut events: Vec<Event> =
-            self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().clone(), exp: *e.value() }).collect();
+        let mut events: Vec<Event> = Vec::with_capacity(self.leases.len() + self.jtis.len());
         events.extend(self.leases.iter().map(|l| Event::Created { lease: l.value().clone() }));
+        events.extend(self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().to_string(), exp: *e.value() }));
         events
     }
 
     // ---- reading -----------------------------------------------------------------------
 
     pub fn get(&self, id: &str) -> Option<Lease> {
-        self.leases.get(id).map(|l| l.clone())
+        self.leases.get(id).map(|l| Lease::clone(&l))
     }
 
     pub fn state(&self, id: &str) -> Option<LeaseState> {
@@ -533,7 +641,7 @@ impl Ledger {
     /// Ids of the job's leases that are still active.
     pub fn live_of_job(&self, job: &str, now: UnixSeconds) -> Vec<String> {
         let ids = self.by_job.get(job).map(|ids| ids.clone()).unwrap_or_default();
-        ids.into_iter().filter(|id| self.is_live(id, now)).collect()
+        ids.into_iter().filter(|id| self.is_live(id, now)).map(|id| id.to_string()).collect()
     }
 
     /// Leases matching `filter`, oldest first, at most `limit`. A job filter uses the job index;
@@ -541,10 +649,10 @@ impl Ledger {
     pub fn list(&self, filter: &LeaseFilter, limit: usize) -> Vec<Lease> {
         let mut out: Vec<Lease> = match &filter.job {
             Some(job) => {
-                let ids = self.by_job.get(job).map(|ids| ids.clone()).unwrap_or_default();
+                let ids = self.by_job.get(job.as_str()).map(|ids| ids.clone()).unwrap_or_default();
                 ids.iter().filter_map(|id| self.get(id)).filter(|l| filter.matches(l)).collect()
             }
-            None => self.leases.iter().filter(|l| filter.matches(l)).map(|l| l.clone()).collect(),
+            None => self.leases.iter().filter(|l| filter.matches(l)).map(|l| Lease::clone(&l)).collect(),
         };
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out.truncate(limit);
@@ -581,8 +689,8 @@ mod tests {
             attempts: 0,
             next_attempt_at: 0,
             last_error: None,
-            credentials: vec![],
-            claims: Arc::new(Claims::new()),
+            credentials: Box::new([]),
+            claims: ClaimSnapshot::default(),
         }
     }
 
@@ -640,7 +748,7 @@ mod tests {
     fn replaying_events_twice_gives_the_same_state() {
         let l = Ledger::default();
         let events = [
-            Event::Created { lease: lease("a", "j", 100) },
+            Event::Created { lease: Box::new(lease("a", "j", 100)) },
             Event::RevokeRequested { id: "a".into(), reason: "job".into(), at: 5 },
             Event::RevokeFailed { id: "a".into(), at: 5, attempts: 1, next_at: 7, error: "x".into() },
         ];
