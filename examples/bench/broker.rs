@@ -1,0 +1,155 @@
+//! The broker under test: a config directory as an operator would write it, and the real
+//! release binary started on it (`ephemera serve --config …`, not `--dev`).
+//!
+//! The config: one GitHub issuer on a loopback url with static keys (`jwks_file`: nothing is
+//! fetched), replay protection on, a `jwt` backend, one policy shaped like a production deploy
+//! policy, the journal in a temporary data directory (real fsyncs), the audit file, the GitHub
+//! webhook and an admin token (only its SHA-256 in the config).
+
+use crate::http::{Conn, request};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ISSUER_URL: &str = "http://127.0.0.1:9";
+pub const AUDIENCE: &str = "https://ephemera.bench.invalid";
+pub const POLICY: &str = "bench";
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+pub const WEBHOOK_SECRET: &str = "bench-webhook-secret-0123456789";
+
+const POLICY_YAML: &str = r#"# The shape of a production deploy policy (policies/deploy-web.yaml).
+description: Bench - deploy octo-repo from main
+issuer: github
+match:
+  repository_id: "74"
+  repository_owner_id: "65"
+  ref: refs/heads/main
+  environment: [production, staging, prod]
+  job_workflow_ref: {glob: "octo-org/octo-automation/.github/workflows/*.yml@refs/heads/main"}
+deny:
+  event_name: [pull_request, pull_request_target, workflow_run]
+  runner_environment: self-hosted
+ttl: {default: 15m, max: 1h}
+grants:
+  api:
+    backend: jwt
+    audience: https://deploy-api.internal.example
+    claims:
+      scope: "deploy:web"
+      repository: "${repository}"
+      environment: "${environment}"
+"#;
+
+/// Writes the config directory (with `extra` TOML appended); returns the config file's path.
+pub fn write_setup(dir: &Path, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(dir.join("policies").join(format!("{POLICY}.yaml")), POLICY_YAML).unwrap();
+    std::fs::write(dir.join("issuer-jwks.json"), crate::tokens::jwks().to_string()).unwrap();
+    std::fs::write(dir.join("github-secret"), format!("{WEBHOOK_SECRET}\n")).unwrap();
+    let admin_sha256 = ephemera::secret::sha256_hex(ADMIN_TOKEN.as_bytes());
+    let toml = format!(
+        r#"listen = "127.0.0.1:0"
+public_url = "{AUDIENCE}"
+policies = "policies"
+data_dir = "data"
+
+[[issuers]]
+name = "github"
+platform = "github-actions"
+url = "{ISSUER_URL}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["RS256"]
+max_token_lifetime = "1h"
+jwks_file = "issuer-jwks.json"
+replay_protection = true
+
+[backends.jwt]
+type = "jwt"
+max_ttl = "1h"
+
+[hooks]
+github_secret_file = "github-secret"
+
+[admin]
+token_sha256 = "{admin_sha256}"
+
+[audit]
+file = "audit.jsonl"
+{extra}"#
+    );
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// A running `ephemera serve`, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Broker {
+    /// Starts `binary serve --config <dir>/bench.toml` with JSON logs (default `info`) going to
+    /// `<dir>/broker.log`, and waits until `/readyz` answers 200.
+    pub async fn start(binary: &Path, dir: &Path) -> Broker {
+        Broker::start_with(binary, dir, "").await
+    }
+
+    /// [`Broker::start`] with `extra` TOML appended to the config.
+    pub async fn start_with(binary: &Path, dir: &Path, extra: &str) -> Broker {
+        let config = write_setup(dir, extra);
+        let log = dir.join("broker.log");
+        let mut child = Command::new(binary)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let addr = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| line.split("listening on http://").nth(1).and_then(|a| a.trim().parse().ok()));
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            panic!("the broker did not start; its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        };
+        let broker = Broker { child, pid, addr, log };
+        broker.wait_ready().await;
+        broker
+    }
+
+    async fn wait_ready(&self) {
+        let started = Instant::now();
+        let ready = request("GET", "/readyz", &[], "", b"");
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(mut conn) = Conn::open(self.addr).await
+                && conn.send(&ready).await.is_ok_and(|r| r.status == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the broker did not become ready; its log: {}", self.log.display());
+    }
+
+    /// The broker process's CPU time so far, by thread (see [`crate::procfs::Cpu`]).
+    pub fn cpu(&self) -> crate::procfs::Cpu {
+        crate::procfs::cpu(&self.pid.to_string())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,323 @@
+//! Row 3, the ledger. Runs in a child process of its own, so its memory figures start from a
+//! clean heap and its gigabytes go back when it exits.
+//!
+//! Every lease is shaped like one the broker records: a ULID id, a GitHub job key, one broker-JWT
+//! credential with its revoke handle, and the verified claims of a GitHub-shaped token (each
+//! lease its own copy, with its own `jti`, `run_id` and `check_run_id`). The replayed journal is
+//! what compaction leaves (see [`write_journal`]). Leases are built from the journal records' JSON
+//! form, which the journal keeps readable across versions, so the bench does not depend on the
+//! ledger's in-memory layout.
+//!
+//! Memory and replay are measured on the real binary (`ephemera serve` on a data directory
+//! holding the journal): its RSS and its time to `/readyz` are what an operator sees.
+//! Revoke-by-job, reaping and group commit are measured in process, on `Ledger` and `Journal`.
+
+use crate::broker::Broker;
+use crate::table::{Row, median};
+use ephemera::identity::Claims;
+use ephemera::ledger::journal::{FileStorage, Journal, encode};
+use ephemera::ledger::{Event, Lease, Ledger, REASON_EXPIRED, RetryPolicy};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+const ROUNDS: usize = 10;
+const PER_ROUND: usize = 100;
+/// Leases 0..TARGETS are the ones revoked and reaped in both ledgers: the first half due for
+/// expiry (at `due + i % ROUNDS`), the second half revoked by job.
+const TARGETS: usize = 2 * ROUNDS * PER_ROUND;
+const SMALL_OTHERS: usize = 1_000;
+
+/// Makes leases at `now` (the real time: the binary replays them with its real clock, and they
+/// must still be live then).
+struct Leases {
+    base: Claims,
+    now: i64,
+    due: i64,
+}
+
+impl Leases {
+    fn new() -> Leases {
+        let now = ephemera::clock::Clock::now(&ephemera::clock::SystemClock);
+        Leases { base: crate::tokens::fixture_claims(), now, due: now + 1_800 }
+    }
+
+    /// Lease `i`'s two records as JSON, as its exchange journals them: `JtiUsed` and `Created`.
+    fn records(&self, i: usize) -> (Value, Value) {
+        let (run_id, check_run_id) = crate::tokens::job_ids(i as u64);
+        let mut claims = self.base.clone();
+        let jti = ephemera::ids::b64url(&ephemera::ids::random::<16>());
+        for (k, v) in [
+            ("jti", json!(jti)),
+            ("run_id", json!(run_id.to_string())),
+            ("check_run_id", json!(check_run_id.to_string())),
+            ("iat", json!(self.now - 300)),
+            ("nbf", json!(self.now - 300)),
+            ("exp", json!(self.now)),
+        ] {
+            claims.insert(k.into(), v);
+        }
+        let expires_at = if i < TARGETS / 2 { self.due + (i % ROUNDS) as i64 } else { self.now + 3_600 };
+        let lease = json!({
+            "id": ephemera::ids::lease_id(self.now), "job": job(i), "policy": "bench", "issuer": "github",
+            "created_at": self.now, "expires_at": expires_at, "state": "active",
+            "credentials": [{"name": "api", "kind": "jwt", "revocation": "immediate",
+                             "handle": {"backend": "jwt", "data": {"jti": ephemera::ids::jwt_id()}}}],
+            "claims": claims,
+        });
+        let key = ephemera::secret::sha256_hex(format!("github\0bench\0{jti}").as_bytes());
+        (json!({"t": "jti_used", "key": key, "exp": self.now + 30}), lease)
+    }
+
+    /// Lease `i`'s `Created` record, as compaction writes it (`Ledger::snapshot`: every lease
+    /// in its current state, plus the `jti`s of tokens still valid; after a restart those have
+    /// long expired, so there are none).
+    fn created(&self, i: usize) -> Event {
+        serde_json::from_value(json!({"t": "created", "lease": self.records(i).1})).unwrap()
+    }
+
+    /// Lease `i` and its `jti` key, for `Ledger::record_created`.
+    fn lease(&self, i: usize) -> (Lease, String) {
+        let (jti, lease) = self.records(i);
+        (serde_json::from_value(lease).unwrap(), jti["key"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+fn job(i: usize) -> String {
+    let (run_id, check_run_id) = crate::tokens::job_ids(i as u64);
+    format!("github:{}:{run_id}:{}:{check_run_id}", crate::tokens::REPOSITORY_ID, crate::tokens::RUN_ATTEMPT)
+}
+
+/// The child process: every ledger row for `n` leases (plus the 2,000 the in-process rows act
+/// on), with `records` durable appends, and the broker `binary` for memory and replay. Works in
+/// `keep` (kept) when given, else in a temporary directory.
+pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -> Vec<Row> {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = keep.unwrap_or(temp.path());
+    std::fs::create_dir_all(dir).unwrap();
+    let leases = Leases::new();
+    let total = TARGETS + n;
+    let scale = if n >= 1_000_000 { format!("{}M", n / 1_000_000) } else { format!("{}k", n / 1_000) };
+
+    // The journal of `total` exchanges; the same leases applied to an in-process ledger.
+    let path = dir.join("journal");
+    let started = Instant::now();
+    let big = Ledger::new(None, RetryPolicy::default());
+    let rss_before = crate::procfs::rss_bytes();
+    let journal_bytes = write_journal(&path, total, &leases, |event| big.apply(event));
+    let in_process_rss = crate::procfs::rss_bytes().saturating_sub(rss_before) / total as u64;
+    eprintln!("  wrote and applied {total} leases in {:.1} s", started.elapsed().as_secs_f64());
+    // 1k others, and a tenth of `n` (to tell a scan, which grows from there too, from cache
+    // misses, which stop growing once the maps outgrow the caches).
+    let small = Ledger::new(None, RetryPolicy::default());
+    write_journal(&dir.join("small"), TARGETS + SMALL_OTHERS, &leases, |event| small.apply(event));
+    let mid = Ledger::new(None, RetryPolicy::default());
+    write_journal(&dir.join("mid"), TARGETS + n / 10, &leases, |event| mid.apply(event));
+    let [small_cost, mid_cost, big_cost] = revoke_and_reap([&small, &mid, &big], &leases).await;
+    let (revoke, reap) = ((small_cost.0, big_cost.0), (small_cost.1, big_cost.1));
+    let mid_scale = if n >= 10_000_000 { format!("{}M", n / 10_000_000) } else { format!("{}k", n / 10_000) };
+    drop(big);
+    drop(mid);
+    drop(small);
+
+    let floor_secs = read_and_crc(&path);
+    let boot = boot_binary(binary, dir, &path).await;
+    let replay_secs = boot.ready_full - boot.ready_empty;
+    let rss_per_lease = boot.rss_full.saturating_sub(boot.rss_empty) / total as u64;
+    eprintln!(
+        "  the broker replayed {total} leases: ready after {:.2} s (empty: {:.2} s)",
+        boot.ready_full, boot.ready_empty
+    );
+    let (durable, single) = durable_rate(dir, records, &leases).await;
+
+    let record_bytes = journal_bytes / total as u64;
+    let replay_goal = 2.0 * total as f64 / 1e6;
+    vec![
+        Row::new(
+            "3a",
+            &format!("RSS per live lease, broker process after replaying {scale} leases (claims snapshot included)"),
+            format!(
+                "{rss_per_lease} B ({:.2} GB more than with an empty journal)",
+                boot.rss_full.saturating_sub(boot.rss_empty) as f64 / 1e9
+            ),
+            format!("{record_bytes} B of journal per lease; in-process `Ledger` alone: {in_process_rss} B"),
+        )
+        .ratio(rss_per_lease as f64 / record_bytes as f64)
+        .goal("≤ 1 KiB", rss_per_lease <= 1024),
+        Row::new(
+            "3b",
+            &format!("revoke-by-job (lookup, begin + finish revoke), 1k vs {scale} other leases"),
+            format!("{:.2} µs per job with {scale}", revoke.1 * 1e6),
+            format!(
+                "{:.2} µs with 1k ({:.2} µs with {mid_scale}: {mid_scale} → {scale} ×{:.2})",
+                revoke.0 * 1e6,
+                mid_cost.0 * 1e6,
+                big_cost.0 / mid_cost.0
+            ),
+        )
+        .ratio(revoke.1 / revoke.0)
+        .goal("≈ 1 (≤ 2: no scan)", revoke.1 / revoke.0 <= 2.0),
+        Row::new(
+            "3c",
+            &format!("reaping (due expiries, begin + finish revoke), 1k vs {scale} other leases"),
+            format!("{:.2} µs per due lease with {scale}", reap.1 * 1e6),
+            format!(
+                "{:.2} µs with 1k ({:.2} µs with {mid_scale}: {mid_scale} → {scale} ×{:.2})",
+                reap.0 * 1e6,
+                mid_cost.1 * 1e6,
+                big_cost.1 / mid_cost.1
+            ),
+        )
+        .ratio(reap.1 / reap.0)
+        .goal("≈ 1 (≤ 2: no scan)", reap.1 / reap.0 <= 2.0),
+        Row::new(
+            "3d",
+            &format!("journal replay of {scale} leases: broker's time to /readyz, less its time with an empty journal"),
+            format!(
+                "{replay_secs:.2} s ({:.1} µs per lease; ready after {:.2} s)",
+                replay_secs / total as f64 * 1e6,
+                boot.ready_full
+            ),
+            format!("{floor_secs:.2} s to read + CRC the same {:.0} MB", journal_bytes as f64 / 1e6),
+        )
+        .ratio(replay_secs / floor_secs)
+        .goal(&format!("≤ {replay_goal:.2} s (2 s per 1M)"), replay_secs <= replay_goal),
+        Row::new(
+            "3e",
+            "durable leases/s, group commit (256 concurrent writers; JtiUsed + Created, fsync)",
+            format!("{durable:.0}/s ({records} leases)"),
+            format!("{single:.0}/s, one writer (an fsync each)"),
+        )
+        .ratio(durable / single)
+        .goal("≥ 20k/s", durable >= 20_000.0),
+    ]
+}
+
+/// Writes a journal of `count` leases as compaction leaves it (one `Created` record each),
+/// handing every event to `sink` once it is encoded. Bytes written.
+///
+/// Not the uncompacted journal of `count` exchanges: the broker compacts every
+/// `ledger.compact_bytes` (64 MiB), so a journal holding a million leases is a snapshot plus a
+/// short tail. (An uncompacted one also carries a `JtiUsed` per exchange; replaying those and
+/// forgetting them at resume costs about 0.3 KB of RSS per lease more, in glibc's fragments.)
+fn write_journal(path: &Path, count: usize, leases: &Leases, mut sink: impl FnMut(Event)) -> u64 {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    file.write_all(b"EPHJRNL1").unwrap();
+    let mut written = 8u64;
+    let mut bytes = Vec::new();
+    let mut batch = Vec::with_capacity(2_000);
+    for i in 0..count {
+        batch.push(leases.created(i));
+        if batch.len() >= 1_000 || i + 1 == count {
+            encode(&batch, &mut bytes);
+            file.write_all(&bytes).unwrap();
+            written += bytes.len() as u64;
+            bytes.clear();
+            batch.drain(..).for_each(&mut sink);
+        }
+    }
+    file.flush().unwrap();
+    written
+}
+
+/// Per-operation seconds (median over rounds) for each ledger: (revoke-by-job, reaping). Rounds
+/// go through the ledgers in turn, so a noisy moment hits them alike.
+async fn revoke_and_reap<const N: usize>(ledgers: [&Ledger; N], leases: &Leases) -> [(f64, f64); N] {
+    let mut samples = [(); N].map(|_| (Vec::new(), Vec::new()));
+    let now = leases.now;
+    for round in 0..ROUNDS {
+        for (ledger, (revoke, reap)) in ledgers.iter().zip(samples.iter_mut()) {
+            let first = TARGETS / 2 + round * PER_ROUND;
+            let started = Instant::now();
+            for i in first..first + PER_ROUND {
+                for id in ledger.live_of_job(&job(i), now) {
+                    ledger.begin_revoke(&id, "job", now).await.unwrap();
+                    ledger.finish_revoke(&id, None, now).await;
+                }
+            }
+            revoke.push(started.elapsed().as_secs_f64() / PER_ROUND as f64);
+            let at = leases.due + round as i64;
+            let started = Instant::now();
+            let due = ledger.due_expiries(at);
+            for id in &due {
+                ledger.begin_revoke(id, REASON_EXPIRED, at).await.unwrap();
+                ledger.finish_revoke(id, None, at).await;
+            }
+            reap.push(started.elapsed().as_secs_f64() / due.len().max(1) as f64);
+            assert_eq!(due.len(), PER_ROUND, "the same leases are due in every ledger");
+        }
+    }
+    samples.map(|(revoke, reap)| (median(&revoke), median(&reap)))
+}
+
+/// The replay floor: reading the journal and checking a CRC over all of it.
+fn read_and_crc(path: &Path) -> f64 {
+    let started = Instant::now();
+    let bytes = std::fs::read(path).unwrap();
+    std::hint::black_box(crc32fast::hash(&bytes));
+    started.elapsed().as_secs_f64()
+}
+
+struct Boot {
+    ready_empty: f64,
+    ready_full: f64,
+    rss_empty: u64,
+    rss_full: u64,
+}
+
+/// Starts the broker binary twice, on an empty data directory and on one holding `journal`
+/// (moved into place): seconds from spawn to `/readyz` 200, and RSS once ready. Compaction is
+/// switched off for both, so the figure is replay (and resume), not a rewrite of the journal.
+async fn boot_binary(binary: &Path, dir: &Path, journal: &Path) -> Boot {
+    const NO_COMPACTION: &str = "[ledger]\ncompact_bytes = 1000000000000\n";
+    let (empty_dir, full_dir) = (dir.join("broker-empty"), dir.join("broker-full"));
+    std::fs::create_dir_all(full_dir.join("data/ledger")).unwrap();
+    std::fs::rename(journal, full_dir.join("data/ledger/journal")).unwrap();
+    let started = Instant::now();
+    let empty = Broker::start_with(binary, &empty_dir, NO_COMPACTION).await;
+    let ready_empty = started.elapsed().as_secs_f64();
+    let rss_empty = crate::procfs::rss_of(&empty.pid.to_string());
+    drop(empty);
+    let started = Instant::now();
+    let full = Broker::start_with(binary, &full_dir, NO_COMPACTION).await;
+    let ready_full = started.elapsed().as_secs_f64();
+    let rss_full = crate::procfs::rss_of(&full.pid.to_string());
+    Boot { ready_empty, ready_full, rss_empty, rss_full }
+}
+
+/// Leases made durable per second: `records` exchanges' records from 256 concurrent writers
+/// (group commit), and from one writer in sequence (one fsync each) as the baseline.
+async fn durable_rate(dir: &Path, records: usize, leases: &Leases) -> (f64, f64) {
+    let single_n = (records / 100).clamp(100, 500);
+    let single = appends(&dir.join("journal-single"), 1, single_n, leases).await;
+    let group = appends(&dir.join("journal-group"), 256, records, leases).await;
+    (group, single)
+}
+
+async fn appends(path: &Path, writers: usize, total: usize, leases: &Leases) -> f64 {
+    let (storage, opened) = FileStorage::open(path).unwrap();
+    let journal = Journal::start(Box::new(storage), opened.len);
+    let ledger = Arc::new(Ledger::new(Some(journal), RetryPolicy::default()));
+    let per_writer = total / writers;
+    let batches: Vec<Vec<(Lease, String)>> =
+        (0..writers).map(|w| (0..per_writer).map(|k| leases.lease(w * per_writer + k)).collect()).collect();
+    let exp = leases.now + 330;
+    let started = Instant::now();
+    let tasks: Vec<_> = batches
+        .into_iter()
+        .map(|mine| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                for (lease, key) in mine {
+                    ledger.record_created(lease, Some((&key, exp))).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (per_writer * writers) as f64 / started.elapsed().as_secs_f64()
+}
