@@ -63,9 +63,15 @@ impl Audit {
         Value::Object(picked)
     }
 
+    /// The allowlisted claims of a claim set, serialised straight from it (no copy): the
+    /// exchange's hot path.
+    pub fn selected<'a>(&'a self, claims: &'a Claims) -> Selected<'a> {
+        Selected { names: &self.claims, claims }
+    }
+
     /// Writes one event as one line. `Err` when the sink cannot take it (the caller decides
     /// whether that fails the request); always `Ok` without a sink.
-    pub fn write(&self, event: &Value) -> Result<(), String> {
+    pub fn write(&self, event: &impl serde::Serialize) -> Result<(), String> {
         let Some(sink) = &self.sink else { return Ok(()) };
         let mut line = serde_json::to_vec(event).map_err(|e| e.to_string())?;
         line.push(b'\n');
@@ -102,4 +108,23 @@ fn open_append(path: &Path) -> Result<File, String> {
         options.mode(0o600);
     }
     options.open(path).map_err(|e| format!("cannot open the audit file {}: {e}", path.display()))
+}
+
+/// [`Audit::selected`]: a map of the allowlisted claims that the claim set carries.
+pub struct Selected<'a> {
+    names: &'a [String],
+    claims: &'a Claims,
+}
+
+impl serde::Serialize for Selected<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for name in self.names {
+            if let Some(value) = self.claims.get(name) {
+                map.serialize_entry(name, value)?;
+            }
+        }
+        map.end()
+    }
 }
