@@ -213,61 +213,11 @@ fn decode_payload(payload: &[u8], memo: &mut ReplayMemo) -> Result<Event, String
 
 /// The binary lease record (module docs).
 mod binary {
+    use crate::ledger::codec::{get_i64, get_str, get_u8, get_varint, put_i64, put_str, put_varint};
     use crate::ledger::snapshot::ReplayMemo;
     use crate::ledger::{ClaimSnapshot, Lease, LeaseCredential, LeaseState};
     use crate::mint::Revocation;
     use std::sync::Arc;
-
-    fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-
-    fn get_varint(input: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&b, rest) = input.split_first()?;
-            *input = rest;
-            v |= u64::from(b & 0x7f) << shift;
-            if b < 0x80 {
-                return Some(v);
-            }
-        }
-        None
-    }
-
-    fn put_i64(out: &mut Vec<u8>, v: i64) {
-        put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
-    }
-
-    fn get_i64(input: &mut &[u8]) -> Option<i64> {
-        let v = get_varint(input)?;
-        Some(((v >> 1) as i64) ^ -((v & 1) as i64))
-    }
-
-    fn put_str(out: &mut Vec<u8>, s: &str) {
-        put_varint(out, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
-    }
-
-    fn get_str<'a>(input: &mut &'a [u8]) -> Option<&'a str> {
-        let len = usize::try_from(get_varint(input)?).ok()?;
-        if input.len() < len {
-            return None;
-        }
-        let (bytes, rest) = input.split_at(len);
-        *input = rest;
-        std::str::from_utf8(bytes).ok()
-    }
-
-    fn get_u8(input: &mut &[u8]) -> Option<u8> {
-        let (&b, rest) = input.split_first()?;
-        *input = rest;
-        Some(b)
-    }
 
     fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
         match s {

@@ -5,6 +5,7 @@
 //! On disk: the [`journal`], where every state change is recorded; a restart replays it.
 //! Methods never hold a map guard across an `.await`.
 
+mod codec;
 pub mod journal;
 pub mod snapshot;
 

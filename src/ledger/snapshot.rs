@@ -23,6 +23,7 @@
 //! The journal form ([`ClaimSnapshot::write_to`], [`ClaimSnapshot::read_from`]) is the same with
 //! every id replaced by the string itself, so a journal never depends on a process's table.
 
+use super::codec::{get_bytes, get_str, get_u8, get_varint, put_bytes, put_str, put_varint, unzigzag, zigzag};
 use crate::identity::Claims;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
@@ -185,56 +186,6 @@ pub fn table_len() -> usize {
     table().ids.len()
 }
 
-// ---- varints -------------------------------------------------------------------------------
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(input: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = input.split_first()?;
-        *input = rest;
-        v |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn get_bytes<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = usize::try_from(get_varint(input)?).ok()?;
-    if input.len() < len {
-        return None;
-    }
-    let (bytes, rest) = input.split_at(len);
-    *input = rest;
-    Some(bytes)
-}
-
-fn get_str<'a>(input: &mut &'a [u8]) -> Option<&'a str> {
-    std::str::from_utf8(get_bytes(input)?).ok()
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    put_varint(out, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
-
 // ---- the snapshot --------------------------------------------------------------------------
 
 /// A lease's claims: compact, shared strings interned. See the module docs.
@@ -253,28 +204,45 @@ impl Drop for Encoded {
 }
 
 /// Calls `f` with every table id in an encoded buffer (keys and shared values).
-fn walk_ids(mut input: &[u8], mut f: impl FnMut(u32)) {
-    while !input.is_empty() {
-        let Some(key) = get_varint(&mut input) else { return };
-        f(key as u32);
-        let Some((&tag, rest)) = input.split_first() else { return };
-        input = rest;
-        let ok = match tag {
-            NULL | FALSE | TRUE => true,
-            INT => get_varint(&mut input).is_some(),
-            INLINE | JSON => get_bytes(&mut input).is_some(),
-            SHARED => match get_varint(&mut input) {
-                Some(id) => {
-                    f(id as u32);
-                    true
-                }
-                None => false,
-            },
-            _ => false,
-        };
-        if !ok {
-            return;
+fn walk_ids(bytes: &[u8], mut f: impl FnMut(u32)) {
+    for (key, value) in Entries(bytes) {
+        f(key);
+        if let Entry::Shared(id) = value {
+            f(id);
         }
+    }
+}
+
+/// One encoded value, as stored.
+enum Entry<'a> {
+    /// `NULL`, `FALSE` or `TRUE`: the tag is the value.
+    Tag(u8),
+    /// Zigzag-encoded.
+    Int(u64),
+    Inline(&'a [u8]),
+    Shared(u32),
+    Json(&'a [u8]),
+}
+
+/// The entries of an encoded buffer: (key id, value). Stops at the first malformed entry (the
+/// buffer is this process's own, so that does not happen).
+struct Entries<'a>(&'a [u8]);
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = (u32, Entry<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let input = &mut self.0;
+        let key = get_varint(input)? as u32;
+        let value = match get_u8(input)? {
+            tag @ (NULL | FALSE | TRUE) => Entry::Tag(tag),
+            INT => Entry::Int(get_varint(input)?),
+            INLINE => Entry::Inline(get_bytes(input)?),
+            SHARED => Entry::Shared(get_varint(input)? as u32),
+            JSON => Entry::Json(get_bytes(input)?),
+            _ => return None,
+        };
+        Some((key, value))
     }
 }
 
@@ -343,34 +311,17 @@ impl ClaimSnapshot {
     /// Every claim, decoded. `f` gets the name and the value.
     fn each(&self, mut f: impl FnMut(&str, Value) -> bool) {
         let table = table();
-        let mut input = self.bytes();
-        while !input.is_empty() {
-            let Some(key) = get_varint(&mut input) else { return };
-            let Some((&tag, rest)) = input.split_first() else { return };
-            input = rest;
-            let value = match tag {
-                NULL => Value::Null,
-                FALSE => Value::Bool(false),
-                TRUE => Value::Bool(true),
-                INT => match get_varint(&mut input) {
-                    Some(v) => Value::from(unzigzag(v)),
-                    None => return,
-                },
-                INLINE => match get_str(&mut input) {
-                    Some(s) => Value::String(s.to_string()),
-                    None => return,
-                },
-                SHARED => match get_varint(&mut input) {
-                    Some(id) => Value::String(table.text(id as u32).to_string()),
-                    None => return,
-                },
-                JSON => match get_str(&mut input) {
-                    Some(s) => serde_json::from_str(s).unwrap_or(Value::Null),
-                    None => return,
-                },
-                _ => return,
+        for (key, entry) in Entries(self.bytes()) {
+            let value = match entry {
+                Entry::Tag(FALSE) => Value::Bool(false),
+                Entry::Tag(TRUE) => Value::Bool(true),
+                Entry::Tag(_) => Value::Null,
+                Entry::Int(v) => Value::from(unzigzag(v)),
+                Entry::Inline(bytes) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
+                Entry::Shared(id) => Value::String(table.text(id).to_string()),
+                Entry::Json(bytes) => serde_json::from_slice(bytes).unwrap_or(Value::Null),
             };
-            if !f(table.text(key as u32), value) {
+            if !f(table.text(key), value) {
                 return;
             }
         }
@@ -412,46 +363,34 @@ impl ClaimSnapshot {
     /// The journal form: self-contained (every string written out).
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let table = table();
-        let mut input = self.bytes();
-        let mut entries = Vec::new();
-        // Two passes would need the count first; entries are collected as byte ranges instead.
-        while !input.is_empty() {
-            let Some(key) = get_varint(&mut input) else { break };
-            let mut entry = Vec::new();
-            put_str(&mut entry, table.text(key as u32));
-            let Some((&tag, rest)) = input.split_first() else { break };
-            input = rest;
-            match tag {
-                SHARED => {
-                    let Some(id) = get_varint(&mut input) else { break };
-                    entry.push(INLINE);
-                    put_str(&mut entry, table.text(id as u32));
+        put_varint(out, Entries(self.bytes()).count() as u64);
+        for (key, entry) in Entries(self.bytes()) {
+            put_str(out, table.text(key));
+            match entry {
+                Entry::Tag(tag) => out.push(tag),
+                Entry::Int(v) => {
+                    out.push(INT);
+                    put_varint(out, v);
                 }
-                NULL | FALSE | TRUE => entry.push(tag),
-                INT => {
-                    let Some(v) = get_varint(&mut input) else { break };
-                    entry.push(INT);
-                    put_varint(&mut entry, v);
+                Entry::Inline(bytes) => {
+                    out.push(INLINE);
+                    put_bytes(out, bytes);
                 }
-                INLINE | JSON => {
-                    let Some(bytes) = get_bytes(&mut input) else { break };
-                    entry.push(tag);
-                    put_varint(&mut entry, bytes.len() as u64);
-                    entry.extend_from_slice(bytes);
+                Entry::Shared(id) => {
+                    out.push(INLINE);
+                    put_str(out, table.text(id));
                 }
-                _ => break,
+                Entry::Json(bytes) => {
+                    out.push(JSON);
+                    put_bytes(out, bytes);
+                }
             }
-            entries.push(entry);
-        }
-        put_varint(out, entries.len() as u64);
-        for e in entries {
-            out.extend_from_slice(&e);
         }
     }
 
     /// Reads the journal form, interning as [`ClaimSnapshot::new`] does (one table lock for the
     /// whole snapshot: replay reads a million of these). `None` if the bytes are not one.
-    pub fn read_from(input: &mut &[u8], memo: &mut ReplayMemo) -> Option<ClaimSnapshot> {
+    pub fn read_from<'a>(input: &mut &'a [u8], memo: &mut ReplayMemo) -> Option<ClaimSnapshot> {
         let count = usize::try_from(get_varint(input)?).ok()?;
         if count == 0 {
             return Some(ClaimSnapshot(None));
@@ -459,42 +398,52 @@ impl ClaimSnapshot {
         // Bounded by the bytes left: a corrupt count cannot make us allocate a huge buffer.
         let mut out = Vec::with_capacity((count * 6).min(input.len() + 16));
         let mut table = table();
-        // On a bad entry, give back the ids taken so far (they are all in `out`).
+        // On a bad entry, give back the ids taken so far. An entry is parsed whole before
+        // anything of it is interned, so they are all in `out`, in complete entries.
         let fail = |table: &mut Table, out: &[u8]| {
             walk_ids(out, |id| table.release(id));
             None::<ClaimSnapshot>
         };
+        // The journal form of a value: `Entry` with the string written out instead of an id.
+        enum Written<'a> {
+            Tag(u8),
+            Int(u64),
+            Inline(&'a str),
+            Json(&'a [u8]),
+        }
+        let entry = |input: &mut &'a [u8]| -> Option<(&'a str, Written<'a>)> {
+            let key = get_str(input)?;
+            let value = match get_u8(input)? {
+                tag @ (NULL | FALSE | TRUE) => Written::Tag(tag),
+                INT => Written::Int(get_varint(input)?),
+                INLINE => Written::Inline(get_str(input)?),
+                JSON => Written::Json(get_bytes(input)?),
+                _ => return None,
+            };
+            Some((key, value))
+        };
         for _ in 0..count {
-            let Some(key) = get_str(input) else { return fail(&mut table, &out) };
-            let id = memo.intern(&mut table, key);
-            put_varint(&mut out, u64::from(id));
-            let Some((&tag, rest)) = input.split_first() else { return fail(&mut table, &out) };
-            *input = rest;
-            match tag {
-                NULL | FALSE | TRUE => out.push(tag),
-                INT => {
-                    let Some(v) = get_varint(input) else { return fail(&mut table, &out) };
+            let Some((key, value)) = entry(input) else { return fail(&mut table, &out) };
+            put_varint(&mut out, u64::from(memo.intern(&mut table, key)));
+            match value {
+                Written::Tag(tag) => out.push(tag),
+                Written::Int(v) => {
                     out.push(INT);
                     put_varint(&mut out, v);
                 }
-                INLINE => {
-                    let Some(s) = get_str(input) else { return fail(&mut table, &out) };
-                    if s.len() <= INLINE_MAX || PER_JOB.contains(&table.text(id)) {
-                        out.push(INLINE);
-                        put_str(&mut out, s);
-                    } else {
-                        let shared = memo.intern(&mut table, s);
-                        out.push(SHARED);
-                        put_varint(&mut out, u64::from(shared));
-                    }
+                // The same choice as `classify`: long, shared values go to the table.
+                Written::Inline(text) if text.len() > INLINE_MAX && !PER_JOB.contains(&key) => {
+                    out.push(SHARED);
+                    put_varint(&mut out, u64::from(memo.intern(&mut table, text)));
                 }
-                JSON => {
-                    let Some(bytes) = get_bytes(input) else { return fail(&mut table, &out) };
+                Written::Inline(text) => {
+                    out.push(INLINE);
+                    put_str(&mut out, text);
+                }
+                Written::Json(bytes) => {
                     out.push(JSON);
-                    put_varint(&mut out, bytes.len() as u64);
-                    out.extend_from_slice(bytes);
+                    put_bytes(&mut out, bytes);
                 }
-                _ => return fail(&mut table, &out),
             }
         }
         Some(ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice() }))))
@@ -581,6 +530,25 @@ mod tests {
         for cut in 0..bytes.len() {
             let mut short = &bytes[..cut];
             assert!(ClaimSnapshot::read_from(&mut short, &mut ReplayMemo::default()).is_none(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_cut_journal_form_gives_back_every_string_it_took() {
+        let mut c = Claims::new();
+        c.insert("snapshot_cut_test_key_one".into(), json!("a-value-only-the-cut-test-uses-0123456789"));
+        c.insert("snapshot_cut_test_key_two".into(), json!(7));
+        let mut bytes = Vec::new();
+        ClaimSnapshot::new(&c).write_to(&mut bytes);
+        for cut in 0..bytes.len() {
+            let mut short = &bytes[..cut];
+            assert!(ClaimSnapshot::read_from(&mut short, &mut ReplayMemo::default()).is_none());
+        }
+        let held = |text: &str| table().ids.contains_key(text);
+        for text in
+            ["snapshot_cut_test_key_one", "snapshot_cut_test_key_two", "a-value-only-the-cut-test-uses-0123456789"]
+        {
+            assert!(!held(text), "`{text}` is still referenced after every read failed");
         }
     }
 
