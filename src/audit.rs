@@ -12,7 +12,6 @@
 
 use crate::config::AuditConfig;
 use crate::identity::Claims;
-use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -54,13 +53,6 @@ impl Audit {
 
     pub fn is_enabled(&self) -> bool {
         self.sink.is_some()
-    }
-
-    /// The allowlisted claims of a claim set, for an event's `claims` field.
-    pub fn select_claims(&self, claims: &Claims) -> Value {
-        let picked: Map<String, Value> =
-            self.claims.iter().filter_map(|name| claims.get(name).map(|v| (name.clone(), v.clone()))).collect();
-        Value::Object(picked)
     }
 
     /// The allowlisted claims of a claim set, serialised straight from it (no copy): the

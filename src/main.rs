@@ -286,17 +286,13 @@ fn client_command(work: impl std::future::Future<Output = Result<String, ephemer
         }),
     };
     match result {
-        Ok(text) => {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ephemera: cannot write the output: {e}");
-                    ExitCode::from(ephemera::client::EXIT_OTHER)
-                }
+        Ok(text) => match write_stdout(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ephemera: {e}");
+                ExitCode::from(ephemera::client::EXIT_OTHER)
             }
-        }
+        },
         Err(failure) => {
             eprintln!("ephemera: {}", failure.message);
             ExitCode::from(failure.exit)
@@ -444,7 +440,9 @@ fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Opti
         "json" => serde_json::to_string_pretty(&trace).unwrap_or_default() + "\n",
         _ => trace.render(),
     };
-    print!("{text}");
+    if let Err(e) = write_stdout(&text) {
+        return fail(e);
+    }
     if trace.decision == "allow" { ExitCode::SUCCESS } else { ExitCode::from(3) }
 }
 
@@ -458,11 +456,8 @@ fn policy_check(config: Option<&Path>, format: &str, strict: bool) -> ExitCode {
         }
     };
     let report = lint::check_dir(&config.policies_dir, &LoadContext::from_config(&config), strict);
-    let text = if format == "json" { report.to_json() } else { report.render_text() };
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        eprintln!("ephemera: cannot write the report: {e}");
+    if let Err(e) = write_stdout(&if format == "json" { report.to_json() } else { report.render_text() }) {
+        eprintln!("ephemera: {e}");
         return ExitCode::FAILURE;
     }
     if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }

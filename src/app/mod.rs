@@ -562,14 +562,15 @@ impl App {
                 )
             })
             .collect();
+        let status = self.policies.status();
         self.metrics.render(&Gauges {
             live_leases: self.ledger.count(LeaseState::Active),
             pending_revocations: self.ledger.count(LeaseState::Revoking),
             irrevocable: self.ledger.count(LeaseState::Irrevocable),
             live_by_backend: self.ledger.active_by_backend(),
             policies_loaded: self.policies.current().len(),
-            policy_generation: self.policies.status().generation,
-            policies_reload_failing: self.policies.status().last_outcome == "failed",
+            policy_generation: status.generation,
+            policies_reload_failing: status.last_outcome == "failed",
             audit_failures: self.audit.failures.load(Ordering::Relaxed),
             jwks,
         })
