@@ -200,6 +200,11 @@ async fn one_lease_can_be_revoked_by_id_leaving_the_others() {
     assert_eq!(reply["revoked"], json!([a["lease_id"]]));
     assert_eq!(broker.introspect(a["credentials"]["api"]["token"].as_str().unwrap())["active"], false);
     assert_eq!(broker.introspect(b["credentials"]["api"]["token"].as_str().unwrap())["active"], true);
+    // Revoking it again reports it, but it ended once.
+    let (_, again) = broker.revoke(&token, json!({"lease_id": a["lease_id"]})).await;
+    assert_eq!(again["revoked"], json!([a["lease_id"]]));
+    let metrics = broker.running.app.metrics_text();
+    assert!(metrics.lines().any(|l| l == r#"ephemera_leases_ended_total{reason="job"} 1"#), "{metrics}");
 }
 
 #[tokio::test]
@@ -215,6 +220,8 @@ async fn a_lease_expires_by_the_injected_clock() {
     broker.running.app.reap_once().await;
     let lease = broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
     assert_eq!(lease.state, ephemera::ledger::LeaseState::Expired);
+    let metrics = broker.running.app.metrics_text();
+    assert!(metrics.lines().any(|l| l == r#"ephemera_leases_ended_total{reason="expired"} 1"#), "{metrics}");
 }
 
 #[tokio::test]
