@@ -312,10 +312,16 @@ async fn compaction_keeps_every_remembered_lease_and_drops_history() {
     let events = broker.journal_events();
     assert!(events.len() < before, "{before} → {}", events.len());
     assert!(events.iter().all(|e| matches!(e, Event::Created { .. } | Event::JtiUsed { .. })), "{events:?}");
+    let claims_before = broker.running.app.ledger.get(b["lease_id"].as_str().unwrap()).unwrap().claims.to_claims();
     let broker = broker.restart(None).await;
     let ledger = &broker.running.app.ledger;
     assert_eq!(ledger.state(a["lease_id"].as_str().unwrap()), Some(LeaseState::Revoked));
     assert_eq!(ledger.state(b["lease_id"].as_str().unwrap()), Some(LeaseState::Active));
+    // The compacted journal writes claims through its string dictionary; they come back whole
+    // (re-evaluation on a policy change decides on them).
+    let claims_after = ledger.get(b["lease_id"].as_str().unwrap()).unwrap().claims.to_claims();
+    assert!(claims_after.len() > 20, "{claims_after:?}");
+    assert_eq!(claims_after, claims_before);
     assert_error(&broker.exchange(&t, "deploy").await, 403, "policy_denied");
 }
 

@@ -15,7 +15,7 @@
 use crate::broker::Broker;
 use crate::table::{Row, median};
 use ephemera::identity::Claims;
-use ephemera::ledger::journal::{FileStorage, Journal, encode};
+use ephemera::ledger::journal::{FileStorage, Journal, SnapshotEncoder};
 use ephemera::ledger::{Event, Lease, Ledger, REASON_EXPIRED, RetryPolicy};
 use serde_json::{Value, json};
 use std::io::Write;
@@ -195,8 +195,9 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     ]
 }
 
-/// Writes a journal of `count` leases as compaction leaves it (one `Created` record each),
-/// handing every event to `sink` once it is encoded. Bytes written.
+/// Writes a journal of `count` leases as compaction leaves it (one `Created` record each, with
+/// the file's string dictionary: `SnapshotEncoder`, as `Journal::compact` writes it), handing
+/// every event to `sink` once it is encoded. Bytes written.
 ///
 /// Not the uncompacted journal of `count` exchanges: the broker compacts every
 /// `ledger.compact_bytes` (64 MiB), so a journal holding a million leases is a snapshot plus a
@@ -208,10 +209,11 @@ fn write_journal(path: &Path, count: usize, leases: &Leases, mut sink: impl FnMu
     let mut written = 8u64;
     let mut bytes = Vec::new();
     let mut batch = Vec::with_capacity(2_000);
+    let mut encoder = SnapshotEncoder::default();
     for i in 0..count {
         batch.push(leases.created(i));
         if batch.len() >= 1_000 || i + 1 == count {
-            encode(&batch, &mut bytes);
+            encoder.encode(&batch, &mut bytes);
             file.write_all(&bytes).unwrap();
             written += bytes.len() as u64;
             bytes.clear();

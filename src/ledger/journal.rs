@@ -3,11 +3,15 @@
 //! ```text
 //! file    = MAGIC record*
 //! record  = len:u32 LE | crc32(len ‖ payload):u32 LE | payload
-//! payload = 0x01 lease (binary, below)   — `Event::Created`, the bulk of every journal
-//!         | JSON of one `Event`          — every other event (starts with `{`)
+//! payload = 0x01 lease claims            — `Event::Created`, as appended by an exchange
+//!         | 0x02 n:varint str*n lease refs — `Event::Created`, as written by compaction
+//!         | JSON of one `Event`            — every other event (starts with `{`)
 //! lease   = id job policy issuer (str) | created expires (zigzag varint) | state:u8
 //!         | reason (0 | 1 str) | attempts (varint) | next_attempt (zigzag varint)
-//!         | last_error (0 | 1 str) | n:varint credential*n | claims (ClaimSnapshot::write_to)
+//!         | last_error (0 | 1 str) | n:varint credential*n
+//! claims  = the claims, every string written out (ClaimSnapshot::write_to)
+//! refs    = the claims, names and shared values as ids into the file's dictionary
+//!           (ClaimSnapshot::write_refs)
 //! credential = name kind (str) | revocation:u8 | backend data (str)
 //! str     = len:varint utf8
 //! ```
@@ -16,6 +20,16 @@
 //! of a ~35-claim lease costs several µs to parse. Journals written with JSON `Created` records
 //! (before this format) still replay.
 //!
+//! **The dictionary.** A compacted journal holds every live lease, and a million leases repeat
+//! the same few hundred claim names and values. Compaction ([`SnapshotEncoder`]) writes each such
+//! string once: a `0x02` record first defines the strings no earlier record of the file used
+//! (the file's dictionary gives them the next ids, 0, 1, 2 … in order), then refers to them by
+//! id. That makes a compacted journal about a third of the self-contained form and its replay
+//! mostly vector lookups. The dictionary lives in the file, never in a process: replay rebuilds
+//! it record by record, and an id the file has not defined is a corrupt record. Appends stay
+//! self-contained (`0x01`): a dictionary across appends would have to be rolled back with every
+//! failed write, and the tail after a compaction is at most `compact_bytes` long.
+//!
 //! A crash can leave a torn tail (a record cut short, or whose bytes never reached the disk): it
 //! is truncated at start. A bad record *before* the tail is corruption, not a crash: the start
 //! stops with the byte offset, because silently dropping it could forget a lease that still
@@ -23,7 +37,8 @@
 //! and each learns whether its records are durable.
 
 use super::Event;
-use super::snapshot::ReplayMemo;
+use super::codec::{get_str, get_varint, put_varint};
+use super::snapshot::{ClaimSnapshot, FileDict, ReplayMemo};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -174,7 +189,7 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Encodes events as records (without the file magic).
+/// Encodes events as self-contained records (without the file magic): what appends write.
 pub fn encode(events: &[Event], out: &mut Vec<u8>) {
     let mut payload = Vec::new();
     for event in events {
@@ -183,31 +198,91 @@ pub fn encode(events: &[Event], out: &mut Vec<u8>) {
             Event::Created { lease } => {
                 payload.push(BINARY_LEASE);
                 binary::write_lease(lease, &mut payload);
+                lease.claims.write_to(&mut payload);
             }
-            // Invariant: `Event` holds only strings, numbers and JSON values; serializing cannot
-            // fail.
-            other => payload = serde_json::to_vec(other).unwrap_or_default(),
+            other => json_payload(other, &mut payload),
         }
-        let len = (payload.len() as u32).to_le_bytes();
-        out.extend_from_slice(&len);
-        out.extend_from_slice(&checksum(&len, &payload).to_le_bytes());
-        out.extend_from_slice(&payload);
+        push_record(out, &payload);
     }
 }
 
-/// First byte of a binary `Created` payload (JSON payloads start with `{`).
+/// Encodes a compaction snapshot: leases as `0x02` records that share one string dictionary
+/// (module docs). One encoder per file, fed its events in file order, possibly in batches; the
+/// bytes it returns only make sense after the ones it returned before.
+#[derive(Default)]
+pub struct SnapshotEncoder {
+    dict: FileDict,
+    payload: Vec<u8>,
+    defs: Vec<u8>,
+    claims: Vec<u8>,
+}
+
+impl SnapshotEncoder {
+    pub fn encode(&mut self, events: &[Event], out: &mut Vec<u8>) {
+        for event in events {
+            self.payload.clear();
+            match event {
+                Event::Created { lease } => {
+                    self.defs.clear();
+                    self.claims.clear();
+                    let new = lease.claims.write_refs(&mut self.dict, &mut self.defs, &mut self.claims);
+                    self.payload.push(DICT_LEASE);
+                    put_varint(&mut self.payload, new);
+                    self.payload.extend_from_slice(&self.defs);
+                    binary::write_lease(lease, &mut self.payload);
+                    self.payload.extend_from_slice(&self.claims);
+                }
+                other => json_payload(other, &mut self.payload),
+            }
+            push_record(out, &self.payload);
+        }
+    }
+}
+
+fn json_payload(event: &Event, payload: &mut Vec<u8>) {
+    // Invariant: `Event` holds only strings, numbers and JSON values; serializing cannot fail.
+    let _ = serde_json::to_writer(payload, event);
+}
+
+fn push_record(out: &mut Vec<u8>, payload: &[u8]) {
+    let len = (payload.len() as u32).to_le_bytes();
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&checksum(&len, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// First byte of a self-contained binary `Created` payload (JSON payloads start with `{`).
 const BINARY_LEASE: u8 = 0x01;
+/// First byte of a `Created` payload that uses the file's dictionary.
+const DICT_LEASE: u8 = 0x02;
 
 fn decode_payload(payload: &[u8], memo: &mut ReplayMemo) -> Result<Event, String> {
-    match payload.split_first() {
+    let lease = match payload.split_first() {
         Some((&BINARY_LEASE, mut rest)) => {
-            let lease = binary::read_lease(&mut rest, memo).ok_or("not a lease record")?;
-            if !rest.is_empty() {
-                return Err("trailing bytes after a lease record".into());
-            }
+            let lease = binary::read_lease(&mut rest, memo)
+                .and_then(|lease| Some((lease, ClaimSnapshot::read_from(&mut rest, memo)?)));
+            (lease, rest)
+        }
+        Some((&DICT_LEASE, mut rest)) => {
+            let defined = get_varint(&mut rest).and_then(|n| {
+                let texts = (0..n).map(|_| get_str(&mut rest)).collect::<Option<Vec<&str>>>()?;
+                memo.define(texts);
+                Some(())
+            });
+            let lease = defined
+                .and_then(|()| binary::read_lease(&mut rest, memo))
+                .and_then(|lease| Some((lease, ClaimSnapshot::read_refs(&mut rest, memo)?)));
+            (lease, rest)
+        }
+        _ => return serde_json::from_slice(payload).map_err(|e| e.to_string()),
+    };
+    match lease {
+        (None, _) => Err("not a lease record".into()),
+        (Some(_), rest) if !rest.is_empty() => Err("trailing bytes after a lease record".into()),
+        (Some((mut lease, claims)), _) => {
+            lease.claims = claims;
             Ok(Event::Created { lease: Box::new(lease) })
         }
-        _ => serde_json::from_slice(payload).map_err(|e| e.to_string()),
     }
 }
 
@@ -241,6 +316,7 @@ mod binary {
         [LeaseState::Active, LeaseState::Revoking, LeaseState::Revoked, LeaseState::Expired, LeaseState::Irrevocable];
     const REVOCATIONS: [Revocation; 3] = [Revocation::Immediate, Revocation::DenyPolicy, Revocation::Expiry];
 
+    /// Everything but the claims, which follow in one of two forms.
     pub(super) fn write_lease(l: &Lease, out: &mut Vec<u8>) {
         for s in [&l.id, &l.job, &l.policy, &l.issuer] {
             put_str(out, s);
@@ -260,7 +336,6 @@ mod binary {
             put_str(out, &c.backend);
             put_str(out, &c.data);
         }
-        l.claims.write_to(out);
     }
 
     pub(super) fn read_lease(input: &mut &[u8], memo: &mut ReplayMemo) -> Option<Lease> {
@@ -286,7 +361,6 @@ mod binary {
             let data: Box<str> = get_str(input)?.into();
             credentials.push(LeaseCredential { name, kind, revocation, backend, data });
         }
-        let claims = ClaimSnapshot::read_from(input, memo)?;
         Some(Lease {
             id,
             job,
@@ -300,7 +374,7 @@ mod binary {
             next_attempt_at,
             last_error,
             credentials: credentials.into_boxed_slice(),
-            claims,
+            claims: ClaimSnapshot::default(), // read next, by the caller (two forms)
         })
     }
 }
@@ -506,7 +580,7 @@ async fn write_snapshot(state: &Shared, snapshot: Vec<Event>, stats: &Arc<Stats>
     let (state, stats) = (state.clone(), stats.clone());
     let blocking = tokio::task::spawn_blocking(move || {
         let mut bytes = MAGIC.to_vec();
-        encode(&snapshot, &mut bytes);
+        SnapshotEncoder::default().encode(&snapshot, &mut bytes);
         let mut guard = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (storage, len) = &mut *guard;
         storage.replace(&bytes).map_err(|e| JournalError(format!("journal compaction failed: {e}")))?;
@@ -574,16 +648,83 @@ mod tests {
         assert_eq!(decoded, vec![lease(7), events(1).remove(0)]);
     }
 
+    /// The payloads of the records in `bytes` (no magic).
+    fn payloads(mut bytes: &[u8]) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        while bytes.len() >= 8 {
+            let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+            out.push(&bytes[8..8 + len]);
+            bytes = &bytes[8 + len..];
+        }
+        out
+    }
+
     #[test]
     fn a_damaged_binary_lease_is_an_error_not_a_misread_lease() {
-        let Event::Created { lease } = lease(3) else { unreachable!() };
-        let mut payload = vec![BINARY_LEASE];
-        binary::write_lease(&lease, &mut payload);
-        for cut in 1..payload.len() {
-            assert!(decode_payload(&payload[..cut], &mut ReplayMemo::default()).is_err(), "cut at {cut}");
+        let mut self_contained = Vec::new();
+        encode(&[lease(3)], &mut self_contained);
+        let mut compacted = Vec::new();
+        SnapshotEncoder::default().encode(&[lease(3)], &mut compacted);
+        for (form, bytes) in [(BINARY_LEASE, self_contained), (DICT_LEASE, compacted)] {
+            let mut payload = payloads(&bytes)[0].to_vec();
+            assert_eq!(payload[0], form);
+            assert_eq!(decode_payload(&payload, &mut ReplayMemo::default()).unwrap(), lease(3));
+            for cut in 1..payload.len() {
+                assert!(decode_payload(&payload[..cut], &mut ReplayMemo::default()).is_err(), "{form}: cut at {cut}");
+            }
+            payload.push(0);
+            assert!(decode_payload(&payload, &mut ReplayMemo::default()).is_err(), "{form}: trailing bytes");
         }
-        payload.push(0);
-        assert!(decode_payload(&payload, &mut ReplayMemo::default()).is_err(), "trailing bytes");
+    }
+
+    #[test]
+    fn a_compacted_journal_replays_the_same_leases_and_writes_each_shared_string_once() {
+        let all: Vec<Event> = (0..200).map(lease).chain(events(2)).collect();
+        let mut compacted = MAGIC.to_vec();
+        let mut encoder = SnapshotEncoder::default();
+        // In batches, as the bench writes it: the dictionary carries over between them.
+        encoder.encode(&all[..70], &mut compacted);
+        encoder.encode(&all[70..], &mut compacted);
+        assert_eq!(compacted[MAGIC.len() + 8], DICT_LEASE);
+        let (decoded, good) = decode(&compacted).unwrap();
+        assert_eq!(decoded, all);
+        assert_eq!(good, compacted.len() as u64);
+
+        let occurrences = |bytes: &[u8], text: &[u8]| bytes.windows(text.len()).filter(|w| *w == text).count();
+        assert_eq!(occurrences(&compacted, b"octo-org/octo-repo"), 1, "a shared value is defined once");
+        assert_eq!(occurrences(&compacted, b"ref_protected"), 1, "a claim name is defined once");
+        let self_contained = file_with(&all);
+        assert_eq!(occurrences(&self_contained, b"octo-org/octo-repo"), 200);
+        assert!(
+            compacted.len() * 10 < self_contained.len() * 8,
+            "{} bytes compacted vs {} self-contained",
+            compacted.len(),
+            self_contained.len()
+        );
+
+        // Appends after a compaction are self-contained records; both kinds replay together.
+        let mut appended = compacted.clone();
+        encode(&[lease(500)], &mut appended);
+        let (decoded, _) = decode(&appended).unwrap();
+        assert_eq!(decoded.last(), Some(&lease(500)));
+    }
+
+    #[test]
+    fn a_compacted_record_that_uses_a_string_the_file_never_defined_is_corrupt() {
+        // The second lease's record refers to strings the first one defined. Without the first
+        // (a file spliced together, or a bug), the ids point nowhere: refused, never misread.
+        let mut bytes = Vec::new();
+        SnapshotEncoder::default().encode(&[lease(1), lease(2)], &mut bytes);
+        let second = payloads(&bytes)[1];
+        assert_eq!(second[..2], [DICT_LEASE, 0], "the second record defines nothing new");
+        let err = decode_payload(second, &mut ReplayMemo::default()).unwrap_err();
+        assert_eq!(err, "not a lease record");
+
+        let mut file = MAGIC.to_vec();
+        push_record(&mut file, second);
+        push_record(&mut file, second);
+        let err = decode(&file).unwrap_err();
+        assert!(err.starts_with("unreadable record at byte 8"), "{err}");
     }
 
     #[test]

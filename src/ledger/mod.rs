@@ -392,8 +392,11 @@ impl Ledger {
     pub fn apply(&self, event: Event) {
         match event {
             Event::Created { lease } => {
-                if !self.leases.contains_key(&lease.id) {
-                    self.insert_memory(*lease);
+                // One lookup of the id, not two: a replay applies a million of these. A lease
+                // already known (the same record twice) is kept as it is.
+                if let dashmap::Entry::Vacant(slot) = self.leases.entry(lease.id.clone()) {
+                    self.index(&lease);
+                    slot.insert(lease);
                 }
             }
             Event::RevokeRequested { id, reason, .. } => self.update(&id, |l| {
@@ -443,13 +446,11 @@ impl Ledger {
 
     /// Adds (or removes) an active lease to the per-backend counts.
     fn count_backends(&self, lease: &Lease, add: bool) {
-        let mut seen: Vec<&str> = Vec::new();
-        for c in &lease.credentials {
+        for (i, c) in lease.credentials.iter().enumerate() {
             let backend = &*c.backend;
-            if seen.contains(&backend) {
-                continue;
+            if lease.credentials[..i].iter().any(|earlier| *earlier.backend == *backend) {
+                continue; // counted once per lease
             }
-            seen.push(backend);
             // `get_mut` first: the entry exists for every lease but the first of a backend, and
             // `entry` would allocate the key each time.
             match self.active_by_backend.get_mut(backend) {
@@ -470,7 +471,14 @@ impl Ledger {
         rows
     }
 
-    fn insert_memory(&self, lease: Lease) {
+    fn insert_memory(&self, lease: Box<Lease>) {
+        self.index(&lease);
+        self.leases.insert(lease.id.clone(), lease);
+    }
+
+    /// Counts a new lease and adds it to the job and time indexes. May run while its `leases`
+    /// entry is held: the lock order is `leases` first, then an index, never the reverse.
+    fn index(&self, lease: &Lease) {
         self.counts[lease.state.index()].fetch_add(1, Ordering::Relaxed);
         match lease.state {
             LeaseState::Active => {
@@ -485,7 +493,6 @@ impl Ledger {
             }
         }
         self.by_job.entry(lease.job.clone()).or_default().push(lease.id.clone());
-        self.leases.insert(lease.id.clone(), Box::new(lease));
     }
 
     // ---- issuing -----------------------------------------------------------------------
@@ -514,7 +521,8 @@ impl Ledger {
         if let Some((key, exp)) = jti {
             events.push(Event::JtiUsed { key: key.to_string(), exp });
         }
-        events.push(Event::Created { lease: Box::new(lease.clone()) });
+        let lease = Box::new(lease);
+        events.push(Event::Created { lease: lease.clone() });
         self.record(&events).await?;
         self.insert_memory(lease);
         Ok(())

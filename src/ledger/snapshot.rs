@@ -21,7 +21,10 @@
 //! ```
 //!
 //! The journal form ([`ClaimSnapshot::write_to`], [`ClaimSnapshot::read_from`]) is the same with
-//! every id replaced by the string itself, so a journal never depends on a process's table.
+//! every id replaced by the string itself, so a journal never depends on a process's table. A
+//! compacted journal uses a third form ([`ClaimSnapshot::write_refs`], [`ClaimSnapshot::read_refs`]):
+//! every id replaced by the string's id in that file's own dictionary ([`FileDict`]), whose
+//! strings the file itself defines before their first use.
 
 use super::codec::{get_bytes, get_str, get_u8, get_varint, put_bytes, put_str, put_varint, unzigzag, zigzag};
 use crate::identity::Claims;
@@ -116,10 +119,14 @@ impl Table {
 /// FxHash here, not SipHash: the memo lives for one replay of the broker's own journal, whose
 /// strings came through verified tokens and were already interned once; and it is bounded by
 /// [`MEMO_MAX`].
+///
+/// It also holds the file's string dictionary while a compacted journal is read
+/// ([`ClaimSnapshot::read_refs`]): file id → table id, one reference each.
 #[derive(Default)]
 pub struct ReplayMemo {
     ids: HashMap<Box<str>, u32, std::hash::BuildHasherDefault<FxHasher>>,
     names: HashMap<Box<str>, Arc<str>, std::hash::BuildHasherDefault<FxHasher>>,
+    file: Vec<u32>,
 }
 
 /// Most distinct strings a memo remembers (beyond, lookups go to the table).
@@ -139,6 +146,16 @@ impl ReplayMemo {
         id
     }
 
+    /// Adds the next strings of the file's dictionary (the definitions a compacted journal's
+    /// record carries before the lease that first uses them).
+    pub fn define<'a>(&mut self, texts: impl IntoIterator<Item = &'a str>) {
+        let mut table = table();
+        for text in texts {
+            let id = table.intern(text); // the dictionary's own reference
+            self.file.push(id);
+        }
+    }
+
     /// [`super::name::intern`], memoised.
     pub fn name(&mut self, text: &str) -> Arc<str> {
         if let Some(found) = self.names.get(text) {
@@ -155,7 +172,54 @@ impl ReplayMemo {
 impl Drop for ReplayMemo {
     fn drop(&mut self) {
         let mut table = table();
-        self.ids.values().for_each(|id| table.release(*id));
+        self.ids.values().chain(&self.file).for_each(|id| table.release(*id));
+    }
+}
+
+/// The writer's half of a compacted journal's string dictionary ([`ClaimSnapshot::write_refs`]).
+///
+/// A compaction snapshot writes each claim name and shared value once, where a lease first uses
+/// it; later leases refer to it by its file id, in order of first use. A million leases that
+/// repeat the same few hundred strings then cost a third of the bytes, and replaying them is
+/// mostly looking ids up in a vector instead of hashing strings.
+///
+/// Indexed by table id (ours, dense: no hashing of attacker-chosen strings). It holds one
+/// reference to every table id it has given a file id, so no id can be freed and reused for
+/// another string while the file is being written; dropping it gives them back.
+#[derive(Default)]
+pub struct FileDict {
+    /// Table id → file id + 1 (0: not in this file yet).
+    file_ids: Vec<u32>,
+    next: u32,
+}
+
+impl FileDict {
+    /// The file id of table id `id`, writing its string to `defs` (and counting it in `new`)
+    /// the first time.
+    fn file_id(&mut self, table: &mut Table, id: u32, defs: &mut Vec<u8>, new: &mut u64) -> u32 {
+        let at = id as usize;
+        if at >= self.file_ids.len() {
+            self.file_ids.resize(at + 1, 0);
+        }
+        if self.file_ids[at] == 0 {
+            table.retain(id);
+            self.next += 1;
+            self.file_ids[at] = self.next;
+            put_str(defs, table.text(id));
+            *new += 1;
+        }
+        self.file_ids[at] - 1
+    }
+}
+
+impl Drop for FileDict {
+    fn drop(&mut self) {
+        let mut table = table();
+        for (id, file_id) in self.file_ids.iter().enumerate() {
+            if *file_id != 0 {
+                table.release(id as u32);
+            }
+        }
     }
 }
 
@@ -388,6 +452,94 @@ impl ClaimSnapshot {
         }
     }
 
+    /// The compacted journal's form: [`ClaimSnapshot::write_to`] with every name and shared
+    /// value written as its id in `dict`. Strings new to the file are appended to `defs`;
+    /// returns how many.
+    pub fn write_refs(&self, dict: &mut FileDict, defs: &mut Vec<u8>, out: &mut Vec<u8>) -> u64 {
+        let mut table = table();
+        let mut new = 0;
+        put_varint(out, Entries(self.bytes()).count() as u64);
+        for (key, entry) in Entries(self.bytes()) {
+            put_varint(out, u64::from(dict.file_id(&mut table, key, defs, &mut new)));
+            match entry {
+                Entry::Tag(tag) => out.push(tag),
+                Entry::Int(v) => {
+                    out.push(INT);
+                    put_varint(out, v);
+                }
+                Entry::Inline(bytes) => {
+                    out.push(INLINE);
+                    put_bytes(out, bytes);
+                }
+                Entry::Shared(id) => {
+                    out.push(SHARED);
+                    put_varint(out, u64::from(dict.file_id(&mut table, id, defs, &mut new)));
+                }
+                Entry::Json(bytes) => {
+                    out.push(JSON);
+                    put_bytes(out, bytes);
+                }
+            }
+        }
+        new
+    }
+
+    /// Reads [`ClaimSnapshot::write_refs`]'s form, the file's dictionary so far being in `memo`.
+    /// `None` if the bytes are not one, or refer to a string the file has not defined.
+    pub fn read_refs(input: &mut &[u8], memo: &ReplayMemo) -> Option<ClaimSnapshot> {
+        let count = usize::try_from(get_varint(input)?).ok()?;
+        if count == 0 {
+            return Some(ClaimSnapshot(None));
+        }
+        // Bounded by the bytes left: a corrupt count cannot make us allocate a huge buffer.
+        let mut out = Vec::with_capacity((count * 6).min(input.len() + 16));
+        let mut table = table();
+        let entry = |input: &mut &[u8], out: &mut Vec<u8>, table: &mut Table| -> Option<()> {
+            // Parsed whole before any id is taken, so a bad entry leaves `out` at an entry's end.
+            let lookup = |input: &mut &[u8]| memo.file.get(usize::try_from(get_varint(input)?).ok()?).copied();
+            let key = lookup(input)?;
+            let mut shared = None;
+            put_varint(out, u64::from(key));
+            match get_u8(input)? {
+                tag @ (NULL | FALSE | TRUE) => out.push(tag),
+                INT => {
+                    out.push(INT);
+                    put_varint(out, get_varint(input)?);
+                }
+                INLINE => {
+                    out.push(INLINE);
+                    put_str(out, get_str(input)?);
+                }
+                SHARED => {
+                    let id = lookup(input)?;
+                    out.push(SHARED);
+                    put_varint(out, u64::from(id));
+                    shared = Some(id);
+                }
+                JSON => {
+                    out.push(JSON);
+                    put_bytes(out, get_bytes(input)?);
+                }
+                _ => return None,
+            }
+            table.retain(key);
+            if let Some(id) = shared {
+                table.retain(id);
+            }
+            Some(())
+        };
+        for _ in 0..count {
+            let start = out.len();
+            if entry(input, &mut out, &mut table).is_none() {
+                // Give back the ids taken so far: every complete entry before this one.
+                out.truncate(start);
+                walk_ids(&out, |id| table.release(id));
+                return None;
+            }
+        }
+        Some(ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice() }))))
+    }
+
     /// Reads the journal form, interning as [`ClaimSnapshot::new`] does (one table lock for the
     /// whole snapshot: replay reads a million of these). `None` if the bytes are not one.
     pub fn read_from<'a>(input: &mut &'a [u8], memo: &mut ReplayMemo) -> Option<ClaimSnapshot> {
@@ -549,6 +701,41 @@ mod tests {
             ["snapshot_cut_test_key_one", "snapshot_cut_test_key_two", "a-value-only-the-cut-test-uses-0123456789"]
         {
             assert!(!held(text), "`{text}` is still referenced after every read failed");
+        }
+    }
+
+    #[test]
+    fn the_dictionary_form_round_trips_and_every_string_leaves_the_table_with_its_last_holder() {
+        let mut c = Claims::new();
+        c.insert("snapshot_dict_test_key".into(), json!("a-value-only-the-dictionary-test-uses-0123"));
+        c.insert("snapshot_dict_test_int".into(), json!(-9));
+        c.insert("jti".into(), json!("per-job-inline-value-0123456789"));
+        let held = |text: &str| table().ids.contains_key(text);
+        let (mut dict, mut defs, mut bytes) = (FileDict::default(), Vec::new(), Vec::new());
+        let written = ClaimSnapshot::new(&c);
+        assert_eq!(written.write_refs(&mut dict, &mut defs, &mut bytes), 4, "three names and one shared value");
+        let mut again = (Vec::new(), Vec::new());
+        assert_eq!(written.write_refs(&mut dict, &mut again.0, &mut again.1), 0, "already in the file");
+        assert_eq!(again.1, bytes);
+        drop(written);
+        assert!(held("a-value-only-the-dictionary-test-uses-0123"), "the dictionary holds it while the file is written");
+        drop(dict);
+        assert!(!held("a-value-only-the-dictionary-test-uses-0123"));
+
+        let mut defined = defs.as_slice();
+        let texts: Vec<&str> = (0..4).map(|_| get_str(&mut defined).unwrap()).collect();
+        let mut memo = ReplayMemo::default();
+        memo.define(texts);
+        let read = ClaimSnapshot::read_refs(&mut bytes.as_slice(), &memo).unwrap();
+        assert_eq!(read.to_claims(), c);
+        for cut in 0..bytes.len() {
+            assert!(ClaimSnapshot::read_refs(&mut &bytes[..cut], &memo).is_none(), "cut at {cut}");
+        }
+        drop(memo);
+        assert!(held("snapshot_dict_test_key"), "the replayed lease holds it");
+        drop(read);
+        for text in ["snapshot_dict_test_key", "snapshot_dict_test_int", "a-value-only-the-dictionary-test-uses-0123"] {
+            assert!(!held(text), "`{text}` is still referenced after its last holder dropped");
         }
     }
 
