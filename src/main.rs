@@ -9,6 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// jemalloc instead of glibc's malloc: an exchange makes a few hundred small, short-lived
+/// allocations across threads (hyper, serde, the journal and audit buffers), and glibc's arenas
+/// cost about a fifth of the broker's CPU there. Measured in one session with `scripts/bench
+/// --broker` (docs/benchmarks.md): CPU per exchange −20 % or more; with a million live leases,
+/// less RSS and a faster replay than glibc. mimalloc matched it on exchanges but kept 35 % more
+/// RSS after a replay and replayed half as fast, so it is not used.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ephemera",

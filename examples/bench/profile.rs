@@ -19,7 +19,7 @@ const CATEGORIES: &[(&str, &[&str])] = &[
     ("journal: fdatasync", &["fdatasync"]),
     ("journal: encoding records", &["journal::encode", "write_lease", "ClaimSnapshot::write_to"]),
     (
-        "journal: writer task, write(2), spawn_blocking",
+        "journal: writer thread, write(2), hand-offs",
         &["journal::writer", "write_batch", "Storage>::append", "Journal::append", "spawn_blocking"],
     ),
     (

@@ -104,7 +104,9 @@ async fn request_context(mut req: Request, next: Next) -> Response {
     let request_id = crate::ids::request_id();
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().clone();
-    let span = tracing::info_span!("request", request_id = %request_id);
+    // `lease_id` is filled in by an exchange that issues one, so the request's own log line
+    // names the lease (the audit event has the rest).
+    let span = tracing::info_span!("request", request_id = %request_id, lease_id = tracing::field::Empty);
     let started = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     let route = response.extensions_mut().remove::<Route>().map_or_else(|| "<unmatched>".to_string(), |r| r.0);

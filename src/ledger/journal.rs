@@ -33,7 +33,7 @@
 //! A crash can leave a torn tail (a record cut short, or whose bytes never reached the disk): it
 //! is truncated at start. A bad record *before* the tail is corruption, not a crash: the start
 //! stops with the byte offset, because silently dropping it could forget a lease that still
-//! needs revoking. One writer task appends; concurrent callers share one `fsync` (group commit)
+//! needs revoking. One writer thread appends; concurrent callers share one `fsync` (group commit)
 //! and each learns whether its records are durable.
 
 use super::Event;
@@ -456,7 +456,7 @@ enum Command {
     Compact { snapshot: Vec<Event>, done: oneshot::Sender<Result<(), JournalError>> },
 }
 
-/// The handle appenders use. Cloning shares the one writer task.
+/// The handle appenders use. Cloning shares the one writer thread.
 #[derive(Clone)]
 pub struct Journal {
     tx: mpsc::Sender<Command>,
@@ -474,12 +474,23 @@ pub struct Stats {
 }
 
 impl Journal {
-    /// Starts the writer task over `storage`, whose file currently holds `len` bytes.
+    /// Starts the writer thread over `storage`, whose file currently holds `len` bytes. It ends
+    /// when the last `Journal` handle is dropped, after answering everything queued.
     pub fn start(storage: Box<dyn Storage>, len: u64) -> Journal {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stats = Arc::new(Stats::default());
         stats.bytes_since_compaction.store(len, Ordering::Relaxed);
-        tokio::spawn(writer(storage, len, rx, stats.clone()));
+        let writer_stats = stats.clone();
+        // A thread of its own, not a tokio task: every batch is a blocking write and fdatasync,
+        // and handing each to the blocking pool and back cost two thread wake-ups per batch.
+        let spawned = std::thread::Builder::new()
+            .name("ephemera-journal".into())
+            .spawn(move || writer(storage, len, rx, &writer_stats));
+        if let Err(e) = spawned {
+            // Every append then fails with "the journal writer stopped": nothing is issued.
+            tracing::error!(error = %e, "cannot start the journal writer thread");
+            stats.broken.store(true, Ordering::Release);
+        }
         Journal { tx, stats }
     }
 
@@ -516,9 +527,9 @@ impl Journal {
 }
 
 /// The single writer: takes every queued append, writes them, one fsync, answers all.
-async fn writer(storage: Box<dyn Storage>, len: u64, mut rx: mpsc::Receiver<Command>, stats: Arc<Stats>) {
-    let state = Arc::new(std::sync::Mutex::new((storage, len)));
-    while let Some(first) = rx.recv().await {
+fn writer(mut storage: Box<dyn Storage>, mut len: u64, mut rx: mpsc::Receiver<Command>, stats: &Stats) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
         let mut compact = None;
         match first {
@@ -533,62 +544,48 @@ async fn writer(storage: Box<dyn Storage>, len: u64, mut rx: mpsc::Receiver<Comm
             }
         }
         if !appends.is_empty() {
-            let batch: Vec<u8> = appends.iter().flat_map(|(b, _)| b.iter().copied()).collect();
-            let result = write_batch(&state, batch, &stats).await;
+            batch.clear();
+            appends.iter().for_each(|(bytes, _)| batch.extend_from_slice(bytes));
+            let result = write_batch(&mut *storage, &mut len, &batch, stats);
             for (_, done) in appends {
                 let _ = done.send(result.clone());
             }
         }
         if let Some((snapshot, done)) = compact {
-            let _ = done.send(write_snapshot(&state, snapshot, &stats).await);
+            let _ = done.send(write_snapshot(&mut *storage, &mut len, &snapshot, stats));
         }
     }
 }
 
-type Shared = Arc<std::sync::Mutex<(Box<dyn Storage>, u64)>>;
-
-async fn write_batch(state: &Shared, batch: Vec<u8>, stats: &Arc<Stats>) -> Result<(), JournalError> {
+fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &Stats) -> Result<(), JournalError> {
     if stats.broken.load(Ordering::Acquire) {
         return Err(JournalError("the journal is broken after an earlier write failure; restart the broker".into()));
     }
-    let (state, stats) = (state.clone(), stats.clone());
-    let blocking = tokio::task::spawn_blocking(move || {
-        let mut guard = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (storage, len) = &mut *guard;
-        let result = storage.append(&batch).and_then(|()| storage.sync());
-        match result {
-            Ok(()) => {
-                *len += batch.len() as u64;
-                stats.bytes_since_compaction.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                // Cut off whatever part of the batch got written, so the next append does not
-                // land after garbage (which the next start would call corruption).
-                if storage.truncate(*len).and_then(|()| storage.sync()).is_err() {
-                    stats.broken.store(true, Ordering::Release);
-                }
-                Err(JournalError(format!("journal write failed: {e}")))
-            }
+    match storage.append(batch).and_then(|()| storage.sync()) {
+        Ok(()) => {
+            *len += batch.len() as u64;
+            stats.bytes_since_compaction.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            Ok(())
         }
-    });
-    blocking.await.unwrap_or_else(|e| Err(JournalError(format!("journal writer panicked: {e}"))))
+        Err(e) => {
+            // Cut off whatever part of the batch got written, so the next append does not land
+            // after garbage (which the next start would call corruption).
+            if storage.truncate(*len).and_then(|()| storage.sync()).is_err() {
+                stats.broken.store(true, Ordering::Release);
+            }
+            Err(JournalError(format!("journal write failed: {e}")))
+        }
+    }
 }
 
-async fn write_snapshot(state: &Shared, snapshot: Vec<Event>, stats: &Arc<Stats>) -> Result<(), JournalError> {
-    let (state, stats) = (state.clone(), stats.clone());
-    let blocking = tokio::task::spawn_blocking(move || {
-        let mut bytes = MAGIC.to_vec();
-        SnapshotEncoder::default().encode(&snapshot, &mut bytes);
-        let mut guard = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (storage, len) = &mut *guard;
-        storage.replace(&bytes).map_err(|e| JournalError(format!("journal compaction failed: {e}")))?;
-        *len = bytes.len() as u64;
-        stats.bytes_since_compaction.store(0, Ordering::Relaxed);
-        Ok(())
-    });
-    blocking.await.unwrap_or_else(|e| Err(JournalError(format!("journal compaction panicked: {e}"))))
+fn write_snapshot(storage: &mut dyn Storage, len: &mut u64, snapshot: &[Event], stats: &Stats) -> Result<(), JournalError> {
+    let mut bytes = MAGIC.to_vec();
+    SnapshotEncoder::default().encode(snapshot, &mut bytes);
+    storage.replace(&bytes).map_err(|e| JournalError(format!("journal compaction failed: {e}")))?;
+    *len = bytes.len() as u64;
+    stats.bytes_since_compaction.store(0, Ordering::Relaxed);
+    Ok(())
 }
 
 #[cfg(test)]
