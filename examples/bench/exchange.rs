@@ -107,6 +107,7 @@ pub struct Figures {
     /// Medians over the rounds.
     rate: f64,
     sat_cpu_us: f64,
+    health_sat_cpu_us: f64,
     half_rate: f64,
     health_cpu_us: f64,
     /// Cores' worth of CPU other processes (not the broker, not the bench) used meanwhile.
@@ -171,6 +172,15 @@ pub async fn run(options: &Options, plan: &Plan, floor: &mut Sampler, dir: &Path
     let rate = median(&sat.iter().map(|r| r.rate).collect::<Vec<_>>());
     let sat_cpu_us = median(&sat.iter().map(|r| r.cpu_us).collect::<Vec<_>>());
 
+    // (a') the same closed loop against /healthz: what serving any request costs at saturation
+    // (HTTP, the runtime, the request log line), to tell it apart from the exchange's own work.
+    let n = plan.saturation / SAT_ROUNDS;
+    let health: Arc<Vec<Vec<u8>>> = Arc::new((0..n).map(|_| request("GET", "/healthz", &[], "", b"")).collect());
+    let window = Window::start(&[&pid]);
+    let run = closed_loop(addr, health, plan.saturation_conns, 200).await;
+    let health_sat_cpu_us = window.end().cpu[0] / run.ok as f64 * 1e6;
+    run.check("saturation /healthz");
+
     // (b) latency at half that rate, open loop; as its baseline, the same schedule against
     // /healthz (the HTTP and scheduling floor), half just before and half just after.
     let health: Arc<Vec<Vec<u8>>> =
@@ -223,6 +233,7 @@ pub async fn run(options: &Options, plan: &Plan, floor: &mut Sampler, dir: &Path
         sat,
         rate,
         sat_cpu_us,
+        health_sat_cpu_us,
         half_rate: half.rate(),
         health_cpu_us,
         half_others,
@@ -299,6 +310,17 @@ impl Figures {
                 format!("{total:.1} µs (floor)"),
             )
             .ratio(self.health_cpu_us / total),
+            Row::new(
+                "2f",
+                "the exchange's own work: 2b less the broker CPU per `GET /healthz` at saturation, ÷ crypto floor",
+                format!(
+                    "{:.0} µs ({sat_cpu_us:.0} − {:.0} µs per /healthz, same closed loop)",
+                    sat_cpu_us - self.health_sat_cpu_us,
+                    self.health_sat_cpu_us
+                ),
+                format!("{total:.1} µs (floor)"),
+            )
+            .ratio((sat_cpu_us - self.health_sat_cpu_us) / total),
             Row::new(
                 "5a",
                 "revocation latency: POST /v1/revoke sent → introspect says inactive",

@@ -579,7 +579,12 @@ fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &S
     }
 }
 
-fn write_snapshot(storage: &mut dyn Storage, len: &mut u64, snapshot: &[Event], stats: &Stats) -> Result<(), JournalError> {
+fn write_snapshot(
+    storage: &mut dyn Storage,
+    len: &mut u64,
+    snapshot: &[Event],
+    stats: &Stats,
+) -> Result<(), JournalError> {
     let mut bytes = MAGIC.to_vec();
     SnapshotEncoder::default().encode(snapshot, &mut bytes);
     storage.replace(&bytes).map_err(|e| JournalError(format!("journal compaction failed: {e}")))?;

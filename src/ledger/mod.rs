@@ -482,7 +482,7 @@ impl Ledger {
         self.counts[lease.state.index()].fetch_add(1, Ordering::Relaxed);
         match lease.state {
             LeaseState::Active => {
-                self.count_backends(&lease, true);
+                self.count_backends(lease, true);
                 self.expiries.insert(lease.expires_at, lease.id.clone());
             }
             LeaseState::Revoking | LeaseState::Irrevocable => {

@@ -718,7 +718,10 @@ mod tests {
         assert_eq!(written.write_refs(&mut dict, &mut again.0, &mut again.1), 0, "already in the file");
         assert_eq!(again.1, bytes);
         drop(written);
-        assert!(held("a-value-only-the-dictionary-test-uses-0123"), "the dictionary holds it while the file is written");
+        assert!(
+            held("a-value-only-the-dictionary-test-uses-0123"),
+            "the dictionary holds it while the file is written"
+        );
         drop(dict);
         assert!(!held("a-value-only-the-dictionary-test-uses-0123"));
 
