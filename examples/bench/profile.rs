@@ -26,7 +26,7 @@ const CATEGORIES: &[(&str, &[&str])] = &[
         "logging: tracing JSON lines",
         &["tracing_subscriber", "tracing_serde", "tracing_core::event", "tracing_core::dispatcher"],
     ),
-    ("audit event", &["audit_exchange", "Audit::write", "audit_revocation"]),
+    ("audit event", &["audit_exchange", "Audit::write", "audit_revocation", "ExchangeEvent", "audit::Selected"]),
     (
         "verify: claims JSON parse",
         &["serde_json::de::from_trait", "serde_json::value::Value> as serde_core::de::Deserialize"],
