@@ -83,6 +83,8 @@ pub trait Storage: Send + 'static {
     fn truncate(&mut self, len: u64) -> std::io::Result<()>;
     /// Atomically replaces the whole file with `bytes` (compaction).
     fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// The file's bytes in `from..to` (compaction carries the records since the last one over).
+    fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>>;
 }
 
 pub struct FileStorage {
@@ -179,6 +181,14 @@ impl Storage for FileStorage {
         sync_dir(&self.path)?;
         self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
         Ok(())
+    }
+
+    fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(to.saturating_sub(from)).map_err(std::io::Error::other)?;
+        let mut bytes = vec![0; len];
+        self.file.read_exact_at(&mut bytes, from)?;
+        Ok(bytes)
     }
 }
 
@@ -452,8 +462,15 @@ pub fn decode_with(bytes: &[u8], mut sink: impl FnMut(Event)) -> Result<u64, Str
 }
 
 enum Command {
-    Append { bytes: Vec<u8>, done: oneshot::Sender<Result<(), JournalError>> },
-    Compact { snapshot: Vec<Event>, done: oneshot::Sender<Result<(), JournalError>> },
+    Append {
+        bytes: Vec<u8>,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+    /// A snapshot, already encoded (without the magic).
+    Compact {
+        snapshot: Vec<u8>,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
 }
 
 /// The handle appenders use. Cloning shares the one writer thread.
@@ -506,8 +523,17 @@ impl Journal {
         wait.await.map_err(|_| JournalError("the journal writer stopped".into()))?
     }
 
-    /// Replaces the journal with `snapshot` (every lease still remembered, in its current state).
+    /// Replaces the journal with `snapshot` (every lease still remembered, in its current state)
+    /// followed by every record appended since the last compaction, which the snapshot may not
+    /// reflect yet (see [`writer`]). The snapshot is encoded on a blocking thread first, so the
+    /// writer (and every append behind it) waits only for the file to be written.
     pub async fn compact(&self, snapshot: Vec<Event>) -> Result<(), JournalError> {
+        let encoded = tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            SnapshotEncoder::default().encode(&snapshot, &mut bytes);
+            bytes
+        });
+        let snapshot = encoded.await.map_err(|e| JournalError(format!("journal compaction panicked: {e}")))?;
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Command::Compact { snapshot, done })
@@ -527,8 +553,21 @@ impl Journal {
 }
 
 /// The single writer: takes every queued append, writes them, one fsync, answers all.
+///
+/// **Compaction carries the records since the last one over.** The snapshot comes from memory,
+/// taken by the reaper before its command reaches this thread, and memory trails the journal:
+/// a lease is put in memory only once its `Created` record is durable, and records appended
+/// between the snapshot and the command are written here first. Replacing the file with the
+/// snapshot alone would drop such a lease from the journal: after a restart its credentials
+/// would never be revoked. So the new file is the snapshot followed by every record written
+/// since the previous compaction (or the start, whose replay memory fully reflects); replaying
+/// a record whose effect the snapshot already holds is harmless (`Ledger::apply` is
+/// idempotent, and a lease's records replay in their order). The file is therefore at most a
+/// snapshot plus two compaction intervals long.
 fn writer(mut storage: Box<dyn Storage>, mut len: u64, mut rx: mpsc::Receiver<Command>, stats: &Stats) {
     let mut batch = Vec::new();
+    // Where the records not yet carried over by a compaction begin.
+    let mut since_compaction = len;
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
         let mut compact = None;
@@ -552,7 +591,7 @@ fn writer(mut storage: Box<dyn Storage>, mut len: u64, mut rx: mpsc::Receiver<Co
             }
         }
         if let Some((snapshot, done)) = compact {
-            let _ = done.send(write_snapshot(&mut *storage, &mut len, &snapshot, stats));
+            let _ = done.send(write_snapshot(&mut *storage, &mut len, &mut since_compaction, snapshot, stats));
         }
     }
 }
@@ -582,13 +621,23 @@ fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &S
 fn write_snapshot(
     storage: &mut dyn Storage,
     len: &mut u64,
-    snapshot: &[Event],
+    since_compaction: &mut u64,
+    snapshot: Vec<u8>,
     stats: &Stats,
 ) -> Result<(), JournalError> {
-    let mut bytes = MAGIC.to_vec();
-    SnapshotEncoder::default().encode(snapshot, &mut bytes);
-    storage.replace(&bytes).map_err(|e| JournalError(format!("journal compaction failed: {e}")))?;
+    let failed = |e: std::io::Error| JournalError(format!("journal compaction failed: {e}"));
+    if stats.broken.load(Ordering::Acquire) {
+        return Err(JournalError("the journal is broken after an earlier write failure; not compacting".into()));
+    }
+    let carried = storage.read_range(*since_compaction, *len).map_err(failed)?;
+    let mut bytes = Vec::with_capacity(MAGIC.len() + snapshot.len() + carried.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&snapshot);
+    drop(snapshot);
+    bytes.extend_from_slice(&carried);
+    storage.replace(&bytes).map_err(failed)?;
     *len = bytes.len() as u64;
+    *since_compaction = *len;
     stats.bytes_since_compaction.store(0, Ordering::Relaxed);
     Ok(())
 }
@@ -842,6 +891,38 @@ mod tests {
         journal.compact(events(1)).await.unwrap();
         journal.append(&[Event::Revoked { id: "after".into(), at: 9 }]).await.unwrap();
         let (decoded, _) = decode(&std::fs::read(&path).unwrap()).unwrap();
+        // The snapshot, then what was appended since the start (carried over), then the rest.
+        let mut expected = events(1);
+        expected.extend(events(5));
+        expected.push(Event::Revoked { id: "after".into(), at: 9 });
+        assert_eq!(decoded, expected);
+        // The next compaction carries over only what came after this one.
+        journal.compact(events(1)).await.unwrap();
+        let (decoded, _) = decode(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(decoded, vec![events(1)[0].clone(), Event::Revoked { id: "after".into(), at: 9 }]);
+    }
+
+    #[tokio::test]
+    async fn a_lease_made_durable_after_the_snapshot_was_taken_survives_compaction() {
+        // The reaper's snapshot comes from memory, and memory learns of a lease only after its
+        // record is durable. A lease recorded between the snapshot and the compaction is in
+        // neither the snapshot nor, if compaction just replaced the file, the journal.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (storage, opened) = FileStorage::open(&path).unwrap();
+        let journal = Journal::start(Box::new(storage), opened.len);
+        journal.append(&[lease(1)]).await.unwrap();
+        let snapshot = vec![lease(1)]; // what memory held when the reaper looked
+        journal.append(&[lease(2)]).await.unwrap(); // durable (201 sent), not in the snapshot
+        journal.compact(snapshot).await.unwrap();
+        journal.append(&[lease(3)]).await.unwrap();
+        drop(journal);
+        let (_, replayed) = FileStorage::open(&path).unwrap();
+        let ledger = crate::ledger::Ledger::default();
+        replayed.events.into_iter().for_each(|e| ledger.apply(e));
+        for i in 1..=3 {
+            assert!(ledger.state(&format!("lse_{i}")).is_some(), "lease {i} was lost by compaction");
+        }
+        assert_eq!(ledger.len(), 3);
     }
 }

@@ -373,6 +373,9 @@ impl Storage for FullDisk {
     fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.inner.replace(bytes)
     }
+    fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+        self.inner.read_range(from, to)
+    }
 }
 
 pub fn full_disk(full: Arc<AtomicBool>) -> Faults {
