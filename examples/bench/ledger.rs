@@ -4,7 +4,8 @@
 //! Every lease is shaped like one the broker records: a ULID id, a GitHub job key, one broker-JWT
 //! credential with its revoke handle, and the verified claims of a GitHub-shaped token (each
 //! lease its own copy, with its own `jti`, `run_id` and `check_run_id`). The replayed journal is
-//! what compaction leaves (see [`write_journal`]). Leases are built from the journal records' JSON
+//! the largest a broker holding that many leases starts from: a compaction's snapshot and two
+//! compaction intervals of appends (see [`write_journal`]). Leases are built from the journal records' JSON
 //! form, which the journal keeps readable across versions, so the bench does not depend on the
 //! ledger's in-memory layout.
 //!
@@ -15,7 +16,7 @@
 use crate::broker::Broker;
 use crate::table::{Row, median};
 use ephemera::identity::Claims;
-use ephemera::ledger::journal::{FileStorage, Journal, SnapshotEncoder};
+use ephemera::ledger::journal::{FileStorage, Journal, SnapshotEncoder, encode};
 use ephemera::ledger::{Event, Lease, Ledger, REASON_EXPIRED, RetryPolicy};
 use serde_json::{Value, json};
 use std::io::Write;
@@ -106,15 +107,17 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     let started = Instant::now();
     let big = Ledger::new(None, RetryPolicy::default());
     let rss_before = crate::procfs::rss_bytes();
-    let journal_bytes = write_journal(&path, total, &leases, |event| big.apply(event));
+    // Two compaction intervals of appends (2 × 64 MiB at 1M leases), scaled with the lease count.
+    let tail_bytes = (2 * 64 * 1024 * 1024) as u64 * total as u64 / 1_000_000;
+    let journal_bytes = write_journal(&path, total, &leases, tail_bytes, |event| big.apply(event));
     let in_process_rss = crate::procfs::rss_bytes().saturating_sub(rss_before) / total as u64;
     eprintln!("  wrote and applied {total} leases in {:.1} s", started.elapsed().as_secs_f64());
     // 1k others, and a tenth of `n` (to tell a scan, which grows from there too, from cache
     // misses, which stop growing once the maps outgrow the caches).
     let small = Ledger::new(None, RetryPolicy::default());
-    write_journal(&dir.join("small"), TARGETS + SMALL_OTHERS, &leases, |event| small.apply(event));
+    write_journal(&dir.join("small"), TARGETS + SMALL_OTHERS, &leases, 0, |event| small.apply(event));
     let mid = Ledger::new(None, RetryPolicy::default());
-    write_journal(&dir.join("mid"), TARGETS + n / 10, &leases, |event| mid.apply(event));
+    write_journal(&dir.join("mid"), TARGETS + n / 10, &leases, 0, |event| mid.apply(event));
     let [small_cost, mid_cost, big_cost] = revoke_and_reap([&small, &mid, &big], &leases).await;
     let (revoke, reap) = ((small_cost.0, big_cost.0), (small_cost.1, big_cost.1));
     let mid_scale = if n >= 10_000_000 { format!("{}M", n / 10_000_000) } else { format!("{}k", n / 10_000) };
@@ -195,29 +198,45 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     ]
 }
 
-/// Writes a journal of `count` leases as compaction leaves it (one `Created` record each, with
-/// the file's string dictionary: `SnapshotEncoder`, as `Journal::compact` writes it), handing
-/// every event to `sink` once it is encoded. Bytes written.
+/// Writes a journal of `count` leases, handing every lease's `Created` event to `sink` once it
+/// is encoded. Bytes written.
 ///
-/// Not the uncompacted journal of `count` exchanges: the broker compacts every
-/// `ledger.compact_bytes` (64 MiB), so a journal holding a million leases is a snapshot plus a
-/// short tail. (An uncompacted one also carries a `JtiUsed` per exchange; replaying those and
-/// forgetting them at resume costs about 0.3 KB of RSS per lease more, in glibc's fragments.)
-fn write_journal(path: &Path, count: usize, leases: &Leases, mut sink: impl FnMut(Event)) -> u64 {
+/// The journal a broker holding `count` leases starts from, at its largest: the broker compacts
+/// every `ledger.compact_bytes` (64 MiB), so it is a snapshot (one `Created` record per lease,
+/// with the file's string dictionary, as `Journal::compact` writes it) followed by up to two
+/// compaction intervals of appended records: those the last compaction carried over, and the
+/// appends since. The last leases come as those appends, `tail_bytes` of them: a `JtiUsed` and
+/// a self-contained `Created` per exchange, as `Journal::append` writes them. (A journal that
+/// was never compacted is all appends; replaying a million `JtiUsed` and forgetting them at
+/// resume cost about 0.3 KB of RSS per lease more under glibc's malloc.)
+fn write_journal(path: &Path, count: usize, leases: &Leases, tail_bytes: u64, mut sink: impl FnMut(Event)) -> u64 {
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     file.write_all(b"EPHJRNL1").unwrap();
     let mut written = 8u64;
     let mut bytes = Vec::new();
-    let mut batch = Vec::with_capacity(2_000);
+    let appended = |i: usize| -> [Event; 2] {
+        let (jti, lease) = leases.records(i);
+        [serde_json::from_value(jti).unwrap(), serde_json::from_value(json!({"t": "created", "lease": lease})).unwrap()]
+    };
+    encode(&appended(0), &mut bytes);
+    let tail = usize::try_from(tail_bytes / bytes.len() as u64).unwrap().min(count);
+    bytes.clear();
     let mut encoder = SnapshotEncoder::default();
     for i in 0..count {
-        batch.push(leases.created(i));
-        if batch.len() >= 1_000 || i + 1 == count {
-            encoder.encode(&batch, &mut bytes);
+        let created = if i < count - tail {
+            let created = leases.created(i);
+            encoder.encode(std::slice::from_ref(&created), &mut bytes);
+            created
+        } else {
+            let [jti, created] = appended(i);
+            encode(&[jti, created.clone()], &mut bytes);
+            created
+        };
+        sink(created);
+        if bytes.len() >= 1 << 20 || i + 1 == count {
             file.write_all(&bytes).unwrap();
             written += bytes.len() as u64;
             bytes.clear();
-            batch.drain(..).for_each(&mut sink);
         }
     }
     file.flush().unwrap();
