@@ -44,7 +44,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc::{self, WeakSender};
+use tokio::sync::oneshot;
 
 const MAGIC: &[u8; 8] = b"EPHJRNL1";
 /// No single event is anywhere near this; a larger length field means a corrupt header.
@@ -81,10 +82,30 @@ pub trait Storage: Send + 'static {
     fn sync(&mut self) -> std::io::Result<()>;
     /// Cuts the file back to `len` bytes (after a failed append left partial bytes).
     fn truncate(&mut self, len: u64) -> std::io::Result<()>;
-    /// Atomically replaces the whole file with `bytes` (compaction).
-    fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()>;
     /// The file's bytes in `from..to` (compaction carries the records since the last one over).
     fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>>;
+    /// Starts the file a compaction writes, next to the journal. It is written and synced on a
+    /// thread of its own while appends go on to the journal.
+    fn start_replacement(&mut self) -> std::io::Result<Box<dyn Replacement>>;
+    /// Makes a written and synced replacement the journal: atomically (rename) and durably (the
+    /// directory synced); appends then go to it.
+    fn install(&mut self, replacement: Box<dyn Replacement>) -> std::io::Result<()>;
+}
+
+/// The file a compaction writes ([`Storage::start_replacement`]).
+pub trait Replacement: Send + 'static {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+impl Replacement for File {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_all()
+    }
 }
 
 pub struct FileStorage {
@@ -172,12 +193,14 @@ impl Storage for FileStorage {
         self.file.seek(SeekFrom::End(0)).map(|_| ())
     }
 
-    fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    fn start_replacement(&mut self) -> std::io::Result<Box<dyn Replacement>> {
         let tmp = self.path.with_extension("compact");
-        let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        out.write_all(bytes)?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
+        Ok(Box::new(OpenOptions::new().write(true).create(true).truncate(true).open(tmp)?))
+    }
+
+    fn install(&mut self, replacement: Box<dyn Replacement>) -> std::io::Result<()> {
+        drop(replacement);
+        std::fs::rename(self.path.with_extension("compact"), &self.path)?;
         sync_dir(&self.path)?;
         self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
         Ok(())
@@ -461,6 +484,9 @@ pub fn decode_with(bytes: &[u8], mut sink: impl FnMut(Event)) -> Result<u64, Str
     Ok(at as u64)
 }
 
+/// Where the writer answers a command.
+type Done = oneshot::Sender<Result<(), JournalError>>;
+
 enum Command {
     Append {
         bytes: Vec<u8>,
@@ -470,6 +496,10 @@ enum Command {
     Compact {
         snapshot: Vec<u8>,
         done: oneshot::Sender<Result<(), JournalError>>,
+    },
+    /// From the thread that wrote a compaction's file: done, or why not.
+    Written {
+        replacement: std::io::Result<Box<dyn Replacement>>,
     },
 }
 
@@ -498,11 +528,12 @@ impl Journal {
         let stats = Arc::new(Stats::default());
         stats.bytes_since_compaction.store(len, Ordering::Relaxed);
         let writer_stats = stats.clone();
+        let weak = tx.downgrade();
         // A thread of its own, not a tokio task: every batch is a blocking write and fdatasync,
         // and handing each to the blocking pool and back cost two thread wake-ups per batch.
         let spawned = std::thread::Builder::new()
             .name("ephemera-journal".into())
-            .spawn(move || writer(storage, len, rx, &writer_stats));
+            .spawn(move || writer(storage, len, rx, weak, &writer_stats));
         if let Err(e) = spawned {
             // Every append then fails with "the journal writer stopped": nothing is issued.
             tracing::error!(error = %e, "cannot start the journal writer thread");
@@ -564,21 +595,35 @@ impl Journal {
 /// a record whose effect the snapshot already holds is harmless (`Ledger::apply` is
 /// idempotent, and a lease's records replay in their order). The file is therefore at most a
 /// snapshot plus two compaction intervals long.
-fn writer(mut storage: Box<dyn Storage>, mut len: u64, mut rx: mpsc::Receiver<Command>, stats: &Stats) {
+///
+/// **Appends never wait for a compaction.** Its file (a snapshot of a million leases is
+/// hundreds of MB) is written and synced by a thread of its own while appends go on to the
+/// old journal. Once it is done, this thread copies over what was appended meanwhile, syncs,
+/// and renames it into place: the only pause appends see.
+fn writer(
+    mut storage: Box<dyn Storage>,
+    mut len: u64,
+    mut rx: mpsc::Receiver<Command>,
+    tx: WeakSender<Command>,
+    stats: &Stats,
+) {
     let mut batch = Vec::new();
     // Where the records not yet carried over by a compaction begin.
     let mut since_compaction = len;
+    // The compaction being written: where the journal stood when it started, its file's length
+    // so far, and who waits for it.
+    let mut compacting: Option<((u64, u64), Done)> = None;
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
-        let mut compact = None;
+        let mut other = None;
         match first {
             Command::Append { bytes, done } => appends.push((bytes, done)),
-            Command::Compact { snapshot, done } => compact = Some((snapshot, done)),
+            command => other = Some(command),
         }
-        while compact.is_none() && appends.len() < MAX_BATCH {
+        while other.is_none() && appends.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Command::Append { bytes, done }) => appends.push((bytes, done)),
-                Ok(Command::Compact { snapshot, done }) => compact = Some((snapshot, done)),
+                Ok(command) => other = Some(command),
                 Err(_) => break,
             }
         }
@@ -590,10 +635,88 @@ fn writer(mut storage: Box<dyn Storage>, mut len: u64, mut rx: mpsc::Receiver<Co
                 let _ = done.send(result.clone());
             }
         }
-        if let Some((snapshot, done)) = compact {
-            let _ = done.send(write_snapshot(&mut *storage, &mut len, &mut since_compaction, snapshot, stats));
+        match other {
+            None | Some(Command::Append { .. }) => {}
+            Some(Command::Compact { done, .. }) if compacting.is_some() => {
+                let _ = done.send(Err(JournalError("a compaction is already running".into())));
+            }
+            Some(Command::Compact { snapshot, done }) => {
+                match start_compaction(&mut *storage, since_compaction, len, snapshot, &tx, stats) {
+                    Ok(prefix) => compacting = Some(((len, prefix), done)),
+                    Err(e) => drop(done.send(Err(e))),
+                }
+            }
+            Some(Command::Written { replacement }) => {
+                let Some((at, done)) = compacting.take() else { continue };
+                let result = replacement
+                    .map_err(|e| JournalError(format!("journal compaction failed: {e}")))
+                    .and_then(|replacement| finish_compaction(&mut *storage, &mut len, at, replacement, stats));
+                if let Ok(carried_from) = result {
+                    since_compaction = carried_from;
+                }
+                let _ = done.send(result.map(|_| ()));
+            }
         }
     }
+}
+
+/// Starts writing a compaction's file on a thread of its own: the magic, the snapshot, and the
+/// records appended since the previous compaction (`since..len`). It reports back with
+/// [`Command::Written`]. Returns the length that file will have.
+fn start_compaction(
+    storage: &mut dyn Storage,
+    since: u64,
+    len: u64,
+    snapshot: Vec<u8>,
+    tx: &WeakSender<Command>,
+    stats: &Stats,
+) -> Result<u64, JournalError> {
+    let failed = |e: std::io::Error| JournalError(format!("journal compaction failed: {e}"));
+    if stats.broken.load(Ordering::Acquire) {
+        return Err(JournalError("the journal is broken after an earlier write failure; not compacting".into()));
+    }
+    let carried = storage.read_range(since, len).map_err(failed)?;
+    let mut replacement = storage.start_replacement().map_err(failed)?;
+    let tx = tx.upgrade().ok_or_else(|| JournalError("the journal is shutting down".into()))?;
+    let prefix = (MAGIC.len() + snapshot.len() + carried.len()) as u64;
+    std::thread::Builder::new()
+        .name("ephemera-compact".into())
+        .spawn(move || {
+            let written = [MAGIC.as_slice(), &snapshot, &carried]
+                .into_iter()
+                .try_for_each(|bytes| replacement.write(bytes))
+                .and_then(|()| replacement.sync())
+                .map(|()| replacement);
+            let _ = tx.blocking_send(Command::Written { replacement: written });
+        })
+        .map(|_| prefix)
+        .map_err(failed)
+}
+
+/// Finishes a compaction whose file is written (`prefix` bytes so far): copies over the records
+/// appended since it started (`mark..len`), syncs, and puts it in place of the journal. Returns
+/// where those records begin in the new file: they are what the next compaction carries over.
+fn finish_compaction(
+    storage: &mut dyn Storage,
+    len: &mut u64,
+    (mark, prefix): (u64, u64),
+    mut replacement: Box<dyn Replacement>,
+    stats: &Stats,
+) -> Result<u64, JournalError> {
+    let failed = |e: std::io::Error| JournalError(format!("journal compaction failed: {e}"));
+    if stats.broken.load(Ordering::Acquire) {
+        return Err(JournalError("the journal is broken after an earlier write failure; not compacting".into()));
+    }
+    let appended = storage.read_range(mark, *len).map_err(failed)?;
+    replacement.write(&appended).and_then(|()| replacement.sync()).map_err(failed)?;
+    storage.install(replacement).map_err(|e| {
+        // Renamed but not reopened, or worse: appends cannot be trusted to reach the journal.
+        stats.broken.store(true, Ordering::Release);
+        failed(e)
+    })?;
+    *len = prefix + appended.len() as u64;
+    stats.bytes_since_compaction.store(appended.len() as u64, Ordering::Relaxed);
+    Ok(prefix)
 }
 
 fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &Stats) -> Result<(), JournalError> {
@@ -616,30 +739,6 @@ fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &S
             Err(JournalError(format!("journal write failed: {e}")))
         }
     }
-}
-
-fn write_snapshot(
-    storage: &mut dyn Storage,
-    len: &mut u64,
-    since_compaction: &mut u64,
-    snapshot: Vec<u8>,
-    stats: &Stats,
-) -> Result<(), JournalError> {
-    let failed = |e: std::io::Error| JournalError(format!("journal compaction failed: {e}"));
-    if stats.broken.load(Ordering::Acquire) {
-        return Err(JournalError("the journal is broken after an earlier write failure; not compacting".into()));
-    }
-    let carried = storage.read_range(*since_compaction, *len).map_err(failed)?;
-    let mut bytes = Vec::with_capacity(MAGIC.len() + snapshot.len() + carried.len());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&snapshot);
-    drop(snapshot);
-    bytes.extend_from_slice(&carried);
-    storage.replace(&bytes).map_err(failed)?;
-    *len = bytes.len() as u64;
-    *since_compaction = *len;
-    stats.bytes_since_compaction.store(0, Ordering::Relaxed);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -900,6 +999,88 @@ mod tests {
         journal.compact(events(1)).await.unwrap();
         let (decoded, _) = decode(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(decoded, vec![events(1)[0].clone(), Event::Revoked { id: "after".into(), at: 9 }]);
+    }
+
+    /// Journal storage whose compaction file blocks in `sync` until the test opens the gate: a
+    /// fake, to hold a compaction mid-write (a real disk is never that slow on cue).
+    struct Gated {
+        inner: FileStorage,
+        entered: std::sync::mpsc::Sender<()>,
+        gate: Arc<std::sync::Barrier>,
+    }
+
+    struct GatedReplacement {
+        inner: Box<dyn Replacement>,
+        entered: std::sync::mpsc::Sender<()>,
+        gate: Arc<std::sync::Barrier>,
+    }
+
+    impl Storage for Gated {
+        fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            self.inner.append(bytes)
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+            self.inner.truncate(len)
+        }
+        fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+            self.inner.read_range(from, to)
+        }
+        fn start_replacement(&mut self) -> std::io::Result<Box<dyn Replacement>> {
+            let inner = self.inner.start_replacement()?;
+            Ok(Box::new(GatedReplacement { inner, entered: self.entered.clone(), gate: self.gate.clone() }))
+        }
+        fn install(&mut self, replacement: Box<dyn Replacement>) -> std::io::Result<()> {
+            self.inner.install(replacement)
+        }
+    }
+
+    impl Replacement for GatedReplacement {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            self.inner.write(bytes)
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            // Only the compaction thread's sync waits; the writer's final sync goes through.
+            if std::thread::current().name() == Some("ephemera-compact") {
+                let _ = self.entered.send(());
+                self.gate.wait();
+            }
+            self.inner.sync()
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_go_on_while_a_compaction_is_written_and_land_in_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (inner, opened) = FileStorage::open(&path).unwrap();
+        let (entered, in_sync) = std::sync::mpsc::channel();
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let journal = Journal::start(Box::new(Gated { inner, entered, gate: gate.clone() }), opened.len);
+        journal.append(&[lease(1)]).await.unwrap();
+        let compaction = tokio::spawn({
+            let journal = journal.clone();
+            async move { journal.compact(vec![lease(1)]).await }
+        });
+        tokio::task::spawn_blocking(move || in_sync.recv().unwrap()).await.unwrap();
+        // The compaction's file is being written (held in its sync): appends still complete.
+        journal.append(&[lease(2)]).await.unwrap();
+        journal.append(&[lease(3)]).await.unwrap();
+        assert!(!compaction.is_finished());
+        tokio::task::spawn_blocking(move || gate.wait()).await.unwrap();
+        compaction.await.unwrap().unwrap();
+        journal.append(&[lease(4)]).await.unwrap();
+        drop(journal);
+
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes[MAGIC.len() + 8], DICT_LEASE, "the journal is the compacted file");
+        let (decoded, _) = decode(&bytes).unwrap();
+        // The snapshot, the carried-over record of lease 1, the two appended during the
+        // compaction (copied over at the end), and the one after it.
+        assert_eq!(decoded, vec![lease(1), lease(1), lease(2), lease(3), lease(4)]);
+        assert!(!path.with_extension("compact").exists());
     }
 
     #[tokio::test]

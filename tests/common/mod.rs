@@ -370,8 +370,11 @@ impl Storage for FullDisk {
     fn truncate(&mut self, len: u64) -> std::io::Result<()> {
         self.inner.truncate(len)
     }
-    fn replace(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.inner.replace(bytes)
+    fn start_replacement(&mut self) -> std::io::Result<Box<dyn ephemera::ledger::journal::Replacement>> {
+        self.inner.start_replacement()
+    }
+    fn install(&mut self, replacement: Box<dyn ephemera::ledger::journal::Replacement>) -> std::io::Result<()> {
+        self.inner.install(replacement)
     }
     fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
         self.inner.read_range(from, to)
