@@ -125,13 +125,14 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     drop(mid);
     drop(small);
 
-    let floor_secs = read_and_crc(&path);
+    let floor_secs = read_and_crc(&path).min(read_and_crc(&path));
     let boot = boot_binary(binary, dir, &path).await;
-    let replay_secs = boot.ready_full - boot.ready_empty;
+    let [first, second] = boot.ready_full;
+    let replay_secs = first.min(second) - boot.ready_empty;
     let rss_per_lease = boot.rss_full.saturating_sub(boot.rss_empty) / total as u64;
     eprintln!(
-        "  the broker replayed {total} leases: ready after {:.2} s (empty: {:.2} s)",
-        boot.ready_full, boot.ready_empty
+        "  the broker replayed {total} leases: ready after {first:.2} s, then {second:.2} s (empty: {:.2} s)",
+        boot.ready_empty
     );
     let (durable, single) = durable_rate(dir, records, &leases).await;
 
@@ -179,11 +180,10 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
             "3d",
             &format!("journal replay of {scale} leases: broker's time to /readyz, less its time with an empty journal"),
             format!(
-                "{replay_secs:.2} s ({:.1} µs per lease; ready after {:.2} s)",
+                "{replay_secs:.2} s ({:.1} µs per lease; the faster of two boots, ready after {first:.2} s and {second:.2} s)",
                 replay_secs / total as f64 * 1e6,
-                boot.ready_full
             ),
-            format!("{floor_secs:.2} s to read + CRC the same {:.0} MB", journal_bytes as f64 / 1e6),
+            format!("{floor_secs:.2} s to read + CRC the same {:.0} MB (faster of two)", journal_bytes as f64 / 1e6),
         )
         .ratio(replay_secs / floor_secs)
         .goal(&format!("≤ {replay_goal:.2} s (2 s per 1M)"), replay_secs <= replay_goal),
@@ -239,7 +239,9 @@ fn write_journal(path: &Path, count: usize, leases: &Leases, tail_bytes: u64, mu
             bytes.clear();
         }
     }
-    file.flush().unwrap();
+    // On disk before anything is timed: write-back of a file this size competed with the
+    // replay that followed.
+    file.into_inner().unwrap().sync_all().unwrap();
     written
 }
 
@@ -283,12 +285,13 @@ fn read_and_crc(path: &Path) -> f64 {
 
 struct Boot {
     ready_empty: f64,
-    ready_full: f64,
+    /// Two boots in a row on the same journal.
+    ready_full: [f64; 2],
     rss_empty: u64,
     rss_full: u64,
 }
 
-/// Starts the broker binary twice, on an empty data directory and on one holding `journal`
+/// Starts the broker binary on an empty data directory, then twice on one holding `journal`
 /// (moved into place): seconds from spawn to `/readyz` 200, and RSS once ready. Compaction is
 /// switched off for both, so the figure is replay (and resume), not a rewrite of the journal.
 async fn boot_binary(binary: &Path, dir: &Path, journal: &Path) -> Boot {
@@ -301,10 +304,17 @@ async fn boot_binary(binary: &Path, dir: &Path, journal: &Path) -> Boot {
     let ready_empty = started.elapsed().as_secs_f64();
     let rss_empty = crate::procfs::rss_of(&empty.pid.to_string());
     drop(empty);
-    let started = Instant::now();
-    let full = Broker::start_with(binary, &full_dir, NO_COMPACTION).await;
-    let ready_full = started.elapsed().as_secs_f64();
-    let rss_full = crate::procfs::rss_of(&full.pid.to_string());
+    // Twice: the first boot after the bench wrote a journal this size has been up to twice as
+    // slow on this shared machine (its read + CRC floor too), and a restarting broker reads a
+    // journal it wrote itself, from the page cache.
+    let mut ready_full = [0.0; 2];
+    let mut rss_full = 0;
+    for ready in &mut ready_full {
+        let started = Instant::now();
+        let full = Broker::start_with(binary, &full_dir, NO_COMPACTION).await;
+        *ready = started.elapsed().as_secs_f64();
+        rss_full = crate::procfs::rss_of(&full.pid.to_string());
+    }
     Boot { ready_empty, ready_full, rss_empty, rss_full }
 }
 
