@@ -427,29 +427,8 @@ impl ClaimSnapshot {
     /// The journal form: self-contained (every string written out).
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let table = table();
-        put_varint(out, Entries(self.bytes()).count() as u64);
-        for (key, entry) in Entries(self.bytes()) {
-            put_str(out, table.text(key));
-            match entry {
-                Entry::Tag(tag) => out.push(tag),
-                Entry::Int(v) => {
-                    out.push(INT);
-                    put_varint(out, v);
-                }
-                Entry::Inline(bytes) => {
-                    out.push(INLINE);
-                    put_bytes(out, bytes);
-                }
-                Entry::Shared(id) => {
-                    out.push(INLINE);
-                    put_str(out, table.text(id));
-                }
-                Entry::Json(bytes) => {
-                    out.push(JSON);
-                    put_bytes(out, bytes);
-                }
-            }
-        }
+        // A shared value is written out, as an inline one.
+        self.write_entries(out, INLINE, |out, id| put_str(out, table.text(id)));
     }
 
     /// The compacted journal's form: [`ClaimSnapshot::write_to`] with every name and shared
@@ -458,9 +437,18 @@ impl ClaimSnapshot {
     pub fn write_refs(&self, dict: &mut FileDict, defs: &mut Vec<u8>, out: &mut Vec<u8>) -> u64 {
         let mut table = table();
         let mut new = 0;
+        self.write_entries(out, SHARED, |out, id| {
+            put_varint(out, u64::from(dict.file_id(&mut table, id, defs, &mut new)));
+        });
+        new
+    }
+
+    /// The entries in a journal form: `string` writes each table id (every key, and a shared
+    /// value after the tag `shared`); everything else is copied as it is stored.
+    fn write_entries(&self, out: &mut Vec<u8>, shared: u8, mut string: impl FnMut(&mut Vec<u8>, u32)) {
         put_varint(out, Entries(self.bytes()).count() as u64);
         for (key, entry) in Entries(self.bytes()) {
-            put_varint(out, u64::from(dict.file_id(&mut table, key, defs, &mut new)));
+            string(out, key);
             match entry {
                 Entry::Tag(tag) => out.push(tag),
                 Entry::Int(v) => {
@@ -472,8 +460,8 @@ impl ClaimSnapshot {
                     put_bytes(out, bytes);
                 }
                 Entry::Shared(id) => {
-                    out.push(SHARED);
-                    put_varint(out, u64::from(dict.file_id(&mut table, id, defs, &mut new)));
+                    out.push(shared);
+                    string(out, id);
                 }
                 Entry::Json(bytes) => {
                     out.push(JSON);
@@ -481,7 +469,6 @@ impl ClaimSnapshot {
                 }
             }
         }
-        new
     }
 
     /// Reads [`ClaimSnapshot::write_refs`]'s form, the file's dictionary so far being in `memo`.
