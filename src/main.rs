@@ -268,11 +268,14 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("ephemera: {message}");
-            ExitCode::FAILURE
-        }
+        Err(message) => fail(message),
     }
+}
+
+/// A command's failure: its message on stderr, exit 1.
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ephemera: {message}");
+    ExitCode::FAILURE
 }
 
 async fn exchange(args: ExchangeArgs) -> Result<String, ephemera::client::Failure> {
@@ -425,10 +428,6 @@ fn shell_quote(word: &str) -> String {
 }
 
 fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Option<&str>, format: &str) -> ExitCode {
-    let fail = |message: String| {
-        eprintln!("ephemera: {message}");
-        ExitCode::FAILURE
-    };
     let (config, set) = match load_policies(config) {
         Ok(loaded) => loaded,
         Err(e) => return fail(e),
@@ -459,25 +458,17 @@ fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Opti
 fn policy_check(config: Option<&Path>, format: &str, strict: bool) -> ExitCode {
     let config = match load_config(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("ephemera: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(e),
     };
     let report = lint::check_dir(&config.policies_dir, &LoadContext::from_config(&config), strict);
     if let Err(e) = write_stdout(&if format == "json" { report.to_json() } else { report.render_text() }) {
-        eprintln!("ephemera: {e}");
-        return ExitCode::FAILURE;
+        return fail(e);
     }
     if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 /// `policy test`: the report on stdout; exit 1 when a case fails or a file or case cannot load.
 fn policy_test(config: Option<&Path>, dir: Option<&Path>, format: &str) -> ExitCode {
-    let fail = |message: String| {
-        eprintln!("ephemera: {message}");
-        ExitCode::FAILURE
-    };
     let (config, policies) = match load_policies(config) {
         Ok(loaded) => loaded,
         Err(e) => return fail(e),

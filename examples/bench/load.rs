@@ -93,11 +93,17 @@ pub async fn closed_loop(addr: SocketAddr, requests: Arc<Vec<Vec<u8>>>, conns: u
             })
         })
         .collect();
+    let mut total = gather(workers).await;
+    total.wall = started.elapsed().as_secs_f64();
+    total
+}
+
+/// The workers' outcomes, merged.
+async fn gather(workers: Vec<tokio::task::JoinHandle<Outcome>>) -> Outcome {
     let mut total = Outcome::default();
     for w in workers {
         total.merge(w.await.unwrap());
     }
-    total.wall = started.elapsed().as_secs_f64();
     total
 }
 
@@ -142,10 +148,7 @@ pub async fn open_loop(addr: SocketAddr, requests: Arc<Vec<Vec<u8>>>, rate: f64,
             })
         })
         .collect();
-    let mut total = Outcome::default();
-    for w in workers {
-        total.merge(w.await.unwrap());
-    }
+    let mut total = gather(workers).await;
     dispatcher.join().unwrap();
     total.wall = start.elapsed().as_secs_f64();
     total

@@ -490,12 +490,12 @@ type Done = oneshot::Sender<Result<(), JournalError>>;
 enum Command {
     Append {
         bytes: Vec<u8>,
-        done: oneshot::Sender<Result<(), JournalError>>,
+        done: Done,
     },
     /// A snapshot, already encoded (without the magic).
     Compact {
         snapshot: Vec<u8>,
-        done: oneshot::Sender<Result<(), JournalError>>,
+        done: Done,
     },
     /// From the thread that wrote a compaction's file: done, or why not.
     Written {
@@ -515,7 +515,6 @@ pub struct Stats {
     /// Bytes written since the last compaction (or start).
     pub bytes_since_compaction: AtomicU64,
     pub fsyncs: AtomicU64,
-    pub records: AtomicU64,
     /// Set after a write that could not be undone: every later append fails until a restart.
     pub broken: AtomicBool,
 }
