@@ -10,8 +10,8 @@
 //! concurrent brokers or a log shipper never see interleaved lines. `reopen()` (on SIGHUP) follows
 //! a logrotate rename.
 
+use crate::claims::Claims;
 use crate::config::AuditConfig;
-use crate::identity::Claims;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -107,7 +107,7 @@ fn base_url(broker: &str) -> Result<String, Failure> {
 }
 
 fn http_client() -> Result<reqwest::Client, Failure> {
-    crate::install_crypto();
+    crate::identity::provider::install_crypto();
     reqwest::Client::builder()
         .timeout(TIMEOUT)
         // A redirect would carry the job's token somewhere the caller did not name.

@@ -1,7 +1,9 @@
 //! The broker config: TOML → validated [`Config`]. Unknown keys are errors; every validation
 //! error is reported at once; secrets live in files, never inline.
 
+use crate::claims::Platform;
 use crate::clock::parse_duration;
+use crate::names::is_name;
 use crate::secret::SecretString;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -87,22 +89,6 @@ pub struct HookConfig {
     pub secret_file: PathBuf,
     /// The configured issuer whose job keys the hook ends (named, or the only one of its platform).
     pub issuer: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Platform {
-    GithubActions,
-    GitlabCi,
-}
-
-impl Platform {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Platform::GithubActions => "github-actions",
-            Platform::GitlabCi => "gitlab-ci",
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -404,7 +390,7 @@ impl RawConfig {
             file: base.join(a.file),
             claims: a.claims.unwrap_or_else(|| DEFAULT_AUDIT_CLAIMS.iter().map(|c| (*c).to_string()).collect()),
         });
-        if let Some(bad) = audit.iter().flat_map(|a| &a.claims).find(|c| !crate::policy::template::is_claim_name(c)) {
+        if let Some(bad) = audit.iter().flat_map(|a| &a.claims).find(|c| !crate::names::is_claim_name(c)) {
             errs.0.push(format!("audit.claims: `{}` is not a claim name", crate::clock::truncate(bad, 40)));
         }
         if !errs.0.is_empty() {
@@ -663,14 +649,6 @@ pub fn is_loopback(url: &reqwest::Url) -> bool {
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
     }
-}
-
-/// Names of issuers, backends and policies: `[a-z0-9][a-z0-9-_]*`, at most 64 characters.
-pub fn is_name(text: &str) -> bool {
-    let mut bytes = text.bytes();
-    text.len() <= 64
-        && bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 pub fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod claims;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -19,17 +20,9 @@ pub mod ids;
 pub mod ledger;
 pub mod metrics;
 pub mod mint;
+pub mod names;
 pub mod policy;
 pub mod secret;
 pub mod server;
 
-/// Installs the process-wide crypto providers exactly once: ring for rustls (the JWKS client) and
-/// ring for jsonwebtoken. Without this, both crates compile and then panic at first use.
-pub fn install_crypto() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Both calls fail only if a provider is already installed, which is what we want anyway.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let _ = identity::provider::RING_PROVIDER.install_default();
-    });
-}
+pub use identity::provider::install_crypto;

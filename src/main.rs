@@ -435,7 +435,7 @@ fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Opti
     let Some(policy) = set.get(name) else {
         return fail(format!("no policy named `{name}` in {}", config.policies_dir.display()));
     };
-    let claims: ephemera::identity::Claims = match std::fs::read_to_string(claims)
+    let claims: ephemera::claims::Claims = match std::fs::read_to_string(claims)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
     {

@@ -100,7 +100,7 @@ async fn wait_for_signal() {
 
 /// Builds everything and starts serving. Refuses to start on any config or policy error.
 pub async fn start(options: Options) -> Result<Running, String> {
-    crate::install_crypto();
+    crate::identity::provider::install_crypto();
     let Options { mut config, dev, clock, faults } = options;
     let mut faults = faults.unwrap_or_default();
     if dev && !config.listen.ip().is_loopback() {

@@ -15,7 +15,7 @@
 
 use crate::broker::Broker;
 use crate::table::{Row, median};
-use ephemera::identity::Claims;
+use ephemera::claims::Claims;
 use ephemera::ledger::journal::{FileStorage, Journal, SnapshotEncoder, encode};
 use ephemera::ledger::{Event, Lease, Ledger, REASON_EXPIRED, RetryPolicy};
 use serde_json::{Value, json};

@@ -2,7 +2,7 @@
 //! (tests/fixtures/keys), from the claims fixture copied next to this file. Everything is
 //! compiled in: the bench reads nothing outside the repository at run time.
 
-use ephemera::identity::Claims;
+use ephemera::claims::Claims;
 use ephemera::ids::b64url;
 use ring::rand::SystemRandom;
 use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};

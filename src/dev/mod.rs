@@ -4,8 +4,9 @@
 //! `{broker}/dev/gitlab`, serving discovery and JWKS over HTTP like a real issuer, so the broker
 //! verifies dev tokens through exactly the code path it uses for real ones. Loopback only.
 
+use crate::claims::Platform;
 use crate::clock::UnixSeconds;
-use crate::config::{IssuerConfig, Platform};
+use crate::config::IssuerConfig;
 use crate::ids::{b64url, random};
 use crate::mint::jwt::JwtSigner;
 use jsonwebtoken::Algorithm;

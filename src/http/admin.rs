@@ -164,7 +164,7 @@ async fn revoke_one(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
 #[serde(deny_unknown_fields)]
 struct ExplainBody {
     policy: String,
-    claims: crate::identity::Claims,
+    claims: crate::claims::Claims,
     /// The configured issuer the claims come from; default: the one whose url is `claims.iss`,
     /// else the policy's own.
     issuer: Option<String>,

@@ -2,7 +2,7 @@
 //! place where an [`Error`] becomes a response body and a log line.
 
 use crate::app::App;
-use crate::config::Platform;
+use crate::claims::Platform;
 use crate::error::{Error, Level};
 use crate::identity::IdentityError;
 use axum::Router;

@@ -114,7 +114,7 @@ impl fmt::Display for FetchError {
 /// the environment, which would hand every issuer request (and the choice of where it goes) to
 /// whatever those variables say.
 pub fn http_client() -> reqwest::Client {
-    crate::install_crypto();
+    crate::identity::provider::install_crypto();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()

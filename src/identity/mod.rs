@@ -1,16 +1,14 @@
 //! identity: turns a CI platform's OIDC ID token into a [`VerifiedIdentity`], which nothing
 //! outside this module can construct. Knows no policy, no backend, no HTTP.
 
-pub mod claims;
 pub mod jwks;
 pub mod provider;
 mod verify;
 
-pub use claims::{Claims, GithubClaims, GitlabClaims};
 pub use verify::{Issuer, MAX_TOKEN_BYTES, Verifier};
 
+use crate::claims::{ClaimError, Claims, Platform};
 use crate::clock::UnixSeconds;
-use crate::config::Platform;
 use std::fmt;
 use std::sync::Arc;
 
@@ -118,6 +116,15 @@ pub enum IdentityError {
     WrongAudience,
     MissingClaim(&'static str),
     BadClaimType(&'static str),
+}
+
+impl From<ClaimError> for IdentityError {
+    fn from(e: ClaimError) -> Self {
+        match e {
+            ClaimError::Missing(c) => IdentityError::MissingClaim(c),
+            ClaimError::BadType(c) => IdentityError::BadClaimType(c),
+        }
+    }
 }
 
 impl fmt::Display for IdentityError {

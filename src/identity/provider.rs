@@ -10,6 +10,17 @@ use jsonwebtoken::signature::{self, Verifier};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind, EncodingKey};
 use ring::signature as sig;
 
+/// Installs the process-wide crypto providers exactly once: ring for rustls (the JWKS client) and
+/// ring for jsonwebtoken. Without this, both crates compile and then panic at first use.
+pub fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Both calls fail only if a provider is already installed, which is what we want anyway.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = RING_PROVIDER.install_default();
+    });
+}
+
 pub static RING_PROVIDER: CryptoProvider = CryptoProvider {
     signer_factory: no_signer,
     verifier_factory: new_verifier,
@@ -109,7 +120,7 @@ mod tests {
 
     #[test]
     fn verifies_es256_and_refuses_hmac_and_family_confusion() {
-        crate::install_crypto();
+        crate::identity::provider::install_crypto();
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
         let kp = EcdsaKeyPair::from_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();

@@ -2,11 +2,12 @@
 //! token is trusted, and no network request is made, before its `iss` selects a configured
 //! issuer; no claim is trusted before the signature verifies.
 
-use super::claims::{Claims, job_key};
 use super::jwks::Jwks;
 use super::{IdentityError, Inner, VerifiedIdentity};
+use crate::claims::Platform;
+use crate::claims::{Claims, job_key};
 use crate::clock::{Clock, UnixSeconds};
-use crate::config::{IssuerConfig, Platform};
+use crate::config::IssuerConfig;
 use crate::ids::b64url_decode;
 use crate::secret::sha256_hex;
 use jsonwebtoken::Algorithm;

@@ -277,7 +277,7 @@ impl LeaseFilter {
     pub fn matches(&self, lease: &Lease) -> bool {
         let claim = |name: &str, want: &Option<String>| {
             want.as_ref().is_none_or(|w| {
-                lease.claims.get(name).as_ref().and_then(crate::policy::matcher::scalar_text).as_ref() == Some(w)
+                lease.claims.get(name).as_ref().and_then(crate::claims::scalar_text).as_ref() == Some(w)
             })
         };
         self.job.as_ref().is_none_or(|j| **j == *lease.job)
@@ -286,9 +286,9 @@ impl LeaseFilter {
             && claim("repository_id", &self.repository_id)
             && claim("project_id", &self.project_id)
             && self.actor_id.as_ref().is_none_or(|a| {
-                ["actor_id", "user_id"].iter().any(|c| {
-                    lease.claims.get(c).as_ref().and_then(crate::policy::matcher::scalar_text).as_ref() == Some(a)
-                })
+                ["actor_id", "user_id"]
+                    .iter()
+                    .any(|c| lease.claims.get(c).as_ref().and_then(crate::claims::scalar_text).as_ref() == Some(a))
             })
     }
 

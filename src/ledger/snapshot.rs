@@ -27,7 +27,7 @@
 //! strings the file itself defines before their first use.
 
 use super::codec::{get_bytes, get_str, get_u8, get_varint, put_bytes, put_str, put_varint, unzigzag, zigzag};
-use crate::identity::Claims;
+use crate::claims::Claims;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use std::collections::HashMap;

@@ -5,7 +5,7 @@
 
 use super::matcher::Matcher;
 use super::{Policy, Rule};
-use crate::identity::Claims;
+use crate::claims::Claims;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -112,8 +112,8 @@ impl Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Platform;
-    use crate::identity::claims::tests::fixture;
+    use crate::claims::Platform;
+    use crate::claims::tests::fixture;
     use crate::policy::{LoadContext, PolicySet};
 
     #[test]

@@ -14,7 +14,7 @@
 use super::explain::describe;
 use super::matcher::Matcher;
 use super::{LoadContext, Policy, PolicyError, PolicySet, Rule, Source, read_policy_files};
-use crate::config::Platform;
+use crate::claims::Platform;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeSet;

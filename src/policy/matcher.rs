@@ -4,6 +4,7 @@
 //! `"true"` and `true` are the same value to a policy. A missing (or `null`) claim fails every
 //! matcher except `{exists: false}` and `{not: …}`.
 
+use crate::claims::scalar_text;
 use regex::{Regex, RegexBuilder};
 use serde_json::Value;
 
@@ -107,16 +108,6 @@ impl Matcher {
     /// using it on an immutable id is really bound to specific repositories or projects?
     pub fn is_binding(&self) -> bool {
         matches!(self, Matcher::Exact(_) | Matcher::AnyOf(_))
-    }
-}
-
-/// The text of a scalar claim; arrays, objects and null have none.
-pub fn scalar_text(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        Value::Null | Value::Array(_) | Value::Object(_) => None,
     }
 }
 

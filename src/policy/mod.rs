@@ -13,9 +13,13 @@ pub mod testing;
 pub use decision::{Denial, DenialReason, Grant, GrantedCredential, ResolvedSpec};
 pub use file::policy_schema;
 
+use crate::claims::Claims;
+use crate::claims::Platform;
 use crate::clock::{UnixSeconds, format_duration, parse_duration};
-use crate::config::{Config, IssuerConfig, Platform, is_name};
-use crate::identity::{Claims, VerifiedIdentity};
+use crate::config::{Config, IssuerConfig};
+use crate::identity::VerifiedIdentity;
+use crate::names::is_claim_name;
+use crate::names::is_name;
 use file::{AwsGrantFile, JwtGrantFile, PolicyFile};
 use matcher::Matcher;
 use serde_json::Value;
@@ -23,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use template::{Template, TemplateValue, is_claim_name};
+use template::{Template, TemplateValue};
 
 /// Claims that identify a repository or project by an id that is never reused. A policy must
 /// bind one of its platform's: names (`acme/web`) can be deleted and re-registered by someone

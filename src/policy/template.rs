@@ -1,8 +1,9 @@
 //! `${claim}` templates in grants, resolved from verified claims only. Parsed at load time so a
 //! typo is a load error, not a surprise at mint time.
 
-use super::matcher::scalar_text;
-use crate::identity::Claims;
+use crate::claims::Claims;
+use crate::claims::scalar_text;
+use crate::names::is_claim_name;
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,12 +98,6 @@ impl TemplateValue {
             ),
         })
     }
-}
-
-pub fn is_claim_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 #[cfg(test)]

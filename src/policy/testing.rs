@@ -5,9 +5,9 @@
 
 use super::file::{parse_yaml, schema_text};
 use super::{MAX_POLICY_BYTES, PolicySet};
+use crate::claims::Claims;
 use crate::clock::{format_duration, parse_duration};
 use crate::config::IssuerConfig;
-use crate::identity::Claims;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

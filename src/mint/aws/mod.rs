@@ -10,9 +10,10 @@
 pub mod rules;
 
 use super::{Backend, BoxFuture, Credential, MintContext, MintError, Minted, Revocation, RevokeHandle};
+use crate::claims::{GithubClaims, GitlabClaims};
 use crate::clock::{Clock, UnixSeconds, rfc3339};
 use crate::config::{AwsBackendConfig, AwsRevocation};
-use crate::identity::{GithubClaims, GitlabClaims, VerifiedIdentity};
+use crate::identity::VerifiedIdentity;
 use crate::policy::{Grant, GrantedCredential, ResolvedSpec};
 use crate::secret::SecretString;
 use aws_sdk_iam::error::ProvideErrorMetadata;

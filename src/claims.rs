@@ -1,14 +1,60 @@
-//! Platform claims: typed views of GitHub Actions and GitLab CI tokens, and the job key.
+//! Claims and platforms: the claim set of a verified token, the CI platforms, typed views of
+//! GitHub Actions and GitLab CI tokens, and the job key. A leaf: every room reads claims
+//! (identity verifies them, policy matches them, mint stamps them, ledger keeps a snapshot), so
+//! they live below all of them and import nothing of the crate.
 //!
 //! GitHub sends every custom claim as a string (ids and booleans too); GitLab sends ids as
 //! strings but `runner_id` as a number. The views accept either form for ids and booleans and
 //! refuse anything else, so a job key is built from digits only and cannot be forged with `:`.
 
-use super::IdentityError;
-use crate::config::Platform;
+use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::fmt;
 
 pub type Claims = Map<String, Value>;
+
+/// A CI platform whose OIDC tokens ephemera understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Platform {
+    GithubActions,
+    GitlabCi,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::GithubActions => "github-actions",
+            Platform::GitlabCi => "gitlab-ci",
+        }
+    }
+}
+
+/// Why a claim set does not fit its platform's view. No variant carries claim values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimError {
+    Missing(&'static str),
+    BadType(&'static str),
+}
+
+impl fmt::Display for ClaimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimError::Missing(c) => write!(f, "required claim `{c}` is missing"),
+            ClaimError::BadType(c) => write!(f, "claim `{c}` has the wrong type"),
+        }
+    }
+}
+
+/// The text of a scalar claim; arrays, objects and null have none.
+pub fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Null | Value::Array(_) | Value::Object(_) => None,
+    }
+}
 
 /// A GitHub Actions job, as far as ephemera cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,14 +90,13 @@ pub struct GitlabClaims {
 }
 
 impl GithubClaims {
-    pub fn from_claims(c: &Claims) -> Result<Self, IdentityError> {
+    pub fn from_claims(c: &Claims) -> Result<Self, ClaimError> {
         Ok(GithubClaims {
-            repository: string(c, "repository")?.ok_or(IdentityError::MissingClaim("repository"))?,
-            repository_id: id(c, "repository_id")?.ok_or(IdentityError::MissingClaim("repository_id"))?,
-            repository_owner_id: id(c, "repository_owner_id")?
-                .ok_or(IdentityError::MissingClaim("repository_owner_id"))?,
-            run_id: id(c, "run_id")?.ok_or(IdentityError::MissingClaim("run_id"))?,
-            run_attempt: id(c, "run_attempt")?.ok_or(IdentityError::MissingClaim("run_attempt"))?,
+            repository: string(c, "repository")?.ok_or(ClaimError::Missing("repository"))?,
+            repository_id: id(c, "repository_id")?.ok_or(ClaimError::Missing("repository_id"))?,
+            repository_owner_id: id(c, "repository_owner_id")?.ok_or(ClaimError::Missing("repository_owner_id"))?,
+            run_id: id(c, "run_id")?.ok_or(ClaimError::Missing("run_id"))?,
+            run_attempt: id(c, "run_attempt")?.ok_or(ClaimError::Missing("run_attempt"))?,
             check_run_id: id(c, "check_run_id")?,
             event_name: string(c, "event_name")?,
             git_ref: string(c, "ref")?,
@@ -71,12 +116,12 @@ impl GithubClaims {
 }
 
 impl GitlabClaims {
-    pub fn from_claims(c: &Claims) -> Result<Self, IdentityError> {
+    pub fn from_claims(c: &Claims) -> Result<Self, ClaimError> {
         Ok(GitlabClaims {
-            project_id: id(c, "project_id")?.ok_or(IdentityError::MissingClaim("project_id"))?,
+            project_id: id(c, "project_id")?.ok_or(ClaimError::Missing("project_id"))?,
             project_path: string(c, "project_path")?,
             namespace_id: id(c, "namespace_id")?,
-            job_id: id(c, "job_id")?.ok_or(IdentityError::MissingClaim("job_id"))?,
+            job_id: id(c, "job_id")?.ok_or(ClaimError::Missing("job_id"))?,
             pipeline_source: string(c, "pipeline_source")?,
             git_ref: string(c, "ref")?,
             ref_protected: boolean(c, "ref_protected")?,
@@ -93,7 +138,7 @@ impl GitlabClaims {
 }
 
 /// The job key of a token from `platform`.
-pub fn job_key(platform: Platform, claims: &Claims) -> Result<String, IdentityError> {
+pub fn job_key(platform: Platform, claims: &Claims) -> Result<String, ClaimError> {
     Ok(match platform {
         Platform::GithubActions => GithubClaims::from_claims(claims)?.job_key(),
         Platform::GitlabCi => GitlabClaims::from_claims(claims)?.job_key(),
@@ -101,33 +146,33 @@ pub fn job_key(platform: Platform, claims: &Claims) -> Result<String, IdentityEr
 }
 
 /// A numeric id sent as a string of digits (GitHub, GitLab) or as a JSON integer.
-fn id(c: &Claims, name: &'static str) -> Result<Option<u64>, IdentityError> {
+fn id(c: &Claims, name: &'static str) -> Result<Option<u64>, ClaimError> {
     match c.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().map(Some).map_err(|_| IdentityError::BadClaimType(name))
+            s.parse().map(Some).map_err(|_| ClaimError::BadType(name))
         }
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or(IdentityError::BadClaimType(name)),
-        Some(_) => Err(IdentityError::BadClaimType(name)),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or(ClaimError::BadType(name)),
+        Some(_) => Err(ClaimError::BadType(name)),
     }
 }
 
-fn string(c: &Claims, name: &'static str) -> Result<Option<String>, IdentityError> {
+fn string(c: &Claims, name: &'static str) -> Result<Option<String>, ClaimError> {
     match c.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(IdentityError::BadClaimType(name)),
+        Some(_) => Err(ClaimError::BadType(name)),
     }
 }
 
 /// A boolean sent as `"true"`/`"false"` (GitHub) or as a JSON boolean.
-fn boolean(c: &Claims, name: &'static str) -> Result<Option<bool>, IdentityError> {
+fn boolean(c: &Claims, name: &'static str) -> Result<Option<bool>, ClaimError> {
     match c.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
         Some(Value::String(s)) if s == "true" => Ok(Some(true)),
         Some(Value::String(s)) if s == "false" => Ok(Some(false)),
-        Some(_) => Err(IdentityError::BadClaimType(name)),
+        Some(_) => Err(ClaimError::BadType(name)),
     }
 }
 
@@ -168,6 +213,6 @@ pub(crate) mod tests {
     fn an_id_with_a_colon_cannot_forge_a_job_key() {
         let mut c = fixture("github-push-immutable-sub.json");
         c.insert("run_id".into(), Value::String("1:2".into()));
-        assert!(matches!(job_key(Platform::GithubActions, &c), Err(IdentityError::BadClaimType("run_id"))));
+        assert!(matches!(job_key(Platform::GithubActions, &c), Err(ClaimError::BadType("run_id"))));
     }
 }
