@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod aws_format;
 pub mod client;
 pub mod clock;
 pub mod config;
