@@ -491,7 +491,7 @@ impl RawConfig {
                 }
                 RawBackend::Aws { region, endpoint_url, revocation, max_ttl, credentials_file, profile, timeout } => {
                     let max_ttl_secs = errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600);
-                    if let Err(e) = crate::mint::aws::rules::check_backend_max_ttl(max_ttl_secs) {
+                    if let Err(e) = crate::aws_format::check_backend_max_ttl(max_ttl_secs) {
                         errs.0.push(format!("backends.{name}.max_ttl: {e}"));
                     }
                     if let Some(Err(e)) = endpoint_url.as_deref().map(check_url) {

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod aws_format;
 pub mod claims;
 pub mod client;
 pub mod clock;

@@ -178,6 +178,26 @@ async fn the_deny_entry_goes_away_once_the_session_has_expired() {
 }
 
 #[tokio::test]
+async fn a_deny_entry_written_before_a_restart_goes_away_once_the_session_has_expired() {
+    let Setup { moto, issuer, broker, role, _creds } = setup("deny-policy").await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, body) = broker.exchange(&token, "deploy").await;
+    broker.revoke(&token, json!({})).await;
+    assert!(moto.get_role_policy(&role, "ephemera-revoked").is_some());
+    let lease = broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
+    let session_end = lease.credentials[0].data()["session_expires_at"].as_i64().unwrap();
+    // Same data dir, same clock, same config (the aws backend included): only memory is lost.
+    let broker = broker.restart(None).await;
+    assert!(moto.get_role_policy(&role, "ephemera-revoked").is_some(), "dropped while the session was alive");
+    broker.clock.set(session_end + 2 * 3600);
+    broker.running.app.reap_once().await;
+    assert!(
+        moto.get_role_policy(&role, "ephemera-revoked").is_none(),
+        "a deny entry written before the restart was never cleaned up"
+    );
+}
+
+#[tokio::test]
 async fn a_backend_without_iam_write_says_expiry_and_writes_nothing() {
     let s = setup("expiry").await;
     let token = deploy_token(&s);

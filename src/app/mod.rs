@@ -501,6 +501,17 @@ impl App {
     /// its backoff said) and every expiry that passed while the broker was down fires. Only then
     /// does `/readyz` say ready.
     pub async fn resume(&self) {
+        // Backends rebuild their in-memory housekeeping (the aws deny-entry cleanup) from every
+        // credential the ledger remembers, in any state: an ended lease's deny entry may still be
+        // in force. That covers every session still alive: an STS session lasts at most
+        // max(ttl, 900 s), so it ends within 900 s of its lease's expiry, and an ended lease is
+        // forgotten only ENDED_RETENTION_SECS (1 h) after that expiry (a pending one never). A
+        // dead entry stays in the document until its hour bucket plus 300 s of skew has passed,
+        // up to 1,199 s after its lease is forgotten; the next cleanup or write on its role drops
+        // it. Adopt before the reap below, which forgets.
+        for lease in self.ledger.list(&LeaseFilter::default(), usize::MAX) {
+            lease.credentials.iter().for_each(|c| self.backends.adopt(&c.handle()));
+        }
         let pending = self.ledger.all_pending();
         let resumed = pending.len();
         for work in pending {

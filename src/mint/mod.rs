@@ -109,6 +109,10 @@ pub trait Backend: Send + Sync {
     fn maintain<'a>(&'a self, _now: UnixSeconds) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+    /// A credential this backend minted before the process started is still remembered by the
+    /// ledger (in any state). Called at start-up, before the first reaper pass, so a backend can
+    /// rebuild housekeeping it keeps only in memory, e.g. which roles hold aws deny entries.
+    fn adopt(&self, _handle: &RevokeHandle) {}
 }
 
 /// Every configured backend, by name, plus the JWT signers (for JWKS and introspection).
@@ -166,6 +170,14 @@ impl Backends {
     pub async fn maintain(&self, now: UnixSeconds) {
         for backend in self.by_name.values() {
             backend.maintain(now).await;
+        }
+    }
+
+    /// Hands a credential the ledger remembers to the backend that minted it ([`Backend::adopt`]);
+    /// a backend no longer configured has nothing to rebuild.
+    pub fn adopt(&self, handle: &RevokeHandle) {
+        if let Some(backend) = self.by_name.get(&handle.backend) {
+            backend.adopt(handle);
         }
     }
 

@@ -557,10 +557,10 @@ fn compile_jwt_grant(file: JwtGrantFile, errors: &mut Vec<(String, String)>) -> 
 }
 
 /// An `aws` grant, checked against the limits AWS would otherwise enforce (or, with moto in
-/// tests and some private endpoints, silently not): the format rules live in `mint::aws::rules`,
+/// tests and some private endpoints, silently not): the format rules live in `aws_format`,
 /// pure functions with no client behind them.
 fn compile_aws_grant(file: AwsGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
-    use crate::mint::aws::rules;
+    use crate::aws_format as rules;
     let mut err = |field: &str, e: String| errors.push((field.to_string(), e));
     if let Err(e) = rules::check_role_arn(&file.role_arn) {
         err("role_arn", e);

@@ -7,9 +7,8 @@
 //! Updates to one role's policy are serialised and batched, so two concurrent revocations never
 //! lose each other in a read-modify-write race.
 
-pub mod rules;
-
 use super::{Backend, BoxFuture, Credential, MintContext, MintError, Minted, Revocation, RevokeHandle};
+use crate::aws_format::{self, deny};
 use crate::claims::{GithubClaims, GitlabClaims};
 use crate::clock::{Clock, UnixSeconds, rfc3339};
 use crate::config::{AwsBackendConfig, AwsRevocation};
@@ -33,7 +32,8 @@ pub struct AwsBackend {
     clock: Arc<dyn Clock>,
     /// One queue per role: revocations wait here and are written in batches.
     roles: DashMap<String, Arc<RoleQueue>>,
-    /// Roles holding deny entries, with the time the earliest entry can be dropped.
+    /// Roles holding deny entries, with the time the earliest entry can be dropped. In memory
+    /// only: after a restart it is rebuilt from the ledger's credentials ([`Backend::adopt`]).
     cleanup: DashMap<String, UnixSeconds>,
 }
 
@@ -96,7 +96,7 @@ impl AwsBackend {
         let ResolvedSpec::Aws { role_arn, session_policy, policy_arns, external_id, session_tags } = &cred.spec else {
             return Err(MintError { detail: format!("grant `{}` is not an aws grant", cred.name) });
         };
-        let duration = rules::duration_seconds(grant.ttl_secs(), self.max_ttl_secs);
+        let duration = aws_format::duration_seconds(grant.ttl_secs(), self.max_ttl_secs);
         let mut request = self
             .sts
             .assume_role()
@@ -111,8 +111,8 @@ impl AwsBackend {
             request = request.policy_arns(aws_sdk_sts::types::PolicyDescriptorType::builder().arn(arn).build());
         }
         for (key, value) in session_tags {
-            let clean = rules::sanitize_tag_value(value);
-            if rules::tag_value_was_changed(value, &clean) {
+            let clean = aws_format::sanitize_tag_value(value);
+            if aws_format::tag_value_was_changed(value, &clean) {
                 tracing::info!(backend = %self.name, tag = %key, "session tag value sanitised to AWS's character set and length");
             }
             let tag = aws_sdk_sts::types::Tag::builder()
@@ -195,23 +195,23 @@ impl AwsBackend {
     async fn write_deny_policy(&self, role: &str, adds: &[(String, UnixSeconds)]) -> Result<(), String> {
         let now = self.clock.now();
         let existing = self.read_deny_policy(role).await?;
-        let merged = rules::merge_deny_entries(existing, adds, now);
-        let Some(doc) = rules::deny_policy_document(&merged) else {
+        let merged = deny::merge_deny_entries(existing, adds, now);
+        let Some(doc) = deny::deny_policy_document(&merged) else {
             self.cleanup.remove(role);
             return self.delete_deny_policy(role).await;
         };
         let others = self.other_inline_chars(role).await?;
-        if !rules::fits_inline_limit(&doc, others) {
+        if !deny::fits_inline_limit(&doc, others) {
             // Never dropped: the revocation stays pending and is retried by the ledger.
             return Err(format!(
                 "role {role}: the deny policy would exceed the {}-character limit on a role's inline policies; revocation stays pending",
-                rules::MAX_ROLE_INLINE_POLICY_CHARS
+                deny::MAX_ROLE_INLINE_POLICY_CHARS
             ));
         }
         self.iam
             .put_role_policy()
             .role_name(role)
-            .policy_name(rules::DENY_POLICY_NAME)
+            .policy_name(deny::DENY_POLICY_NAME)
             .policy_document(doc.to_string())
             .send()
             .await
@@ -223,18 +223,18 @@ impl AwsBackend {
     }
 
     async fn read_deny_policy(&self, role: &str) -> Result<Vec<(String, UnixSeconds)>, String> {
-        let result = self.iam.get_role_policy().role_name(role).policy_name(rules::DENY_POLICY_NAME).send().await;
+        let result = self.iam.get_role_policy().role_name(role).policy_name(deny::DENY_POLICY_NAME).send().await;
         let output = match result {
             Ok(o) => o,
             Err(e) if e.as_service_error().is_some_and(|s| s.code() == Some("NoSuchEntity")) => return Ok(Vec::new()),
             Err(e) => return Err(aws_error(&format!("iam:GetRolePolicy {role}"), &e)),
         };
         let doc = decode_policy_document(output.policy_document())?;
-        rules::parse_deny_policy(&doc)
+        deny::parse_deny_policy(&doc)
     }
 
     async fn delete_deny_policy(&self, role: &str) -> Result<(), String> {
-        match self.iam.delete_role_policy().role_name(role).policy_name(rules::DENY_POLICY_NAME).send().await {
+        match self.iam.delete_role_policy().role_name(role).policy_name(deny::DENY_POLICY_NAME).send().await {
             Ok(_) => Ok(()),
             Err(e) if e.as_service_error().is_some_and(|s| s.code() == Some("NoSuchEntity")) => Ok(()),
             Err(e) => Err(aws_error(&format!("iam:DeleteRolePolicy {role}"), &e)),
@@ -251,7 +251,7 @@ impl AwsBackend {
             .await
             .map_err(|e| aws_error(&format!("iam:ListRolePolicies {role}"), &e))?;
         let mut total = 0;
-        for name in names.policy_names().iter().filter(|n| *n != rules::DENY_POLICY_NAME) {
+        for name in names.policy_names().iter().filter(|n| *n != deny::DENY_POLICY_NAME) {
             let out = self
                 .iam
                 .get_role_policy()
@@ -326,13 +326,13 @@ fn session_name(identity: &VerifiedIdentity) -> String {
     let claims = identity.claims();
     if let Ok(g) = GithubClaims::from_claims(claims) {
         let (run, attempt) = (g.run_id.to_string(), g.run_attempt.to_string());
-        return rules::role_session_name(&[&g.repository, &run, &attempt]);
+        return aws_format::role_session_name(&[&g.repository, &run, &attempt]);
     }
     if let Ok(g) = GitlabClaims::from_claims(claims) {
         let (project, job) = (g.project_path.unwrap_or_else(|| g.project_id.to_string()), g.job_id.to_string());
-        return rules::role_session_name(&[&project, &job]);
+        return aws_format::role_session_name(&[&project, &job]);
     }
-    rules::role_session_name(&[identity.job()])
+    aws_format::role_session_name(&[identity.job()])
 }
 
 impl Backend for AwsBackend {
@@ -359,5 +359,18 @@ impl Backend for AwsBackend {
 
     fn maintain<'a>(&'a self, now: UnixSeconds) -> BoxFuture<'a, ()> {
         Box::pin(self.maintain_now(now))
+    }
+
+    /// The role of a credential minted before a restart may hold deny entries nobody would
+    /// otherwise drop: it is due for cleanup at once. The next `maintain` reads its deny policy,
+    /// drops what has expired (deleting the policy when nothing is left) and records the earliest
+    /// remaining expiry. A role with no deny policy costs one read and one no-op delete.
+    fn adopt(&self, handle: &RevokeHandle) {
+        if self.revocation != Revocation::DenyPolicy {
+            return; // `expiry` never writes a deny policy (and may lack the IAM permissions to read one)
+        }
+        if let Some(role) = handle.data.get("role_name").and_then(Value::as_str) {
+            self.cleanup.insert(role.to_string(), UnixSeconds::MIN);
+        }
     }
 }
