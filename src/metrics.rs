@@ -170,3 +170,103 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole scrape text of a small known state, byte for byte: every family, its HELP and
+    /// TYPE lines, the label order and the sorting of rows. Latencies are powers of two (or their
+    /// sums) so the microsecond sum is exact.
+    #[test]
+    fn render_of_a_known_state_is_pinned_byte_for_byte() {
+        let m = Metrics::default();
+        m.exchange("deploy", "issued", 0.0625);
+        m.exchange("deploy", "denied", 0.25);
+        m.exchange("build", "issued", 3.0);
+        m.revocation("revoked");
+        m.revocation("pending");
+        m.revocation("revoked");
+        m.leases_ended("job", 2);
+        m.leases_ended("expired", 1);
+        m.leases_ended("admin", 0);
+        m.reload("failed");
+        let gauges = Gauges {
+            live_leases: 4,
+            pending_revocations: 1,
+            irrevocable: 0,
+            live_by_backend: vec![("aws".into(), 3), ("jwt".into(), 1)],
+            policies_loaded: 2,
+            policy_generation: 5,
+            policies_reload_failing: true,
+            audit_failures: 7,
+            jwks: vec![("ci".into(), 10, 1)],
+        };
+        let expected = "\
+# HELP ephemera_exchanges_total Exchanges by policy and outcome.
+# TYPE ephemera_exchanges_total counter
+ephemera_exchanges_total{policy=\"build\",outcome=\"issued\"} 1
+ephemera_exchanges_total{policy=\"deploy\",outcome=\"denied\"} 1
+ephemera_exchanges_total{policy=\"deploy\",outcome=\"issued\"} 1
+# HELP ephemera_exchange_duration_seconds Exchange latency inside the broker.
+# TYPE ephemera_exchange_duration_seconds histogram
+ephemera_exchange_duration_seconds_bucket{le=\"0.0005\"} 0
+ephemera_exchange_duration_seconds_bucket{le=\"0.001\"} 0
+ephemera_exchange_duration_seconds_bucket{le=\"0.0025\"} 0
+ephemera_exchange_duration_seconds_bucket{le=\"0.005\"} 0
+ephemera_exchange_duration_seconds_bucket{le=\"0.01\"} 0
+ephemera_exchange_duration_seconds_bucket{le=\"0.025\"} 0
+ephemera_exchange_duration_seconds_bucket{le=\"0.05\"} 0
+ephemera_exchange_duration_seconds_bucket{le=\"0.1\"} 1
+ephemera_exchange_duration_seconds_bucket{le=\"0.25\"} 2
+ephemera_exchange_duration_seconds_bucket{le=\"0.5\"} 2
+ephemera_exchange_duration_seconds_bucket{le=\"1\"} 2
+ephemera_exchange_duration_seconds_bucket{le=\"2.5\"} 2
+ephemera_exchange_duration_seconds_bucket{le=\"+Inf\"} 3
+ephemera_exchange_duration_seconds_sum 3.3125
+ephemera_exchange_duration_seconds_count 3
+# HELP ephemera_revocations_total Lease revocations by outcome.
+# TYPE ephemera_revocations_total counter
+ephemera_revocations_total{outcome=\"pending\"} 1
+ephemera_revocations_total{outcome=\"revoked\"} 2
+# HELP ephemera_leases_live Leases currently active.
+# TYPE ephemera_leases_live gauge
+ephemera_leases_live 4
+# HELP ephemera_leases_live_by_backend Active leases holding a credential of each backend.
+# TYPE ephemera_leases_live_by_backend gauge
+ephemera_leases_live_by_backend{backend=\"aws\"} 3
+ephemera_leases_live_by_backend{backend=\"jwt\"} 1
+# HELP ephemera_leases_ended_total Leases ended, by reason (job, webhook, admin, expired, policy-changed, ...).
+# TYPE ephemera_leases_ended_total counter
+ephemera_leases_ended_total{reason=\"expired\"} 1
+ephemera_leases_ended_total{reason=\"job\"} 2
+# HELP ephemera_policy_reloads_total Policy reloads by outcome (failed: the last good set stays in use).
+# TYPE ephemera_policy_reloads_total counter
+ephemera_policy_reloads_total{outcome=\"ok\"} 0
+ephemera_policy_reloads_total{outcome=\"failed\"} 1
+# HELP ephemera_policies_loaded Policies in the set in use.
+# TYPE ephemera_policies_loaded gauge
+ephemera_policies_loaded 2
+# HELP ephemera_policy_generation Successful policy loads since start.
+# TYPE ephemera_policy_generation gauge
+ephemera_policy_generation 5
+# HELP ephemera_policy_reload_failing 1 while the last reload failed and an older set is in use.
+# TYPE ephemera_policy_reload_failing gauge
+ephemera_policy_reload_failing 1
+# HELP ephemera_audit_write_failures_total Audit events that could not be written (exchanges failed closed).
+# TYPE ephemera_audit_write_failures_total counter
+ephemera_audit_write_failures_total 7
+# HELP ephemera_revocations_pending Leases whose revocation a backend has not confirmed yet.
+# TYPE ephemera_revocations_pending gauge
+ephemera_revocations_pending 1
+# HELP ephemera_leases_irrevocable Leases whose revocation failed every retry; still retried, never dropped.
+# TYPE ephemera_leases_irrevocable gauge
+ephemera_leases_irrevocable 0
+# HELP ephemera_jwks_fetches_total Issuer JWKS fetches by result.
+# TYPE ephemera_jwks_fetches_total counter
+ephemera_jwks_fetches_total{issuer=\"ci\",result=\"attempted\"} 10
+ephemera_jwks_fetches_total{issuer=\"ci\",result=\"failed\"} 1
+";
+        assert_eq!(m.render(&gauges), expected);
+    }
+}
