@@ -277,7 +277,7 @@ async fn reloader(app: Arc<App>, watch_secs: Option<i64>) {
         };
         if forced {
             tracing::info!("SIGHUP: reloading policies, reopening the audit file");
-            if let Err(e) = app.audit.reopen() {
+            if let Err(e) = app.audit.reopen().await {
                 tracing::error!(error = %e, "audit file not reopened; still writing to the old one");
             }
         }

@@ -294,7 +294,7 @@ impl App {
             }
             Err(e) => (event.decision, event.code) = ("error", Some(e.code())),
         }
-        let Err(e) = self.audit.write(&event) else { return result };
+        let Err(e) = self.audit.write(&event).await else { return result };
         tracing::error!(error = %e, "audit event not written; failing the exchange closed");
         match result {
             Ok(reply) => {
@@ -418,7 +418,7 @@ impl App {
         let error = self.revoke_handles(&handles).await;
         let state = self.ledger.finish_revoke(&work.lease_id, error.clone(), self.now()).await;
         self.metrics.revocation(state.as_str());
-        self.audit_revocation(&work.lease_id, state, error.as_deref());
+        self.audit_revocation(&work.lease_id, state, error.as_deref()).await;
         match &error {
             None => tracing::info!(lease_id = %work.lease_id, state = state.as_str(), "lease ended"),
             Some(e) => {
@@ -429,7 +429,7 @@ impl App {
     }
 
     /// A revocation's audit event. Never blocks the revocation: a failure is logged.
-    fn audit_revocation(&self, lease_id: &str, state: LeaseState, error: Option<&str>) {
+    async fn audit_revocation(&self, lease_id: &str, state: LeaseState, error: Option<&str>) {
         if !self.audit.is_enabled() {
             return;
         }
@@ -446,7 +446,7 @@ impl App {
             "credentials": lease.as_ref().map(|l| l.credentials.iter().map(|c| json!({"name": &*c.name, "kind": &*c.kind})).collect::<Vec<_>>()),
             "error": error,
         });
-        if let Err(e) = self.audit.write(&event) {
+        if let Err(e) = self.audit.write(&event).await {
             tracing::error!(error = %e, lease_id, "audit event for a revocation not written (the revocation itself went ahead)");
         }
     }

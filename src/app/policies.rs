@@ -254,7 +254,7 @@ impl App {
                 ReloadReport { outcome: "ok", policies: count, errors: Vec::new(), ended }
             }
         };
-        self.audit_reload(&report);
+        self.audit_reload(&report).await;
         report
     }
 
@@ -293,7 +293,7 @@ impl App {
         Ok(self.endings(&candidate))
     }
 
-    fn audit_reload(&self, report: &ReloadReport) {
+    async fn audit_reload(&self, report: &ReloadReport) {
         let event = json!({
             "time": rfc3339(self.now()),
             "event": "reload",
@@ -302,7 +302,7 @@ impl App {
             "errors": report.errors,
             "ended_leases": report.ended.iter().map(|e| &e.lease_id).collect::<Vec<_>>(),
         });
-        if let Err(e) = self.audit.write(&event) {
+        if let Err(e) = self.audit.write(&event).await {
             tracing::error!(error = %e, "audit event for a policy reload not written");
         }
     }
