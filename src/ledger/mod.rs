@@ -8,6 +8,7 @@
 mod codec;
 pub mod journal;
 pub mod snapshot;
+pub mod strings;
 
 use crate::clock::UnixSeconds;
 use crate::mint::{Revocation, RevokeHandle};

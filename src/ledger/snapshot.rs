@@ -3,14 +3,10 @@
 //!
 //! A GitHub token carries ~35 claims, most of them shared by many leases (the repository, its
 //! owner, the workflow, the ref, the environment …). A [`ClaimSnapshot`] stores claim names and
-//! those shared values as ids into one process-wide, reference-counted string table, and keeps
-//! numbers, booleans, short strings and per-job values (`jti`, `check_run_id`, `job_id`) inline in
-//! one byte buffer. Cloning a snapshot is an `Arc` increment; the last drop releases its ids, and a
-//! string no lease uses any more leaves the table.
-//!
-//! The table hashes with std's randomly keyed SipHash: claim values such as branch and
-//! environment names are chosen by whoever can push, and a predictable hash would let them make
-//! every lookup collide (hash flooding).
+//! those shared values as ids into one process-wide, reference-counted string table
+//! ([`super::strings`]), and keeps numbers, booleans, short strings and per-job values (`jti`,
+//! `check_run_id`, `job_id`) inline in one byte buffer. Cloning a snapshot is an `Arc` increment;
+//! the last drop releases its ids, and a string no lease uses any more leaves the table.
 //!
 //! Encoding of the buffer, one entry per claim, in the claims' order:
 //!
@@ -27,12 +23,12 @@
 //! strings the file itself defines before their first use.
 
 use super::codec::{get_bytes, get_str, get_u8, get_varint, put_bytes, put_str, put_varint, unzigzag, zigzag};
+use super::strings::{FileDict, ReplayMemo, Table, table};
 use crate::claims::Claims;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 const NULL: u8 = 0;
 const FALSE: u8 = 1;
@@ -46,211 +42,6 @@ const JSON: u8 = 6;
 const INLINE_MAX: usize = 8;
 /// Claims whose value is unique to one job or token: interning them would only grow the table.
 const PER_JOB: [&str; 4] = ["jti", "check_run_id", "job_id", "run_id"];
-
-// ---- the shared string table ---------------------------------------------------------------
-
-struct Slot {
-    text: Option<Arc<str>>,
-    refs: u32,
-}
-
-#[derive(Default)]
-struct Table {
-    ids: HashMap<Arc<str>, u32>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-}
-
-static TABLE: LazyLock<Mutex<Table>> = LazyLock::new(|| Mutex::new(Table::default()));
-
-fn table() -> MutexGuard<'static, Table> {
-    TABLE.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Table {
-    fn intern(&mut self, text: &str) -> u32 {
-        if let Some(&id) = self.ids.get(text) {
-            self.retain(id);
-            return id;
-        }
-        let text: Arc<str> = Arc::from(text);
-        let slot = Slot { text: Some(text.clone()), refs: 1 };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.slots[id as usize] = slot;
-                id
-            }
-            None => {
-                self.slots.push(slot);
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.ids.insert(text, id);
-        id
-    }
-
-    fn retain(&mut self, id: u32) {
-        if let Some(slot) = self.slots.get_mut(id as usize) {
-            slot.refs += 1;
-        }
-    }
-
-    fn release(&mut self, id: u32) {
-        let Some(slot) = self.slots.get_mut(id as usize) else { return };
-        slot.refs = slot.refs.saturating_sub(1);
-        if slot.refs == 0
-            && let Some(text) = slot.text.take()
-        {
-            self.ids.remove(&text);
-            self.free.push(id);
-        }
-    }
-
-    fn text(&self, id: u32) -> &str {
-        self.slots.get(id as usize).and_then(|s| s.text.as_deref()).unwrap_or_default()
-    }
-}
-
-/// A replay's memo in front of the shared table: a journal repeats the same few hundred names
-/// and values a million times, and looking each up in the table (a lock and a SipHash each) was
-/// most of the replay time. The memo holds one reference of its own to every id it remembers,
-/// so an id cannot be freed and reused while it is remembered; dropping the memo gives them back.
-///
-/// FxHash here, not SipHash: the memo lives for one replay of the broker's own journal, whose
-/// strings came through verified tokens and were already interned once; and it is bounded by
-/// [`MEMO_MAX`].
-///
-/// It also holds the file's string dictionary while a compacted journal is read
-/// ([`ClaimSnapshot::read_refs`]): file id → table id, one reference each.
-#[derive(Default)]
-pub struct ReplayMemo {
-    ids: HashMap<Box<str>, u32, std::hash::BuildHasherDefault<FxHasher>>,
-    names: HashMap<Box<str>, Arc<str>, std::hash::BuildHasherDefault<FxHasher>>,
-    file: Vec<u32>,
-}
-
-/// Most distinct strings a memo remembers (beyond, lookups go to the table).
-const MEMO_MAX: usize = 1 << 16;
-
-impl ReplayMemo {
-    fn intern(&mut self, table: &mut Table, text: &str) -> u32 {
-        if let Some(&id) = self.ids.get(text) {
-            table.retain(id);
-            return id;
-        }
-        let id = table.intern(text);
-        if self.ids.len() < MEMO_MAX {
-            table.retain(id); // the memo's own reference
-            self.ids.insert(text.into(), id);
-        }
-        id
-    }
-
-    /// Adds the next strings of the file's dictionary (the definitions a compacted journal's
-    /// record carries before the lease that first uses them).
-    pub fn define<'a>(&mut self, texts: impl IntoIterator<Item = &'a str>) {
-        let mut table = table();
-        for text in texts {
-            let id = table.intern(text); // the dictionary's own reference
-            self.file.push(id);
-        }
-    }
-
-    /// [`super::name::intern`], memoised.
-    pub fn name(&mut self, text: &str) -> Arc<str> {
-        if let Some(found) = self.names.get(text) {
-            return found.clone();
-        }
-        let name = super::name::intern(text);
-        if self.names.len() < MEMO_MAX {
-            self.names.insert(text.into(), name.clone());
-        }
-        name
-    }
-}
-
-impl Drop for ReplayMemo {
-    fn drop(&mut self) {
-        let mut table = table();
-        self.ids.values().chain(&self.file).for_each(|id| table.release(*id));
-    }
-}
-
-/// The writer's half of a compacted journal's string dictionary ([`ClaimSnapshot::write_refs`]).
-///
-/// A compaction snapshot writes each claim name and shared value once, where a lease first uses
-/// it; later leases refer to it by its file id, in order of first use. A million leases that
-/// repeat the same few hundred strings then cost a third of the bytes, and replaying them is
-/// mostly looking ids up in a vector instead of hashing strings.
-///
-/// Indexed by table id (ours, dense: no hashing of attacker-chosen strings). It holds one
-/// reference to every table id it has given a file id, so no id can be freed and reused for
-/// another string while the file is being written; dropping it gives them back.
-#[derive(Default)]
-pub struct FileDict {
-    /// Table id → file id + 1 (0: not in this file yet).
-    file_ids: Vec<u32>,
-    next: u32,
-}
-
-impl FileDict {
-    /// The file id of table id `id`, writing its string to `defs` (and counting it in `new`)
-    /// the first time.
-    fn file_id(&mut self, table: &mut Table, id: u32, defs: &mut Vec<u8>, new: &mut u64) -> u32 {
-        let at = id as usize;
-        if at >= self.file_ids.len() {
-            self.file_ids.resize(at + 1, 0);
-        }
-        if self.file_ids[at] == 0 {
-            table.retain(id);
-            self.next += 1;
-            self.file_ids[at] = self.next;
-            put_str(defs, table.text(id));
-            *new += 1;
-        }
-        self.file_ids[at] - 1
-    }
-}
-
-impl Drop for FileDict {
-    fn drop(&mut self) {
-        let mut table = table();
-        for (id, file_id) in self.file_ids.iter().enumerate() {
-            if *file_id != 0 {
-                table.release(id as u32);
-            }
-        }
-    }
-}
-
-/// rustc's FxHash: a multiply and a rotate per word.
-#[derive(Default)]
-pub struct FxHasher(u64);
-
-impl std::hash::Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let word = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
-        }
-        for &b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// Distinct strings the table holds now (for tests and figures).
-pub fn table_len() -> usize {
-    table().ids.len()
-}
-
-// ---- the snapshot --------------------------------------------------------------------------
 
 /// A lease's claims: compact, shared strings interned. See the module docs.
 #[derive(Clone, Default)]
@@ -332,6 +123,66 @@ fn classify<'a>(key: &str, value: &'a Value) -> Stored<'a> {
         Value::String(s) => Stored::Shared(s),
         other => Stored::Json(other.to_string()),
     }
+}
+
+/// One entry of [`ClaimSnapshot::write_refs`]'s form, copied from `input` to `out` as stored,
+/// with its ids taken (retained) from the file's dictionary in `memo`. `None` if it is malformed
+/// or uses a string the file has not defined. It is parsed whole before any id is taken, so a bad
+/// entry takes none and leaves `out` at an entry's end.
+fn read_ref_entry(input: &mut &[u8], memo: &ReplayMemo, out: &mut Vec<u8>, table: &mut Table) -> Option<()> {
+    let lookup = |input: &mut &[u8]| memo.defined(usize::try_from(get_varint(input)?).ok()?);
+    let key = lookup(input)?;
+    let mut shared = None;
+    put_varint(out, u64::from(key));
+    match get_u8(input)? {
+        tag @ (NULL | FALSE | TRUE) => out.push(tag),
+        INT => {
+            out.push(INT);
+            put_varint(out, get_varint(input)?);
+        }
+        INLINE => {
+            out.push(INLINE);
+            put_str(out, get_str(input)?);
+        }
+        SHARED => {
+            let id = lookup(input)?;
+            out.push(SHARED);
+            put_varint(out, u64::from(id));
+            shared = Some(id);
+        }
+        JSON => {
+            out.push(JSON);
+            put_bytes(out, get_bytes(input)?);
+        }
+        _ => return None,
+    }
+    table.retain(key);
+    if let Some(id) = shared {
+        table.retain(id);
+    }
+    Some(())
+}
+
+/// The journal form of a value ([`ClaimSnapshot::write_to`]): `Entry` with the string written
+/// out instead of an id.
+enum Written<'a> {
+    Tag(u8),
+    Int(u64),
+    Inline(&'a str),
+    Json(&'a [u8]),
+}
+
+/// One entry of the journal form: (name, value). `None` if it is malformed.
+fn read_written<'a>(input: &mut &'a [u8]) -> Option<(&'a str, Written<'a>)> {
+    let key = get_str(input)?;
+    let value = match get_u8(input)? {
+        tag @ (NULL | FALSE | TRUE) => Written::Tag(tag),
+        INT => Written::Int(get_varint(input)?),
+        INLINE => Written::Inline(get_str(input)?),
+        JSON => Written::Json(get_bytes(input)?),
+        _ => return None,
+    };
+    Some((key, value))
 }
 
 impl ClaimSnapshot {
@@ -481,43 +332,9 @@ impl ClaimSnapshot {
         // Bounded by the bytes left: a corrupt count cannot make us allocate a huge buffer.
         let mut out = Vec::with_capacity((count * 6).min(input.len() + 16));
         let mut table = table();
-        let entry = |input: &mut &[u8], out: &mut Vec<u8>, table: &mut Table| -> Option<()> {
-            // Parsed whole before any id is taken, so a bad entry leaves `out` at an entry's end.
-            let lookup = |input: &mut &[u8]| memo.file.get(usize::try_from(get_varint(input)?).ok()?).copied();
-            let key = lookup(input)?;
-            let mut shared = None;
-            put_varint(out, u64::from(key));
-            match get_u8(input)? {
-                tag @ (NULL | FALSE | TRUE) => out.push(tag),
-                INT => {
-                    out.push(INT);
-                    put_varint(out, get_varint(input)?);
-                }
-                INLINE => {
-                    out.push(INLINE);
-                    put_str(out, get_str(input)?);
-                }
-                SHARED => {
-                    let id = lookup(input)?;
-                    out.push(SHARED);
-                    put_varint(out, u64::from(id));
-                    shared = Some(id);
-                }
-                JSON => {
-                    out.push(JSON);
-                    put_bytes(out, get_bytes(input)?);
-                }
-                _ => return None,
-            }
-            table.retain(key);
-            if let Some(id) = shared {
-                table.retain(id);
-            }
-            Some(())
-        };
         for _ in 0..count {
             let start = out.len();
-            if entry(input, &mut out, &mut table).is_none() {
+            if read_ref_entry(input, memo, &mut out, &mut table).is_none() {
                 // Give back the ids taken so far: every complete entry before this one.
                 out.truncate(start);
                 walk_ids(&out, |id| table.release(id));
@@ -529,7 +346,7 @@ impl ClaimSnapshot {
 
     /// Reads the journal form, interning as [`ClaimSnapshot::new`] does (one table lock for the
     /// whole snapshot: replay reads a million of these). `None` if the bytes are not one.
-    pub fn read_from<'a>(input: &mut &'a [u8], memo: &mut ReplayMemo) -> Option<ClaimSnapshot> {
+    pub fn read_from(input: &mut &[u8], memo: &mut ReplayMemo) -> Option<ClaimSnapshot> {
         let count = usize::try_from(get_varint(input)?).ok()?;
         if count == 0 {
             return Some(ClaimSnapshot(None));
@@ -543,26 +360,8 @@ impl ClaimSnapshot {
             walk_ids(out, |id| table.release(id));
             None::<ClaimSnapshot>
         };
-        // The journal form of a value: `Entry` with the string written out instead of an id.
-        enum Written<'a> {
-            Tag(u8),
-            Int(u64),
-            Inline(&'a str),
-            Json(&'a [u8]),
-        }
-        let entry = |input: &mut &'a [u8]| -> Option<(&'a str, Written<'a>)> {
-            let key = get_str(input)?;
-            let value = match get_u8(input)? {
-                tag @ (NULL | FALSE | TRUE) => Written::Tag(tag),
-                INT => Written::Int(get_varint(input)?),
-                INLINE => Written::Inline(get_str(input)?),
-                JSON => Written::Json(get_bytes(input)?),
-                _ => return None,
-            };
-            Some((key, value))
-        };
         for _ in 0..count {
-            let Some((key, value)) = entry(input) else { return fail(&mut table, &out) };
+            let Some((key, value)) = read_written(input) else { return fail(&mut table, &out) };
             put_varint(&mut out, u64::from(memo.intern(&mut table, key)));
             match value {
                 Written::Tag(tag) => out.push(tag),
@@ -622,6 +421,7 @@ impl<'de> Deserialize<'de> for ClaimSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::strings::interned;
     use serde_json::json;
 
     fn claims() -> Claims {
@@ -683,7 +483,7 @@ mod tests {
             let mut short = &bytes[..cut];
             assert!(ClaimSnapshot::read_from(&mut short, &mut ReplayMemo::default()).is_none());
         }
-        let held = |text: &str| table().ids.contains_key(text);
+        let held = interned;
         for text in
             ["snapshot_cut_test_key_one", "snapshot_cut_test_key_two", "a-value-only-the-cut-test-uses-0123456789"]
         {
@@ -697,7 +497,7 @@ mod tests {
         c.insert("snapshot_dict_test_key".into(), json!("a-value-only-the-dictionary-test-uses-0123"));
         c.insert("snapshot_dict_test_int".into(), json!(-9));
         c.insert("jti".into(), json!("per-job-inline-value-0123456789"));
-        let held = |text: &str| table().ids.contains_key(text);
+        let held = interned;
         let (mut dict, mut defs, mut bytes) = (FileDict::default(), Vec::new(), Vec::new());
         let written = ClaimSnapshot::new(&c);
         assert_eq!(written.write_refs(&mut dict, &mut defs, &mut bytes), 4, "three names and one shared value");
@@ -735,7 +535,7 @@ mod tests {
         c.insert("snapshot_test_unique_key".into(), json!("a-value-only-this-test-uses-0123456789"));
         let a = ClaimSnapshot::new(&c);
         let b = ClaimSnapshot::new(&c);
-        let held = |text: &str| table().ids.contains_key(text);
+        let held = interned;
         assert!(held("a-value-only-this-test-uses-0123456789"));
         assert_eq!(a.bytes(), b.bytes(), "the same ids: the string is stored once");
         let a2 = a.clone();

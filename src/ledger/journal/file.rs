@@ -1,0 +1,199 @@
+//! Where the journal's bytes go: the [`Storage`] the writer appends to, and the real one,
+//! [`FileStorage`], which also opens a journal file (replay, torn-tail truncation).
+
+use super::format::{MAGIC, count_records, decode_with};
+use super::{JournalError, Replayed};
+use crate::ledger::Event;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Events per batch handed from the replay's decoder thread to its applier.
+const REPLAY_BATCH: usize = 1024;
+
+/// Where the journal's bytes go. [`FileStorage`] is the real one; tests wrap it to inject write
+/// failures a real disk produces only rarely (ENOSPC, EIO).
+pub trait Storage: Send + 'static {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+    /// Cuts the file back to `len` bytes (after a failed append left partial bytes).
+    fn truncate(&mut self, len: u64) -> std::io::Result<()>;
+    /// The file's bytes in `from..to` (compaction carries the records since the last one over).
+    fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>>;
+    /// Starts the file a compaction writes, next to the journal. It is written and synced on a
+    /// thread of its own while appends go on to the journal.
+    fn start_replacement(&mut self) -> std::io::Result<Box<dyn Replacement>>;
+    /// Makes a written and synced replacement the journal: atomically (rename) and durably (the
+    /// directory synced); appends then go to it.
+    fn install(&mut self, replacement: Box<dyn Replacement>) -> std::io::Result<()>;
+}
+
+/// The file a compaction writes ([`Storage::start_replacement`]).
+pub trait Replacement: Send + 'static {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+impl Replacement for File {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_all()
+    }
+}
+
+pub struct FileStorage {
+    path: PathBuf,
+    file: File,
+}
+
+impl FileStorage {
+    /// Opens (or creates) the journal at `path`, reads every record, truncates a torn tail, and
+    /// returns the storage positioned for appending.
+    pub fn open(path: &Path) -> Result<(FileStorage, Replayed), JournalError> {
+        let mut events = Vec::new();
+        let (storage, mut replayed) = FileStorage::open_into(path, |_| {}, |batch| events.extend(batch))?;
+        replayed.events = events;
+        Ok((storage, replayed))
+    }
+
+    /// [`FileStorage::open`], replaying into `apply` instead of a vector: records are decoded on
+    /// a second thread while this one applies them, in order, in batches. `reserve` first gets
+    /// the number of records, for sizing. `Replayed::events` is empty.
+    pub fn open_into(
+        path: &Path,
+        reserve: impl FnOnce(usize),
+        apply: impl FnMut(Vec<Event>),
+    ) -> Result<(FileStorage, Replayed), JournalError> {
+        let err = |what: &str, e: std::io::Error| JournalError(format!("journal {}: {what}: {e}", path.display()));
+        let mut file =
+            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| err("cannot open", e))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        file.read_to_end(&mut bytes).map_err(|e| err("cannot read", e))?;
+        reserve(count_records(&bytes));
+        let good_len = replay(&bytes, apply).map_err(|e| JournalError(format!("journal {}: {e}", path.display())))?;
+        let events = Vec::new();
+        let truncated = bytes.len() as u64 - good_len;
+        if good_len == 0 {
+            // New, or a crash while its magic was being written: (re)initialise it, so nothing is
+            // ever appended to a file without the magic.
+            file.set_len(0)
+                .and_then(|()| file.write_all(MAGIC))
+                .and_then(|()| file.sync_all())
+                .map_err(|e| err("cannot initialise", e))?;
+            sync_dir(path).map_err(|e| err("cannot sync its directory", e))?;
+            let replayed = Replayed { events, truncated, len: MAGIC.len() as u64 };
+            return Ok((FileStorage { path: path.to_path_buf(), file }, replayed));
+        }
+        if truncated > 0 {
+            file.set_len(good_len).and_then(|()| file.sync_all()).map_err(|e| err("cannot truncate a torn tail", e))?;
+            file.seek(SeekFrom::End(0)).map_err(|e| err("cannot seek", e))?;
+        }
+        Ok((FileStorage { path: path.to_path_buf(), file }, Replayed { events, truncated, len: good_len }))
+    }
+}
+
+/// Decodes `bytes` on a second thread while this one hands the events to `apply`, in order, in
+/// batches of [`REPLAY_BATCH`]. Returns the length of the good prefix ([`decode_with`]).
+fn replay(bytes: &[u8], mut apply: impl FnMut(Vec<Event>)) -> Result<u64, String> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(8);
+        let decoder = scope.spawn(|| {
+            let mut batch = Vec::with_capacity(REPLAY_BATCH);
+            let result = decode_with(bytes, |event| {
+                batch.push(event);
+                if batch.len() == REPLAY_BATCH {
+                    let _ = tx.send(std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH)));
+                }
+            });
+            let _ = tx.send(batch);
+            drop(tx);
+            result
+        });
+        for batch in rx {
+            apply(batch);
+        }
+        decoder.join().unwrap_or_else(|_| Err("the journal decoder panicked".into()))
+    })
+}
+
+impl Storage for FileStorage {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.seek(SeekFrom::End(0)).map(|_| ())
+    }
+
+    fn start_replacement(&mut self) -> std::io::Result<Box<dyn Replacement>> {
+        let tmp = self.path.with_extension("compact");
+        Ok(Box::new(OpenOptions::new().write(true).create(true).truncate(true).open(tmp)?))
+    }
+
+    fn install(&mut self, replacement: Box<dyn Replacement>) -> std::io::Result<()> {
+        drop(replacement);
+        std::fs::rename(self.path.with_extension("compact"), &self.path)?;
+        sync_dir(&self.path)?;
+        self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
+        Ok(())
+    }
+
+    fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(to.saturating_sub(from)).map_err(std::io::Error::other)?;
+        let mut bytes = vec![0; len];
+        self.file.read_exact_at(&mut bytes, from)?;
+        Ok(bytes)
+    }
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::journal::format::encode;
+    use crate::ledger::journal::format::tests::{events, file_with};
+
+    #[test]
+    fn open_truncates_a_torn_tail_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut bytes = file_with(&events(2));
+        bytes.extend_from_slice(&[7, 0, 0]);
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, replayed) = FileStorage::open(&path).unwrap();
+        assert_eq!(replayed.events, events(2));
+        assert_eq!(replayed.truncated, 3);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes.len() as u64 - 3);
+    }
+
+    #[test]
+    fn a_crash_while_writing_the_magic_leaves_a_journal_that_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        std::fs::write(&path, &MAGIC[..3]).unwrap();
+        let (mut storage, replayed) = FileStorage::open(&path).unwrap();
+        assert_eq!((replayed.events.len(), replayed.len), (0, MAGIC.len() as u64));
+        let mut record = Vec::new();
+        encode(&events(1), &mut record);
+        storage.append(&record).unwrap();
+        drop(storage);
+        let (_, again) = FileStorage::open(&path).unwrap();
+        assert_eq!(again.events, events(1), "the next start must read what was appended");
+    }
+}
