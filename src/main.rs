@@ -363,7 +363,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let running = ephemera::server::start(ephemera::server::Options::new(config, args.dev, clock)).await?;
         if args.dev {
-            print_dev_banner(&running.url(), &data_dir, running.app.audit.path());
+            print_dev_banner(&running.url(), &data_dir, running.app.audit().path());
         } else {
             say!("ephemera listening on {}", running.url());
         }
@@ -378,7 +378,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 fn fresh_temp_dir() -> Result<PathBuf, String> {
     let dir =
         std::env::temp_dir().join(format!("ephemera-dev-{}", ephemera::secret::hex(&ephemera::ids::random::<6>())));
-    ephemera::mint::jwt::create_private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    ephemera::mint::keys::create_private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
 }
 

@@ -1,17 +1,16 @@
 //! Start-up and shutdown: config → App → listener, background refreshers and the reaper.
 //! The binary and the integration tests start the broker through the same [`start`].
 
-use crate::app::App;
 use crate::app::policies::{LivePolicies, PolicySource};
+use crate::app::{App, Parts};
 use crate::audit::Audit;
 use crate::clock::Clock;
 use crate::config::{BackendConfig, Config};
 use crate::dev::{DEV_POLICY, DevIssuer};
 use crate::identity::Verifier;
 use crate::identity::jwks::http_client;
-use crate::ledger::journal::{FileStorage, Journal, Storage};
-use crate::ledger::{Ledger, RetryPolicy};
-use crate::metrics::Metrics;
+use crate::ledger::{FileStore, FileStoreOptions, LeaseStore, RetryPolicy, StorageWrap};
+use crate::mint::keys::FileKeys;
 use crate::mint::{BackendWrap, Backends};
 use crate::policy::LoadContext;
 use std::net::SocketAddr;
@@ -28,9 +27,6 @@ pub struct Options {
     /// disk) and named backends (e.g. to fail revocations). `None` in production.
     pub faults: Option<Faults>,
 }
-
-/// Wraps the journal's storage.
-pub type StorageWrap = Box<dyn FnOnce(Box<dyn Storage>) -> Box<dyn Storage> + Send>;
 
 /// Test hooks for faults a real part cannot be made to produce on demand.
 #[derive(Default)]
@@ -68,10 +64,8 @@ impl Running {
         }
         let _ = (&mut self.server).await;
         self.background.iter().for_each(JoinHandle::abort);
-        if let Some(journal) = self.app.ledger.journal()
-            && let Err(e) = journal.flush().await
-        {
-            tracing::error!(error = %e, "journal flush at shutdown failed");
+        if let Err(e) = self.app.store().flush().await {
+            tracing::error!(error = %e, "lease store flush at shutdown failed");
         }
     }
 
@@ -103,37 +97,79 @@ pub async fn start(options: Options) -> Result<Running, String> {
     crate::identity::provider::install_crypto();
     let Options { mut config, dev, clock, faults } = options;
     let mut faults = faults.unwrap_or_default();
+    let listener = bind(&config, dev).await?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (dev_issuer, builtin) = if dev { dev_mode(&mut config, addr)? } else { (None, Vec::new()) };
+    let policies = load_policies(&config, dev, builtin, clock.now())?;
+    let audit = open_audit(&config, dev)?;
+    config.hooks.load_secrets().map_err(|errs| format!("refusing to start: {}", errs.join("; ")))?;
+    let keys = FileKeys::new(&config.data_dir);
+    let mut backends = Backends::from_config(&config, &keys, &clock).await?;
+    if let Some(wrap) = &faults.backend {
+        backends.wrap(wrap.as_ref());
+    }
+    let store = open_store(&config, faults.storage.take())?;
+    let verifier = Verifier::new(&config.issuers, &http_client(), &clock)?;
+    let app = Arc::new(App::new(Parts {
+        verifier,
+        policies,
+        backends,
+        store,
+        clock,
+        public_url: config.public_url.clone(),
+        admin_token_sha256: config.admin_token_sha256,
+        dev: dev_issuer,
+        hooks: config.hooks.clone(),
+        audit,
+    }));
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = serve(listener, crate::http::router(app.clone()), rx);
+    let background = spawn_background(&app, &config);
+    tracing::info!(%addr, policies = app.policies().current().len(), issuers = config.issuers.len(), dev, "ephemera started");
+    Ok(Running { addr, app, shutdown: Some(tx), server, background })
+}
+
+/// The listener. `--dev` serves an unauthenticated token issuer, so loopback only.
+async fn bind(config: &Config, dev: bool) -> Result<tokio::net::TcpListener, String> {
     if dev && !config.listen.ip().is_loopback() {
         return Err(format!(
             "--dev serves an unauthenticated token issuer, so it listens on loopback only, not {}",
             config.listen
         ));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let mut builtin: Vec<(String, String)> = Vec::new();
-    let dev_issuer = if dev {
-        config.public_url = format!("http://{addr}");
-        crate::mint::jwt::create_private_dir(&config.data_dir)
-            .map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
-        let issuer = Arc::new(DevIssuer::load_or_generate(&config.data_dir, &config.public_url)?);
-        config.issuers = issuer.issuer_configs(&config.public_url);
-        config.backends.entry("jwt".into()).or_insert_with(BackendConfig::default_jwt);
-        builtin.push(("dev".into(), DEV_POLICY.into()));
-        if config.admin_token_sha256.is_none() {
-            config.admin_token_sha256 = Some(dev_admin_token(&config.data_dir)?);
-        }
-        // Dev mode audits into its data directory unless told otherwise: the walkthrough shows it.
-        config.audit.get_or_insert_with(|| crate::config::AuditConfig {
-            file: config.data_dir.join(DEV_AUDIT_FILE),
-            claims: crate::config::DEFAULT_AUDIT_CLAIMS.iter().map(|c| (*c).to_string()).collect(),
-        });
-        Some(issuer)
-    } else {
-        None
-    };
+    tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))
+}
+
+/// `serve --dev`: the in-process issuer standing in for `github` and `gitlab`, a `jwt`
+/// backend, the built-in `dev` policy, an admin token and an audit file in the data directory.
+fn dev_mode(config: &mut Config, addr: SocketAddr) -> Result<(Option<Arc<DevIssuer>>, Vec<Builtin>), String> {
+    config.public_url = format!("http://{addr}");
+    crate::mint::keys::create_private_dir(&config.data_dir)
+        .map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
+    let issuer = Arc::new(DevIssuer::load_or_generate(&config.data_dir, &config.public_url)?);
+    config.issuers = issuer.issuer_configs(&config.public_url);
+    config.backends.entry("jwt".into()).or_insert_with(BackendConfig::default_jwt);
+    if config.admin_token_sha256.is_none() {
+        config.admin_token_sha256 = Some(dev_admin_token(&config.data_dir)?);
+    }
+    // Dev mode audits into its data directory unless told otherwise: the walkthrough shows it.
+    config.audit.get_or_insert_with(|| crate::config::AuditConfig {
+        file: config.data_dir.join(DEV_AUDIT_FILE),
+        claims: crate::config::DEFAULT_AUDIT_CLAIMS.iter().map(|c| (*c).to_string()).collect(),
+    });
+    Ok((Some(issuer), vec![("dev".into(), DEV_POLICY.into())]))
+}
+
+/// A built-in policy: (name, YAML).
+type Builtin = (String, String);
+
+/// Loads and lints every policy; any error refuses the start.
+fn load_policies(
+    config: &Config,
+    dev: bool,
+    builtin: Vec<Builtin>,
+    now: crate::clock::UnixSeconds,
+) -> Result<LivePolicies, String> {
     // `serve --dev` works from any directory: without a policies directory it serves `dev` alone.
     let policies_dir = if dev && !config.policies_dir.exists() {
         tracing::warn!(dir = %config.policies_dir.display(), "no policies directory; serving the built-in `dev` policy only");
@@ -141,58 +177,55 @@ pub async fn start(options: Options) -> Result<Running, String> {
     } else {
         Some(config.policies_dir.clone())
     };
-    let source = PolicySource { dir: policies_dir, builtin, ctx: LoadContext::from_config(&config) };
+    let source = PolicySource { dir: policies_dir, builtin, ctx: LoadContext::from_config(config) };
     let policies = source
         .load()
         .map_err(|list| format!("refusing to start: {} policy error(s):\n  {}", list.len(), list.join("\n  ")))?;
-    let policies = LivePolicies::new(policies, source, clock.now());
-    let audit = match &config.audit {
-        Some(audit) => Audit::open(audit).map_err(|e| format!("refusing to start: {e}"))?,
+    Ok(LivePolicies::new(policies, source, now))
+}
+
+fn open_audit(config: &Config, dev: bool) -> Result<Audit, String> {
+    match &config.audit {
+        Some(audit) => Audit::open(audit).map_err(|e| format!("refusing to start: {e}")),
         None => {
             if !dev {
                 tracing::warn!("no [audit] file configured: exchanges, denials and revocations are not audited");
             }
-            Audit::disabled()
+            Ok(Audit::disabled())
         }
-    };
-    config.hooks.load_secrets().map_err(|errs| format!("refusing to start: {}", errs.join("; ")))?;
-    let mut backends = Backends::from_config(&config, &clock).await?;
-    if let Some(wrap) = &faults.backend {
-        backends.wrap(wrap.as_ref());
     }
-    let ledger = open_ledger(&config, faults.storage.take())?;
-    let http = http_client();
-    let verifier = Verifier::new(&config.issuers, &http, &clock)?;
-    let app = Arc::new(App {
-        verifier,
-        policies,
-        backends,
-        ledger,
-        clock,
-        metrics: Metrics::default(),
-        public_url: config.public_url.clone(),
-        admin_token_sha256: config.admin_token_sha256,
-        dev: dev_issuer,
-        resumed: std::sync::atomic::AtomicBool::new(false),
-        compact_bytes: config.compact_bytes,
-        hooks: config.hooks.clone(),
-        audit,
-    });
-    let (tx, rx) = oneshot::channel::<()>();
-    let router = crate::http::router(app.clone());
-    let server = tokio::spawn(async move {
+}
+
+/// The lease store: today the file store under `data_dir/ledger`, replayed before anything is
+/// served.
+fn open_store(config: &Config, wrap: Option<StorageWrap>) -> Result<Box<dyn LeaseStore>, String> {
+    let dir = config.data_dir.join("ledger");
+    crate::mint::keys::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
+    let options = FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: config.compact_bytes };
+    Ok(Box::new(FileStore::open(&dir, options, wrap)?))
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: oneshot::Receiver<()>,
+) -> JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async {
-                let _ = rx.await;
+                let _ = stop.await;
             })
             .await
-    });
+    })
+}
+
+/// One key refresher per issuer, the reaper (which first resumes the ledger) and the reloader.
+fn spawn_background(app: &Arc<App>, config: &Config) -> Vec<JoinHandle<()>> {
     let mut background: Vec<JoinHandle<()>> =
-        app.verifier.issuers().map(|i| tokio::spawn(i.jwks.clone().run_refresh())).collect();
+        app.verifier().issuers().map(|i| tokio::spawn(i.jwks.clone().run_refresh())).collect();
     background.push(tokio::spawn(reaper(app.clone(), config.reap_interval_secs)));
     background.push(tokio::spawn(reloader(app.clone(), config.reload_watch_secs)));
-    tracing::info!(%addr, policies = app.policies.current().len(), issuers = config.issuers.len(), dev, "ephemera started");
-    Ok(Running { addr, app, shutdown: Some(tx), server, background })
+    background
 }
 
 /// Dev mode's admin token: generated once into `data_dir/admin-token` (0600), like `vault
@@ -201,7 +234,7 @@ fn dev_admin_token(data_dir: &std::path::Path) -> Result<[u8; 32], String> {
     let path = data_dir.join(DEV_ADMIN_TOKEN_FILE);
     if !path.exists() {
         let token = crate::ids::b64url(&crate::ids::random::<32>());
-        crate::mint::jwt::write_private_file(&path, token.as_bytes())
+        crate::mint::keys::write_private_file(&path, token.as_bytes())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let token = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -216,40 +249,6 @@ pub const DEV_AUDIT_FILE: &str = "audit.jsonl";
 
 /// Where `serve --dev` keeps its admin token, inside the data directory.
 pub const DEV_ADMIN_TOKEN_FILE: &str = "admin-token";
-
-/// Opens `data_dir/ledger/journal`: replays it into a fresh ledger (a torn tail is cut, a
-/// corrupt record stops the start) and starts its writer.
-fn open_ledger(config: &Config, wrap: Option<StorageWrap>) -> Result<Ledger, String> {
-    let dir = config.data_dir.join("ledger");
-    crate::mint::jwt::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
-    let path = dir.join("journal");
-    let ledger = std::cell::RefCell::new(Ledger::default());
-    let mut records = 0;
-    let started = std::time::Instant::now();
-    let (storage, replayed) = FileStorage::open_into(
-        &path,
-        |n| *ledger.borrow_mut() = Ledger::with_capacity(n, RetryPolicy::default()),
-        |batch| {
-            records += batch.len();
-            let ledger = ledger.borrow();
-            batch.into_iter().for_each(|e| ledger.apply(e));
-        },
-    )
-    .map_err(|e| format!("refusing to start: {e}"))?;
-    let mut ledger = ledger.into_inner();
-    if replayed.truncated > 0 {
-        tracing::warn!(path = %path.display(), bytes = replayed.truncated, "cut a torn tail from the journal (a crash mid-write)");
-    }
-    let storage: Box<dyn Storage> = Box::new(storage);
-    let storage = match wrap {
-        Some(wrap) => wrap(storage),
-        None => storage,
-    };
-    ledger.attach(Journal::start(storage, replayed.len));
-    let millis = started.elapsed().as_millis() as u64;
-    tracing::info!(path = %path.display(), records, leases = ledger.len(), millis, "journal replayed");
-    Ok(ledger)
-}
 
 /// Reloads the policies on SIGHUP (and reopens the audit file, for logrotate), and when the
 /// policies directory changes (polled every `watch_secs`; `None`: SIGHUP only).
@@ -277,7 +276,7 @@ async fn reloader(app: Arc<App>, watch_secs: Option<i64>) {
         };
         if forced {
             tracing::info!("SIGHUP: reloading policies, reopening the audit file");
-            if let Err(e) = app.audit.reopen().await {
+            if let Err(e) = app.audit().reopen().await {
                 tracing::error!(error = %e, "audit file not reopened; still writing to the old one");
             }
         }

@@ -95,7 +95,7 @@ async fn an_unwritable_audit_sink_fails_the_exchange_closed_and_revokes_what_was
     assert_error(&(status, body.clone()), 503, "unavailable");
     assert!(body.get("credentials").is_none() && !body.to_string().contains("eyJ"), "{body}");
     // The lease was recorded, then revoked before the reply.
-    let leases = broker.running.app.ledger.list(&ephemera::ledger::LeaseFilter::default(), 10);
+    let leases = broker.running.app.leases(&ephemera::ledger::LeaseFilter::default(), 10).await.unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!((leases[0].state, leases[0].reason.as_deref()), (LeaseState::Revoked, Some("audit-unavailable")));
     let jwt_jti = leases[0].credentials[0].data()["jti"].clone();

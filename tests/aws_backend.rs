@@ -165,7 +165,7 @@ async fn the_deny_entry_goes_away_once_the_session_has_expired() {
     let (_, body) = s.broker.exchange(&token, "deploy").await;
     s.broker.revoke(&token, json!({})).await;
     assert!(s.moto.get_role_policy(&s.role, "ephemera-revoked").is_some());
-    let lease = s.broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
+    let lease = s.broker.running.app.lease(body["lease_id"].as_str().unwrap()).await.unwrap().unwrap();
     let session_end = lease.credentials[0].data()["session_expires_at"].as_i64().unwrap();
     // Before the session could have expired, the entry stays.
     s.broker.clock.set(session_end - 1);
@@ -184,7 +184,7 @@ async fn a_deny_entry_written_before_a_restart_goes_away_once_the_session_has_ex
     let (_, body) = broker.exchange(&token, "deploy").await;
     broker.revoke(&token, json!({})).await;
     assert!(moto.get_role_policy(&role, "ephemera-revoked").is_some());
-    let lease = broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
+    let lease = broker.running.app.lease(body["lease_id"].as_str().unwrap()).await.unwrap().unwrap();
     let session_end = lease.credentials[0].data()["session_expires_at"].as_i64().unwrap();
     // Same data dir, same clock, same config (the aws backend included): only memory is lost.
     let broker = broker.restart(None).await;
@@ -216,7 +216,7 @@ async fn iam_refusing_the_deny_update_leaves_the_lease_pending_and_visible() {
     s.moto.reset(); // the role is gone: PutRolePolicy now fails with NoSuchEntity
     let (_, reply) = s.broker.revoke(&token, json!({})).await;
     assert_eq!(reply["pending"], json!([lease]), "{reply}");
-    let state = s.broker.running.app.ledger.get(&lease).unwrap();
+    let state = s.broker.running.app.lease(&lease).await.unwrap().unwrap();
     assert_eq!(state.state, LeaseState::Revoking);
     let error = state.last_error.unwrap();
     assert!(error.starts_with("backend aws: iam:") && error.contains("NoSuchEntity"), "{error}");
@@ -231,7 +231,7 @@ async fn sts_down_is_a_502_with_nothing_recorded_or_leaked() {
     drop(s.moto); // the AWS endpoint goes away
     let reply = s.broker.exchange(&token, "deploy").await;
     assert_error(&reply, 502, "backend_error");
-    assert!(s.broker.running.app.ledger.is_empty(), "a lease was recorded for nothing");
+    assert!(s.broker.running.app.store().counts().total() == 0, "a lease was recorded for nothing");
     assert!(!reply.1.to_string().contains("127.0.0.1"), "upstream detail reached the caller: {}", reply.1);
 }
 
@@ -254,7 +254,7 @@ async fn a_role_whose_inline_policies_are_full_keeps_the_revocation_pending_and_
     let lease = body["lease_id"].as_str().unwrap().to_string();
     let (_, reply) = s.broker.revoke(&token, json!({})).await;
     assert_eq!(reply["pending"], json!([lease]), "{reply}");
-    let error = s.broker.running.app.ledger.get(&lease).unwrap().last_error.unwrap();
+    let error = s.broker.running.app.lease(&lease).await.unwrap().unwrap().last_error.unwrap();
     assert!(error.contains("10240-character limit"), "{error}");
     assert!(s.moto.get_role_policy(&s.role, "ephemera-revoked").is_none(), "an over-limit policy was written");
 }

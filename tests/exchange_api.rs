@@ -25,7 +25,7 @@ async fn exchange_returns_201_with_the_design_body_and_a_verifiable_jwt() {
     assert_eq!(api["kind"], "jwt");
     assert_eq!(api["revocation"], "immediate");
     let jwt = api["token"].as_str().unwrap();
-    let intro = broker.introspect(jwt);
+    let intro = broker.introspect(jwt).await;
     assert_eq!(intro["active"], true, "{intro}");
     assert_eq!(intro["sub"], "github:74:7712340001:2:96193868770");
     assert_eq!(intro["aud"], "https://api.internal.example");
@@ -35,7 +35,7 @@ async fn exchange_returns_201_with_the_design_body_and_a_verifiable_jwt() {
         serde_json::from_slice(&ephemera::ids::b64url_decode(jwt.split('.').nth(1).unwrap()).unwrap()).unwrap();
     assert_eq!(payload["repository"], "octo-org/octo-repo");
     assert_eq!(payload["environment"], "prod");
-    assert_eq!(payload["iss"], broker.running.app.public_url);
+    assert_eq!(payload["iss"], broker.running.app.public_url());
     assert_eq!(payload["exp"], NOW + 900);
     // The published JWKS verifies it (kid matches).
     let (_, jwks) = broker.get("/.well-known/jwks.json").await;
@@ -167,7 +167,7 @@ async fn revoke_ends_the_callers_leases_and_introspection_goes_inactive() {
         vec![first["lease_id"].as_str().unwrap().to_string(), second["lease_id"].as_str().unwrap().to_string()];
     want.sort();
     assert_eq!(revoked, want);
-    assert_eq!(broker.introspect(jwt)["active"], false);
+    assert_eq!(broker.introspect(jwt).await["active"], false);
     // Idempotent, and nothing left to end.
     assert_eq!(broker.revoke(&token, json!({})).await.1, json!({"revoked": [], "pending": []}));
     let (status, again) = broker.revoke(&token, json!({"lease_id": first["lease_id"]})).await;
@@ -187,7 +187,7 @@ async fn another_jobs_lease_or_an_unknown_id_is_neither_revoked_nor_reported() {
         let (status, reply) = broker.revoke(&attacker, body).await;
         assert_eq!((status, reply), (200, json!({"revoked": [], "pending": []})));
     }
-    assert_eq!(broker.introspect(jwt)["active"], true, "another job's revoke ended the lease");
+    assert_eq!(broker.introspect(jwt).await["active"], true, "another job's revoke ended the lease");
 }
 
 #[tokio::test]
@@ -198,8 +198,8 @@ async fn one_lease_can_be_revoked_by_id_leaving_the_others() {
     let (_, b) = broker.exchange(&issuer.sign(&issuer.claims("github-environment-deploy.json", NOW)), "deploy").await;
     let (_, reply) = broker.revoke(&token, json!({"lease_id": a["lease_id"]})).await;
     assert_eq!(reply["revoked"], json!([a["lease_id"]]));
-    assert_eq!(broker.introspect(a["credentials"]["api"]["token"].as_str().unwrap())["active"], false);
-    assert_eq!(broker.introspect(b["credentials"]["api"]["token"].as_str().unwrap())["active"], true);
+    assert_eq!(broker.introspect(a["credentials"]["api"]["token"].as_str().unwrap()).await["active"], false);
+    assert_eq!(broker.introspect(b["credentials"]["api"]["token"].as_str().unwrap()).await["active"], true);
     // Revoking it again reports it, but it ended once.
     let (_, again) = broker.revoke(&token, json!({"lease_id": a["lease_id"]})).await;
     assert_eq!(again["revoked"], json!([a["lease_id"]]));
@@ -214,11 +214,11 @@ async fn a_lease_expires_by_the_injected_clock() {
     let (_, body) = broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"5m"}"#).await;
     let jwt = body["credentials"]["api"]["token"].as_str().unwrap();
     broker.clock.advance(299);
-    assert_eq!(broker.introspect(jwt)["active"], true);
+    assert_eq!(broker.introspect(jwt).await["active"], true);
     broker.clock.advance(1);
-    assert_eq!(broker.introspect(jwt)["active"], false);
+    assert_eq!(broker.introspect(jwt).await["active"], false);
     broker.running.app.reap_once().await;
-    let lease = broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
+    let lease = broker.running.app.lease(body["lease_id"].as_str().unwrap()).await.unwrap().unwrap();
     assert_eq!(lease.state, ephemera::ledger::LeaseState::Expired);
     let metrics = broker.running.app.metrics_text();
     assert!(metrics.lines().any(|l| l == r#"ephemera_leases_ended_total{reason="expired"} 1"#), "{metrics}");
@@ -235,9 +235,9 @@ async fn a_forged_or_foreign_jwt_is_never_active() {
         serde_json::from_slice(&ephemera::ids::b64url_decode(parts[1]).unwrap()).unwrap();
     payload["exp"] = json!(NOW + 99_999);
     let forged = format!("{}.{}.{}", parts[0], ephemera::ids::b64url(payload.to_string().as_bytes()), parts[2]);
-    assert_eq!(broker.introspect(&forged)["active"], false);
-    assert_eq!(broker.introspect(&token)["active"], false, "a CI token is not a broker JWT");
-    assert_eq!(broker.introspect("garbage")["active"], false);
+    assert_eq!(broker.introspect(&forged).await["active"], false);
+    assert_eq!(broker.introspect(&token).await["active"], false, "a CI token is not a broker JWT");
+    assert_eq!(broker.introspect("garbage").await["active"], false);
 }
 
 #[tokio::test]
@@ -394,7 +394,7 @@ async fn the_env_format_is_sourceable_by_sh_and_carries_the_credentials() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[0].starts_with("lse_"), "{env}");
     assert_eq!(lines[1], "jwt");
-    assert_eq!(broker.introspect(lines[2])["active"], true);
+    assert_eq!(broker.introspect(lines[2]).await["active"], true);
     // `?format=env` works too, and errors stay JSON.
     let fresh = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
     let resp = broker

@@ -42,13 +42,13 @@ async fn a_lease_survives_a_restart_and_can_still_be_revoked() {
     assert_eq!(status, 201, "{body}");
     let jwt = jwt_of(&body);
     let broker = broker.restart(None).await;
-    assert_eq!(broker.introspect(&jwt)["active"], true, "the lease was lost in the restart");
-    let lease = broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap();
+    assert_eq!(broker.introspect(&jwt).await["active"], true, "the lease was lost in the restart");
+    let lease = broker.running.app.lease(body["lease_id"].as_str().unwrap()).await.unwrap().unwrap();
     assert_eq!(lease.claims.get("repository_id"), Some(json!("74")), "the claims snapshot was not kept");
     let (_, reply) = broker.revoke(&t, json!({})).await;
     assert_eq!(reply["revoked"], json!([body["lease_id"]]));
     let broker = broker.restart(None).await;
-    assert_eq!(broker.introspect(&jwt)["active"], false, "the revocation was lost in the restart");
+    assert_eq!(broker.introspect(&jwt).await["active"], false, "the revocation was lost in the restart");
 }
 
 #[tokio::test]
@@ -71,7 +71,7 @@ async fn an_unrecordable_lease_gets_503_and_its_credentials_are_revoked() {
     assert!(!reply.1.to_string().contains("eyJ"), "a credential escaped: {}", reply.1);
     let backend = flaky.lock().unwrap().clone().unwrap();
     assert_eq!(backend.revoke_calls.load(Ordering::SeqCst), 1, "the minted JWT was not revoked");
-    assert!(broker.running.app.ledger.is_empty(), "an unrecorded lease is in memory");
+    assert!(broker.running.app.store().counts().total() == 0, "an unrecorded lease is in memory");
     // The disk recovers: exchanges work again, and the half-written batch did not corrupt the file.
     full.store(false, Ordering::SeqCst);
     let (status, body) = broker.exchange(&token(&issuer, NOW), "deploy").await;
@@ -90,13 +90,13 @@ async fn a_backend_failing_three_times_then_succeeding_is_revoked_with_the_retri
     assert_eq!(reply, json!({"revoked": [], "pending": [id]}));
     // Retries follow the injected clock: step it until the backend gives in.
     for _ in 0..20 {
-        if broker.running.app.ledger.state(&id) == Some(LeaseState::Revoked) {
+        if broker.running.app.lease(&id).await.unwrap().map(|l| l.state) == Some(LeaseState::Revoked) {
             break;
         }
         broker.clock.advance(30);
         broker.running.app.reap_once().await;
     }
-    assert_eq!(broker.running.app.ledger.state(&id), Some(LeaseState::Revoked));
+    assert_eq!(broker.running.app.lease(&id).await.unwrap().map(|l| l.state), Some(LeaseState::Revoked));
     assert_eq!(flaky.lock().unwrap().clone().unwrap().revoke_calls.load(Ordering::SeqCst), 4);
     let events = broker.journal_events();
     let failed: Vec<u32> = events
@@ -120,8 +120,9 @@ async fn a_backend_failing_forever_leaves_the_lease_irrevocable_listed_counted_a
         broker.running.app.reap_once().await;
     }
     let app = &broker.running.app;
-    assert_eq!(app.ledger.state(&id), Some(LeaseState::Irrevocable));
-    let listed = app.ledger.list(&LeaseFilter { state: Some(LeaseState::Irrevocable), ..LeaseFilter::default() }, 10);
+    assert_eq!(app.lease(&id).await.unwrap().map(|l| l.state), Some(LeaseState::Irrevocable));
+    let listed =
+        app.leases(&LeaseFilter { state: Some(LeaseState::Irrevocable), ..LeaseFilter::default() }, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].last_error.as_deref().unwrap().contains("injected"), "{:?}", listed[0].last_error);
     assert!(app.metrics_text().contains("ephemera_leases_irrevocable 1"));
@@ -136,7 +137,7 @@ async fn a_backend_failing_forever_leaves_the_lease_irrevocable_listed_counted_a
     // Never dropped, not even long after its expiry.
     broker.clock.advance(30 * 24 * 3600);
     app.reap_once().await;
-    assert_eq!(app.ledger.state(&id), Some(LeaseState::Irrevocable));
+    assert_eq!(app.lease(&id).await.unwrap().map(|l| l.state), Some(LeaseState::Irrevocable));
 }
 
 #[tokio::test]
@@ -147,11 +148,11 @@ async fn a_pending_revocation_is_resumed_by_the_next_start_before_ready() {
     let (_, body) = broker.exchange(&t, "deploy").await;
     let id = body["lease_id"].as_str().unwrap().to_string();
     broker.revoke(&t, json!({})).await;
-    assert_eq!(broker.running.app.ledger.state(&id), Some(LeaseState::Revoking));
+    assert_eq!(broker.running.app.lease(&id).await.unwrap().map(|l| l.state), Some(LeaseState::Revoking));
     let healthy = Arc::new(Mutex::new(None));
     let broker = broker.restart(Some(flaky_backends(healthy.clone(), 0))).await;
     // `restart` returns once /readyz is 200, so the resumption happened before ready.
-    assert_eq!(broker.running.app.ledger.state(&id), Some(LeaseState::Revoked));
+    assert_eq!(broker.running.app.lease(&id).await.unwrap().map(|l| l.state), Some(LeaseState::Revoked));
     assert_eq!(healthy.lock().unwrap().clone().unwrap().revoke_calls.load(Ordering::SeqCst), 1);
 }
 
@@ -163,7 +164,7 @@ async fn an_expiry_that_passed_while_the_broker_was_down_fires_at_start() {
     let id = body["lease_id"].as_str().unwrap().to_string();
     broker.clock.advance(600);
     let broker = broker.restart(None).await;
-    assert_eq!(broker.running.app.ledger.state(&id), Some(LeaseState::Expired));
+    assert_eq!(broker.running.app.lease(&id).await.unwrap().map(|l| l.state), Some(LeaseState::Expired));
     assert!(broker.journal_events().iter().any(|e| matches!(e, Event::Expired { id: i, .. } if *i == id)));
 }
 
@@ -176,17 +177,25 @@ async fn a_clock_jump_forward_fires_expiries_and_a_jump_backward_expires_nothing
     let app = &broker.running.app;
     broker.clock.set(NOW - 3600);
     app.reap_once().await;
-    assert_eq!(app.ledger.state(&id), Some(LeaseState::Active), "expired early after a backward jump");
+    assert_eq!(
+        app.lease(&id).await.unwrap().map(|l| l.state),
+        Some(LeaseState::Active),
+        "expired early after a backward jump"
+    );
     broker.clock.set(NOW + 599);
     app.reap_once().await;
-    assert_eq!(app.ledger.state(&id), Some(LeaseState::Active));
+    assert_eq!(app.lease(&id).await.unwrap().map(|l| l.state), Some(LeaseState::Active));
     broker.clock.set(NOW + 1_800);
     app.reap_once().await;
-    assert_eq!(app.ledger.state(&id), Some(LeaseState::Expired), "a forward jump did not fire the expiry");
+    assert_eq!(
+        app.lease(&id).await.unwrap().map(|l| l.state),
+        Some(LeaseState::Expired),
+        "a forward jump did not fire the expiry"
+    );
     // A jump past the retention too: expired, recorded, then forgotten.
     broker.clock.set(NOW + 86_400);
     app.reap_once().await;
-    assert_eq!(app.ledger.state(&id), None);
+    assert_eq!(app.lease(&id).await.unwrap().map(|l| l.state), None);
     assert!(broker.journal_events().iter().any(|e| matches!(e, Event::Expired { id: i, .. } if *i == id)));
 }
 
@@ -208,7 +217,7 @@ async fn a_torn_journal_tail_is_cut_at_start_and_the_leases_before_it_survive() 
     .unwrap();
     drop(f);
     let running = restart_in(&issuer, &dir).await;
-    assert!(running.app.ledger.get(body["lease_id"].as_str().unwrap()).is_some());
+    assert!(running.app.lease(body["lease_id"].as_str().unwrap()).await.unwrap().is_some());
     assert_eq!(std::fs::metadata(&path).unwrap().len(), good, "the torn tail was not cut");
 }
 
@@ -321,14 +330,15 @@ async fn compaction_keeps_every_remembered_lease_and_drops_history() {
     assert!(events.iter().all(|e| matches!(e, Event::Created { .. } | Event::JtiUsed { .. })), "{events:?}");
     assert_eq!(events.len(), 3 + 3 + 2, "{events:?}");
     assert!(c["lease_id"].is_string());
-    let claims_before = broker.running.app.ledger.get(b["lease_id"].as_str().unwrap()).unwrap().claims.to_claims();
+    let claims_before =
+        broker.running.app.lease(b["lease_id"].as_str().unwrap()).await.unwrap().unwrap().claims.to_claims();
     let broker = broker.restart(None).await;
-    let ledger = &broker.running.app.ledger;
-    assert_eq!(ledger.state(a["lease_id"].as_str().unwrap()), Some(LeaseState::Revoked));
-    assert_eq!(ledger.state(b["lease_id"].as_str().unwrap()), Some(LeaseState::Active));
+    let app = &broker.running.app;
+    assert_eq!(app.lease(a["lease_id"].as_str().unwrap()).await.unwrap().unwrap().state, LeaseState::Revoked);
+    assert_eq!(app.lease(b["lease_id"].as_str().unwrap()).await.unwrap().unwrap().state, LeaseState::Active);
     // The compacted journal writes claims through its string dictionary; they come back whole
     // (re-evaluation on a policy change decides on them).
-    let claims_after = ledger.get(b["lease_id"].as_str().unwrap()).unwrap().claims.to_claims();
+    let claims_after = app.lease(b["lease_id"].as_str().unwrap()).await.unwrap().unwrap().claims.to_claims();
     assert!(claims_after.len() > 20, "{claims_after:?}");
     assert_eq!(claims_after, claims_before);
     assert_error(&broker.exchange(&t, "deploy").await, 403, "policy_denied");
@@ -343,7 +353,7 @@ async fn an_expired_token_cannot_revoke_and_the_lease_stays_until_its_own_end() 
     broker.clock.advance(300 + 31); // the token's exp (NOW + 300) plus the leeway
     let reply = broker.revoke(&t, json!({})).await;
     assert_error(&reply, 401, "invalid_token");
-    assert_eq!(broker.introspect(&jwt_of(&body))["active"], true, "an expired token ended a lease");
+    assert_eq!(broker.introspect(&jwt_of(&body)).await["active"], true, "an expired token ended a lease");
     // A fresh token of the same job still can.
     let fresh = token(&issuer, NOW + 331);
     assert_eq!(broker.revoke(&fresh, json!({})).await.1["revoked"], json!([body["lease_id"]]));

@@ -59,8 +59,8 @@ fn jwt(body: &Value) -> &str {
     body["credentials"]["api"]["token"].as_str().unwrap()
 }
 
-fn lease(broker: &Broker, body: &Value) -> ephemera::ledger::Lease {
-    broker.running.app.ledger.get(body["lease_id"].as_str().unwrap()).unwrap()
+async fn lease(broker: &Broker, body: &Value) -> ephemera::ledger::Lease {
+    broker.running.app.lease(body["lease_id"].as_str().unwrap()).await.unwrap().unwrap()
 }
 
 async fn admin_post(broker: &Broker, path: &str, body: Value) -> (u16, Value) {
@@ -88,12 +88,12 @@ async fn a_reload_that_tightens_a_policy_revokes_only_the_leases_it_no_longer_al
     assert_eq!(report.ended.len(), 1, "{report:?}");
     assert_eq!(report.ended[0].lease_id, feature["lease_id"].as_str().unwrap());
     assert_eq!(report.ended[0].claim.as_deref(), Some("ref"));
-    let ended = lease(&broker, &feature);
+    let ended = lease(&broker, &feature).await;
     assert_eq!((ended.state, ended.reason.as_deref()), (LeaseState::Revoked, Some("policy-changed")));
-    assert_eq!(broker.introspect(jwt(&feature))["active"], false);
+    assert_eq!(broker.introspect(jwt(&feature)).await["active"], false);
     // The lease the new set still allows is untouched.
-    assert_eq!(lease(&broker, &main).state, LeaseState::Active);
-    assert_eq!(broker.introspect(jwt(&main))["active"], true);
+    assert_eq!(lease(&broker, &main).await.state, LeaseState::Active);
+    assert_eq!(broker.introspect(jwt(&main)).await["active"], true);
     assert_eq!(
         metric(&broker, "ephemera_leases_ended_total{reason=\"policy-changed\"}"),
         "ephemera_leases_ended_total{reason=\"policy-changed\"} 1"
@@ -120,8 +120,8 @@ async fn removing_a_policy_ends_its_leases_and_no_others() {
     assert_eq!((report.outcome, report.policies), ("ok", 1));
     assert_eq!(report.ended.len(), 1);
     assert_eq!(report.ended[0].reason, "policy removed");
-    assert_eq!(lease(&broker, &gone).state, LeaseState::Revoked);
-    assert_eq!(lease(&broker, &kept).state, LeaseState::Active);
+    assert_eq!(lease(&broker, &gone).await.state, LeaseState::Revoked);
+    assert_eq!(lease(&broker, &kept).await.state, LeaseState::Active);
 }
 
 #[tokio::test]
@@ -139,7 +139,7 @@ async fn a_reload_with_one_broken_file_among_good_ones_keeps_the_last_good_set()
     assert!(report.errors.iter().any(|e| e.contains("broken.yaml")), "{:?}", report.errors);
     assert!(report.ended.is_empty());
     // Nothing of the change applies: the old set still decides, the live lease stays live.
-    assert_eq!(lease(&broker, &live).state, LeaseState::Active);
+    assert_eq!(lease(&broker, &live).await.state, LeaseState::Active);
     let (status, second) = broker.exchange(&issuer.sign(&deploy_claims(&issuer, "refs/heads/other")), "deploy").await;
     assert_eq!(status, 201, "the last good set (OPEN) is still in use");
     // Visible: /readyz detail (still ready: the broker serves the last good set) and /metrics.
@@ -160,8 +160,8 @@ async fn a_reload_with_one_broken_file_among_good_ones_keeps_the_last_good_set()
     std::fs::remove_file(broker.dir.path().join("policies/broken.yaml")).unwrap();
     let report = broker.running.app.reload_policies(true).await;
     assert_eq!((report.outcome, report.ended.len()), ("ok", 2), "{report:?}");
-    assert_eq!(lease(&broker, &live).state, LeaseState::Revoked);
-    assert_eq!(lease(&broker, &second).state, LeaseState::Revoked);
+    assert_eq!(lease(&broker, &live).await.state, LeaseState::Revoked);
+    assert_eq!(lease(&broker, &second).await.state, LeaseState::Revoked);
     assert_eq!(metric(&broker, "ephemera_policy_reload_failing "), "ephemera_policy_reload_failing 0");
 }
 
@@ -186,7 +186,7 @@ async fn reloads_while_exchanges_run_fail_no_exchange() {
         let (status, body) = e.await.unwrap();
         assert_eq!(status, 201, "{body}");
     }
-    assert_eq!(broker.running.app.policies.status().generation, 21);
+    assert_eq!(broker.running.app.policies().status().generation, 21);
 }
 
 #[tokio::test]
@@ -214,9 +214,9 @@ async fn diff_lists_the_leases_a_change_would_end_and_changes_nothing() {
     assert_eq!(by_id(&other["lease_id"])["reason"], "policy removed");
     // Nothing changed.
     for body in [&main, &feature, &other] {
-        assert_eq!(lease(&broker, body).state, LeaseState::Active);
+        assert_eq!(lease(&broker, body).await.state, LeaseState::Active);
     }
-    assert_eq!(broker.running.app.policies.status().generation, 1);
+    assert_eq!(broker.running.app.policies().status().generation, 1);
 
     // Rolling the same change out ends exactly what the diff said.
     write_policy(&broker, "deploy", MAIN_ONLY);
@@ -273,7 +273,7 @@ async fn the_file_watch_reloads_when_the_directory_changes() {
     // Waits for the condition (the watch polls every second), not for a fixed time.
     let mut generation = 1;
     for _ in 0..300 {
-        generation = broker.running.app.policies.status().generation;
+        generation = broker.running.app.policies().status().generation;
         if generation > 1 {
             break;
         }
@@ -309,7 +309,7 @@ async fn policy_diff_cli_prints_the_leases_a_directory_would_end() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("would end 1 live lease"), "{stdout}");
     assert!(stdout.contains(feature["lease_id"].as_str().unwrap()), "{stdout}");
-    assert_eq!(lease(&broker, &feature).state, LeaseState::Active, "a diff changes nothing");
+    assert_eq!(lease(&broker, &feature).await.state, LeaseState::Active, "a diff changes nothing");
 
     // No admin token: a clear message, exit 1; the wrong one: 401 (exit 4).
     let dir = candidate.path().to_path_buf();
@@ -342,7 +342,7 @@ async fn a_reload_whose_lint_finds_an_error_is_refused_like_a_parse_error() {
     let report = broker.running.app.reload_policies(true).await;
     assert_eq!(report.outcome, "failed");
     assert!(report.errors.iter().any(|e| e.contains("sub-matches-untrusted")), "{:?}", report.errors);
-    assert_eq!(broker.running.app.policies.status().generation, 1);
+    assert_eq!(broker.running.app.policies().status().generation, 1);
 }
 
 #[tokio::test]
@@ -368,5 +368,5 @@ async fn a_reload_whose_grant_now_needs_a_claim_the_lease_lacks_ends_that_lease(
     let ended: Vec<&str> = report.ended.iter().map(|e| e.lease_id.as_str()).collect();
     assert_eq!(ended, [without["lease_id"].as_str().unwrap()]);
     assert_eq!(report.ended[0].claim.as_deref(), Some("environment"));
-    assert_eq!(lease(&broker, &with).state, LeaseState::Active);
+    assert_eq!(lease(&broker, &with).await.state, LeaseState::Active);
 }

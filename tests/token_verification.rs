@@ -269,7 +269,7 @@ async fn a_rotated_key_is_picked_up_by_the_unknown_kid_refetch() {
 async fn when_the_issuer_goes_down_the_last_good_keys_keep_working() {
     let (issuer, broker) = setup().await;
     issuer.set_mode(Mode::Down);
-    let jwks = &broker.running.app.verifier.issuers().next().unwrap().jwks;
+    let jwks = &broker.running.app.verifier().issuers().next().unwrap().jwks;
     assert!(jwks.refresh().await.is_err(), "a refresh against a down issuer must fail");
     let (status, body) = broker.exchange(&issuer.sign(&deploy_claims(&issuer)), "deploy").await;
     assert_eq!(status, 201, "{body}");
@@ -279,7 +279,7 @@ async fn when_the_issuer_goes_down_the_last_good_keys_keep_working() {
 async fn garbage_oversized_or_redirected_jwks_never_replace_the_last_good_keys() {
     let (issuer, broker) = setup().await;
     let elsewhere = FakeIssuer::start().await;
-    let jwks = broker.running.app.verifier.issuers().next().unwrap().jwks.clone();
+    let jwks = broker.running.app.verifier().issuers().next().unwrap().jwks.clone();
     for mode in [Mode::Garbage, Mode::Huge, Mode::Redirect(format!("{}/.well-known/jwks", elsewhere.url))] {
         issuer.set_mode(mode.clone());
         let err = jwks.refresh().await.expect_err(&format!("{mode:?} must fail the refresh"));
@@ -302,7 +302,7 @@ async fn a_slow_issuer_times_out_and_the_last_good_keys_stay() {
     let extra = Extra { issuer_toml: "fetch_timeout = \"1s\"".into(), ..Extra::default() };
     let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", DEPLOY_POLICY)], &extra).await;
     issuer.set_mode(Mode::Slow(3_000));
-    let jwks = broker.running.app.verifier.issuers().next().unwrap().jwks.clone();
+    let jwks = broker.running.app.verifier().issuers().next().unwrap().jwks.clone();
     let err = jwks.refresh().await.expect_err("a 3 s answer must not beat a 1 s timeout");
     assert!(err.to_string().contains("timed out"), "{err}");
     let (status, body) = broker.exchange(&issuer.sign(&deploy_claims(&issuer)), "deploy").await;

@@ -65,8 +65,8 @@ async fn lease(
     (body["lease_id"].as_str().unwrap().to_string(), jwt.to_string())
 }
 
-fn active(broker: &Broker, jwt: &str) -> bool {
-    broker.introspect(jwt)["active"] == true
+async fn active(broker: &Broker, jwt: &str) -> bool {
+    broker.introspect(jwt).await["active"] == true
 }
 
 fn workflow_job(action: &str, (repo, run, attempt, job): (u64, u64, u64, u64)) -> String {
@@ -152,13 +152,13 @@ async fn a_github_workflow_job_completed_ends_that_jobs_leases_and_not_another_j
     let mut other = issuer.claims("github-environment-deploy.json", NOW);
     other.insert("check_run_id".into(), json!("96193868771"));
     let (_, jwt_b) = lease(&broker, &issuer, &other, "deploy").await;
-    assert!(active(&broker, &jwt_a) && active(&broker, &jwt_b));
+    assert!(active(&broker, &jwt_a).await && active(&broker, &jwt_b).await);
 
     let reply = github_signed(&broker, "workflow_job", "d-1", &workflow_job("completed", GITHUB_JOB)).await;
     assert_eq!(reply, (200, json!({"revoked": [lease_a], "pending": []})));
-    assert!(!active(&broker, &jwt_a), "the completed job's lease ended");
-    assert!(active(&broker, &jwt_b), "another job of the same run is untouched");
-    let ended = broker.running.app.ledger.get(&lease_a).unwrap();
+    assert!(!active(&broker, &jwt_a).await, "the completed job's lease ended");
+    assert!(active(&broker, &jwt_b).await, "another job of the same run is untouched");
+    let ended = broker.running.app.lease(&lease_a).await.unwrap().unwrap();
     assert_eq!(ended.reason.as_deref(), Some("webhook"));
     let logs = captured_logs();
     assert!(logs.contains("webhook ended job") && logs.contains("github:74:7712340001:2:96193868770"));
@@ -172,11 +172,11 @@ async fn a_github_delivery_with_a_wrong_signature_is_401_and_the_lease_stays_liv
     let body = workflow_job("completed", GITHUB_JOB);
     let reply = github_hook(&broker, "workflow_job", "d-1", Some(&signature("not-the-secret", &body)), &body).await;
     assert_error(&reply, 401, "unauthorized");
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
     // The rejected delivery id was not remembered: the genuine delivery still works.
     let reply = github_signed(&broker, "workflow_job", "d-1", &body).await;
     assert_eq!(reply.0, 200, "{}", reply.1);
-    assert!(!active(&broker, &jwt));
+    assert!(!active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -192,7 +192,7 @@ async fn a_github_delivery_without_a_usable_signature_is_401() {
         let reply = github_hook(&broker, "workflow_job", "d-1", header, &body).await;
         assert_error(&reply, 401, "unauthorized");
     }
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -204,7 +204,7 @@ async fn a_github_signature_over_a_different_body_is_401() {
     let body = workflow_job("completed", GITHUB_JOB);
     let reply = github_hook(&broker, "workflow_job", "d-1", Some(&signature(GITHUB_SECRET, &signed)), &body).await;
     assert_error(&reply, 401, "unauthorized");
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -214,13 +214,13 @@ async fn a_replayed_github_delivery_is_a_duplicate_and_ends_nothing() {
     let (_, first) = lease(&broker, &issuer, &claims, "deploy").await;
     let body = workflow_job("completed", GITHUB_JOB);
     assert_eq!(github_signed(&broker, "workflow_job", "d-1", &body).await.0, 200);
-    assert!(!active(&broker, &first));
+    assert!(!active(&broker, &first).await);
     // A new lease of the same job (a fresh token); the replay must not touch it.
     let (second_id, second) =
         lease(&broker, &issuer, &issuer.claims("github-environment-deploy.json", NOW), "deploy").await;
     let reply = github_signed(&broker, "workflow_job", "d-1", &body).await;
     assert_eq!(reply, (200, json!({"duplicate": true})));
-    assert!(active(&broker, &second), "a replayed delivery did something");
+    assert!(active(&broker, &second).await, "a replayed delivery did something");
     // A new delivery is acted on.
     let reply = github_signed(&broker, "workflow_job", "d-2", &body).await;
     assert_eq!(reply, (200, json!({"revoked": [second_id], "pending": []})));
@@ -234,7 +234,7 @@ async fn a_github_workflow_job_still_in_progress_is_ignored() {
         let reply = github_signed(&broker, "workflow_job", &format!("d-{i}"), &workflow_job(action, GITHUB_JOB)).await;
         assert_eq!(reply, (200, json!({"ignored": "workflow_job action is not completed"})));
     }
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -247,7 +247,7 @@ async fn a_github_ping_and_other_events_are_ignored() {
     let body = workflow_job("completed", GITHUB_JOB);
     let reply = github_signed(&broker, "workflow_run", "d-run", &body).await;
     assert_eq!(reply, (200, json!({"ignored": "not a workflow_job event"})));
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -272,7 +272,7 @@ async fn a_malformed_github_body_with_a_valid_signature_is_400_without_echoing_i
         let message = reply.1["error"]["message"].as_str().unwrap();
         assert!(!message.contains("ghp_") && !message.contains("96193868770"), "{message}");
     }
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -322,14 +322,14 @@ async fn with_two_github_issuers_the_named_one_has_its_prefixed_job_key_ended() 
     let (lease_ghes, jwt_ghes) =
         lease(&broker, &ghes, &ghes.claims("github-environment-deploy.json", NOW), "deploy-ghes").await;
     assert_eq!(
-        broker.running.app.ledger.get(&lease_ghes).unwrap().job.as_ref(),
+        broker.running.app.lease(&lease_ghes).await.unwrap().unwrap().job.as_ref(),
         "ghes:github:74:7712340001:2:96193868770"
     );
 
     let reply = github_signed(&broker, "workflow_job", "d-1", &workflow_job("completed", GITHUB_JOB)).await;
     assert_eq!(reply, (200, json!({"revoked": [lease_ghes], "pending": []})));
-    assert!(!active(&broker, &jwt_ghes));
-    assert!(active(&broker, &jwt_ci), "the same ids under the other issuer are another job");
+    assert!(!active(&broker, &jwt_ghes).await);
+    assert!(active(&broker, &jwt_ci).await, "the same ids under the other issuer are another job");
 }
 
 // ---- GitLab ---------------------------------------------------------------------------------
@@ -340,10 +340,10 @@ async fn a_finished_gitlab_build_ends_the_jobs_lease() {
     for (i, status) in ["success", "failed", "canceled"].iter().enumerate() {
         let (lease_id, jwt) =
             lease(&broker, &issuer, &issuer.claims("gitlab-protected-branch.json", NOW), "gitlab-release").await;
-        assert_eq!(broker.running.app.ledger.get(&lease_id).unwrap().job.as_ref(), "gitlab:20:302");
+        assert_eq!(broker.running.app.lease(&lease_id).await.unwrap().unwrap().job.as_ref(), "gitlab:20:302");
         let reply = gitlab_hook(&broker, Some(GITLAB_TOKEN), &format!("u-{i}"), &gitlab_build(status, 20, 302)).await;
         assert_eq!(reply, (200, json!({"revoked": [lease_id], "pending": []})), "{status}");
-        assert!(!active(&broker, &jwt), "{status}");
+        assert!(!active(&broker, &jwt).await, "{status}");
     }
     assert_not_logged(&[GITLAB_TOKEN]);
 }
@@ -357,7 +357,7 @@ async fn a_gitlab_delivery_with_a_wrong_or_missing_token_is_401() {
     for token in [None, Some(""), Some("wrong"), Some(&GITLAB_TOKEN[..GITLAB_TOKEN.len() - 1]), Some(long.as_str())] {
         assert_error(&gitlab_hook(&broker, token, "u-1", &body).await, 401, "unauthorized");
     }
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -371,7 +371,7 @@ async fn a_gitlab_build_that_has_not_finished_is_ignored() {
     let pipeline = json!({"object_kind": "pipeline", "object_attributes": {"id": 574, "status": "success"}});
     let reply = gitlab_hook(&broker, Some(GITLAB_TOKEN), "u-pipeline", &pipeline.to_string()).await;
     assert_eq!(reply, (200, json!({"ignored": "object_kind is not build"})));
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -382,7 +382,7 @@ async fn a_replayed_gitlab_delivery_is_a_duplicate() {
     assert_eq!(gitlab_hook(&broker, Some(GITLAB_TOKEN), "u-1", &body).await.0, 200);
     let (_, jwt) = lease(&broker, &issuer, &issuer.claims("gitlab-protected-branch.json", NOW), "gitlab-release").await;
     assert_eq!(gitlab_hook(&broker, Some(GITLAB_TOKEN), "u-1", &body).await, (200, json!({"duplicate": true})));
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 #[tokio::test]
@@ -398,7 +398,7 @@ async fn a_malformed_gitlab_body_is_400() {
     for (i, body) in cases.iter().enumerate() {
         assert_error(&gitlab_hook(&broker, Some(GITLAB_TOKEN), &format!("u-{i}"), body).await, 400, "bad_request");
     }
-    assert!(active(&broker, &jwt));
+    assert!(active(&broker, &jwt).await);
 }
 
 // ---- config -----------------------------------------------------------------------------------

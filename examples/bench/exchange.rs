@@ -482,7 +482,7 @@ async fn in_process(dir: &Path, tokens: &mut Tokens, n: usize) -> Attribution {
     let now = app.now();
     let cpu = crate::procfs::thread_cpu_seconds();
     for t in &verify_tokens {
-        app.verifier.verify(t, now).await.unwrap();
+        app.verifier().verify(t, now).await.unwrap();
     }
     let verify_us = (crate::procfs::thread_cpu_seconds() - cpu) / n as f64 * 1e6;
 

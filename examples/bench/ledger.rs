@@ -11,13 +11,14 @@
 //!
 //! Memory and replay are measured on the real binary (`ephemera serve` on a data directory
 //! holding the journal): its RSS and its time to `/readyz` are what an operator sees.
-//! Revoke-by-job, reaping and group commit are measured in process, on `Ledger` and `Journal`.
+//! Revoke-by-job, reaping and group commit are measured in process, on `FileStore` and `Journal`.
 
 use crate::broker::Broker;
 use crate::table::{Row, median};
 use ephemera::claims::Claims;
+use ephemera::identity::ReplayKey;
 use ephemera::ledger::journal::{FileStorage, Journal, SnapshotEncoder, encode};
-use ephemera::ledger::{Event, Lease, Ledger, REASON_EXPIRED, RetryPolicy};
+use ephemera::ledger::{Event, FileStore, FileStoreOptions, Lease, LeaseStore};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::Path;
@@ -72,14 +73,14 @@ impl Leases {
         (json!({"t": "jti_used", "key": key, "exp": self.now + 30}), lease)
     }
 
-    /// Lease `i`'s `Created` record, as compaction writes it (`Ledger::snapshot`: every lease
+    /// Lease `i`'s `Created` record, as compaction writes it (`FileStore`'s compaction snapshot: every lease
     /// in its current state, plus the `jti`s of tokens still valid; after a restart those have
     /// long expired, so there are none).
     fn created(&self, i: usize) -> Event {
         serde_json::from_value(json!({"t": "created", "lease": self.records(i).1})).unwrap()
     }
 
-    /// Lease `i` and its `jti` key, for `Ledger::record_created`.
+    /// Lease `i` and its `jti` key, for `LeaseStore::issue`.
     fn lease(&self, i: usize) -> (Lease, String) {
         let (jti, lease) = self.records(i);
         (serde_json::from_value(lease).unwrap(), jti["key"].as_str().unwrap_or_default().to_string())
@@ -105,7 +106,7 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     // The journal of `total` exchanges; the same leases applied to an in-process ledger.
     let path = dir.join("journal");
     let started = Instant::now();
-    let big = Ledger::new(None, RetryPolicy::default());
+    let big = FileStore::in_memory(FileStoreOptions::default());
     let rss_before = crate::procfs::rss_bytes();
     // Two compaction intervals of appends (2 × 64 MiB at 1M leases), scaled with the lease count.
     let tail_bytes = (2 * 64 * 1024 * 1024) as u64 * total as u64 / 1_000_000;
@@ -114,9 +115,9 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     eprintln!("  wrote and applied {total} leases in {:.1} s", started.elapsed().as_secs_f64());
     // 1k others, and a tenth of `n` (to tell a scan, which grows from there too, from cache
     // misses, which stop growing once the maps outgrow the caches).
-    let small = Ledger::new(None, RetryPolicy::default());
+    let small = FileStore::in_memory(FileStoreOptions::default());
     write_journal(&dir.join("small"), TARGETS + SMALL_OTHERS, &leases, 0, |event| small.apply(event));
-    let mid = Ledger::new(None, RetryPolicy::default());
+    let mid = FileStore::in_memory(FileStoreOptions::default());
     write_journal(&dir.join("mid"), TARGETS + n / 10, &leases, 0, |event| mid.apply(event));
     let [small_cost, mid_cost, big_cost] = revoke_and_reap([&small, &mid, &big], &leases).await;
     let mid_scale = if n >= 10_000_000 { format!("{}M", n / 10_000_000) } else { format!("{}k", n / 10_000) };
@@ -161,7 +162,7 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
                 "{rss_per_lease} B ({:.2} GB more than with an empty journal)",
                 boot.rss_full.saturating_sub(boot.rss_empty) as f64 / 1e9
             ),
-            format!("in-process `Ledger` alone: {in_process_rss} B per lease; journal: {record_bytes} B per lease"),
+            format!("in-process `FileStore` alone: {in_process_rss} B per lease; journal: {record_bytes} B per lease"),
         )
         .ratio(rss_per_lease as f64 / in_process_rss as f64)
         .goal("≤ 1 KiB", rss_per_lease <= 1024),
@@ -238,7 +239,7 @@ fn write_journal(path: &Path, count: usize, leases: &Leases, tail_bytes: u64, mu
 
 /// Per-operation seconds (median over rounds) for each ledger: (revoke-by-job, reaping). Rounds
 /// go through the ledgers in turn, so a noisy moment hits them alike.
-async fn revoke_and_reap<const N: usize>(ledgers: [&Ledger; N], leases: &Leases) -> [(f64, f64); N] {
+async fn revoke_and_reap<const N: usize>(ledgers: [&FileStore; N], leases: &Leases) -> [(f64, f64); N] {
     let mut samples = [(); N].map(|_| (Vec::new(), Vec::new()));
     let now = leases.now;
     for round in 0..ROUNDS {
@@ -246,18 +247,17 @@ async fn revoke_and_reap<const N: usize>(ledgers: [&Ledger; N], leases: &Leases)
             let first = TARGETS / 2 + round * PER_ROUND;
             let started = Instant::now();
             for i in first..first + PER_ROUND {
-                for id in ledger.live_of_job(&job(i), now) {
-                    ledger.begin_revoke(&id, "job", now).await.unwrap();
-                    ledger.finish_revoke(&id, None, now).await;
+                for id in ledger.live_of_job(&job(i), now).await.unwrap() {
+                    ledger.begin_revoke(&id, "job", now).await.unwrap().unwrap();
+                    ledger.finish_revoke(&id, None, now).await.unwrap();
                 }
             }
             revoke.push(started.elapsed().as_secs_f64() / PER_ROUND as f64);
             let at = leases.due + round as i64;
             let started = Instant::now();
-            let due = ledger.due_expiries(at);
-            for id in &due {
-                ledger.begin_revoke(id, REASON_EXPIRED, at).await.unwrap();
-                ledger.finish_revoke(id, None, at).await;
+            let due = ledger.claim_due(at).await.unwrap().expired;
+            for work in &due {
+                ledger.finish_revoke(&work.lease_id, None, at).await.unwrap();
             }
             reap.push(started.elapsed().as_secs_f64() / due.len().max(1) as f64);
             assert_eq!(due.len(), PER_ROUND, "the same leases are due in every ledger");
@@ -321,7 +321,7 @@ async fn durable_rate(dir: &Path, records: usize, leases: &Leases) -> (f64, f64)
 async fn appends(path: &Path, writers: usize, total: usize, leases: &Leases) -> f64 {
     let (storage, opened) = FileStorage::open(path).unwrap();
     let journal = Journal::start(Box::new(storage), opened.len);
-    let ledger = Arc::new(Ledger::new(Some(journal), RetryPolicy::default()));
+    let ledger = Arc::new(FileStore::with_journal(journal, FileStoreOptions::default()));
     let per_writer = total / writers;
     let batches: Vec<Vec<(Lease, String)>> =
         (0..writers).map(|w| (0..per_writer).map(|k| leases.lease(w * per_writer + k)).collect()).collect();
@@ -333,7 +333,7 @@ async fn appends(path: &Path, writers: usize, total: usize, leases: &Leases) -> 
             let ledger = ledger.clone();
             tokio::spawn(async move {
                 for (lease, key) in mine {
-                    ledger.record_created(lease, Some((&key, exp))).await.unwrap();
+                    ledger.issue(lease, Some(&ReplayKey::new(key, exp))).await.unwrap();
                 }
             })
         })

@@ -15,9 +15,9 @@ use std::sync::Arc;
 const CATEGORIES: &[(&str, &[&str])] = &[
     ("crypto floor: RS256 verify", &["jsonwebtoken::crypto::verify"]),
     ("crypto floor: ES256 sign", &["EcdsaKeyPair::sign"]),
-    ("journal compaction (reaper)", &["Storage>::replace", "Ledger::snapshot", "write_snapshot", "compact_if_grown"]),
+    ("journal compaction (reaper)", &["Storage>::replace", "Memory::snapshot", "write_snapshot", "compact_if_grown"]),
     ("journal: fdatasync", &["fdatasync"]),
-    ("journal: encoding records", &["journal::encode", "write_lease", "ClaimSnapshot::write_to"]),
+    ("journal: encoding records", &["journal::format::encode", "write_lease", "ClaimSnapshot::write_to"]),
     (
         "journal: writer thread, write(2), hand-offs",
         &["journal::writer", "write_batch", "Storage>::append", "Journal::append", "spawn_blocking"],
@@ -37,7 +37,7 @@ const CATEGORIES: &[(&str, &[&str])] = &[
     ),
     ("policy decide", &["ephemera::policy::"]),
     ("mint: broker JWT claims, id, encoding", &["JwtBackend", "JwtSigner", "jwt_id"]),
-    ("ledger: record_created, indexes, jti", &["ephemera::ledger::"]),
+    ("ledger: issue, indexes, jti", &["ephemera::ledger::"]),
     ("reply: JSON body", &["ExchangeReply", "Credential as serde_core::ser::Serialize", "json_response"]),
     ("app: rest of the exchange", &["ephemera::app::"]),
     (

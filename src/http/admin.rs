@@ -63,11 +63,7 @@ async fn diff_policies(State(app): AppState, headers: HeaderMap, body: Body) -> 
             text,
         })
         .collect();
-    let app2 = app.clone();
-    // Parsing a candidate set is CPU work: off the async workers.
-    let result = tokio::task::spawn_blocking(move || app2.diff_policies(sources))
-        .await
-        .map_err(|e| Error::Internal(format!("diff task: {e}")))?;
+    let result = app.diff_policies(sources).await;
     Ok(match result {
         Ok(ending) => json_response(StatusCode::OK, &json!({"valid": true, "would_end": ending})),
         Err(errors) => json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({"valid": false, "errors": errors})),
@@ -106,7 +102,7 @@ pub(crate) fn lease_view(lease: &Lease) -> Value {
 async fn list(State(app): AppState, headers: HeaderMap, uri: Uri) -> Result<Response, Error> {
     require_admin(&app, &headers)?;
     let filter = parse_filter(uri.query().unwrap_or_default())?;
-    let mut leases = app.ledger.list(&filter, MAX_LIST + 1);
+    let mut leases = app.leases(&filter, MAX_LIST + 1).await?;
     let truncated = leases.len() > MAX_LIST;
     leases.truncate(MAX_LIST);
     let views: Vec<Value> = leases.iter().map(lease_view).collect();
@@ -144,14 +140,14 @@ fn parse_filter(query: &str) -> Result<LeaseFilter, Error> {
 /// `GET /v1/leases/{id}`
 async fn show(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, Error> {
     require_admin(&app, &headers)?;
-    let lease = app.ledger.get(&id).ok_or(Error::NotFound)?;
+    let lease = app.lease(&id).await?.ok_or(Error::NotFound)?;
     Ok(json_response(StatusCode::OK, &lease_view(&lease)))
 }
 
 /// `DELETE /v1/leases/{id}`
 async fn revoke_one(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, Error> {
     require_admin(&app, &headers)?;
-    if app.ledger.get(&id).is_none() {
+    if app.lease(&id).await?.is_none() {
         return Err(Error::NotFound);
     }
     let lease = id.clone();
@@ -174,12 +170,8 @@ struct ExplainBody {
 async fn explain(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     require_admin(&app, &headers)?;
     let request: ExplainBody = parse_json(&read_body(&headers, body).await?)?;
-    let policies = app.policies.current();
-    let policy = policies.get(&request.policy).ok_or(Error::NotFound)?;
-    let issuer = request
-        .issuer
-        .unwrap_or_else(|| policy.claims_issuer(&request.claims, app.verifier.issuers().map(|i| &i.config)));
-    Ok(json_response(StatusCode::OK, &policy.explain(&issuer, &request.claims)))
+    let trace = app.explain(&request.policy, request.issuer, &request.claims)?;
+    Ok(json_response(StatusCode::OK, &trace))
 }
 
 #[derive(Deserialize)]
@@ -193,7 +185,7 @@ async fn revoke_job(State(app): AppState, headers: HeaderMap, body: Body) -> Res
     require_admin(&app, &headers)?;
     let request: JobBody = parse_json(&read_body(&headers, body).await?)?;
     let (job, app2) = (request.job.clone(), app.clone());
-    let reply = detached(async move { app2.end_job(&job, "admin").await }).await?;
+    let reply = detached(async move { app2.end_job(&job, "admin").await }).await??;
     tracing::info!(job = %request.job, revoked = ?reply.revoked, pending = ?reply.pending, "admin revoked a job");
     Ok(json_response(StatusCode::OK, &reply))
 }
@@ -227,7 +219,7 @@ async fn revoke_matching(State(app): AppState, headers: HeaderMap, body: Body) -
         ));
     }
     let (f, app2) = (filter.clone(), app.clone());
-    let reply = detached(async move { app2.end_matching(&f, "admin").await }).await?;
+    let reply = detached(async move { app2.end_matching(&f, "admin").await }).await??;
     tracing::info!(filter = ?filter, revoked = reply.revoked.len(), pending = reply.pending.len(), "admin revoked by filter");
     Ok(json_response(StatusCode::OK, &reply))
 }

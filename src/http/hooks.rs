@@ -192,10 +192,7 @@ impl Hook {
     /// The job key as the verifier builds it for this hook's issuer (`Issuer::job_key`). The
     /// issuer always exists: config validation checks the name, and dev mode's stand-ins keep it.
     fn job_key(&self, app: &App, key: String) -> String {
-        match app.verifier.issuer(&self.issuer) {
-            Some(issuer) => issuer.job_key(key),
-            None => key,
-        }
+        app.job_key(&self.issuer, key)
     }
 }
 
@@ -227,7 +224,7 @@ async fn end_job(
 ) -> Result<Response, Error> {
     let job = hook.job_key(&app, key);
     let ended = job.clone();
-    let reply = detached(async move { app.end_job(&ended, REASON).await }).await?;
+    let reply = detached(async move { app.end_job(&ended, REASON).await }).await??;
     claim.keep();
     tracing::info!(hook = hook.name, delivery, job = %job, revoked = ?reply.revoked, pending = ?reply.pending, "webhook ended job");
     Ok(json_response(StatusCode::OK, &reply))

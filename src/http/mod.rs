@@ -39,8 +39,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(admin::routes())
-        .merge(hooks::routes(&app.hooks));
-    if app.dev.is_some() {
+        .merge(hooks::routes(app.hooks()));
+    if app.dev().is_some() {
         router = router
             .route("/dev/{platform}/.well-known/openid-configuration", get(dev_discovery))
             .route("/dev/{platform}/jwks", get(dev_jwks))
@@ -253,8 +253,13 @@ async fn exchange(
     let token = bearer(&headers)?;
     let reply = app.exchange(token, &request.policy, ttl, &request_id).await?;
     if wants_env(&headers, &uri) {
-        return Ok((StatusCode::CREATED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], reply.to_env())
-            .into_response());
+        // A reply that cannot be rendered withdraws its lease: never a 201 with empty variables
+        // while the credentials are live.
+        let body = match reply.to_env() {
+            Ok(body) => body,
+            Err(e) => return Err(app.withdraw(&reply, e).await),
+        };
+        return Ok((StatusCode::CREATED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
     }
     Ok(json_response(StatusCode::CREATED, &reply))
 }
@@ -276,7 +281,7 @@ async fn revoke(State(app): AppState, headers: HeaderMap, body: Body) -> Result<
 /// RFC 7662. Outside dev mode it needs the admin token (a relying service holds it); every
 /// token problem answers `{"active": false}`, never an error that says why.
 async fn introspect(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
-    if app.dev.is_none() && !bearer(&headers).is_ok_and(|t| app.is_admin(t)) {
+    if app.dev().is_none() && !bearer(&headers).is_ok_and(|t| app.is_admin(t)) {
         return Err(Error::Unauthorized);
     }
     let bytes = read_body(&headers, body).await?;
@@ -284,13 +289,13 @@ async fn introspect(State(app): AppState, headers: HeaderMap, body: Body) -> Res
     let Some(token) = token else {
         return Err(Error::BadRequest("expected a form body `token=…` (RFC 7662)".into()));
     };
-    Ok(json_response(StatusCode::OK, &app.introspect(&token)))
+    Ok(json_response(StatusCode::OK, &app.introspect(&token).await))
 }
 
 // ---- broker JWT discovery -----------------------------------------------------------------
 
 async fn openid_configuration(State(app): AppState) -> Response {
-    let iss = &app.public_url;
+    let iss = app.public_url();
     json_response(
         StatusCode::OK,
         &json!({
@@ -305,7 +310,7 @@ async fn openid_configuration(State(app): AppState) -> Response {
 }
 
 async fn jwks(State(app): AppState) -> Response {
-    json_response(StatusCode::OK, &app.backends.jwks())
+    json_response(StatusCode::OK, &app.jwks())
 }
 
 // ---- operations ---------------------------------------------------------------------------
@@ -334,12 +339,12 @@ fn dev_platform(name: &str) -> Result<Platform, Error> {
 }
 
 async fn dev_discovery(State(app): AppState, Path(platform): Path<String>) -> Result<Response, Error> {
-    let dev = app.dev.as_ref().ok_or(Error::NotFound)?;
+    let dev = app.dev().ok_or(Error::NotFound)?;
     Ok(json_response(StatusCode::OK, &dev.discovery(dev_platform(&platform)?)))
 }
 
 async fn dev_jwks(State(app): AppState, Path(platform): Path<String>) -> Result<Response, Error> {
-    let dev = app.dev.as_ref().ok_or(Error::NotFound)?;
+    let dev = app.dev().ok_or(Error::NotFound)?;
     dev_platform(&platform)?;
     Ok(json_response(StatusCode::OK, &dev.jwks()))
 }
@@ -352,11 +357,11 @@ struct DevTokenBody {
 }
 
 async fn dev_token(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
-    let dev = app.dev.as_ref().ok_or(Error::NotFound)?;
+    let dev = app.dev().ok_or(Error::NotFound)?;
     let bytes = read_body(&headers, body).await?;
     let request: DevTokenBody = parse_json(&bytes)?;
     let platform = dev_platform(request.issuer.as_deref().unwrap_or("github"))
         .map_err(|_| Error::BadRequest("`issuer` is `github` or `gitlab`".into()))?;
-    let token = dev.token(platform, &app.public_url, request.claims.as_ref(), app.now()).map_err(Error::Internal)?;
+    let token = dev.token(platform, app.public_url(), request.claims.as_ref(), app.now()).map_err(Error::Internal)?;
     Ok(([(header::CONTENT_TYPE, "text/plain")], format!("{token}\n")).into_response())
 }

@@ -3,8 +3,10 @@
 
 pub mod jwks;
 pub mod provider;
+mod replay;
 mod verify;
 
+pub use replay::{Replay, ReplayKey};
 pub use verify::{Issuer, MAX_TOKEN_BYTES, Verifier};
 
 use crate::claims::{ClaimError, Claims, Platform};
@@ -25,6 +27,8 @@ struct Inner {
     expires_at: UnixSeconds,
     claims: Arc<Claims>,
     token_sha256: String,
+    /// The issuer's leeway when it has replay protection on.
+    replay_leeway: Option<i64>,
 }
 
 impl VerifiedIdentity {
@@ -67,6 +71,11 @@ impl VerifiedIdentity {
     /// SHA-256 of the raw token, for logs and audit (the token itself is never kept).
     pub fn token_sha256(&self) -> &str {
         &self.0.token_sha256
+    }
+
+    /// What replay protection asks of an exchange of this token under `policy` ([`replay`]).
+    pub fn replay(&self, policy: &str) -> Replay {
+        replay::replay(&self.0.issuer, self.jti(), self.0.expires_at, self.0.replay_leeway, policy)
     }
 }
 

@@ -209,6 +209,7 @@ impl Issuer {
             job,
             claims: Arc::new(claims),
             token_sha256: sha256_hex(token.as_bytes()),
+            replay_leeway: self.config.replay_protection.then_some(self.config.leeway_secs),
         })))
     }
 

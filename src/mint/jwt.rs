@@ -2,6 +2,7 @@
 //! once at start (jsonwebtoken's `encode` would re-parse it per token). Revocation is
 //! `immediate`: relying services introspect, and the ledger answers inactive once revoked.
 
+use super::keys::{FileKeys, KeySource};
 use super::{Backend, BoxFuture, Credential, MintContext, MintError, Minted, Revocation, RevokeHandle};
 use crate::clock::UnixSeconds;
 use crate::ids::{b64url, b64url_decode, jwt_id};
@@ -29,19 +30,17 @@ pub struct JwtSigner {
 }
 
 impl JwtSigner {
-    /// Loads a PKCS#8 key (DER or PEM); generates an ES256 key (mode 0600) when the file is absent.
-    pub fn load_or_generate(path: &Path, issuer: &str) -> Result<JwtSigner, String> {
-        if !path.exists() {
-            generate_key_file(path)?;
-        }
-        JwtSigner::load(path, issuer)
+    /// The key named `name` from `keys` (PKCS#8, DER or PEM); with `generate`, a fresh ES256
+    /// key is made and kept there first when there is none.
+    pub fn from_source(keys: &dyn KeySource, name: &Path, generate: bool, issuer: &str) -> Result<JwtSigner, String> {
+        let bytes = keys.pkcs8(name, generate)?;
+        let der = pem_to_der(&bytes).ok_or_else(|| format!("signing key {}: not PKCS#8 DER or PEM", name.display()))?;
+        JwtSigner::from_pkcs8(&der, issuer).map_err(|e| format!("signing key {}: {e}", name.display()))
     }
 
-    /// Loads a PKCS#8 key (DER or PEM) that must exist.
-    pub fn load(path: &Path, issuer: &str) -> Result<JwtSigner, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("signing key {}: {e}", path.display()))?;
-        let der = pem_to_der(&bytes).ok_or_else(|| format!("signing key {}: not PKCS#8 DER or PEM", path.display()))?;
-        JwtSigner::from_pkcs8(&der, issuer).map_err(|e| format!("signing key {}: {e}", path.display()))
+    /// The key file at `path`, generated (ES256, mode 0600) when absent.
+    pub fn load_or_generate(path: &Path, issuer: &str) -> Result<JwtSigner, String> {
+        JwtSigner::from_source(&FileKeys::new(""), path, true, issuer)
     }
 
     pub fn from_pkcs8(der: &[u8], issuer: &str) -> Result<JwtSigner, String> {
@@ -123,35 +122,6 @@ impl JwtSigner {
     pub fn owns(&self, token: &str) -> bool {
         token.split('.').next() == Some(self.header_b64.as_str())
     }
-}
-
-fn generate_key_file(path: &Path) -> Result<(), String> {
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-        .map_err(|_| "key generation failed".to_string())?;
-    if let Some(dir) = path.parent() {
-        create_private_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
-    write_private_file(path, pkcs8.as_ref()).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    tracing::info!(path = %path.display(), "generated a new ES256 signing key");
-    Ok(())
-}
-
-/// A directory only the broker's user can read.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.as_os_str().is_empty() || dir.exists() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
-}
-
-/// A new file (never an existing one) readable only by the broker's user.
-pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 fn pem_to_der(bytes: &[u8]) -> Option<Vec<u8>> {

@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod jwt;
+pub mod keys;
 
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::policy::{Grant, GrantedCredential};
@@ -123,28 +124,24 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// Every configured backend; JWT signing keys come from `keys`.
     pub async fn from_config(
         config: &crate::config::Config,
+        keys: &dyn keys::KeySource,
         clock: &Arc<dyn crate::clock::Clock>,
     ) -> Result<Backends, String> {
         let mut out = Backends::default();
         for (name, backend) in &config.backends {
             match backend {
                 crate::config::BackendConfig::Jwt(j) => {
-                    let load = |path: &std::path::Path, generate: bool| {
-                        let path = config.data_dir.join(path);
-                        let signer = if generate {
-                            jwt::JwtSigner::load_or_generate(&path, &config.public_url)
-                        } else {
-                            jwt::JwtSigner::load(&path, &config.public_url)
-                        };
-                        signer.map(Arc::new).map_err(|e| format!("backend {name}: {e}"))
+                    let load = |name: &std::path::Path, generate: bool| {
+                        jwt::JwtSigner::from_source(keys, name, generate, &config.public_url).map(Arc::new)
                     };
-                    let signer = load(&j.signing_key_file, true)?;
+                    let signer = load(&j.signing_key_file, true).map_err(|e| format!("backend {name}: {e}"))?;
                     out.signers.push(signer.clone());
                     // Previous keys verify (JWKS, introspection) but never sign.
                     for previous in &j.previous_signing_key_files {
-                        out.signers.push(load(previous, false)?);
+                        out.signers.push(load(previous, false).map_err(|e| format!("backend {name}: {e}"))?);
                     }
                     out.by_name.insert(name.clone(), Arc::new(jwt::JwtBackend::new(signer)));
                 }

@@ -511,8 +511,8 @@ impl Broker {
     }
 
     /// Introspection needs the admin token outside dev mode; tests read the app directly.
-    pub fn introspect(&self, jwt: &str) -> Value {
-        self.running.app.introspect(jwt)
+    pub async fn introspect(&self, jwt: &str) -> Value {
+        self.running.app.introspect(jwt).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {

@@ -46,7 +46,7 @@
 //! snapshot alone would drop such a lease from the journal: after a restart its credentials
 //! would never be revoked. So the new file is the snapshot followed by every record written
 //! since the previous compaction (or the start, whose replay memory fully reflects); replaying
-//! a record whose effect the snapshot already holds is harmless (`Ledger::apply` is
+//! a record whose effect the snapshot already holds is harmless (`FileStore::apply` is
 //! idempotent, and a lease's records replay in their order). The file is therefore at most a
 //! snapshot plus two compaction intervals long.
 //!

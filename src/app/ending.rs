@@ -1,0 +1,228 @@
+//! Every way a lease ends — the job's own revoke, a platform webhook, an admin call, a policy
+//! change, its expiry — goes through [`App::end_leases`] or the reaper's pass, and each attempt
+//! through [`App::run_revocation`]: revoke at every backend first, then record the outcome, so
+//! the ledger never says revoked while a credential still works.
+
+use super::App;
+use crate::clock::{UnixSeconds, rfc3339};
+use crate::error::Error;
+use crate::identity::VerifiedIdentity;
+use crate::ledger::{LeaseFilter, LeaseState, REASON_EXPIRED, RevokeWork};
+use crate::mint::{MintError, RevokeHandle};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct RevokeReply {
+    pub revoked: Vec<String>,
+    pub pending: Vec<String>,
+}
+
+impl App {
+    /// `POST /v1/revoke`: the job's own token ends its leases. A lease of another job, or an
+    /// unknown id, is neither revoked nor reported (no oracle). Works with a token whose `jti`
+    /// was already used for an exchange.
+    pub async fn revoke(&self, token: &str, lease: Option<&str>) -> Result<RevokeReply, Error> {
+        let now = self.now();
+        let identity = self.verifier.verify(token, now).await?;
+        let ids = match lease {
+            Some(id) if crate::ids::is_lease_id(id) => self.own_lease(&identity, id).await?.into_iter().collect(),
+            Some(_) => Vec::new(),
+            None => self.store_ids(self.store.live_of_job(identity.job(), now).await)?,
+        };
+        let reply = self.end_leases(ids, "job").await;
+        tracing::info!(job = %identity.job(), revoked = ?reply.revoked, pending = ?reply.pending, "revoke by job");
+        Ok(reply)
+    }
+
+    async fn own_lease(&self, identity: &VerifiedIdentity, id: &str) -> Result<Option<String>, Error> {
+        let lease = self.store.get(id).await.map_err(|e| Error::Unavailable(e.0))?;
+        Ok(lease.filter(|l| *l.job == *identity.job()).map(|l| l.id.to_string()))
+    }
+
+    fn store_ids(&self, ids: Result<Vec<Arc<str>>, crate::ledger::StoreError>) -> Result<Vec<String>, Error> {
+        let ids = ids.map_err(|e| Error::Unavailable(e.0))?;
+        Ok(ids.iter().map(|id| id.to_string()).collect())
+    }
+
+    /// Every live lease of `job` (webhooks, admin).
+    pub async fn end_job(&self, job: &str, reason: &str) -> Result<RevokeReply, Error> {
+        let ids = self.store_ids(self.store.live_of_job(job, self.now()).await)?;
+        Ok(self.end_leases(ids, reason).await)
+    }
+
+    /// Every live lease matching `filter` (admin: a policy, a repository, an actor).
+    pub async fn end_matching(&self, filter: &LeaseFilter, reason: &str) -> Result<RevokeReply, Error> {
+        let now = self.now();
+        let leases = self.store.list(filter, usize::MAX).await.map_err(|e| Error::Unavailable(e.0))?;
+        let ids = leases.into_iter().filter(|l| l.is_live(now)).map(|l| l.id.to_string()).collect();
+        Ok(self.end_leases(ids, reason).await)
+    }
+
+    /// Ends each lease: revoked at its backends, then recorded. Already-ended leases are
+    /// reported as they stand (revoke is idempotent); a lease is reported `revoked` only once
+    /// the store has recorded it so.
+    pub async fn end_leases(&self, ids: Vec<String>, reason: &str) -> RevokeReply {
+        let mut reply = RevokeReply::default();
+        for id in ids {
+            let state = match self.begin_ending(&id, reason, self.now()).await {
+                Ok(Some(work)) => self.run_revocation(work).await,
+                Ok(None) => match self.store.get(&id).await {
+                    Ok(Some(lease)) => Some(lease.state),
+                    Ok(None) => continue,
+                    Err(_) => None,
+                },
+                Err(e) => {
+                    tracing::error!(lease_id = %id, error = %e, "the lease store did not take a revocation; the lease is not ended yet");
+                    None
+                }
+            };
+            // `None`: the store could not say, so the job must not be told its credentials died.
+            if state.is_none_or(LeaseState::is_pending) { reply.pending.push(id) } else { reply.revoked.push(id) }
+        }
+        reply
+    }
+
+    /// Starts ending an active lease (`None` if it is not active: someone else ended it), and
+    /// counts it under its reason.
+    async fn begin_ending(
+        &self,
+        id: &str,
+        reason: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<RevokeWork>, crate::ledger::StoreError> {
+        let work = self.store.begin_revoke(id, reason, now).await?;
+        if work.is_some() {
+            self.metrics.leases_ended(reason, 1);
+        }
+        Ok(work)
+    }
+
+    /// Revokes every credential of a lease at its backend first, then records the outcome.
+    /// `None` when the outcome could not be recorded: the lease stays pending in the store and
+    /// its stalled-attempt retry runs this again.
+    async fn run_revocation(&self, work: RevokeWork) -> Option<LeaseState> {
+        let handles: Vec<RevokeHandle> = work.credentials.iter().map(|c| c.handle()).collect();
+        let error = self.revoke_handles(&handles).await;
+        let id = &*work.lease_id;
+        let state = match self.store.finish_revoke(id, error.clone(), self.now()).await {
+            Ok(Some(state)) => Some(state),
+            Ok(None) => {
+                tracing::error!(lease_id = %id, "the lease store no longer knows a lease whose revocation just ran");
+                None
+            }
+            Err(e) => {
+                tracing::error!(lease_id = %id, error = %e, "revocation outcome not recorded; the lease stays pending and is retried");
+                None
+            }
+        };
+        let outcome = state.map_or("unrecorded", LeaseState::as_str);
+        self.metrics.revocation(outcome);
+        self.audit_revocation(id, outcome, error.as_deref()).await;
+        match &error {
+            None => tracing::info!(lease_id = %id, state = outcome, "lease ended"),
+            Some(e) => {
+                tracing::warn!(lease_id = %id, state = outcome, error = %e, "lease revocation failed; will retry")
+            }
+        }
+        state
+    }
+
+    /// A revocation's audit event. Never blocks the revocation: a failure is logged.
+    async fn audit_revocation(&self, lease_id: &str, outcome: &str, error: Option<&str>) {
+        if !self.audit.is_enabled() {
+            return;
+        }
+        let lease = self.store.get(lease_id).await.ok().flatten();
+        let event = json!({
+            "time": rfc3339(self.now()),
+            "event": "revocation",
+            "lease_id": lease_id,
+            "job": lease.as_ref().map(|l| &*l.job),
+            "policy": lease.as_ref().map(|l| &*l.policy),
+            "issuer": lease.as_ref().map(|l| &*l.issuer),
+            "reason": lease.as_ref().and_then(|l| l.reason.as_deref()),
+            "outcome": outcome,
+            "credentials": lease.as_ref().map(|l| l.credentials.iter().map(|c| json!({"name": &*c.name, "kind": &*c.kind})).collect::<Vec<_>>()),
+            "error": error,
+        });
+        if let Err(e) = self.audit.write(&event).await {
+            tracing::error!(error = %e, lease_id, "audit event for a revocation not written (the revocation itself went ahead)");
+        }
+    }
+
+    /// Revokes each handle at its backend; the first error, if any.
+    pub(super) async fn revoke_handles(&self, handles: &[RevokeHandle]) -> Option<String> {
+        let mut first_error = None;
+        for handle in handles {
+            let result = match self.backends.get(&handle.backend) {
+                Some(b) => b.revoke(handle).await,
+                None => Err(MintError { detail: format!("backend `{}` is not loaded", handle.backend) }),
+            };
+            if let Err(e) = result {
+                first_error.get_or_insert(format!("backend {}: {}", handle.backend, e.detail));
+            }
+        }
+        first_error
+    }
+
+    /// One reaper pass: leases past their expiry are revoked at their backends (a credential may
+    /// outlive its lease: STS sessions last at least 15 minutes), due retries run, and the store
+    /// and the backends do their housekeeping.
+    pub async fn reap_once(&self) {
+        let now = self.now();
+        match self.store.claim_due(now).await {
+            Ok(due) => {
+                self.metrics.leases_ended(REASON_EXPIRED, due.expired.len());
+                for work in due.expired.into_iter().chain(due.retries) {
+                    self.run_revocation(work).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the lease store did not hand out due expiries and retries"),
+        }
+        if let Err(e) = self.store.maintain(now).await {
+            tracing::error!(error = %e, "lease store maintenance failed");
+        }
+        self.backends.maintain(now).await;
+    }
+
+    /// At start, once the store is open: every pending revocation is tried at once (whatever
+    /// its backoff said) and every expiry that passed while the broker was down fires. Only then
+    /// does `/readyz` say ready.
+    pub async fn resume(&self) {
+        let now = self.now();
+        self.adopt_remembered().await;
+        let pending = self.store.claim_all_pending(now).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "pending revocations not resumed; the reaper retries them");
+            Vec::new()
+        });
+        let resumed = pending.len();
+        for work in pending {
+            self.run_revocation(work).await;
+        }
+        self.reap_once().await;
+        self.resumed.store(true, Ordering::Release);
+        tracing::info!(leases = self.store.counts().total(), resumed_revocations = resumed, "ledger resumed");
+    }
+
+    /// Backends rebuild their in-memory housekeeping (the aws deny-entry cleanup) from every
+    /// credential the ledger remembers, in any state: an ended lease's deny entry may still be in
+    /// force. That covers every session still alive: an STS session lasts at most max(ttl, 900 s),
+    /// so it ends within 900 s of its lease's expiry, and an ended lease is forgotten only
+    /// ENDED_RETENTION_SECS (1 h) after that expiry (a pending one never). A dead entry stays in
+    /// the document until its hour bucket plus 300 s of skew has passed, up to 1,199 s after its
+    /// lease is forgotten; the next cleanup or write on its role drops it. Runs before the first
+    /// reap, which forgets.
+    async fn adopt_remembered(&self) {
+        match self.store.list(&LeaseFilter::default(), usize::MAX).await {
+            Ok(leases) => {
+                for lease in leases {
+                    lease.credentials.iter().for_each(|c| self.backends.adopt(&c.handle()));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "remembered credentials not handed to their backends"),
+        }
+    }
+}

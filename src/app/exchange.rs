@@ -1,0 +1,230 @@
+//! `POST /v1/exchange`, end to end: verify → decide → (replay check) → mint → record → audit.
+//!
+//! Nothing is minted until the policy has returned a `Grant`; nothing leaves until the lease is
+//! durable in the store and the exchange is audited. When either fails, whatever was minted is
+//! revoked first.
+
+use super::App;
+use super::audit_event::ExchangeEvent;
+use crate::clock::{UnixSeconds, rfc3339};
+use crate::error::Error;
+use crate::identity::{Replay, ReplayKey, VerifiedIdentity};
+use crate::ids::lease_id;
+use crate::ledger::{IssueError, Lease, LeaseCredential};
+use crate::mint::{Credential, MintContext, RevokeHandle};
+use crate::policy::{Denial, Grant, PolicySet};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// The 201 body of `POST /v1/exchange` (DESIGN §2).
+#[derive(Debug, Serialize)]
+pub struct ExchangeReply {
+    pub lease_id: String,
+    pub policy: String,
+    pub job: String,
+    pub expires_at: String,
+    pub credentials: BTreeMap<String, Credential>,
+    /// For the audit event; not part of the reply.
+    #[serde(skip)]
+    pub ttl_secs: i64,
+}
+
+impl ExchangeReply {
+    /// The reply as POSIX `sh` assignments (`crate::env_format`): every field single-quoted, so no
+    /// character in a value is ever interpreted by the shell. An `Err` must not be answered
+    /// with an empty body while the lease is live: the caller withdraws the lease
+    /// ([`App::withdraw`]).
+    pub fn to_env(&self) -> Result<String, Error> {
+        let value = serde_json::to_value(self)
+            .map_err(|e| Error::Internal(format!("exchange reply not rendered as env: {e}")))?;
+        Ok(crate::env_format::render(&value))
+    }
+}
+
+/// Why a lease ended when its exchange could not be audited.
+pub const REASON_AUDIT_UNAVAILABLE: &str = "audit-unavailable";
+/// Why a lease ended when its reply could not be rendered.
+pub const REASON_REPLY_FAILED: &str = "reply-failed";
+
+/// What one credential of an exchange is while it is being minted.
+struct Minted {
+    name: String,
+    kind: &'static str,
+    credential: Credential,
+    handle: RevokeHandle,
+}
+
+impl App {
+    /// `POST /v1/exchange`. Audited (fail closed) and counted in metrics.
+    pub async fn exchange(
+        &self,
+        token: &str,
+        policy: &str,
+        ttl_secs: Option<i64>,
+        request_id: &str,
+    ) -> Result<ExchangeReply, Error> {
+        let started = Instant::now();
+        // The set in use now; a reload during this exchange does not change its decision.
+        let policies = self.policies.current();
+        let now = self.now();
+        let (identity, result) = match self.verifier.verify(token, now).await {
+            Err(e) => (None, Err(e.into())),
+            Ok(identity) => {
+                let result = self.issue(&policies, &identity, policy, ttl_secs, now).await;
+                (Some(identity), result)
+            }
+        };
+        let result = self.record_exchange(request_id, policy, identity.as_ref(), result).await;
+        // Bounded label: only loaded policy names, so callers cannot mint new series.
+        let label = if policies.get(policy).is_some() { policy } else { "unknown" };
+        let outcome = match &result {
+            Ok(_) => "issued",
+            Err(e) => e.code(),
+        };
+        self.metrics.exchange(label, outcome, started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn issue(
+        &self,
+        policies: &PolicySet,
+        identity: &VerifiedIdentity,
+        policy: &str,
+        ttl_secs: Option<i64>,
+        now: UnixSeconds,
+    ) -> Result<ExchangeReply, Error> {
+        let grant = policies.decide(policy, identity, ttl_secs, now)?;
+        let replay = self.replay_check(identity, &grant).await?;
+        let id = lease_id(now);
+        let minted = self.mint_all(&grant, &id, now).await?;
+        let credentials =
+            minted.iter().map(|m| LeaseCredential::new(&m.name, m.kind, m.credential.revocation, &m.handle));
+        let lease = Lease::new(&id, identity, &grant, credentials.collect(), now);
+        // Durable before the reply. If it cannot be recorded, nothing minted may escape: revoke.
+        if let Err(e) = self.store.issue(lease, replay.as_ref()).await {
+            let handles: Vec<RevokeHandle> = minted.into_iter().map(|m| m.handle).collect();
+            let revoked = self.revoke_handles(&handles).await.is_none();
+            return Err(match e {
+                // Another exchange of the same token was recorded while this one minted.
+                IssueError::Replayed => Denial::replayed(grant.policy(), false).into(),
+                IssueError::Store(e) => {
+                    Error::Unavailable(format!("lease {id} not recorded ({e}); minted credentials revoked: {revoked}"))
+                }
+            });
+        }
+        tracing::Span::current().record("lease_id", tracing::field::display(&id));
+        Ok(ExchangeReply {
+            lease_id: id,
+            policy: grant.policy().to_string(),
+            job: identity.job().to_string(),
+            expires_at: rfc3339(grant.expires_at()),
+            credentials: minted.into_iter().map(|m| (m.name, m.credential)).collect(),
+            ttl_secs: grant.ttl_secs(),
+        })
+    }
+
+    /// Replay protection (`identity::replay` tells the whole story): the key this exchange
+    /// records with its lease, after the cheap check that it was not used before, so a plain
+    /// replay mints nothing.
+    async fn replay_check(&self, identity: &VerifiedIdentity, grant: &Grant) -> Result<Option<ReplayKey>, Error> {
+        match identity.replay(grant.policy()) {
+            Replay::Off => Ok(None),
+            Replay::NoJti => Err(Denial::replayed(grant.policy(), true).into()),
+            Replay::Once(key) => {
+                let seen = self.store.replay_seen(&key).await.map_err(|e| Error::Unavailable(e.0))?;
+                if seen { Err(Denial::replayed(grant.policy(), false).into()) } else { Ok(Some(key)) }
+            }
+        }
+    }
+
+    /// Mints every credential of the grant, all or nothing.
+    async fn mint_all(&self, grant: &Grant, lease_id: &str, now: UnixSeconds) -> Result<Vec<Minted>, Error> {
+        // Every backend is resolved before anything is minted, so a missing one cannot strand
+        // credentials minted earlier in this exchange.
+        let plan = grant
+            .credentials()
+            .iter()
+            .map(|cred| {
+                let backend = self.backends.get(&cred.backend).ok_or_else(|| {
+                    Error::Internal(format!("policy names backend `{}` that is not loaded", cred.backend))
+                })?;
+                Ok((cred, backend))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let ctx = MintContext { lease_id, now };
+        let mut minted: Vec<Minted> = Vec::new();
+        for (cred, backend) in plan {
+            match backend.mint(grant, cred, ctx).await {
+                Ok(m) => minted.push(Minted {
+                    name: cred.name.clone(),
+                    kind: backend.kind(),
+                    credential: m.credential,
+                    handle: m.handle,
+                }),
+                Err(e) => {
+                    let handles: Vec<RevokeHandle> = minted.into_iter().map(|m| m.handle).collect();
+                    self.revoke_handles(&handles).await;
+                    return Err(Error::Backend { backend: cred.backend.clone(), detail: e.detail });
+                }
+            }
+        }
+        Ok(minted)
+    }
+
+    /// Ends a lease whose reply could not be sent (its rendering failed): a lease must never be
+    /// live while its caller got nothing. Returns the error to answer with.
+    pub async fn withdraw(&self, reply: &ExchangeReply, why: Error) -> Error {
+        let ended = self.end_leases(vec![reply.lease_id.clone()], REASON_REPLY_FAILED).await;
+        let state = if ended.pending.is_empty() { "revoked" } else { "revocation pending (retried)" };
+        Error::Internal(format!("{}; lease {} {state}", why.log_detail(), reply.lease_id))
+    }
+
+    /// The one record of an exchange's outcome: the audit event when an audit file is
+    /// configured (fail closed: when it cannot be written, an issued lease is revoked before
+    /// anything leaves, and a denial becomes 503), else an `issued` log line for what was issued.
+    async fn record_exchange(
+        &self,
+        request_id: &str,
+        policy: &str,
+        identity: Option<&VerifiedIdentity>,
+        result: Result<ExchangeReply, Error>,
+    ) -> Result<ExchangeReply, Error> {
+        if !self.audit.is_enabled() {
+            if let (Ok(reply), Some(identity)) = (&result, identity) {
+                log_issued(reply, identity);
+            }
+            return result;
+        }
+        let event = ExchangeEvent::new(rfc3339(self.now()), request_id, policy, identity, &result, &self.audit);
+        let Err(e) = self.audit.write(&event).await else { return result };
+        tracing::error!(error = %e, "audit event not written; failing the exchange closed");
+        match result {
+            Ok(reply) => {
+                // Recorded but not audited: revoke before a single credential leaves.
+                let ended = self.end_leases(vec![reply.lease_id.clone()], REASON_AUDIT_UNAVAILABLE).await;
+                Err(Error::Unavailable(format!(
+                    "{e}; lease {} revoked: {}",
+                    reply.lease_id,
+                    if ended.pending.is_empty() { "yes" } else { "pending (retried)" }
+                )))
+            }
+            Err(Error::Denied(_) | Error::InvalidToken(_)) => Err(Error::Unavailable(e)),
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// Without an audit file, this line is the record of what was issued (job, policy, token and
+/// credential fingerprints). With one, the audit event is, and writing the same again cost a
+/// tenth of the broker's CPU per exchange (docs/benchmarks.md).
+fn log_issued(reply: &ExchangeReply, identity: &VerifiedIdentity) {
+    let fingerprints: BTreeMap<&str, BTreeMap<&str, String>> =
+        reply.credentials.iter().map(|(n, c)| (n.as_str(), c.fingerprints())).collect();
+    tracing::info!(
+        lease_id = %reply.lease_id, job = %reply.job, policy = %reply.policy, issuer = %identity.issuer(),
+        token_sha256 = %identity.token_sha256(), ttl_secs = reply.ttl_secs,
+        credentials = %serde_json::to_string(&fingerprints).unwrap_or_default(),
+        "issued"
+    );
+}

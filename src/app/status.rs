@@ -1,0 +1,127 @@
+//! What callers may read through the façade: leases, introspection of broker JWTs, readiness,
+//! metrics, the admin token check, the explain trace, and the broker's own keys.
+
+use super::App;
+use crate::claims::Claims;
+use crate::error::Error;
+use crate::ledger::{Health, Lease, LeaseFilter, LeaseState};
+use crate::metrics::Gauges;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+impl App {
+    /// One lease as the store has it now.
+    pub async fn lease(&self, id: &str) -> Result<Option<Lease>, Error> {
+        self.store.get(id).await.map_err(|e| Error::Unavailable(e.0))
+    }
+
+    /// Leases matching `filter`, oldest first, at most `limit`.
+    pub async fn leases(&self, filter: &LeaseFilter, limit: usize) -> Result<Vec<Lease>, Error> {
+        self.store.list(filter, limit).await.map_err(|e| Error::Unavailable(e.0))
+    }
+
+    /// RFC 7662 introspection of a broker-signed JWT: active only if the signature is ours, it
+    /// has not expired, and its lease is live and lists this token's `jti`.
+    pub async fn introspect(&self, token: &str) -> Value {
+        let now = self.now();
+        let inactive = json!({"active": false});
+        let Some(signer) = self.backends.signers().iter().find(|s| s.owns(token)) else { return inactive };
+        let Some(claims) = signer.verify(token) else { return inactive };
+        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        let lease_id = claims.get("lease_id").and_then(Value::as_str).unwrap_or_default();
+        let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
+        // A store that cannot answer is not a yes.
+        let Ok(Some(lease)) = self.store.get(lease_id).await else { return inactive };
+        let listed = lease.credentials.iter().any(|c| c.data().get("jti").and_then(Value::as_str) == Some(jti));
+        if now >= exp || !lease.is_live(now) || !listed {
+            return inactive;
+        }
+        let mut out = json!({"active": true, "token_type": "Bearer"});
+        for k in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "lease_id", "policy"] {
+            if let (Some(v), Some(obj)) = (claims.get(k), out.as_object_mut()) {
+                obj.insert(k.to_string(), v.clone());
+            }
+        }
+        out
+    }
+
+    /// `/readyz`: policies loaded (the server does not start otherwise), the store opened and
+    /// resumed and writable, and every issuer's keys fetched at least once.
+    pub fn readiness(&self) -> (bool, Value) {
+        let issuers: BTreeMap<&str, bool> =
+            self.verifier.issuers().map(|i| (i.config.name.as_str(), i.jwks.is_loaded())).collect();
+        let resumed = self.resumed.load(Ordering::Acquire);
+        let health = self.store.health();
+        let ready = resumed && health == Health::Open && issuers.values().all(|ok| *ok);
+        let ledger = if resumed { health.as_str() } else { "resuming" };
+        let status = self.policies.status();
+        let policies = json!({
+            "loaded": self.policies.current().len(),
+            "generation": status.generation,
+            "loaded_at": status.loaded_at,
+            "last_reload": status.last_outcome,
+            "last_reload_at": status.last_attempt_at,
+            "errors": status.errors,
+        });
+        // A failed reload does not make the broker unready: it keeps serving the last good set.
+        (ready, json!({"ready": ready, "policies": policies, "ledger": ledger, "issuer_keys": issuers}))
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let jwks = self
+            .verifier
+            .issuers()
+            .map(|i| {
+                (
+                    i.config.name.clone(),
+                    i.jwks.fetches.load(Ordering::Relaxed),
+                    i.jwks.fetch_failures.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        let status = self.policies.status();
+        let counts = self.store.counts();
+        self.metrics.render(&Gauges {
+            live_leases: counts.of(LeaseState::Active),
+            pending_revocations: counts.of(LeaseState::Revoking),
+            irrevocable: counts.of(LeaseState::Irrevocable),
+            live_by_backend: counts.active_by_backend,
+            policies_loaded: self.policies.current().len(),
+            policy_generation: status.generation,
+            policies_reload_failing: status.last_outcome == "failed",
+            audit_failures: self.audit.failures.load(Ordering::Relaxed),
+            jwks,
+        })
+    }
+
+    /// Is this the admin token? Compared as SHA-256 digests in constant time.
+    pub fn is_admin(&self, bearer: &str) -> bool {
+        let Some(want) = &self.admin_token_sha256 else { return false };
+        let got = ring::digest::digest(&ring::digest::SHA256, bearer.as_bytes());
+        crate::secret::constant_time_eq(got.as_ref(), want)
+    }
+
+    /// The rule-by-rule trace of `policy` against `claims` from `issuer` (default: the
+    /// configured issuer whose url is `claims.iss`, else the policy's own). Nothing is minted.
+    /// `NotFound` for an unknown policy.
+    pub fn explain(&self, policy: &str, issuer: Option<String>, claims: &Claims) -> Result<Value, Error> {
+        let policies = self.policies.current();
+        let policy = policies.get(policy).ok_or(Error::NotFound)?;
+        let issuer = issuer.unwrap_or_else(|| policy.claims_issuer(claims, self.verifier.issuers().map(|i| &i.config)));
+        serde_json::to_value(policy.explain(&issuer, claims)).map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    /// A platform job key (`github:…`) as the leases of issuer `issuer` carry it (webhooks).
+    pub fn job_key(&self, issuer: &str, key: String) -> String {
+        match self.verifier.issuer(issuer) {
+            Some(issuer) => issuer.job_key(key),
+            None => key,
+        }
+    }
+
+    /// The broker's JWKS: the public key of every JWT backend.
+    pub fn jwks(&self) -> Value {
+        self.backends.jwks()
+    }
+}

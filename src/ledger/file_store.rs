@@ -1,0 +1,293 @@
+//! The embedded store, and the default: leases in process memory ([`Memory`]), every change
+//! recorded in the [`journal`](super::journal) under the data directory, replayed at start.
+//!
+//! Order of each change: a new lease is written, then made visible (nothing is in memory unless
+//! it is on disk). A revocation's claim is made in memory first, because the credentials must
+//! die even when the disk will not take a record; its outcome is written first and only then
+//! applied, so the lease reads `revoked` only once that is durable — until then it stays
+//! pending and its stalled-attempt retry runs it again.
+
+use super::journal::{FileStorage, Journal, JournalError, Storage};
+use super::memory::Memory;
+use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
+use super::{Event, Lease, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
+use crate::clock::UnixSeconds;
+use crate::identity::ReplayKey;
+use crate::mint::BoxFuture;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Wraps the journal's storage (fault injection in tests: a disk that fills up on cue).
+pub type StorageWrap = Box<dyn FnOnce(Box<dyn Storage>) -> Box<dyn Storage> + Send>;
+
+/// How the file store behaves; the config's `[ledger]` section.
+#[derive(Debug, Clone, Copy)]
+pub struct FileStoreOptions {
+    pub retry: RetryPolicy,
+    /// Compact the journal after this many appended bytes.
+    pub compact_bytes: u64,
+}
+
+impl Default for FileStoreOptions {
+    fn default() -> Self {
+        FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+pub struct FileStore {
+    memory: Memory,
+    /// `None`: memory only (tests, the bench).
+    journal: Option<Journal>,
+    options: FileStoreOptions,
+}
+
+impl FileStore {
+    /// Opens `dir/journal` (created when absent): replays it into memory — a torn tail is cut,
+    /// a corrupt record refuses the start, because dropping it could forget a lease that still
+    /// needs revoking — and starts its writer.
+    pub fn open(dir: &Path, options: FileStoreOptions, wrap: Option<StorageWrap>) -> Result<FileStore, String> {
+        let path = dir.join("journal");
+        let memory = std::cell::RefCell::new(Memory::default());
+        let mut records = 0;
+        let started = std::time::Instant::now();
+        let (storage, replayed) = FileStorage::open_into(
+            &path,
+            |n| *memory.borrow_mut() = Memory::with_capacity(n),
+            |batch| {
+                records += batch.len();
+                let memory = memory.borrow();
+                batch.into_iter().for_each(|e| memory.apply(e));
+            },
+        )
+        .map_err(|e| format!("refusing to start: {e}"))?;
+        if replayed.truncated > 0 {
+            tracing::warn!(path = %path.display(), bytes = replayed.truncated, "cut a torn tail from the journal (a crash mid-write)");
+        }
+        let storage: Box<dyn Storage> = Box::new(storage);
+        let storage = match wrap {
+            Some(wrap) => wrap(storage),
+            None => storage,
+        };
+        let store =
+            FileStore { memory: memory.into_inner(), journal: Some(Journal::start(storage, replayed.len)), options };
+        let millis = started.elapsed().as_millis() as u64;
+        tracing::info!(path = %path.display(), records, leases = store.memory.len(), millis, "journal replayed");
+        Ok(store)
+    }
+
+    /// A store without a journal: nothing survives the process (tests, the bench).
+    pub fn in_memory(options: FileStoreOptions) -> FileStore {
+        FileStore { memory: Memory::default(), journal: None, options }
+    }
+
+    /// A store recording to `journal`, starting empty (the bench's durable-append rate).
+    pub fn with_journal(journal: Journal, options: FileStoreOptions) -> FileStore {
+        FileStore { memory: Memory::default(), journal: Some(journal), options }
+    }
+
+    /// Applies a journal record to memory as a replay would (the bench builds large stores so).
+    pub fn apply(&self, event: Event) {
+        self.memory.apply(event);
+    }
+
+    /// Leases remembered, in any state.
+    pub fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    async fn record(&self, events: &[Event]) -> Result<(), JournalError> {
+        match &self.journal {
+            Some(j) => j.append(events).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn issue_now(&self, lease: Lease, replay: Option<&ReplayKey>) -> Result<(), IssueError> {
+        // The reservation is the atomic step: of two exchanges racing with one token, the second
+        // finds the key taken here, before anything of its lease is written.
+        if let Some(key) = replay
+            && !self.memory.reserve_jti(key.key(), key.until())
+        {
+            return Err(IssueError::Replayed);
+        }
+        let lease = Box::new(lease);
+        let mut events = Vec::with_capacity(2);
+        if let Some(key) = replay {
+            events.push(Event::JtiUsed { key: key.key().to_string(), exp: key.until() });
+        }
+        events.push(Event::Created { lease: lease.clone() });
+        if let Err(e) = self.record(&events).await {
+            if let Some(key) = replay {
+                self.memory.release_jti(key.key());
+            }
+            return Err(IssueError::Store(StoreError(e.0)));
+        }
+        self.memory.insert(lease);
+        Ok(())
+    }
+
+    async fn begin_now(&self, id: &str, reason: &str, now: UnixSeconds) -> Option<RevokeWork> {
+        let work = self.memory.begin(id, reason, now)?;
+        self.note_revoke_requested(&[(id, reason)], now).await;
+        Some(work)
+    }
+
+    /// Records that revocations started, so a crash mid-revocation resumes them at start. Only a
+    /// hint for recovery: the outcome record is the one that counts (see the module docs), so a
+    /// failure here is logged, and the revocation goes on.
+    async fn note_revoke_requested(&self, started: &[(&str, &str)], now: UnixSeconds) {
+        if started.is_empty() {
+            return;
+        }
+        let events: Vec<Event> = started
+            .iter()
+            .map(|(id, reason)| Event::RevokeRequested { id: id.to_string(), reason: reason.to_string(), at: now })
+            .collect();
+        if let Err(e) = self.record(&events).await {
+            tracing::error!(error = %e, leases = started.len(), "journal write failed for a revocation's start; its outcome will be recorded when the disk takes it");
+        }
+    }
+
+    async fn finish_now(
+        &self,
+        id: &str,
+        error: Option<String>,
+        now: UnixSeconds,
+    ) -> Result<Option<LeaseState>, StoreError> {
+        let Some(event) = self.memory.outcome(id, error, now, &self.options.retry) else { return Ok(None) };
+        // Durable first: a lease must not read `revoked` (and so be forgotten, and after a
+        // restart come back active) on the strength of a record the disk never took.
+        self.record(std::slice::from_ref(&event)).await.map_err(|e| StoreError(e.0))?;
+        self.memory.apply(event);
+        Ok(self.memory.state(id))
+    }
+
+    async fn claim_due_now(&self, now: UnixSeconds) -> Due {
+        let mut expired = Vec::new();
+        let mut started = Vec::new();
+        let ids = self.memory.take_due_expiries(now);
+        for id in &ids {
+            if let Some(work) = self.memory.begin(id, REASON_EXPIRED, now) {
+                expired.push(work);
+                started.push((&**id, REASON_EXPIRED));
+            }
+        }
+        self.note_revoke_requested(&started, now).await;
+        Due { expired, retries: self.memory.claim_due_retries(now) }
+    }
+
+    async fn maintain_now(&self, now: UnixSeconds) -> Maintained {
+        let forgotten = self.memory.forget_ended(now);
+        let compacted = self.compact_if_grown().await;
+        Maintained { forgotten, compacted }
+    }
+
+    async fn compact_if_grown(&self) -> usize {
+        let Some(journal) = &self.journal else { return 0 };
+        if journal.stats().bytes_since_compaction.load(Ordering::Relaxed) < self.options.compact_bytes {
+            return 0;
+        }
+        let snapshot = self.memory.snapshot();
+        let records = snapshot.len();
+        match journal.compact(snapshot).await {
+            Ok(()) => {
+                tracing::info!(records, "journal compacted");
+                records
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal compaction failed; appends continue on the old journal");
+                0
+            }
+        }
+    }
+}
+
+impl LeaseStore for FileStore {
+    fn replay_seen<'a>(&'a self, key: &'a ReplayKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.memory.jti_seen(key.key())) })
+    }
+
+    fn issue<'a>(&'a self, lease: Lease, replay: Option<&'a ReplayKey>) -> BoxFuture<'a, Result<(), IssueError>> {
+        Box::pin(self.issue_now(lease, replay))
+    }
+
+    fn begin_revoke<'a>(
+        &'a self,
+        id: &'a str,
+        reason: &'a str,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Option<RevokeWork>, StoreError>> {
+        Box::pin(async move { Ok(self.begin_now(id, reason, now).await) })
+    }
+
+    fn finish_revoke<'a>(
+        &'a self,
+        id: &'a str,
+        error: Option<String>,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Option<LeaseState>, StoreError>> {
+        Box::pin(self.finish_now(id, error, now))
+    }
+
+    fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>> {
+        Box::pin(async move { Ok(self.claim_due_now(now).await) })
+    }
+
+    fn claim_all_pending(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Vec<RevokeWork>, StoreError>> {
+        Box::pin(async move { Ok(self.memory.claim_all_pending(now)) })
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Lease>, StoreError>> {
+        Box::pin(async move { Ok(self.memory.get(id)) })
+    }
+
+    fn list<'a>(&'a self, filter: &'a LeaseFilter, limit: usize) -> BoxFuture<'a, Result<Vec<Lease>, StoreError>> {
+        Box::pin(async move { Ok(self.memory.list(filter, limit)) })
+    }
+
+    fn live_of_job<'a>(&'a self, job: &'a str, now: UnixSeconds) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(async move { Ok(self.memory.live_of_job(job, now)) })
+    }
+
+    fn live_leases<'a>(
+        &'a self,
+        policies: Option<&'a BTreeSet<String>>,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Vec<LiveLease>, StoreError>> {
+        Box::pin(async move { Ok(self.memory.live_leases(policies, now)) })
+    }
+
+    fn counts(&self) -> Counts {
+        let mut by_state = [0; 5];
+        for state in LeaseState::ALL {
+            by_state[state.index()] = self.memory.count(state);
+        }
+        Counts { by_state, active_by_backend: self.memory.active_by_backend() }
+    }
+
+    fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>> {
+        Box::pin(async move { Ok(self.maintain_now(now).await) })
+    }
+
+    fn health(&self) -> Health {
+        match &self.journal {
+            Some(j) if j.stats().broken.load(Ordering::Acquire) => Health::Broken,
+            _ => Health::Open,
+        }
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            match &self.journal {
+                Some(j) => j.flush().await.map_err(|e| StoreError(e.0)),
+                None => Ok(()),
+            }
+        })
+    }
+}

@@ -1,0 +1,370 @@
+//! The file store's in-process half: leases by id ([`DashMap`]), an index by job, and ordered
+//! indexes of expiries, revocation retries and forget times, so ending a job's leases or reaping
+//! never scans the rest. Synchronous, and never holds a map guard across an `.await` (there is
+//! none here); [`super::FileStore`] orders these changes with its journal.
+//!
+//! Lock order: a `leases` entry first, then an index, never the reverse.
+
+use super::lease::name;
+use super::{
+    ENDED_RETENTION_SECS, Event, Lease, LeaseFilter, LeaseState, LiveLease, RetryPolicy, RevokeWork,
+    STALLED_ATTEMPT_SECS,
+};
+use crate::clock::UnixSeconds;
+use dashmap::DashMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Ids by the second something is due: a few thousand distinct seconds hold a million ids, so
+/// an insert compares integers in a small, cache-resident tree and pushes onto a vector.
+#[derive(Default)]
+struct TimeIndex(Mutex<BTreeMap<UnixSeconds, Vec<Arc<str>>>>);
+
+impl TimeIndex {
+    fn insert(&self, at: UnixSeconds, id: Arc<str>) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).entry(at).or_default().push(id);
+    }
+
+    /// Removes every entry due at `now` and returns their ids, each once (a lease can have stale
+    /// entries: the index is cleaned lazily, and callers re-check the lease itself).
+    fn take_due(&self, now: UnixSeconds) -> Vec<Arc<str>> {
+        let mut due: Vec<Arc<str>> = {
+            let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let later = map.split_off(&now.saturating_add(1));
+            std::mem::replace(&mut *map, later).into_values().flatten().collect()
+        };
+        // Sorted and deduplicated outside the lock (a lease can be listed twice).
+        due.sort_unstable();
+        due.dedup();
+        due
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Memory {
+    /// Boxed: a map slot is then 24 bytes, and a hash table keeps up to half its slots empty.
+    leases: DashMap<Arc<str>, Box<Lease>>,
+    by_job: DashMap<Arc<str>, Vec<Arc<str>>>,
+    expiries: TimeIndex,
+    retries: TimeIndex,
+    forget_at: TimeIndex,
+    jtis: DashMap<Arc<str>, UnixSeconds>,
+    jti_expiries: TimeIndex,
+    counts: [AtomicUsize; 5],
+    /// Active leases per backend (a lease with credentials from two backends counts in both).
+    active_by_backend: DashMap<String, usize>,
+}
+
+impl Memory {
+    /// Sized for `leases` (a replay of that many records), so the maps do not grow by doubling.
+    pub(super) fn with_capacity(leases: usize) -> Memory {
+        Memory { leases: DashMap::with_capacity(leases), by_job: DashMap::with_capacity(leases), ..Memory::default() }
+    }
+
+    // ---- records -----------------------------------------------------------------------
+
+    /// Applies a record (at start, for every replayed record, and after each durable write).
+    /// Idempotent: applying a record twice leaves the same state.
+    pub(super) fn apply(&self, event: Event) {
+        match event {
+            Event::Created { lease } => {
+                // One lookup of the id, not two: a replay applies a million of these. A lease
+                // already known (the same record twice) is kept as it is.
+                if let dashmap::Entry::Vacant(slot) = self.leases.entry(lease.id.clone()) {
+                    self.index(&lease);
+                    slot.insert(lease);
+                }
+            }
+            Event::RevokeRequested { id, reason, .. } => self.update(&id, |l| {
+                if l.state == LeaseState::Active {
+                    l.state = LeaseState::Revoking;
+                    l.reason = Some(name::intern(&reason));
+                }
+            }),
+            Event::Revoked { id, .. } => self.update(&id, |l| l.state = LeaseState::Revoked),
+            Event::Expired { id, .. } => self.update(&id, |l| l.state = LeaseState::Expired),
+            Event::RevokeFailed { id, attempts, next_at, error, .. } => self.update(&id, |l| {
+                l.state = LeaseState::Revoking;
+                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error.into()));
+            }),
+            Event::Irrevocable { id, attempts, next_at, error, .. } => self.update(&id, |l| {
+                l.state = LeaseState::Irrevocable;
+                (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error.into()));
+            }),
+            Event::JtiUsed { key, exp } => {
+                let key: Arc<str> = key.into();
+                self.jtis.insert(key.clone(), exp);
+                self.jti_expiries.insert(exp, key);
+            }
+        }
+    }
+
+    /// The record of an attempt's outcome on lease `id`: every backend confirmed (revoked, or
+    /// expired if expiry started it), or not (retry later with backoff; irrevocable after too
+    /// many). `None` for an unknown lease.
+    pub(super) fn outcome(
+        &self,
+        id: &str,
+        error: Option<String>,
+        now: UnixSeconds,
+        retry: &RetryPolicy,
+    ) -> Option<Event> {
+        let lease = self.leases.get(id)?;
+        let id = id.to_string();
+        Some(match error {
+            None if lease.ends_with_expiry() => Event::Expired { id, at: now },
+            None => Event::Revoked { id, at: now },
+            Some(error) => {
+                let attempts = lease.attempts.saturating_add(1);
+                if attempts >= retry.max_attempts {
+                    let next_at = now + retry.irrevocable_every_secs;
+                    Event::Irrevocable { id, at: now, attempts, next_at, error }
+                } else {
+                    let next_at = now + retry.delay(attempts);
+                    Event::RevokeFailed { id, at: now, attempts, next_at, error }
+                }
+            }
+        })
+    }
+
+    /// Everything a fresh journal needs: every remembered lease in its current state, and the
+    /// `jti`s still guarded.
+    pub(super) fn snapshot(&self) -> Vec<Event> {
+        let mut events: Vec<Event> = Vec::with_capacity(self.leases.len() + self.jtis.len());
+        events.extend(self.leases.iter().map(|l| Event::Created { lease: l.value().clone() }));
+        events.extend(self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().to_string(), exp: *e.value() }));
+        events
+    }
+
+    // ---- issuing -----------------------------------------------------------------------
+
+    pub(super) fn jti_seen(&self, key: &str) -> bool {
+        self.jtis.contains_key(key)
+    }
+
+    /// Reserves a `jti` key; `false` if it is taken (a replay).
+    pub(super) fn reserve_jti(&self, key: &str, exp: UnixSeconds) -> bool {
+        let key: Arc<str> = key.into();
+        match self.jtis.entry(key.clone()) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(exp);
+                self.jti_expiries.insert(exp, key);
+                true
+            }
+        }
+    }
+
+    /// Gives a reserved key back (its lease was not recorded).
+    pub(super) fn release_jti(&self, key: &str) {
+        self.jtis.remove(key);
+    }
+
+    pub(super) fn insert(&self, lease: Box<Lease>) {
+        self.index(&lease);
+        self.leases.insert(lease.id.clone(), lease);
+    }
+
+    // ---- ending ------------------------------------------------------------------------
+
+    /// Claims an active lease's revocation: `Revoking` with `reason`, and a safety net (if the
+    /// attempt about to run never reports back, the lease is due for a retry). `None` if it is
+    /// not active: only one caller gets the work.
+    pub(super) fn begin(&self, id: &str, reason: &str, now: UnixSeconds) -> Option<RevokeWork> {
+        let work = {
+            let mut lease = self.leases.get_mut(id)?;
+            if lease.state != LeaseState::Active {
+                return None;
+            }
+            lease.state = LeaseState::Revoking;
+            lease.reason = Some(name::intern(reason));
+            lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
+            self.retries.insert(lease.next_attempt_at, lease.id.clone());
+            self.count_backends(&lease, false);
+            RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() }
+        };
+        self.counts[LeaseState::Active.index()].fetch_sub(1, Ordering::Relaxed);
+        self.counts[LeaseState::Revoking.index()].fetch_add(1, Ordering::Relaxed);
+        Some(work)
+    }
+
+    /// Active leases whose expiry has come (each handed out once: taken from the index).
+    pub(super) fn take_due_expiries(&self, now: UnixSeconds) -> Vec<Arc<str>> {
+        let due = self.expiries.take_due(now);
+        due.into_iter()
+            .filter(|id| self.leases.get(id).is_some_and(|l| l.state == LeaseState::Active && l.expires_at <= now))
+            .collect()
+    }
+
+    /// Pending revocations whose retry time has come, claimed: each is due again only
+    /// [`STALLED_ATTEMPT_SECS`] later, unless its attempt reports back first.
+    pub(super) fn claim_due_retries(&self, now: UnixSeconds) -> Vec<RevokeWork> {
+        self.retries.take_due(now).into_iter().filter_map(|id| self.claim_retry(&id, now, now)).collect()
+    }
+
+    /// Every pending revocation, due or not, claimed.
+    pub(super) fn claim_all_pending(&self, now: UnixSeconds) -> Vec<RevokeWork> {
+        let ids: Vec<Arc<str>> = self.leases.iter().filter(|l| l.state.is_pending()).map(|l| l.id.clone()).collect();
+        ids.iter().filter_map(|id| self.claim_retry(id, UnixSeconds::MAX, now)).collect()
+    }
+
+    fn claim_retry(&self, id: &str, due_by: UnixSeconds, now: UnixSeconds) -> Option<RevokeWork> {
+        let mut lease = self.leases.get_mut(id)?;
+        if !lease.state.is_pending() || lease.next_attempt_at > due_by {
+            return None;
+        }
+        lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
+        self.retries.insert(lease.next_attempt_at, lease.id.clone());
+        Some(RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() })
+    }
+
+    /// Forgets leases that ended more than [`ENDED_RETENTION_SECS`] ago, and used `jti`s whose
+    /// tokens have expired. Never a pending lease.
+    pub(super) fn forget_ended(&self, now: UnixSeconds) -> usize {
+        let mut forgotten = 0;
+        for id in self.forget_at.take_due(now) {
+            let removed =
+                self.leases.remove_if(&id, |_, l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired));
+            if let Some((_, lease)) = removed {
+                self.counts[lease.state.index()].fetch_sub(1, Ordering::Relaxed);
+                if let Some(mut ids) = self.by_job.get_mut(&lease.job) {
+                    ids.retain(|i| *i != id);
+                }
+                self.by_job.remove_if(&lease.job, |_, ids| ids.is_empty());
+                forgotten += 1;
+            }
+        }
+        for key in self.jti_expiries.take_due(now) {
+            self.jtis.remove_if(&key, |_, exp| *exp <= now);
+        }
+        forgotten
+    }
+
+    // ---- reading -----------------------------------------------------------------------
+
+    pub(super) fn get(&self, id: &str) -> Option<Lease> {
+        self.leases.get(id).map(|l| Lease::clone(&l))
+    }
+
+    pub(super) fn state(&self, id: &str) -> Option<LeaseState> {
+        self.leases.get(id).map(|l| l.state)
+    }
+
+    fn is_live(&self, id: &str, now: UnixSeconds) -> bool {
+        self.leases.get(id).is_some_and(|l| l.is_live(now))
+    }
+
+    pub(super) fn live_of_job(&self, job: &str, now: UnixSeconds) -> Vec<Arc<str>> {
+        let ids = self.by_job.get(job).map(|ids| ids.clone()).unwrap_or_default();
+        ids.into_iter().filter(|id| self.is_live(id, now)).collect()
+    }
+
+    /// Leases matching `filter`, oldest first, at most `limit`. A job filter uses the job index;
+    /// other filters scan (admin queries, not the hot path).
+    pub(super) fn list(&self, filter: &LeaseFilter, limit: usize) -> Vec<Lease> {
+        let mut out: Vec<Lease> = match &filter.job {
+            Some(job) => {
+                let ids = self.by_job.get(job.as_str()).map(|ids| ids.clone()).unwrap_or_default();
+                ids.iter().filter_map(|id| self.get(id)).filter(|l| filter.matches(l)).collect()
+            }
+            None => self.leases.iter().filter(|l| filter.matches(l)).map(|l| Lease::clone(&l)).collect(),
+        };
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.truncate(limit);
+        out
+    }
+
+    /// Live leases of `policies` (or all), without their credentials: each entry costs a few
+    /// reference counts, not a copy of the lease.
+    pub(super) fn live_leases(&self, policies: Option<&BTreeSet<String>>, now: UnixSeconds) -> Vec<LiveLease> {
+        self.leases
+            .iter()
+            .filter(|l| l.is_live(now) && policies.is_none_or(|p| p.contains(&*l.policy)))
+            .map(|l| LiveLease {
+                id: l.id.clone(),
+                job: l.job.clone(),
+                policy: l.policy.clone(),
+                issuer: l.issuer.clone(),
+                claims: l.claims.clone(),
+            })
+            .collect()
+    }
+
+    pub(super) fn count(&self, state: LeaseState) -> usize {
+        self.counts[state.index()].load(Ordering::Relaxed)
+    }
+
+    /// Active leases per backend, by backend name.
+    pub(super) fn active_by_backend(&self) -> Vec<(String, usize)> {
+        let mut rows: Vec<(String, usize)> =
+            self.active_by_backend.iter().map(|e| (e.key().clone(), *e.value())).collect();
+        rows.sort();
+        rows
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    // ---- keeping the indexes in step ---------------------------------------------------
+
+    /// Changes one lease, keeping the per-state counts and the time indexes in step.
+    fn update(&self, id: &str, change: impl FnOnce(&mut Lease)) {
+        let Some(mut lease) = self.leases.get_mut(id) else { return };
+        let before = lease.state;
+        change(&mut lease);
+        let after = lease.state;
+        if before != after {
+            self.counts[before.index()].fetch_sub(1, Ordering::Relaxed);
+            self.counts[after.index()].fetch_add(1, Ordering::Relaxed);
+            if before == LeaseState::Active {
+                self.count_backends(&lease, false);
+            }
+        }
+        if after.is_pending() {
+            self.retries.insert(lease.next_attempt_at, lease.id.clone());
+        }
+        if matches!(after, LeaseState::Revoked | LeaseState::Expired) && before != after {
+            self.forget_at.insert(lease.expires_at.max(lease.created_at) + ENDED_RETENTION_SECS, lease.id.clone());
+        }
+    }
+
+    /// Adds (or removes) an active lease to the per-backend counts.
+    fn count_backends(&self, lease: &Lease, add: bool) {
+        for (i, c) in lease.credentials.iter().enumerate() {
+            let backend = &*c.backend;
+            if lease.credentials[..i].iter().any(|earlier| *earlier.backend == *backend) {
+                continue; // counted once per lease
+            }
+            // `get_mut` first: the entry exists for every lease but the first of a backend, and
+            // `entry` would allocate the key each time.
+            match self.active_by_backend.get_mut(backend) {
+                Some(mut n) => *n = if add { *n + 1 } else { n.saturating_sub(1) },
+                None if add => {
+                    *self.active_by_backend.entry(backend.to_string()).or_default() += 1;
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Counts a new lease and adds it to the job and time indexes. May run while its `leases`
+    /// entry is held (lock order: `leases` first).
+    fn index(&self, lease: &Lease) {
+        self.counts[lease.state.index()].fetch_add(1, Ordering::Relaxed);
+        match lease.state {
+            LeaseState::Active => {
+                self.count_backends(lease, true);
+                self.expiries.insert(lease.expires_at, lease.id.clone());
+            }
+            LeaseState::Revoking | LeaseState::Irrevocable => {
+                self.retries.insert(lease.next_attempt_at, lease.id.clone());
+            }
+            LeaseState::Revoked | LeaseState::Expired => {
+                self.forget_at.insert(lease.expires_at + ENDED_RETENTION_SECS, lease.id.clone());
+            }
+        }
+        self.by_job.entry(lease.job.clone()).or_default().push(lease.id.clone());
+    }
+}

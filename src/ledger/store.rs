@@ -1,0 +1,183 @@
+//! The lease-store seam: what `app` and the reaper need from wherever leases live.
+//!
+//! Every method is one step a store does atomically — on a shared SQL database, one statement or
+//! one transaction — so that the guarantees below hold across replicas, not just inside one
+//! process:
+//!
+//! - **issue**: a lease and the [`ReplayKey`] of the token it was issued for are recorded
+//!   together, durably, before the lease is visible; a key recorded before refuses the lease.
+//! - **end**: [`LeaseStore::begin_revoke`] hands a lease's revocation to exactly one caller
+//!   (a conditional state change, `active` → `revoking`); [`LeaseStore::claim_due`] hands each
+//!   due expiry and each due retry out once, and pushes the claimed lease's next attempt out
+//!   by [`STALLED_ATTEMPT_SECS`], so an attempt that never reports back is tried again.
+//!   [`LeaseStore::finish_revoke`] records the outcome; until it is durable the lease stays
+//!   pending (and so is retried), never reported revoked.
+//! - **read**: what a lease looks like now.
+//! - **lifecycle**: forgetting ended leases and spent replay keys, compaction, health, flush.
+//!
+//! A method that returns `Err` changed nothing the caller can rely on.
+//!
+//! [`STALLED_ATTEMPT_SECS`]: super::STALLED_ATTEMPT_SECS
+
+use super::{ClaimSnapshot, Lease, LeaseFilter, LeaseState, RevokeWork};
+use crate::clock::UnixSeconds;
+use crate::identity::ReplayKey;
+use crate::mint::BoxFuture;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+/// The store could not do what was asked (a disk or database failure). Never holds a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a lease was not issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssueError {
+    /// Its replay key was recorded before: the token was already used under this policy.
+    Replayed,
+    Store(StoreError),
+}
+
+/// The work due at one reaper pass, each item handed to this caller alone.
+#[derive(Debug, Default)]
+pub struct Due {
+    /// Active leases whose expiry has come, now `revoking` with reason `expired`.
+    pub expired: Vec<RevokeWork>,
+    /// Pending revocations whose retry time has come.
+    pub retries: Vec<RevokeWork>,
+}
+
+/// Lease counts, for `/metrics`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    /// By state, in [`LeaseState::ALL`] order.
+    pub by_state: [usize; 5],
+    /// Active leases per backend name, sorted (a lease with credentials of two backends counts
+    /// in both).
+    pub active_by_backend: Vec<(String, usize)>,
+}
+
+impl Counts {
+    pub fn of(&self, state: LeaseState) -> usize {
+        self.by_state[state.index()]
+    }
+
+    pub fn total(&self) -> usize {
+        self.by_state.iter().sum()
+    }
+}
+
+/// Whether the store can take writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Open,
+    /// A write failed in a way the store cannot undo; every issue fails until it is restarted.
+    Broken,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Open => "open",
+            Health::Broken => "journal-broken",
+        }
+    }
+}
+
+/// A live lease as a policy reload re-decides it: who, under which policy, on which claims.
+/// No credentials: a reload never needs them.
+#[derive(Debug, Clone)]
+pub struct LiveLease {
+    pub id: Arc<str>,
+    pub job: Arc<str>,
+    pub policy: Arc<str>,
+    pub issuer: Arc<str>,
+    pub claims: ClaimSnapshot,
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Maintained {
+    /// Ended leases forgotten.
+    pub forgotten: usize,
+    /// Records written by a compaction (0: none ran).
+    pub compacted: usize,
+}
+
+/// Where leases live. See the module docs for the guarantee of each group.
+pub trait LeaseStore: Send + Sync {
+    // ---- issue ---------------------------------------------------------------------------
+
+    /// Was this key recorded already? The cheap check before minting; [`LeaseStore::issue`]
+    /// is the one that decides.
+    fn replay_seen<'a>(&'a self, key: &'a ReplayKey) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Records `lease` (new, active) and `replay` in one step, durably, then makes the lease
+    /// visible. Nothing is recorded on `Err`.
+    fn issue<'a>(&'a self, lease: Lease, replay: Option<&'a ReplayKey>) -> BoxFuture<'a, Result<(), IssueError>>;
+
+    // ---- end -----------------------------------------------------------------------------
+
+    /// Starts ending an active lease: `revoking` with `reason`, the work handed to this caller
+    /// alone. `None` if it is not active (unknown, or someone else ended it).
+    fn begin_revoke<'a>(
+        &'a self,
+        id: &'a str,
+        reason: &'a str,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Option<RevokeWork>, StoreError>>;
+
+    /// Records the outcome of an attempt: `error` `None` when every backend confirmed. Returns
+    /// the lease's state afterwards, `None` for a lease the store does not know (nothing is
+    /// recorded for it).
+    fn finish_revoke<'a>(
+        &'a self,
+        id: &'a str,
+        error: Option<String>,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Option<LeaseState>, StoreError>>;
+
+    /// The expiries and retries due at `now`, claimed for this caller.
+    fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>>;
+
+    /// Every pending revocation, due or not, claimed for this caller (start-up resumes them all).
+    fn claim_all_pending(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Vec<RevokeWork>, StoreError>>;
+
+    // ---- read ----------------------------------------------------------------------------
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Lease>, StoreError>>;
+
+    /// Leases matching `filter`, oldest first (by id), at most `limit`.
+    fn list<'a>(&'a self, filter: &'a LeaseFilter, limit: usize) -> BoxFuture<'a, Result<Vec<Lease>, StoreError>>;
+
+    /// Ids of the job's live leases.
+    fn live_of_job<'a>(&'a self, job: &'a str, now: UnixSeconds) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>>;
+
+    /// The live leases of the named policies (`None`: of every policy), without credentials.
+    fn live_leases<'a>(
+        &'a self,
+        policies: Option<&'a BTreeSet<String>>,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Vec<LiveLease>, StoreError>>;
+
+    /// Lease counts (a store may answer from a figure it keeps up to date).
+    fn counts(&self) -> Counts;
+
+    // ---- lifecycle -----------------------------------------------------------------------
+
+    /// Forgets leases ended more than [`super::ENDED_RETENTION_SECS`] ago and replay keys whose
+    /// tokens have expired; compacts when the store has grown.
+    fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>>;
+
+    fn health(&self) -> Health;
+
+    /// Waits until everything recorded so far is durable (shutdown).
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}

@@ -1,0 +1,243 @@
+//! The lease-store suite: every guarantee of [`LeaseStore`], written once against the trait and
+//! run against each store (`stores!` at the bottom instantiates every case per store). A new
+//! store adds one line there and must pass all of it.
+
+use super::*;
+use crate::identity::ReplayKey;
+use std::sync::Arc;
+
+pub(super) fn lease(id: &str, job: &str, expires_at: i64) -> Lease {
+    Lease {
+        id: id.into(),
+        job: job.into(),
+        policy: "p".into(),
+        issuer: "i".into(),
+        created_at: 0,
+        expires_at,
+        state: LeaseState::Active,
+        reason: None,
+        attempts: 0,
+        next_attempt_at: 0,
+        last_error: None,
+        credentials: Box::new([]),
+        claims: ClaimSnapshot::default(),
+    }
+}
+
+fn ids(v: Vec<Arc<str>>) -> Vec<String> {
+    let mut out: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+    out.sort();
+    out
+}
+
+fn work_ids(v: &[RevokeWork]) -> Vec<String> {
+    let mut out: Vec<String> = v.iter().map(|w| w.lease_id.to_string()).collect();
+    out.sort();
+    out
+}
+
+async fn state(s: &dyn LeaseStore, id: &str) -> Option<LeaseState> {
+    s.get(id).await.unwrap().map(|l| l.state)
+}
+
+const RETRY: RetryPolicy = RetryPolicy { max_attempts: 3, base_secs: 10, cap_secs: 1000, irrevocable_every_secs: 600 };
+
+// ---- the cases ------------------------------------------------------------------------------
+
+async fn a_revocation_is_handed_to_one_caller_and_expiry_follows_the_clock(s: &dyn LeaseStore) {
+    for (id, job) in [("a", "job1"), ("b", "job1"), ("c", "job2")] {
+        s.issue(lease(id, job, 100), None).await.unwrap();
+    }
+    assert_eq!(ids(s.live_of_job("job1", 10).await.unwrap()), ["a", "b"]);
+    assert!(s.begin_revoke("a", "job", 10).await.unwrap().is_some());
+    assert!(s.begin_revoke("a", "job", 10).await.unwrap().is_none(), "second revoke gets no work");
+    assert_eq!(s.finish_revoke("a", None, 10).await.unwrap(), Some(LeaseState::Revoked));
+    assert_eq!(ids(s.live_of_job("job1", 10).await.unwrap()), ["b"]);
+    assert!(s.claim_due(99).await.unwrap().expired.is_empty(), "nothing expires early");
+    let due = s.claim_due(100).await.unwrap();
+    assert_eq!(work_ids(&due.expired), ["b", "c"]);
+    assert_eq!(s.get("b").await.unwrap().unwrap().reason.as_deref(), Some(REASON_EXPIRED));
+    assert!(s.claim_due(100).await.unwrap().expired.is_empty(), "expiry work is handed out once");
+    assert!(s.begin_revoke("c", "job", 100).await.unwrap().is_none(), "an expiring lease is already claimed");
+    assert_eq!(s.finish_revoke("c", None, 100).await.unwrap(), Some(LeaseState::Expired));
+    assert_eq!(s.finish_revoke("b", None, 100).await.unwrap(), Some(LeaseState::Expired));
+    assert_eq!(s.maintain(100 + ENDED_RETENTION_SECS - 1).await.unwrap().forgotten, 0);
+    assert_eq!(s.maintain(100 + ENDED_RETENTION_SECS).await.unwrap().forgotten, 3, "a (revoked), b and c (expired)");
+    assert!(s.get("c").await.unwrap().is_none());
+    assert!(s.live_of_job("job2", 0).await.unwrap().is_empty());
+    assert_eq!(s.counts().total(), 0);
+}
+
+async fn failures_back_off_then_become_irrevocable_and_are_still_retried(s: &dyn LeaseStore) {
+    s.issue(lease("a", "j", 1000), None).await.unwrap();
+    s.begin_revoke("a", "job", 0).await.unwrap().unwrap();
+    assert!(s.claim_due(0).await.unwrap().retries.is_empty(), "the caller of begin_revoke makes the first attempt");
+    let stalled = s.get("a").await.unwrap().unwrap().next_attempt_at;
+    assert_eq!(stalled, STALLED_ATTEMPT_SECS, "an attempt that never reports back is retried");
+    assert_eq!(s.finish_revoke("a", Some("boom".into()), 0).await.unwrap(), Some(LeaseState::Revoking));
+    let next = s.get("a").await.unwrap().unwrap().next_attempt_at;
+    assert!((15..=25).contains(&next), "10 s × 2 ± 25 %: {next}");
+    assert!(s.claim_due(next - 1).await.unwrap().retries.is_empty());
+    assert_eq!(s.claim_due(next).await.unwrap().retries.len(), 1);
+    assert!(s.claim_due(next).await.unwrap().retries.is_empty(), "a retry is handed out once");
+    s.finish_revoke("a", Some("boom".into()), next).await.unwrap();
+    assert_eq!(s.finish_revoke("a", Some("boom".into()), next).await.unwrap(), Some(LeaseState::Irrevocable));
+    assert_eq!(s.counts().of(LeaseState::Irrevocable), 1);
+    let at = s.get("a").await.unwrap().unwrap().next_attempt_at;
+    assert_eq!(at, next + 600);
+    assert_eq!(s.claim_due(at).await.unwrap().retries.len(), 1, "irrevocable leases are retried, never dropped");
+    assert_eq!(s.finish_revoke("a", None, at).await.unwrap(), Some(LeaseState::Revoked));
+    assert_eq!(s.counts().of(LeaseState::Irrevocable), 0);
+}
+
+async fn a_claimed_retry_that_never_reports_back_is_due_again_after_the_stall_time(s: &dyn LeaseStore) {
+    s.issue(lease("a", "j", 1000), None).await.unwrap();
+    s.begin_revoke("a", "job", 0).await.unwrap().unwrap();
+    assert_eq!(s.claim_due(STALLED_ATTEMPT_SECS).await.unwrap().retries.len(), 1);
+    let again = 2 * STALLED_ATTEMPT_SECS;
+    assert!(s.claim_due(again - 1).await.unwrap().retries.is_empty());
+    assert_eq!(s.claim_due(again).await.unwrap().retries.len(), 1);
+    assert_eq!(work_ids(&s.claim_all_pending(again).await.unwrap()), ["a"], "start-up claims it whatever is due");
+}
+
+async fn finishing_an_unknown_lease_reports_no_state_and_records_nothing(s: &dyn LeaseStore) {
+    // It was reported `revoked` before: a caller would have told a job its credentials were dead
+    // on the word of a store that had never heard of them.
+    assert_eq!(s.finish_revoke("lse_unknown", None, 5).await.unwrap(), None);
+    assert_eq!(s.finish_revoke("lse_unknown", Some("boom".into()), 5).await.unwrap(), None);
+    assert!(s.get("lse_unknown").await.unwrap().is_none());
+    assert_eq!(s.counts().total(), 0);
+}
+
+async fn a_replay_key_admits_one_lease_until_the_token_expires(s: &dyn LeaseStore) {
+    let key = ReplayKey::new("k".into(), 50);
+    assert!(!s.replay_seen(&key).await.unwrap());
+    s.issue(lease("a", "j", 100), Some(&key)).await.unwrap();
+    assert!(s.replay_seen(&key).await.unwrap());
+    assert_eq!(s.issue(lease("b", "j", 100), Some(&key)).await, Err(IssueError::Replayed));
+    assert!(s.get("b").await.unwrap().is_none(), "a refused lease is not recorded");
+    s.maintain(49).await.unwrap();
+    assert_eq!(s.issue(lease("c", "j", 100), Some(&key)).await, Err(IssueError::Replayed));
+    s.maintain(50).await.unwrap();
+    s.issue(lease("d", "j", 100), Some(&ReplayKey::new("k".into(), 80))).await.unwrap();
+}
+
+async fn of_two_racing_issues_with_one_replay_key_exactly_one_is_recorded(s: &dyn LeaseStore) {
+    let key = ReplayKey::new("race".into(), 500);
+    let (a, b) = tokio::join!(s.issue(lease("a", "j", 100), Some(&key)), s.issue(lease("b", "j", 100), Some(&key)));
+    let outcomes = [a.is_ok(), b.is_ok()];
+    assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 1, "{a:?} {b:?}");
+    assert!([a, b].contains(&Err(IssueError::Replayed)));
+    assert_eq!(s.counts().of(LeaseState::Active), 1);
+}
+
+async fn live_leases_are_listed_by_policy_without_ended_ones(s: &dyn LeaseStore) {
+    let mut other = lease("b", "j", 100);
+    other.policy = "q".into();
+    s.issue(lease("a", "j", 100), None).await.unwrap();
+    s.issue(other, None).await.unwrap();
+    s.issue(lease("c", "j", 100), None).await.unwrap();
+    s.begin_revoke("c", "job", 1).await.unwrap();
+    let only_p: std::collections::BTreeSet<String> = ["p".to_string()].into();
+    let live: Vec<String> = s.live_leases(Some(&only_p), 1).await.unwrap().iter().map(|l| l.id.to_string()).collect();
+    assert_eq!(live, ["a"]);
+    assert_eq!(s.live_leases(None, 1).await.unwrap().len(), 2);
+    assert!(s.live_leases(None, 100).await.unwrap().is_empty(), "expired leases are not live");
+    let listed = s.list(&LeaseFilter { policy: Some("q".into()), ..LeaseFilter::default() }, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+}
+
+async fn counts_follow_each_state_and_backend(s: &dyn LeaseStore) {
+    let mut l = lease("a", "j", 100);
+    let handle = crate::mint::RevokeHandle { backend: "jwt".into(), data: serde_json::json!({"jti": "x"}) };
+    l.credentials = Box::new([LeaseCredential::new("api", "jwt", crate::mint::Revocation::Immediate, &handle)]);
+    s.issue(l, None).await.unwrap();
+    s.issue(lease("b", "j", 100), None).await.unwrap();
+    assert_eq!(s.counts().active_by_backend, [("jwt".to_string(), 1)]);
+    s.begin_revoke("a", "job", 1).await.unwrap();
+    let counts = s.counts();
+    assert_eq!((counts.of(LeaseState::Active), counts.of(LeaseState::Revoking)), (1, 1));
+    assert_eq!(counts.active_by_backend, [("jwt".to_string(), 0)]);
+    assert_eq!(s.health(), Health::Open);
+    s.flush().await.unwrap();
+}
+
+// ---- the stores -----------------------------------------------------------------------------
+
+/// A store kind for the suite, with what it needs to stay alive (a temporary directory).
+type Made = (Box<dyn LeaseStore>, Option<tempfile::TempDir>);
+
+fn memory_store() -> Made {
+    (Box::new(FileStore::in_memory(FileStoreOptions { retry: RETRY, ..FileStoreOptions::default() })), None)
+}
+
+fn journaled_store() -> Made {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path(), FileStoreOptions { retry: RETRY, ..FileStoreOptions::default() }, None);
+    (Box::new(store.unwrap()), Some(dir))
+}
+
+macro_rules! stores {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test]
+            async fn $case() {
+                let (store, _dir) = super::memory_store();
+                super::$case(&*store).await;
+            })*
+        }
+        mod journaled {
+            $(#[tokio::test]
+            async fn $case() {
+                let (store, _dir) = super::journaled_store();
+                super::$case(&*store).await;
+            })*
+        }
+    };
+}
+
+stores!(
+    a_revocation_is_handed_to_one_caller_and_expiry_follows_the_clock,
+    failures_back_off_then_become_irrevocable_and_are_still_retried,
+    a_claimed_retry_that_never_reports_back_is_due_again_after_the_stall_time,
+    finishing_an_unknown_lease_reports_no_state_and_records_nothing,
+    a_replay_key_admits_one_lease_until_the_token_expires,
+    of_two_racing_issues_with_one_replay_key_exactly_one_is_recorded,
+    live_leases_are_listed_by_policy_without_ended_ones,
+    counts_follow_each_state_and_backend,
+);
+
+// ---- the file store's own --------------------------------------------------------------------
+
+#[test]
+fn replaying_records_twice_gives_the_same_state() {
+    let s = FileStore::in_memory(FileStoreOptions::default());
+    let events = [
+        Event::Created { lease: Box::new(lease("a", "j", 100)) },
+        Event::RevokeRequested { id: "a".into(), reason: "job".into(), at: 5 },
+        Event::RevokeFailed { id: "a".into(), at: 5, attempts: 1, next_at: 7, error: "x".into() },
+    ];
+    for e in events.iter().chain(events.iter()) {
+        s.apply(e.clone());
+    }
+    let counts = s.counts();
+    assert_eq!((counts.of(LeaseState::Revoking), counts.of(LeaseState::Active)), (1, 0));
+}
+
+#[tokio::test]
+async fn a_journaled_store_reopens_with_every_lease_in_its_last_recorded_state() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = FileStore::open(dir.path(), FileStoreOptions::default(), None).unwrap();
+        s.issue(lease("a", "j", 100), Some(&ReplayKey::new("k".into(), 90))).await.unwrap();
+        s.issue(lease("b", "j", 100), None).await.unwrap();
+        s.begin_revoke("b", "job", 1).await.unwrap().unwrap();
+        s.finish_revoke("b", Some("boom".into()), 1).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    let s = FileStore::open(dir.path(), FileStoreOptions::default(), None).unwrap();
+    assert_eq!(state(&s, "a").await, Some(LeaseState::Active));
+    let b = s.get("b").await.unwrap().unwrap();
+    assert_eq!((b.state, b.attempts, b.last_error.as_deref()), (LeaseState::Revoking, 1, Some("boom")));
+    assert_eq!(s.issue(lease("c", "j", 100), Some(&ReplayKey::new("k".into(), 90))).await, Err(IssueError::Replayed));
+}
