@@ -358,3 +358,38 @@ async fn an_expired_token_cannot_revoke_and_the_lease_stays_until_its_own_end() 
     let fresh = token(&issuer, NOW + 331);
     assert_eq!(broker.revoke(&fresh, json!({})).await.1["revoked"], json!([body["lease_id"]]));
 }
+
+#[tokio::test]
+async fn a_revocation_the_disk_did_not_record_is_reported_pending_and_recorded_once_the_disk_recovers() {
+    // Before: the lease was marked revoked in memory, the failed journal write only logged, and
+    // the job told `revoked`; after a restart the journal still said active, and the revoked
+    // JWT introspected active again.
+    let issuer = FakeIssuer::start().await;
+    let full = Arc::new(AtomicBool::new(false));
+    let broker = Broker::start_with_faults(
+        &[("ci", "github-actions", &issuer)],
+        &[("deploy", DEPLOY_POLICY)],
+        &Extra::default(),
+        Some(full_disk(full.clone())),
+    )
+    .await;
+    let t = token(&issuer, NOW);
+    let (_, body) = broker.exchange(&t, "deploy").await;
+    let id = body["lease_id"].as_str().unwrap().to_string();
+    let jwt = jwt_of(&body);
+    full.store(true, Ordering::SeqCst);
+    let (status, reply) = broker.revoke(&t, json!({})).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply, json!({"revoked": [], "pending": [id]}), "told revoked on a record the disk never took");
+    assert_eq!(broker.introspect(&jwt).await["active"], false, "the credential must still die at once");
+    let app = &broker.running.app;
+    assert_eq!(app.lease(&id).await.unwrap().unwrap().state, LeaseState::Revoking);
+    // The disk recovers; the stalled-attempt retry runs the revocation again and records it.
+    full.store(false, Ordering::SeqCst);
+    broker.clock.advance(ephemera::ledger::STALLED_ATTEMPT_SECS);
+    app.reap_once().await;
+    assert_eq!(app.lease(&id).await.unwrap().unwrap().state, LeaseState::Revoked);
+    let broker = broker.restart(None).await;
+    assert_eq!(broker.running.app.lease(&id).await.unwrap().unwrap().state, LeaseState::Revoked);
+    assert_eq!(broker.introspect(&jwt).await["active"], false, "the revocation was lost in the restart");
+}
