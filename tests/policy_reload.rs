@@ -370,3 +370,24 @@ async fn a_reload_whose_grant_now_needs_a_claim_the_lease_lacks_ends_that_lease(
     assert_eq!(report.ended[0].claim.as_deref(), Some("environment"));
     assert_eq!(lease(&broker, &with).await.state, LeaseState::Active);
 }
+
+#[tokio::test]
+async fn a_reload_re_decides_only_the_leases_of_the_policies_it_changed() {
+    // Before: every reload re-decided (and cloned) every live lease of every policy, however
+    // small the change.
+    let issuer = FakeIssuer::start().await;
+    let broker = broker(&issuer, &[("deploy", OPEN), ("other", OPEN)], None).await;
+    let (_, changed) = broker.exchange(&issuer.sign(&deploy_claims(&issuer, "refs/heads/feature")), "deploy").await;
+    for r in ["refs/heads/a", "refs/heads/bb", "refs/heads/ccc"] {
+        let (status, body) = broker.exchange(&issuer.sign(&deploy_claims(&issuer, r)), "other").await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // Nothing changed: nothing is re-decided.
+    let report = broker.running.app.reload_policies(true).await;
+    assert_eq!((report.outcome, report.reevaluated), ("ok", 0));
+    // One policy tightened: its one lease is re-decided (and ended), the other three are not.
+    write_policy(&broker, "deploy", MAIN_ONLY);
+    let report = broker.running.app.reload_policies(true).await;
+    assert_eq!((report.outcome, report.reevaluated, report.ended.len()), ("ok", 1, 1));
+    assert_eq!(lease(&broker, &changed).await.state, LeaseState::Revoked);
+}

@@ -193,6 +193,12 @@ pub struct ReloadReport {
     pub reevaluated: usize,
 }
 
+impl ReloadReport {
+    fn nothing(outcome: &'static str, policies: usize, errors: Vec<String>) -> ReloadReport {
+        ReloadReport { outcome, policies, errors, ended: Vec::new(), reevaluated: 0 }
+    }
+}
+
 /// Would `set` still allow `lease`? `None` if so, else why not. The decision is the exchange's
 /// own ([`PolicySet::decide_claims`]: issuer, deny and match rules, grant templates) on the
 /// issuer and claims the lease was granted on.
@@ -223,13 +229,7 @@ impl App {
         let mut last_seen = live.reloading.lock().await;
         let fingerprint = live.source.fingerprint();
         if !force && fingerprint == *last_seen {
-            return ReloadReport {
-                outcome: "unchanged",
-                policies: live.current().len(),
-                errors: Vec::new(),
-                ended: Vec::new(),
-                reevaluated: 0,
-            };
+            return ReloadReport::nothing("unchanged", live.current().len(), Vec::new());
         }
         *last_seen = fingerprint;
         let now = self.now();
@@ -240,36 +240,37 @@ impl App {
             .await
             .unwrap_or_else(|e| Err(vec![format!("the policy loader failed: {e}")]));
         let report = match loaded {
-            Err(errors) => {
-                for e in &errors {
-                    tracing::error!(error = %e, "policy reload refused; keeping the last good set");
-                }
-                live.record(now, Err(errors.clone()));
-                self.metrics.reload("failed");
-                ReloadReport {
-                    outcome: "failed",
-                    policies: live.current().len(),
-                    errors,
-                    ended: Vec::new(),
-                    reevaluated: 0,
-                }
-            }
-            Ok(set) => {
-                let count = set.len();
-                let old = live.current();
-                live.swap(set);
-                live.record(now, Ok(()));
-                self.metrics.reload("ok");
-                tracing::info!(policies = count, "policies reloaded");
-                let new = live.current();
-                // A policy whose text is unchanged decides as before: its leases need no second look.
-                let changed = changed_since(&new, &old);
-                let (ended, reevaluated) = self.end_disallowed(&new, &changed).await;
-                ReloadReport { outcome: "ok", policies: count, errors: Vec::new(), ended, reevaluated }
-            }
+            Err(errors) => self.refuse(errors, now),
+            Ok(set) => self.swap_in(set, now).await,
         };
         self.audit_reload(&report).await;
         report
+    }
+
+    /// A reload that failed to parse or lint: the last good set stays.
+    fn refuse(&self, errors: Vec<String>, now: UnixSeconds) -> ReloadReport {
+        for e in &errors {
+            tracing::error!(error = %e, "policy reload refused; keeping the last good set");
+        }
+        self.policies.record(now, Err(errors.clone()));
+        self.metrics.reload("failed");
+        ReloadReport::nothing("failed", self.policies.current().len(), errors)
+    }
+
+    /// Puts a clean set in use, then ends the live leases it no longer allows.
+    async fn swap_in(&self, set: PolicySet, now: UnixSeconds) -> ReloadReport {
+        let live = &self.policies;
+        let count = set.len();
+        let old = live.current();
+        live.swap(set);
+        live.record(now, Ok(()));
+        self.metrics.reload("ok");
+        tracing::info!(policies = count, "policies reloaded");
+        let new = live.current();
+        // A policy whose text is unchanged decides as before: its leases need no second look.
+        let changed = changed_since(&new, &old);
+        let (ended, reevaluated) = self.end_disallowed(&new, &changed).await;
+        ReloadReport { outcome: "ok", policies: count, errors: Vec::new(), ended, reevaluated }
     }
 
     /// Ends every live lease of the `changed` policies that `set` no longer allows (reason
