@@ -268,7 +268,7 @@ impl App {
         tracing::info!(policies = count, "policies reloaded");
         let new = live.current();
         // A policy whose text is unchanged decides as before: its leases need no second look.
-        let changed = changed_since(&new, &old);
+        let changed = new.changed_since(&old);
         let (ended, reevaluated) = self.end_disallowed(&new, &changed).await;
         ReloadReport { outcome: "ok", policies: count, errors: Vec::new(), ended, reevaluated }
     }
@@ -313,7 +313,7 @@ impl App {
         let candidate = tokio::task::spawn_blocking(move || source.load_candidate(sources))
             .await
             .unwrap_or_else(|e| Err(vec![format!("the policy loader failed: {e}")]))?;
-        let changed = changed_since(&candidate, &self.policies.current());
+        let changed = candidate.changed_since(&self.policies.current());
         Ok(self.endings(&candidate, &changed).await.0)
     }
 
@@ -330,9 +330,4 @@ impl App {
             tracing::error!(error = %e, "audit event for a policy reload not written");
         }
     }
-}
-
-// TEMPORARY until PolicySet::changed_since lands: every policy counts as changed.
-fn changed_since(_new: &PolicySet, old: &PolicySet) -> BTreeSet<String> {
-    old.names().into_iter().map(str::to_string).collect()
 }

@@ -1,5 +1,5 @@
 //! A policy file as written: the raw serde structs (`deny_unknown_fields`) that
-//! [`compile`](super::compile) turns into a [`Policy`](super::Policy), the YAML limits every
+//! [`compile`](super::compile::compile) turns into a [`Policy`](super::Policy), the YAML limits every
 //! policy-repository file is parsed under, and the JSON Schema of the format
 //! (`ephemera policy schema`, committed as `policies/schema.json`). The doc comments below are
 //! the schema's descriptions: an editor shows them on hover.

@@ -1,0 +1,295 @@
+//! Compiling: one policy's YAML → a [`Policy`], or every error in it. Parse, don't validate: a
+//! compiled policy holds parsed matchers, templates and ttls, so deciding never re-reads text.
+//! Pure: what it knows of the broker config comes in a [`LoadContext`].
+
+use super::file::{AwsGrantFile, JwtGrantFile, PolicyFile, TtlFile, parse_yaml};
+use super::load::{LoadContext, PolicyError};
+use super::matcher::Matcher;
+use super::template::{Template, TemplateValue};
+use super::{CredentialSpec, GrantSpec, Policy, Rule, lint};
+use crate::claims::Platform;
+use crate::clock::{format_duration, parse_duration};
+use crate::names::{is_claim_name, is_name};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Claims that identify a repository or project by an id that is never reused. A policy must
+/// bind one of its platform's: names (`acme/web`) can be deleted and re-registered by someone
+/// else, and another platform's id claim never appears in the token.
+pub const IMMUTABLE_CLAIMS: [&str; 4] = ["repository_id", "repository_owner_id", "project_id", "namespace_id"];
+
+fn immutable_claims(platform: Option<Platform>) -> &'static [&'static str] {
+    match platform {
+        Some(Platform::GithubActions) => &IMMUTABLE_CLAIMS[..2],
+        Some(Platform::GitlabCi) => &IMMUTABLE_CLAIMS[2..],
+        None => &IMMUTABLE_CLAIMS,
+    }
+}
+
+/// Claims a broker JWT sets itself; a grant may not override them.
+const RESERVED_JWT_CLAIMS: [&str; 9] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "lease_id", "policy"];
+
+/// Parse, don't validate: a file becomes a compiled [`Policy`] or a list of every error in it.
+/// A file that is not YAML of the policy format is that one error; otherwise each step below
+/// reports what it finds and the next step runs anyway.
+pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) -> Result<Policy, Vec<PolicyError>> {
+    let raw: PolicyFile = parse_yaml(text).map_err(|e| vec![PolicyError::new(file.to_path_buf(), String::new(), e)])?;
+    let mut errors = Errors::new(file);
+    check_issuer(&raw.issuer, ctx, &mut errors);
+    let match_rules = compile_rules("match", &raw.match_rules, &mut errors);
+    let deny_rules = compile_rules("deny", &raw.deny, &mut errors);
+    check_immutable_binding(&match_rules, ctx.issuers.get(&raw.issuer).copied(), &mut errors);
+    let (ttl_default_secs, ttl_max_secs) = compile_ttl(&raw.ttl, &mut errors);
+    let grants = compile_grants(&raw.grants, ctx, ttl_max_secs, &mut errors);
+    errors.finish()?;
+    Ok(Policy {
+        name: Arc::from(name),
+        source: file.to_path_buf(),
+        description: raw.description,
+        issuer: raw.issuer,
+        match_rules,
+        deny_rules,
+        ttl_default_secs,
+        ttl_max_secs,
+        grants,
+        digest: Policy::digest_of(name, text),
+    })
+}
+
+/// One file's errors, in the order [`compile`] finds them; the errors that are also lints (under
+/// the lint's rule id) are reported after all the others.
+struct Errors<'a> {
+    file: &'a Path,
+    invalid: Vec<PolicyError>,
+    lints: Vec<PolicyError>,
+}
+
+impl Errors<'_> {
+    fn new(file: &Path) -> Errors<'_> {
+        Errors { file, invalid: Vec::new(), lints: Vec::new() }
+    }
+
+    /// An error reported under [`lint::INVALID`].
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.invalid.push(PolicyError::new(self.file.to_path_buf(), field.into(), message.into()));
+    }
+
+    /// An error that is also the lint `rule`, which the loader enforces.
+    fn lint(&mut self, rule: &'static str, field: impl Into<String>, message: String) {
+        self.lints.push(PolicyError { file: self.file.to_path_buf(), field: field.into(), message, rule });
+    }
+
+    fn finish(mut self) -> Result<(), Vec<PolicyError>> {
+        self.invalid.append(&mut self.lints);
+        if self.invalid.is_empty() { Ok(()) } else { Err(self.invalid) }
+    }
+}
+
+fn check_issuer(issuer: &str, ctx: &LoadContext, errors: &mut Errors<'_>) {
+    if !ctx.issuers.contains_key(issuer) {
+        let known = join(ctx.issuers.keys());
+        errors.push("issuer", format!("`{issuer}` is not an issuer in the broker config (known: {known})"));
+    }
+}
+
+/// The `match` or `deny` section: claim name → matcher.
+fn compile_rules(section: &str, map: &BTreeMap<String, Value>, errors: &mut Errors<'_>) -> Vec<Rule> {
+    let mut out = Vec::new();
+    for (claim, value) in map {
+        let field = format!("{section}.{claim}");
+        if !is_claim_name(claim) {
+            errors.push(field.clone(), "not a claim name");
+        }
+        match Matcher::parse(value) {
+            Ok(matcher) => out.push(Rule { claim: claim.clone(), matcher }),
+            Err(e) => errors.push(field, e),
+        }
+    }
+    out
+}
+
+/// [`lint::IMMUTABLE_ID`], enforced: some match rule must bind one of the platform's
+/// [`IMMUTABLE_CLAIMS`] to an exact value or a list.
+fn check_immutable_binding(match_rules: &[Rule], platform: Option<Platform>, errors: &mut Errors<'_>) {
+    let immutable = immutable_claims(platform);
+    if !match_rules.iter().any(|r| immutable.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
+        errors.lint(
+            lint::IMMUTABLE_ID,
+            "match",
+            format!(
+                "binds no immutable identity claim: add an exact value or list for one of {} (names like `repository` can be re-registered by someone else)",
+                immutable.join(", ")
+            ),
+        );
+    }
+}
+
+/// `ttl.default` and `ttl.max`, in seconds (0 for one that does not parse); the default at most
+/// the max.
+fn compile_ttl(ttl: &TtlFile, errors: &mut Errors<'_>) -> (i64, i64) {
+    let mut parse = |field: &str, text: &str| {
+        parse_duration(text).unwrap_or_else(|e| {
+            errors.push(field, e);
+            0
+        })
+    };
+    let default_secs = parse("ttl.default", &ttl.default);
+    let max_secs = parse("ttl.max", &ttl.max);
+    if default_secs > max_secs {
+        errors.push("ttl.default", "is above ttl.max");
+    }
+    (default_secs, max_secs)
+}
+
+/// The `grants` section: at least one; each named, within its backend's max ttl
+/// ([`lint::TTL_ABOVE_BACKEND_MAX`], enforced) and compiled for its backend's kind.
+fn compile_grants(
+    grants: &BTreeMap<String, Value>,
+    ctx: &LoadContext,
+    ttl_max_secs: i64,
+    errors: &mut Errors<'_>,
+) -> Vec<GrantSpec> {
+    if grants.is_empty() {
+        errors.push("grants", "a policy must grant at least one credential");
+    }
+    let mut out = Vec::new();
+    for (grant_name, value) in grants {
+        let field = format!("grants.{grant_name}");
+        if !is_name(grant_name) {
+            errors.push(field.clone(), "a grant name must match [a-z0-9][a-z0-9-_]*");
+        }
+        if let Some(message) = ttl_above_backend_max(value, ctx, ttl_max_secs) {
+            errors.lint(lint::TTL_ABOVE_BACKEND_MAX, field.clone(), message);
+        }
+        match compile_grant(grant_name, value, ctx) {
+            Ok(g) => out.push(g),
+            Err(list) => {
+                for (sub, message) in list {
+                    errors.push(if sub.is_empty() { field.clone() } else { format!("{field}.{sub}") }, message);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A grant's ttl ceiling is its backend's: a policy cannot promise a lease the backend will not
+/// honour (or, for AWS, one STS would cut short).
+fn ttl_above_backend_max(grant: &Value, ctx: &LoadContext, ttl_max: i64) -> Option<String> {
+    let backend = grant.get("backend").and_then(Value::as_str)?;
+    let (_, backend_max) = ctx.backends.get(backend)?;
+    (ttl_max > *backend_max).then(|| {
+        format!(
+            "ttl.max {} is above backend `{backend}`'s max_ttl {}",
+            format_duration(ttl_max),
+            format_duration(*backend_max)
+        )
+    })
+}
+
+/// One grant, for its backend's kind; errors are (field within the grant, message).
+fn compile_grant(name: &str, value: &Value, ctx: &LoadContext) -> Result<GrantSpec, Vec<(String, String)>> {
+    let backend = value.get("backend").and_then(Value::as_str).ok_or_else(|| {
+        vec![("backend".to_string(), "required: the name of a backend from the broker config".to_string())]
+    })?;
+    let Some((kind, _)) = ctx.backends.get(backend) else {
+        return Err(vec![(
+            "backend".into(),
+            format!("`{backend}` is not a backend in the broker config (known: {})", join(ctx.backends.keys())),
+        )]);
+    };
+    let mut errors = Vec::new();
+    let spec = match *kind {
+        "jwt" => grant_fields(value, &mut errors).and_then(|file| compile_jwt_grant(file, &mut errors)),
+        "aws" => grant_fields(value, &mut errors).and_then(|file| compile_aws_grant(file, &mut errors)),
+        other => {
+            errors.push(("backend".into(), format!("backend kind `{other}` has no grant fields defined")));
+            None
+        }
+    };
+    match spec {
+        Some(spec) if errors.is_empty() => Ok(GrantSpec { name: name.to_string(), backend: backend.to_string(), spec }),
+        _ => Err(errors),
+    }
+}
+
+/// A grant's fields as its backend kind defines them (unknown fields are errors).
+fn grant_fields<T: DeserializeOwned>(value: &Value, errors: &mut Vec<(String, String)>) -> Option<T> {
+    serde_json::from_value(value.clone()).map_err(|e| errors.push((String::new(), e.to_string()))).ok()
+}
+
+fn compile_jwt_grant(file: JwtGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
+    let audience = Template::parse(&file.audience).map_err(|e| errors.push(("audience".into(), e))).ok();
+    if file.audience.is_empty() {
+        errors.push(("audience".into(), "must not be empty".into()));
+    }
+    let mut claims = Vec::new();
+    for (k, v) in &file.claims {
+        if RESERVED_JWT_CLAIMS.contains(&k.as_str()) {
+            errors.push((format!("claims.{k}"), "is set by the broker and cannot be overridden".into()));
+            continue;
+        }
+        match TemplateValue::parse(v) {
+            Ok(t) => claims.push((k.clone(), t)),
+            Err(e) => errors.push((format!("claims.{k}"), e)),
+        }
+    }
+    Some(CredentialSpec::Jwt { audience: audience?, claims })
+}
+
+/// An `aws` grant, checked against the limits AWS would otherwise enforce (or, with moto in
+/// tests and some private endpoints, silently not): the format rules live in `aws_format`,
+/// pure functions with no client behind them.
+fn compile_aws_grant(file: AwsGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
+    use crate::aws_format as rules;
+    let mut err = |field: &str, e: String| errors.push((field.to_string(), e));
+    if let Err(e) = rules::check_role_arn(&file.role_arn) {
+        err("role_arn", e);
+    }
+    let session_policy = match file.session_policy.as_ref().map(rules::pack_session_policy) {
+        Some(Ok(packed)) => Some(packed),
+        Some(Err(e)) => {
+            err("session_policy", e);
+            None
+        }
+        None => None,
+    };
+    if let Err(e) = rules::check_policy_arns(&file.policy_arns) {
+        err("policy_arns", e);
+    }
+    if file.session_tags.len() > rules::MAX_SESSION_TAGS {
+        err("session_tags", format!("at most {} session tags", rules::MAX_SESSION_TAGS));
+    }
+    let keys: Vec<&str> = file.session_tags.keys().map(String::as_str).collect();
+    if let Err(e) = rules::check_tag_keys_unique(&keys) {
+        err("session_tags", e);
+    }
+    let mut session_tags = Vec::new();
+    for (key, value) in &file.session_tags {
+        if let Err(e) = rules::check_tag_key(key) {
+            err(&format!("session_tags.{key}"), e);
+        }
+        match Template::parse(value) {
+            Ok(t) => session_tags.push((key.clone(), t)),
+            Err(e) => err(&format!("session_tags.{key}"), e),
+        }
+    }
+    if file.external_id.as_ref().is_some_and(|x| x.len() < 2 || x.len() > 1224) {
+        err("external_id", "must be 2 to 1,224 characters".into());
+    }
+    Some(CredentialSpec::Aws {
+        role_arn: file.role_arn,
+        session_policy,
+        policy_arns: file.policy_arns,
+        external_id: file.external_id,
+        session_tags,
+    })
+}
+
+fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let list: Vec<&str> = names.map(String::as_str).collect();
+    if list.is_empty() { "none".into() } else { list.join(", ") }
+}
