@@ -216,12 +216,12 @@ impl App {
     /// lease is forgotten; the next cleanup or write on its role drops it. Runs before the first
     /// reap, which forgets.
     async fn adopt_remembered(&self) {
-        match self.store.list(&LeaseFilter::default(), usize::MAX).await {
-            Ok(leases) => {
-                for lease in leases {
-                    lease.credentials.iter().for_each(|c| self.backends.adopt(&c.handle()));
-                }
-            }
+        let adopting = self.backends.adopting();
+        if adopting.is_empty() {
+            return;
+        }
+        match self.store.handles_of(&adopting).await {
+            Ok(handles) => handles.iter().for_each(|h| self.backends.adopt(h)),
             Err(e) => tracing::error!(error = %e, "remembered credentials not handed to their backends"),
         }
     }

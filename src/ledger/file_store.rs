@@ -13,7 +13,7 @@ use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maint
 use super::{Event, Lease, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
 use crate::clock::UnixSeconds;
 use crate::identity::ReplayKey;
-use crate::mint::BoxFuture;
+use crate::mint::{BoxFuture, RevokeHandle};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
@@ -261,6 +261,13 @@ impl LeaseStore for FileStore {
         now: UnixSeconds,
     ) -> BoxFuture<'a, Result<Vec<LiveLease>, StoreError>> {
         Box::pin(async move { Ok(self.memory.live_leases(policies, now)) })
+    }
+
+    fn handles_of<'a>(
+        &'a self,
+        backends: &'a BTreeSet<String>,
+    ) -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>> {
+        Box::pin(async move { Ok(self.memory.handles_of(backends)) })
     }
 
     fn counts(&self) -> Counts {

@@ -11,6 +11,7 @@ use super::{
     STALLED_ATTEMPT_SECS,
 };
 use crate::clock::UnixSeconds;
+use crate::mint::RevokeHandle;
 use dashmap::DashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -289,6 +290,17 @@ impl Memory {
                 claims: l.claims.clone(),
             })
             .collect()
+    }
+
+    /// Handles of every credential minted by one of `backends`, in any lease: only those are
+    /// copied out.
+    pub(super) fn handles_of(&self, backends: &BTreeSet<String>) -> Vec<RevokeHandle> {
+        let mut out = Vec::new();
+        for lease in self.leases.iter() {
+            let ours = lease.credentials.iter().filter(|c| backends.contains(&*c.backend));
+            out.extend(ours.map(|c| c.handle()));
+        }
+        out
     }
 
     pub(super) fn count(&self, state: LeaseState) -> usize {

@@ -22,7 +22,7 @@
 use super::{ClaimSnapshot, Lease, LeaseFilter, LeaseState, RevokeWork};
 use crate::clock::UnixSeconds;
 use crate::identity::ReplayKey;
-use crate::mint::BoxFuture;
+use crate::mint::{BoxFuture, RevokeHandle};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
@@ -166,6 +166,11 @@ pub trait LeaseStore: Send + Sync {
         policies: Option<&'a BTreeSet<String>>,
         now: UnixSeconds,
     ) -> BoxFuture<'a, Result<Vec<LiveLease>, StoreError>>;
+
+    /// The revoke handles of every remembered credential (any state) minted by one of
+    /// `backends`: start-up hands them back to their backends (`Backend::adopt`).
+    fn handles_of<'a>(&'a self, backends: &'a BTreeSet<String>)
+    -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>>;
 
     /// Lease counts (a store may answer from a figure it keeps up to date).
     fn counts(&self) -> Counts;

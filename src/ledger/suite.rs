@@ -154,6 +154,9 @@ async fn counts_follow_each_state_and_backend(s: &dyn LeaseStore) {
     s.issue(l, None).await.unwrap();
     s.issue(lease("b", "j", 100), None).await.unwrap();
     assert_eq!(s.counts().active_by_backend, [("jwt".to_string(), 1)]);
+    let jwt: std::collections::BTreeSet<String> = ["jwt".to_string()].into();
+    assert_eq!(s.handles_of(&jwt).await.unwrap(), std::slice::from_ref(&handle));
+    assert!(s.handles_of(&["aws".to_string()].into()).await.unwrap().is_empty());
     s.begin_revoke("a", "job", 1).await.unwrap();
     let counts = s.counts();
     assert_eq!((counts.of(LeaseState::Active), counts.of(LeaseState::Revoking)), (1, 1));

@@ -114,6 +114,12 @@ pub trait Backend: Send + Sync {
     /// ledger (in any state). Called at start-up, before the first reaper pass, so a backend can
     /// rebuild housekeeping it keeps only in memory, e.g. which roles hold aws deny entries.
     fn adopt(&self, _handle: &RevokeHandle) {}
+
+    /// Does [`Backend::adopt`] do anything here? Only then are the ledger's handles read for it
+    /// at start-up (a million leases are not walked for nothing).
+    fn adopts(&self) -> bool {
+        false
+    }
 }
 
 /// Every configured backend, by name, plus the JWT signers (for JWKS and introspection).
@@ -176,6 +182,11 @@ impl Backends {
         if let Some(backend) = self.by_name.get(&handle.backend) {
             backend.adopt(handle);
         }
+    }
+
+    /// The backends that adopt remembered credentials at start-up.
+    pub fn adopting(&self) -> std::collections::BTreeSet<String> {
+        self.by_name.iter().filter(|(_, b)| b.adopts()).map(|(name, _)| name.clone()).collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Backend>> {

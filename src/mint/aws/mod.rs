@@ -365,6 +365,10 @@ impl Backend for AwsBackend {
     /// otherwise drop: it is due for cleanup at once. The next `maintain` reads its deny policy,
     /// drops what has expired (deleting the policy when nothing is left) and records the earliest
     /// remaining expiry. A role with no deny policy costs one read and one no-op delete.
+    fn adopts(&self) -> bool {
+        self.revocation == Revocation::DenyPolicy
+    }
+
     fn adopt(&self, handle: &RevokeHandle) {
         if self.revocation != Revocation::DenyPolicy {
             return; // `expiry` never writes a deny policy (and may lack the IAM permissions to read one)
