@@ -201,7 +201,7 @@ fn open_audit(config: &Config, dev: bool) -> Result<Audit, String> {
 fn open_store(config: &Config, wrap: Option<StorageWrap>) -> Result<Box<dyn LeaseStore>, String> {
     let dir = config.data_dir.join("ledger");
     crate::mint::keys::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
-    let options = FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: config.compact_bytes };
+    let options = FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: config.ledger.compact_bytes };
     Ok(Box::new(FileStore::open(&dir, options, wrap)?))
 }
 
@@ -223,7 +223,7 @@ fn serve(
 fn spawn_background(app: &Arc<App>, config: &Config) -> Vec<JoinHandle<()>> {
     let mut background: Vec<JoinHandle<()>> =
         app.verifier().issuers().map(|i| tokio::spawn(i.jwks.clone().run_refresh())).collect();
-    background.push(tokio::spawn(reaper(app.clone(), config.reap_interval_secs)));
+    background.push(tokio::spawn(reaper(app.clone(), config.ledger.reap_interval_secs)));
     background.push(tokio::spawn(reloader(app.clone(), config.reload_watch_secs)));
     background
 }

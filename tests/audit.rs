@@ -106,7 +106,7 @@ async fn an_unwritable_audit_sink_fails_the_exchange_closed_and_revokes_what_was
     wrong_ref.insert("ref".into(), json!("refs/heads/feature"));
     let denied = broker.exchange(&issuer.sign(&wrong_ref), "deploy").await;
     assert_error(&denied, 503, "unavailable");
-    let metrics = broker.running.app.metrics_text();
+    let metrics = broker.running.app.metrics_text().await;
     assert!(
         metrics.lines().any(|l| l.starts_with("ephemera_audit_write_failures_total ") && !l.ends_with(" 0")),
         "{metrics}"

@@ -221,7 +221,7 @@ async fn iam_refusing_the_deny_update_leaves_the_lease_pending_and_visible() {
     let error = state.last_error.unwrap();
     assert!(error.starts_with("backend aws: iam:") && error.contains("NoSuchEntity"), "{error}");
     assert!(error.len() < 400, "the AWS error is not condensed: {error}");
-    assert!(s.broker.running.app.metrics_text().contains("ephemera_revocations_pending 1"));
+    assert!(s.broker.running.app.metrics_text().await.contains("ephemera_revocations_pending 1"));
 }
 
 #[tokio::test]
@@ -231,7 +231,7 @@ async fn sts_down_is_a_502_with_nothing_recorded_or_leaked() {
     drop(s.moto); // the AWS endpoint goes away
     let reply = s.broker.exchange(&token, "deploy").await;
     assert_error(&reply, 502, "backend_error");
-    assert!(s.broker.running.app.store().counts().total() == 0, "a lease was recorded for nothing");
+    assert!(s.broker.running.app.store().counts().await.unwrap().total() == 0, "a lease was recorded for nothing");
     assert!(!reply.1.to_string().contains("127.0.0.1"), "upstream detail reached the caller: {}", reply.1);
 }
 

@@ -96,7 +96,7 @@ async fn sts_failing_is_a_502_with_nothing_recorded_and_no_upstream_text() {
         s.broker.exchange(&s.issuer.sign(&s.issuer.claims("github-environment-deploy.json", NOW)), "deploy").await;
     assert_error(&reply, 502, "backend_error");
     assert!(!reply.1.to_string().contains("10.1.2.3"), "upstream text reached the caller: {}", reply.1);
-    assert!(s.broker.running.app.store().counts().total() == 0);
+    assert!(s.broker.running.app.store().counts().await.unwrap().total() == 0);
     assert_eq!(s.fake.seen.lock().unwrap().len(), 4, "the SDK's standard retries: 4 attempts");
 }
 

@@ -203,7 +203,7 @@ async fn one_lease_can_be_revoked_by_id_leaving_the_others() {
     // Revoking it again reports it, but it ended once.
     let (_, again) = broker.revoke(&token, json!({"lease_id": a["lease_id"]})).await;
     assert_eq!(again["revoked"], json!([a["lease_id"]]));
-    let metrics = broker.running.app.metrics_text();
+    let metrics = broker.running.app.metrics_text().await;
     assert!(metrics.lines().any(|l| l == r#"ephemera_leases_ended_total{reason="job"} 1"#), "{metrics}");
 }
 
@@ -220,7 +220,7 @@ async fn a_lease_expires_by_the_injected_clock() {
     broker.running.app.reap_once().await;
     let lease = broker.running.app.lease(body["lease_id"].as_str().unwrap()).await.unwrap().unwrap();
     assert_eq!(lease.state, ephemera::ledger::LeaseState::Expired);
-    let metrics = broker.running.app.metrics_text();
+    let metrics = broker.running.app.metrics_text().await;
     assert!(metrics.lines().any(|l| l == r#"ephemera_leases_ended_total{reason="expired"} 1"#), "{metrics}");
 }
 

@@ -71,7 +71,7 @@ async fn an_unrecordable_lease_gets_503_and_its_credentials_are_revoked() {
     assert!(!reply.1.to_string().contains("eyJ"), "a credential escaped: {}", reply.1);
     let backend = flaky.lock().unwrap().clone().unwrap();
     assert_eq!(backend.revoke_calls.load(Ordering::SeqCst), 1, "the minted JWT was not revoked");
-    assert!(broker.running.app.store().counts().total() == 0, "an unrecorded lease is in memory");
+    assert!(broker.running.app.store().counts().await.unwrap().total() == 0, "an unrecorded lease is in memory");
     // The disk recovers: exchanges work again, and the half-written batch did not corrupt the file.
     full.store(false, Ordering::SeqCst);
     let (status, body) = broker.exchange(&token(&issuer, NOW), "deploy").await;
@@ -125,7 +125,7 @@ async fn a_backend_failing_forever_leaves_the_lease_irrevocable_listed_counted_a
         app.leases(&LeaseFilter { state: Some(LeaseState::Irrevocable), ..LeaseFilter::default() }, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].last_error.as_deref().unwrap().contains("injected"), "{:?}", listed[0].last_error);
-    assert!(app.metrics_text().contains("ephemera_leases_irrevocable 1"));
+    assert!(app.metrics_text().await.contains("ephemera_leases_irrevocable 1"));
     let calls = flaky.lock().unwrap().clone().unwrap().revoke_calls.load(Ordering::SeqCst);
     broker.clock.advance(601);
     app.reap_once().await;

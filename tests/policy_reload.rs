@@ -68,8 +68,8 @@ async fn admin_post(broker: &Broker, path: &str, body: Value) -> (u16, Value) {
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
-fn metric(broker: &Broker, line_prefix: &str) -> String {
-    let text = broker.running.app.metrics_text();
+async fn metric(broker: &Broker, line_prefix: &str) -> String {
+    let text = broker.running.app.metrics_text().await;
     text.lines().find(|l| l.starts_with(line_prefix)).unwrap_or_else(|| panic!("no {line_prefix} in\n{text}")).into()
 }
 
@@ -95,11 +95,11 @@ async fn a_reload_that_tightens_a_policy_revokes_only_the_leases_it_no_longer_al
     assert_eq!(lease(&broker, &main).await.state, LeaseState::Active);
     assert_eq!(broker.introspect(jwt(&main)).await["active"], true);
     assert_eq!(
-        metric(&broker, "ephemera_leases_ended_total{reason=\"policy-changed\"}"),
+        metric(&broker, "ephemera_leases_ended_total{reason=\"policy-changed\"}").await,
         "ephemera_leases_ended_total{reason=\"policy-changed\"} 1"
     );
     assert_eq!(
-        metric(&broker, "ephemera_policy_reloads_total{outcome=\"ok\"}"),
+        metric(&broker, "ephemera_policy_reloads_total{outcome=\"ok\"}").await,
         "ephemera_policy_reloads_total{outcome=\"ok\"} 1"
     );
     // And new exchanges are decided by the new set.
@@ -149,9 +149,9 @@ async fn a_reload_with_one_broken_file_among_good_ones_keeps_the_last_good_set()
     assert_eq!(ready["policies"]["last_reload"], "failed");
     assert_eq!(ready["policies"]["generation"], 1);
     assert!(ready["policies"]["errors"][0].as_str().unwrap().contains("broken.yaml"), "{ready}");
-    assert_eq!(metric(&broker, "ephemera_policy_reload_failing "), "ephemera_policy_reload_failing 1");
+    assert_eq!(metric(&broker, "ephemera_policy_reload_failing ").await, "ephemera_policy_reload_failing 1");
     assert_eq!(
-        metric(&broker, "ephemera_policy_reloads_total{outcome=\"failed\"}"),
+        metric(&broker, "ephemera_policy_reloads_total{outcome=\"failed\"}").await,
         "ephemera_policy_reloads_total{outcome=\"failed\"} 1"
     );
     assert!(captured_logs().contains("policy reload refused"));
@@ -162,7 +162,7 @@ async fn a_reload_with_one_broken_file_among_good_ones_keeps_the_last_good_set()
     assert_eq!((report.outcome, report.ended.len()), ("ok", 2), "{report:?}");
     assert_eq!(lease(&broker, &live).await.state, LeaseState::Revoked);
     assert_eq!(lease(&broker, &second).await.state, LeaseState::Revoked);
-    assert_eq!(metric(&broker, "ephemera_policy_reload_failing "), "ephemera_policy_reload_failing 0");
+    assert_eq!(metric(&broker, "ephemera_policy_reload_failing ").await, "ephemera_policy_reload_failing 0");
 }
 
 #[tokio::test]

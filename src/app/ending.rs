@@ -204,7 +204,8 @@ impl App {
         }
         self.reap_once().await;
         self.resumed.store(true, Ordering::Release);
-        tracing::info!(leases = self.store.counts().total(), resumed_revocations = resumed, "ledger resumed");
+        let leases = self.store.counts().await.map(|c| c.total()).unwrap_or_default();
+        tracing::info!(leases, resumed_revocations = resumed, "ledger resumed");
     }
 
     /// Backends rebuild their in-memory housekeeping (the aws deny-entry cleanup) from every

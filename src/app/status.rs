@@ -68,7 +68,7 @@ impl App {
         (ready, json!({"ready": ready, "policies": policies, "ledger": ledger, "issuer_keys": issuers}))
     }
 
-    pub fn metrics_text(&self) -> String {
+    pub async fn metrics_text(&self) -> String {
         let jwks = self
             .verifier
             .issuers()
@@ -81,7 +81,16 @@ impl App {
             })
             .collect();
         let status = self.policies.status();
-        let counts = self.store.counts();
+        // A store that cannot count reports nothing live rather than a stale figure; /readyz
+        // says why.
+        let mut counts = self.store.counts().await.unwrap_or_default();
+        // Every backend has a line, 0 included, whether or not the store listed it.
+        for name in self.backends.names() {
+            if !counts.active_by_backend.iter().any(|(b, _)| b == name) {
+                counts.active_by_backend.push((name.to_string(), 0));
+            }
+        }
+        counts.active_by_backend.sort();
         self.metrics.render(&Gauges {
             live_leases: counts.of(LeaseState::Active),
             pending_revocations: counts.of(LeaseState::Revoking),

@@ -26,12 +26,13 @@ struct RawConfig {
     public_url: Option<String>,
     policies: Option<PathBuf>,
     data_dir: Option<PathBuf>,
+    replica_id: Option<String>,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
     backends: BTreeMap<String, RawBackend>,
     #[serde(default)]
-    ledger: RawLedger,
+    ledger: super::ledger::RawLedger,
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
@@ -97,13 +98,6 @@ enum RawBackend {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawLedger {
-    reap_interval: Option<String>,
-    compact_bytes: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawAdmin {
     token_sha256: Option<String>,
 }
@@ -154,12 +148,23 @@ fn default_issuer(name: &str, platform: Platform, url: &str) -> RawIssuer {
     }
 }
 
+/// The host name, so replicas in a cluster tell themselves apart with no config.
+fn default_replica_id() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = name.trim();
+    if is_replica_id(name) { name.to_string() } else { "ephemera".to_string() }
+}
+
+fn is_replica_id(text: &str) -> bool {
+    (1..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Collects every validation error instead of stopping at the first.
 #[derive(Default)]
-struct Errors(Vec<String>);
+pub(super) struct Errors(pub(super) Vec<String>);
 
 impl Errors {
-    fn duration(&mut self, field: &str, value: Option<&str>, default: i64) -> i64 {
+    pub(super) fn duration(&mut self, field: &str, value: Option<&str>, default: i64) -> i64 {
         match value.map(parse_duration) {
             None => default,
             Some(Ok(v)) => v,
@@ -185,10 +190,17 @@ impl RawConfig {
         }
         let public_url = public_url.trim_end_matches('/').to_string();
         let data_dir = base.join(self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data")));
+        let ledger = self.ledger.validate(base, &mut errs);
+        if ledger.store.is_shared() {
+            self.check_shared_keys(&mut errs);
+        }
         let issuers = self.validate_issuers(&public_url, base, &mut errs);
         let hooks = self.hooks.validate(&issuers, base, &mut errs);
-        let backends = self.validate_backends(base, &mut errs);
-        let reap_interval_secs = errs.duration("ledger.reap_interval", self.ledger.reap_interval.as_deref(), 5);
+        let backends = self.validate_backends(base, ledger.store.is_shared(), &mut errs);
+        let replica_id = self.replica_id.clone().unwrap_or_else(default_replica_id);
+        if !is_replica_id(&replica_id) {
+            errs.0.push("replica_id: 1 to 64 characters of [A-Za-z0-9._-]".into());
+        }
         let admin_token_sha256 = self.admin.token_sha256.as_deref().and_then(|h| {
             parse_sha256_hex(h).or_else(|| {
                 errs.0.push("admin.token_sha256: expected 64 hex characters (the SHA-256 of the admin token)".into());
@@ -217,13 +229,33 @@ impl RawConfig {
             data_dir,
             issuers,
             backends,
-            reap_interval_secs,
-            compact_bytes: self.ledger.compact_bytes.unwrap_or(64 * 1024 * 1024),
+            ledger,
+            replica_id,
             admin_token_sha256,
             hooks,
             reload_watch_secs,
             audit,
         })
+    }
+
+    /// Replicas on one store must sign with one key set: a JWT minted on any replica has to
+    /// verify against the JWKS of every replica. A key generated per replica would split it
+    /// silently, so each key is named (a mounted secret) and must exist at start.
+    fn check_shared_keys(&self, errs: &mut Errors) {
+        if self.backends.is_empty() {
+            errs.0.push(
+                "backends: with store = \"postgres\", configure the jwt backend with a signing_key_file every \
+                 replica is given (the default backend would generate a key per replica)"
+                    .into(),
+            );
+        }
+        for (name, raw) in &self.backends {
+            if let RawBackend::Jwt { signing_key_file: None, .. } = raw {
+                errs.0.push(format!(
+                    "backends.{name}.signing_key_file: required with store = \"postgres\" (the same key file on every replica)"
+                ));
+            }
+        }
     }
 
     fn validate_issuers(&self, public_url: &str, base: &Path, errs: &mut Errors) -> Vec<IssuerConfig> {
@@ -283,7 +315,7 @@ impl RawConfig {
         out
     }
 
-    fn validate_backends(&self, base: &Path, errs: &mut Errors) -> BTreeMap<String, BackendConfig> {
+    fn validate_backends(&self, base: &Path, shared: bool, errs: &mut Errors) -> BTreeMap<String, BackendConfig> {
         let mut out = BTreeMap::new();
         // With no backend configured at all, a `jwt` backend is there (DESIGN §5).
         if self.backends.is_empty() {
@@ -300,6 +332,7 @@ impl RawConfig {
                             .clone()
                             .unwrap_or_else(|| PathBuf::from(format!("keys/{name}.pk8"))),
                         previous_signing_key_files: previous_signing_key_files.clone(),
+                        generate_missing: !shared,
                         max_ttl_secs: errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600),
                     })
                 }

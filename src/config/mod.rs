@@ -6,6 +6,9 @@
 //! file as written (the `deny_unknown_fields` TOML structs) and its validation into a [`Config`].
 
 mod file;
+mod ledger;
+
+pub use ledger::{LedgerConfig, PostgresConfig, StoreConfig};
 
 use crate::claims::Platform;
 use crate::secret::SecretString;
@@ -26,9 +29,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub issuers: Vec<IssuerConfig>,
     pub backends: BTreeMap<String, BackendConfig>,
-    pub reap_interval_secs: i64,
-    /// The journal is compacted once this many bytes were appended since the last compaction.
-    pub compact_bytes: u64,
+    /// `[ledger]`: where leases live.
+    pub ledger: LedgerConfig,
+    /// This process among the replicas on one store: in audit lines, and on the work it claims.
+    pub replica_id: String,
     /// SHA-256 of the admin bearer token; admin endpoints are off without it.
     pub admin_token_sha256: Option<[u8; 32]>,
     /// Platform webhooks; each is off unless its secret is configured.
@@ -150,6 +154,9 @@ pub struct JwtBackendConfig {
     /// Keys this backend signed with before a rotation: still published in the JWKS and honoured
     /// by introspection, never used to sign. They must exist.
     pub previous_signing_key_files: Vec<PathBuf>,
+    /// Generate `signing_key_file` when it is absent (one broker). Off on a shared store: every
+    /// replica must be given the same key.
+    pub generate_missing: bool,
     pub max_ttl_secs: i64,
 }
 
@@ -159,6 +166,7 @@ impl BackendConfig {
         BackendConfig::Jwt(JwtBackendConfig {
             signing_key_file: PathBuf::from("keys/jwt.pk8"),
             previous_signing_key_files: Vec::new(),
+            generate_missing: true,
             max_ttl_secs: 3600,
         })
     }

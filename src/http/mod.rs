@@ -325,7 +325,7 @@ async fn readyz(State(app): AppState) -> Response {
 }
 
 async fn metrics(State(app): AppState) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics_text()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics_text().await).into_response()
 }
 
 // ---- dev mode -----------------------------------------------------------------------------

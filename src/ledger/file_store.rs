@@ -44,6 +44,15 @@ pub struct FileStore {
 }
 
 impl FileStore {
+    /// The counts, from the figures memory keeps up to date.
+    pub fn counts_now(&self) -> Counts {
+        let mut by_state = [0; 5];
+        for state in LeaseState::ALL {
+            by_state[state.index()] = self.memory.count(state);
+        }
+        Counts { by_state, active_by_backend: self.memory.active_by_backend() }
+    }
+
     /// Opens `dir/journal` (created when absent): replays it into memory — a torn tail is cut,
     /// a corrupt record refuses the start, because dropping it could forget a lease that still
     /// needs revoking — and starts its writer.
@@ -270,12 +279,8 @@ impl LeaseStore for FileStore {
         Box::pin(async move { Ok(self.memory.handles_of(backends)) })
     }
 
-    fn counts(&self) -> Counts {
-        let mut by_state = [0; 5];
-        for state in LeaseState::ALL {
-            by_state[state.index()] = self.memory.count(state);
-        }
-        Counts { by_state, active_by_backend: self.memory.active_by_backend() }
+    fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>> {
+        Box::pin(async move { Ok(self.counts_now()) })
     }
 
     fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>> {

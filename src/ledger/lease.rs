@@ -223,6 +223,16 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Where a lease stands after its `attempts`-th failed attempt (counted from 1): still
+    /// `revoking` with a backoff, or `irrevocable` and tried every so often.
+    pub(super) fn after_failure(&self, attempts: u32, now: UnixSeconds) -> (LeaseState, UnixSeconds) {
+        if attempts >= self.max_attempts {
+            (LeaseState::Irrevocable, now + self.irrevocable_every_secs)
+        } else {
+            (LeaseState::Revoking, now + self.delay(attempts))
+        }
+    }
+
     /// Exponential backoff with ±25 % jitter, so many failing leases do not retry in lockstep.
     pub(super) fn delay(&self, attempts: u32) -> i64 {
         let exp = self.base_secs.saturating_mul(1i64 << attempts.min(30)).min(self.cap_secs);

@@ -118,12 +118,9 @@ impl Memory {
             None => Event::Revoked { id, at: now },
             Some(error) => {
                 let attempts = lease.attempts.saturating_add(1);
-                if attempts >= retry.max_attempts {
-                    let next_at = now + retry.irrevocable_every_secs;
-                    Event::Irrevocable { id, at: now, attempts, next_at, error }
-                } else {
-                    let next_at = now + retry.delay(attempts);
-                    Event::RevokeFailed { id, at: now, attempts, next_at, error }
+                match retry.after_failure(attempts, now) {
+                    (LeaseState::Irrevocable, next_at) => Event::Irrevocable { id, at: now, attempts, next_at, error },
+                    (_, next_at) => Event::RevokeFailed { id, at: now, attempts, next_at, error },
                 }
             }
         })

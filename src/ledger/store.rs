@@ -80,6 +80,8 @@ pub enum Health {
     Open,
     /// A write failed in a way the store cannot undo; every issue fails until it is restarted.
     Broken,
+    /// The shared database does not answer; every issue fails until it does again.
+    Unreachable,
 }
 
 impl Health {
@@ -87,6 +89,7 @@ impl Health {
         match self {
             Health::Open => "open",
             Health::Broken => "journal-broken",
+            Health::Unreachable => "store-unreachable",
         }
     }
 }
@@ -172,8 +175,9 @@ pub trait LeaseStore: Send + Sync {
     fn handles_of<'a>(&'a self, backends: &'a BTreeSet<String>)
     -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>>;
 
-    /// Lease counts (a store may answer from a figure it keeps up to date).
-    fn counts(&self) -> Counts;
+    /// Lease counts (a store may answer from a figure it keeps up to date). A backend with no
+    /// active lease may be missing from `active_by_backend`.
+    fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>>;
 
     // ---- lifecycle -----------------------------------------------------------------------
 

@@ -143,7 +143,7 @@ impl Backends {
                     let load = |name: &std::path::Path, generate: bool| {
                         jwt::JwtSigner::from_source(keys, name, generate, &config.public_url).map(Arc::new)
                     };
-                    let signer = load(&j.signing_key_file, true).map_err(|e| format!("backend {name}: {e}"))?;
+                    let signer = load(&j.signing_key_file, j.generate_missing).map_err(|e| format!("backend {name}: {e}"))?;
                     out.signers.push(signer.clone());
                     // Previous keys verify (JWKS, introspection) but never sign.
                     for previous in &j.previous_signing_key_files {
@@ -187,6 +187,11 @@ impl Backends {
     /// The backends that adopt remembered credentials at start-up.
     pub fn adopting(&self) -> std::collections::BTreeSet<String> {
         self.by_name.iter().filter(|(_, b)| b.adopts()).map(|(name, _)| name.clone()).collect()
+    }
+
+    /// The configured backends' names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Backend>> {
