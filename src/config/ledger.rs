@@ -209,7 +209,10 @@ mod tests {
         )
         .unwrap();
         let StoreConfig::Postgres(pg) = c.store else { panic!("not postgres") };
-        assert_eq!((pg.host.as_str(), pg.port, pg.user.as_str(), pg.dbname.as_str()), ("db.internal", 5432, "eph", "ledger"));
+        assert_eq!(
+            (pg.host.as_str(), pg.port, pg.user.as_str(), pg.dbname.as_str()),
+            ("db.internal", 5432, "eph", "ledger")
+        );
         assert!(pg.tls);
         assert_eq!(pg.ca_file.as_deref(), Some(Path::new("/etc/ephemera/ca.pem")));
         assert_eq!((pg.pool_size, pg.statement_timeout_ms), (4, 2000));
@@ -227,8 +230,9 @@ mod tests {
     #[test]
     fn sslmodes_that_do_not_verify_the_database_are_refused() {
         for mode in ["require", "prefer", "allow", "verify-ca"] {
-            let errs = ledger(&format!("store = \"postgres\"\nurl = \"postgres://e@db/x?sslmode={mode}\"\nca_file = \"c\"\n"))
-                .unwrap_err();
+            let errs =
+                ledger(&format!("store = \"postgres\"\nurl = \"postgres://e@db/x?sslmode={mode}\"\nca_file = \"c\"\n"))
+                    .unwrap_err();
             assert!(errs.join("\n").contains("does not verify the database"), "{mode}: {errs:?}");
         }
         let errs = ledger("store = \"postgres\"\nurl = \"postgres://e@db/x\"\n").unwrap_err();
@@ -243,7 +247,8 @@ mod tests {
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(ledger("store = \"mysql\"\n").unwrap_err()[0].contains("not a store"));
         assert!(ledger("store = \"postgres\"\n").unwrap_err()[0].contains("ledger.url: required"));
-        let errs = ledger("store = \"postgres\"\nurl = \"postgres://e@db/x?sslmode=disable&password=x\"\n").unwrap_err();
+        let errs =
+            ledger("store = \"postgres\"\nurl = \"postgres://e@db/x?sslmode=disable&password=x\"\n").unwrap_err();
         assert!(errs[0].contains("unknown parameter `password`"), "{errs:?}");
     }
 }

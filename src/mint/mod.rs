@@ -143,7 +143,8 @@ impl Backends {
                     let load = |name: &std::path::Path, generate: bool| {
                         jwt::JwtSigner::from_source(keys, name, generate, &config.public_url).map(Arc::new)
                     };
-                    let signer = load(&j.signing_key_file, j.generate_missing).map_err(|e| format!("backend {name}: {e}"))?;
+                    let signer =
+                        load(&j.signing_key_file, j.generate_missing).map_err(|e| format!("backend {name}: {e}"))?;
                     out.signers.push(signer.clone());
                     // Previous keys verify (JWKS, introspection) but never sign.
                     for previous in &j.previous_signing_key_files {
