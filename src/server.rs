@@ -5,11 +5,11 @@ use crate::app::policies::{LivePolicies, PolicySource};
 use crate::app::{App, Parts};
 use crate::audit::Audit;
 use crate::clock::Clock;
-use crate::config::{BackendConfig, Config};
+use crate::config::{BackendConfig, Config, StoreConfig};
 use crate::dev::{DEV_POLICY, DevIssuer};
 use crate::identity::Verifier;
 use crate::identity::jwks::http_client;
-use crate::ledger::{FileStore, FileStoreOptions, LeaseStore, RetryPolicy, StorageWrap};
+use crate::ledger::{FileStore, FileStoreOptions, LeaseStore, PgStore, RetryPolicy, StorageWrap};
 use crate::mint::keys::FileKeys;
 use crate::mint::{BackendWrap, Backends};
 use crate::policy::LoadContext;
@@ -108,7 +108,7 @@ pub async fn start(options: Options) -> Result<Running, String> {
     if let Some(wrap) = &faults.backend {
         backends.wrap(wrap.as_ref());
     }
-    let store = open_store(&config, faults.storage.take())?;
+    let store = open_store(&config, faults.storage.take()).await?;
     let verifier = Verifier::new(&config.issuers, &http_client(), &clock)?;
     let app = Arc::new(App::new(Parts {
         verifier,
@@ -196,9 +196,14 @@ fn open_audit(config: &Config, dev: bool) -> Result<Audit, String> {
     }
 }
 
-/// The lease store: today the file store under `data_dir/ledger`, replayed before anything is
-/// served.
-fn open_store(config: &Config, wrap: Option<StorageWrap>) -> Result<Box<dyn LeaseStore>, String> {
+/// The lease store: the file store under `data_dir/ledger`, replayed before anything is served,
+/// or the shared database, migrated to this binary's schema.
+async fn open_store(config: &Config, wrap: Option<StorageWrap>) -> Result<Box<dyn LeaseStore>, String> {
+    if let StoreConfig::Postgres(pg) = &config.ledger.store {
+        let password = pg.read_password()?;
+        let store = PgStore::open(pg, password.as_ref(), &config.replica_id, RetryPolicy::default()).await?;
+        return Ok(Box::new(store));
+    }
     let dir = config.data_dir.join("ledger");
     crate::mint::keys::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
     let options = FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: config.ledger.compact_bytes };

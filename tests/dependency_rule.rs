@@ -31,8 +31,9 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ),
     (
         "ledger",
-        &["clock", "ids", "claims", "identity", "policy", "mint"],
-        "leases: Lease::new reads the identity, the grant and the minted handles",
+        &["clock", "ids", "secret", "claims", "config", "identity", "policy", "mint"],
+        "leases: Lease::new reads the identity, the grant and the minted handles; the shared store \
+         reads its PostgresConfig and password",
     ),
     ("dev", &["clock", "ids", "claims", "config", "mint"], "serve --dev's issuer signs with a mint::jwt signer"),
     ("error", &["identity", "policy"], "one Error over every room's refusal"),

@@ -2,6 +2,7 @@
 //! PostgreSQL database for several replicas.
 
 use super::file::Errors;
+use crate::secret::SecretString;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,19 @@ pub struct PostgresConfig {
 }
 
 impl PostgresConfig {
+    /// A config from a URL alone, with the defaults (tools and tests; the broker reads
+    /// `[ledger]`).
+    pub fn from_url(text: &str) -> Result<PostgresConfig, String> {
+        parse_url(text)
+    }
+
+    /// The password in `password_file`, read now (at start: a rotated file is read by the next
+    /// start). `None` without a file (trust or certificate authentication).
+    pub fn read_password(&self) -> Result<Option<SecretString>, String> {
+        let Some(file) = &self.password_file else { return Ok(None) };
+        super::read_secret_file(file).map(Some).map_err(|e| format!("ledger.password_file: {e}"))
+    }
+
     /// Where it connects, for log lines and errors: never a password (the URL cannot hold one).
     pub fn display(&self) -> String {
         let tls = if self.tls { "tls" } else { "no tls" };

@@ -4,7 +4,8 @@
 //! with its token's replay key in one step, hand each revocation and each due expiry or retry to
 //! one caller, record outcomes, read, and maintain. [`FileStore`] is the embedded store and the
 //! default: leases in memory ([`memory`]), every change in the [`journal`] under the data
-//! directory, replayed at start. A store on a shared database implements the same trait.
+//! directory, replayed at start. [`PgStore`] ([`postgres`]) keeps them in a PostgreSQL database that
+//! several replicas share.
 //!
 //! [`lease`] holds the plain data every store keeps: [`Lease`], its states and credentials, the
 //! claims it was granted on ([`ClaimSnapshot`]), and [`Event`], the records of its life.
@@ -15,6 +16,7 @@ mod file_store;
 pub mod journal;
 mod lease;
 mod memory;
+mod postgres;
 pub mod snapshot;
 mod store;
 pub mod strings;
@@ -27,5 +29,6 @@ pub use lease::{
     ENDED_RETENTION_SECS, Lease, LeaseCredential, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork,
     STALLED_ATTEMPT_SECS, name,
 };
+pub use postgres::{DELIVERY_RETENTION_SECS, PgStore, SCHEMA_VERSION};
 pub use snapshot::ClaimSnapshot;
 pub use store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};

@@ -180,6 +180,12 @@ fn journaled_store() -> Made {
     (Box::new(store.unwrap()), Some(dir))
 }
 
+/// A fresh database on the test PostgreSQL server (see [`super::postgres::testing`]).
+async fn postgres_store() -> Made {
+    let cfg = super::postgres::testing::fresh_database().await;
+    (Box::new(PgStore::open(&cfg, None, "suite", RETRY).await.unwrap()), None)
+}
+
 macro_rules! stores {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -193,6 +199,13 @@ macro_rules! stores {
             $(#[tokio::test]
             async fn $case() {
                 let (store, _dir) = super::journaled_store();
+                super::$case(&*store).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $case() {
+                let (store, _dir) = super::postgres_store().await;
                 super::$case(&*store).await;
             })*
         }

@@ -1,0 +1,628 @@
+//! The shared store: every replica's leases in one PostgreSQL database, so that any replica can
+//! issue, read, revoke and reap any lease, and none is the leader.
+//!
+//! Each guarantee of [`LeaseStore`] is one statement the database makes atomic across replicas:
+//!
+//! - **issue**: a batch insert that takes the replay keys first and writes only the leases
+//!   whose key was free ([`writer`], [`rows::INSERT_BATCH`]); the reply waits for its commit.
+//! - **end**: `UPDATE … WHERE state = 'active'` hands a revocation to one caller; due expiries and
+//!   retries are claimed with `FOR UPDATE SKIP LOCKED`, their next attempt pushed out by
+//!   [`STALLED_ATTEMPT_SECS`], so work held by a replica that died is taken over by another when
+//!   that time has passed.
+//! - **read**: read-through, every time: a revoke on one replica is seen by the next read on any
+//!   other, with no cache to go stale.
+//!
+//! The store is unreachable when a statement cannot reach the database (refused, reset, timed
+//! out): [`Health::Unreachable`] until a statement or the once-a-second probe gets through again.
+//! Nothing is kept in memory meanwhile: an issue fails (no credential without a durable lease) and
+//! the reaper finds the due work in the database when it is back.
+
+mod connect;
+mod rows;
+mod schema;
+#[cfg(test)]
+pub mod testing;
+mod writer;
+
+pub use schema::LATEST as SCHEMA_VERSION;
+
+use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
+use super::{
+    ClaimSnapshot, ENDED_RETENTION_SECS, Lease, LeaseFilter, LeaseState, RetryPolicy, RevokeWork, STALLED_ATTEMPT_SECS,
+    name,
+};
+use crate::clock::UnixSeconds;
+use crate::config::PostgresConfig;
+use crate::identity::ReplayKey;
+use crate::mint::{BoxFuture, RevokeHandle};
+use crate::secret::SecretString;
+use deadpool_postgres::{Pool, PoolError};
+use rows::{LEASE_COLUMNS, WORK_COLUMNS};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_postgres::types::ToSql;
+
+/// Webhook deliveries are remembered this long (GitHub redelivers for up to 3 days on request;
+/// automatic redeliveries come within hours).
+pub const DELIVERY_RETENTION_SECS: i64 = 3 * 24 * 3600;
+
+/// Claimed per statement at most, so one reaper pass holds a bounded number of row locks; the
+/// next pass takes the rest.
+const CLAIM_LIMIT: i64 = 5000;
+
+pub struct PgStore {
+    shared: Arc<Shared>,
+    queue: writer::Queue,
+    probe: tokio::task::JoinHandle<()>,
+}
+
+/// What the store's tasks share: the pool, who this replica is, and its health.
+pub struct Shared {
+    pool: Pool,
+    replica: String,
+    retry: RetryPolicy,
+    health: AtomicU8,
+    /// Longer than the server's `statement_timeout`, so the server gives up first; this one
+    /// covers a server that stopped answering altogether.
+    timeout: Duration,
+}
+
+/// Why a statement failed, before it is told as a [`StoreError`].
+pub enum PgError {
+    Pool(PoolError),
+    Db(tokio_postgres::Error),
+    Timeout,
+    Data(StoreError),
+}
+
+impl From<PoolError> for PgError {
+    fn from(e: PoolError) -> Self {
+        PgError::Pool(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PgError::Db(e)
+    }
+}
+
+impl From<StoreError> for PgError {
+    fn from(e: StoreError) -> Self {
+        PgError::Data(e)
+    }
+}
+
+const OPEN: u8 = 0;
+const UNREACHABLE: u8 = 1;
+
+impl Shared {
+    async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Runs `work` with the client-side timeout, and tells its failure as a [`StoreError`]
+    /// (marking the store unreachable when the database could not be reached).
+    async fn timed<T>(&self, what: &str, work: impl Future<Output = Result<T, PgError>>) -> Result<T, StoreError> {
+        let outcome = match tokio::time::timeout(self.timeout, work).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(PgError::Timeout),
+        };
+        match outcome {
+            Ok(value) => {
+                self.health.store(OPEN, Ordering::Release);
+                Ok(value)
+            }
+            Err(PgError::Data(e)) => Err(e),
+            Err(e) => {
+                let (unreachable, text) = describe(&e);
+                if unreachable {
+                    self.health.store(UNREACHABLE, Ordering::Release);
+                }
+                Err(StoreError(format!("ledger: {what}: {text}")))
+            }
+        }
+    }
+}
+
+/// Whether the failure means the database is out of reach, and what to say about it. Never the
+/// statement's parameters (claims, credentials' handles): only PostgreSQL's code and message,
+/// or the connection's error.
+fn describe(e: &PgError) -> (bool, String) {
+    match e {
+        PgError::Db(e) => db_failure(e),
+        PgError::Pool(PoolError::Backend(e)) => db_failure(e),
+        PgError::Pool(PoolError::Timeout(_)) => (true, "no database connection within the statement timeout".into()),
+        PgError::Pool(e) => (true, format!("database connection: {e}")),
+        PgError::Timeout => (true, "the database did not answer within the statement timeout".into()),
+        PgError::Data(e) => (false, e.0.clone()),
+    }
+}
+
+fn db_failure(e: &tokio_postgres::Error) -> (bool, String) {
+    match e.as_db_error() {
+        // Class 08 (connection exception) and 57 (operator intervention: shutdown, restart,
+        // statement cancelled by the timeout) say the server is going away or overloaded.
+        Some(db) => {
+            let code = db.code().code();
+            (code.starts_with("08") || code.starts_with("57"), format!("postgres {code}: {}", db.message()))
+        }
+        None => (true, format!("database unreachable: {e}")),
+    }
+}
+
+pub(super) fn db_error(e: &tokio_postgres::Error) -> String {
+    db_failure(e).1
+}
+
+pub(super) fn pool_error(e: &PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => db_error(e),
+        e => e.to_string(),
+    }
+}
+
+impl PgStore {
+    /// Connects, brings the schema to this binary's version (or refuses a newer one), and
+    /// starts the writers and the health probe. Fails when the database cannot be reached: a
+    /// broker that cannot record leases must not start serving.
+    pub async fn open(
+        cfg: &PostgresConfig,
+        password: Option<&SecretString>,
+        replica: &str,
+        retry: RetryPolicy,
+    ) -> Result<PgStore, String> {
+        let where_ = cfg.display();
+        let pool = connect::pool(cfg, password)?;
+        let found = schema::migrate(&pool, replica).await.map_err(|e| format!("ledger {where_}: {e}"))?;
+        let shared = Arc::new(Shared {
+            pool,
+            replica: replica.to_string(),
+            retry,
+            health: AtomicU8::new(OPEN),
+            timeout: Duration::from_millis(cfg.statement_timeout_ms) + Duration::from_secs(1),
+        });
+        let queue = writer::start(shared.clone());
+        let probe = tokio::spawn(probe(Arc::downgrade(&shared)));
+        tracing::info!(store = %where_, schema = schema::LATEST, was = found, replica, "ledger on postgres");
+        Ok(PgStore { shared, queue, probe })
+    }
+
+    async fn issue_now(&self, lease: Lease, replay: Option<&ReplayKey>) -> Result<(), IssueError> {
+        let (reply, answer) = oneshot::channel();
+        let pending = writer::Pending { lease, replay: replay.map(|k| (k.key().to_string(), k.until())), reply };
+        let gone = || IssueError::Store(StoreError("ledger: the lease writer has stopped".into()));
+        self.queue.send(pending).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    async fn begin_now(&self, id: &str, reason: &str, now: UnixSeconds) -> Result<Option<RevokeWork>, StoreError> {
+        let s = &self.shared;
+        s.timed("starting a revocation", async {
+            let client = s.client().await?;
+            let statement = client
+                .prepare_cached(&format!(
+                    "UPDATE ephemera_leases SET state = 'revoking', reason = $2, next_attempt_at = $3, claimed_by = $4 \
+                     WHERE id = $1 AND state = 'active' RETURNING {WORK_COLUMNS}"
+                ))
+                .await?;
+            let stalled = now + STALLED_ATTEMPT_SECS;
+            let row = client.query_opt(&statement, &[&id, &reason, &stalled, &s.replica]).await?;
+            Ok(row.as_ref().map(rows::work).transpose()?)
+        })
+        .await
+    }
+
+    async fn finish_now(
+        &self,
+        id: &str,
+        error: Option<String>,
+        now: UnixSeconds,
+    ) -> Result<Option<LeaseState>, StoreError> {
+        let s = &self.shared;
+        s.timed("recording a revocation's outcome", async {
+            let client = s.client().await?;
+            let Some(error) = error else {
+                // Every backend confirmed. A lease someone else already ended keeps its state.
+                let statement = client
+                    .prepare_cached(
+                        "UPDATE ephemera_leases SET claimed_by = NULL, state = CASE \
+                             WHEN state IN ('revoked', 'expired') THEN state \
+                             WHEN reason = 'expired' THEN 'expired' ELSE 'revoked' END \
+                         WHERE id = $1 RETURNING state",
+                    )
+                    .await?;
+                let row = client.query_opt(&statement, &[&id]).await?;
+                return Ok(row.as_ref().map(state_of).transpose()?);
+            };
+            // A failure: the next attempt's time depends on how many failed before. Read, then
+            // write only if no one else counted an attempt meanwhile (optimistic, no lock held
+            // across the round trips); a lost race reads again.
+            let read = client.prepare_cached("SELECT state, attempts FROM ephemera_leases WHERE id = $1").await?;
+            let write = client
+                .prepare_cached(
+                    "UPDATE ephemera_leases SET state = $2, attempts = $3, next_attempt_at = $4, last_error = $5, \
+                         claimed_by = NULL \
+                     WHERE id = $1 AND attempts = $6 AND state NOT IN ('revoked', 'expired')",
+                )
+                .await?;
+            loop {
+                let Some(row) = client.query_opt(&read, &[&id]).await? else { return Ok(None) };
+                let state = state_of(&row)?;
+                if matches!(state, LeaseState::Revoked | LeaseState::Expired) {
+                    // Another replica's attempt succeeded: a late failure does not bring it back.
+                    return Ok(Some(state));
+                }
+                let before: i32 = rows::get(&row, 1)?;
+                let attempts = u32::try_from(before).unwrap_or(0).saturating_add(1);
+                let (next, next_at) = s.retry.after_failure(attempts, now);
+                let attempts_col = i32::try_from(attempts).unwrap_or(i32::MAX);
+                let changed =
+                    client.execute(&write, &[&id, &next.as_str(), &attempts_col, &next_at, &error, &before]).await?;
+                if changed == 1 {
+                    return Ok(Some(next));
+                }
+            }
+        })
+        .await
+    }
+
+    /// Claims revocation work with `FOR UPDATE SKIP LOCKED`: rows another replica is claiming
+    /// at this moment are skipped, not waited for, and each row is handed to one claimer.
+    async fn claim(&self, what: &str, sql: &str, now: UnixSeconds) -> Result<Vec<RevokeWork>, StoreError> {
+        let s = &self.shared;
+        s.timed(what, async {
+            let client = s.client().await?;
+            let statement = client.prepare_cached(sql).await?;
+            let stalled = now + STALLED_ATTEMPT_SECS;
+            let found = client.query(&statement, &[&now, &stalled, &s.replica]).await?;
+            Ok(found.iter().map(rows::work).collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn claim_due_now(&self, now: UnixSeconds) -> Result<Due, StoreError> {
+        let expired = self
+            .claim(
+                "claiming due expiries",
+                &format!(
+                    "UPDATE ephemera_leases SET state = 'revoking', reason = 'expired', next_attempt_at = $2, \
+                         claimed_by = $3 \
+                     WHERE id IN (SELECT id FROM ephemera_leases WHERE state = 'active' AND expires_at <= $1 \
+                                  ORDER BY expires_at LIMIT {CLAIM_LIMIT} FOR UPDATE SKIP LOCKED) \
+                       AND state = 'active' \
+                     RETURNING {WORK_COLUMNS}"
+                ),
+                now,
+            )
+            .await?;
+        let retries = self
+            .claim(
+                "claiming due retries",
+                &format!(
+                    "UPDATE ephemera_leases SET next_attempt_at = $2, claimed_by = $3 \
+                     WHERE id IN (SELECT id FROM ephemera_leases \
+                                  WHERE state IN ('revoking', 'irrevocable') AND next_attempt_at <= $1 \
+                                  ORDER BY next_attempt_at LIMIT {CLAIM_LIMIT} FOR UPDATE SKIP LOCKED) \
+                     RETURNING {WORK_COLUMNS}"
+                ),
+                now,
+            )
+            .await?;
+        Ok(Due { expired, retries })
+    }
+
+    async fn claim_all_pending_now(&self, now: UnixSeconds) -> Result<Vec<RevokeWork>, StoreError> {
+        // Due work, and whatever this replica had claimed before it restarted; never work
+        // another live replica is in the middle of (it is due again if that replica died).
+        self.claim(
+            "claiming pending revocations",
+            &format!(
+                "UPDATE ephemera_leases SET next_attempt_at = $2, claimed_by = $3 \
+                 WHERE id IN (SELECT id FROM ephemera_leases \
+                              WHERE state IN ('revoking', 'irrevocable') \
+                                AND (next_attempt_at <= $1 OR claimed_by = $3) \
+                              FOR UPDATE SKIP LOCKED) \
+                 RETURNING {WORK_COLUMNS}"
+            ),
+            now,
+        )
+        .await
+    }
+
+    async fn get_now(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        let s = &self.shared;
+        s.timed("reading a lease", async {
+            let client = s.client().await?;
+            let statement =
+                client.prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM ephemera_leases WHERE id = $1")).await?;
+            let row = client.query_opt(&statement, &[&id]).await?;
+            Ok(row.as_ref().map(rows::lease).transpose()?)
+        })
+        .await
+    }
+
+    async fn list_now(&self, filter: &LeaseFilter, limit: usize) -> Result<Vec<Lease>, StoreError> {
+        // Only placeholders carry the filter's values; the SQL text is built from constants.
+        let mut values: Vec<String> = Vec::new();
+        let mut sql = format!("SELECT {LEASE_COLUMNS} FROM ephemera_leases WHERE true");
+        let mut add = |column: &str, value: Option<&str>| {
+            if let Some(value) = value {
+                values.push(value.to_string());
+                let n = values.len();
+                if column == "actor" {
+                    sql.push_str(&format!(" AND (actor_id = ${n} OR user_id = ${n})"));
+                } else {
+                    sql.push_str(&format!(" AND {column} = ${n}"));
+                }
+            }
+        };
+        add("job", filter.job.as_deref());
+        add("policy", filter.policy.as_deref());
+        add("state", filter.state.map(LeaseState::as_str));
+        add("repository_id", filter.repository_id.as_deref());
+        add("project_id", filter.project_id.as_deref());
+        add("actor", filter.actor_id.as_deref());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+        let s = &self.shared;
+        s.timed("listing leases", async {
+            let client = s.client().await?;
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            let found = client.query(&sql, &params).await?;
+            Ok(found.iter().map(rows::lease).collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn live_of_job_now(&self, job: &str, now: UnixSeconds) -> Result<Vec<Arc<str>>, StoreError> {
+        let s = &self.shared;
+        s.timed("reading a job's leases", async {
+            let client = s.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT id FROM ephemera_leases WHERE job = $1 AND state = 'active' AND expires_at > $2 ORDER BY id",
+                )
+                .await?;
+            let found = client.query(&statement, &[&job, &now]).await?;
+            Ok(found.iter().map(|r| rows::get::<&str>(r, 0).map(Arc::from)).collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn live_leases_now(
+        &self,
+        policies: Option<&BTreeSet<String>>,
+        now: UnixSeconds,
+    ) -> Result<Vec<LiveLease>, StoreError> {
+        let policies: Option<Vec<&str>> = policies.map(|p| p.iter().map(String::as_str).collect());
+        let s = &self.shared;
+        s.timed("reading live leases", async {
+            let client = s.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT id, job, policy, issuer, claims::text FROM ephemera_leases \
+                     WHERE state = 'active' AND expires_at > $1 AND ($2::text[] IS NULL OR policy = ANY($2)) \
+                     ORDER BY id",
+                )
+                .await?;
+            let found = client.query(&statement, &[&now, &policies]).await?;
+            let live = found.iter().map(|r| {
+                Ok(LiveLease {
+                    id: Arc::from(rows::get::<&str>(r, 0)?),
+                    job: Arc::from(rows::get::<&str>(r, 1)?),
+                    policy: name::intern(rows::get(r, 2)?),
+                    issuer: name::intern(rows::get(r, 3)?),
+                    claims: serde_json::from_str::<ClaimSnapshot>(rows::get(r, 4)?)
+                        .map_err(|_| StoreError("ledger: a lease row's claims do not parse".into()))?,
+                })
+            });
+            Ok(live.collect::<Result<Vec<_>, StoreError>>()?)
+        })
+        .await
+    }
+
+    async fn handles_of_now(&self, backends: &BTreeSet<String>) -> Result<Vec<RevokeHandle>, StoreError> {
+        let wanted: Vec<&str> = backends.iter().map(String::as_str).collect();
+        let s = &self.shared;
+        s.timed("reading revoke handles", async {
+            let client = s.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT credentials::text FROM ephemera_leases WHERE backends && $1::text[] ORDER BY id",
+                )
+                .await?;
+            let found = client.query(&statement, &[&wanted]).await?;
+            let mut handles = Vec::new();
+            for row in &found {
+                for c in rows::credentials(rows::get(row, 0)?)?.iter() {
+                    if backends.contains(&*c.backend) {
+                        handles.push(c.handle());
+                    }
+                }
+            }
+            Ok(handles)
+        })
+        .await
+    }
+
+    async fn counts_now(&self) -> Result<Counts, StoreError> {
+        let s = &self.shared;
+        s.timed("counting leases", async {
+            let client = s.client().await?;
+            let by_state = client.prepare_cached("SELECT state, count(*) FROM ephemera_leases GROUP BY state").await?;
+            let by_backend = client
+                .prepare_cached(
+                    "SELECT b, count(*) FROM ephemera_leases, unnest(backends) AS b WHERE state = 'active' \
+                     GROUP BY b ORDER BY b",
+                )
+                .await?;
+            let mut counts = Counts::default();
+            for row in client.query(&by_state, &[]).await? {
+                let state = state_of(&row)?;
+                counts.by_state[state.index()] = usize::try_from(rows::get::<i64>(&row, 1)?).unwrap_or(0);
+            }
+            for row in client.query(&by_backend, &[]).await? {
+                let n = usize::try_from(rows::get::<i64>(&row, 1)?).unwrap_or(0);
+                counts.active_by_backend.push((rows::get::<String>(&row, 0)?, n));
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn maintain_now(&self, now: UnixSeconds) -> Result<Maintained, StoreError> {
+        let s = &self.shared;
+        s.timed("forgetting ended leases", async {
+            let client = s.client().await?;
+            let leases = client
+                .prepare_cached(
+                    "DELETE FROM ephemera_leases \
+                     WHERE state IN ('revoked', 'expired') AND greatest(expires_at, created_at) <= $1",
+                )
+                .await?;
+            let keys = client.prepare_cached("DELETE FROM ephemera_replay_keys WHERE until <= $1").await?;
+            let deliveries = client.prepare_cached("DELETE FROM ephemera_deliveries WHERE seen_at <= $1").await?;
+            let forgotten = client.execute(&leases, &[&(now - ENDED_RETENTION_SECS)]).await?;
+            client.execute(&keys, &[&now]).await?;
+            client.execute(&deliveries, &[&(now - DELIVERY_RETENTION_SECS)]).await?;
+            Ok(Maintained { forgotten: usize::try_from(forgotten).unwrap_or(usize::MAX), compacted: 0 })
+        })
+        .await
+    }
+
+    async fn replay_seen_now(&self, key: &ReplayKey) -> Result<bool, StoreError> {
+        let s = &self.shared;
+        s.timed("checking a replay key", async {
+            let client = s.client().await?;
+            let statement =
+                client.prepare_cached("SELECT EXISTS (SELECT 1 FROM ephemera_replay_keys WHERE key = $1)").await?;
+            Ok(rows::get::<bool>(&client.query_one(&statement, &[&key.key()]).await?, 0)?)
+        })
+        .await
+    }
+}
+
+fn state_of(row: &tokio_postgres::Row) -> Result<LeaseState, StoreError> {
+    let text: &str = rows::get(row, 0)?;
+    LeaseState::parse(text).ok_or_else(|| StoreError(format!("ledger: unknown lease state {text:?} in the database")))
+}
+
+/// Once a second: can the database be reached? Readiness follows the answer, so a load balancer
+/// stops sending exchanges to a replica that cannot record them, and sends them again when it can.
+async fn probe(shared: Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = shared.upgrade() else { return };
+        let was = s.health.load(Ordering::Acquire);
+        let result = s
+            .timed("health probe", async {
+                let client = s.client().await?;
+                client.simple_query("SELECT 1").await?;
+                Ok(())
+            })
+            .await;
+        match (&result, was) {
+            (Err(e), OPEN) => {
+                tracing::error!(error = %e, "ledger store unreachable: exchanges fail closed until it is back")
+            }
+            (Ok(()), UNREACHABLE) => tracing::info!("ledger store reachable again"),
+            _ => {}
+        }
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.probe.abort();
+    }
+}
+
+impl LeaseStore for PgStore {
+    fn replay_seen<'a>(&'a self, key: &'a ReplayKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.replay_seen_now(key))
+    }
+
+    fn issue<'a>(&'a self, lease: Lease, replay: Option<&'a ReplayKey>) -> BoxFuture<'a, Result<(), IssueError>> {
+        Box::pin(self.issue_now(lease, replay))
+    }
+
+    fn begin_revoke<'a>(
+        &'a self,
+        id: &'a str,
+        reason: &'a str,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Option<RevokeWork>, StoreError>> {
+        Box::pin(self.begin_now(id, reason, now))
+    }
+
+    fn finish_revoke<'a>(
+        &'a self,
+        id: &'a str,
+        error: Option<String>,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Option<LeaseState>, StoreError>> {
+        Box::pin(self.finish_now(id, error, now))
+    }
+
+    fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>> {
+        Box::pin(self.claim_due_now(now))
+    }
+
+    fn claim_all_pending(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Vec<RevokeWork>, StoreError>> {
+        Box::pin(self.claim_all_pending_now(now))
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Lease>, StoreError>> {
+        Box::pin(self.get_now(id))
+    }
+
+    fn list<'a>(&'a self, filter: &'a LeaseFilter, limit: usize) -> BoxFuture<'a, Result<Vec<Lease>, StoreError>> {
+        Box::pin(self.list_now(filter, limit))
+    }
+
+    fn live_of_job<'a>(&'a self, job: &'a str, now: UnixSeconds) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(self.live_of_job_now(job, now))
+    }
+
+    fn live_leases<'a>(
+        &'a self,
+        policies: Option<&'a BTreeSet<String>>,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Vec<LiveLease>, StoreError>> {
+        Box::pin(self.live_leases_now(policies, now))
+    }
+
+    fn handles_of<'a>(
+        &'a self,
+        backends: &'a BTreeSet<String>,
+    ) -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>> {
+        Box::pin(self.handles_of_now(backends))
+    }
+
+    fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>> {
+        Box::pin(self.counts_now())
+    }
+
+    fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>> {
+        Box::pin(self.maintain_now(now))
+    }
+
+    fn health(&self) -> Health {
+        match self.shared.health.load(Ordering::Acquire) {
+            OPEN => Health::Open,
+            _ => Health::Unreachable,
+        }
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Every write was committed before its caller heard back: nothing is buffered here.
+        Box::pin(async { Ok(()) })
+    }
+}

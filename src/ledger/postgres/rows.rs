@@ -1,0 +1,128 @@
+//! Leases as rows, and back. One column per field the store queries by; the credentials and the
+//! claims snapshot as JSON (the shapes the journal's first format used), parsed only when a
+//! whole lease is read.
+
+use crate::claims::scalar_text;
+use crate::ledger::lease::name;
+use crate::ledger::{ClaimSnapshot, Lease, LeaseCredential, LeaseState, RevokeWork, StoreError};
+use std::sync::Arc;
+use tokio_postgres::Row;
+
+/// The columns [`lease`] reads, in its order.
+pub const LEASE_COLUMNS: &str = "id, job, policy, issuer, created_at, expires_at, state, reason, attempts, \
+                                 next_attempt_at, last_error, credentials::text, claims::text";
+
+/// The columns a revocation needs ([`work`]).
+pub const WORK_COLUMNS: &str = "id, credentials::text";
+
+pub fn lease(row: &Row) -> Result<Lease, StoreError> {
+    let state: &str = get(row, 6)?;
+    let attempts: i32 = get(row, 8)?;
+    Ok(Lease {
+        id: Arc::from(get::<&str>(row, 0)?),
+        job: Arc::from(get::<&str>(row, 1)?),
+        policy: name::intern(get(row, 2)?),
+        issuer: name::intern(get(row, 3)?),
+        created_at: get(row, 4)?,
+        expires_at: get(row, 5)?,
+        state: LeaseState::parse(state).ok_or_else(|| bad("state"))?,
+        reason: get::<Option<&str>>(row, 7)?.map(name::intern),
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        next_attempt_at: get(row, 9)?,
+        last_error: get::<Option<&str>>(row, 10)?.map(Into::into),
+        credentials: credentials(get(row, 11)?)?,
+        claims: serde_json::from_str::<ClaimSnapshot>(get(row, 12)?).map_err(|_| bad("claims"))?,
+    })
+}
+
+pub fn work(row: &Row) -> Result<RevokeWork, StoreError> {
+    Ok(RevokeWork { lease_id: Arc::from(get::<&str>(row, 0)?), credentials: credentials(get(row, 1)?)? })
+}
+
+pub fn credentials(json: &str) -> Result<Box<[LeaseCredential]>, StoreError> {
+    serde_json::from_str::<Vec<LeaseCredential>>(json).map(Vec::into_boxed_slice).map_err(|_| bad("credentials"))
+}
+
+pub fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, StoreError> {
+    row.try_get(i).map_err(|e| StoreError(format!("ledger: reading a lease row: {e}")))
+}
+
+fn bad(column: &str) -> StoreError {
+    StoreError(format!("ledger: a lease row's {column} does not parse"))
+}
+
+/// One new lease as the columns of the batch insert (see [`super::writer`]).
+#[derive(Default)]
+pub struct NewRows {
+    pub replay_key: Vec<Option<String>>,
+    pub replay_until: Vec<Option<i64>>,
+    pub id: Vec<String>,
+    pub job: Vec<String>,
+    pub policy: Vec<String>,
+    pub issuer: Vec<String>,
+    pub created_at: Vec<i64>,
+    pub expires_at: Vec<i64>,
+    /// Comma-joined (backend names never hold a comma: `names::is_name`).
+    pub backends: Vec<String>,
+    pub credentials: Vec<String>,
+    pub claims: Vec<String>,
+    pub repository_id: Vec<Option<String>>,
+    pub project_id: Vec<Option<String>>,
+    pub actor_id: Vec<Option<String>>,
+    pub user_id: Vec<Option<String>>,
+}
+
+impl NewRows {
+    pub fn push(&mut self, lease: &Lease, replay: Option<(&str, i64)>) -> Result<(), StoreError> {
+        let encode = |what: &str, r: serde_json::Result<String>| {
+            r.map_err(|e| StoreError(format!("ledger: encoding a lease's {what}: {e}")))
+        };
+        let credentials = encode("credentials", serde_json::to_string(&lease.credentials))?;
+        let claims = encode("claims", serde_json::to_string(&lease.claims))?;
+        let mut backends: Vec<&str> = lease.credentials.iter().map(|c| &*c.backend).collect();
+        backends.sort_unstable();
+        backends.dedup();
+        let claim = |name: &str| lease.claims.get(name).as_ref().and_then(scalar_text);
+        self.replay_key.push(replay.map(|(k, _)| k.to_string()));
+        self.replay_until.push(replay.map(|(_, u)| u));
+        self.id.push(lease.id.to_string());
+        self.job.push(lease.job.to_string());
+        self.policy.push(lease.policy.to_string());
+        self.issuer.push(lease.issuer.to_string());
+        self.created_at.push(lease.created_at);
+        self.expires_at.push(lease.expires_at);
+        self.backends.push(backends.join(","));
+        self.credentials.push(credentials);
+        self.claims.push(claims);
+        self.repository_id.push(claim("repository_id"));
+        self.project_id.push(claim("project_id"));
+        self.actor_id.push(claim("actor_id"));
+        self.user_id.push(claim("user_id"));
+        Ok(())
+    }
+}
+
+/// The batch insert: replay keys first, then the leases whose key was free (or who had none),
+/// in one statement, so one round trip and one commit carry every lease of the batch. A key
+/// another transaction holds makes this one wait for it, then skip: of two replicas racing
+/// with one token, exactly one lease is written.
+pub const INSERT_BATCH: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                         $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                         $15::text[])
+        AS t(rkey, runtil, id, job, policy, issuer, created_at, expires_at, backends, credentials, claims,
+             repository_id, project_id, actor_id, user_id)
+), taken AS (
+    INSERT INTO ephemera_replay_keys (key, until)
+    SELECT rkey, runtil FROM input WHERE rkey IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+)
+INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, state, backends, credentials, claims,
+                             repository_id, project_id, actor_id, user_id)
+SELECT id, job, policy, issuer, created_at, expires_at, 'active', string_to_array(backends, ','), credentials::jsonb,
+       claims::jsonb, repository_id, project_id, actor_id, user_id
+FROM input
+WHERE rkey IS NULL OR rkey IN (SELECT key FROM taken)
+RETURNING id";
