@@ -35,6 +35,9 @@ const MAX_BATCH: usize = 256;
 pub struct Audit {
     sink: Option<Sink>,
     claims: Vec<String>,
+    /// `{"replica":"<id>",`: every line starts by naming the replica that wrote it, so the
+    /// lines of several replicas can be merged and still told apart. Empty: not named.
+    replica: Vec<u8>,
     /// Events that could not be written (a metric). Counted by the writer thread.
     pub failures: Arc<AtomicU64>,
 }
@@ -61,16 +64,20 @@ type Opener = Box<dyn FnMut() -> Result<Out, String> + Send>;
 impl Audit {
     /// No sink: events are dropped (the server warns at start). No thread.
     pub fn disabled() -> Audit {
-        Audit { sink: None, claims: Vec::new(), failures: Arc::new(AtomicU64::new(0)) }
+        Audit { sink: None, claims: Vec::new(), replica: Vec::new(), failures: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Opens (creating, mode 0600) the configured file for appending, and starts its writer.
-    pub fn open(config: &AuditConfig) -> Result<Audit, String> {
+    /// Every line names `replica`.
+    pub fn open(config: &AuditConfig, replica: &str) -> Result<Audit, String> {
         let out: Out = Box::new(open_append(&config.file)?);
         let path = config.file.clone();
         let reopen_path = path.clone();
         let opener: Opener = Box::new(move || open_append(&reopen_path).map(|f| Box::new(f) as Out));
-        Audit::start(path, out, opener, config.claims.clone())
+        let mut audit = Audit::start(path, out, opener, config.claims.clone())?;
+        let name = serde_json::to_string(replica).map_err(|e| e.to_string())?;
+        audit.replica = format!("{{\"replica\":{name},").into_bytes();
+        Ok(audit)
     }
 
     /// An audit writing to `out` (a test's fake sink); it cannot be reopened.
@@ -89,7 +96,7 @@ impl Audit {
             .name("ephemera-audit".into())
             .spawn(move || writer(out, opener, &writer_path, rx, &writer_failures))
             .map_err(|e| format!("cannot start the audit writer thread: {e}"))?;
-        Ok(Audit { sink: Some(Sink { path, tx }), claims, failures })
+        Ok(Audit { sink: Some(Sink { path, tx }), claims, replica: Vec::new(), failures })
     }
 
     /// The file events go to, when there is one.
@@ -113,8 +120,23 @@ impl Audit {
     pub async fn write(&self, event: &impl serde::Serialize) -> Result<(), String> {
         let Some(sink) = &self.sink else { return Ok(()) };
         let mut line = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+        self.name_replica(&mut line);
         line.push(b'\n');
         sink.ask(|done| Command::Write { line, done }).await
+    }
+
+    /// `{"a":1}` → `{"replica":"r1","a":1}` (and `{}` → `{"replica":"r1"}`).
+    fn name_replica(&self, line: &mut Vec<u8>) {
+        if self.replica.is_empty() || line.first() != Some(&b'{') {
+            return;
+        }
+        let prefix = if line.len() == 2 {
+            // `{}`: the replica is the only member, so no comma after it.
+            &self.replica[..self.replica.len() - 1]
+        } else {
+            &self.replica[..]
+        };
+        line.splice(0..1, prefix.iter().copied());
     }
 
     /// Reopens the file at its path (after logrotate moved it away), after every event queued
@@ -369,7 +391,7 @@ mod tests {
     fn a_reopen_is_ordered_with_the_writes_queued_around_it() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.jsonl");
-        let audit = Audit::open(&AuditConfig { file: file.clone(), claims: Vec::new() }).unwrap();
+        let audit = Audit::open(&AuditConfig { file: file.clone(), claims: Vec::new() }, "r1").unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async {
             assert_eq!(audit.write(&"first").await, Ok(()));
@@ -381,5 +403,21 @@ mod tests {
         let rotated = std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap();
         assert_eq!(rotated, "\"first\"\n\"before\"\n");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "\"after\"\n");
+    }
+
+    #[test]
+    fn every_line_names_the_replica_that_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let audit = Audit::open(&AuditConfig { file: file.clone(), claims: Vec::new() }, "replica-2").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            audit.write(&serde_json::json!({"event": "issued", "lease_id": "lse_1"})).await.unwrap();
+            audit.write(&serde_json::json!({})).await.unwrap();
+        });
+        let lines: Vec<serde_json::Value> =
+            std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0], serde_json::json!({"replica": "replica-2", "event": "issued", "lease_id": "lse_1"}));
+        assert_eq!(lines[1], serde_json::json!({"replica": "replica-2"}));
     }
 }

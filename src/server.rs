@@ -103,12 +103,12 @@ pub async fn start(options: Options) -> Result<Running, String> {
     let policies = load_policies(&config, dev, builtin, clock.now())?;
     let audit = open_audit(&config, dev)?;
     config.hooks.load_secrets().map_err(|errs| format!("refusing to start: {}", errs.join("; ")))?;
+    let store = open_store(&config, faults.storage.take()).await?;
     let keys = FileKeys::new(&config.data_dir);
-    let mut backends = Backends::from_config(&config, &keys, &clock).await?;
+    let mut backends = Backends::from_config(&config, &keys, &clock, store.exclusive()).await?;
     if let Some(wrap) = &faults.backend {
         backends.wrap(wrap.as_ref());
     }
-    let store = open_store(&config, faults.storage.take()).await?;
     let verifier = Verifier::new(&config.issuers, &http_client(), &clock)?;
     let app = Arc::new(App::new(Parts {
         verifier,
@@ -186,7 +186,7 @@ fn load_policies(
 
 fn open_audit(config: &Config, dev: bool) -> Result<Audit, String> {
     match &config.audit {
-        Some(audit) => Audit::open(audit).map_err(|e| format!("refusing to start: {e}")),
+        Some(audit) => Audit::open(audit, &config.replica_id).map_err(|e| format!("refusing to start: {e}")),
         None => {
             if !dev {
                 tracing::warn!("no [audit] file configured: exchanges, denials and revocations are not audited");

@@ -48,6 +48,22 @@ impl App {
     }
 
     /// Every live lease of `job` (webhooks, admin).
+    /// Was this webhook delivery acted on already by a replica sharing the store? A store that
+    /// cannot answer is a no: acting on a delivery twice ends nothing more.
+    pub async fn delivery_seen(&self, hook: &str, id: &str) -> bool {
+        self.store.delivery_seen(hook, id).await.unwrap_or_else(|e| {
+            tracing::warn!(hook, error = %e, "webhook delivery not checked against the shared store");
+            false
+        })
+    }
+
+    /// Remembers a delivery acted on, for every replica sharing the store.
+    pub async fn record_delivery(&self, hook: &str, id: &str) {
+        if let Err(e) = self.store.record_delivery(hook, id, self.now()).await {
+            tracing::warn!(hook, error = %e, "webhook delivery not recorded in the shared store; a redelivery acts again");
+        }
+    }
+
     pub async fn end_job(&self, job: &str, reason: &str) -> Result<RevokeReply, Error> {
         let ids = self.store_ids(self.store.live_of_job(job, self.now()).await)?;
         Ok(self.end_leases(ids, reason).await)

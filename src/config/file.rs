@@ -148,11 +148,12 @@ fn default_issuer(name: &str, platform: Platform, url: &str) -> RawIssuer {
     }
 }
 
-/// The host name, so replicas in a cluster tell themselves apart with no config.
-fn default_replica_id() -> String {
+/// The host name, so replicas in a cluster tell themselves apart with no config; `None` when it
+/// cannot be read or is not a usable id.
+fn host_name_replica_id() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let name = name.trim();
-    if is_replica_id(name) { name.to_string() } else { "ephemera".to_string() }
+    is_replica_id(name).then(|| name.to_string())
 }
 
 fn is_replica_id(text: &str) -> bool {
@@ -197,8 +198,20 @@ impl RawConfig {
         let issuers = self.validate_issuers(&public_url, base, &mut errs);
         let hooks = self.hooks.validate(&issuers, base, &mut errs);
         let backends = self.validate_backends(base, ledger.store.is_shared(), &mut errs);
-        let replica_id = self.replica_id.clone().unwrap_or_else(default_replica_id);
-        if !is_replica_id(&replica_id) {
+        let replica_id = match (&self.replica_id, host_name_replica_id()) {
+            (Some(id), _) => id.clone(),
+            (None, Some(host)) => host,
+            // Replicas on one store must be told apart: a replica takes back the work claimed
+            // under its own id at start, so two sharing a made-up id would take each other's.
+            (None, None) if ledger.store.is_shared() => {
+                errs.0.push(
+                    "replica_id: required with store = \"postgres\" when the host name is not a usable id".into(),
+                );
+                String::new()
+            }
+            (None, None) => "ephemera".to_string(),
+        };
+        if !replica_id.is_empty() && !is_replica_id(&replica_id) {
             errs.0.push("replica_id: 1 to 64 characters of [A-Za-z0-9._-]".into());
         }
         let admin_token_sha256 = self.admin.token_sha256.as_deref().and_then(|h| {

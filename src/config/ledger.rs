@@ -43,6 +43,11 @@ pub struct PostgresConfig {
     pub ca_file: Option<PathBuf>,
     pub pool_size: usize,
     pub statement_timeout_ms: u64,
+    /// How long a replica's claim on a revocation holds: work claimed by a replica that died
+    /// mid-attempt is taken over by another this long after the claim. Longer than any
+    /// backend's upstream timeout, or a slow attempt is tried twice (harmless: revocation is
+    /// idempotent, but it costs an upstream call).
+    pub claim_timeout_secs: i64,
 }
 
 impl PostgresConfig {
@@ -77,6 +82,7 @@ pub(super) struct RawLedger {
     ca_file: Option<PathBuf>,
     pool_size: Option<usize>,
     statement_timeout: Option<String>,
+    claim_timeout: Option<String>,
 }
 
 const MAX_POOL: usize = 256;
@@ -92,6 +98,7 @@ impl RawLedger {
                     (self.ca_file.is_some(), "ca_file"),
                     (self.pool_size.is_some(), "pool_size"),
                     (self.statement_timeout.is_some(), "statement_timeout"),
+                    (self.claim_timeout.is_some(), "claim_timeout"),
                 ] {
                     if set {
                         errs.0.push(format!("ledger.{key}: only for store = \"postgres\""));
@@ -124,6 +131,10 @@ impl RawLedger {
         if !(1..=600).contains(&timeout_secs) {
             errs.0.push("ledger.statement_timeout: between 1s and 10m".into());
         }
+        let claim_timeout_secs = errs.duration("ledger.claim_timeout", self.claim_timeout.as_deref(), 60);
+        if !(1..=3600).contains(&claim_timeout_secs) {
+            errs.0.push("ledger.claim_timeout: between 1s and 1h".into());
+        }
         let parsed = parse_url(url).map_err(|e| errs.0.push(format!("ledger.url: {e}"))).ok()?;
         if parsed.tls && self.ca_file.is_none() {
             // rustls is given exactly the roots we are told about: a database certificate is
@@ -139,6 +150,7 @@ impl RawLedger {
             ca_file: self.ca_file.as_ref().map(|p| base.join(p)),
             pool_size,
             statement_timeout_ms: u64::try_from(timeout_secs.max(1)).unwrap_or(5) * 1000,
+            claim_timeout_secs,
             ..parsed
         })
     }
@@ -201,6 +213,7 @@ fn parse_url(text: &str) -> Result<PostgresConfig, String> {
         ca_file: None,
         pool_size: 16,
         statement_timeout_ms: 5000,
+        claim_timeout_secs: 60,
     })
 }
 

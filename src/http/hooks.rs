@@ -83,7 +83,7 @@ async fn github(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) 
     let bytes = read_body(&headers, body).await?;
     hook.authenticate(&headers, &bytes)?;
     let delivery = delivery_id(&headers, "x-github-delivery")?;
-    let Some(claim) = hook.deliveries.claim(delivery) else { return Ok(duplicate(&hook, delivery)) };
+    let Some(claim) = claim(&app, &hook, delivery).await else { return Ok(duplicate(&hook, delivery)) };
     let event = headers.get("x-github-event").and_then(|v| v.to_str().ok()).unwrap_or_default();
     match event {
         "ping" => return Ok(ignored(&hook, delivery, claim, "ping")),
@@ -120,7 +120,7 @@ async fn gitlab(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) 
     let bytes = read_body(&headers, body).await?;
     hook.authenticate(&headers, &bytes)?;
     let delivery = delivery_id(&headers, "x-gitlab-event-uuid")?;
-    let Some(claim) = hook.deliveries.claim(delivery) else { return Ok(duplicate(&hook, delivery)) };
+    let Some(claim) = claim(&app, &hook, delivery).await else { return Ok(duplicate(&hook, delivery)) };
     if parse_json::<GitlabKind>(&bytes)?.object_kind != "build" {
         return Ok(ignored(&hook, delivery, claim, "object_kind is not build"));
     }
@@ -213,6 +213,21 @@ fn delivery_id<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>
     }
 }
 
+/// Claims the delivery: `None` when it is a duplicate, seen by this process or, through the
+/// shared store, by another replica. A concurrent delivery to two replicas may be acted on by
+/// both, which is harmless: a lease's revocation is handed to one caller, and ending a job twice
+/// ends nothing more.
+async fn claim<'h>(app: &App, hook: &'h Hook, delivery: Option<&str>) -> Option<Claim<'h>> {
+    let claim = hook.deliveries.claim(delivery)?;
+    if let Some(id) = delivery
+        && app.delivery_seen(hook.name, id).await
+    {
+        claim.keep();
+        return None;
+    }
+    Some(claim)
+}
+
 /// Ends the job's leases. The revocation runs in its own task, so a platform that stops waiting
 /// for the reply (GitHub gives up after 10 s) does not cut it short.
 async fn end_job(
@@ -224,7 +239,11 @@ async fn end_job(
 ) -> Result<Response, Error> {
     let job = hook.job_key(&app, key);
     let ended = job.clone();
-    let reply = detached(async move { app.end_job(&ended, REASON).await }).await??;
+    let ending = app.clone();
+    let reply = detached(async move { ending.end_job(&ended, REASON).await }).await??;
+    if let Some(id) = delivery {
+        app.record_delivery(hook.name, id).await;
+    }
     claim.keep();
     tracing::info!(hook = hook.name, delivery, job = %job, revoked = ?reply.revoked, pending = ?reply.pending, "webhook ended job");
     Ok(json_response(StatusCode::OK, &reply))

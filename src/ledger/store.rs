@@ -22,7 +22,7 @@
 use super::{ClaimSnapshot, Lease, LeaseFilter, LeaseState, RevokeWork};
 use crate::clock::UnixSeconds;
 use crate::identity::ReplayKey;
-use crate::mint::{BoxFuture, RevokeHandle};
+use crate::mint::{BoxFuture, Exclusive, RevokeHandle};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
@@ -178,6 +178,30 @@ pub trait LeaseStore: Send + Sync {
     /// Lease counts (a store may answer from a figure it keeps up to date). A backend with no
     /// active lease may be missing from `active_by_backend`.
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>>;
+
+    // ---- shared with other replicas ---------------------------------------------------------
+
+    /// Was this webhook delivery acted on already, by any replica sharing this store? A store
+    /// that no other process shares answers `false`: the hook's own memory covers one process.
+    fn delivery_seen<'a>(&'a self, _hook: &'a str, _id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Ok(false) })
+    }
+
+    /// Remembers a delivery that was acted on, so a redelivery to any replica is a duplicate.
+    fn record_delivery<'a>(
+        &'a self,
+        _hook: &'a str,
+        _id: &'a str,
+        _now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The lock replicas sharing this store take around shared upstream state (`None`: no
+    /// other process shares it).
+    fn exclusive(&self) -> Option<Arc<dyn Exclusive>> {
+        None
+    }
 
     // ---- lifecycle -----------------------------------------------------------------------
 

@@ -19,6 +19,30 @@ use std::sync::Arc;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Mutual exclusion across every replica that shares one lease store, for read-modify-writes of
+/// upstream state the replicas share, such as an AWS role's deny policy: two replicas merging
+/// their entries into one document at once would each write back the other's loss. A single
+/// broker needs none (its backends serialise in process); the shared store provides one (a
+/// PostgreSQL advisory lock).
+pub trait Exclusive: Send + Sync {
+    /// Waits until this caller alone holds `key` among all replicas; it holds it until the
+    /// guard drops. `Err` when the lock cannot be had now (the store is unreachable, or the
+    /// wait outlasted its timeout): the caller must not go ahead without it.
+    fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ExclusiveGuard, String>>;
+}
+
+/// Held while a [`Exclusive`] lock is held; dropping it lets go.
+pub struct ExclusiveGuard {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl ExclusiveGuard {
+    /// A guard that lets go when `inner` drops.
+    pub fn new(inner: Box<dyn Send + Sync>) -> ExclusiveGuard {
+        ExclusiveGuard { _held: inner }
+    }
+}
+
 /// Replaces a named backend with a wrapper around it (fault injection in tests).
 pub type BackendWrap = dyn Fn(&str, Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync;
 
@@ -131,10 +155,12 @@ pub struct Backends {
 
 impl Backends {
     /// Every configured backend; JWT signing keys come from `keys`.
+    /// `exclusive` is the lock replicas share (`None` for a single broker).
     pub async fn from_config(
         config: &crate::config::Config,
         keys: &dyn keys::KeySource,
         clock: &Arc<dyn crate::clock::Clock>,
+        exclusive: Option<Arc<dyn Exclusive>>,
     ) -> Result<Backends, String> {
         let mut out = Backends::default();
         for (name, backend) in &config.backends {
@@ -153,7 +179,7 @@ impl Backends {
                     out.by_name.insert(name.clone(), Arc::new(jwt::JwtBackend::new(signer)));
                 }
                 crate::config::BackendConfig::Aws(a) => {
-                    let backend = aws::AwsBackend::new(name, a, clock.clone())
+                    let backend = aws::AwsBackend::new(name, a, clock.clone(), exclusive.clone())
                         .await
                         .map_err(|e| format!("backend {name}: {e}"))?;
                     out.by_name.insert(name.clone(), Arc::new(backend));

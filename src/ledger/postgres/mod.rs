@@ -6,9 +6,9 @@
 //! - **issue**: a batch insert that takes the replay keys first and writes only the leases
 //!   whose key was free ([`writer`], [`rows::INSERT_BATCH`]); the reply waits for its commit.
 //! - **end**: `UPDATE … WHERE state = 'active'` hands a revocation to one caller; due expiries and
-//!   retries are claimed with `FOR UPDATE SKIP LOCKED`, their next attempt pushed out by
-//!   [`STALLED_ATTEMPT_SECS`], so work held by a replica that died is taken over by another when
-//!   that time has passed.
+//!   retries are claimed with `FOR UPDATE SKIP LOCKED`, their next attempt pushed out by the
+//!   claim timeout (`ledger.claim_timeout`), so work held by a replica that died is taken over
+//!   by another when that time has passed.
 //! - **read**: read-through, every time: a revoke on one replica is seen by the next read on any
 //!   other, with no cache to go stale.
 //!
@@ -20,6 +20,7 @@
 mod connect;
 mod rows;
 mod schema;
+mod shared;
 #[cfg(test)]
 pub mod testing;
 mod writer;
@@ -27,14 +28,11 @@ mod writer;
 pub use schema::LATEST as SCHEMA_VERSION;
 
 use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
-use super::{
-    ClaimSnapshot, ENDED_RETENTION_SECS, Lease, LeaseFilter, LeaseState, RetryPolicy, RevokeWork, STALLED_ATTEMPT_SECS,
-    name,
-};
+use super::{ClaimSnapshot, ENDED_RETENTION_SECS, Lease, LeaseFilter, LeaseState, RetryPolicy, RevokeWork, name};
 use crate::clock::UnixSeconds;
 use crate::config::PostgresConfig;
 use crate::identity::ReplayKey;
-use crate::mint::{BoxFuture, RevokeHandle};
+use crate::mint::{BoxFuture, Exclusive, RevokeHandle};
 use crate::secret::SecretString;
 use deadpool_postgres::{Pool, PoolError};
 use rows::{LEASE_COLUMNS, WORK_COLUMNS};
@@ -66,6 +64,8 @@ pub struct Shared {
     replica: String,
     retry: RetryPolicy,
     health: AtomicU8,
+    /// `ledger.claim_timeout`: a claimed revocation is due again this long after its claim.
+    claim_timeout: i64,
     /// Longer than the server's `statement_timeout`, so the server gives up first; this one
     /// covers a server that stopped answering altogether.
     timeout: Duration,
@@ -183,6 +183,7 @@ impl PgStore {
             pool,
             replica: replica.to_string(),
             retry,
+            claim_timeout: cfg.claim_timeout_secs,
             health: AtomicU8::new(OPEN),
             timeout: Duration::from_millis(cfg.statement_timeout_ms) + Duration::from_secs(1),
         });
@@ -210,7 +211,7 @@ impl PgStore {
                      WHERE id = $1 AND state = 'active' RETURNING {WORK_COLUMNS}"
                 ))
                 .await?;
-            let stalled = now + STALLED_ATTEMPT_SECS;
+            let stalled = now + s.claim_timeout;
             let row = client.query_opt(&statement, &[&id, &reason, &stalled, &s.replica]).await?;
             Ok(row.as_ref().map(rows::work).transpose()?)
         })
@@ -278,7 +279,7 @@ impl PgStore {
         s.timed(what, async {
             let client = s.client().await?;
             let statement = client.prepare_cached(sql).await?;
-            let stalled = now + STALLED_ATTEMPT_SECS;
+            let stalled = now + s.claim_timeout;
             let found = client.query(&statement, &[&now, &stalled, &s.replica]).await?;
             Ok(found.iter().map(rows::work).collect::<Result<Vec<_>, _>>()?)
         })
@@ -612,6 +613,23 @@ impl LeaseStore for PgStore {
 
     fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>> {
         Box::pin(self.maintain_now(now))
+    }
+
+    fn delivery_seen<'a>(&'a self, hook: &'a str, id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.shared.delivery_seen(hook, id))
+    }
+
+    fn record_delivery<'a>(
+        &'a self,
+        hook: &'a str,
+        id: &'a str,
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.shared.record_delivery(hook, id, now))
+    }
+
+    fn exclusive(&self) -> Option<Arc<dyn Exclusive>> {
+        Some(Arc::new(shared::AdvisoryLocks(self.shared.clone())))
     }
 
     fn health(&self) -> Health {

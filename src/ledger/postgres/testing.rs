@@ -33,5 +33,6 @@ pub async fn fresh_database() -> PostgresConfig {
         super::connect::settings(&server, None).connect(tokio_postgres::NoTls).await.expect("the test server answers");
     tokio::spawn(connection);
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    PostgresConfig { dbname: name, pool_size: 8, statement_timeout_ms: 5000, ..server }
+    // The suite expects the file store's stall time.
+    PostgresConfig { dbname: name, pool_size: 8, claim_timeout_secs: crate::ledger::STALLED_ATTEMPT_SECS, ..server }
 }

@@ -7,7 +7,7 @@
 //! Updates to one role's policy are serialised and batched, so two concurrent revocations never
 //! lose each other in a read-modify-write race.
 
-use super::{Backend, BoxFuture, Credential, MintContext, MintError, Minted, Revocation, RevokeHandle};
+use super::{Backend, BoxFuture, Credential, Exclusive, MintContext, MintError, Minted, Revocation, RevokeHandle};
 use crate::aws_format::{self, deny};
 use crate::claims::{GithubClaims, GitlabClaims};
 use crate::clock::{Clock, UnixSeconds, rfc3339};
@@ -35,6 +35,9 @@ pub struct AwsBackend {
     /// Roles holding deny entries, with the time the earliest entry can be dropped. In memory
     /// only: after a restart it is rebuilt from the ledger's credentials ([`Backend::adopt`]).
     cleanup: DashMap<String, UnixSeconds>,
+    /// The lock replicas on one store share: a role's deny policy is read, merged and written
+    /// by one replica at a time. `None` for a single broker (the role queue suffices).
+    exclusive: Option<Arc<dyn Exclusive>>,
 }
 
 /// A revocation waiting for its role's writer: (lease id, session expiry, where the outcome goes).
@@ -47,7 +50,12 @@ struct RoleQueue {
 }
 
 impl AwsBackend {
-    pub async fn new(name: &str, cfg: &AwsBackendConfig, clock: Arc<dyn Clock>) -> Result<AwsBackend, String> {
+    pub async fn new(
+        name: &str,
+        cfg: &AwsBackendConfig,
+        clock: Arc<dyn Clock>,
+        exclusive: Option<Arc<dyn Exclusive>>,
+    ) -> Result<AwsBackend, String> {
         use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
         use aws_smithy_http_client::tls;
         // One TLS stack: rustls with ring, like the rest of the broker.
@@ -84,6 +92,7 @@ impl AwsBackend {
             clock,
             roles: DashMap::new(),
             cleanup: DashMap::new(),
+            exclusive,
         })
     }
 
@@ -191,8 +200,18 @@ impl AwsBackend {
         result.await.unwrap_or_else(|_| Err("the deny-policy writer went away".into()))
     }
 
-    /// Read, merge (dropping entries whose sessions have expired), check the size, write.
+    /// Read, merge (dropping entries whose sessions have expired), check the size, write. With
+    /// replicas, under their shared lock on this role: another replica's read-merge-write between
+    /// our read and our write would otherwise be overwritten, and its revocations silently undone.
     async fn write_deny_policy(&self, role: &str, adds: &[(String, UnixSeconds)]) -> Result<(), String> {
+        let _replicas = match &self.exclusive {
+            Some(lock) => Some(
+                lock.acquire(&format!("aws-deny:{}:{role}", self.name))
+                    .await
+                    .map_err(|e| format!("role {role}: the replicas' lock on its deny policy: {e}"))?,
+            ),
+            None => None,
+        };
         let now = self.clock.now();
         let existing = self.read_deny_policy(role).await?;
         let merged = deny::merge_deny_entries(existing, adds, now);
