@@ -39,6 +39,10 @@ enum Command {
     /// Development helpers for a running `serve --dev` broker.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Move the ledger between stores (from the file journal to PostgreSQL, say). Stop the
+    /// brokers on the source store first.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// Exchange this job's OIDC ID token for the credentials a policy grants (prints them on stdout).
     #[command(after_help = EXCHANGE_HELP)]
     Exchange(ExchangeArgs),
@@ -213,6 +217,24 @@ enum PolicyCommand {
 }
 
 #[derive(Subcommand)]
+enum LedgerCommand {
+    /// Print every lease of the configured store (in its current state) and every replay key
+    /// still guarded, as JSON lines on stdout.
+    Export {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load what `export` printed into the configured store, from FILE or stdin. Leases already
+    /// there are kept as they are, so an interrupted import can be run again.
+    Import {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The export (default: stdin).
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum DevCommand {
     /// Print a token from a running dev broker's in-process issuer.
     Token {
@@ -265,6 +287,7 @@ fn main() -> ExitCode {
             write_stdout(&if tests { testing::test_schema() } else { ephemera::policy::policy_schema() })
         }
         Command::Dev(DevCommand::Token { broker, claims, issuer }) => dev_token(&broker, claims.as_deref(), &issuer),
+        Command::Ledger(command) => ledger(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -334,6 +357,29 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn load_config(path: Option<&Path>) -> Result<Config, String> {
     Config::load(path).map(|(c, _)| c).map_err(|errs| format!("invalid config:\n  {}", errs.join("\n  ")))
+}
+
+fn ledger(command: LedgerCommand) -> Result<(), String> {
+    match command {
+        LedgerCommand::Export { config } => {
+            let config = load_config(config.as_deref())?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let records = runtime()?.block_on(ephemera::server::export_ledger(&config, &mut out))?;
+            eprintln!("ephemera: exported {records} records");
+        }
+        LedgerCommand::Import { config, file } => {
+            let config = load_config(config.as_deref())?;
+            let mut input: Box<dyn std::io::BufRead> = match &file {
+                Some(path) => Box::new(std::io::BufReader::new(
+                    std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdin().lock()),
+            };
+            let done = runtime()?.block_on(ephemera::server::import_ledger(&config, &mut input))?;
+            eprintln!("ephemera: imported {} records, {} new leases", done.records, done.new_leases);
+        }
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {

@@ -9,7 +9,7 @@ use crate::config::{BackendConfig, Config, StoreConfig};
 use crate::dev::{DEV_POLICY, DevIssuer};
 use crate::identity::Verifier;
 use crate::identity::jwks::http_client;
-use crate::ledger::{FileStore, FileStoreOptions, LeaseStore, PgStore, RetryPolicy, StorageWrap};
+use crate::ledger::{Event, FileStore, FileStoreOptions, LeaseStore, PgStore, RetryPolicy, StorageWrap};
 use crate::mint::keys::FileKeys;
 use crate::mint::{BackendWrap, Backends};
 use crate::policy::LoadContext;
@@ -194,6 +194,64 @@ fn open_audit(config: &Config, dev: bool) -> Result<Audit, String> {
             Ok(Audit::disabled())
         }
     }
+}
+
+/// `ephemera ledger export`: every lease of the configured store in its current state and every
+/// replay key still guarded, one JSON record per line ([`Event`]), to `out`. Returns how many
+/// records. Run it with the brokers on that store stopped: a file store's journal is the
+/// broker's own, and leases issued after the export would not move.
+pub async fn export_ledger(config: &Config, out: &mut dyn std::io::Write) -> Result<usize, String> {
+    let store = open_store(config, None).await?;
+    let records = store.export().await.map_err(|e| e.0)?;
+    for record in &records {
+        serde_json::to_writer(&mut *out, record).map_err(|e| format!("writing the export: {e}"))?;
+        out.write_all(b"\n").map_err(|e| format!("writing the export: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("writing the export: {e}"))?;
+    Ok(records.len())
+}
+
+/// Records per transaction of `ledger import`: a failed import keeps what committed before, and
+/// running it again adds only what is missing.
+const IMPORT_CHUNK: usize = 10_000;
+
+/// What `ledger import` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    pub records: usize,
+    pub new_leases: usize,
+}
+
+/// `ephemera ledger import`: what `export` wrote, into the configured store. A lease or replay
+/// key already there is kept as it is, so an interrupted import can be run again. A line that
+/// does not parse stops the import before anything of its chunk is written, naming its line.
+pub async fn import_ledger(config: &Config, input: &mut dyn std::io::BufRead) -> Result<Imported, String> {
+    let store = open_store(config, None).await?;
+    let mut done = Imported::default();
+    let mut chunk: Vec<Event> = Vec::with_capacity(IMPORT_CHUNK);
+    let mut line = String::new();
+    let mut number = 0usize;
+    loop {
+        line.clear();
+        let read = input.read_line(&mut line).map_err(|e| format!("reading the import: {e}"))?;
+        if read > 0 && !line.trim().is_empty() {
+            number += 1;
+            // The parse error names the line and column, never the record's text.
+            let record: Event =
+                serde_json::from_str(&line).map_err(|e| format!("line {number}: not a ledger record: {e}"))?;
+            chunk.push(record);
+        }
+        if chunk.len() == IMPORT_CHUNK || (read == 0 && !chunk.is_empty()) {
+            done.new_leases += store.import(&chunk).await.map_err(|e| e.0)?;
+            done.records += chunk.len();
+            chunk.clear();
+        }
+        if read == 0 {
+            break;
+        }
+    }
+    store.flush().await.map_err(|e| e.0)?;
+    Ok(done)
 }
 
 /// The lease store: the file store under `data_dir/ledger`, replayed before anything is served,

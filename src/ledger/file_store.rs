@@ -141,6 +141,14 @@ impl FileStore {
         Ok(())
     }
 
+    async fn import_now(&self, records: &[Event]) -> Result<usize, StoreError> {
+        check_importable(records)?;
+        let before = self.memory.len();
+        self.record(records).await.map_err(|e| StoreError(e.0))?;
+        records.iter().for_each(|e| self.memory.apply(e.clone()));
+        Ok(self.memory.len() - before)
+    }
+
     async fn begin_now(&self, id: &str, reason: &str, now: UnixSeconds) -> Option<RevokeWork> {
         let work = self.memory.begin(id, reason, now)?;
         self.note_revoke_requested(&[(id, reason)], now).await;
@@ -283,6 +291,14 @@ impl LeaseStore for FileStore {
         Box::pin(async move { Ok(self.counts_now()) })
     }
 
+    fn export(&self) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
+        Box::pin(async { Ok(self.memory.snapshot()) })
+    }
+
+    fn import<'a>(&'a self, records: &'a [Event]) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(self.import_now(records))
+    }
+
     fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>> {
         Box::pin(async move { Ok(self.maintain_now(now).await) })
     }
@@ -301,5 +317,16 @@ impl LeaseStore for FileStore {
                 None => Ok(()),
             }
         })
+    }
+}
+
+/// An import carries leases and replay keys only: a record of a lease's later life (a revoke
+/// started, an outcome) belongs to the store that wrote it, and its effect is in the lease's
+/// exported state already.
+pub(super) fn check_importable(records: &[Event]) -> Result<(), StoreError> {
+    if records.iter().all(|e| matches!(e, Event::Created { .. } | Event::JtiUsed { .. })) {
+        Ok(())
+    } else {
+        Err(StoreError("ledger import: only lease and replay-key records (`created`, `jti_used`) are imported".into()))
     }
 }

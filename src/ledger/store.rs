@@ -19,7 +19,7 @@
 //!
 //! [`STALLED_ATTEMPT_SECS`]: super::STALLED_ATTEMPT_SECS
 
-use super::{ClaimSnapshot, Lease, LeaseFilter, LeaseState, RevokeWork};
+use super::{ClaimSnapshot, Event, Lease, LeaseFilter, LeaseState, RevokeWork};
 use crate::clock::UnixSeconds;
 use crate::identity::ReplayKey;
 use crate::mint::{BoxFuture, Exclusive, RevokeHandle};
@@ -202,6 +202,17 @@ pub trait LeaseStore: Send + Sync {
     fn exclusive(&self) -> Option<Arc<dyn Exclusive>> {
         None
     }
+
+    // ---- moving between stores ------------------------------------------------------------
+
+    /// Everything this store remembers, as records a store imports: each lease in its current
+    /// state ([`Event::Created`]) and each replay key still guarded ([`Event::JtiUsed`]).
+    fn export(&self) -> BoxFuture<'_, Result<Vec<Event>, StoreError>>;
+
+    /// Takes what another store exported (only [`Event::Created`] and [`Event::JtiUsed`]),
+    /// durably; a lease or key already here is kept as it is, so an import can be run again.
+    /// Returns how many leases were new.
+    fn import<'a>(&'a self, records: &'a [Event]) -> BoxFuture<'a, Result<usize, StoreError>>;
 
     // ---- lifecycle -----------------------------------------------------------------------
 

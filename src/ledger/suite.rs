@@ -165,6 +165,41 @@ async fn counts_follow_each_state_and_backend(s: &dyn LeaseStore) {
     s.flush().await.unwrap();
 }
 
+async fn what_one_store_exports_another_imports_in_the_same_state(s: &dyn LeaseStore) {
+    let source = FileStore::in_memory(FileStoreOptions { retry: RETRY, ..FileStoreOptions::default() });
+    let key = ReplayKey::new("k".into(), 90);
+    source.issue(lease("a", "j", 100), Some(&key)).await.unwrap();
+    for id in ["b", "c"] {
+        source.issue(lease(id, "j", 100), None).await.unwrap();
+        source.begin_revoke(id, "job", 1).await.unwrap().unwrap();
+    }
+    source.finish_revoke("b", Some("boom".into()), 1).await.unwrap();
+    source.finish_revoke("c", None, 1).await.unwrap();
+    let records = source.export().await.unwrap();
+
+    assert_eq!(s.import(&records).await.unwrap(), 3);
+    assert_eq!(s.import(&records).await.unwrap(), 0, "a second run imports nothing new");
+    assert_eq!(state(s, "a").await, Some(LeaseState::Active));
+    let b = s.get("b").await.unwrap().unwrap();
+    assert_eq!((b.state, b.attempts, b.last_error.as_deref()), (LeaseState::Revoking, 1, Some("boom")));
+    assert_eq!(state(s, "c").await, Some(LeaseState::Revoked));
+    assert_eq!(s.issue(lease("d", "j", 100), Some(&key)).await, Err(IssueError::Replayed), "replay keys move too");
+    assert_eq!(work_ids(&s.claim_due(b.next_attempt_at).await.unwrap().retries), ["b"], "pending work moves too");
+
+    let sorted = |mut v: Vec<Event>| {
+        v.sort_by_key(|e| format!("{e:?}"));
+        v
+    };
+    let mut exported = s.export().await.unwrap();
+    exported.retain(|e| !matches!(e, Event::Created { lease } if &*lease.id == "b"));
+    let mut expected = records.clone();
+    expected.retain(|e| !matches!(e, Event::Created { lease } if &*lease.id == "b"));
+    assert_eq!(sorted(exported), sorted(expected), "what was imported is exported as it was");
+    let later = [Event::Revoked { id: "a".into(), at: 5 }];
+    assert!(s.import(&later).await.is_err(), "only leases and replay keys are imported");
+    assert_eq!(state(s, "a").await, Some(LeaseState::Active));
+}
+
 // ---- the stores -----------------------------------------------------------------------------
 
 /// A store kind for the suite, with what it needs to stay alive (a temporary directory).
@@ -221,6 +256,7 @@ stores!(
     of_two_racing_issues_with_one_replay_key_exactly_one_is_recorded,
     live_leases_are_listed_by_policy_without_ended_ones,
     counts_follow_each_state_and_backend,
+    what_one_store_exports_another_imports_in_the_same_state,
 );
 
 // ---- the file store's own --------------------------------------------------------------------

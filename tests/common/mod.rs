@@ -5,6 +5,7 @@
 
 pub mod dev_broker;
 pub mod moto;
+pub mod replicas;
 
 use axum::Router;
 use axum::extract::State;

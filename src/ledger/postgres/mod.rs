@@ -28,7 +28,9 @@ mod writer;
 pub use schema::LATEST as SCHEMA_VERSION;
 
 use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
-use super::{ClaimSnapshot, ENDED_RETENTION_SECS, Lease, LeaseFilter, LeaseState, RetryPolicy, RevokeWork, name};
+use super::{
+    ClaimSnapshot, ENDED_RETENTION_SECS, Event, Lease, LeaseFilter, LeaseState, RetryPolicy, RevokeWork, name,
+};
 use crate::clock::UnixSeconds;
 use crate::config::PostgresConfig;
 use crate::identity::ReplayKey;
@@ -496,6 +498,55 @@ impl PgStore {
         .await
     }
 
+    async fn export_now(&self) -> Result<Vec<Event>, StoreError> {
+        let s = &self.shared;
+        s.timed("exporting the ledger", async {
+            let client = s.client().await?;
+            let leases = client.query(&format!("SELECT {LEASE_COLUMNS} FROM ephemera_leases ORDER BY id"), &[]).await?;
+            let keys = client.query("SELECT key, until FROM ephemera_replay_keys ORDER BY key", &[]).await?;
+            let mut out = Vec::with_capacity(leases.len() + keys.len());
+            for row in &leases {
+                out.push(Event::Created { lease: Box::new(rows::lease(row)?) });
+            }
+            for row in &keys {
+                out.push(Event::JtiUsed { key: rows::get(row, 0)?, exp: rows::get(row, 1)? });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// One transaction: all of it or none. A lease or key already here is kept (a re-run).
+    async fn import_now(&self, records: &[Event]) -> Result<usize, StoreError> {
+        super::file_store::check_importable(records)?;
+        let s = &self.shared;
+        let mut client = s.client().await.map_err(|e| StoreError(format!("ledger import: {}", describe(&e).1)))?;
+        // No client-side timeout around the whole: a large import takes longer than one
+        // statement may; each statement still has the server's.
+        let work = async {
+            let tx = client.transaction().await?;
+            let lease = tx.prepare(rows::IMPORT_LEASE).await?;
+            let key = tx
+                .prepare("INSERT INTO ephemera_replay_keys (key, until) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .await?;
+            let mut new = 0;
+            for record in records {
+                match record {
+                    Event::Created { lease: l } => {
+                        new += tx.execute(&lease, &rows::import_params(l)?.as_params()).await?
+                    }
+                    Event::JtiUsed { key: k, exp } => {
+                        tx.execute(&key, &[k, exp]).await?;
+                    }
+                    _ => {}
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, PgError>(usize::try_from(new).unwrap_or(usize::MAX))
+        };
+        work.await.map_err(|e| StoreError(format!("ledger import: {}", describe(&e).1)))
+    }
+
     async fn replay_seen_now(&self, key: &ReplayKey) -> Result<bool, StoreError> {
         let s = &self.shared;
         s.timed("checking a replay key", async {
@@ -609,6 +660,14 @@ impl LeaseStore for PgStore {
 
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>> {
         Box::pin(self.counts_now())
+    }
+
+    fn export(&self) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
+        Box::pin(self.export_now())
+    }
+
+    fn import<'a>(&'a self, records: &'a [Event]) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(self.import_now(records))
     }
 
     fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>> {

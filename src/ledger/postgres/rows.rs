@@ -51,6 +51,63 @@ fn bad(column: &str) -> StoreError {
     StoreError(format!("ledger: a lease row's {column} does not parse"))
 }
 
+/// One lease, in whatever state another store left it (`ledger import`).
+pub const IMPORT_LEASE: &str = "
+INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, state, reason, attempts, next_attempt_at,
+                             last_error, backends, credentials, claims, repository_id, project_id, actor_id, user_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, string_to_array($12, ','), $13::text::jsonb, $14::text::jsonb, $15, $16, $17,
+        $18)
+ON CONFLICT (id) DO NOTHING";
+
+/// The parameters of [`IMPORT_LEASE`] for one lease.
+pub struct ImportRow {
+    rows: NewRows,
+    state: &'static str,
+    reason: Option<String>,
+    attempts: i32,
+    next_attempt_at: i64,
+    last_error: Option<String>,
+}
+
+pub fn import_params(lease: &Lease) -> Result<ImportRow, StoreError> {
+    let mut rows = NewRows::default();
+    rows.push(lease, None)?;
+    Ok(ImportRow {
+        rows,
+        state: lease.state.as_str(),
+        reason: lease.reason.as_deref().map(String::from),
+        attempts: i32::try_from(lease.attempts).unwrap_or(i32::MAX),
+        next_attempt_at: lease.next_attempt_at,
+        last_error: lease.last_error.as_deref().map(String::from),
+    })
+}
+
+impl ImportRow {
+    pub fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 18] {
+        let r = &self.rows;
+        [
+            &r.id[0],
+            &r.job[0],
+            &r.policy[0],
+            &r.issuer[0],
+            &r.created_at[0],
+            &r.expires_at[0],
+            &self.state,
+            &self.reason,
+            &self.attempts,
+            &self.next_attempt_at,
+            &self.last_error,
+            &r.backends[0],
+            &r.credentials[0],
+            &r.claims[0],
+            &r.repository_id[0],
+            &r.project_id[0],
+            &r.actor_id[0],
+            &r.user_id[0],
+        ]
+    }
+}
+
 /// One new lease as the columns of the batch insert (see [`super::writer`]).
 #[derive(Default)]
 pub struct NewRows {

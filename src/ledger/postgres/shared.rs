@@ -83,3 +83,53 @@ impl Drop for Held {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{PgStore, connect, testing};
+    use crate::ledger::{LeaseStore, RetryPolicy};
+    use std::time::Duration;
+
+    /// `pg_try_advisory_lock` from a session of the test's own: can anyone else take `key` now?
+    async fn free(client: &tokio_postgres::Client, key: &str) -> bool {
+        let row = client.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await.unwrap();
+        let taken: bool = row.get(0);
+        if taken {
+            client.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&key]).await.unwrap();
+        }
+        taken
+    }
+
+    #[tokio::test]
+    async fn a_lock_is_held_by_one_replica_at_a_time_until_its_guard_drops() {
+        let cfg = testing::fresh_database().await;
+        let a = PgStore::open(&cfg, None, "a", RetryPolicy::default()).await.unwrap();
+        let b = PgStore::open(&cfg, None, "b", RetryPolicy::default()).await.unwrap();
+        let (client, connection) = connect::settings(&cfg, None).connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let key = "aws-deny:aws:deploy";
+
+        let held = a.exclusive().unwrap().acquire(key).await.unwrap();
+        assert!(!free(&client, key).await, "held by replica a");
+        assert!(free(&client, "aws-deny:aws:other-role").await, "one lock per key");
+        // Replica b waits for it, and gets it once a lets go.
+        let waiting = tokio::spawn(async move {
+            let guard = b.exclusive().unwrap().acquire(key).await.unwrap();
+            (b, guard)
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(held);
+        let (_b, guard) = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+        assert!(!free(&client, key).await, "held by replica b now");
+        drop(guard);
+        // The unlock runs on the guard's connection, in a task of its own.
+        for _ in 0..500 {
+            if free(&client, key).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the lock was never let go after its guard dropped");
+    }
+}
