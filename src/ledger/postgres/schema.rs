@@ -64,6 +64,28 @@ async fn apply(client: &mut deadpool_postgres::Object, replica: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{PgStore, RetryPolicy};
+
+    #[tokio::test]
+    async fn a_database_migrated_by_a_newer_broker_refuses_this_one_and_says_why() {
+        let cfg = super::super::testing::fresh_database().await;
+        drop(PgStore::open(&cfg, None, "old", RetryPolicy::default()).await.unwrap());
+        let opened = PgStore::open(&cfg, None, "again", RetryPolicy::default()).await;
+        assert!(opened.is_ok(), "a database at this version opens again, migrating nothing");
+        let (client, connection) =
+            super::super::connect::settings(&cfg, None).connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .execute("INSERT INTO ephemera_schema (version, applied_by) VALUES ($1, 'newer')", &[&(LATEST + 1)])
+            .await
+            .unwrap();
+        let Err(e) = PgStore::open(&cfg, None, "old", RetryPolicy::default()).await else {
+            panic!("a newer schema must refuse the start")
+        };
+        assert!(e.contains(&format!("version {}, newer than this broker knows ({LATEST})", LATEST + 1)), "{e}");
+        let rows: i64 = client.query_one("SELECT count(*) FROM ephemera_schema", &[]).await.unwrap().get(0);
+        assert_eq!(rows, i64::from(LATEST) + 1, "each version recorded once");
+    }
 
     #[test]
     fn versions_are_numbered_one_by_one_up_to_the_latest() {
