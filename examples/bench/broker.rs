@@ -42,19 +42,42 @@ grants:
       environment: "${environment}"
 "#;
 
-/// Writes the config directory (with `extra` TOML appended); returns the config file's path.
-pub fn write_setup(dir: &Path, extra: &str) -> PathBuf {
+/// What a config adds to the one above. The default is the operator's single broker: the jwt
+/// backend's key generated under `data_dir`, the replica named by the host name, the file store.
+#[derive(Default)]
+pub struct Setup<'a> {
+    /// `replica_id` (a top-level key): required with `store = "postgres"`, one per replica.
+    pub replica_id: Option<&'a str>,
+    /// The jwt backend's `signing_key_file`: required with `store = "postgres"`, the same file
+    /// for every replica (a JWT minted by one must verify on all).
+    pub signing_key_file: Option<&'a Path>,
+    /// TOML tables appended at the end (`[ledger]`, …).
+    pub extra: &'a str,
+}
+
+impl<'a> Setup<'a> {
+    pub fn extra(extra: &'a str) -> Setup<'a> {
+        Setup { extra, ..Setup::default() }
+    }
+}
+
+/// Writes the config directory; returns the config file's path.
+pub fn write_setup(dir: &Path, setup: &Setup) -> PathBuf {
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("policies").join(format!("{POLICY}.yaml")), POLICY_YAML).unwrap();
     std::fs::write(dir.join("issuer-jwks.json"), crate::tokens::jwks().to_string()).unwrap();
     std::fs::write(dir.join("github-secret"), format!("{WEBHOOK_SECRET}\n")).unwrap();
     let admin_sha256 = ephemera::secret::sha256_hex(ADMIN_TOKEN.as_bytes());
+    let replica_id = setup.replica_id.map(|id| format!("replica_id = \"{id}\"\n")).unwrap_or_default();
+    let signing_key =
+        setup.signing_key_file.map(|f| format!("signing_key_file = \"{}\"\n", f.display())).unwrap_or_default();
+    let extra = setup.extra;
     let toml = format!(
         r#"listen = "127.0.0.1:0"
 public_url = "{AUDIENCE}"
 policies = "policies"
 data_dir = "data"
-
+{replica_id}
 [[issuers]]
 name = "github"
 platform = "github-actions"
@@ -68,7 +91,7 @@ replay_protection = true
 [backends.jwt]
 type = "jwt"
 max_ttl = "1h"
-
+{signing_key}
 [hooks]
 github_secret_file = "github-secret"
 
@@ -96,12 +119,12 @@ impl Broker {
     /// Starts `binary serve --config <dir>/bench.toml` with JSON logs (default `info`) going to
     /// `<dir>/broker.log`, and waits until `/readyz` answers 200.
     pub async fn start(binary: &Path, dir: &Path) -> Broker {
-        Broker::start_with(binary, dir, "").await
+        Broker::start_with(binary, dir, &Setup::default()).await
     }
 
-    /// [`Broker::start`] with `extra` TOML appended to the config.
-    pub async fn start_with(binary: &Path, dir: &Path, extra: &str) -> Broker {
-        let config = write_setup(dir, extra);
+    /// [`Broker::start`] with the config's additions.
+    pub async fn start_with(binary: &Path, dir: &Path, setup: &Setup<'_>) -> Broker {
+        let config = write_setup(dir, setup);
         let log = dir.join("broker.log");
         let mut child = Command::new(binary)
             .args(["serve", "--config"])

@@ -6,24 +6,68 @@
 use crate::broker::{self, ADMIN_TOKEN, AUDIENCE, Broker, ISSUER_URL, POLICY, WEBHOOK_SECRET};
 use crate::crypto::{Floor, Sampler};
 use crate::http::{Conn, request};
-use crate::load::{closed_loop, open_loop};
+use crate::load::{closed_loop, closed_loop_over, open_loop};
 use crate::procfs::Window;
 use crate::table::{Row, median, p50_p99_ms};
 use crate::tokens::{self, Issuer};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// The saturation run is split in rounds; rows report the median round.
-const SAT_ROUNDS: usize = 3;
+pub const SAT_ROUNDS: usize = 3;
 
 /// One saturation round.
-struct Round {
-    rate: f64,
-    cpu_us: f64,
-    others: f64,
-    steal: f64,
-    ok: usize,
+pub struct Round {
+    pub rate: f64,
+    /// Broker CPU per exchange (summed over the brokers served), µs.
+    pub cpu_us: f64,
+    /// CPU per exchange of the other processes watched (the database's), µs.
+    pub extra_us: f64,
+    pub others: f64,
+    pub steal: f64,
+    pub ok: usize,
+}
+
+/// The median of `f` over the rounds, and its spread: (median, lowest, highest).
+pub fn over_rounds(rounds: &[Round], f: fn(&Round) -> f64) -> (f64, f64, f64) {
+    let v: Vec<f64> = rounds.iter().map(f).collect();
+    (median(&v), v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max))
+}
+
+/// One saturation round: a closed loop over `addrs`, and the CPU time per exchange of the
+/// `brokers` (summed) and of the `extra` processes (summed), with what the rest of the machine
+/// used meanwhile. Prints a progress line headed `what`.
+pub async fn saturation_round(
+    what: &str,
+    addrs: &[SocketAddr],
+    brokers: &[String],
+    extra: &[String],
+    requests: Arc<Vec<Vec<u8>>>,
+    conns: usize,
+) -> Round {
+    let watched: Vec<&str> = brokers.iter().chain(extra).map(String::as_str).chain(["self"]).collect();
+    let window = Window::start(&watched);
+    let run = closed_loop_over(addrs, requests, conns, 201).await;
+    let measured = window.end();
+    run.check(what);
+    let per_exchange = |cpu: &[f64]| cpu.iter().sum::<f64>() / run.ok as f64 * 1e6;
+    let (brokers_cpu, extra_cpu) = measured.cpu.split_at(brokers.len());
+    let round = Round {
+        rate: run.rate(),
+        cpu_us: per_exchange(brokers_cpu),
+        extra_us: per_exchange(&extra_cpu[..extra.len()]),
+        others: measured.others_cores,
+        steal: measured.steal_cores,
+        ok: run.ok,
+    };
+    let extra_text = if extra.is_empty() { String::new() } else { format!(" + {:.0} µs database", round.extra_us) };
+    eprintln!(
+        "  {what}: {:.0} exchanges/s, {:.0} µs broker CPU each{extra_text} (others: {:.2} cores, steal {:.2})",
+        round.rate, round.cpu_us, round.others, round.steal
+    );
+    round
 }
 
 /// How many requests each phase sends.
@@ -77,14 +121,21 @@ pub struct Options {
 }
 
 /// Token index ranges, so every token of the run has its own job.
-struct Tokens {
+pub struct Tokens {
     issuer: Issuer,
-    next: u64,
+    pub next: u64,
     now: i64,
 }
 
 impl Tokens {
-    fn take(&mut self, n: usize) -> (u64, Vec<String>) {
+    /// Tokens of the bench's issuer for the broker's audience, issued now.
+    pub fn new() -> Tokens {
+        let now = ephemera::clock::Clock::now(&ephemera::clock::SystemClock);
+        Tokens { issuer: Issuer::new(ISSUER_URL, AUDIENCE), next: 0, now }
+    }
+
+    /// The next `n` tokens, and the index of the first (its job: [`tokens::job_ids`]).
+    pub fn take(&mut self, n: usize) -> (u64, Vec<String>) {
         let first = self.next;
         self.next += n as u64;
         (first, self.issuer.tokens(first, n, self.now))
@@ -96,7 +147,8 @@ fn exchange_request(token: &str) -> Vec<u8> {
     request("POST", "/v1/exchange", &[("Authorization", &auth)], "application/json", br#"{"policy":"bench"}"#)
 }
 
-fn requests(tokens: &[String]) -> Arc<Vec<Vec<u8>>> {
+/// `POST /v1/exchange` for each token, as bytes.
+pub fn requests(tokens: &[String]) -> Arc<Vec<Vec<u8>>> {
     Arc::new(tokens.iter().map(|t| exchange_request(t)).collect())
 }
 
@@ -129,8 +181,7 @@ pub struct Figures {
 /// with the broker idle, the crypto floor takes another sample.
 pub async fn run(options: &Options, plan: &Plan, floor: &mut Sampler, dir: &Path) -> Figures {
     ephemera::install_crypto();
-    let now = ephemera::clock::Clock::now(&ephemera::clock::SystemClock);
-    let mut tokens = Tokens { issuer: Issuer::new(ISSUER_URL, AUDIENCE), next: 0, now };
+    let mut tokens = Tokens::new();
     let signing = Instant::now();
     let warmup = requests(&tokens.take(plan.warmup).1);
     let saturation: Vec<_> = (0..SAT_ROUNDS).map(|_| requests(&tokens.take(plan.saturation / SAT_ROUNDS).1)).collect();
@@ -151,26 +202,12 @@ pub async fn run(options: &Options, plan: &Plan, floor: &mut Sampler, dir: &Path
     let pid = broker.pid.to_string();
     let mut sat = Vec::new();
     for requests in saturation {
-        let window = Window::start(&[&pid, "self"]);
-        let run = closed_loop(addr, requests, plan.saturation_conns, 201).await;
-        let measured = window.end();
-        run.check("saturation");
-        let round = Round {
-            rate: run.rate(),
-            cpu_us: measured.cpu[0] / run.ok as f64 * 1e6,
-            others: measured.others_cores,
-            steal: measured.steal_cores,
-            ok: run.ok,
-        };
-        eprintln!(
-            "  saturation: {:.0} exchanges/s, {:.0} µs broker CPU each (others: {:.2} cores, steal {:.2})",
-            round.rate, round.cpu_us, round.others, round.steal
-        );
-        sat.push(round);
+        let pids = std::slice::from_ref(&pid);
+        sat.push(saturation_round("saturation", &[addr], pids, &[], requests, plan.saturation_conns).await);
         floor.sample(plan.floor_sample / 2.0);
     }
-    let rate = median(&sat.iter().map(|r| r.rate).collect::<Vec<_>>());
-    let sat_cpu_us = median(&sat.iter().map(|r| r.cpu_us).collect::<Vec<_>>());
+    let (rate, _, _) = over_rounds(&sat, |r| r.rate);
+    let (sat_cpu_us, _, _) = over_rounds(&sat, |r| r.cpu_us);
 
     // (a') the same closed loop against /healthz: what serving any request costs at saturation
     // (HTTP, the runtime, the request log line), to tell it apart from the exchange's own work.
@@ -256,13 +293,9 @@ impl Figures {
         let total = floor.total_us();
         let Figures { rate, sat_cpu_us, half_cpu_us, latency: (p50, p99), health: (b50, b99), .. } = self;
         let (revoke_ms, hook_ms, introspect_ms) = (self.revoke_ms, self.hook_ms, self.introspect_ms);
-        let spread = |f: fn(&Round) -> f64| {
-            let v: Vec<f64> = self.sat.iter().map(f).collect();
-            (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max))
-        };
-        let (rate_lo, rate_hi) = spread(|r| r.rate);
-        let (cpu_lo, cpu_hi) = spread(|r| r.cpu_us);
-        let (_, others) = spread(|r| r.others + r.steal);
+        let (_, rate_lo, rate_hi) = over_rounds(&self.sat, |r| r.rate);
+        let (_, cpu_lo, cpu_hi) = over_rounds(&self.sat, |r| r.cpu_us);
+        let (_, _, others) = over_rounds(&self.sat, |r| r.others + r.steal);
         let n: usize = self.sat.iter().map(|r| r.ok).sum();
         let rounds = self.sat.len();
         let mut rows = vec![
@@ -342,7 +375,7 @@ impl Figures {
     }
 }
 
-fn cores() -> f64 {
+pub fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1.0, |p| p.get() as f64)
 }
 
@@ -354,21 +387,13 @@ async fn revocations(
     hook: (u64, Vec<String>),
 ) -> ((f64, f64), (f64, f64), (f64, f64)) {
     let mut conn = Conn::open(addr).await.unwrap();
+    let mut watcher = Conn::open(addr).await.unwrap();
     let mut introspect_rtt = Vec::new();
     let mut by_revoke = Vec::new();
     for token in &revoke.1 {
-        let (lease, jwt) = exchange(&mut conn, token).await;
-        introspect_rtt.push(introspect_until(&mut conn, &jwt, true).await);
-        let started = Instant::now();
-        let body = serde_json::json!({"lease_id": lease}).to_string();
-        let auth = format!("Bearer {token}");
-        let r = conn
-            .send(&request("POST", "/v1/revoke", &[("Authorization", &auth)], "application/json", body.as_bytes()))
-            .await
-            .unwrap();
-        assert!(r.status == 200 && r.text().contains(&lease), "revoke: {} {}", r.status, r.text());
-        introspect_until(&mut conn, &jwt, false).await;
-        by_revoke.push(started.elapsed().as_secs_f64());
+        let watched = revoke_and_watch(&mut conn, &mut watcher, token).await;
+        introspect_rtt.push(watched.introspect_rtt);
+        by_revoke.push(watched.secs);
     }
     let mut by_hook = Vec::new();
     for (k, token) in hook.1.iter().enumerate() {
@@ -403,6 +428,29 @@ async fn revocations(
     (p50_p99_ms(&mut by_revoke), p50_p99_ms(&mut by_hook), p50_p99_ms(&mut introspect_rtt))
 }
 
+/// What [`revoke_and_watch`] saw.
+pub struct Watched {
+    /// From sending the revoke to the watcher's first inactive answer.
+    pub secs: f64,
+    /// Introspections the watcher needed after the revoke had answered (1: the first said so).
+    pub polls: usize,
+    /// One introspection round trip on the watcher, for the live lease (a baseline).
+    pub introspect_rtt: f64,
+}
+
+/// Exchanges `token` over `conn`, checks that `watcher` (another connection: to the same broker
+/// or to another replica) sees the lease active, revokes it over `conn` with the job's token, and
+/// introspects over `watcher` until it says inactive.
+pub async fn revoke_and_watch(conn: &mut Conn, watcher: &mut Conn, token: &str) -> Watched {
+    let (lease, jwt) = exchange(conn, token).await;
+    let (introspect_rtt, _) = introspect_until(watcher, &jwt, true).await;
+    let started = Instant::now();
+    revoke(conn, token, &lease).await;
+    let (_, polls) = introspect_until(watcher, &jwt, false).await;
+    Watched { secs: started.elapsed().as_secs_f64(), polls, introspect_rtt }
+}
+
+/// One exchange: the lease id and the broker JWT it minted.
 async fn exchange(conn: &mut Conn, token: &str) -> (String, String) {
     let r = conn.send(&exchange_request(token)).await.unwrap();
     assert_eq!(r.status, 201, "exchange: {}", r.text());
@@ -412,9 +460,20 @@ async fn exchange(conn: &mut Conn, token: &str) -> (String, String) {
     (lease, jwt)
 }
 
+/// Ends `lease` with `POST /v1/revoke`, authenticated by the job's own CI token.
+async fn revoke(conn: &mut Conn, token: &str, lease: &str) {
+    let body = serde_json::json!({"lease_id": lease}).to_string();
+    let auth = format!("Bearer {token}");
+    let r = conn
+        .send(&request("POST", "/v1/revoke", &[("Authorization", &auth)], "application/json", body.as_bytes()))
+        .await
+        .unwrap();
+    assert!(r.status == 200 && r.text().contains(lease), "revoke: {} {}", r.status, r.text());
+}
+
 /// Introspects `jwt` until `active` is `want_active`: once for a live lease (one round trip, the
-/// baseline), and after a revocation as often as it takes. Seconds taken.
-async fn introspect_until(conn: &mut Conn, jwt: &str, want_active: bool) -> f64 {
+/// baseline), and after a revocation as often as it takes. Seconds taken, and introspections.
+async fn introspect_until(conn: &mut Conn, jwt: &str, want_active: bool) -> (f64, usize) {
     let auth = format!("Bearer {ADMIN_TOKEN}");
     let body = format!("token={jwt}");
     let req = request(
@@ -425,11 +484,11 @@ async fn introspect_until(conn: &mut Conn, jwt: &str, want_active: bool) -> f64 
         body.as_bytes(),
     );
     let started = Instant::now();
-    for _ in 0..10_000 {
+    for polls in 1..=10_000 {
         let r = conn.send(&req).await.unwrap();
         assert_eq!(r.status, 200, "introspect: {}", r.text());
         if r.json()["active"] == want_active {
-            return started.elapsed().as_secs_f64();
+            return (started.elapsed().as_secs_f64(), polls);
         }
     }
     panic!("introspection never answered active = {want_active}");
@@ -462,14 +521,13 @@ fn attribution_in_child(n: usize) -> Attribution {
 /// The child process's side of [`Attribution`]: `n` sequential calls of each kind.
 pub fn attribution_child(n: usize) -> Attribution {
     let dir = tempfile::tempdir().unwrap();
-    let now = ephemera::clock::Clock::now(&ephemera::clock::SystemClock);
-    let mut tokens = Tokens { issuer: Issuer::new(ISSUER_URL, AUDIENCE), next: 0, now };
+    let mut tokens = Tokens::new();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(in_process(dir.path(), &mut tokens, n))
 }
 
 async fn in_process(dir: &Path, tokens: &mut Tokens, n: usize) -> Attribution {
-    let config_path = broker::write_setup(dir, "");
+    let config_path = broker::write_setup(dir, &broker::Setup::default());
     let text = std::fs::read_to_string(&config_path).unwrap();
     let config = ephemera::config::Config::parse(&text, dir).unwrap();
     let clock: Arc<dyn ephemera::clock::Clock> = Arc::new(ephemera::clock::SystemClock);

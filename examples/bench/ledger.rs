@@ -13,7 +13,7 @@
 //! holding the journal): its RSS and its time to `/readyz` are what an operator sees.
 //! Revoke-by-job, reaping and group commit are measured in process, on `FileStore` and `Journal`.
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Setup};
 use crate::table::{Row, median};
 use ephemera::claims::Claims;
 use ephemera::identity::ReplayKey;
@@ -34,14 +34,14 @@ const SMALL_OTHERS: usize = 1_000;
 
 /// Makes leases at `now` (the real time: the binary replays them with its real clock, and they
 /// must still be live then).
-struct Leases {
+pub struct Leases {
     base: Claims,
     now: i64,
     due: i64,
 }
 
 impl Leases {
-    fn new() -> Leases {
+    pub fn new() -> Leases {
         let now = ephemera::clock::Clock::now(&ephemera::clock::SystemClock);
         Leases { base: crate::tokens::fixture_claims(), now, due: now + 1_800 }
     }
@@ -291,7 +291,7 @@ async fn boot_binary(binary: &Path, dir: &Path, journal: &Path) -> Boot {
     std::fs::create_dir_all(full_dir.join("data/ledger")).unwrap();
     std::fs::rename(journal, full_dir.join("data/ledger/journal")).unwrap();
     let started = Instant::now();
-    let empty = Broker::start_with(binary, &empty_dir, NO_COMPACTION).await;
+    let empty = Broker::start_with(binary, &empty_dir, &Setup::extra(NO_COMPACTION)).await;
     let ready_empty = started.elapsed().as_secs_f64();
     let rss_empty = crate::procfs::rss_of(&empty.pid.to_string());
     drop(empty);
@@ -302,7 +302,7 @@ async fn boot_binary(binary: &Path, dir: &Path, journal: &Path) -> Boot {
     let mut rss_full = 0;
     for ready in &mut ready_full {
         let started = Instant::now();
-        let full = Broker::start_with(binary, &full_dir, NO_COMPACTION).await;
+        let full = Broker::start_with(binary, &full_dir, &Setup::extra(NO_COMPACTION)).await;
         *ready = started.elapsed().as_secs_f64();
         rss_full = crate::procfs::rss_of(&full.pid.to_string());
     }
@@ -318,10 +318,16 @@ async fn durable_rate(dir: &Path, records: usize, leases: &Leases) -> (f64, f64)
     (group, single)
 }
 
-async fn appends(path: &Path, writers: usize, total: usize, leases: &Leases) -> f64 {
+/// Leases made durable per second by a `FileStore` on a new journal at `path` ([`issues`]).
+pub async fn appends(path: &Path, writers: usize, total: usize, leases: &Leases) -> f64 {
     let (storage, opened) = FileStorage::open(path).unwrap();
     let journal = Journal::start(Box::new(storage), opened.len);
-    let ledger = Arc::new(FileStore::with_journal(journal, FileStoreOptions::default()));
+    issues(Arc::new(FileStore::with_journal(journal, FileStoreOptions::default())), writers, total, leases).await
+}
+
+/// Leases made durable per second by `ledger`: `total` calls of `LeaseStore::issue` (a lease and
+/// its token's replay key), from `writers` concurrent tasks that each wait for their last.
+pub async fn issues(ledger: Arc<dyn LeaseStore>, writers: usize, total: usize, leases: &Leases) -> f64 {
     let per_writer = total / writers;
     let batches: Vec<Vec<(Lease, String)>> =
         (0..writers).map(|w| (0..per_writer).map(|k| leases.lease(w * per_writer + k)).collect()).collect();

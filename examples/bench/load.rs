@@ -72,11 +72,17 @@ impl Outcome {
 /// Sends every request once over `conns` keep-alive connections, each as soon as its
 /// connection is free.
 pub async fn closed_loop(addr: SocketAddr, requests: Arc<Vec<Vec<u8>>>, conns: usize, expect: u16) -> Outcome {
+    closed_loop_over(&[addr], requests, conns, expect).await
+}
+
+/// [`closed_loop`] over several servers (replicas): connection `i` goes to `addrs[i % len]`,
+/// round robin, as a load balancer spreads keep-alive connections.
+pub async fn closed_loop_over(addrs: &[SocketAddr], requests: Arc<Vec<Vec<u8>>>, conns: usize, expect: u16) -> Outcome {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..conns)
-        .map(|_| {
-            let (requests, next) = (requests.clone(), next.clone());
+        .map(|i| {
+            let (requests, next, addr) = (requests.clone(), next.clone(), addrs[i % addrs.len()]);
             tokio::spawn(async move {
                 let mut out = Outcome::default();
                 let mut conn = Conn::open(addr).await.unwrap();

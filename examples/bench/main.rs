@@ -1,13 +1,15 @@
 //! ephemera's benchmark harness (issue 7). `scripts/bench` builds it in release and runs it:
 //!
 //!     target/release/examples/bench [--quick] [--broker target/release/ephemera] [--perf DIR]
-//!                                   [--only crypto,exchange,jwks,ledger] [--leases N] [--keep DIR]
+//!                                   [--only crypto,exchange,jwks,ledger,postgres] [--leases N]
+//!                                   [--keep DIR]
 //!
 //! It prints one Markdown table. Every row is measured in this run, next to a baseline measured
 //! in the same run on the same (shared, noisy) machine: the crypto floor for the exchange's CPU,
 //! `/healthz` on the same schedule for its latency, 1k leases for 1M, a file read for replay,
 //! one writer for group commit. Ratios are what a check may assert; absolute figures are printed
-//! for reading. Rows 2 and 5 run against the real `ephemera serve` binary over loopback HTTP.
+//! for reading. Rows 2, 5 and 6 run against the real `ephemera serve` binary over loopback HTTP;
+//! rows 6 (`store = "postgres"`) against a PostgreSQL server the bench starts and stops itself.
 //!
 //! `--quick` (a smoke run, under a minute) uses fewer requests and 100k leases instead of 1M.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -19,6 +21,7 @@ mod http;
 mod jwks;
 mod ledger;
 mod load;
+mod postgres;
 mod procfs;
 mod profile;
 mod table;
@@ -55,7 +58,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger] [--leases N] [--keep DIR]"
+                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres] [--leases N] [--keep DIR]"
             );
             return ExitCode::from(2);
         }
@@ -72,7 +75,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         quick: false,
         broker: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera")),
         perf: None,
-        only: ["crypto", "exchange", "jwks", "ledger"].map(String::from).to_vec(),
+        only: ["crypto", "exchange", "jwks", "ledger", "postgres"].map(String::from).to_vec(),
         leases: None,
         keep: None,
     };
@@ -156,11 +159,15 @@ fn run(args: &Args) -> Vec<Row> {
         let keep = args.keep.as_ref().map(|_| dir.join("ledger"));
         rows.extend(ledger_rows(leases, records, &args.broker, keep.as_deref()));
     }
+    if wants("postgres") {
+        eprintln!("== 6. the shared store on PostgreSQL (issue 14)");
+        rows.extend(postgres::run(&args.broker, args.quick, &dir.join("postgres")));
+    }
     rows.sort_by_key(|r| order(&r.id));
     rows
 }
 
-/// Table order: 1, 2…, 3…, 4, 5…, then attribution (A) and profile (P) rows.
+/// Table order: 1, 2…, 3…, 4, 5…, 6…, then attribution (A) and profile (P) rows.
 fn order(id: &str) -> (u8, String) {
     let rank = match id.chars().next() {
         Some(c @ '1'..='9') => c as u8 - b'0',

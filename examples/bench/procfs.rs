@@ -52,6 +52,17 @@ pub fn cpu(pid: &str) -> Cpu {
     Cpu { per_thread, total: cpu_seconds(pid) }
 }
 
+/// [`cpu`] of several processes together (a database server's: a process per connection).
+pub fn cpu_of(pids: &[String]) -> Cpu {
+    let mut all = Cpu { per_thread: HashMap::new(), total: 0.0 };
+    for pid in pids {
+        let one = cpu(pid);
+        all.per_thread.extend(one.per_thread);
+        all.total += one.total;
+    }
+    all
+}
+
 impl Cpu {
     /// Seconds of CPU used since `before`.
     pub fn since(&self, before: &Cpu) -> f64 {
@@ -127,6 +138,21 @@ pub fn thread_cpu_seconds() -> f64 {
         Some(secs) if secs > 0.0 => secs,
         _ => cpu_seconds("thread-self"),
     }
+}
+
+/// The processes whose parent is `pid` (a PostgreSQL server's backends and workers).
+pub fn children(pid: &str) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .map(|p| p.file_name().to_string_lossy().into_owned())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // Field 4 of stat(5), the parent: the second after the command name's `)`.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)) == Some(pid)
+        })
+        .collect()
 }
 
 /// Resident set size of this process, in bytes.
