@@ -1,5 +1,5 @@
-//! Group commit for new leases: exchanges hand their lease to a queue, and a few writer tasks
-//! each take whatever has queued up (up to [`MAX_BATCH`]) and record it with one statement
+//! Group commit for new leases: exchanges hand their lease to a queue, and the writer task
+//! ([`WRITERS`]) takes whatever has queued up (up to [`MAX_BATCH`]) and records it with one statement
 //! ([`super::rows::INSERT_BATCH`]), so one round trip and one commit carry every lease that
 //! arrived meanwhile. An exchange gets its answer only after that commit (persist before reply).
 //!
@@ -19,9 +19,14 @@ use tokio_postgres::types::ToSql;
 /// enough that one statement stays well under the statement timeout.
 pub const MAX_BATCH: usize = 256;
 
-/// Writer tasks: batches in flight at once. Two cores and one database; more would only queue
-/// on the database's WAL flush.
-pub const WRITERS: usize = 4;
+/// Writer tasks: batches in flight at once. One: its next batch is everything that queued while
+/// its last one committed, so a busy broker commits a few large batches instead of many small
+/// ones. Four writers split a queue of 32 exchanges in flight into batches of 1.5–3.5 leases;
+/// one writer measured +10–20 % exchanges/s and about 40 µs less database CPU per exchange
+/// (`scripts/bench --only postgres`, rows 6a–6d, docs/benchmarks.md), for a p99 at half load
+/// about 1–2 ms higher. A batch that waits on another replica's uncommitted replay key waits at
+/// most that transaction's commit (milliseconds), bounded by the statement timeout.
+pub const WRITERS: usize = 1;
 
 /// Queued leases at most before `issue` waits (back-pressure, not unbounded memory).
 const QUEUE: usize = 8192;
