@@ -97,13 +97,20 @@ pub struct OwnPg {
     pub dir: TempDir,
     /// The superuser URL.
     pub url: String,
+    env: Vec<(String, PathBuf)>,
 }
 
 impl OwnPg {
     pub async fn start() -> OwnPg {
+        OwnPg::start_with(&[]).await
+    }
+
+    /// Started with `scripts/pg`'s environment options (`EPHEMERA_PG_TLS_DIR`, …).
+    pub async fn start_with(env: &[(&str, &Path)]) -> OwnPg {
         let dir = tempfile::tempdir().unwrap();
         // Built before anything can panic, so Drop stops the server on every path.
-        let mut pg = OwnPg { dir, url: String::new() };
+        let mut pg =
+            OwnPg { dir, url: String::new(), env: env.iter().map(|(k, v)| (k.to_string(), v.to_path_buf())).collect() };
         pg.url = pg.run("start").await;
         pg
     }
@@ -123,6 +130,7 @@ impl OwnPg {
         let out = tokio::process::Command::new(&script)
             .arg(cmd)
             .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
             .await

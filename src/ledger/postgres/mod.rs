@@ -153,7 +153,19 @@ fn db_failure(e: &tokio_postgres::Error) -> (bool, String) {
             let code = db.code().code();
             (code.starts_with("08") || code.starts_with("57"), format!("postgres {code}: {}", db.message()))
         }
-        None => (true, format!("database unreachable: {e}")),
+        // The driver's own text is one line ("error performing TLS handshake"); the cause
+        // (rustls: "invalid peer certificate: UnknownIssuer", an I/O error) is in its sources.
+        // Neither ever holds the password: it is sent only inside the SCRAM exchange.
+        None => {
+            let mut text = format!("database unreachable: {e}");
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            (true, text)
+        }
     }
 }
 
