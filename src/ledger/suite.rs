@@ -200,6 +200,35 @@ async fn what_one_store_exports_another_imports_in_the_same_state(s: &dyn LeaseS
     assert_eq!(state(s, "a").await, Some(LeaseState::Active));
 }
 
+async fn leases_are_listed_by_job_state_and_the_claims_operators_filter_by(s: &dyn LeaseStore) {
+    let with_claims = |id: &str, job: &str, claims: serde_json::Value| {
+        let mut l = lease(id, job, 100);
+        let serde_json::Value::Object(map) = claims else { panic!("claims are an object") };
+        l.claims = ClaimSnapshot::new(&map.into_iter().collect());
+        l
+    };
+    // GitHub sends ids as strings, GitLab as numbers: both filter by their text.
+    s.issue(with_claims("a", "j1", serde_json::json!({"repository_id": "74", "actor_id": "9"})), None).await.unwrap();
+    s.issue(with_claims("b", "j2", serde_json::json!({"repository_id": "75", "actor_id": "9"})), None).await.unwrap();
+    s.issue(with_claims("c", "j3", serde_json::json!({"project_id": 42, "user_id": 9})), None).await.unwrap();
+    s.begin_revoke("b", "job", 1).await.unwrap();
+    let list = |filter: LeaseFilter| async move {
+        let mut ids: Vec<String> = s.list(&filter, 10).await.unwrap().iter().map(|l| l.id.to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let by = LeaseFilter::default;
+    assert_eq!(list(LeaseFilter { job: Some("j2".into()), ..by() }).await, ["b"]);
+    assert_eq!(list(LeaseFilter { state: Some(LeaseState::Active), ..by() }).await, ["a", "c"]);
+    assert_eq!(list(LeaseFilter { repository_id: Some("74".into()), ..by() }).await, ["a"]);
+    assert_eq!(list(LeaseFilter { project_id: Some("42".into()), ..by() }).await, ["c"]);
+    assert_eq!(list(LeaseFilter { actor_id: Some("9".into()), ..by() }).await, ["a", "b", "c"], "actor_id or user_id");
+    let both = LeaseFilter { actor_id: Some("9".into()), state: Some(LeaseState::Revoking), ..by() };
+    assert_eq!(list(both).await, ["b"], "filters combine");
+    assert!(list(LeaseFilter { repository_id: Some("7".into()), ..by() }).await.is_empty(), "exact, not a prefix");
+    assert_eq!(s.list(&by(), 2).await.unwrap().len(), 2, "at most the limit");
+}
+
 // ---- the stores -----------------------------------------------------------------------------
 
 /// A store kind for the suite, with what it needs to stay alive (a temporary directory).
@@ -257,6 +286,7 @@ stores!(
     live_leases_are_listed_by_policy_without_ended_ones,
     counts_follow_each_state_and_backend,
     what_one_store_exports_another_imports_in_the_same_state,
+    leases_are_listed_by_job_state_and_the_claims_operators_filter_by,
 );
 
 // ---- the file store's own --------------------------------------------------------------------
