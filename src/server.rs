@@ -234,8 +234,8 @@ pub async fn import_ledger(config: &Config, input: &mut dyn std::io::BufRead) ->
     loop {
         line.clear();
         let read = input.read_line(&mut line).map_err(|e| format!("reading the import: {e}"))?;
+        number += 1;
         if read > 0 && !line.trim().is_empty() {
-            number += 1;
             // The parse error names the line and column, never the record's text.
             let record: Event =
                 serde_json::from_str(&line).map_err(|e| format!("line {number}: not a ledger record: {e}"))?;

@@ -47,7 +47,6 @@ impl App {
         Ok(ids.iter().map(|id| id.to_string()).collect())
     }
 
-    /// Every live lease of `job` (webhooks, admin).
     /// Was this webhook delivery acted on already by a replica sharing the store? A store that
     /// cannot answer is a no: acting on a delivery twice ends nothing more.
     pub async fn delivery_seen(&self, hook: &str, id: &str) -> bool {
@@ -64,6 +63,7 @@ impl App {
         }
     }
 
+    /// Every live lease of `job` (webhooks, admin).
     pub async fn end_job(&self, job: &str, reason: &str) -> Result<RevokeReply, Error> {
         let ids = self.store_ids(self.store.live_of_job(job, self.now()).await)?;
         Ok(self.end_leases(ids, reason).await)

@@ -5,7 +5,8 @@
 //! inline policy `ephemera-revoked` on the role that denies everything to sessions whose
 //! `aws:SourceIdentity` is a revoked lease id, until those sessions have expired anyway.
 //! Updates to one role's policy are serialised and batched, so two concurrent revocations never
-//! lose each other in a read-modify-write race.
+//! lose each other in a read-modify-write race; with replicas on a shared store, also across
+//! processes (`mint::Exclusive`, a PostgreSQL advisory lock per role).
 
 use super::{Backend, BoxFuture, Credential, Exclusive, MintContext, MintError, Minted, Revocation, RevokeHandle};
 use crate::aws_format::{self, deny};
