@@ -704,6 +704,11 @@ impl LeaseStore for PgStore {
     }
 
     fn health(&self) -> Health {
+        // The writer task gone (it cannot end while the store lives, short of a bug): no lease
+        // can be issued, so the replica must not say it is ready.
+        if self.queue.is_closed() {
+            return Health::Broken;
+        }
         match self.shared.health.load(Ordering::Acquire) {
             OPEN => Health::Open,
             _ => Health::Unreachable,
