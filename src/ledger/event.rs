@@ -1,7 +1,7 @@
 //! The records of a lease's life, as a store writes them: the journal's records, and what a
 //! replay applies.
 
-use super::Lease;
+use super::{Lease, LeaseCredential};
 use crate::clock::UnixSeconds;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,17 @@ pub enum Event {
         attempts: u32,
         next_at: UnixSeconds,
         error: String,
+    },
+    /// A renewal's credentials joined the lease (issue 15). Replayed whatever the lease's state
+    /// (a revocation may have started after the renewal was recorded): what was minted must be
+    /// revoked with it.
+    Renewed {
+        id: String,
+        at: UnixSeconds,
+        /// The lease's renewal count after this one, so applying the record twice (a compaction
+        /// carries records over) counts it once.
+        count: u32,
+        credentials: Vec<LeaseCredential>,
     },
     /// A token's `jti` was used for an exchange under a policy (replay protection).
     JtiUsed {

@@ -10,7 +10,7 @@
 use super::journal::{FileStorage, Journal, JournalError, Storage};
 use super::memory::Memory;
 use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
-use super::{Event, Lease, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
+use super::{Event, Lease, LeaseCredential, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
 use crate::clock::UnixSeconds;
 use crate::identity::ReplayKey;
 use crate::mint::{BoxFuture, RevokeHandle};
@@ -139,6 +139,16 @@ impl FileStore {
         }
         self.memory.insert(lease);
         Ok(())
+    }
+
+    /// Memory first, under the lease's entry lock (so a revocation that starts next takes the
+    /// new credentials too), then the journal; the caller hears `true` only once the record is
+    /// durable. On a journal failure the credentials stay listed in memory (revoked with the
+    /// lease) and the caller revokes them at once.
+    async fn renew_now(&self, id: &str, credentials: &[LeaseCredential], now: UnixSeconds) -> Result<bool, StoreError> {
+        let Some(event) = self.memory.renew(id, credentials, now) else { return Ok(false) };
+        self.record(std::slice::from_ref(&event)).await.map_err(|e| StoreError(e.0))?;
+        Ok(true)
     }
 
     async fn import_now(&self, records: &[Event]) -> Result<usize, StoreError> {
@@ -289,6 +299,15 @@ impl LeaseStore for FileStore {
 
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>> {
         Box::pin(async move { Ok(self.counts_now()) })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        id: &'a str,
+        credentials: &'a [LeaseCredential],
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.renew_now(id, credentials, now))
     }
 
     fn export(&self) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {

@@ -155,9 +155,28 @@ pub struct Lease {
     pub next_attempt_at: UnixSeconds,
     #[serde(default)]
     pub last_error: Option<Box<str>>,
+    /// Every credential minted under it: the exchange's, then each renewal's.
     pub credentials: Box<[LeaseCredential]>,
     /// The verified claims it was granted on: for re-evaluation, filters and the audit trail.
     pub claims: ClaimSnapshot,
+    /// Present when its policy lets the job renew it (issue 15): the lease lasts until
+    /// `expires_at`, its credentials each their own short ttl, renewed on the way. Boxed: most
+    /// leases have none, and a million leases pay 8 bytes each for it.
+    #[serde(default)]
+    pub renewal: Option<Box<Renewal>>,
+}
+
+/// What makes a lease renewable, and how often it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Renewal {
+    /// SHA-256 (hex) of the renew token the exchange handed out: the token itself is never
+    /// stored, so a copy of the ledger renews nothing.
+    pub token_sha256: Box<str>,
+    /// Renewals so far.
+    pub count: u32,
+    /// When the last one was recorded (0: never).
+    pub last_at: UnixSeconds,
 }
 
 impl Lease {
@@ -184,11 +203,17 @@ impl Lease {
             last_error: None,
             credentials,
             claims: ClaimSnapshot::new(identity.claims()),
+            renewal: None,
         }
     }
 
     pub fn is_live(&self, now: UnixSeconds) -> bool {
         self.state == LeaseState::Active && now < self.expires_at
+    }
+
+    /// Can a renewal add credentials to it at `now`? Active, renewable, and not past its end.
+    pub fn is_renewable(&self, now: UnixSeconds) -> bool {
+        self.renewal.is_some() && self.is_live(now)
     }
 
     pub(super) fn ends_with_expiry(&self) -> bool {

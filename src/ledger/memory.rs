@@ -7,7 +7,7 @@
 
 use super::lease::name;
 use super::{
-    ENDED_RETENTION_SECS, Event, Lease, LeaseFilter, LeaseState, LiveLease, RetryPolicy, RevokeWork,
+    ENDED_RETENTION_SECS, Event, Lease, LeaseCredential, LeaseFilter, LeaseState, LiveLease, RetryPolicy, RevokeWork,
     STALLED_ATTEMPT_SECS,
 };
 use crate::clock::UnixSeconds;
@@ -93,6 +93,7 @@ impl Memory {
                 l.state = LeaseState::Irrevocable;
                 (l.attempts, l.next_attempt_at, l.last_error) = (attempts, next_at, Some(error.into()));
             }),
+            Event::Renewed { id, at, count, credentials } => self.add_credentials(&id, credentials, count, at),
             Event::JtiUsed { key, exp } => {
                 let key: Arc<str> = key.into();
                 self.jtis.insert(key.clone(), exp);
@@ -314,6 +315,48 @@ impl Memory {
 
     pub(super) fn len(&self) -> usize {
         self.leases.len()
+    }
+
+    /// A renewal of lease `id` at `now`, if it is renewable then: its credentials join the
+    /// lease here, under the lease's entry lock, so a revocation that starts afterwards takes
+    /// them too. Returns the record to journal; `None` (nothing changed) when the lease is
+    /// unknown, not active, not renewable or past its end.
+    pub(super) fn renew(&self, id: &str, credentials: &[LeaseCredential], now: UnixSeconds) -> Option<Event> {
+        let mut lease = self.leases.get_mut(id)?;
+        if !lease.is_renewable(now) {
+            return None;
+        }
+        let count = lease.renewal.as_ref().map_or(0, |r| r.count).saturating_add(1);
+        self.append_credentials(&mut lease, credentials, count, now);
+        Some(Event::Renewed { id: id.to_string(), at: now, count, credentials: credentials.to_vec() })
+    }
+
+    /// Applies a recorded renewal, whatever the lease's state (module docs of `Event::Renewed`).
+    /// Idempotent: a credential already listed is not added again.
+    fn add_credentials(&self, id: &str, credentials: Vec<LeaseCredential>, count: u32, at: UnixSeconds) {
+        let Some(mut lease) = self.leases.get_mut(id) else { return };
+        self.append_credentials(&mut lease, &credentials, count, at);
+    }
+
+    fn append_credentials(&self, lease: &mut Lease, credentials: &[LeaseCredential], count: u32, at: UnixSeconds) {
+        let active = lease.state == LeaseState::Active;
+        if active {
+            self.count_backends(lease, false);
+        }
+        let mut all = std::mem::take(&mut lease.credentials).into_vec();
+        for c in credentials {
+            if !all.contains(c) {
+                all.push(c.clone());
+            }
+        }
+        lease.credentials = all.into_boxed_slice();
+        if let Some(r) = lease.renewal.as_mut() {
+            r.count = r.count.max(count);
+            r.last_at = r.last_at.max(at);
+        }
+        if active {
+            self.count_backends(lease, true);
+        }
     }
 
     // ---- keeping the indexes in step ---------------------------------------------------

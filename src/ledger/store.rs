@@ -19,7 +19,7 @@
 //!
 //! [`STALLED_ATTEMPT_SECS`]: super::STALLED_ATTEMPT_SECS
 
-use super::{ClaimSnapshot, Event, Lease, LeaseFilter, LeaseState, RevokeWork};
+use super::{ClaimSnapshot, Event, Lease, LeaseCredential, LeaseFilter, LeaseState, RevokeWork};
 use crate::clock::UnixSeconds;
 use crate::identity::ReplayKey;
 use crate::mint::{BoxFuture, Exclusive, RevokeHandle};
@@ -125,6 +125,18 @@ pub trait LeaseStore: Send + Sync {
     /// Records `lease` (new, active) and `replay` in one step, durably, then makes the lease
     /// visible. Nothing is recorded on `Err`.
     fn issue<'a>(&'a self, lease: Lease, replay: Option<&'a ReplayKey>) -> BoxFuture<'a, Result<(), IssueError>>;
+
+    /// Adds the credentials a renewal minted to a lease that is renewable at `now` (active,
+    /// with a `Renewal`, not past its end), durably, before they may leave the broker; counts
+    /// the renewal. `false` when it is not: nothing recorded, and the caller revokes what it
+    /// minted. Atomic with [`LeaseStore::begin_revoke`]: a revocation that starts after a
+    /// renewal takes its credentials too, and one that started before refuses the renewal.
+    fn renew<'a>(
+        &'a self,
+        id: &'a str,
+        credentials: &'a [LeaseCredential],
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     // ---- end -----------------------------------------------------------------------------
 

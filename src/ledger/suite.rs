@@ -21,6 +21,7 @@ pub(super) fn lease(id: &str, job: &str, expires_at: i64) -> Lease {
         last_error: None,
         credentials: Box::new([]),
         claims: ClaimSnapshot::default(),
+        renewal: None,
     }
 }
 
@@ -229,6 +230,42 @@ async fn leases_are_listed_by_job_state_and_the_claims_operators_filter_by(s: &d
     assert_eq!(s.list(&by(), 2).await.unwrap().len(), 2, "at most the limit");
 }
 
+async fn a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_takes_them_all(s: &dyn LeaseStore) {
+    use crate::mint::{Revocation, RevokeHandle};
+    let renewable = |id: &str| {
+        let mut l = lease(id, "j", 100);
+        l.renewal = Some(Box::new(Renewal { token_sha256: "ab".repeat(32).into(), count: 0, last_at: 0 }));
+        l
+    };
+    let cred = |jti: &str| {
+        let handle = RevokeHandle { backend: "jwt".into(), data: serde_json::json!({"jti": jti}) };
+        LeaseCredential::new("api", "jwt", Revocation::Immediate, &handle)
+    };
+    s.issue(renewable("a"), None).await.unwrap();
+    s.issue(lease("b", "j", 100), None).await.unwrap();
+    assert!(s.renew("a", &[cred("r1")], 10).await.unwrap());
+    assert!(s.renew("a", &[cred("r2")], 20).await.unwrap());
+    let a = s.get("a").await.unwrap().unwrap();
+    assert_eq!(a.credentials.len(), 2);
+    assert_eq!(a.renewal.as_ref().map(|r| (r.count, r.last_at)), Some((2, 20)));
+    assert_eq!(s.counts().await.unwrap().active_by_backend, [("jwt".to_string(), 1)], "one lease, one backend");
+
+    assert!(!s.renew("b", &[cred("x")], 10).await.unwrap(), "a lease its policy did not make renewable");
+    assert!(!s.renew("lse_unknown", &[cred("x")], 10).await.unwrap(), "an unknown lease");
+    assert!(!s.renew("a", &[cred("late")], 100).await.unwrap(), "a lease at its end");
+    let work = s.begin_revoke("a", "job", 30).await.unwrap().unwrap();
+    assert_eq!(work.credentials.len(), 2, "the revocation takes every renewal's credentials");
+    assert!(!s.renew("a", &[cred("r3")], 31).await.unwrap(), "an ending lease takes no renewal");
+    let a = s.get("a").await.unwrap().unwrap();
+    assert_eq!((a.credentials.len(), a.renewal.as_ref().map(|r| r.count)), (2, Some(2)));
+    let exported = s.export().await.unwrap();
+    let moved = exported.iter().find_map(|e| match e {
+        Event::Created { lease } if &*lease.id == "a" => Some(lease.clone()),
+        _ => None,
+    });
+    assert_eq!(moved.map(|l| (l.credentials.len(), l.renewal)), Some((2, a.renewal)), "an export keeps it");
+}
+
 // ---- the stores -----------------------------------------------------------------------------
 
 /// A store kind for the suite, with what it needs to stay alive (a temporary directory).
@@ -287,6 +324,7 @@ stores!(
     counts_follow_each_state_and_backend,
     what_one_store_exports_another_imports_in_the_same_state,
     leases_are_listed_by_job_state_and_the_claims_operators_filter_by,
+    a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_takes_them_all,
 );
 
 // ---- the file store's own --------------------------------------------------------------------
@@ -304,6 +342,35 @@ fn replaying_records_twice_gives_the_same_state() {
     }
     let counts = s.counts_now();
     assert_eq!((counts.of(LeaseState::Revoking), counts.of(LeaseState::Active)), (1, 0));
+}
+
+#[tokio::test]
+async fn a_renewed_lease_reopens_and_compacts_with_every_credential_and_its_count() {
+    use crate::mint::{Revocation, RevokeHandle};
+    let dir = tempfile::tempdir().unwrap();
+    let cred = |jti: &str| {
+        let handle = RevokeHandle { backend: "jwt".into(), data: serde_json::json!({"jti": jti}) };
+        LeaseCredential::new("api", "jwt", Revocation::Immediate, &handle)
+    };
+    let mut l = lease("a", "j", 100);
+    l.renewal = Some(Box::new(Renewal { token_sha256: "cd".repeat(32).into(), count: 0, last_at: 0 }));
+    l.credentials = Box::new([cred("first")]);
+    {
+        let s = FileStore::open(dir.path(), FileStoreOptions::default(), None).unwrap();
+        s.issue(l, None).await.unwrap();
+        assert!(s.renew("a", &[cred("second")], 5).await.unwrap());
+        s.flush().await.unwrap();
+    }
+    let reopened = FileStore::open(dir.path(), FileStoreOptions::default(), None).unwrap();
+    let a = reopened.get("a").await.unwrap().unwrap();
+    assert_eq!((a.credentials.len(), a.renewal.as_ref().map(|r| (r.count, r.last_at))), (2, Some((1, 5))));
+    // Replaying the renewal again (a compaction carries records over) changes nothing.
+    for e in reopened.export().await.unwrap() {
+        reopened.apply(e);
+    }
+    reopened.apply(Event::Renewed { id: "a".into(), at: 5, count: 1, credentials: vec![cred("second")] });
+    let again = reopened.get("a").await.unwrap().unwrap();
+    assert_eq!((again.credentials.len(), again.renewal.map(|r| r.count)), (2, Some(1)));
 }
 
 #[tokio::test]

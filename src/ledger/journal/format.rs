@@ -17,7 +17,7 @@ pub fn encode(events: &[Event], out: &mut Vec<u8>) {
         payload.clear();
         match event {
             Event::Created { lease } => {
-                payload.push(BINARY_LEASE);
+                payload.push(if lease.renewal.is_some() { BINARY_RENEWABLE } else { BINARY_LEASE });
                 binary::write_lease(lease, &mut payload);
                 lease.claims.write_to(&mut payload);
             }
@@ -47,7 +47,7 @@ impl SnapshotEncoder {
                     self.defs.clear();
                     self.claims.clear();
                     let new = lease.claims.write_refs(&mut self.dict, &mut self.defs, &mut self.claims);
-                    self.payload.push(DICT_LEASE);
+                    self.payload.push(if lease.renewal.is_some() { DICT_RENEWABLE } else { DICT_LEASE });
                     put_varint(&mut self.payload, new);
                     self.payload.extend_from_slice(&self.defs);
                     binary::write_lease(lease, &mut self.payload);
@@ -76,22 +76,29 @@ fn push_record(out: &mut Vec<u8>, payload: &[u8]) {
 const BINARY_LEASE: u8 = 0x01;
 /// First byte of a `Created` payload that uses the file's dictionary.
 pub(super) const DICT_LEASE: u8 = 0x02;
+/// As [`BINARY_LEASE`] and [`DICT_LEASE`], for a renewable lease: its [`Renewal`] follows the
+/// credentials. Leases without one keep the first forms, so journals written before renewal
+/// existed replay unchanged.
+///
+/// [`Renewal`]: crate::ledger::Renewal
+const BINARY_RENEWABLE: u8 = 0x03;
+pub(super) const DICT_RENEWABLE: u8 = 0x04;
 
 fn decode_payload(payload: &[u8], memo: &mut ReplayMemo) -> Result<Event, String> {
     let lease = match payload.split_first() {
-        Some((&BINARY_LEASE, mut rest)) => {
-            let lease = binary::read_lease(&mut rest, memo)
+        Some((&tag @ (BINARY_LEASE | BINARY_RENEWABLE), mut rest)) => {
+            let lease = binary::read_lease(&mut rest, memo, tag == BINARY_RENEWABLE)
                 .and_then(|lease| Some((lease, ClaimSnapshot::read_from(&mut rest, memo)?)));
             (lease, rest)
         }
-        Some((&DICT_LEASE, mut rest)) => {
+        Some((&tag @ (DICT_LEASE | DICT_RENEWABLE), mut rest)) => {
             let defined = get_varint(&mut rest).and_then(|n| {
                 let texts = (0..n).map(|_| get_str(&mut rest)).collect::<Option<Vec<&str>>>()?;
                 memo.define(texts);
                 Some(())
             });
             let lease = defined
-                .and_then(|()| binary::read_lease(&mut rest, memo))
+                .and_then(|()| binary::read_lease(&mut rest, memo, tag == DICT_RENEWABLE))
                 .and_then(|lease| Some((lease, ClaimSnapshot::read_refs(&mut rest, memo)?)));
             (lease, rest)
         }
@@ -111,7 +118,7 @@ fn decode_payload(payload: &[u8], memo: &mut ReplayMemo) -> Result<Event, String
 mod binary {
     use crate::ledger::codec::{get_i64, get_str, get_u8, get_varint, put_i64, put_str, put_varint};
     use crate::ledger::strings::ReplayMemo;
-    use crate::ledger::{ClaimSnapshot, Lease, LeaseCredential, LeaseState};
+    use crate::ledger::{ClaimSnapshot, Lease, LeaseCredential, LeaseState, Renewal};
     use crate::mint::Revocation;
     use std::sync::Arc;
 
@@ -157,9 +164,15 @@ mod binary {
             put_str(out, &c.backend);
             put_str(out, &c.data);
         }
+        if let Some(r) = &l.renewal {
+            put_str(out, &r.token_sha256);
+            put_varint(out, u64::from(r.count));
+            put_i64(out, r.last_at);
+        }
     }
 
-    pub(super) fn read_lease(input: &mut &[u8], memo: &mut ReplayMemo) -> Option<Lease> {
+    /// `renewable`: the record's tag says a [`Renewal`] follows the credentials.
+    pub(super) fn read_lease(input: &mut &[u8], memo: &mut ReplayMemo, renewable: bool) -> Option<Lease> {
         let id: Arc<str> = get_str(input)?.into();
         let job: Arc<str> = get_str(input)?.into();
         let policy = memo.name(get_str(input)?);
@@ -182,6 +195,14 @@ mod binary {
             let data: Box<str> = get_str(input)?.into();
             credentials.push(LeaseCredential { name, kind, revocation, backend, data });
         }
+        let renewal = match renewable {
+            false => None,
+            true => Some(Box::new(Renewal {
+                token_sha256: get_str(input)?.into(),
+                count: u32::try_from(get_varint(input)?).ok()?,
+                last_at: get_i64(input)?,
+            })),
+        };
         Some(Lease {
             id,
             job,
@@ -196,6 +217,7 @@ mod binary {
             last_error,
             credentials: credentials.into_boxed_slice(),
             claims: ClaimSnapshot::default(), // read next, by the caller (two forms)
+            renewal,
         })
     }
 }
@@ -358,6 +380,33 @@ pub(super) mod tests {
             payload.push(0);
             assert!(decode_payload(&payload, &mut ReplayMemo::default()).is_err(), "{form}: trailing bytes");
         }
+    }
+
+    fn renewable(i: usize) -> Event {
+        let Event::Created { mut lease } = lease(i) else { unreachable!() };
+        lease.renewal =
+            Some(Box::new(crate::ledger::Renewal { token_sha256: "ab".repeat(32).into(), count: 7, last_at: 42 }));
+        Event::Created { lease }
+    }
+
+    #[test]
+    fn a_renewable_lease_round_trips_in_both_forms_and_every_cut_is_an_error() {
+        let mut self_contained = Vec::new();
+        encode(&[renewable(4)], &mut self_contained);
+        let mut compacted = Vec::new();
+        SnapshotEncoder::default().encode(&[renewable(4)], &mut compacted);
+        for (form, bytes) in [(BINARY_RENEWABLE, self_contained), (DICT_RENEWABLE, compacted)] {
+            let payload = payloads(&bytes)[0].to_vec();
+            assert_eq!(payload[0], form);
+            assert_eq!(decode_payload(&payload, &mut ReplayMemo::default()).unwrap(), renewable(4));
+            for cut in 1..payload.len() {
+                assert!(decode_payload(&payload[..cut], &mut ReplayMemo::default()).is_err(), "{form}: cut at {cut}");
+            }
+        }
+        // A lease without a renewal keeps the forms journals had before renewals existed.
+        let mut plain = Vec::new();
+        encode(&[lease(4)], &mut plain);
+        assert_eq!(payloads(&plain)[0][0], BINARY_LEASE);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! record  = len:u32 LE | crc32(len ‖ payload):u32 LE | payload
 //! payload = 0x01 lease claims            — `Event::Created`, as appended by an exchange
 //!         | 0x02 n:varint str*n lease refs — `Event::Created`, as written by compaction
+//!         | 0x03 lease renewal claims    — as 0x01, for a renewable lease
+//!         | 0x04 n:varint str*n lease renewal refs — as 0x02, for a renewable lease
 //!         | JSON of one `Event`            — every other event (starts with `{`)
 //! lease   = id job policy issuer (str) | created expires (zigzag varint) | state:u8
 //!         | reason (0 | 1 str) | attempts (varint) | next_attempt (zigzag varint)
@@ -13,6 +15,7 @@
 //! refs    = the claims, names and shared values as ids into the file's dictionary
 //!           (ClaimSnapshot::write_refs)
 //! credential = name kind (str) | revocation:u8 | backend data (str)
+//! renewal = token_sha256 (str) | count (varint) | last_at (zigzag varint)
 //! str     = len:varint utf8
 //! ```
 //!

@@ -29,7 +29,8 @@ pub use schema::LATEST as SCHEMA_VERSION;
 
 use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
 use super::{
-    ClaimSnapshot, ENDED_RETENTION_SECS, Event, Lease, LeaseFilter, LeaseState, RetryPolicy, RevokeWork, name,
+    ClaimSnapshot, ENDED_RETENTION_SECS, Event, Lease, LeaseCredential, LeaseFilter, LeaseState, RetryPolicy,
+    RevokeWork, name,
 };
 use crate::clock::UnixSeconds;
 use crate::config::PostgresConfig;
@@ -213,6 +214,22 @@ impl PgStore {
         let gone = || IssueError::Store(StoreError("ledger: the lease writer has stopped".into()));
         self.queue.send(pending).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+
+    async fn renew_now(&self, id: &str, credentials: &[LeaseCredential], now: UnixSeconds) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(credentials)
+            .map_err(|e| StoreError(format!("ledger: encoding a renewal's credentials: {e}")))?;
+        let mut backends: Vec<&str> = credentials.iter().map(|c| &*c.backend).collect();
+        backends.sort_unstable();
+        backends.dedup();
+        let backends = backends.join(",");
+        let s = &self.shared;
+        s.timed("recording a renewal", async {
+            let client = s.client().await?;
+            let statement = client.prepare_cached(rows::RENEW).await?;
+            Ok(client.execute(&statement, &[&id, &json, &backends, &now]).await? == 1)
+        })
+        .await
     }
 
     async fn begin_now(&self, id: &str, reason: &str, now: UnixSeconds) -> Result<Option<RevokeWork>, StoreError> {
@@ -615,6 +632,15 @@ impl LeaseStore for PgStore {
 
     fn issue<'a>(&'a self, lease: Lease, replay: Option<&'a ReplayKey>) -> BoxFuture<'a, Result<(), IssueError>> {
         Box::pin(self.issue_now(lease, replay))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        id: &'a str,
+        credentials: &'a [LeaseCredential],
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.renew_now(id, credentials, now))
     }
 
     fn begin_revoke<'a>(

@@ -4,13 +4,13 @@
 
 use crate::claims::scalar_text;
 use crate::ledger::lease::name;
-use crate::ledger::{ClaimSnapshot, Lease, LeaseCredential, LeaseState, RevokeWork, StoreError};
+use crate::ledger::{ClaimSnapshot, Lease, LeaseCredential, LeaseState, Renewal, RevokeWork, StoreError};
 use std::sync::Arc;
 use tokio_postgres::Row;
 
 /// The columns [`lease`] reads, in its order.
 pub const LEASE_COLUMNS: &str = "id, job, policy, issuer, created_at, expires_at, state, reason, attempts, \
-                                 next_attempt_at, last_error, credentials::text, claims::text";
+                                 next_attempt_at, last_error, credentials::text, claims::text, renewal::text";
 
 /// The columns a revocation needs ([`work`]).
 pub const WORK_COLUMNS: &str = "id, credentials::text";
@@ -32,6 +32,9 @@ pub fn lease(row: &Row) -> Result<Lease, StoreError> {
         last_error: get::<Option<&str>>(row, 10)?.map(Into::into),
         credentials: credentials(get(row, 11)?)?,
         claims: serde_json::from_str::<ClaimSnapshot>(get(row, 12)?).map_err(|_| bad("claims"))?,
+        renewal: get::<Option<&str>>(row, 13)?
+            .map(|json| serde_json::from_str::<Renewal>(json).map(Box::new).map_err(|_| bad("renewal")))
+            .transpose()?,
     })
 }
 
@@ -54,9 +57,10 @@ fn bad(column: &str) -> StoreError {
 /// One lease, in whatever state another store left it (`ledger import`).
 pub const IMPORT_LEASE: &str = "
 INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, state, reason, attempts, next_attempt_at,
-                             last_error, backends, credentials, claims, repository_id, project_id, actor_id, user_id)
+                             last_error, backends, credentials, claims, repository_id, project_id, actor_id, user_id,
+                             renewal)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, string_to_array($12, ','), $13::text::jsonb, $14::text::jsonb, $15, $16, $17,
-        $18)
+        $18, $19::text::jsonb)
 ON CONFLICT (id) DO NOTHING";
 
 /// The parameters of [`IMPORT_LEASE`] for one lease.
@@ -83,7 +87,7 @@ pub fn import_params(lease: &Lease) -> Result<ImportRow, StoreError> {
 }
 
 impl ImportRow {
-    pub fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 18] {
+    pub fn as_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 19] {
         let r = &self.rows;
         [
             &r.id[0],
@@ -104,9 +108,19 @@ impl ImportRow {
             &r.project_id[0],
             &r.actor_id[0],
             &r.user_id[0],
+            &r.renewal[0],
         ]
     }
 }
+
+/// A renewal's credentials join an active, renewable lease that has not reached its end; the
+/// renewal is counted. The row lock makes it atomic with `begin_revoke`'s conditional update.
+pub const RENEW: &str = "
+UPDATE ephemera_leases SET
+    credentials = credentials || $2::text::jsonb,
+    backends = ARRAY(SELECT DISTINCT b FROM unnest(backends || string_to_array($3, ',')) AS b ORDER BY b),
+    renewal = renewal || jsonb_build_object('count', (renewal->>'count')::int + 1, 'last_at', $4::bigint)
+WHERE id = $1 AND state = 'active' AND renewal IS NOT NULL AND expires_at > $4";
 
 /// One new lease as the columns of the batch insert (see [`super::writer`]).
 #[derive(Default)]
@@ -127,6 +141,7 @@ pub struct NewRows {
     pub project_id: Vec<Option<String>>,
     pub actor_id: Vec<Option<String>>,
     pub user_id: Vec<Option<String>>,
+    pub renewal: Vec<Option<String>>,
 }
 
 impl NewRows {
@@ -136,6 +151,7 @@ impl NewRows {
         };
         let credentials = encode("credentials", serde_json::to_string(&lease.credentials))?;
         let claims = encode("claims", serde_json::to_string(&lease.claims))?;
+        let renewal = lease.renewal.as_ref().map(|r| encode("renewal", serde_json::to_string(r))).transpose()?;
         let mut backends: Vec<&str> = lease.credentials.iter().map(|c| &*c.backend).collect();
         backends.sort_unstable();
         backends.dedup();
@@ -155,6 +171,7 @@ impl NewRows {
         self.project_id.push(claim("project_id"));
         self.actor_id.push(claim("actor_id"));
         self.user_id.push(claim("user_id"));
+        self.renewal.push(renewal);
         Ok(())
     }
 }
@@ -167,9 +184,9 @@ pub const INSERT_BATCH: &str = "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
                          $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
-                         $15::text[])
+                         $15::text[], $16::text[])
         AS t(rkey, runtil, id, job, policy, issuer, created_at, expires_at, backends, credentials, claims,
-             repository_id, project_id, actor_id, user_id)
+             repository_id, project_id, actor_id, user_id, renewal)
 ), taken AS (
     INSERT INTO ephemera_replay_keys (key, until)
     SELECT rkey, runtil FROM input WHERE rkey IS NOT NULL
@@ -177,9 +194,9 @@ WITH input AS (
     RETURNING key
 )
 INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, state, backends, credentials, claims,
-                             repository_id, project_id, actor_id, user_id)
+                             repository_id, project_id, actor_id, user_id, renewal)
 SELECT id, job, policy, issuer, created_at, expires_at, 'active', string_to_array(backends, ','), credentials::jsonb,
-       claims::jsonb, repository_id, project_id, actor_id, user_id
+       claims::jsonb, repository_id, project_id, actor_id, user_id, renewal::jsonb
 FROM input
 WHERE rkey IS NULL OR rkey IN (SELECT key FROM taken)
 RETURNING id";

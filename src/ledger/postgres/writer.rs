@@ -114,7 +114,7 @@ async fn insert(shared: &Shared, rows: &NewRows) -> Result<HashSet<String>, Stor
         .timed("recording new leases", async {
             let client = shared.client().await?;
             let statement = client.prepare_cached(INSERT_BATCH).await?;
-            let params: [&(dyn ToSql + Sync); 15] = [
+            let params: [&(dyn ToSql + Sync); 16] = [
                 &rows.replay_key,
                 &rows.replay_until,
                 &rows.id,
@@ -130,6 +130,7 @@ async fn insert(shared: &Shared, rows: &NewRows) -> Result<HashSet<String>, Stor
                 &rows.project_id,
                 &rows.actor_id,
                 &rows.user_id,
+                &rows.renewal,
             ];
             let written = client.query(&statement, &params).await?;
             written.iter().map(|r| rows::get::<String>(r, 0)).collect::<Result<_, _>>().map_err(PgError::from)
