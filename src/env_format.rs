@@ -17,6 +17,11 @@ pub fn env_vars(reply: &Value) -> Vec<(String, String)> {
         ("EPHEMERA_JOB".into(), top("job")),
         ("EPHEMERA_POLICY".into(), top("policy")),
     ];
+    // A renewable lease (issue 15): what renews it, and until when.
+    if let Some(renew) = reply.get("renew").filter(|r| r.is_object()) {
+        vars.push(("EPHEMERA_RENEW_TOKEN".into(), renew.get("token").map(text).unwrap_or_default()));
+        vars.push(("EPHEMERA_RENEW_UNTIL".into(), renew.get("until").map(text).unwrap_or_default()));
+    }
     let credentials = reply.get("credentials").and_then(Value::as_object);
     for (name, cred) in credentials.into_iter().flatten() {
         for (field, value) in cred.as_object().into_iter().flatten() {

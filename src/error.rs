@@ -14,6 +14,10 @@ pub enum Error {
     /// A policy said no, or the policy does not exist (same shape: no existence oracle).
     Denied(Denial),
     PayloadTooLarge,
+    /// A renewal of a lease that cannot be renewed now (it ended, reached its end, or its policy
+    /// no longer allows renewal). Told only to a caller that proved it holds the lease's renew
+    /// token; the message names the reason.
+    NotRenewable(String),
     /// An admin endpoint without a valid admin token.
     Unauthorized,
     NotFound,
@@ -45,6 +49,7 @@ impl Error {
             Error::Denied(_) => 403,
             Error::NotFound => 404,
             Error::MethodNotAllowed => 405,
+            Error::NotRenewable(_) => 409,
             Error::PayloadTooLarge => 413,
             Error::Backend { .. } => 502,
             Error::Unavailable(_) => 503,
@@ -60,6 +65,7 @@ impl Error {
             Error::Denied(_) => "policy_denied",
             Error::NotFound => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
+            Error::NotRenewable(_) => "lease_not_renewable",
             Error::PayloadTooLarge => "payload_too_large",
             Error::Backend { .. } => "backend_error",
             Error::Unavailable(_) => "unavailable",
@@ -79,6 +85,7 @@ impl Error {
             Error::NotFound => "no such endpoint".into(),
             Error::MethodNotAllowed => "method not allowed on this endpoint".into(),
             Error::PayloadTooLarge => "the request body is larger than the limit".into(),
+            Error::NotRenewable(why) => why.clone(),
             Error::Backend { backend, .. } => {
                 format!("credential backend `{backend}` failed; the request id leads to the detail in the broker log")
             }
@@ -93,7 +100,7 @@ impl Error {
             Error::InvalidToken(e) => e.to_string(),
             Error::Denied(d) => d.log_detail(),
             Error::Backend { backend, detail } => format!("backend {backend}: {detail}"),
-            Error::Unavailable(d) | Error::Internal(d) | Error::BadRequest(d) => d.clone(),
+            Error::Unavailable(d) | Error::Internal(d) | Error::BadRequest(d) | Error::NotRenewable(d) => d.clone(),
             other => other.code().to_string(),
         }
     }

@@ -11,6 +11,8 @@ const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 #[derive(Default)]
 pub struct Metrics {
     exchanges: DashMap<(String, &'static str), AtomicU64>,
+    /// Renewals of leases (issue 15), by policy and outcome.
+    renewals: DashMap<(String, &'static str), AtomicU64>,
     revocations: DashMap<&'static str, AtomicU64>,
     /// Leases ended, by reason (reasons are the broker's own constants).
     ended: DashMap<String, AtomicU64>,
@@ -45,6 +47,10 @@ impl Metrics {
         self.latency_sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
+    pub fn renewal(&self, policy: &str, outcome: &'static str) {
+        self.renewals.entry((policy.to_string(), outcome)).or_default().fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn reload(&self, outcome: &'static str) {
         self.reloads.entry(outcome).or_default().fetch_add(1, Ordering::Relaxed);
     }
@@ -64,6 +70,7 @@ impl Metrics {
         let mut out = String::new();
         self.render_exchanges(&mut out);
         self.render_latency(&mut out);
+        self.render_renewals(&mut out);
         self.render_revocations(&mut out);
         render_live_leases(&mut out, gauges);
         self.render_ended(&mut out);
@@ -93,6 +100,14 @@ impl Metrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum {}", self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {count}");
+    }
+
+    /// `ephemera_renewals_total`, by policy and outcome.
+    fn render_renewals(&self, out: &mut String) {
+        header(out, "ephemera_renewals_total", "Lease renewals by policy and outcome.", "counter");
+        for ((policy, outcome), n) in sorted(&self.renewals) {
+            let _ = writeln!(out, "ephemera_renewals_total{{policy=\"{policy}\",outcome=\"{outcome}\"}} {n}");
+        }
     }
 
     /// `ephemera_revocations_total`, by outcome.
@@ -224,6 +239,9 @@ mod tests {
         m.exchange("deploy", "issued", 0.0625);
         m.exchange("deploy", "denied", 0.25);
         m.exchange("build", "issued", 3.0);
+        m.renewal("deploy", "renewed");
+        m.renewal("deploy", "renewed");
+        m.renewal("unknown", "invalid_token");
         m.revocation("revoked");
         m.revocation("pending");
         m.revocation("revoked");
@@ -265,6 +283,10 @@ ephemera_exchange_duration_seconds_bucket{le=\"2.5\"} 2
 ephemera_exchange_duration_seconds_bucket{le=\"+Inf\"} 3
 ephemera_exchange_duration_seconds_sum 3.3125
 ephemera_exchange_duration_seconds_count 3
+# HELP ephemera_renewals_total Lease renewals by policy and outcome.
+# TYPE ephemera_renewals_total counter
+ephemera_renewals_total{policy=\"deploy\",outcome=\"renewed\"} 2
+ephemera_renewals_total{policy=\"unknown\",outcome=\"invalid_token\"} 1
 # HELP ephemera_revocations_total Lease revocations by outcome.
 # TYPE ephemera_revocations_total counter
 ephemera_revocations_total{outcome=\"pending\"} 1

@@ -385,3 +385,34 @@ fn a_huge_regex_is_refused_at_load() {
     assert_has(&errors, ": match.ref: invalid pattern");
     assert_has(&errors, ": match.sha: `regex` pattern is longer than 1024 characters");
 }
+
+/// A policy with this `renew` line (and `ttl.max` 1h), loaded with a broker cap of `cap_secs`.
+fn renew_errors(renew: &str, cap_secs: i64) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "issuer: github\nmatch: {{repository_id: \"74\"}}\nttl: {{default: 5m, max: 1h}}\n{renew}\ngrants:\n  api: {{backend: jwt, audience: x}}\n"
+    );
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let mut ctx = ctx();
+    ctx.renew_max_lease_secs = cap_secs;
+    match PolicySet::load(Some(dir.path()), &[], &ctx) {
+        Ok(set) => {
+            assert_eq!(set.get("p").unwrap().renew_max_lease_secs.is_some(), renew.contains("max_lease"));
+            Vec::new()
+        }
+        Err(errors) => errors.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn renew_max_lease_is_at_least_ttl_max_and_at_most_the_brokers_cap() {
+    assert_eq!(renew_errors("renew: {max_lease: 6h}", 12 * 3600), Vec::<String>::new());
+    assert_eq!(renew_errors("", 12 * 3600), Vec::<String>::new(), "renew is optional");
+    assert_has(&renew_errors("renew: {max_lease: 30m}", 12 * 3600), "renew.max_lease: is below ttl.max");
+    assert_has(
+        &renew_errors("renew: {max_lease: 6h}", 3 * 3600),
+        "renew.max_lease: 6h is above the broker's [renew] max_lease 3h",
+    );
+    assert_has(&renew_errors("renew: {max_lease: soon}", 12 * 3600), "renew.max_lease:");
+    assert_has(&renew_errors("renew: {max_lease: 6h, forever: true}", 12 * 3600), "unknown field");
+}

@@ -66,7 +66,7 @@ fn the_policy_schema_describes_every_field_matchers_and_both_grant_kinds() {
     let properties = schema["properties"].as_object().unwrap();
     let mut fields: Vec<&str> = properties.keys().map(String::as_str).collect();
     fields.sort_unstable();
-    assert_eq!(fields, ["deny", "description", "grants", "issuer", "match", "ttl"]);
+    assert_eq!(fields, ["deny", "description", "grants", "issuer", "match", "renew", "ttl"]);
     assert_eq!(schema["required"], serde_json::json!(["issuer", "ttl", "match", "grants"]));
     assert_eq!(schema["additionalProperties"], false, "unknown top-level fields are errors");
     for (name, field) in properties {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 #[derive(Serialize)]
 pub(super) struct ExchangeEvent<'a> {
     time: String,
-    /// `exchange` or `denial`.
+    /// `exchange`, `renewal` or `denial`.
     event: &'static str,
     request_id: &'a str,
     policy: &'a str,
@@ -95,6 +95,16 @@ impl<'a> ExchangeEvent<'a> {
             Err(e) => (event.decision, event.code) = ("error", Some(e.code())),
         }
         event
+    }
+
+    /// The same event for a renewal (`renewal`, or `denial` when refused), always naming the
+    /// lease.
+    pub(super) fn for_renewal(mut self, lease_id: &'a str) -> ExchangeEvent<'a> {
+        if self.event == "exchange" {
+            self.event = "renewal";
+        }
+        self.lease_id = Some(lease_id);
+        self
     }
 
     fn issued(&mut self, reply: &'a ExchangeReply) {

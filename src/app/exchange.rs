@@ -25,9 +25,32 @@ pub struct ExchangeReply {
     pub job: String,
     pub expires_at: String,
     pub credentials: BTreeMap<String, Credential>,
+    /// Present when the lease may be renewed (its policy's `renew`): the token that renews it,
+    /// and when the lease ends at the latest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew: Option<RenewInfo>,
     /// For the audit event; not part of the reply.
     #[serde(skip)]
     pub ttl_secs: i64,
+}
+
+/// `"renew": {"token": "…", "until": "<rfc3339>"}` in an exchange or renewal reply.
+#[derive(Serialize)]
+pub struct RenewInfo {
+    pub token: String,
+    pub until: String,
+}
+
+/// Never the token: a reply printed with `{:?}` must not leak it.
+impl std::fmt::Debug for RenewInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenewInfo").field("until", &self.until).finish_non_exhaustive()
+    }
+}
+
+/// A renew token: 256 random bits, with a prefix secret scanners can match (`ephr_`).
+fn renew_token() -> String {
+    format!("ephr_{}", crate::ids::b64url(&crate::ids::random::<32>()))
 }
 
 impl ExchangeReply {
@@ -48,11 +71,18 @@ pub const REASON_AUDIT_UNAVAILABLE: &str = "audit-unavailable";
 pub const REASON_REPLY_FAILED: &str = "reply-failed";
 
 /// What one credential of an exchange is while it is being minted.
-struct Minted {
-    name: String,
-    kind: &'static str,
-    credential: Credential,
-    handle: RevokeHandle,
+pub(super) struct Minted {
+    pub(super) name: String,
+    pub(super) kind: &'static str,
+    pub(super) credential: Credential,
+    pub(super) handle: RevokeHandle,
+}
+
+impl Minted {
+    /// The lease's record of it: no secret, only what revokes it.
+    pub(super) fn lease_credential(&self) -> LeaseCredential {
+        LeaseCredential::new(&self.name, self.kind, self.credential.revocation, &self.handle)
+    }
 }
 
 impl App {
@@ -98,9 +128,11 @@ impl App {
         let replay = self.replay_check(identity, &grant).await?;
         let id = lease_id(now);
         let minted = self.mint_all(&grant, &id, now).await?;
-        let credentials =
-            minted.iter().map(|m| LeaseCredential::new(&m.name, m.kind, m.credential.revocation, &m.handle));
-        let lease = Lease::new(&id, identity, &grant, credentials.collect(), now);
+        let credentials = minted.iter().map(Minted::lease_credential);
+        let renew = grant.renew_until().map(|until| (renew_token(), until));
+        let digest = renew.as_ref().map(|(token, _)| crate::secret::sha256_hex(token.as_bytes()));
+        let lease = Lease::new(&id, identity, &grant, credentials.collect(), digest.as_deref(), now);
+        let expires_at = lease.expires_at;
         // Durable before the reply. If it cannot be recorded, nothing minted may escape: revoke.
         if let Err(e) = self.store.issue(lease, replay.as_ref()).await {
             let handles: Vec<RevokeHandle> = minted.into_iter().map(|m| m.handle).collect();
@@ -118,8 +150,9 @@ impl App {
             lease_id: id,
             policy: grant.policy().to_string(),
             job: identity.job().to_string(),
-            expires_at: rfc3339(grant.expires_at()),
+            expires_at: rfc3339(expires_at),
             credentials: minted.into_iter().map(|m| (m.name, m.credential)).collect(),
+            renew: renew.map(|(token, until)| RenewInfo { token, until: rfc3339(until) }),
             ttl_secs: grant.ttl_secs(),
         })
     }
@@ -139,7 +172,7 @@ impl App {
     }
 
     /// Mints every credential of the grant, all or nothing.
-    async fn mint_all(&self, grant: &Grant, lease_id: &str, now: UnixSeconds) -> Result<Vec<Minted>, Error> {
+    pub(super) async fn mint_all(&self, grant: &Grant, lease_id: &str, now: UnixSeconds) -> Result<Vec<Minted>, Error> {
         // Every backend is resolved before anything is minted, so a missing one cannot strand
         // credentials minted earlier in this exchange.
         let plan = grant

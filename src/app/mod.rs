@@ -1,6 +1,7 @@
 //! app: the broker's one façade. It ties the rooms together and knows no HTTP:
 //!
 //! - [`exchange`]: verify → decide → mint → record → audit (`App::exchange`);
+//! - [`renewal`]: a renewable lease's fresh credentials (`App::renew`);
 //! - [`ending`]: every way a lease ends — the job's revoke, a webhook, an admin call, a policy
 //!   change, expiry — and the reaper's pass;
 //! - [`status`]: what callers may read: leases, introspection, readiness, metrics, explain;
@@ -12,10 +13,11 @@ mod audit_event;
 mod ending;
 mod exchange;
 pub mod policies;
+mod renewal;
 mod status;
 
 pub use ending::RevokeReply;
-pub use exchange::{ExchangeReply, REASON_AUDIT_UNAVAILABLE};
+pub use exchange::{ExchangeReply, REASON_AUDIT_UNAVAILABLE, RenewInfo};
 
 use crate::audit::Audit;
 use crate::clock::{Clock, UnixSeconds};

@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 const MAX_LEEWAY_SECS: i64 = 60;
+/// A renewable lease lasts a week at most: no CI job runs longer (GitHub stops a job at 6 h on
+/// its runners and 5 days on self-hosted ones, GitLab at the project's timeout, one month at most
+/// but rarely above a day).
+const MAX_RENEW_LEASE_SECS: i64 = 7 * 24 * 3600;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -39,7 +43,17 @@ struct RawConfig {
     hooks: RawHooks,
     #[serde(default)]
     reload: RawReload,
+    #[serde(default)]
+    renew: RawRenew,
     audit: Option<RawAudit>,
+}
+
+/// `[renew]`: renewable leases (a policy opts in with `renew: {max_lease: …}`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRenew {
+    /// The longest a policy may let a renewable lease last (default 12h).
+    max_lease: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -225,6 +239,10 @@ impl RawConfig {
             errs.0.push("reload.interval: at least 1s".into());
         }
         let reload_watch_secs = self.reload.watch.unwrap_or(true).then_some(watch_interval);
+        let renew_max_lease_secs = errs.duration("renew.max_lease", self.renew.max_lease.as_deref(), 12 * 3600);
+        if !(60..=MAX_RENEW_LEASE_SECS).contains(&renew_max_lease_secs) {
+            errs.0.push("renew.max_lease: between 1m and 7d".into());
+        }
         let audit = self.audit.map(|a| AuditConfig {
             file: base.join(a.file),
             claims: a.claims.unwrap_or_else(|| DEFAULT_AUDIT_CLAIMS.iter().map(|c| (*c).to_string()).collect()),
@@ -247,6 +265,7 @@ impl RawConfig {
             admin_token_sha256,
             hooks,
             reload_watch_secs,
+            renew_max_lease_secs,
             audit,
         })
     }

@@ -39,6 +39,8 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// Poll the policies directory for changes this often (`None`: only SIGHUP reloads).
     pub reload_watch_secs: Option<i64>,
+    /// `[renew] max_lease`: the longest any policy may let a renewable lease last.
+    pub renew_max_lease_secs: i64,
     /// The audit sink; without it, exchanges are audited to nowhere (a warning at start).
     pub audit: Option<AuditConfig>,
 }
@@ -291,6 +293,19 @@ pub fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renew_max_lease_caps_policies_at_12h_by_default_and_stays_between_a_minute_and_a_week() {
+        let base = Path::new("/etc/ephemera");
+        assert_eq!(Config::defaults().renew_max_lease_secs, 12 * 3600);
+        assert_eq!(Config::parse("[renew]\nmax_lease = \"2d\"\n", base).unwrap().renew_max_lease_secs, 2 * 86400);
+        for bad in ["30s", "8d"] {
+            let errs = Config::parse(&format!("[renew]\nmax_lease = \"{bad}\"\n"), base).unwrap_err();
+            assert!(errs.iter().any(|e| e.contains("renew.max_lease: between 1m and 7d")), "{bad}: {errs:?}");
+        }
+        let errs = Config::parse("[renew]\nmax_leases = \"1h\"\n", base).unwrap_err();
+        assert!(errs.join(" ").contains("max_leases"), "{errs:?}");
+    }
 
     #[test]
     fn defaults_are_valid() {

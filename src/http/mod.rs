@@ -32,6 +32,7 @@ pub fn router(app: Arc<App>) -> Router {
     let mut router = Router::new()
         .route("/v1/exchange", post(exchange))
         .route("/v1/revoke", post(revoke))
+        .route("/v1/leases/{id}/renew", post(renew))
         .route("/v1/introspect", post(introspect))
         .route("/.well-known/openid-configuration", get(openid_configuration))
         .route("/.well-known/jwks.json", get(jwks))
@@ -262,6 +263,35 @@ async fn exchange(
         return Ok((StatusCode::CREATED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
     }
     Ok(json_response(StatusCode::CREATED, &reply))
+}
+
+/// A renewal takes no parameters: the lease decides what is minted. An empty body or `{}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewBody {}
+
+/// `POST /v1/leases/{id}/renew` (issue 15) with `Authorization: Bearer <renew token>`: 200 with
+/// fresh credentials in the exchange reply's shape.
+async fn renew(
+    State(app): AppState,
+    Path(id): Path<String>,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Error> {
+    let bytes = read_body(&headers, body).await?;
+    let RenewBody {} = parse_json(&bytes)?;
+    let token = bearer(&headers)?;
+    let reply = app.renew(&id, token, &request_id).await?;
+    if wants_env(&headers, &uri) {
+        let body = match reply.to_env() {
+            Ok(body) => body,
+            Err(e) => return Err(app.withdraw(&reply, e).await),
+        };
+        return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
+    }
+    Ok(json_response(StatusCode::OK, &reply))
 }
 
 #[derive(Deserialize)]

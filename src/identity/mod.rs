@@ -79,6 +79,36 @@ impl VerifiedIdentity {
     }
 }
 
+impl VerifiedIdentity {
+    /// The identity an earlier exchange verified, as its lease remembers it: for that lease's
+    /// renewals only (issue 15), which re-decide its policy on the same claims and mint under
+    /// the same job. The caller has proved it holds the lease's renew token; the claims are the
+    /// broker's own record, not anything the caller sent. `token_sha256` names what was
+    /// presented (the renew token's digest), for the audit trail.
+    pub fn remembered(
+        issuer: &str,
+        platform: Platform,
+        job: &str,
+        claims: Claims,
+        expires_at: UnixSeconds,
+        token_sha256: &str,
+    ) -> VerifiedIdentity {
+        let subject = claims.get("sub").and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+        VerifiedIdentity(Arc::new(Inner {
+            issuer: issuer.to_string(),
+            platform,
+            job: job.to_string(),
+            subject,
+            // No token was exchanged: replay protection has nothing to guard.
+            jti: None,
+            expires_at,
+            claims: Arc::new(claims),
+            token_sha256: token_sha256.to_string(),
+            replay_leeway: None,
+        }))
+    }
+}
+
 impl fmt::Debug for VerifiedIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VerifiedIdentity")
@@ -125,6 +155,9 @@ pub enum IdentityError {
     WrongAudience,
     MissingClaim(&'static str),
     BadClaimType(&'static str),
+    /// A renew token that is not the one the lease was issued with, or a lease that is not
+    /// known: the same error for both, so a caller cannot probe which lease ids exist.
+    RenewTokenRejected,
 }
 
 impl From<ClaimError> for IdentityError {
@@ -167,6 +200,7 @@ impl fmt::Display for IdentityError {
             WrongAudience => write!(f, "no token audience is configured for this issuer"),
             MissingClaim(c) => write!(f, "required claim `{c}` is missing"),
             BadClaimType(c) => write!(f, "claim `{c}` has the wrong type"),
+            RenewTokenRejected => write!(f, "renew token rejected (unknown lease, or not its token)"),
         }
     }
 }

@@ -181,21 +181,32 @@ pub struct Renewal {
 
 impl Lease {
     /// A new, active lease for what one exchange minted: the job and claims of the verified
-    /// identity, the policy and expiry of the grant, and each credential's revoke handle.
+    /// identity, the policy and expiry of the grant, and each credential's revoke handle. With
+    /// `renew_token_sha256` (the grant's policy allows renewal) it lasts until the grant's
+    /// `renew_until`, renewable by whoever holds that token.
     pub fn new(
         id: &str,
         identity: &VerifiedIdentity,
         grant: &Grant,
         credentials: Box<[LeaseCredential]>,
+        renew_token_sha256: Option<&str>,
         now: UnixSeconds,
     ) -> Lease {
+        let renewal = match (renew_token_sha256, grant.renew_until()) {
+            (Some(digest), Some(_)) => Some(Box::new(Renewal { token_sha256: digest.into(), count: 0, last_at: 0 })),
+            _ => None,
+        };
+        let expires_at = match &renewal {
+            Some(_) => grant.renew_until().unwrap_or(grant.expires_at()),
+            None => grant.expires_at(),
+        };
         Lease {
             id: id.into(),
             job: identity.job().into(),
             policy: name::intern(grant.policy()),
             issuer: name::intern(identity.issuer()),
             created_at: now,
-            expires_at: grant.expires_at(),
+            expires_at,
             state: LeaseState::Active,
             reason: None,
             attempts: 0,
@@ -203,7 +214,7 @@ impl Lease {
             last_error: None,
             credentials,
             claims: ClaimSnapshot::new(identity.claims()),
-            renewal: None,
+            renewal,
         }
     }
 

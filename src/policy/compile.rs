@@ -2,7 +2,7 @@
 //! compiled policy holds parsed matchers, templates and ttls, so deciding never re-reads text.
 //! Pure: what it knows of the broker config comes in a [`LoadContext`].
 
-use super::file::{AwsGrantFile, JwtGrantFile, PolicyFile, TtlFile, parse_yaml};
+use super::file::{AwsGrantFile, JwtGrantFile, PolicyFile, RenewFile, TtlFile, parse_yaml};
 use super::load::{LoadContext, PolicyError};
 use super::matcher::Matcher;
 use super::template::{Template, TemplateValue};
@@ -44,6 +44,7 @@ pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) ->
     check_immutable_binding(&match_rules, ctx.issuers.get(&raw.issuer).copied(), &mut errors);
     let (ttl_default_secs, ttl_max_secs) = compile_ttl(&raw.ttl, &mut errors);
     let grants = compile_grants(&raw.grants, ctx, ttl_max_secs, &mut errors);
+    let renew_max_lease_secs = raw.renew.as_ref().map(|r| compile_renew(r, ttl_max_secs, ctx, &mut errors));
     errors.finish()?;
     Ok(Policy {
         name: Arc::from(name),
@@ -54,6 +55,7 @@ pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) ->
         deny_rules,
         ttl_default_secs,
         ttl_max_secs,
+        renew_max_lease_secs,
         grants,
         digest: Policy::digest_of(name, text),
     })
@@ -142,6 +144,32 @@ fn compile_ttl(ttl: &TtlFile, errors: &mut Errors<'_>) -> (i64, i64) {
         errors.push("ttl.default", "is above ttl.max");
     }
     (default_secs, max_secs)
+}
+
+/// `renew.max_lease`: at least `ttl.max` (a renewal gets credentials of `ttl`, and a lease shorter
+/// than one of them would make renewing pointless), at most the broker's cap.
+fn compile_renew(renew: &RenewFile, ttl_max_secs: i64, ctx: &LoadContext, errors: &mut Errors<'_>) -> i64 {
+    let secs = match parse_duration(&renew.max_lease) {
+        Ok(secs) => secs,
+        Err(e) => {
+            errors.push("renew.max_lease", e);
+            return 0;
+        }
+    };
+    if secs < ttl_max_secs {
+        errors.push("renew.max_lease", "is below ttl.max");
+    }
+    if secs > ctx.renew_max_lease_secs {
+        errors.push(
+            "renew.max_lease",
+            format!(
+                "{} is above the broker's [renew] max_lease {}",
+                format_duration(secs),
+                format_duration(ctx.renew_max_lease_secs)
+            ),
+        );
+    }
+    secs
 }
 
 /// The `grants` section: at least one; each named, within its backend's max ttl

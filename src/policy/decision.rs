@@ -13,6 +13,9 @@ pub struct Grant {
     pub(super) identity: VerifiedIdentity,
     pub(super) ttl_secs: i64,
     pub(super) expires_at: UnixSeconds,
+    /// The lease's end when its policy lets the job renew it (`renew.max_lease` after now);
+    /// each credential still ends at `expires_at`.
+    pub(super) renew_until: Option<UnixSeconds>,
     pub(super) credentials: Vec<GrantedCredential>,
 }
 
@@ -31,6 +34,11 @@ impl Grant {
 
     pub fn expires_at(&self) -> UnixSeconds {
         self.expires_at
+    }
+
+    /// When the lease ends if it is renewable (`None`: it ends with its credentials).
+    pub fn renew_until(&self) -> Option<UnixSeconds> {
+        self.renew_until
     }
 
     pub fn credentials(&self) -> &[GrantedCredential] {

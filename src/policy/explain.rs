@@ -128,6 +128,7 @@ grants: {api: {backend: jwt, audience: x}}
         let ctx = LoadContext {
             issuers: [("github".to_string(), Platform::GithubActions)].into(),
             backends: [("jwt".to_string(), ("jwt", 3600))].into(),
+            renew_max_lease_secs: 12 * 3600,
         };
         let set = PolicySet::load(None, &[("p", yaml)], &ctx).unwrap();
         let policy = set.get("p").unwrap();

@@ -112,6 +112,11 @@ pub(super) struct PolicyFile {
     pub deny: BTreeMap<String, Value>,
     /// Lease and credential lifetime.
     pub ttl: TtlFile,
+    /// Job-bound leases: the job may renew its lease (`POST /v1/leases/{id}/renew` with the
+    /// renew token the exchange returned), getting fresh credentials of `ttl` each time, until
+    /// `max_lease` after the exchange. Without it a lease cannot be renewed.
+    #[serde(default)]
+    pub renew: Option<RenewFile>,
     /// Grant name → the credential one exchange mints under it (the key in the reply's
     /// `credentials`). At least one.
     #[serde(default)]
@@ -129,6 +134,17 @@ pub(super) struct TtlFile {
     /// The longest ttl an exchange may ask for; a request above it is denied, not clamped. At
     /// most the `max_ttl` of every backend the policy grants from.
     pub max: String,
+}
+
+/// How long a renewable lease may last.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Renew")]
+pub(super) struct RenewFile {
+    /// The lease ends this long after its exchange at the latest, renewed or not; each of its
+    /// credentials lives its own `ttl`. At least `ttl.max`, at most the broker's
+    /// `[renew] max_lease` (default 12h).
+    pub max_lease: String,
 }
 
 /// A broker-signed JWT (a backend of `type = "jwt"`).

@@ -19,6 +19,8 @@ pub struct LoadContext {
     pub issuers: BTreeMap<String, Platform>,
     /// Backend name → (kind, max ttl in seconds).
     pub backends: BTreeMap<String, (&'static str, i64)>,
+    /// The config's cap on a policy's `renew.max_lease` (`[renew] max_lease`).
+    pub renew_max_lease_secs: i64,
 }
 
 impl LoadContext {
@@ -26,6 +28,7 @@ impl LoadContext {
         LoadContext {
             issuers: config.issuers.iter().map(|i| (i.name.clone(), i.platform)).collect(),
             backends: config.backends.iter().map(|(n, b)| (n.clone(), (b.kind(), b.max_ttl_secs()))).collect(),
+            renew_max_lease_secs: config.renew_max_lease_secs,
         }
     }
 }

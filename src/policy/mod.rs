@@ -50,6 +50,8 @@ pub struct Policy {
     pub deny_rules: Vec<Rule>,
     pub ttl_default_secs: i64,
     pub ttl_max_secs: i64,
+    /// `renew.max_lease`: present when a lease of this policy may be renewed.
+    pub renew_max_lease_secs: Option<i64>,
     pub grants: Vec<GrantSpec>,
     /// [`Policy::digest`], computed once by compile.
     digest: [u8; 32],
@@ -163,14 +165,16 @@ impl PolicySet {
         requested_ttl: Option<i64>,
         now: UnixSeconds,
     ) -> Result<Grant, Denial> {
-        let Allowed { policy, ttl_secs, credentials } =
+        let Allowed { policy, ttl_secs, renew_max_lease_secs, credentials } =
             self.decide_claims(name, identity.issuer(), identity.claims(), requested_ttl)?;
         // GitLab sets a job token's `exp` to the job timeout: a lease never outlives its job.
-        let expires_at = match identity.platform() {
-            Platform::GitlabCi => (now + ttl_secs).min(identity.expires_at()),
-            Platform::GithubActions => now + ttl_secs,
+        let job_end = |at: UnixSeconds| match identity.platform() {
+            Platform::GitlabCi => at.min(identity.expires_at()),
+            Platform::GithubActions => at,
         };
-        Ok(Grant { policy, identity: identity.clone(), ttl_secs, expires_at, credentials })
+        let expires_at = job_end(now + ttl_secs);
+        let renew_until = renew_max_lease_secs.map(|max| job_end(now + max).max(expires_at));
+        Ok(Grant { policy, identity: identity.clone(), ttl_secs, expires_at, renew_until, credentials })
     }
 
     /// Everything [`PolicySet::decide`] decides, from an issuer name and a claim set: the named
@@ -197,7 +201,12 @@ impl PolicySet {
             ));
         }
         let credentials = policy.grants.iter().map(|g| g.resolve(name, claims)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Allowed { policy: policy.name.clone(), ttl_secs, credentials })
+        Ok(Allowed {
+            policy: policy.name.clone(),
+            ttl_secs,
+            renew_max_lease_secs: policy.renew_max_lease_secs,
+            credentials,
+        })
     }
 }
 
@@ -207,6 +216,8 @@ impl PolicySet {
 pub struct Allowed {
     pub policy: Arc<str>,
     pub ttl_secs: i64,
+    /// The policy's `renew.max_lease`, if its leases may be renewed.
+    pub renew_max_lease_secs: Option<i64>,
     /// Every grant's credential, templates resolved.
     pub credentials: Vec<GrantedCredential>,
 }
@@ -302,6 +313,7 @@ grants: {api: {backend: jwt, audience: x}}
         LoadContext {
             issuers: [("github".to_string(), Platform::GithubActions)].into(),
             backends: [("jwt".to_string(), ("jwt", 3600))].into(),
+            renew_max_lease_secs: 12 * 3600,
         }
     }
 
