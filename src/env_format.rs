@@ -73,4 +73,16 @@ mod tests {
         }
         assert_eq!(env_name("deploy-web"), "DEPLOY_WEB");
     }
+
+    #[test]
+    fn a_renewable_lease_adds_its_renew_token_and_end_and_others_do_not() {
+        let names =
+            |reply: serde_json::Value| -> Vec<String> { env_vars(&reply).into_iter().map(|(k, _)| k).collect() };
+        let renewable =
+            serde_json::json!({"lease_id": "lse_1", "renew": {"token": "ephr_x", "until": "2026-12-06T12:00:00Z"}});
+        let vars = env_vars(&renewable);
+        assert!(vars.contains(&("EPHEMERA_RENEW_TOKEN".into(), "ephr_x".into())), "{vars:?}");
+        assert!(vars.contains(&("EPHEMERA_RENEW_UNTIL".into(), "2026-12-06T12:00:00Z".into())), "{vars:?}");
+        assert!(!names(serde_json::json!({"lease_id": "lse_1"})).iter().any(|n| n.starts_with("EPHEMERA_RENEW")));
+    }
 }

@@ -31,12 +31,17 @@ struct Setup {
 }
 
 async fn setup(revocation: &str) -> Setup {
+    setup_with(revocation, "").await
+}
+
+/// As [`setup`], with `extra` lines added to the policy (e.g. `renew`).
+async fn setup_with(revocation: &str, extra_policy: &str) -> Setup {
     let moto = Moto::start();
     let role = format!("deploy-{}", ephemera::secret::hex(&ephemera::ids::random::<4>()));
     let arn = moto.create_role(&role);
     let (backend_toml, creds) = aws_backend(&moto.endpoint, revocation);
     let issuer = FakeIssuer::start().await;
-    let policy = POLICY.replace("ROLE_ARN", &arn);
+    let policy = format!("{}{extra_policy}", POLICY.replace("ROLE_ARN", &arn));
     let extra = Extra { backend_toml, ..Extra::default() };
     let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", &policy)], &extra).await;
     Setup { moto, issuer, broker, role, _creds: creds }
@@ -110,6 +115,43 @@ async fn revoke_writes_a_deny_for_the_lease_s_source_identity_read_back_from_iam
     assert_eq!(st["Action"], "*");
     assert_eq!(st["Resource"], "*");
     assert_eq!(st["Condition"]["StringEquals"]["aws:SourceIdentity"], json!([lease]), "{doc}");
+}
+
+#[tokio::test]
+async fn renewed_aws_sessions_share_the_lease_s_source_identity_so_one_deny_ends_them_all() {
+    let s = setup_with("deny-policy", "renew: {max_lease: 2h}\n").await;
+    let token = deploy_token(&s);
+    let (status, body) = s.broker.exchange(&token, "deploy").await;
+    assert_eq!(status, 201, "{body}");
+    let lease = body["lease_id"].as_str().unwrap().to_string();
+    let renew_token = body["renew"]["token"].as_str().unwrap();
+    s.broker.clock.advance(240);
+    let resp = s
+        .broker
+        .http
+        .post(format!("{}/v1/leases/{lease}/renew", s.broker.url))
+        .bearer_auth(renew_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let renewed: Value = resp.json().await.unwrap();
+    let (first, second) = (&body["credentials"]["aws"], &renewed["credentials"]["aws"]);
+    assert_ne!(first["access_key_id"], second["access_key_id"], "a fresh session");
+    for aws in [first, second] {
+        let me = sts_with(&s.moto.endpoint, aws).await.get_caller_identity().send().await.unwrap();
+        assert!(me.arn().unwrap().contains(&format!("assumed-role/{}/", s.role)), "{:?}", me.arn());
+    }
+    let (_, reply) = s.broker.revoke(&token, json!({})).await;
+    assert_eq!(reply["revoked"], json!([lease]));
+    let doc = s.moto.get_role_policy(&s.role, "ephemera-revoked").expect("no deny policy on the role");
+    let denied: Vec<&Value> = doc["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|st| st["Condition"]["StringEquals"]["aws:SourceIdentity"].as_array().unwrap())
+        .collect();
+    assert_eq!(denied, [&json!(lease)], "one entry, the lease's SourceIdentity, covers both sessions: {doc}");
 }
 
 #[tokio::test]
