@@ -1,13 +1,16 @@
 //! The client side of the broker, for deployment scripts: `ephemera exchange` and
-//! `ephemera revoke` (DESIGN §5, docs/cli.md).
+//! `ephemera revoke` (DESIGN §5, docs/cli.md), and for renewable leases (issue 15) the lease file
+//! `exchange --lease-file` writes, which `ephemera credential-process` and `ephemera token` renew
+//! from.
 //!
 //! Every failure is a [`Failure`] carrying the process exit code ([`EXIT_DENIED`],
 //! [`EXIT_INVALID_TOKEN`], [`EXIT_UNREACHABLE`], [`EXIT_OTHER`]) and a one-line message that
 //! never contains the caller's token.
 
 use crate::env_format::env_vars;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Anything not covered by the codes below (bad reply, missing token, no `aws` credential, …).
@@ -250,32 +253,145 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// `ephemera exchange`: the text to print on stdout.
+/// `ephemera exchange`: the text to print on stdout. With `lease_file`, a renewable lease is
+/// also written there (mode 0600) for `credential-process` and `token` to renew from.
 pub async fn exchange(
     broker: &str,
     policy: &str,
     token: &TokenSource,
     ttl: Option<&str>,
     format: Format,
+    lease_file: Option<&Path>,
 ) -> Result<String, Failure> {
-    let url = format!("{}/v1/exchange", base_url(broker)?);
+    let base = base_url(broker)?;
+    let url = format!("{base}/v1/exchange");
     let token = token.read()?;
     let mut body = json!({"policy": policy});
     if let Some(ttl) = ttl {
         body["ttl"] = json!(ttl);
     }
-    // The env format is the broker's own (one implementation of the quoting rules).
-    let accept = if format == Format::Env { "text/plain" } else { "application/json" };
+    // The env format is the broker's own (one implementation of the quoting rules); a lease
+    // file needs the JSON reply, rendered here with the same function.
+    let accept = if format == Format::Env && lease_file.is_none() { "text/plain" } else { "application/json" };
     let text = post(&url, &token, &body, accept).await?;
-    if format == Format::Env {
+    if accept == "text/plain" {
         return Ok(with_newline(text));
     }
     let reply: Value = serde_json::from_str(&text)
         .map_err(|e| Failure::other(format!("the broker's exchange reply is not JSON: {e}")))?;
+    if let Some(path) = lease_file {
+        LeaseFile::from_reply(&base, &reply)?.write(path)?;
+    }
+    render(format, text, &reply)
+}
+
+fn render(format: Format, text: String, reply: &Value) -> Result<String, Failure> {
     match format {
-        Format::Json | Format::Env => Ok(with_newline(text)),
-        Format::CredentialProcess => credential_process(&reply),
-        Format::GithubEnv => github_env(&reply),
+        Format::Json => Ok(with_newline(text)),
+        Format::Env => Ok(crate::env_format::render(reply)),
+        Format::CredentialProcess => credential_process(reply),
+        Format::GithubEnv => github_env(reply),
+    }
+}
+
+/// A renewable lease, as `exchange --lease-file` writes it: where to renew it and the renew
+/// token (a secret: the file is created 0600, and never printed).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseFile {
+    pub broker: String,
+    pub lease_id: String,
+    pub policy: String,
+    pub renew_token: String,
+    pub until: String,
+}
+
+impl LeaseFile {
+    fn from_reply(broker: &str, reply: &Value) -> Result<LeaseFile, Failure> {
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let policy = text(reply, "policy").unwrap_or_default();
+        let Some(renew) = reply.get("renew") else {
+            return Err(Failure::other(format!(
+                "--lease-file: policy `{policy}` does not make leases renewable (no `renew` in it); the \
+                 lease was issued, and ends with its credentials"
+            )));
+        };
+        let missing = |k: &str| Failure::other(format!("--lease-file: the broker's reply has no `{k}`"));
+        Ok(LeaseFile {
+            broker: broker.to_string(),
+            lease_id: text(reply, "lease_id").ok_or_else(|| missing("lease_id"))?,
+            policy,
+            renew_token: text(renew, "token").ok_or_else(|| missing("renew.token"))?,
+            until: text(renew, "until").ok_or_else(|| missing("renew.until"))?,
+        })
+    }
+
+    /// Written whole or not at all: a new file (0600) beside `path`, then renamed over it.
+    fn write(&self, path: &Path) -> Result<(), Failure> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let fail = |e: std::io::Error| Failure::other(format!("--lease-file {}: {e}", path.display()));
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let bytes = serde_json::to_vec(self).map_err(|e| Failure::other(format!("--lease-file: {e}")))?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(fail)?;
+        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(fail)?;
+        std::fs::rename(&tmp, path).map_err(fail)
+    }
+
+    fn read(path: &Path) -> Result<LeaseFile, Failure> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::other(format!("--lease-file {}: {e}", path.display())))?;
+        // The parse error names the line and column only, never the file's text (a secret).
+        serde_json::from_str(&text).map_err(|e| {
+            Failure::other(format!(
+                "--lease-file {}: not a lease file (line {}, column {})",
+                path.display(),
+                e.line(),
+                e.column()
+            ))
+        })
+    }
+}
+
+/// Renews the lease of `lease_file` (`POST /v1/leases/{id}/renew`): its reply, in the exchange
+/// reply's shape.
+async fn renew(lease_file: &Path) -> Result<Value, Failure> {
+    let lease = LeaseFile::read(lease_file)?;
+    let base = base_url(&lease.broker)?;
+    let id: String = lease.lease_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    let url = format!("{base}/v1/leases/{id}/renew");
+    let text = post(&url, &lease.renew_token, &json!({}), "application/json").await?;
+    serde_json::from_str(&text).map_err(|e| Failure::other(format!("the broker's renewal reply is not JSON: {e}")))
+}
+
+/// `ephemera credential-process --lease-file F`: a fresh AWS session of the lease, as the AWS
+/// CLI and SDKs read it from a profile's `credential_process` (they run it again when it expires).
+pub async fn credential_process_renewed(lease_file: &Path) -> Result<String, Failure> {
+    credential_process(&renew(lease_file).await?)
+}
+
+/// `ephemera token --lease-file F --credential NAME`: the named credential of a fresh renewal,
+/// its `token` field alone (a broker JWT), or the whole credential as JSON for other kinds.
+pub async fn token(lease_file: &Path, credential: &str) -> Result<String, Failure> {
+    let reply = renew(lease_file).await?;
+    let Some(cred) = reply.get("credentials").and_then(|c| c.get(credential)) else {
+        let names: Vec<&str> = reply
+            .get("credentials")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        return Err(Failure::other(format!(
+            "token: the lease has no credential `{}` (it has: {})",
+            crate::clock::truncate(credential, 64),
+            names.join(", ")
+        )));
+    };
+    match cred.get("token").and_then(Value::as_str) {
+        Some(token) => Ok(format!("{token}\n")),
+        None => Ok(format!("{cred}\n")),
     }
 }
 

@@ -49,6 +49,20 @@ enum Command {
     /// Revoke this job's leases (or one of them) before they expire.
     #[command(after_help = EXIT_CODES_HELP)]
     Revoke(RevokeArgs),
+    /// Renew a lease and print its fresh AWS session for an AWS config profile's
+    /// `credential_process` (the AWS CLI and SDKs run it again whenever the session expires).
+    #[command(after_help = EXIT_CODES_HELP)]
+    CredentialProcess(LeaseFileArgs),
+    /// Renew a lease and print one of its fresh credentials (a broker JWT's token, or the
+    /// credential as JSON), for tools that read a token from a command.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Token {
+        #[command(flatten)]
+        lease: LeaseFileArgs,
+        /// The grant name, as in the reply's `credentials`.
+        #[arg(long, value_name = "NAME")]
+        credential: String,
+    },
 }
 
 /// The exit codes of `exchange` and `revoke` (docs/cli.md), for their `--help`.
@@ -118,6 +132,17 @@ struct ExchangeArgs {
     /// Output format (see below).
     #[arg(long, default_value = "json", value_parser = clap::builder::PossibleValuesParser::new(["json", "env", "credential-process", "github-env"]))]
     format: String,
+    /// Also write the lease's renewal details here (mode 0600), for `credential-process` and
+    /// `token`; the policy must allow renewal (`renew` in the policy).
+    #[arg(long, value_name = "F")]
+    lease_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LeaseFileArgs {
+    /// The lease file `ephemera exchange --lease-file` wrote.
+    #[arg(long, value_name = "F")]
+    lease_file: PathBuf,
 }
 
 #[derive(Args)]
@@ -267,6 +292,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Exchange(args) => return client_command(exchange(args)),
         Command::Revoke(args) => return client_command(revoke(args)),
+        Command::CredentialProcess(args) => {
+            return client_command(async move { ephemera::client::credential_process_renewed(&args.lease_file).await });
+        }
+        Command::Token { lease, credential } => {
+            return client_command(async move { ephemera::client::token(&lease.lease_file, &credential).await });
+        }
         Command::Serve(args) => serve(args),
         Command::Policy(PolicyCommand::Diff { broker, dir, admin_token_env, format }) => {
             return client_command(async move {
@@ -304,7 +335,16 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 async fn exchange(args: ExchangeArgs) -> Result<String, ephemera::client::Failure> {
     let format = ephemera::client::Format::parse(&args.format)
         .map_err(|message| ephemera::client::Failure { exit: ephemera::client::EXIT_USAGE, message })?;
-    ephemera::client::exchange(&args.broker, &args.policy, &args.token.source(), args.ttl.as_deref(), format).await
+    let lease_file = args.lease_file.as_deref();
+    ephemera::client::exchange(
+        &args.broker,
+        &args.policy,
+        &args.token.source(),
+        args.ttl.as_deref(),
+        format,
+        lease_file,
+    )
+    .await
 }
 
 async fn revoke(args: RevokeArgs) -> Result<String, ephemera::client::Failure> {

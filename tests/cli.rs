@@ -221,3 +221,76 @@ async fn exit_codes_tell_denied_invalid_and_unreachable_apart() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// A renewable policy for the dev token, in a working directory of the test's own.
+const RENEWABLE: &str = r#"
+issuer: github
+match:
+  repository_id: "100001"
+ttl: {default: 2m, max: 5m}
+renew: {max_lease: 1h}
+grants:
+  api: {backend: jwt, audience: https://api.dev.ephemera.invalid}
+"#;
+
+#[tokio::test]
+async fn a_lease_file_renews_fresh_tokens_until_the_lease_is_revoked() {
+    use std::os::unix::fs::PermissionsExt;
+    let http = client();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("policies")).unwrap();
+    std::fs::write(work.path().join("policies/renewable.yaml"), RENEWABLE).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut broker = DevBroker::start_in(data.path(), work.path());
+    broker.wait_ready(&http).await;
+    let url = broker.url().to_string();
+    let token = dev_token(&http, &url).await;
+    let lease_file = work.path().join("lease.json");
+    let file = lease_file.to_str().unwrap();
+
+    let reply: Value = serde_json::from_str(&stdout(&cli(
+        &["exchange", "--broker", &url, "--policy", "renewable", "--lease-file", file],
+        Some(&token),
+    )))
+    .unwrap();
+    let lease_id = reply["lease_id"].as_str().unwrap();
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&lease_file).unwrap()).unwrap();
+    assert_eq!(written["lease_id"], lease_id);
+    assert_eq!(written["renew_token"], reply["renew"]["token"]);
+    assert_eq!(std::fs::metadata(&lease_file).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Each call renews: a fresh, live JWT each time, every one of the lease.
+    let first = reply["credentials"]["api"]["token"].as_str().unwrap().to_string();
+    let mut seen = vec![first];
+    for _ in 0..2 {
+        let out = cli(&["token", "--lease-file", file, "--credential", "api"], None);
+        let jwt = stdout(&out).trim().to_string();
+        assert!(is_jwt(&jwt) && !seen.contains(&jwt), "{jwt}");
+        assert_eq!(introspect(&http, &broker, &jwt).await["lease_id"], lease_id);
+        seen.push(jwt);
+    }
+    let unknown = cli(&["token", "--lease-file", file, "--credential", "aws"], None);
+    assert!(!unknown.status.success() && stderr(&unknown).contains("has no credential `aws` (it has: api)"));
+    let no_aws = cli(&["credential-process", "--lease-file", file], None);
+    assert!(stderr(&no_aws).contains("granted no `aws` credential"), "{}", stderr(&no_aws));
+
+    // The job ends its lease: every credential is dead, and the lease file renews nothing.
+    stdout(&cli(&["revoke", "--broker", &url, "--lease", lease_id], Some(&token)));
+    for jwt in &seen {
+        assert_eq!(introspect(&http, &broker, jwt).await["active"], false);
+    }
+    let after = cli(&["token", "--lease-file", file, "--credential", "api"], None);
+    assert_eq!(after.status.code(), Some(1));
+    assert!(stderr(&after).contains("lease_not_renewable"), "{}", stderr(&after));
+    let renew_token = written["renew_token"].as_str().unwrap();
+    for out in [&unknown, &no_aws, &after] {
+        assert!(!stderr(out).contains(renew_token), "the renew token leaked: {}", stderr(out));
+    }
+
+    // A policy without `renew` gets no lease file, and says why.
+    let plain = cli(
+        &["exchange", "--broker", &url, "--policy", "dev", "--lease-file", file],
+        Some(&dev_token(&http, &url).await),
+    );
+    assert!(stderr(&plain).contains("does not make leases renewable"), "{}", stderr(&plain));
+}
