@@ -194,3 +194,125 @@ async fn aws_cli_uses_ephemera_as_its_credential_process() {
     assert_eq!(list[0]["state"], "active", "{leases}");
     assert_eq!(list[0]["credentials"][0]["kind"], "aws", "{leases}");
 }
+
+/// Runs `aws sts get-caller-identity` with `profile` of `aws_config`.
+fn aws_whoami(aws_config: &Path, profile: &str, endpoint: &str) -> std::process::Output {
+    let mut cmd = Command::new(aws_cli());
+    cmd.args(["sts", "get-caller-identity", "--profile", profile, "--output", "json", "--endpoint-url", endpoint])
+        .env("AWS_CONFIG_FILE", aws_config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null());
+    for var in PROXY_VARS.iter().chain(&AWS_VARS) {
+        cmd.env_remove(var);
+    }
+    cmd.output().expect("run the AWS CLI")
+}
+
+#[tokio::test]
+async fn aws_cli_renews_its_session_through_the_lease_file_until_the_job_revokes_the_lease() {
+    let moto = Moto::start();
+    let role = "cli-renew";
+    let role_arn = moto.create_role(role);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("aws-credentials");
+    std::fs::write(&creds, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/aws-renew.yaml"),
+        format!(
+            "issuer: github\nmatch:\n  repository_id: \"100001\"\nttl: {{default: 15m, max: 15m}}\n\
+             renew: {{max_lease: 1h}}\ngrants:\n  aws:\n    backend: aws\n    role_arn: {role_arn}\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("ephemera.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "policies = \"policies\"\n\n[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\n\
+             endpoint_url = \"{}\"\ncredentials_file = {:?}\n",
+            moto.endpoint,
+            creds.display().to_string()
+        ),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let http = client();
+    let mut broker = ConfiguredDevBroker::start(&config, data.path(), dir.path());
+    broker.wait_ready(&http).await;
+
+    // The job's main step: one exchange, the lease file, and a profile that renews from it.
+    let token = dev_token(&http, &broker.url).await;
+    let lease_file = dir.path().join("lease.json");
+    let ephemera = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .args(args)
+            .env("EPHEMERA_ID_TOKEN", &token)
+            .envs(PROXY_VARS.iter().map(|v| (*v, "")))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ephemera {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let exchanged = ephemera(&[
+        "exchange",
+        "--broker",
+        &broker.url,
+        "--policy",
+        "aws-renew",
+        "--lease-file",
+        lease_file.to_str().unwrap(),
+    ]);
+    let lease_id = exchanged["lease_id"].as_str().unwrap().to_string();
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile job]\nregion = us-east-1\ncredential_process = \"{}\" credential-process --lease-file \"{}\"\n",
+            env!("CARGO_BIN_EXE_ephemera"),
+            lease_file.display()
+        ),
+    )
+    .unwrap();
+
+    // Every AWS CLI run asks the credential process, and so renews the lease: a fresh session
+    // each time, all of them under the one lease.
+    for _ in 0..3 {
+        let out = aws_whoami(&aws_config, "job", &moto.endpoint);
+        assert!(out.status.success(), "{}\nbroker:\n{}", String::from_utf8_lossy(&out.stderr), broker.stderr());
+        let identity: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(identity["Arn"].as_str().unwrap().contains(&format!("assumed-role/{role}/")), "{identity}");
+    }
+    let admin = std::fs::read_to_string(data.path().join(ephemera::server::DEV_ADMIN_TOKEN_FILE)).unwrap();
+    let lease: Value = http
+        .get(format!("{}/v1/leases/{lease_id}", broker.url))
+        .bearer_auth(admin.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // At least one renewal per run (the AWS CLI v1 may ask its credential process more than once
+    // per run: it asked twice in every run seen here).
+    assert!(lease["renewal"]["count"].as_u64().is_some_and(|n| n >= 3), "{lease}");
+    assert_eq!(lease["renewal"]["until"], lease["expires_at"], "{lease}");
+    assert!(lease["renewal"].get("token_sha256").is_none(), "{lease}");
+    // Sessions of one lease revoke alike (one deny on its SourceIdentity): the ledger keeps
+    // each distinct revoke handle once, so two renewals within one second share an entry.
+    let kept = lease["credentials"].as_array().map_or(0, Vec::len) as u64;
+    assert!(kept >= 2 && kept <= 1 + lease["renewal"]["count"].as_u64().unwrap(), "{lease}");
+
+    // The post step ends the lease: one deny covers every session, and the next run fails.
+    ephemera(&["revoke", "--broker", &broker.url, "--lease", &lease_id]);
+    let doc = moto.get_role_policy(role, "ephemera-revoked").expect("a deny policy on the role");
+    assert!(doc.to_string().contains(&lease_id), "{doc}");
+    let after = aws_whoami(&aws_config, "job", &moto.endpoint);
+    assert!(!after.status.success(), "the AWS CLI still got credentials after the lease ended");
+    let stderr = String::from_utf8_lossy(&after.stderr);
+    assert!(stderr.contains("lease_not_renewable"), "{stderr}");
+    let renew_token = exchanged["renew"]["token"].as_str().unwrap();
+    assert!(!stderr.contains(renew_token) && !broker.stderr().contains(renew_token), "the renew token leaked");
+}

@@ -95,6 +95,12 @@ pub(crate) fn lease_view(lease: &Lease) -> Value {
             "name": &*c.name, "kind": &*c.kind, "revocation": c.revocation, "backend": &*c.backend,
         })).collect::<Vec<_>>(),
         "claims": &lease.claims,
+        // Renewable leases: how often renewed, and when last (never the token's digest).
+        "renewal": lease.renewal.as_ref().map(|r| json!({
+            "count": r.count,
+            "last_at": (r.last_at > 0).then(|| rfc3339(r.last_at)),
+            "until": rfc3339(lease.expires_at),
+        })),
     })
 }
 

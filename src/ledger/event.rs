@@ -41,7 +41,9 @@ pub enum Event {
     },
     /// A renewal's credentials joined the lease (issue 15). Replayed whatever the lease's state
     /// (a revocation may have started after the renewal was recorded): what was minted must be
-    /// revoked with it.
+    /// revoked with it. A credential whose revoke handle the lease lists already is not listed
+    /// twice (revoking it once revokes both: e.g. two AWS sessions of the lease ending in the
+    /// same second have one handle, the lease's SourceIdentity on one role).
     Renewed {
         id: String,
         at: UnixSeconds,
