@@ -69,7 +69,11 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
         &["app", "http", "audit", "clock", "config", "dev", "identity", "ids", "ledger", "mint", "policy"],
         "start-up: config → App → listener",
     ),
-    ("client", &["env_format", "ids", "secret", "identity", "policy"], "the CLI's HTTP client"),
+    (
+        "client",
+        &["clock", "env_format", "ids", "secret", "identity", "policy"],
+        "the CLI's HTTP client (clock: bounding a caller's text in a message)",
+    ),
 ];
 
 /// The module a file belongs to: `src/app/exchange.rs` → `app`, `src/clock.rs` → `clock`.
