@@ -191,3 +191,37 @@ async fn a_policy_change_is_decided_at_each_renewal_and_renewals_survive_a_resta
     let lease = broker.running.app.lease(&lease_id).await.unwrap().unwrap();
     assert_eq!((lease.state, lease.reason.as_deref()), (LeaseState::Revoked, Some("policy-changed")));
 }
+
+#[tokio::test]
+async fn a_fresh_ci_token_of_the_same_job_renews_and_another_jobs_does_not() {
+    let issuer = FakeIssuer::start().await;
+    let broker = broker(&issuer).await;
+    let body = exchange(&broker, &issuer, "deploy").await;
+    let lease_id = body["lease_id"].as_str().unwrap();
+    let plain = exchange(&broker, &issuer, "plain").await;
+    broker.clock.advance(600);
+
+    // The job asks its platform for a new ID token (GitHub allows it at any time) and renews
+    // with it; the exchange's token has expired by now.
+    let fresh = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW + 600));
+    let (status, renewed) = renew(&broker, lease_id, &fresh).await;
+    assert_eq!(status, 200, "{renewed}");
+    assert_eq!(exp(&jwt(&renewed)), NOW + 600 + 120);
+
+    // Another job's token (another check run) is told what an unknown lease is told.
+    let mut other = issuer.claims("github-environment-deploy.json", NOW + 600);
+    other.insert("check_run_id".into(), json!("999"));
+    let foreign = renew(&broker, lease_id, &issuer.sign(&other)).await;
+    assert_error(&foreign, 401, "invalid_token");
+    let unknown = renew(&broker, "lse_00000000000000000000000000", &fresh).await;
+    assert_eq!(foreign.1["error"]["message"], unknown.1["error"]["message"]);
+    // A token that does not verify is refused before the lease is looked at.
+    assert_error(&renew(&broker, lease_id, "not.a.jwt").await, 401, "invalid_token");
+
+    // The job's own token on a lease its policy did not make renewable: told why.
+    let refused = renew(&broker, plain["lease_id"].as_str().unwrap(), &fresh).await;
+    assert_error(&refused, 409, "lease_not_renewable");
+    assert!(refused.1["error"]["message"].as_str().unwrap().contains("did not make it renewable"), "{}", refused.1);
+    let lease = broker.running.app.lease(lease_id).await.unwrap().unwrap();
+    assert_eq!(lease.renewal.map(|r| r.count), Some(1));
+}

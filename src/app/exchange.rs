@@ -48,9 +48,13 @@ impl std::fmt::Debug for RenewInfo {
     }
 }
 
-/// A renew token: 256 random bits, with a prefix secret scanners can match (`ephr_`).
+/// What every renew token starts with: secret scanners can match it, and a renewal tells it
+/// from a CI token (a JWT) at a glance.
+pub(super) const RENEW_TOKEN_PREFIX: &str = "ephr_";
+
+/// A renew token: 256 random bits behind [`RENEW_TOKEN_PREFIX`].
 fn renew_token() -> String {
-    format!("ephr_{}", crate::ids::b64url(&crate::ids::random::<32>()))
+    format!("{RENEW_TOKEN_PREFIX}{}", crate::ids::b64url(&crate::ids::random::<32>()))
 }
 
 impl ExchangeReply {

@@ -1,5 +1,6 @@
-//! `POST /v1/leases/{id}/renew` (issue 15): fresh credentials for a renewable lease, for whoever
-//! holds its renew token, until the lease's end.
+//! `POST /v1/leases/{id}/renew` (issue 15): fresh credentials for a renewable lease, until the
+//! lease's end, for whoever holds its renew token or presents a fresh CI token of the same job
+//! (GitHub lets a job ask for one at any time).
 //!
 //! A renewal is an exchange without a CI token: the lease's claims snapshot, recorded when a
 //! token was verified, stands in for it. Every renewal re-decides the lease's policy on those
@@ -11,7 +12,7 @@
 
 use super::App;
 use super::audit_event::ExchangeEvent;
-use super::exchange::{ExchangeReply, Minted, RenewInfo};
+use super::exchange::{ExchangeReply, Minted, RENEW_TOKEN_PREFIX, RenewInfo};
 use super::policies::REASON_POLICY_CHANGED;
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::error::Error;
@@ -28,8 +29,7 @@ impl App {
     pub async fn renew(&self, lease_id: &str, token: &str, request_id: &str) -> Result<ExchangeReply, Error> {
         let started = Instant::now();
         let now = self.now();
-        let digest = sha256_hex(token.as_bytes());
-        let (policy, identity, result) = match self.renewable_lease(lease_id, &digest, now).await {
+        let (policy, identity, result) = match self.renewable_lease(lease_id, token, now).await {
             Err(e) => (String::new(), None, Err(e)),
             Ok((lease, identity)) => {
                 let result = self.renew_lease(&lease, &identity, token, now).await;
@@ -48,20 +48,38 @@ impl App {
         result
     }
 
-    /// The lease, if `digest` is its renew token's, and the identity it was granted to. An
-    /// unknown lease and a wrong token get the same answer (no oracle of lease ids); the digests
-    /// are compared in constant time. Only then is the caller told why a lease cannot be renewed.
+    /// The lease, if `token` may renew it, and the identity it was granted to. Either its renew
+    /// token (the digests compared in constant time), or a CI token that verifies and names the
+    /// lease's job at the lease's issuer. An unknown lease, another lease's token and another
+    /// job's CI token get the same answer (no oracle of lease ids). Only a caller who passed is
+    /// told why a lease cannot be renewed.
     async fn renewable_lease(
         &self,
         lease_id: &str,
-        digest: &str,
+        token: &str,
         now: UnixSeconds,
     ) -> Result<(Lease, VerifiedIdentity), Error> {
-        let lease = self.store.get(lease_id).await.map_err(|e| Error::Unavailable(e.0))?;
-        let holds_token = |l: &Lease| {
-            l.renewal.as_ref().is_some_and(|r| constant_time_eq(r.token_sha256.as_bytes(), digest.as_bytes()))
+        // A CI token is verified before the ledger is read: a bad one costs no store round trip.
+        let presented = match token.starts_with(RENEW_TOKEN_PREFIX) {
+            true => None,
+            false => Some(self.verifier.verify(token, now).await?),
         };
-        let Some(lease) = lease.filter(holds_token) else { return Err(IdentityError::RenewTokenRejected.into()) };
+        let digest = match &presented {
+            None => sha256_hex(token.as_bytes()),
+            Some(identity) => identity.token_sha256().to_string(),
+        };
+        let lease = self.store.get(lease_id).await.map_err(|e| Error::Unavailable(e.0))?;
+        let may_renew = |l: &Lease| match &presented {
+            None => l.renewal.as_ref().is_some_and(|r| constant_time_eq(r.token_sha256.as_bytes(), digest.as_bytes())),
+            Some(identity) => *l.job == *identity.job() && *l.issuer == *identity.issuer(),
+        };
+        let Some(lease) = lease.filter(may_renew) else { return Err(IdentityError::RenewTokenRejected.into()) };
+        if lease.renewal.is_none() {
+            return Err(Error::NotRenewable(format!(
+                "lease {} cannot be renewed: policy `{}` did not make it renewable when it was issued",
+                lease.id, lease.policy
+            )));
+        }
         if !lease.is_renewable(now) {
             let why = match lease.state {
                 LeaseState::Active => "it has reached its end (renew.until)".to_string(),
@@ -78,7 +96,7 @@ impl App {
         };
         let claims = lease.claims.to_claims();
         let identity =
-            VerifiedIdentity::remembered(&lease.issuer, platform, &lease.job, claims, lease.expires_at, digest);
+            VerifiedIdentity::remembered(&lease.issuer, platform, &lease.job, claims, lease.expires_at, &digest);
         Ok((lease, identity))
     }
 
