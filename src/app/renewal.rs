@@ -17,7 +17,7 @@ use super::policies::REASON_POLICY_CHANGED;
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::error::Error;
 use crate::identity::{IdentityError, VerifiedIdentity};
-use crate::ledger::{Lease, LeaseCredential, LeaseState};
+use crate::ledger::{Lease, LeaseCredential, LeaseState, MAX_RENEWALS};
 use crate::mint::RevokeHandle;
 use crate::secret::{constant_time_eq, sha256_hex};
 use std::time::Instant;
@@ -82,6 +82,9 @@ impl App {
         }
         if !lease.is_renewable(now) {
             let why = match lease.state {
+                LeaseState::Active if lease.is_live(now) => {
+                    format!("it was renewed {MAX_RENEWALS} times, the most a lease may be; exchange again")
+                }
                 LeaseState::Active => "it has reached its end (renew.until)".to_string(),
                 state => format!("it has ended ({})", state.as_str()),
             };

@@ -222,9 +222,10 @@ impl Lease {
         self.state == LeaseState::Active && now < self.expires_at
     }
 
-    /// Can a renewal add credentials to it at `now`? Active, renewable, and not past its end.
+    /// Can a renewal add credentials to it at `now`? Active, renewable, not past its end, and
+    /// renewed fewer than [`MAX_RENEWALS`] times.
     pub fn is_renewable(&self, now: UnixSeconds) -> bool {
-        self.renewal.is_some() && self.is_live(now)
+        self.renewal.as_ref().is_some_and(|r| r.count < MAX_RENEWALS) && self.is_live(now)
     }
 
     pub(super) fn ends_with_expiry(&self) -> bool {
@@ -277,6 +278,12 @@ impl RetryPolicy {
         (exp - exp / 4 + r).max(1)
     }
 }
+
+/// Renewals one lease may have. Each adds its credentials to the lease (every one is revoked when
+/// it ends), so a job renewing in a loop would grow its lease without end: this bounds a lease's
+/// size (about 100 bytes a credential) while leaving room for real jobs (a renewal every minute
+/// for 16 hours, or every 10 minutes for a week).
+pub const MAX_RENEWALS: u32 = 1000;
 
 /// When a started revocation has not reported back after this long, the reaper tries again.
 pub const STALLED_ATTEMPT_SECS: i64 = 60;

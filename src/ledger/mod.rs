@@ -26,8 +26,8 @@ mod suite;
 pub use event::Event;
 pub use file_store::{FileStore, FileStoreOptions, StorageWrap};
 pub use lease::{
-    ENDED_RETENTION_SECS, Lease, LeaseCredential, LeaseFilter, LeaseState, REASON_EXPIRED, Renewal, RetryPolicy,
-    RevokeWork, STALLED_ATTEMPT_SECS, name,
+    ENDED_RETENTION_SECS, Lease, LeaseCredential, LeaseFilter, LeaseState, MAX_RENEWALS, REASON_EXPIRED, Renewal,
+    RetryPolicy, RevokeWork, STALLED_ATTEMPT_SECS, name,
 };
 pub use postgres::{DELIVERY_RETENTION_SECS, PgStore, SCHEMA_VERSION};
 pub use snapshot::ClaimSnapshot;

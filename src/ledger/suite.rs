@@ -264,6 +264,17 @@ async fn a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_take
         _ => None,
     });
     assert_eq!(moved.map(|l| (l.credentials.len(), l.renewal)), Some((2, a.renewal)), "an export keeps it");
+
+    // A lease renewed MAX_RENEWALS times takes no more: a job renewing in a loop cannot grow it
+    // without end.
+    let mut worn = renewable("c");
+    worn.renewal =
+        Some(Box::new(Renewal { token_sha256: "ab".repeat(32).into(), count: MAX_RENEWALS - 1, last_at: 0 }));
+    s.issue(worn, None).await.unwrap();
+    assert!(s.renew("c", &[cred("last")], 10).await.unwrap());
+    assert!(!s.renew("c", &[cred("one-too-many")], 11).await.unwrap());
+    let c = s.get("c").await.unwrap().unwrap();
+    assert_eq!((c.credentials.len(), c.renewal.map(|r| r.count)), (1, Some(MAX_RENEWALS)));
 }
 
 // ---- the stores -----------------------------------------------------------------------------

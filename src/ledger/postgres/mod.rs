@@ -227,7 +227,8 @@ impl PgStore {
         s.timed("recording a renewal", async {
             let client = s.client().await?;
             let statement = client.prepare_cached(rows::RENEW).await?;
-            Ok(client.execute(&statement, &[&id, &json, &backends, &now]).await? == 1)
+            let max = i32::try_from(super::MAX_RENEWALS).unwrap_or(i32::MAX);
+            Ok(client.execute(&statement, &[&id, &json, &backends, &now, &max]).await? == 1)
         })
         .await
     }

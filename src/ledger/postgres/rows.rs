@@ -120,7 +120,8 @@ UPDATE ephemera_leases SET
     credentials = credentials || $2::text::jsonb,
     backends = ARRAY(SELECT DISTINCT b FROM unnest(backends || string_to_array($3, ',')) AS b ORDER BY b),
     renewal = renewal || jsonb_build_object('count', (renewal->>'count')::int + 1, 'last_at', $4::bigint)
-WHERE id = $1 AND state = 'active' AND renewal IS NOT NULL AND expires_at > $4";
+WHERE id = $1 AND state = 'active' AND renewal IS NOT NULL AND expires_at > $4
+  AND (renewal->>'count')::int < $5";
 
 /// One new lease as the columns of the batch insert (see [`super::writer`]).
 #[derive(Default)]
