@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 pub const ISSUER_URL: &str = "http://127.0.0.1:9";
 pub const AUDIENCE: &str = "https://ephemera.bench.invalid";
 pub const POLICY: &str = "bench";
+/// The same policy, its leases renewable (issue 15): the renewal rows exchange under it.
+pub const RENEW_POLICY: &str = "bench-renew";
 pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 pub const WEBHOOK_SECRET: &str = "bench-webhook-secret-0123456789";
 
@@ -65,6 +67,8 @@ impl<'a> Setup<'a> {
 pub fn write_setup(dir: &Path, setup: &Setup) -> PathBuf {
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("policies").join(format!("{POLICY}.yaml")), POLICY_YAML).unwrap();
+    let renewable = format!("{POLICY_YAML}renew: {{max_lease: 2h}}\n");
+    std::fs::write(dir.join("policies").join(format!("{RENEW_POLICY}.yaml")), renewable).unwrap();
     std::fs::write(dir.join("issuer-jwks.json"), crate::tokens::jwks().to_string()).unwrap();
     std::fs::write(dir.join("github-secret"), format!("{WEBHOOK_SECRET}\n")).unwrap();
     let admin_sha256 = ephemera::secret::sha256_hex(ADMIN_TOKEN.as_bytes());

@@ -36,9 +36,7 @@ pub fn over_rounds(rounds: &[Round], f: fn(&Round) -> f64) -> (f64, f64, f64) {
     (median(&v), v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max))
 }
 
-/// One saturation round: a closed loop over `addrs`, and the CPU time per exchange of the
-/// `brokers` (summed) and of the `extra` processes (summed), with what the rest of the machine
-/// used meanwhile. Prints a progress line headed `what`.
+/// One saturation round of exchanges: [`saturation_round_of`] expecting 201.
 pub async fn saturation_round(
     what: &str,
     addrs: &[SocketAddr],
@@ -47,9 +45,24 @@ pub async fn saturation_round(
     requests: Arc<Vec<Vec<u8>>>,
     conns: usize,
 ) -> Round {
+    saturation_round_of(what, addrs, brokers, extra, requests, conns, 201).await
+}
+
+/// One saturation round: a closed loop over `addrs` (every reply `expect`), and the CPU time per
+/// request of the `brokers` (summed) and of the `extra` processes (summed), with what the rest
+/// of the machine used meanwhile. Prints a progress line headed `what`.
+pub async fn saturation_round_of(
+    what: &str,
+    addrs: &[SocketAddr],
+    brokers: &[String],
+    extra: &[String],
+    requests: Arc<Vec<Vec<u8>>>,
+    conns: usize,
+    expect: u16,
+) -> Round {
     let watched: Vec<&str> = brokers.iter().chain(extra).map(String::as_str).chain(["self"]).collect();
     let window = Window::start(&watched);
-    let run = closed_loop_over(addrs, requests, conns, 201).await;
+    let run = closed_loop_over(addrs, requests, conns, expect).await;
     let measured = window.end();
     run.check(what);
     let per_exchange = |cpu: &[f64]| cpu.iter().sum::<f64>() / run.ok as f64 * 1e6;
@@ -64,7 +77,7 @@ pub async fn saturation_round(
     };
     let extra_text = if extra.is_empty() { String::new() } else { format!(" + {:.0} µs database", round.extra_us) };
     eprintln!(
-        "  {what}: {:.0} exchanges/s, {:.0} µs broker CPU each{extra_text} (others: {:.2} cores, steal {:.2})",
+        "  {what}: {:.0}/s, {:.0} µs broker CPU each{extra_text} (others: {:.2} cores, steal {:.2})",
         round.rate, round.cpu_us, round.others, round.steal
     );
     round

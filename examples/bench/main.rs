@@ -1,7 +1,7 @@
 //! ephemera's benchmark harness (issue 7). `scripts/bench` builds it in release and runs it:
 //!
 //!     target/release/examples/bench [--quick] [--broker target/release/ephemera] [--perf DIR]
-//!                                   [--only crypto,exchange,jwks,ledger,postgres] [--leases N]
+//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew] [--leases N]
 //!                                   [--keep DIR]
 //!
 //! It prints one Markdown table. Every row is measured in this run, next to a baseline measured
@@ -24,6 +24,7 @@ mod load;
 mod postgres;
 mod procfs;
 mod profile;
+mod renewal;
 mod table;
 mod tokens;
 
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres] [--leases N] [--keep DIR]"
+                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew] [--leases N] [--keep DIR]"
             );
             return ExitCode::from(2);
         }
@@ -75,7 +76,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         quick: false,
         broker: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera")),
         perf: None,
-        only: ["crypto", "exchange", "jwks", "ledger", "postgres"].map(String::from).to_vec(),
+        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew"].map(String::from).to_vec(),
         leases: None,
         keep: None,
     };
@@ -162,6 +163,12 @@ fn run(args: &Args) -> Vec<Row> {
     if wants("postgres") {
         eprintln!("== 6. the shared store on PostgreSQL (issue 14)");
         rows.extend(postgres::run(&args.broker, args.quick, &dir.join("postgres")));
+    }
+    if wants("renew") {
+        eprintln!("== 7. renewal beside the exchange (issue 15)");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let plan = exchange::Plan::new(args.quick);
+        rows.extend(rt.block_on(renewal::run(&args.broker, &plan, &dir)));
     }
     rows.sort_by_key(|r| order(&r.id));
     rows
