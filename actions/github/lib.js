@@ -16,6 +16,12 @@ const BASE_DELAY_MS = 1000;
 const MAX_DELAY_MS = 20000;
 const REQUEST_TIMEOUT_MS = 30000;
 const STATE_LEASE_ID = 'lease_id';
+// The files `main` writes for a renewable lease; `post` deletes them (their paths are not secret).
+const STATE_LEASE_FILE = 'lease_file';
+const STATE_AWS_CONFIG = 'aws_config_file';
+// The AWS profile `main` writes for a renewable lease's aws credential.
+const AWS_PROFILE = 'ephemera';
+const RENEW_SCRIPT = path.join(__dirname, 'renew.js');
 // Credential fields that are not secret; every other string field of a credential is masked.
 const PUBLIC_FIELDS = new Set(['kind', 'revocation', 'expires_at', 'expiration', 'region']);
 
@@ -55,18 +61,26 @@ function getBooleanInput(ctx, name, fallback) {
 
 /** The broker's base URL, without trailing slashes; https, or http on loopback only. */
 function brokerUrl(ctx) {
-  const raw = getRequiredInput(ctx, 'broker-url').replace(/\/+$/, '');
+  return checkBrokerUrl(getRequiredInput(ctx, 'broker-url'), 'input `broker-url`', "the job's ID token");
+}
+
+/**
+ * `raw` without trailing slashes, if it is https (or http on loopback). `what` names the URL in
+ * errors, `sent` the bearer credential that would travel to it.
+ */
+function checkBrokerUrl(raw, what, sent) {
+  raw = String(raw).replace(/\/+$/, '');
   let url;
   try {
     url = new URL(raw);
   } catch {
-    throw new ActionError(`input \`broker-url\` is not a URL: \`${raw}\``);
+    throw new ActionError(`${what} is not a URL: \`${raw}\``);
   }
   const loopback = ['127.0.0.1', 'localhost', '[::1]'].includes(url.hostname);
   if (url.protocol !== 'https:' && !(url.protocol === 'http:' && loopback)) {
     throw new ActionError(
-      `input \`broker-url\` must be https:// (plain http is accepted on loopback only, ` +
-        `since the job's ID token is sent to it): \`${raw}\``
+      `${what} must be https:// (plain http is accepted on loopback only, ` +
+        `since ${sent} is sent to it): \`${raw}\``
     );
   }
   return raw;
@@ -337,6 +351,7 @@ async function exchange(ctx) {
   const audience = getInput(ctx, 'audience') || base;
   const ttl = getInput(ctx, 'ttl');
   const exportAws = getBooleanInput(ctx, 'export-aws-env', undefined);
+  const awsProfile = getBooleanInput(ctx, 'aws-profile', undefined);
   const jwtOutput = getBooleanInput(ctx, 'jwt-output', false);
   getBooleanInput(ctx, 'revoke', true); // validated here, so a typo fails before anything is minted
 
@@ -353,17 +368,21 @@ async function exchange(ctx) {
     throw new ActionError(`unexpected answer from the broker: ${status}${errorSuffix(reply)}`);
   }
 
-  // Mask first: nothing is written anywhere before every secret line is registered.
+  // Mask first: nothing is written anywhere before every secret line is registered, the renew
+  // token of a renewable lease included.
   const credentials = reply.credentials && typeof reply.credentials === 'object' ? reply.credentials : {};
   for (const credential of Object.values(credentials)) {
     for (const secret of secretsOf(credential)) mask(ctx, secret);
   }
+  if (reply.renew) mask(ctx, reply.renew.token); // even in a reply too malformed to renew with
+  const renew = renewalOf(reply);
   // Then the lease id, so `post` revokes even if a later step of `main` fails.
   saveState(ctx, STATE_LEASE_ID, reply.lease_id);
   setOutput(ctx, 'lease-id', reply.lease_id);
   setOutput(ctx, 'expires-at', reply.expires_at || '');
 
   info(ctx, `ephemera lease ${reply.lease_id} (policy ${reply.policy}, job ${reply.job}), expires ${reply.expires_at}`);
+  if (renew) info(ctx, `  renewable until ${renew.until} (renew token ${fingerprint(renew.token)})`);
   const aws = [];
   const jwts = [];
   for (const [name, credential] of Object.entries(credentials)) {
@@ -374,23 +393,10 @@ async function exchange(ctx) {
     if (credential.kind === 'jwt') jwts.push([name, credential]);
   }
 
-  if (exportAws !== false && aws.length === 1) {
-    const [name, c] = aws[0];
-    exportVariable(ctx, 'AWS_ACCESS_KEY_ID', c.access_key_id);
-    exportVariable(ctx, 'AWS_SECRET_ACCESS_KEY', c.secret_access_key);
-    exportVariable(ctx, 'AWS_SESSION_TOKEN', c.session_token);
-    if (c.region) {
-      exportVariable(ctx, 'AWS_REGION', c.region);
-      exportVariable(ctx, 'AWS_DEFAULT_REGION', c.region);
-    }
-    info(ctx, `exported credential \`${name}\` to AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN` +
-      (c.region ? ', AWS_REGION, AWS_DEFAULT_REGION' : ''));
-  } else if (exportAws !== false && aws.length > 1) {
-    command(ctx, 'warning', `policy \`${policy}\` returned ${aws.length} aws credentials ` +
-      `(${aws.map(([n]) => n).join(', ')}); none was exported to AWS_* because the choice would be ambiguous`);
-  } else if (exportAws === true && aws.length === 0) {
-    command(ctx, 'warning', `export-aws-env is true but policy \`${policy}\` returned no aws credential`);
-  }
+  const awsMode = awsExportMode(ctx, { policy, aws, exportAws, awsProfile, renewable: Boolean(renew) });
+  const files = renew ? writeLeaseFiles(ctx, { base, reply, awsConfig: awsMode === 'profile' }) : undefined;
+  if (awsMode === 'profile') exportAwsProfile(ctx, aws[0], files);
+  if (awsMode === 'env') exportAwsEnv(ctx, aws[0]);
 
   if (jwtOutput) {
     for (const [name, c] of jwts) {
@@ -403,10 +409,363 @@ async function exchange(ctx) {
   }
 }
 
+/** The reply's `renew` ({token, until}) when the policy made the lease renewable. */
+function renewalOf(reply) {
+  const renew = reply.renew;
+  if (!renew || typeof renew.token !== 'string' || renew.token === '' || typeof renew.until !== 'string') return undefined;
+  return renew;
+}
+
+/**
+ * How a returned aws credential reaches later steps: `profile` (an AWS config profile that
+ * renews it from the lease file), `env` (static AWS_* variables) or `none`; warns when the
+ * inputs asked for something the reply cannot give.
+ */
+function awsExportMode(ctx, { policy, aws, exportAws, awsProfile, renewable }) {
+  if (exportAws === false) {
+    if (awsProfile === true) command(ctx, 'warning', 'aws-profile is true but export-aws-env is false: no aws credential is exported');
+    return 'none';
+  }
+  if (aws.length > 1) {
+    command(ctx, 'warning', `policy \`${policy}\` returned ${aws.length} aws credentials ` +
+      `(${aws.map(([n]) => n).join(', ')}); none was exported to AWS_* because the choice would be ambiguous`);
+    return 'none';
+  }
+  if (aws.length === 0) {
+    const asked = exportAws === true ? 'export-aws-env' : awsProfile === true ? 'aws-profile' : undefined;
+    if (asked) command(ctx, 'warning', `${asked} is true but policy \`${policy}\` returned no aws credential`);
+    return 'none';
+  }
+  if (renewable && awsProfile !== false) return 'profile';
+  if (awsProfile === true) {
+    command(ctx, 'warning', `aws-profile is true but policy \`${policy}\` does not make leases renewable ` +
+      '(no `renew` in it): the credential is exported as static AWS_* variables instead');
+  }
+  return 'env';
+}
+
+function exportAwsEnv(ctx, [name, c]) {
+  exportVariable(ctx, 'AWS_ACCESS_KEY_ID', c.access_key_id);
+  exportVariable(ctx, 'AWS_SECRET_ACCESS_KEY', c.secret_access_key);
+  exportVariable(ctx, 'AWS_SESSION_TOKEN', c.session_token);
+  if (c.region) {
+    exportVariable(ctx, 'AWS_REGION', c.region);
+    exportVariable(ctx, 'AWS_DEFAULT_REGION', c.region);
+  }
+  info(ctx, `exported credential \`${name}\` to AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN` +
+    (c.region ? ', AWS_REGION, AWS_DEFAULT_REGION' : ''));
+}
+
+// ---- renewable leases: the lease file and the AWS profile -----------------------------------
+
+const STATIC_AWS_VARS = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN'];
+
+/**
+ * Writes the lease file (and, with `awsConfig`, the AWS config file) of a renewable lease into
+ * RUNNER_TEMP, mode 0600. Their paths go to the state first, so `post` deletes them even if
+ * `main` fails halfway through writing. Returns the paths.
+ */
+function writeLeaseFiles(ctx, { base, reply, awsConfig }) {
+  const safe = reply.lease_id.replace(/[^A-Za-z0-9_]/g, '');
+  const dir = ctx.env.RUNNER_TEMP || os.tmpdir();
+  const files = { lease: path.join(dir, `ephemera-lease-${safe}.json`) };
+  if (awsConfig) files.awsConfig = path.join(dir, `ephemera-aws-config-${safe}`);
+  saveState(ctx, STATE_LEASE_FILE, files.lease);
+  if (files.awsConfig) saveState(ctx, STATE_AWS_CONFIG, files.awsConfig);
+  writePrivateFile(files.lease, `${JSON.stringify(leaseFileOf(base, reply))}\n`);
+  setOutput(ctx, 'lease-file', files.lease);
+  info(ctx, `lease file ${files.lease} (mode 0600; the post step deletes it)`);
+  return files;
+}
+
+/**
+ * The lease file, field for field as `ephemera exchange --lease-file` writes it, so the CLI's
+ * `credential-process` and `token` read it too. `renew_token` is the secret.
+ */
+function leaseFileOf(base, reply) {
+  return {
+    broker: base,
+    lease_id: reply.lease_id,
+    policy: reply.policy || '',
+    renew_token: reply.renew.token,
+    until: reply.renew.until,
+  };
+}
+
+/** Written whole or not at all: a new 0600 file beside `file`, then renamed over it. */
+function writePrivateFile(file, text) {
+  const tmp = `${file}.tmp`;
+  fs.rmSync(tmp, { force: true });
+  const fd = fs.openSync(tmp, 'wx', 0o600);
+  try {
+    fs.fchmodSync(fd, 0o600); // whatever the umask
+    fs.writeFileSync(fd, text);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+}
+
+/**
+ * Exports the aws credential as an AWS config profile whose `credential_process` renews the
+ * lease (`renew.js`), instead of static variables that would expire with the credential.
+ */
+function exportAwsProfile(ctx, [name, c], files) {
+  const region = /^[A-Za-z0-9-]+$/.test(c.region || '') ? c.region : undefined;
+  writePrivateFile(files.awsConfig, awsConfigText({ leaseFile: files.lease, region }));
+  exportVariable(ctx, 'AWS_CONFIG_FILE', files.awsConfig);
+  exportVariable(ctx, 'AWS_PROFILE', AWS_PROFILE);
+  if (region) {
+    exportVariable(ctx, 'AWS_REGION', region);
+    exportVariable(ctx, 'AWS_DEFAULT_REGION', region);
+  }
+  // Static keys come first in every SDK's credential chain, before any profile: ones an earlier
+  // step exported would shadow this profile. An empty value counts as unset in the SDKs.
+  const shadowing = STATIC_AWS_VARS.filter((v) => ctx.env[v]);
+  for (const v of shadowing) exportVariable(ctx, v, '');
+  info(ctx, `exported credential \`${name}\` as the AWS profile \`${AWS_PROFILE}\` in ${files.awsConfig} ` +
+    `(AWS_CONFIG_FILE, AWS_PROFILE${region ? ', AWS_REGION, AWS_DEFAULT_REGION' : ''}): the AWS CLI and SDKs ` +
+    'renew the session from the lease file whenever it expires, until the lease ends');
+  if (shadowing.length > 0) info(ctx, `cleared ${shadowing.join(', ')} (set by an earlier step), which would shadow the profile`);
+}
+
+/** The AWS config file: one profile whose `credential_process` runs `renew.js` on the lease file. */
+function awsConfigText({ leaseFile, region }) {
+  const argv = [process.execPath, RENEW_SCRIPT, 'credential-process', '--lease-file', leaseFile];
+  return [
+    '# Written by the ephemera action; its post step deletes it.',
+    `[profile ${AWS_PROFILE}]`,
+    `credential_process = ${argv.map(processArg).join(' ')}`,
+    ...(region ? [`region = ${region}`] : []),
+    '',
+  ].join('\n');
+}
+
+/**
+ * One word of a `credential_process` command line. The SDKs split it differently (botocore:
+ * shlex; Go, JS, Java: `sh -c`; Windows: `cmd /C`), so a plain word stays bare (cmd mangles
+ * several quoted words) and anything else is double-quoted, refusing what double quotes do not
+ * keep literal in all of them.
+ */
+function processArg(word) {
+  const plain = process.platform === 'win32' ? /^[A-Za-z0-9_.\\/:@+=,-]+$/ : /^[A-Za-z0-9_./:@+=,-]+$/;
+  if (plain.test(word)) return word;
+  const unsafe = process.platform === 'win32' ? /["%!\r\n]/ : /["$`\\%!\r\n]/;
+  if (unsafe.test(word)) {
+    throw new ActionError(`cannot put \`${word}\` in an AWS credential_process command line: set aws-profile to false`);
+  }
+  return `"${word}"`;
+}
+
+// ---- renew.js: `credential-process` and `token` from a lease file ---------------------------
+
+const EXIT_OTHER = 1;
+const EXIT_USAGE = 2;
+const EXIT_DENIED = 3;
+const EXIT_INVALID_TOKEN = 4;
+const EXIT_UNREACHABLE = 5;
+const RENEW_USAGE =
+  'usage: node renew.js credential-process --lease-file F\n' +
+  '       node renew.js token --lease-file F --credential NAME';
+
+/** A failure of `renew.js`, with the exit code of the same failure of the `ephemera` CLI. */
+class RenewalError extends Error {
+  constructor(message, exit = EXIT_OTHER) {
+    super(message);
+    this.exit = exit;
+  }
+}
+
+/**
+ * `node renew.js credential-process|token …`, the lease file's renewal like `ephemera
+ * credential-process` / `ephemera token`: resolves to {exit, out}, where `out` is for stdout.
+ * Errors and retry notes go to `ctx.write` (stderr), one line each, never with the renew token.
+ */
+async function renewCommand(ctx, argv) {
+  let secret;
+  try {
+    const args = parseRenewArgs(argv);
+    const lease = readLeaseFile(args.leaseFile);
+    secret = lease.renew_token;
+    const reply = await renewLease(ctx, lease);
+    const out = args.command === 'credential-process' ? credentialProcess(reply) : credentialToken(reply, args.credential);
+    return { exit: 0, out };
+  } catch (e) {
+    let message = String((e && e.message) || e);
+    if (secret) message = message.split(secret).join('[renew token]');
+    ctx.write(`ephemera: ${message}\n`);
+    return { exit: e instanceof RenewalError ? e.exit : EXIT_OTHER, out: '' };
+  }
+}
+
+function parseRenewArgs(argv) {
+  const [command, ...rest] = argv;
+  if (command !== 'credential-process' && command !== 'token') throw new RenewalError(RENEW_USAGE, EXIT_USAGE);
+  const flags = {};
+  for (let i = 0; i < rest.length; i += 2) {
+    const [flag, value] = [rest[i], rest[i + 1]];
+    if (!['--lease-file', '--credential'].includes(flag) || value === undefined) throw new RenewalError(RENEW_USAGE, EXIT_USAGE);
+    flags[flag] = value;
+  }
+  const leaseFile = flags['--lease-file'];
+  const credential = flags['--credential'];
+  if (!leaseFile || (command === 'token') !== (credential !== undefined)) throw new RenewalError(RENEW_USAGE, EXIT_USAGE);
+  return { command, leaseFile, credential };
+}
+
+/** A lease file; an error names the file and the field, never the file's text (a secret). */
+function readLeaseFile(file) {
+  let text;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new RenewalError(`--lease-file ${file}: ${e.code || e.message}`);
+  }
+  let lease;
+  try {
+    lease = JSON.parse(text);
+  } catch {
+    throw new RenewalError(`--lease-file ${file}: not a lease file (not JSON)`);
+  }
+  for (const key of ['broker', 'lease_id', 'renew_token']) {
+    if (!lease || typeof lease[key] !== 'string' || lease[key] === '') {
+      throw new RenewalError(`--lease-file ${file}: not a lease file (no \`${key}\`)`);
+    }
+  }
+  return lease;
+}
+
+/**
+ * `POST {broker}/v1/leases/{id}/renew` with the renew token: the reply (the exchange reply's
+ * shape, fresh credentials). Network errors, 429 and 5xx are retried (a renewal is not
+ * replay-protected, so the same token may be sent again); redirects are not followed.
+ */
+async function renewLease(ctx, lease) {
+  let base;
+  try {
+    base = checkBrokerUrl(lease.broker, "the lease file's `broker`", 'the renew token');
+  } catch (e) {
+    throw new RenewalError(e.message);
+  }
+  const id = lease.lease_id.replace(/[^A-Za-z0-9_]/g, '');
+  const url = `${base}/v1/leases/${id}/renew`;
+  let lastError;
+  for (let attempt = 1; attempt <= MAX_ATTEMPTS; attempt++) {
+    try {
+      return await renewOnce(url, lease.renew_token);
+    } catch (e) {
+      if (!(e instanceof RetryableError)) throw e;
+      lastError = e;
+    }
+    if (attempt === MAX_ATTEMPTS) break;
+    const delay = backoffMs(ctx, attempt, lastError.retryAfter || 0);
+    ctx.write(`ephemera: attempt ${attempt}/${MAX_ATTEMPTS} failed: ${lastError.message}; retrying in ${(delay / 1000).toFixed(1)}s\n`);
+    await ctx.sleep(delay);
+  }
+  throw new RenewalError(lastError.message, EXIT_UNREACHABLE);
+}
+
+async function renewOnce(url, token) {
+  let response;
+  try {
+    response = await fetch(url, {
+      method: 'POST',
+      headers: {
+        Authorization: `Bearer ${token}`,
+        'Content-Type': 'application/json',
+        Accept: 'application/json',
+        'User-Agent': 'ephemera-github-action',
+      },
+      body: '{}',
+      redirect: 'manual', // a redirect would carry the renew token somewhere the lease file does not name
+      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    });
+  } catch (e) {
+    throw new RetryableError(`unreachable: ${url}: ${describe(e)}`);
+  }
+  const text = await response.text().catch(() => '');
+  let parsed;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
+  }
+  if (response.status === 429 || response.status >= 500) {
+    const e = new RetryableError(`the broker answered ${response.status}${errorSuffix(parsed)}`);
+    e.retryAfter = Number(response.headers.get('retry-after')) || 0;
+    throw e;
+  }
+  if (response.status !== 200 || !parsed || typeof parsed !== 'object') {
+    const err = parsed && parsed.error;
+    const message = err ? `${err.code}: ${err.message}${err.request_id ? ` (request ${err.request_id})` : ''}` : `the broker answered ${response.status}`;
+    const exit = { 401: EXIT_INVALID_TOKEN, 403: EXIT_DENIED }[response.status] || EXIT_OTHER;
+    throw new RenewalError(message, exit);
+  }
+  return parsed;
+}
+
+/**
+ * The AWS `credential_process` document of the reply's one aws credential. `Expiration` is the
+ * earlier of the STS session's end and the credential's (`expires_at`), so the SDK asks again
+ * before the broker revokes the session (as `ephemera credential-process` does).
+ */
+function credentialProcess(reply) {
+  const aws = Object.entries((reply && reply.credentials) || {}).filter(([, c]) => c && c.kind === 'aws');
+  if (aws.length !== 1) {
+    throw new RenewalError(aws.length === 0
+      ? 'credential-process: the policy granted no `aws` credential'
+      : `credential-process: the policy granted ${aws.length} \`aws\` credentials (${aws.map(([n]) => n).join(', ')}); it needs exactly one`);
+  }
+  const [name, c] = aws[0];
+  const field = (key) => {
+    if (typeof c[key] !== 'string' || c[key] === '') throw new RenewalError(`credential-process: credential \`${name}\` has no \`${key}\``);
+    return c[key];
+  };
+  const sessionEnd = field('expiration');
+  const expiration = typeof c.expires_at === 'string' && earlier(c.expires_at, sessionEnd) ? c.expires_at : sessionEnd;
+  const doc = {
+    Version: 1,
+    AccessKeyId: field('access_key_id'),
+    SecretAccessKey: field('secret_access_key'),
+    SessionToken: field('session_token'),
+    Expiration: expiration,
+  };
+  return `${JSON.stringify(doc)}\n`;
+}
+
+/** Is time `a` before `b`? False when either does not parse (then the session's end is used). */
+function earlier(a, b) {
+  const [x, y] = [Date.parse(a), Date.parse(b)];
+  return Number.isFinite(x) && Number.isFinite(y) && x < y;
+}
+
+/** The named credential's `token` (a broker JWT), or the whole credential as JSON. */
+function credentialToken(reply, name) {
+  const credentials = (reply && reply.credentials) || {};
+  const c = Object.prototype.hasOwnProperty.call(credentials, name) ? credentials[name] : undefined;
+  if (!c) {
+    throw new RenewalError(`token: the lease has no credential \`${String(name).slice(0, 64)}\` (it has: ${Object.keys(credentials).join(', ')})`);
+  }
+  return typeof c.token === 'string' ? `${c.token}\n` : `${JSON.stringify(c)}\n`;
+}
+
 // ---- post -----------------------------------------------------------------------------------
 
-/** The `post` step: revokes the saved lease. Never fails the job; a failure is a warning. */
+/**
+ * The `post` step: revokes the saved lease, then deletes the lease file and the AWS config file
+ * of a renewable lease (also when the revoke failed or is off). Never fails the job.
+ */
 async function post(ctx = defaultContext()) {
+  try {
+    await revoke(ctx);
+  } finally {
+    removeLeaseFiles(ctx);
+  }
+}
+
+/** Revokes the saved lease; a failure is a warning. */
+async function revoke(ctx) {
   const backstop = 'the broker still ends the lease when the job completes (webhook) or when its TTL runs out';
   let leaseId;
   try {
@@ -439,12 +798,34 @@ async function post(ctx = defaultContext()) {
   }
 }
 
+/** Deletes the files `main` saved in the state (and a half-written `.tmp` of each). */
+function removeLeaseFiles(ctx) {
+  for (const key of [STATE_LEASE_FILE, STATE_AWS_CONFIG]) {
+    const file = (ctx.env[`STATE_${key}`] || '').trim();
+    // Only what `main` names: an `ephemera-` file, never anything else a state could hold.
+    if (!file || !path.basename(file).startsWith('ephemera-')) continue;
+    try {
+      fs.rmSync(file, { force: true });
+      fs.rmSync(`${file}.tmp`, { force: true });
+      info(ctx, `deleted ${file}`);
+    } catch (e) {
+      command(ctx, 'warning', `could not delete ${file}: ${e.code || e.message}`);
+    }
+  }
+}
+
 module.exports = {
   ActionError,
+  AWS_PROFILE,
   MAX_ATTEMPTS,
+  RENEW_SCRIPT,
+  STATE_AWS_CONFIG,
+  STATE_LEASE_FILE,
   STATE_LEASE_ID,
+  awsConfigText,
   backoffMs,
   callBroker,
+  credentialProcess,
   defaultContext,
   escapeData,
   exportVariable,
@@ -456,6 +837,9 @@ module.exports = {
   mask,
   parseFileCommands,
   post,
+  readLeaseFile,
+  renewCommand,
+  renewLease,
   run,
   saveState,
   setOutput,

@@ -1,7 +1,7 @@
 'use strict';
-// End to end: the real broker (`ephemera serve --dev`), the real `main.js` and `post.js` as
-// child processes with a fake runner environment. The loopback ID token endpoint hands out
-// real dev tokens minted by the broker's `POST /dev/token`.
+// End to end: the real broker (`ephemera serve --dev`), the real `main.js`, `post.js` and
+// `renew.js` as child processes with a fake runner environment. The loopback ID token endpoint
+// hands out real dev tokens minted by the broker's `POST /dev/token`.
 //
 // EPHEMERA_BIN names the broker binary (default: <repo>/target/debug/ephemera; scripts/test
 // builds it first).
@@ -9,65 +9,33 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('fs');
-const os = require('os');
 const path = require('path');
-const { spawn, execFile } = require('child_process');
+const { execFile } = require('child_process');
 const lib = require('../lib.js');
-const { idTokenEndpoint, runnerEnv } = require('./helpers.js');
+const { idTokenEndpoint, runnerEnv, startDevBroker } = require('./helpers.js');
 
 const ACTION_DIR = path.resolve(__dirname, '..');
 const REPO = path.resolve(ACTION_DIR, '..', '..');
 const BIN = process.env.EPHEMERA_BIN || path.join(REPO, 'target', 'debug', 'ephemera');
 
-/** Starts `ephemera serve --dev` on a free loopback port; resolves once /readyz answers 200. */
-async function startBroker() {
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ephemera-e2e-data-'));
-  // An empty working directory, so the broker serves the built-in `dev` policy only.
-  const child = spawn(BIN, ['serve', '--dev', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
-    cwd: dataDir,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr.on('data', (d) => (stderr += d));
-  const url = await new Promise((resolve, reject) => {
-    let stdout = '';
-    const timer = setTimeout(() => reject(new Error(`broker did not start in 20s; stderr:\n${stderr}`)), 20000);
-    child.stdout.on('data', (d) => {
-      stdout += d;
-      const line = stdout.split('\n')[0];
-      if (stdout.includes('\n')) {
-        clearTimeout(timer);
-        const m = line.match(/^ephemera listening on (http:\/\/127\.0\.0\.1:\d+)$/);
-        if (m) resolve(m[1]);
-        else reject(new Error(`unexpected first line from the broker: ${line}`));
-      }
-    });
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`broker exited with ${code}; stderr:\n${stderr}`));
-    });
-  });
-  for (let i = 0; ; i++) {
-    const ready = await fetch(`${url}/readyz`).then((r) => r.status, () => 0);
-    if (ready === 200) break;
-    if (i > 100) throw new Error(`broker not ready; stderr:\n${stderr}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  const stop = async () => {
-    if (child.exitCode === null) {
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGTERM');
-      await exited;
-    }
-    fs.rmSync(dataDir, { recursive: true, force: true });
-  };
-  return { url, stop, stderr: () => stderr };
+/** A renewable policy the default dev token satisfies: a broker JWT `api` of 2 minutes, renewed for up to 1 hour. */
+const RENEWABLE_POLICY = `issuer: github
+match:
+  repository_id: "100001"
+ttl: {default: 2m, max: 5m}
+renew: {max_lease: 1h}
+grants:
+  api: {backend: jwt, audience: https://api.dev.ephemera.invalid}
+`;
+
+/** Runs `node <script> …args` with `env` (and only that, plus PATH); resolves {code, stdout, stderr}. */
+function runNode(script, env, args = []) {
+  return run(process.execPath, [path.join(ACTION_DIR, script), ...args], env);
 }
 
-/** Runs `node <script>` with `env` (and only that, plus PATH); resolves {code, stdout, stderr}. */
-function runNode(script, env) {
+function run(file, args, env) {
   return new Promise((resolve) => {
-    execFile(process.execPath, [path.join(ACTION_DIR, script)], { env: { PATH: process.env.PATH, ...env }, timeout: 60000 },
+    execFile(file, args, { env: { PATH: process.env.PATH, ...env }, timeout: 60000 },
       (error, stdout, stderr) => resolve({ code: error ? error.code : 0, stdout, stderr }));
   });
 }
@@ -83,13 +51,14 @@ async function introspect(broker, token) {
 }
 
 const read = (file) => lib.parseFileCommands(fs.readFileSync(file, 'utf8'));
+const stateEnvOf = (state) => Object.fromEntries(Object.entries(state).map(([k, v]) => [`STATE_${k}`, v]));
 
 test('end to end against the real broker: main, then post', { timeout: 120000 }, async (t) => {
   assert.ok(
     fs.existsSync(BIN),
     `the broker binary ${BIN} does not exist: run \`cargo build\` first (scripts/test does), or set EPHEMERA_BIN`
   );
-  const broker = await startBroker();
+  const broker = await startDevBroker(BIN, { 'renewable.yaml': RENEWABLE_POLICY });
   // The runner's ID token endpoint, backed by the dev broker's issuer: real, signed tokens.
   const idp = await idTokenEndpoint(async (audience) => {
     assert.equal(audience, broker.url, 'the audience defaults to the broker URL');
@@ -127,7 +96,7 @@ test('end to end against the real broker: main, then post', { timeout: 120000 },
       assert.equal(live.active, true, JSON.stringify(live));
 
       // The runner hands the saved state to the post step as STATE_<name>.
-      const stateEnv = Object.fromEntries(Object.entries(state).map(([k, v]) => [`STATE_${k}`, v]));
+      const stateEnv = stateEnvOf(state);
       const post = await runNode('post.js', { ...runner.env, ...stateEnv });
       assert.equal(post.code, 0, `post failed:\n${post.stdout}\n${post.stderr}`);
       assert.match(post.stdout, new RegExp(`revoked lease ${state.lease_id}`));
@@ -140,6 +109,70 @@ test('end to end against the real broker: main, then post', { timeout: 120000 },
       assert.equal(again.code, 0);
       assert.match(again.stdout, /revoked lease|already ended/);
       assert.doesNotMatch(again.stdout, /::warning::|::error::/);
+    } finally {
+      runner.cleanup();
+    }
+  });
+
+  await t.test('a renewable lease: main writes the lease file, renew.js and the CLI renew from it, post revokes and deletes it', async () => {
+    const runner = runnerEnv({ inputs: { 'broker-url': broker.url, policy: 'renewable', 'jwt-output': 'true' }, idTokenUrl: idp.requestUrl });
+    try {
+      const main = await runNode('main.js', runner.env);
+      assert.equal(main.code, 0, `main failed:\n${main.stdout}\n${main.stderr}`);
+      const outputs = read(runner.files.GITHUB_OUTPUT);
+      const state = read(runner.files.GITHUB_STATE);
+      const leaseFile = outputs['lease-file'];
+      assert.equal(leaseFile, path.join(runner.dir, `ephemera-lease-${outputs['lease-id']}.json`));
+      assert.deepEqual(state, { lease_id: outputs['lease-id'], lease_file: leaseFile });
+      assert.equal(fs.statSync(leaseFile).mode & 0o777, 0o600);
+      const lease = JSON.parse(fs.readFileSync(leaseFile, 'utf8'));
+      assert.deepEqual(Object.keys(lease), ['broker', 'lease_id', 'policy', 'renew_token', 'until']);
+      assert.equal(lease.lease_id, outputs['lease-id']);
+      assert.equal(lease.policy, 'renewable');
+      assert.equal(lease.until, outputs['expires-at']);
+      assert.match(lease.renew_token, /^ephr_/);
+      // The renew token is masked before anything else and otherwise never printed.
+      const lines = main.stdout.split('\n').filter(Boolean);
+      const firstOther = lines.findIndex((l) => !l.startsWith('::add-mask::'));
+      assert.ok(lines.slice(0, firstOther).includes(`::add-mask::${lease.renew_token}`), main.stdout);
+      assert.equal(main.stdout.split(lease.renew_token).length, 2, 'the renew token appears outside its mask command');
+      assert.ok(main.stdout.includes(lib.fingerprint(lease.renew_token)));
+      assert.deepEqual(read(runner.files.GITHUB_ENV), {}, 'no aws credential, no AWS profile');
+
+      // The action's renew.js renews: a fresh, live JWT of the same lease.
+      const renewed = await runNode('renew.js', {}, ['token', '--lease-file', leaseFile, '--credential', 'api']);
+      assert.equal(renewed.code, 0, renewed.stderr);
+      const fresh = renewed.stdout.trim();
+      assert.equal(fresh.split('.').length, 3);
+      assert.notEqual(fresh, outputs['jwt-api']);
+      assert.equal((await introspect(broker.url, fresh)).active, true);
+      // The file has the CLI's shape: `ephemera token --lease-file` renews from it as well.
+      const cli = await run(BIN, ['token', '--lease-file', leaseFile, '--credential', 'api'], {});
+      assert.equal(cli.code, 0, cli.stderr);
+      assert.equal((await introspect(broker.url, cli.stdout.trim())).active, true);
+      // No aws credential in this lease: credential-process says so (exit 1), without the token.
+      const noAws = await runNode('renew.js', {}, ['credential-process', '--lease-file', leaseFile]);
+      assert.equal(noAws.code, 1);
+      assert.match(noAws.stderr, /granted no `aws` credential/);
+
+      const copy = path.join(runner.dir, 'lease-copy.json');
+      fs.copyFileSync(leaseFile, copy);
+      const post = await runNode('post.js', { ...runner.env, ...stateEnvOf(state) });
+      assert.equal(post.code, 0, `post failed:\n${post.stdout}\n${post.stderr}`);
+      assert.match(post.stdout, new RegExp(`revoked lease ${state.lease_id}`));
+      assert.match(post.stdout, new RegExp(`deleted ${leaseFile.replace(/[.]/g, '\\.')}`));
+      assert.ok(!fs.existsSync(leaseFile), 'post deletes the lease file');
+      assert.ok(!post.stdout.includes(lease.renew_token) && !post.stderr.includes(lease.renew_token));
+      for (const jwt of [outputs['jwt-api'], fresh, cli.stdout.trim()]) {
+        assert.deepEqual(await introspect(broker.url, jwt), { active: false }, 'every credential of the lease ends with it');
+      }
+
+      // The lease has ended: a renewal is refused (409), and the renew token is not in the message.
+      const ended = await runNode('renew.js', {}, ['token', '--lease-file', copy, '--credential', 'api']);
+      assert.equal(ended.code, 1, ended.stdout);
+      assert.equal(ended.stdout, '');
+      assert.match(ended.stderr, /^ephemera: lease_not_renewable: /);
+      assert.ok(!ended.stderr.includes(lease.renew_token));
     } finally {
       runner.cleanup();
     }

@@ -1,11 +1,12 @@
 'use strict';
-// A fake runner for the tests: temporary file-command files, a loopback ID token endpoint and
-// a programmable fake broker. Node built-ins only.
+// A fake runner for the tests: temporary file-command files, a loopback ID token endpoint, a
+// programmable fake broker, and the real broker in dev mode. Node built-ins only.
 
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const http = require('http');
+const { spawn } = require('child_process');
 
 const REQUEST_TOKEN = 'runner-request-token';
 
@@ -115,4 +116,56 @@ function fakeContext(env) {
   };
 }
 
-module.exports = { REQUEST_TOKEN, fakeBroker, fakeContext, fakeJwt, idTokenEndpoint, listen, readBody, runnerEnv };
+/**
+ * Starts `bin serve --dev` on a free loopback port; resolves once /readyz answers 200. It runs in
+ * a working directory of its own whose `./policies` holds `policies` ({file name: YAML}), besides
+ * the built-in `dev` policy. Resolves {url, stop, stderr}.
+ */
+async function startDevBroker(bin, policies = {}) {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ephemera-e2e-data-'));
+  const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ephemera-e2e-cwd-'));
+  fs.mkdirSync(path.join(workDir, 'policies'));
+  for (const [name, yaml] of Object.entries(policies)) fs.writeFileSync(path.join(workDir, 'policies', name), yaml);
+  const child = spawn(bin, ['serve', '--dev', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
+    cwd: workDir,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr.on('data', (d) => (stderr += d));
+  const url = await new Promise((resolve, reject) => {
+    let stdout = '';
+    const timer = setTimeout(() => reject(new Error(`broker did not start in 20s; stderr:\n${stderr}`)), 20000);
+    child.stdout.on('data', (d) => {
+      stdout += d;
+      const line = stdout.split('\n')[0];
+      if (stdout.includes('\n')) {
+        clearTimeout(timer);
+        const m = line.match(/^ephemera listening on (http:\/\/127\.0\.0\.1:\d+)$/);
+        if (m) resolve(m[1]);
+        else reject(new Error(`unexpected first line from the broker: ${line}`));
+      }
+    });
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`broker exited with ${code}; stderr:\n${stderr}`));
+    });
+  });
+  for (let i = 0; ; i++) {
+    const ready = await fetch(`${url}/readyz`).then((r) => r.status, () => 0);
+    if (ready === 200) break;
+    if (i > 100) throw new Error(`broker not ready; stderr:\n${stderr}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const stop = async () => {
+    if (child.exitCode === null) {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+    }
+    fs.rmSync(dataDir, { recursive: true, force: true });
+    fs.rmSync(workDir, { recursive: true, force: true });
+  };
+  return { url, stop, stderr: () => stderr };
+}
+
+module.exports = { REQUEST_TOKEN, fakeBroker, fakeContext, fakeJwt, idTokenEndpoint, listen, readBody, runnerEnv, startDevBroker };

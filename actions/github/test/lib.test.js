@@ -1,10 +1,13 @@
 'use strict';
 // Unit tests of the action with a fake runner: masking, retries, file commands, the missing
-// id-token permission, 401/403 handling and the post step's warnings.
+// id-token permission, 401/403 handling, renewable leases (lease file, AWS profile, renew.js)
+// and the post step's warnings and cleanup.
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('fs');
+const path = require('path');
+const { execFile } = require('child_process');
 const lib = require('../lib.js');
 const { fakeBroker, fakeContext, fakeJwt, idTokenEndpoint, listen, runnerEnv } = require('./helpers.js');
 
@@ -249,6 +252,262 @@ test('inputs: INPUT_ names are uppercased with dashes kept', () => {
   assert.equal(lib.getBooleanInput(ctx, 'export-aws-env', undefined), undefined);
 });
 
+// ---- renewable leases ----------------------------------------------------------------------
+
+const RENEW_TOKEN = 'ephr_TESTRENEWTOKENdoNotPrintMe0123456789abcdefABCDEF';
+const UNTIL = '2030-01-01T01:00:00Z';
+
+/** An exchange reply of a renewable lease (`renew`), with the credentials of `granted()`. */
+function renewable(opts) {
+  const [status, body] = granted(opts);
+  return [status, { ...body, expires_at: UNTIL, renew: { token: RENEW_TOKEN, until: UNTIL } }];
+}
+
+const modeOf = (file) => fs.statSync(file).mode & 0o777;
+
+/** The `credential_process = …` command of an AWS config file. */
+function credentialProcessLine(config) {
+  const line = config.split('\n').find((l) => l.startsWith('credential_process = '));
+  assert.ok(line, config);
+  return line.slice('credential_process = '.length);
+}
+
+/** Runs `command` with `sh -c`, as the Go, JS and Java SDKs run a credential_process. */
+function sh(command, env = {}) {
+  return new Promise((resolve) => {
+    execFile('sh', ['-c', command], { env: { PATH: process.env.PATH, ...env }, timeout: 60000 },
+      (error, stdout, stderr) => resolve({ code: error ? error.code : 0, stdout, stderr }));
+  });
+}
+
+test('run: a renewable lease with one aws credential: a 0600 lease file and an AWS profile, no static keys', async () => {
+  await withRunner([renewable()], {}, async ({ ctx, read, runner }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    const lines = ctx.lines();
+    const firstOther = lines.findIndex((l) => !l.startsWith('::add-mask::'));
+    // The renew token is masked with the credentials, before any other output.
+    assert.ok(lines.slice(0, firstOther).includes(`::add-mask::${RENEW_TOKEN}`), ctx.text());
+    assert.equal(ctx.text().split(RENEW_TOKEN).length, 2, 'the renew token appears outside its mask command');
+    assert.ok(ctx.text().includes(`renew token ${lib.fingerprint(RENEW_TOKEN)}`));
+
+    const leaseFile = `${runner.dir}/ephemera-lease-${LEASE}.json`;
+    const configFile = `${runner.dir}/ephemera-aws-config-${LEASE}`;
+    assert.deepEqual(read('GITHUB_STATE'), { lease_id: LEASE, lease_file: leaseFile, aws_config_file: configFile });
+    assert.equal(read('GITHUB_OUTPUT')['lease-file'], leaseFile);
+    assert.equal(read('GITHUB_OUTPUT')['expires-at'], UNTIL);
+
+    // The lease file: the CLI's shape exactly (`ephemera credential-process` reads it too), 0600.
+    assert.equal(modeOf(leaseFile), 0o600);
+    const lease = JSON.parse(fs.readFileSync(leaseFile, 'utf8'));
+    assert.deepEqual(Object.keys(lease), ['broker', 'lease_id', 'policy', 'renew_token', 'until']);
+    assert.deepEqual(lease, { broker: runner.env['INPUT_BROKER-URL'], lease_id: LEASE, policy: 'deploy', renew_token: RENEW_TOKEN, until: UNTIL });
+
+    // The AWS config file: 0600, one profile renewing from the lease file, the region.
+    assert.equal(modeOf(configFile), 0o600);
+    const config = fs.readFileSync(configFile, 'utf8');
+    assert.match(config, /^\[profile ephemera\]$/m);
+    assert.match(config, /^region = eu-west-1$/m);
+    assert.equal(credentialProcessLine(config), `${process.execPath} ${lib.RENEW_SCRIPT} credential-process --lease-file ${leaseFile}`);
+    assert.ok(!config.includes(RENEW_TOKEN) && !config.includes('ASIATESTACCESSKEY'), 'no secret in the config file');
+
+    // Instead of the static keys (they would shadow the profile and expire with the session).
+    assert.deepEqual(read('GITHUB_ENV'), {
+      AWS_CONFIG_FILE: configFile, AWS_PROFILE: 'ephemera', AWS_REGION: 'eu-west-1', AWS_DEFAULT_REGION: 'eu-west-1',
+    });
+    assert.match(ctx.text(), /exported credential `aws` as the AWS profile `ephemera`/);
+    assert.equal(fs.readdirSync(runner.dir).filter((f) => f.endsWith('.tmp')).length, 0);
+  });
+});
+
+test('run: AWS keys an earlier step exported are cleared, so they do not shadow the profile', async () => {
+  const extra = { AWS_ACCESS_KEY_ID: 'AKIAEARLIER', AWS_SESSION_TOKEN: 'earlier-session' };
+  await withRunner([renewable({ jwt: false })], {}, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    const env = read('GITHUB_ENV');
+    assert.equal(env.AWS_ACCESS_KEY_ID, '');
+    assert.equal(env.AWS_SESSION_TOKEN, '');
+    assert.equal(env.AWS_SECRET_ACCESS_KEY, undefined, 'only what was set is cleared');
+    assert.equal(env.AWS_PROFILE, 'ephemera');
+    assert.match(ctx.text(), /cleared AWS_ACCESS_KEY_ID, AWS_SESSION_TOKEN/);
+  }, { extra });
+});
+
+test('run: aws-profile false keeps the static variables for a renewable lease; the lease file is still written', async () => {
+  await withRunner([renewable()], { 'aws-profile': 'false' }, async ({ ctx, read, runner }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assert.deepEqual(Object.keys(read('GITHUB_ENV')), ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_REGION', 'AWS_DEFAULT_REGION']);
+    assert.deepEqual(read('GITHUB_STATE'), { lease_id: LEASE, lease_file: `${runner.dir}/ephemera-lease-${LEASE}.json` });
+    assert.equal(modeOf(`${runner.dir}/ephemera-lease-${LEASE}.json`), 0o600);
+    assert.ok(!fs.existsSync(`${runner.dir}/ephemera-aws-config-${LEASE}`));
+  });
+});
+
+test('run: aws-profile true for a lease that is not renewable: static variables and a warning', async () => {
+  await withRunner([granted()], { 'aws-profile': 'true' }, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assert.equal(read('GITHUB_ENV').AWS_ACCESS_KEY_ID, 'ASIATESTACCESSKEY');
+    assert.equal(read('GITHUB_ENV').AWS_PROFILE, undefined);
+    assert.deepEqual(read('GITHUB_STATE'), { lease_id: LEASE });
+    assert.equal(read('GITHUB_OUTPUT')['lease-file'], undefined);
+    assert.match(ctx.text(), /::warning::aws-profile is true but policy `deploy` does not make leases renewable/);
+  });
+  await withRunner([renewable()], { 'aws-profile': 'true', 'export-aws-env': 'false' }, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assert.deepEqual(read('GITHUB_ENV'), {});
+    assert.match(ctx.text(), /::warning::aws-profile is true but export-aws-env is false/);
+  });
+  await withRunner([renewable()], { 'aws-profile': 'maybe' }, async ({ ctx, broker }) => {
+    assert.equal(await lib.run(ctx), false);
+    assert.match(ctx.text(), /input `aws-profile` must be `true` or `false`/);
+    assert.equal(broker.requests.length, 0);
+  });
+});
+
+test('run: a renewable lease without aws credentials: the lease file only', async () => {
+  await withRunner([renewable({ aws: false })], {}, async ({ ctx, read, runner }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assert.deepEqual(read('GITHUB_ENV'), {});
+    assert.deepEqual(read('GITHUB_STATE'), { lease_id: LEASE, lease_file: `${runner.dir}/ephemera-lease-${LEASE}.json` });
+    assert.deepEqual(fs.readdirSync(runner.dir).filter((f) => f.startsWith('ephemera-')), [`ephemera-lease-${LEASE}.json`]);
+  });
+});
+
+// ---- renew.js -------------------------------------------------------------------------------
+
+/** A renewal reply: the exchange reply's shape, fresh credentials. */
+function renewed({ expiration = '2030-01-01T00:20:00Z', expiresAt = '2030-01-01T00:15:00Z', awsCount = 1 } = {}) {
+  const credentials = { api: { kind: 'jwt', revocation: 'immediate', expires_at: expiresAt, token: 'eyJ.renewed-jwt.sig' } };
+  for (let i = 0; i < awsCount; i++) {
+    credentials[i ? `aws${i}` : 'aws'] = {
+      kind: 'aws', revocation: 'deny-policy', expires_at: expiresAt, expiration, region: 'eu-west-1',
+      access_key_id: 'ASIARENEWED', secret_access_key: 'renewed/secret+key', session_token: 'renewed-session',
+    };
+  }
+  return { lease_id: LEASE, policy: 'deploy', job: 'github:1:2:1:3', expires_at: UNTIL, credentials };
+}
+
+test('credentialProcess: the AWS document, Expiration the earlier of the session and the credential', () => {
+  const doc = (reply) => JSON.parse(lib.credentialProcess(reply));
+  assert.deepEqual(doc(renewed()), {
+    Version: 1, AccessKeyId: 'ASIARENEWED', SecretAccessKey: 'renewed/secret+key', SessionToken: 'renewed-session',
+    Expiration: '2030-01-01T00:15:00Z',
+  });
+  for (const [expiration, expiresAt, want] of [
+    ['2030-01-01T00:20:00Z', '2030-01-01T00:15:00Z', '2030-01-01T00:15:00Z'], // the credential ends first (deny)
+    ['2030-01-01T00:15:00Z', '2030-01-01T00:20:00Z', '2030-01-01T00:15:00Z'], // the STS session ends first
+    ['2030-01-01T00:15:00Z', 'not a time', '2030-01-01T00:15:00Z'], // unparsable: the session's end
+  ]) {
+    assert.equal(doc(renewed({ expiration, expiresAt })).Expiration, want, `${expiration} / ${expiresAt}`);
+  }
+  assert.throws(() => lib.credentialProcess(renewed({ awsCount: 0 })), /granted no `aws` credential/);
+  assert.throws(() => lib.credentialProcess(renewed({ awsCount: 2 })), /granted 2 `aws` credentials \(aws, aws1\); it needs exactly one/);
+  assert.throws(() => lib.credentialProcess(renewed({ expiration: '' })), /credential `aws` has no `expiration`/);
+});
+
+test("renew.js: the profile's credential_process renews from the lease file and prints only the document", async () => {
+  const broker = await fakeBroker([[200, renewed()]]);
+  const runner = runnerEnv();
+  try {
+    const leaseFile = path.join(runner.dir, `ephemera-lease-${LEASE}.json`);
+    fs.writeFileSync(leaseFile, JSON.stringify({ broker: `${broker.url}/`, lease_id: LEASE, policy: 'deploy', renew_token: RENEW_TOKEN, until: UNTIL }), { mode: 0o600 });
+    const config = lib.awsConfigText({ leaseFile, region: 'eu-west-1' });
+    const out = await sh(credentialProcessLine(config));
+    assert.equal(out.code, 0, out.stderr);
+    assert.equal(out.stderr, '');
+    assert.deepEqual(JSON.parse(out.stdout), JSON.parse(lib.credentialProcess(renewed())));
+    assert.deepEqual(broker.requests, [{ route: `/v1/leases/${LEASE}/renew`, authorization: `Bearer ${RENEW_TOKEN}`, body: {} }]);
+
+    // The real AWS SDK for Python (botocore), when installed, reads the profile the same way.
+    const python = [
+      'import botocore.session',
+      "c = botocore.session.Session(profile='ephemera').get_credentials().get_frozen_credentials()",
+      'print(c.access_key, c.token)',
+    ].join('\n');
+    fs.writeFileSync(path.join(runner.dir, 'config'), config);
+    const boto = await sh(`python3 -c "${python.replace(/"/g, '\\"')}"`, { AWS_CONFIG_FILE: path.join(runner.dir, 'config'), AWS_PROFILE: 'ephemera', HOME: runner.dir });
+    if (boto.code === 0) assert.equal(boto.stdout.trim(), 'ASIARENEWED renewed-session');
+    else assert.match(boto.stderr, /No module named|not found/, boto.stderr);
+  } finally {
+    runner.cleanup();
+    await broker.close();
+  }
+});
+
+test('renew.js: a lease that has ended, a bad token, bad usage and a bad lease file fail without the renew token', async () => {
+  const notRenewable = [409, { error: { code: 'lease_not_renewable', message: 'the lease was revoked', request_id: 'req_9' } }];
+  const invalid = [401, { error: { code: 'invalid_token', message: 'the renew token is not valid for this lease', request_id: 'req_10' } }];
+  const broker = await fakeBroker([notRenewable, invalid]);
+  const runner = runnerEnv();
+  const run = async (argv) => {
+    const ctx = fakeContext({});
+    const result = await lib.renewCommand(ctx, argv);
+    const all = ctx.text() + result.out;
+    assert.ok(!all.includes(RENEW_TOKEN), `the renew token leaked: ${all}`);
+    return { ...result, err: ctx.text() };
+  };
+  try {
+    const leaseFile = path.join(runner.dir, 'lease.json');
+    fs.writeFileSync(leaseFile, JSON.stringify({ broker: broker.url, lease_id: LEASE, policy: 'deploy', renew_token: RENEW_TOKEN, until: UNTIL }));
+    const ended = await run(['credential-process', '--lease-file', leaseFile]);
+    assert.deepEqual([ended.exit, ended.out], [1, '']);
+    assert.equal(ended.err, 'ephemera: lease_not_renewable: the lease was revoked (request req_9)\n');
+    const bad = await run(['token', '--lease-file', leaseFile, '--credential', 'api']);
+    assert.deepEqual([bad.exit, bad.err], [4, 'ephemera: invalid_token: the renew token is not valid for this lease (request req_10)\n']);
+    assert.equal(broker.requests.length, 2, 'a 4xx is not retried');
+
+    for (const argv of [[], ['renew'], ['token', '--lease-file', leaseFile], ['credential-process', '--lease-file', leaseFile, '--credential', 'x'], ['credential-process', '--lease-file']]) {
+      const usage = await run(argv);
+      assert.equal(usage.exit, 2, String(argv));
+      assert.match(usage.err, /usage: node renew\.js credential-process --lease-file F/);
+    }
+    fs.writeFileSync(leaseFile, `{"renew_token": "${RENEW_TOKEN}"`);
+    assert.match((await run(['credential-process', '--lease-file', leaseFile])).err, /not a lease file \(not JSON\)/);
+    fs.writeFileSync(leaseFile, JSON.stringify({ renew_token: RENEW_TOKEN }));
+    assert.match((await run(['credential-process', '--lease-file', leaseFile])).err, /not a lease file \(no `broker`\)/);
+    fs.writeFileSync(leaseFile, JSON.stringify({ broker: 'http://broker.example.com', lease_id: LEASE, renew_token: RENEW_TOKEN }));
+    assert.match((await run(['credential-process', '--lease-file', leaseFile])).err, /must be https:\/\/.*since the renew token is sent to it/);
+    assert.match((await run(['credential-process', '--lease-file', `${leaseFile}.missing`])).err, /ENOENT/);
+    assert.equal(broker.requests.length, 2);
+  } finally {
+    runner.cleanup();
+    await broker.close();
+  }
+});
+
+test('renewLease: 503 then 200 is retried with the same renew token; the retry note goes to stderr', async () => {
+  const down = [503, { error: { code: 'unavailable', message: 'try again', request_id: 'req_11' } }];
+  const broker = await fakeBroker([down, [200, renewed()]]);
+  try {
+    const ctx = fakeContext({});
+    const reply = await lib.renewLease(ctx, { broker: broker.url, lease_id: LEASE, renew_token: RENEW_TOKEN });
+    assert.equal(reply.credentials.api.token, 'eyJ.renewed-jwt.sig');
+    assert.equal(broker.requests.length, 2);
+    assert.ok(broker.requests.every((r) => r.authorization === `Bearer ${RENEW_TOKEN}`));
+    assert.equal(ctx.sleeps.length, 1);
+    assert.match(ctx.text(), /^ephemera: attempt 1\/4 failed: the broker answered 503: unavailable/);
+  } finally {
+    await broker.close();
+  }
+});
+
+test('renew.js: token mode prints the named credential of a fresh renewal', async () => {
+  const broker = await fakeBroker([[200, renewed()]]);
+  const runner = runnerEnv();
+  try {
+    const leaseFile = path.join(runner.dir, 'lease.json');
+    fs.writeFileSync(leaseFile, JSON.stringify({ broker: broker.url, lease_id: LEASE, policy: 'deploy', renew_token: RENEW_TOKEN, until: UNTIL }));
+    const out = await sh(`"${process.execPath}" "${lib.RENEW_SCRIPT}" token --lease-file "${leaseFile}" --credential api`);
+    assert.deepEqual([out.code, out.stdout, out.stderr], [0, 'eyJ.renewed-jwt.sig\n', '']);
+    const ctx = fakeContext({});
+    const missing = await lib.renewCommand(ctx, ['token', '--lease-file', leaseFile, '--credential', 'nope']);
+    assert.equal(missing.exit, 1);
+    assert.match(ctx.text(), /the lease has no credential `nope` \(it has: api, aws\)/);
+  } finally {
+    runner.cleanup();
+    await broker.close();
+  }
+});
+
 // ---- post -----------------------------------------------------------------------------------
 
 test('post: revokes the saved lease with a fresh ID token', async () => {
@@ -307,6 +566,44 @@ test('post: nothing saved, or revoke false → no request', async () => {
     assert.match(ctx.text(), /revoke is false/);
     assert.equal(broker.requests.length, 0);
   }, { extra: { STATE_lease_id: LEASE } });
+});
+
+test('post: deletes the lease file and the AWS config file, also when the revoke fails or is off', async () => {
+  const down = [503, { error: { code: 'unavailable', message: 'down', request_id: 'req_12' } }];
+  for (const [answers, inputs, expect] of [
+    [[[200, { revoked: [LEASE], pending: [] }]], {}, /revoked lease/],
+    [[down], {}, /::warning::could not revoke/],
+    [[[200, {}]], { revoke: 'false' }, /revoke is false/],
+    [[[200, {}]], { 'broker-url': 'http://broker.example.com' }, /::warning::could not revoke.*must be https/],
+  ]) {
+    const runner = runnerEnv();
+    const leaseFile = path.join(runner.dir, `ephemera-lease-${LEASE}.json`);
+    const configFile = path.join(runner.dir, `ephemera-aws-config-${LEASE}`);
+    const keep = path.join(runner.dir, 'keep-me');
+    for (const f of [leaseFile, `${leaseFile}.tmp`, configFile, keep]) fs.writeFileSync(f, RENEW_TOKEN);
+    await withRunner(answers, inputs, async ({ ctx }) => {
+      await lib.post(ctx);
+      assert.match(ctx.text(), expect);
+      assert.ok(ctx.text().includes(`deleted ${leaseFile}`) && ctx.text().includes(`deleted ${configFile}`), ctx.text());
+      assert.ok(!ctx.text().includes(RENEW_TOKEN));
+    }, { extra: { STATE_lease_id: LEASE, STATE_lease_file: leaseFile, STATE_aws_config_file: configFile } });
+    assert.deepEqual(fs.readdirSync(runner.dir).filter((f) => !f.startsWith('github_')), ['keep-me']);
+    fs.rmSync(runner.dir, { recursive: true, force: true });
+  }
+});
+
+test('post: deletes only files main named (ephemera-…)', async () => {
+  const runner = runnerEnv();
+  try {
+    const other = path.join(runner.dir, 'not-ours.json');
+    fs.writeFileSync(other, 'x');
+    const ctx = fakeContext({ ...runner.env, 'INPUT_REVOKE': 'false', STATE_lease_file: other });
+    await lib.post(ctx);
+    assert.ok(fs.existsSync(other));
+    assert.doesNotMatch(ctx.text(), /deleted/);
+  } finally {
+    runner.cleanup();
+  }
 });
 
 test('fakeJwt claims decode (helper sanity)', () => {
