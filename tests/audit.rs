@@ -140,3 +140,74 @@ async fn an_audit_file_that_cannot_be_opened_refuses_to_start() {
     };
     assert!(err.contains("audit file") && err.contains("no/such/dir/audit.jsonl"), "{err}");
 }
+
+#[tokio::test]
+async fn every_renewal_is_audited_with_its_lease_and_fingerprints_and_never_the_renew_token() {
+    let issuer = FakeIssuer::start().await;
+    let renewable = format!("{DEPLOY_POLICY}renew: {{max_lease: 2h}}\n");
+    let extra =
+        Extra { hooks_toml: "[reload]\nwatch = false\n[audit]\nfile = \"audit.jsonl\"\n".into(), ..Extra::default() };
+    let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", &renewable)], &extra).await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (status, issued) = broker.exchange(&token, "deploy").await;
+    assert_eq!(status, 201, "{issued}");
+    let lease_id = issued["lease_id"].as_str().unwrap();
+    let renew_token = issued["renew"]["token"].as_str().unwrap();
+    let renew = |bearer: String| {
+        let url = format!("{}/v1/leases/{lease_id}/renew", broker.url);
+        let http = broker.http.clone();
+        async move {
+            let resp = http.post(url).bearer_auth(bearer).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, renewed) = renew(renew_token.to_string()).await;
+    assert_eq!(status, 200, "{renewed}");
+    let (status, _) = renew("ephr_not-the-token".to_string()).await;
+    assert_eq!(status, 401);
+
+    let events = events(&broker);
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["exchange", "renewal", "denial"], "{events:#?}");
+    let renewal = &events[1];
+    let jwt = renewed["credentials"]["api"]["token"].as_str().unwrap();
+    assert_eq!((renewal["lease_id"].as_str(), renewal["decision"].as_str()), (Some(lease_id), Some("allow")));
+    assert_eq!(renewal["credentials"]["api"]["sha256"]["token"], ephemera::secret::sha256_hex(jwt.as_bytes()));
+    assert_eq!(renewal["job"], issued["job"]);
+    assert_eq!(renewal["claims"]["repository_id"], "74", "the claims the lease was granted on");
+    assert_eq!((events[2]["lease_id"].as_str(), events[2]["code"].as_str()), (Some(lease_id), Some("invalid_token")));
+    let raw = std::fs::read_to_string(broker.dir.path().join("audit.jsonl")).unwrap();
+    assert!(!raw.contains(renew_token) && !raw.contains(jwt), "a secret reached the audit file");
+}
+
+#[tokio::test]
+async fn a_renewal_that_cannot_be_audited_fails_closed_and_ends_the_lease() {
+    let issuer = FakeIssuer::start().await;
+    let renewable = format!("{DEPLOY_POLICY}renew: {{max_lease: 2h}}\n");
+    let extra =
+        Extra { hooks_toml: "[reload]\nwatch = false\n[audit]\nfile = \"audit.jsonl\"\n".into(), ..Extra::default() };
+    let broker = Broker::start_custom(&[("ci", "github-actions", &issuer)], &[("deploy", &renewable)], &extra).await;
+    let (status, issued) =
+        broker.exchange(&issuer.sign(&issuer.claims("github-environment-deploy.json", NOW)), "deploy").await;
+    assert_eq!(status, 201, "{issued}");
+    // The log volume fills up: the audit file is now /dev/full (every write fails with ENOSPC).
+    let file = broker.dir.path().join("audit.jsonl");
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &file).unwrap();
+    broker.running.app.audit().reopen().await.unwrap();
+
+    let lease_id = issued["lease_id"].as_str().unwrap();
+    let resp = broker
+        .http
+        .post(format!("{}/v1/leases/{lease_id}/renew", broker.url))
+        .bearer_auth(issued["renew"]["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let answer = (resp.status().as_u16(), resp.json::<Value>().await.unwrap());
+    assert_error(&answer, 503, "unavailable");
+    let lease = broker.running.app.lease(lease_id).await.unwrap().unwrap();
+    assert_eq!((lease.state, lease.reason.as_deref()), (LeaseState::Revoked, Some("audit-unavailable")));
+    assert_eq!(broker.introspect(issued["credentials"]["api"]["token"].as_str().unwrap()).await["active"], false);
+    assert!(captured_logs().contains("failing the renewal closed"));
+}

@@ -234,11 +234,23 @@ impl App {
             return result;
         }
         let event = ExchangeEvent::new(rfc3339(self.now()), request_id, policy, identity, &result, &self.audit);
-        let Err(e) = self.audit.write(&event).await else { return result };
-        tracing::error!(error = %e, "audit event not written; failing the exchange closed");
+        let written = self.audit.write(&event).await;
+        self.fail_closed(written, result, "exchange").await
+    }
+
+    /// An outcome whose audit event was `written`, or not: then an issued (or renewed) lease is
+    /// ended before a single credential leaves, and a denial becomes 503 (the record of a refusal
+    /// is lost otherwise). `what` names the request in the log.
+    pub(super) async fn fail_closed(
+        &self,
+        written: Result<(), String>,
+        result: Result<ExchangeReply, Error>,
+        what: &str,
+    ) -> Result<ExchangeReply, Error> {
+        let Err(e) = written else { return result };
+        tracing::error!(error = %e, "audit event not written; failing the {what} closed");
         match result {
             Ok(reply) => {
-                // Recorded but not audited: revoke before a single credential leaves.
                 let ended = self.end_leases(vec![reply.lease_id.clone()], REASON_AUDIT_UNAVAILABLE).await;
                 Err(Error::Unavailable(format!(
                     "{e}; lease {} revoked: {}",

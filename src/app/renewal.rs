@@ -185,19 +185,7 @@ impl App {
         }
         let event = ExchangeEvent::new(rfc3339(self.now()), request_id, policy, identity, &result, &self.audit)
             .for_renewal(lease_id);
-        let Err(e) = self.audit.write(&event).await else { return result };
-        tracing::error!(error = %e, "audit event not written; failing the renewal closed");
-        match result {
-            Ok(reply) => {
-                let ended = self.end_leases(vec![reply.lease_id.clone()], super::REASON_AUDIT_UNAVAILABLE).await;
-                Err(Error::Unavailable(format!(
-                    "{e}; lease {} revoked: {}",
-                    reply.lease_id,
-                    if ended.pending.is_empty() { "yes" } else { "pending (retried)" }
-                )))
-            }
-            Err(Error::Denied(_) | Error::InvalidToken(_)) => Err(Error::Unavailable(e)),
-            Err(other) => Err(other),
-        }
+        let written = self.audit.write(&event).await;
+        self.fail_closed(written, result, "renewal").await
     }
 }
