@@ -158,14 +158,19 @@ fn db_failure(e: &tokio_postgres::Error) -> (bool, String) {
         // (rustls: "invalid peer certificate: UnknownIssuer", an I/O error) is in its sources.
         // Neither ever holds the password: it is sent only inside the SCRAM exchange.
         None => {
-            let mut text = format!("database unreachable: {e}");
+            // A value that would not convert to or from its column is this broker's fault (or a
+            // row's), found before or after the round trip: the database was reached, and
+            // readiness must not flap for it. Everything else here is the connection's.
+            let own = e.to_string();
+            let reached = own.starts_with("error serializing") || own.starts_with("error deserializing");
+            let mut text = if reached { own } else { format!("database unreachable: {own}") };
             let mut source = std::error::Error::source(e);
             while let Some(cause) = source {
                 text.push_str(": ");
                 text.push_str(&cause.to_string());
                 source = cause.source();
             }
-            (true, text)
+            (!reached, text)
         }
     }
 }
@@ -745,5 +750,28 @@ impl LeaseStore for PgStore {
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         // Every write was committed before its caller heard back: nothing is buffered here.
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_value_that_does_not_convert_fails_its_statement_but_leaves_the_store_reachable() {
+        let cfg = testing::fresh_database().await;
+        let store = PgStore::open(&cfg, None, "t", RetryPolicy::default()).await.unwrap();
+        let s = &store.shared;
+        let failed = s
+            .timed("a statement with a bad parameter", async {
+                let client = s.client().await?;
+                // Text for an integer parameter: the driver refuses to send it.
+                client.query("SELECT $1::int", &[&"seven"]).await?;
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(failed.0.contains("error serializing") && !failed.0.contains("unreachable"), "{failed}");
+        assert_eq!(store.health(), Health::Open, "readiness does not flap for a bug of ours");
     }
 }
