@@ -253,16 +253,26 @@ async fn exchange(
         .map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
     let token = bearer(&headers)?;
     let reply = app.exchange(token, &request.policy, ttl, &request_id).await?;
-    if wants_env(&headers, &uri) {
-        // A reply that cannot be rendered withdraws its lease: never a 201 with empty variables
-        // while the credentials are live.
-        let body = match reply.to_env() {
-            Ok(body) => body,
-            Err(e) => return Err(app.withdraw(&reply, e).await),
-        };
-        return Ok((StatusCode::CREATED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
+    credentials_response(&app, StatusCode::CREATED, reply, &headers, &uri).await
+}
+
+/// An exchange's or a renewal's reply: JSON, or the `env` format when asked for. A reply that
+/// cannot be rendered withdraws its lease: never a 2xx with empty variables while the
+/// credentials are live.
+async fn credentials_response(
+    app: &App,
+    status: StatusCode,
+    reply: crate::app::ExchangeReply,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> Result<Response, Error> {
+    if !wants_env(headers, uri) {
+        return Ok(json_response(status, &reply));
     }
-    Ok(json_response(StatusCode::CREATED, &reply))
+    match reply.to_env() {
+        Ok(body) => Ok((status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()),
+        Err(e) => Err(app.withdraw(&reply, e).await),
+    }
 }
 
 /// A renewal takes no parameters: the lease decides what is minted. An empty body or `{}`.
@@ -284,14 +294,7 @@ async fn renew(
     let RenewBody {} = parse_json(&bytes)?;
     let token = bearer(&headers)?;
     let reply = app.renew(&id, token, &request_id).await?;
-    if wants_env(&headers, &uri) {
-        let body = match reply.to_env() {
-            Ok(body) => body,
-            Err(e) => return Err(app.withdraw(&reply, e).await),
-        };
-        return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
-    }
-    Ok(json_response(StatusCode::OK, &reply))
+    credentials_response(&app, StatusCode::OK, reply, &headers, &uri).await
 }
 
 #[derive(Deserialize)]
