@@ -104,41 +104,13 @@ fn aws_cli() -> PathBuf {
 
 #[tokio::test]
 async fn aws_cli_uses_ephemera_as_its_credential_process() {
-    let aws = aws_cli();
-    let moto = Moto::start();
     let role = "cli-deploy";
-    let role_arn = moto.create_role(role);
-
-    let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("aws-credentials");
-    std::fs::write(&creds, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(
-        dir.path().join("policies/aws-deploy.yaml"),
-        format!(
-            "description: The default dev token gets an AWS session\n\
-             issuer: github\n\
-             match:\n  repository_id: \"100001\"\n\
-             ttl: {{default: 15m, max: 1h}}\n\
-             grants:\n  aws:\n    backend: aws\n    role_arn: {role_arn}\n"
-        ),
+    let AwsDevBroker { moto, dir, data, http, broker } = AwsDevBroker::start(
+        role,
+        "aws-deploy",
+        "description: The default dev token gets an AWS session\nttl: {default: 15m, max: 1h}\n",
     )
-    .unwrap();
-    let config = dir.path().join("ephemera.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "policies = \"policies\"\n\n[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\n\
-             endpoint_url = \"{}\"\ncredentials_file = {:?}\n",
-            moto.endpoint,
-            creds.display().to_string()
-        ),
-    )
-    .unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let http = client();
-    let mut broker = ConfiguredDevBroker::start(&config, data.path(), dir.path());
-    broker.wait_ready(&http).await;
+    .await;
 
     let aws_config = dir.path().join("aws-config");
     std::fs::write(
@@ -153,18 +125,7 @@ async fn aws_cli_uses_ephemera_as_its_credential_process() {
     .unwrap();
 
     let token = dev_token(&http, &broker.url).await;
-    let mut cmd = Command::new(&aws);
-    cmd.args(["sts", "get-caller-identity", "--profile", "ephemera", "--output", "json", "--endpoint-url"])
-        .arg(&moto.endpoint)
-        .env("AWS_CONFIG_FILE", &aws_config)
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("EPHEMERA_ID_TOKEN", &token)
-        .stdin(Stdio::null());
-    for var in PROXY_VARS.iter().chain(&AWS_VARS) {
-        cmd.env_remove(var);
-    }
-    let out = cmd.output().expect("run the AWS CLI");
+    let out = aws_whoami(&aws_config, "ephemera", &moto.endpoint, Some(&token));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -195,8 +156,9 @@ async fn aws_cli_uses_ephemera_as_its_credential_process() {
     assert_eq!(list[0]["credentials"][0]["kind"], "aws", "{leases}");
 }
 
-/// Runs `aws sts get-caller-identity` with `profile` of `aws_config`.
-fn aws_whoami(aws_config: &Path, profile: &str, endpoint: &str) -> std::process::Output {
+/// Runs `aws sts get-caller-identity` with `profile` of `aws_config` (and `token` in
+/// `EPHEMERA_ID_TOKEN`, for a profile that exchanges one).
+fn aws_whoami(aws_config: &Path, profile: &str, endpoint: &str, token: Option<&str>) -> std::process::Output {
     let mut cmd = Command::new(aws_cli());
     cmd.args(["sts", "get-caller-identity", "--profile", profile, "--output", "json", "--endpoint-url", endpoint])
         .env("AWS_CONFIG_FILE", aws_config)
@@ -206,41 +168,63 @@ fn aws_whoami(aws_config: &Path, profile: &str, endpoint: &str) -> std::process:
     for var in PROXY_VARS.iter().chain(&AWS_VARS) {
         cmd.env_remove(var);
     }
+    if let Some(token) = token {
+        cmd.env("EPHEMERA_ID_TOKEN", token);
+    }
     cmd.output().expect("run the AWS CLI")
+}
+
+/// moto with one role, and a dev broker whose `aws` backend talks to it, serving one policy
+/// `name` for the default dev token: `head` (ttl, renew, …) and a grant of that role.
+struct AwsDevBroker {
+    moto: Moto,
+    /// The config, policies and moto credentials (and whatever the test writes beside them).
+    dir: tempfile::TempDir,
+    data: tempfile::TempDir,
+    http: reqwest::Client,
+    broker: ConfiguredDevBroker,
+}
+
+impl AwsDevBroker {
+    async fn start(role: &str, name: &str, head: &str) -> AwsDevBroker {
+        let moto = Moto::start();
+        let role_arn = moto.create_role(role);
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("aws-credentials");
+        std::fs::write(&creds, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(
+            dir.path().join(format!("policies/{name}.yaml")),
+            format!(
+                "{head}issuer: github\nmatch:\n  repository_id: \"100001\"\n\
+                 grants:\n  aws:\n    backend: aws\n    role_arn: {role_arn}\n"
+            ),
+        )
+        .unwrap();
+        let config = dir.path().join("ephemera.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "policies = \"policies\"\n\n[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\n\
+                 endpoint_url = \"{}\"\ncredentials_file = {:?}\n",
+                moto.endpoint,
+                creds.display().to_string()
+            ),
+        )
+        .unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let http = client();
+        let mut broker = ConfiguredDevBroker::start(&config, data.path(), dir.path());
+        broker.wait_ready(&http).await;
+        AwsDevBroker { moto, dir, data, http, broker }
+    }
 }
 
 #[tokio::test]
 async fn aws_cli_renews_its_session_through_the_lease_file_until_the_job_revokes_the_lease() {
-    let moto = Moto::start();
     let role = "cli-renew";
-    let role_arn = moto.create_role(role);
-    let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("aws-credentials");
-    std::fs::write(&creds, "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n").unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(
-        dir.path().join("policies/aws-renew.yaml"),
-        format!(
-            "issuer: github\nmatch:\n  repository_id: \"100001\"\nttl: {{default: 15m, max: 15m}}\n\
-             renew: {{max_lease: 1h}}\ngrants:\n  aws:\n    backend: aws\n    role_arn: {role_arn}\n"
-        ),
-    )
-    .unwrap();
-    let config = dir.path().join("ephemera.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "policies = \"policies\"\n\n[backends.aws]\ntype = \"aws\"\nregion = \"us-east-1\"\n\
-             endpoint_url = \"{}\"\ncredentials_file = {:?}\n",
-            moto.endpoint,
-            creds.display().to_string()
-        ),
-    )
-    .unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let http = client();
-    let mut broker = ConfiguredDevBroker::start(&config, data.path(), dir.path());
-    broker.wait_ready(&http).await;
+    let AwsDevBroker { moto, dir, data, http, broker } =
+        AwsDevBroker::start(role, "aws-renew", "ttl: {default: 15m, max: 15m}\nrenew: {max_lease: 1h}\n").await;
 
     // The job's main step: one exchange, the lease file, and a profile that renews from it.
     let token = dev_token(&http, &broker.url).await;
@@ -280,7 +264,7 @@ async fn aws_cli_renews_its_session_through_the_lease_file_until_the_job_revokes
     // Every AWS CLI run asks the credential process, and so renews the lease: a fresh session
     // each time, all of them under the one lease.
     for _ in 0..3 {
-        let out = aws_whoami(&aws_config, "job", &moto.endpoint);
+        let out = aws_whoami(&aws_config, "job", &moto.endpoint, None);
         assert!(out.status.success(), "{}\nbroker:\n{}", String::from_utf8_lossy(&out.stderr), broker.stderr());
         let identity: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(identity["Arn"].as_str().unwrap().contains(&format!("assumed-role/{role}/")), "{identity}");
@@ -309,7 +293,7 @@ async fn aws_cli_renews_its_session_through_the_lease_file_until_the_job_revokes
     ephemera(&["revoke", "--broker", &broker.url, "--lease", &lease_id]);
     let doc = moto.get_role_policy(role, "ephemera-revoked").expect("a deny policy on the role");
     assert!(doc.to_string().contains(&lease_id), "{doc}");
-    let after = aws_whoami(&aws_config, "job", &moto.endpoint);
+    let after = aws_whoami(&aws_config, "job", &moto.endpoint, None);
     assert!(!after.status.success(), "the AWS CLI still got credentials after the lease ended");
     let stderr = String::from_utf8_lossy(&after.stderr);
     assert!(stderr.contains("lease_not_renewable"), "{stderr}");
