@@ -59,6 +59,15 @@ function getBooleanInput(ctx, name, fallback) {
   throw new ActionError(`input \`${name}\` must be \`true\` or \`false\`, not \`${value}\``);
 }
 
+/** `text` parsed as JSON, or undefined when it is not JSON (a proxy's HTML error page, say). */
+function parseJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
 /** The broker's base URL, without trailing slashes; https, or http on loopback only. */
 function brokerUrl(ctx) {
   return checkBrokerUrl(getRequiredInput(ctx, 'broker-url'), 'input `broker-url`', "the job's ID token");
@@ -200,12 +209,7 @@ async function getIdToken(ctx, audience) {
   if (!response.ok) {
     throw new ActionError(`the runner's ID token endpoint answered ${response.status}`);
   }
-  let value;
-  try {
-    value = JSON.parse(text).value;
-  } catch {
-    value = undefined;
-  }
+  const value = parseJson(text)?.value;
   if (typeof value !== 'string' || value === '') {
     throw new ActionError("the runner's ID token endpoint answered without a token");
   }
@@ -253,12 +257,7 @@ async function callBroker(ctx, { base, audience, route, body }) {
         throw new RetryableError(`cannot reach the broker at ${base}: ${describe(e)}`);
       }
       const text = await response.text().catch(() => '');
-      let parsed;
-      try {
-        parsed = JSON.parse(text);
-      } catch {
-        parsed = undefined;
-      }
+      const parsed = parseJson(text);
       if (response.status === 429 || response.status >= 500) {
         retryAfter = Number(response.headers.get('retry-after')) || 0;
         throw new RetryableError(`the broker answered ${response.status}${errorSuffix(parsed)}`);
@@ -685,12 +684,7 @@ async function renewOnce(url, token) {
     throw new RetryableError(`unreachable: ${url}: ${describe(e)}`);
   }
   const text = await response.text().catch(() => '');
-  let parsed;
-  try {
-    parsed = JSON.parse(text);
-  } catch {
-    parsed = undefined;
-  }
+  const parsed = parseJson(text);
   if (response.status === 429 || response.status >= 500) {
     const e = new RetryableError(`the broker answered ${response.status}${errorSuffix(parsed)}`);
     e.retryAfter = Number(response.headers.get('retry-after')) || 0;
