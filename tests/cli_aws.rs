@@ -139,16 +139,7 @@ async fn aws_cli_uses_ephemera_as_its_credential_process() {
     assert!(arn.contains(&format!("assumed-role/{role}/")), "{arn}");
 
     // The session is one lease at the broker: the credential process exchanged exactly once.
-    let admin = std::fs::read_to_string(data.path().join(ephemera::server::DEV_ADMIN_TOKEN_FILE)).unwrap();
-    let leases: Value = http
-        .get(format!("{}/v1/leases", broker.url))
-        .bearer_auth(admin.trim())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let leases = admin_get(&http, &broker, &data, "/v1/leases").await;
     let list = leases["leases"].as_array().unwrap_or_else(|| panic!("{leases}"));
     assert_eq!(list.len(), 1, "{leases}");
     assert_eq!(list[0]["policy"], "aws-deploy", "{leases}");
@@ -172,6 +163,18 @@ fn aws_whoami(aws_config: &Path, profile: &str, endpoint: &str, token: Option<&s
         cmd.env("EPHEMERA_ID_TOKEN", token);
     }
     cmd.output().expect("run the AWS CLI")
+}
+
+/// An admin GET on the dev broker, with the admin token it keeps in its data directory.
+async fn admin_get(
+    http: &reqwest::Client,
+    broker: &ConfiguredDevBroker,
+    data: &tempfile::TempDir,
+    path: &str,
+) -> Value {
+    let admin = std::fs::read_to_string(data.path().join(ephemera::server::DEV_ADMIN_TOKEN_FILE)).unwrap();
+    let resp = http.get(format!("{}{path}", broker.url)).bearer_auth(admin.trim()).send().await.unwrap();
+    resp.json().await.unwrap()
 }
 
 /// moto with one role, and a dev broker whose `aws` backend talks to it, serving one policy
@@ -269,16 +272,7 @@ async fn aws_cli_renews_its_session_through_the_lease_file_until_the_job_revokes
         let identity: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(identity["Arn"].as_str().unwrap().contains(&format!("assumed-role/{role}/")), "{identity}");
     }
-    let admin = std::fs::read_to_string(data.path().join(ephemera::server::DEV_ADMIN_TOKEN_FILE)).unwrap();
-    let lease: Value = http
-        .get(format!("{}/v1/leases/{lease_id}", broker.url))
-        .bearer_auth(admin.trim())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lease = admin_get(&http, &broker, &data, &format!("/v1/leases/{lease_id}")).await;
     // At least one renewal per run (the AWS CLI v1 may ask its credential process more than once
     // per run: it asked twice in every run seen here).
     assert!(lease["renewal"]["count"].as_u64().is_some_and(|n| n >= 3), "{lease}");
