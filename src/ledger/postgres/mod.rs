@@ -224,10 +224,7 @@ impl PgStore {
     async fn renew_now(&self, id: &str, credentials: &[LeaseCredential], now: UnixSeconds) -> Result<bool, StoreError> {
         let json = serde_json::to_string(credentials)
             .map_err(|e| StoreError(format!("ledger: encoding a renewal's credentials: {e}")))?;
-        let mut backends: Vec<&str> = credentials.iter().map(|c| &*c.backend).collect();
-        backends.sort_unstable();
-        backends.dedup();
-        let backends = backends.join(",");
+        let backends = rows::backends_of(credentials);
         let s = &self.shared;
         s.timed("recording a renewal", async {
             let client = s.client().await?;

@@ -123,6 +123,15 @@ UPDATE ephemera_leases SET
 WHERE id = $1 AND state = 'active' AND renewal IS NOT NULL AND expires_at > $4
   AND (renewal->>'count')::int < $5";
 
+/// The distinct backends of `credentials`, sorted and comma-joined, as the `backends` parameter
+/// of the statements above wants them (backend names never hold a comma: `names::is_name`).
+pub fn backends_of(credentials: &[LeaseCredential]) -> String {
+    let mut backends: Vec<&str> = credentials.iter().map(|c| &*c.backend).collect();
+    backends.sort_unstable();
+    backends.dedup();
+    backends.join(",")
+}
+
 /// One new lease as the columns of the batch insert (see [`super::writer`]).
 #[derive(Default)]
 pub struct NewRows {
@@ -153,9 +162,6 @@ impl NewRows {
         let credentials = encode("credentials", serde_json::to_string(&lease.credentials))?;
         let claims = encode("claims", serde_json::to_string(&lease.claims))?;
         let renewal = lease.renewal.as_ref().map(|r| encode("renewal", serde_json::to_string(r))).transpose()?;
-        let mut backends: Vec<&str> = lease.credentials.iter().map(|c| &*c.backend).collect();
-        backends.sort_unstable();
-        backends.dedup();
         let claim = |name: &str| lease.claims.get(name).as_ref().and_then(scalar_text);
         self.replay_key.push(replay.map(|(k, _)| k.to_string()));
         self.replay_until.push(replay.map(|(_, u)| u));
@@ -165,7 +171,7 @@ impl NewRows {
         self.issuer.push(lease.issuer.to_string());
         self.created_at.push(lease.created_at);
         self.expires_at.push(lease.expires_at);
-        self.backends.push(backends.join(","));
+        self.backends.push(backends_of(&lease.credentials));
         self.credentials.push(credentials);
         self.claims.push(claims);
         self.repository_id.push(claim("repository_id"));
