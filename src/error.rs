@@ -23,9 +23,13 @@ pub enum Error {
     NotFound,
     MethodNotAllowed,
     /// A credential backend failed; `detail` (upstream text) is logged, never returned.
+    /// `advice`, the backend's own words on what to fix, is returned; `retry_after_secs` makes it
+    /// a 503 with `Retry-After` (the upstream rate-limited the broker).
     Backend {
         backend: String,
         detail: String,
+        advice: Option<String>,
+        retry_after_secs: Option<i64>,
     },
     /// Fail closed: the ledger or audit log cannot be written, or the broker is shutting down.
     Unavailable(String),
@@ -51,6 +55,7 @@ impl Error {
             Error::MethodNotAllowed => 405,
             Error::NotRenewable(_) => 409,
             Error::PayloadTooLarge => 413,
+            Error::Backend { retry_after_secs: Some(_), .. } => 503,
             Error::Backend { .. } => 502,
             Error::Unavailable(_) => 503,
             Error::Internal(_) => 500,
@@ -67,6 +72,7 @@ impl Error {
             Error::MethodNotAllowed => "method_not_allowed",
             Error::NotRenewable(_) => "lease_not_renewable",
             Error::PayloadTooLarge => "payload_too_large",
+            Error::Backend { retry_after_secs: Some(_), .. } => "backend_rate_limited",
             Error::Backend { .. } => "backend_error",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
@@ -86,6 +92,7 @@ impl Error {
             Error::MethodNotAllowed => "method not allowed on this endpoint".into(),
             Error::PayloadTooLarge => "the request body is larger than the limit".into(),
             Error::NotRenewable(why) => why.clone(),
+            Error::Backend { backend, advice: Some(advice), .. } => format!("credential backend `{backend}`: {advice}"),
             Error::Backend { backend, .. } => {
                 format!("credential backend `{backend}` failed; the request id leads to the detail in the broker log")
             }
@@ -99,7 +106,7 @@ impl Error {
         match self {
             Error::InvalidToken(e) => e.to_string(),
             Error::Denied(d) => d.log_detail(),
-            Error::Backend { backend, detail } => format!("backend {backend}: {detail}"),
+            Error::Backend { backend, detail, .. } => format!("backend {backend}: {detail}"),
             Error::Unavailable(d) | Error::Internal(d) | Error::BadRequest(d) | Error::NotRenewable(d) => d.clone(),
             other => other.code().to_string(),
         }
@@ -110,6 +117,16 @@ impl Error {
             Error::Backend { .. } | Error::Unavailable(_) | Error::Internal(_) => Level::Error,
             Error::InvalidToken(_) | Error::Denied(_) | Error::Unauthorized => Level::Warn,
             _ => Level::Info,
+        }
+    }
+}
+
+impl Error {
+    /// Seconds a caller should wait before trying again (`Retry-After`), when known.
+    pub fn retry_after_secs(&self) -> Option<i64> {
+        match self {
+            Error::Backend { retry_after_secs, .. } => *retry_after_secs,
+            _ => None,
         }
     }
 }

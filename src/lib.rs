@@ -15,6 +15,7 @@ pub mod config;
 pub mod dev;
 pub mod env_format;
 pub mod error;
+pub mod github_format;
 pub mod http;
 pub mod identity;
 pub mod ids;

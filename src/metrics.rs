@@ -33,6 +33,8 @@ pub struct Gauges {
     pub policies_reload_failing: bool,
     pub audit_failures: u64,
     pub jwks: Vec<(String, u64, u64)>,
+    /// (github-app backend, GitHub's `x-ratelimit-remaining` for the App as last seen).
+    pub github_rate_limit: Vec<(String, u64)>,
 }
 
 impl Metrics {
@@ -78,6 +80,7 @@ impl Metrics {
         render_policy_gauges(&mut out, gauges);
         render_health(&mut out, gauges);
         render_jwks(&mut out, gauges);
+        render_github(&mut out, gauges);
         out
     }
 
@@ -208,6 +211,16 @@ fn render_jwks(out: &mut String, gauges: &Gauges) {
     }
 }
 
+/// `ephemera_github_rate_limit_remaining`, by backend: what GitHub last said the App may still
+/// call this hour. At 0 the backend refuses at once until GitHub's reset time.
+fn render_github(out: &mut String, gauges: &Gauges) {
+    let name = "ephemera_github_rate_limit_remaining";
+    header(out, name, "GitHub API calls the App may still make in the current window, as GitHub last said.", "gauge");
+    for (backend, remaining) in &gauges.github_rate_limit {
+        let _ = writeln!(out, "{name}{{backend=\"{backend}\"}} {remaining}");
+    }
+}
+
 /// A family's `# HELP` and `# TYPE` lines.
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -259,6 +272,7 @@ mod tests {
             policies_reload_failing: true,
             audit_failures: 7,
             jwks: vec![("ci".into(), 10, 1)],
+            github_rate_limit: vec![("gh".into(), 4999)],
         };
         let expected = "\
 # HELP ephemera_exchanges_total Exchanges by policy and outcome.
@@ -328,6 +342,9 @@ ephemera_leases_irrevocable 0
 # TYPE ephemera_jwks_fetches_total counter
 ephemera_jwks_fetches_total{issuer=\"ci\",result=\"attempted\"} 10
 ephemera_jwks_fetches_total{issuer=\"ci\",result=\"failed\"} 1
+# HELP ephemera_github_rate_limit_remaining GitHub API calls the App may still make in the current window, as GitHub last said.
+# TYPE ephemera_github_rate_limit_remaining gauge
+ephemera_github_rate_limit_remaining{backend=\"gh\"} 4999
 ";
         assert_eq!(m.render(&gauges), expected);
     }

@@ -18,15 +18,20 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ("claims", &[], "claim sets, platforms, typed platform views, the job key"),
     ("env_format", &[], "the `env` rendering of an exchange reply, shared with the CLI"),
     ("aws_format", &[], "AWS's formats and limits as pure functions"),
+    ("github_format", &[], "GitHub's names and permission levels as pure functions"),
     ("metrics", &[], "Prometheus text from atomics"),
     ("config", &["clock", "secret", "names", "claims", "aws_format"], "TOML → validated Config"),
     ("audit", &["config", "claims"], "the audit sink"),
     // ---- the rooms, each reading only rooms below it ----
     ("identity", &["clock", "ids", "secret", "claims", "config"], "token → VerifiedIdentity"),
-    ("policy", &["clock", "names", "claims", "config", "aws_format", "identity"], "claims → Grant or Denial"),
+    (
+        "policy",
+        &["clock", "names", "claims", "config", "aws_format", "github_format", "identity"],
+        "claims → Grant or Denial",
+    ),
     (
         "mint",
-        &["clock", "ids", "secret", "claims", "config", "aws_format", "identity", "policy"],
+        &["clock", "ids", "secret", "claims", "config", "aws_format", "github_format", "identity", "policy"],
         "Grant → credentials",
     ),
     (

@@ -23,7 +23,9 @@ const STATE_AWS_CONFIG = 'aws_config_file';
 const AWS_PROFILE = 'ephemera';
 const RENEW_SCRIPT = path.join(__dirname, 'renew.js');
 // Credential fields that are not secret; every other string field of a credential is masked.
-const PUBLIC_FIELDS = new Set(['kind', 'revocation', 'expires_at', 'expiration', 'region']);
+const PUBLIC_FIELDS = new Set(['kind', 'revocation', 'expires_at', 'expiration', 'region', 'owner', 'api_url']);
+// Where a returned `github` credential's token goes by default: what the `gh` CLI reads.
+const GITHUB_TOKEN_ENV = 'GH_TOKEN';
 
 function defaultContext() {
   return {
@@ -322,15 +324,19 @@ async function reportDenial(ctx, { policy, audience, body }) {
   throw new ActionError(`policy \`${policy}\` denied this job: ${err.message || 'policy_denied'}`);
 }
 
-/** Every secret string of a credential (all fields except the known public ones). */
+/**
+ * Every secret string of a credential: each string field but the known public ones, so a field
+ * this version does not know is masked (deny by default). Only strings: the broker sends every
+ * secret as a string field of its own, while arrays and objects are public scope (a github
+ * credential's `repositories`, `permissions`). Masking their items would be harmful, not safe:
+ * the runner would star out `write` or `config` wherever any later step prints it.
+ */
 function secretsOf(credential) {
-  const out = [];
-  for (const [key, value] of Object.entries(credential || {})) {
-    if (PUBLIC_FIELDS.has(key)) continue;
-    if (typeof value === 'string') out.push(value);
-    else if (value && typeof value === 'object') out.push(...secretsOf(value));
-  }
-  return out;
+  if (typeof credential === 'string') return [credential];
+  if (!credential || typeof credential !== 'object') return [];
+  return Object.entries(credential)
+    .filter(([key, value]) => typeof value === 'string' && !PUBLIC_FIELDS.has(key))
+    .map(([, value]) => value);
 }
 
 /** The `main` step. Returns false (after an `::error::`) when the step must fail. */
@@ -352,6 +358,7 @@ async function exchange(ctx) {
   const exportAws = getBooleanInput(ctx, 'export-aws-env', undefined);
   const awsProfile = getBooleanInput(ctx, 'aws-profile', undefined);
   const jwtOutput = getBooleanInput(ctx, 'jwt-output', false);
+  const githubTokenEnv = githubTokenEnvInput(ctx);
   getBooleanInput(ctx, 'revoke', true); // validated here, so a typo fails before anything is minted
 
   const body = ttl ? { policy, ttl } : { policy };
@@ -384,18 +391,21 @@ async function exchange(ctx) {
   if (renew) info(ctx, `  renewable until ${renew.until} (renew token ${fingerprint(renew.token)})`);
   const aws = [];
   const jwts = [];
+  const github = [];
   for (const [name, credential] of Object.entries(credentials)) {
     const prints = secretsOf(credential).map(fingerprint).join(', ');
     info(ctx, `  credential \`${name}\`: ${credential.kind}, revocation ${credential.revocation}, ` +
       `expires ${credential.expires_at}, ${prints}`);
     if (credential.kind === 'aws') aws.push([name, credential]);
     if (credential.kind === 'jwt') jwts.push([name, credential]);
+    if (credential.kind === 'github') github.push([name, credential]);
   }
 
   const awsMode = awsExportMode(ctx, { policy, aws, exportAws, awsProfile, renewable: Boolean(renew) });
   const files = renew ? writeLeaseFiles(ctx, { base, reply, awsConfig: awsMode === 'profile' }) : undefined;
   if (awsMode === 'profile') exportAwsProfile(ctx, aws[0], files);
   if (awsMode === 'env') exportAwsEnv(ctx, aws[0]);
+  exportGithubToken(ctx, { policy, github, envName: githubTokenEnv });
 
   if (jwtOutput) {
     for (const [name, c] of jwts) {
@@ -453,6 +463,76 @@ function exportAwsEnv(ctx, [name, c]) {
   }
   info(ctx, `exported credential \`${name}\` to AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN` +
     (c.region ? ', AWS_REGION, AWS_DEFAULT_REGION' : ''));
+}
+
+// ---- github credentials: the installation token ---------------------------------------------
+
+/**
+ * Input `github-token-env`: the variable a returned `github` credential's token is exported to,
+ * or undefined for `false` (no export). Empty or `true` is the default, GH_TOKEN.
+ */
+function githubTokenEnvInput(ctx) {
+  const value = getInput(ctx, 'github-token-env');
+  if (['false', 'False', 'FALSE'].includes(value)) return undefined;
+  if (value === '' || ['true', 'True', 'TRUE'].includes(value)) return GITHUB_TOKEN_ENV;
+  if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(value)) {
+    throw new ActionError('input `github-token-env` must be an environment variable name matching ' +
+      `^[A-Za-z_][A-Za-z0-9_]*$ (a letter or _, then letters, digits, _), or \`false\`, not \`${value}\``);
+  }
+  // The runner keeps GITHUB_* and RUNNER_* for itself: it would not overwrite GITHUB_TOKEN with
+  // ours, and later steps would silently use its token. Any case: Windows names ignore it.
+  // NODE_OPTIONS is on the runner's own block list for GITHUB_ENV.
+  if (/^(GITHUB|RUNNER)_/i.test(value) || value.toUpperCase() === 'NODE_OPTIONS') {
+    throw new ActionError(`input \`github-token-env\` must not be \`${value}\`: names starting with GITHUB_ or ` +
+      'RUNNER_ (and NODE_OPTIONS) are reserved, the runner refuses to overwrite them from GITHUB_ENV. ' +
+      `Use another name, e.g. the default ${GITHUB_TOKEN_ENV}`);
+  }
+  return value;
+}
+
+/**
+ * Exports the one returned `github` credential's token to `envName` (GH_TOKEN by default: the
+ * `gh` CLI reads it, and after `gh auth setup-git` so does `git`). With several, none: which
+ * one a step would get would be a guess.
+ */
+function exportGithubToken(ctx, { policy, github, envName }) {
+  if (github.length === 0) return;
+  const names = github.map(([n]) => n).join(', ');
+  if (!envName) {
+    info(ctx, oneLine(`github-token-env is false: the token of github credential ${names} is not exported`));
+    return;
+  }
+  if (github.length > 1) {
+    command(ctx, 'warning', `policy \`${policy}\` returned ${github.length} github credentials ` +
+      `(${names}); none was exported to ${envName} because the choice would be ambiguous`);
+    return;
+  }
+  const [name, c] = github[0];
+  if (typeof c.token !== 'string' || c.token === '') {
+    throw new ActionError(`unexpected answer from the broker: github credential \`${name}\` has no \`token\``);
+  }
+  exportVariable(ctx, envName, c.token);
+  const ending = c.revocation === 'immediate'
+    ? 'the broker revokes it when the lease ends'
+    : `it stays valid until ${c.expires_at} (revocation ${c.revocation})`;
+  info(ctx, oneLine(`exported credential \`${name}\` (${githubScope(c)}) to ${envName}; ${ending}`));
+}
+
+/** `owner o, repositories a, b; contents: write`: what a github credential may do, for the log. */
+function githubScope(c) {
+  const repositories = Array.isArray(c.repositories) ? c.repositories.join(', ') : '(none listed)';
+  const permissions = c.permissions && typeof c.permissions === 'object'
+    ? Object.entries(c.permissions).map(([k, v]) => `${k}: ${v}`).join(', ')
+    : '(none listed)';
+  return `owner ${c.owner}, repositories ${repositories}; ${permissions}`;
+}
+
+/**
+ * `text` on one line. The runner reads a workflow command (`::add-mask::`, `::stop-commands::`)
+ * at the start of any line: a reply's value with a line break in it could start one.
+ */
+function oneLine(text) {
+  return String(text).replace(/[\r\n]+/g, ' ');
 }
 
 // ---- renewable leases: the lease file and the AWS profile -----------------------------------
@@ -811,6 +891,7 @@ function removeLeaseFiles(ctx) {
 module.exports = {
   ActionError,
   AWS_PROFILE,
+  GITHUB_TOKEN_ENV,
   MAX_ATTEMPTS,
   RENEW_SCRIPT,
   STATE_AWS_CONFIG,

@@ -175,7 +175,7 @@ impl App {
         for handle in handles {
             let result = match self.backends.get(&handle.backend) {
                 Some(b) => b.revoke(handle).await,
-                None => Err(MintError { detail: format!("backend `{}` is not loaded", handle.backend) }),
+                None => Err(MintError::new(format!("backend `{}` is not loaded", handle.backend))),
             };
             if let Err(e) = result {
                 first_error.get_or_insert(format!("backend {}: {}", handle.backend, e.detail));

@@ -202,7 +202,12 @@ impl App {
                 Err(e) => {
                     let handles: Vec<RevokeHandle> = minted.into_iter().map(|m| m.handle).collect();
                     self.revoke_handles(&handles).await;
-                    return Err(Error::Backend { backend: cred.backend.clone(), detail: e.detail });
+                    return Err(Error::Backend {
+                        backend: cred.backend.clone(),
+                        detail: e.detail,
+                        advice: e.advice,
+                        retry_after_secs: e.retry_after_secs,
+                    });
                 }
             }
         }

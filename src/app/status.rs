@@ -101,6 +101,7 @@ impl App {
             policies_reload_failing: status.last_outcome == "failed",
             audit_failures: self.audit.failures.load(Ordering::Relaxed),
             jwks,
+            github_rate_limit: self.backends.rate_limits(),
         })
     }
 

@@ -3,8 +3,9 @@
 //! every error collected and reported at once.
 
 use super::{
-    AuditConfig, AwsBackendConfig, AwsRevocation, BackendConfig, Config, DEFAULT_AUDIT_CLAIMS, DEFAULT_LISTEN,
-    HookConfig, HooksConfig, IssuerConfig, JwtBackendConfig, check_url, parse_sha256_hex,
+    AuditConfig, AwsBackendConfig, AwsRevocation, BackendConfig, Config, DEFAULT_AUDIT_CLAIMS, DEFAULT_GITHUB_API_URL,
+    DEFAULT_LISTEN, GITHUB_TOKEN_LIFETIME_SECS, GithubAppBackendConfig, HookConfig, HooksConfig, IssuerConfig,
+    JwtBackendConfig, check_url, parse_sha256_hex,
 };
 use crate::claims::Platform;
 use crate::clock::parse_duration;
@@ -107,6 +108,14 @@ enum RawBackend {
         credentials_file: Option<PathBuf>,
         profile: Option<String>,
         timeout: Option<String>,
+    },
+    GithubApp {
+        app_id: u64,
+        private_key_file: PathBuf,
+        api_url: Option<String>,
+        max_ttl: Option<String>,
+        timeout: Option<String>,
+        max_concurrent_requests: Option<usize>,
     },
 }
 
@@ -389,10 +398,63 @@ impl RawConfig {
                         timeout_secs: errs.duration(&format!("backends.{name}.timeout"), timeout.as_deref(), 10),
                     })
                 }
+                RawBackend::GithubApp {
+                    app_id,
+                    private_key_file,
+                    api_url,
+                    max_ttl,
+                    timeout,
+                    max_concurrent_requests,
+                } => {
+                    let at = format!("backends.{name}");
+                    BackendConfig::GithubApp(validate_github_app(
+                        &at,
+                        base,
+                        (*app_id, private_key_file, api_url.as_deref()),
+                        (max_ttl.as_deref(), timeout.as_deref(), *max_concurrent_requests),
+                        errs,
+                    ))
+                }
             };
             out.insert(name.clone(), backend);
         }
         out
+    }
+}
+
+/// `type = "github-app"`: the App's id and key, the API (GitHub Enterprise Server has its own),
+/// and ceilings GitHub fixes: an installation token lives one hour.
+fn validate_github_app(
+    at: &str,
+    base: &Path,
+    (app_id, private_key_file, api_url): (u64, &Path, Option<&str>),
+    (max_ttl, timeout, max_concurrent): (Option<&str>, Option<&str>, Option<usize>),
+    errs: &mut Errors,
+) -> GithubAppBackendConfig {
+    if app_id == 0 {
+        errs.0.push(format!("{at}.app_id: must be the App's numeric ID (Settings → Developer settings → GitHub Apps)"));
+    }
+    let api_url = api_url.unwrap_or(DEFAULT_GITHUB_API_URL).trim_end_matches('/').to_string();
+    if let Err(e) = check_url(&api_url) {
+        errs.0.push(format!("{at}.api_url: {e}"));
+    }
+    let max_ttl_secs = errs.duration(&format!("{at}.max_ttl"), max_ttl, GITHUB_TOKEN_LIFETIME_SECS);
+    if max_ttl_secs > GITHUB_TOKEN_LIFETIME_SECS {
+        errs.0.push(format!(
+            "{at}.max_ttl: at most 1h (GitHub ends every installation token one hour after it is created)"
+        ));
+    }
+    let max_concurrent_requests = max_concurrent.unwrap_or(8);
+    if !(1..=256).contains(&max_concurrent_requests) {
+        errs.0.push(format!("{at}.max_concurrent_requests: 1 to 256"));
+    }
+    GithubAppBackendConfig {
+        app_id,
+        private_key_file: base.join(private_key_file),
+        api_url,
+        max_ttl_secs,
+        timeout_secs: errs.duration(&format!("{at}.timeout"), timeout, 10),
+        max_concurrent_requests,
     }
 }
 

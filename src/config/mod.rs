@@ -125,6 +125,28 @@ pub struct IssuerConfig {
 pub enum BackendConfig {
     Jwt(JwtBackendConfig),
     Aws(AwsBackendConfig),
+    GithubApp(GithubAppBackendConfig),
+}
+
+/// `api_url` when the config names none: github.com's REST API.
+pub const DEFAULT_GITHUB_API_URL: &str = "https://api.github.com";
+/// GitHub ends an installation token one hour after creating it; no request can ask for longer.
+pub const GITHUB_TOKEN_LIFETIME_SECS: i64 = 3600;
+
+/// `type = "github-app"`: installation tokens of the operator's own GitHub App.
+#[derive(Debug, Clone)]
+pub struct GithubAppBackendConfig {
+    pub app_id: u64,
+    /// The App's private key (PEM as GitHub hands it out, PKCS#1 or PKCS#8). Read when the server
+    /// starts, not when the config is parsed: `ephemera policy check` must work without it.
+    pub private_key_file: PathBuf,
+    /// Without a trailing slash; `https://HOST/api/v3` for GitHub Enterprise Server.
+    pub api_url: String,
+    pub max_ttl_secs: i64,
+    /// Whole-request timeout of every call to GitHub.
+    pub timeout_secs: i64,
+    /// Calls to GitHub in flight at once, from this process.
+    pub max_concurrent_requests: usize,
 }
 
 /// `type = "aws"`: STS AssumeRole from the broker's own AWS identity.
@@ -177,6 +199,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Jwt(_) => "jwt",
             BackendConfig::Aws(_) => "aws",
+            BackendConfig::GithubApp(_) => "github-app",
         }
     }
 
@@ -184,6 +207,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Jwt(j) => j.max_ttl_secs,
             BackendConfig::Aws(a) => a.max_ttl_secs,
+            BackendConfig::GithubApp(g) => g.max_ttl_secs,
         }
     }
 }

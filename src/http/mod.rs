@@ -66,6 +66,7 @@ struct ErrorReport {
     detail: String,
     level: Level,
     bearer_challenge: bool,
+    retry_after_secs: Option<i64>,
 }
 
 impl IntoResponse for Error {
@@ -79,6 +80,7 @@ impl IntoResponse for Error {
             detail: self.log_detail(),
             level: self.level(),
             bearer_challenge: matches!(self, Error::InvalidToken(_)),
+            retry_after_secs: self.retry_after_secs(),
         });
         response
     }
@@ -128,6 +130,9 @@ async fn request_context(mut req: Request, next: Next) -> Response {
         *response.body_mut() = Body::from(body.to_string());
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response.headers_mut().remove(header::CONTENT_LENGTH);
+        if let Some(secs) = report.retry_after_secs {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         if report.bearer_challenge {
             response
                 .headers_mut()

@@ -34,7 +34,8 @@ impl JwtSigner {
     /// key is made and kept there first when there is none.
     pub fn from_source(keys: &dyn KeySource, name: &Path, generate: bool, issuer: &str) -> Result<JwtSigner, String> {
         let bytes = keys.pkcs8(name, generate)?;
-        let der = pem_to_der(&bytes).ok_or_else(|| format!("signing key {}: not PKCS#8 DER or PEM", name.display()))?;
+        let der = super::keys::pem_to_der(&bytes)
+            .ok_or_else(|| format!("signing key {}: not PKCS#8 DER or PEM", name.display()))?;
         JwtSigner::from_pkcs8(&der, issuer).map_err(|e| format!("signing key {}: {e}", name.display()))
     }
 
@@ -124,16 +125,6 @@ impl JwtSigner {
     }
 }
 
-fn pem_to_der(bytes: &[u8]) -> Option<Vec<u8>> {
-    let text = match std::str::from_utf8(bytes) {
-        Ok(t) if t.trim_start().starts_with("-----BEGIN") => t,
-        _ => return Some(bytes.to_vec()),
-    };
-    let body: String = text.lines().filter(|l| !l.starts_with("-----")).map(str::trim).collect();
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
-}
-
 pub struct JwtBackend {
     signer: Arc<JwtSigner>,
 }
@@ -150,7 +141,7 @@ impl JwtBackend {
         ctx: MintContext<'_>,
     ) -> Result<Minted, MintError> {
         let ResolvedSpec::Jwt { audience, claims: extra } = &credential.spec else {
-            return Err(MintError { detail: format!("grant `{}` is not a jwt grant", credential.name) });
+            return Err(MintError::new(format!("grant `{}` is not a jwt grant", credential.name)));
         };
         let jti = jwt_id();
         let expires_at: UnixSeconds = grant.expires_at();
@@ -168,7 +159,7 @@ impl JwtBackend {
         ] {
             claims.insert(k.to_string(), v);
         }
-        let token = self.signer.sign(&claims).map_err(|detail| MintError { detail })?;
+        let token = self.signer.sign(&claims).map_err(MintError::new)?;
         Ok(Minted {
             credential: Credential {
                 kind: "jwt",

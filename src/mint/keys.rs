@@ -45,6 +45,18 @@ fn generate_key_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// PEM (any label: the caller's parser decides what the DER holds) → DER; anything that does
+/// not start like PEM is taken as DER already.
+pub fn pem_to_der(bytes: &[u8]) -> Option<Vec<u8>> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) if t.trim_start().starts_with("-----BEGIN") => t,
+        _ => return Some(bytes.to_vec()),
+    };
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).map(str::trim).collect();
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
 /// A directory only the broker's user can read.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;

@@ -3,8 +3,10 @@
 //! what revoking does ([`Revocation`]). `jwt` lives here; `aws` drops in beside it.
 
 pub mod aws;
+pub mod github;
 pub mod jwt;
 pub mod keys;
+pub mod seal;
 
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::policy::{Grant, GrantedCredential};
@@ -116,6 +118,23 @@ pub struct MintContext<'a> {
 #[derive(Debug, Clone)]
 pub struct MintError {
     pub detail: String,
+    /// What the caller may read: what is wrong and what to fix, in the broker's own words (the
+    /// account or repository the grant names, never upstream text and never a secret).
+    pub advice: Option<String>,
+    /// The upstream asked to be left alone (a rate limit) for this many seconds.
+    pub retry_after_secs: Option<i64>,
+}
+
+impl MintError {
+    /// A failure with detail for the log only.
+    pub fn new(detail: impl Into<String>) -> MintError {
+        MintError { detail: detail.into(), advice: None, retry_after_secs: None }
+    }
+
+    /// A failure the caller can act on: `advice` is returned to them.
+    pub fn advise(detail: impl Into<String>, advice: impl Into<String>) -> MintError {
+        MintError { detail: detail.into(), advice: Some(advice.into()), retry_after_secs: None }
+    }
 }
 
 pub trait Backend: Send + Sync {
@@ -143,6 +162,12 @@ pub trait Backend: Send + Sync {
     /// at start-up (a million leases are not walked for nothing).
     fn adopts(&self) -> bool {
         false
+    }
+
+    /// The upstream's remaining API budget as it last said (GitHub's `x-ratelimit-remaining`),
+    /// for `/metrics`; `None` where there is none or nothing was called yet.
+    fn rate_limit_remaining(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -184,6 +209,11 @@ impl Backends {
                         .map_err(|e| format!("backend {name}: {e}"))?;
                     out.by_name.insert(name.clone(), Arc::new(backend));
                 }
+                crate::config::BackendConfig::GithubApp(g) => {
+                    let backend =
+                        github::GithubAppBackend::new(g, clock.clone()).map_err(|e| format!("backend {name}: {e}"))?;
+                    out.by_name.insert(name.clone(), Arc::new(backend));
+                }
             }
         }
         Ok(out)
@@ -214,6 +244,11 @@ impl Backends {
     /// The backends that adopt remembered credentials at start-up.
     pub fn adopting(&self) -> std::collections::BTreeSet<String> {
         self.by_name.iter().filter(|(_, b)| b.adopts()).map(|(name, _)| name.clone()).collect()
+    }
+
+    /// (backend, remaining calls) of every backend whose upstream reported a rate-limit budget.
+    pub fn rate_limits(&self) -> Vec<(String, u64)> {
+        self.by_name.iter().filter_map(|(n, b)| Some((n.clone(), b.rate_limit_remaining()?))).collect()
     }
 
     /// The configured backends' names, sorted.

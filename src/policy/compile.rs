@@ -2,7 +2,9 @@
 //! compiled policy holds parsed matchers, templates and ttls, so deciding never re-reads text.
 //! Pure: what it knows of the broker config comes in a [`LoadContext`].
 
-use super::file::{AwsGrantFile, JwtGrantFile, PolicyFile, RenewFile, TtlFile, parse_yaml};
+use super::file::{
+    AwsGrantFile, GithubGrantFile, GithubPermissionLevel, JwtGrantFile, PolicyFile, RenewFile, TtlFile, parse_yaml,
+};
 use super::load::{LoadContext, PolicyError};
 use super::matcher::Matcher;
 use super::template::{Template, TemplateValue};
@@ -233,6 +235,7 @@ fn compile_grant(name: &str, value: &Value, ctx: &LoadContext) -> Result<GrantSp
     let spec = match *kind {
         "jwt" => grant_fields(value, &mut errors).and_then(|file| compile_jwt_grant(file, &mut errors)),
         "aws" => grant_fields(value, &mut errors).and_then(|file| compile_aws_grant(file, &mut errors)),
+        "github-app" => grant_fields(value, &mut errors).and_then(|file| compile_github_grant(file, &mut errors)),
         other => {
             errors.push(("backend".into(), format!("backend kind `{other}` has no grant fields defined")));
             None
@@ -315,6 +318,63 @@ fn compile_aws_grant(file: AwsGrantFile, errors: &mut Vec<(String, String)>) -> 
         external_id: file.external_id,
         session_tags,
     })
+}
+
+/// A `github-app` grant: an owner, at least one repository (never the installation's every
+/// repository by omission), at least one permission. Names are checked here when literal and
+/// again when a template renders ([`crate::github_format`]); which claims a template may read is
+/// a lint ([`lint::GITHUB_REPOSITORY_TEMPLATE`]).
+fn compile_github_grant(file: GithubGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
+    use crate::github_format as rules;
+    let mut err = |field: &str, message: String| errors.push((field.to_string(), message));
+    let owner = match Template::parse(&file.owner) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            err("owner", e);
+            None
+        }
+    };
+    if let (false, Err(e)) = (file.owner.contains("${"), rules::check_owner(&file.owner)) {
+        err("owner", format!("`{}` {e}", crate::clock::truncate(&file.owner, 40)));
+    }
+    if file.repositories.is_empty() {
+        err(
+            "repositories",
+            "name at least one repository: a token for every repository of the installation is never granted by omission"
+                .into(),
+        );
+    }
+    if file.repositories.len() > 500 {
+        err("repositories", "at most 500 (GitHub's limit for one token)".into());
+    }
+    let mut repositories = Vec::new();
+    for (i, entry) in file.repositories.iter().enumerate() {
+        let field = format!("repositories[{i}]");
+        match Template::parse(entry) {
+            Ok(t) => repositories.push(t),
+            Err(e) => err(&field, e),
+        }
+        let literal = !entry.contains("${") && !file.owner.contains("${");
+        if let (true, Err(e)) = (literal, rules::repository_in_owner(&file.owner, entry)) {
+            err(&field, format!("`{}` {e}", crate::clock::truncate(entry, 120)));
+        }
+    }
+    if file.permissions.is_empty() {
+        err("permissions", "name at least one permission, e.g. `contents: read`".into());
+    }
+    let mut permissions = Vec::new();
+    for (name, level) in &file.permissions {
+        if !rules::is_permission_name(name) {
+            err(&format!("permissions.{name}"), "is not a permission name (lowercase words joined by `_`)".into());
+        }
+        let level = match level {
+            GithubPermissionLevel::Read => "read",
+            GithubPermissionLevel::Write => "write",
+            GithubPermissionLevel::Admin => "admin",
+        };
+        permissions.push((name.clone(), level));
+    }
+    Some(CredentialSpec::Github { owner: owner?, repositories, permissions })
 }
 
 fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {

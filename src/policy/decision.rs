@@ -69,6 +69,14 @@ pub enum ResolvedSpec {
         /// Values resolved from verified claims, not yet sanitised (the backend does that).
         session_tags: Vec<(String, String)>,
     },
+    Github {
+        /// A checked account name.
+        owner: String,
+        /// Checked bare repository names of `owner`, without duplicates (at least one).
+        repositories: Vec<String>,
+        /// (permission, level), sorted by permission.
+        permissions: Vec<(String, &'static str)>,
+    },
 }
 
 /// Why a policy said no. The public message names the deciding claim, never the expected value.
@@ -92,6 +100,11 @@ pub enum DenialReason {
         max: i64,
     },
     TemplateClaimMissing {
+        grant: String,
+    },
+    /// A grant's template rendered, from this claim, a GitHub account or repository name that
+    /// is not one, or a repository of another owner.
+    GrantOutOfScope {
         grant: String,
     },
     /// The token's `jti` was already used for an exchange under this policy.
@@ -129,6 +142,11 @@ impl Denial {
             }
             DenialReason::MissingJti => {
                 format!("claim `jti` is missing; replay protection for policy `{policy}` needs it")
+            }
+            DenialReason::GrantOutOfScope { grant } => {
+                format!(
+                    "claim `{claim}`, used by grant `{grant}` of policy `{policy}`, names no repository the grant may reach"
+                )
             }
             DenialReason::TemplateClaimMissing { grant } => {
                 format!(

@@ -189,6 +189,39 @@ pub(super) struct AwsGrantFile {
     pub session_tags: BTreeMap<String, String>,
 }
 
+/// A GitHub App installation token (a backend of `type = "github-app"`), for exactly the
+/// repositories and permissions named here: never the installation's whole scope.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "GithubGrant")]
+pub(super) struct GithubGrantFile {
+    /// The name of a backend in the broker config; its kind decides the other fields.
+    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
+    pub backend: String,
+    /// The organisation or user account the App is installed on, e.g. `octo-org`. May be a
+    /// `${claim}` template of the job's own repository owner (`${repository_owner}`).
+    #[schemars(length(min = 1, max = 100))]
+    pub owner: String,
+    /// Repositories of `owner` the token reaches (1 to 500): names (`web`), or templates of the
+    /// job's own repository (`${repository}`, which renders as `owner/name`; its owner must be
+    /// `owner`).
+    #[schemars(length(min = 1, max = 500))]
+    pub repositories: Vec<String>,
+    /// Permission → level, as GitHub names them, e.g. `contents: write`, `pull_requests: write`.
+    /// The token carries exactly these (GitHub adds `metadata: read`).
+    #[schemars(length(min = 1))]
+    pub permissions: BTreeMap<String, GithubPermissionLevel>,
+}
+
+/// An App permission's level.
+#[derive(Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum GithubPermissionLevel {
+    Read,
+    Write,
+    Admin,
+}
+
 /// The JSON Schema of policy files, as `ephemera policy schema` prints it.
 pub fn policy_schema() -> String {
     schema_text::<PolicyFile>()
@@ -232,7 +265,11 @@ fn grants_schema(generator: &mut SchemaGenerator) -> Schema {
         "minProperties": 1,
         "propertyNames": {"pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"},
         "additionalProperties": {
-            "oneOf": [generator.subschema_for::<JwtGrantFile>(), generator.subschema_for::<AwsGrantFile>()],
+            "oneOf": [
+                generator.subschema_for::<JwtGrantFile>(),
+                generator.subschema_for::<AwsGrantFile>(),
+                generator.subschema_for::<GithubGrantFile>(),
+            ],
         },
     })
 }

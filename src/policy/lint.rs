@@ -13,7 +13,7 @@
 
 use super::explain::describe;
 use super::matcher::Matcher;
-use super::{LoadContext, Policy, PolicyError, PolicySet, Rule, Source, read_policy_files};
+use super::{CredentialSpec, LoadContext, Policy, PolicyError, PolicySet, Rule, Source, read_policy_files};
 use crate::claims::Platform;
 use serde::Serialize;
 use serde_json::Value;
@@ -31,6 +31,9 @@ pub const SUB_MATCHES_UNTRUSTED: &str = "sub-matches-untrusted";
 pub const UNTRUSTED_TRIGGER: &str = "untrusted-trigger";
 pub const RUNNER_UNPINNED: &str = "runner-unpinned";
 pub const WORKFLOW_REF_WITHOUT_REPOSITORY: &str = "workflow-ref-without-repository";
+pub const GITHUB_REPOSITORY_TEMPLATE: &str = "github-repository-template";
+pub const GITHUB_DANGEROUS_PERMISSION: &str = "github-dangerous-permission";
+pub const GITHUB_UNKNOWN_PERMISSION: &str = "github-unknown-permission";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,8 +81,15 @@ pub fn lint_policy(policy: &Policy, ctx: &LoadContext) -> Vec<Finding> {
     let Some(&platform) = ctx.issuers.get(&policy.issuer) else {
         return Vec::new();
     };
-    let checks: [fn(&Policy, Platform) -> Vec<Finding>; 5] =
-        [name_without_id, sub_matches_untrusted, untrusted_trigger, runner_unpinned, workflow_ref_without_repository];
+    let checks: [fn(&Policy, Platform) -> Vec<Finding>; 7] = [
+        name_without_id,
+        sub_matches_untrusted,
+        untrusted_trigger,
+        runner_unpinned,
+        workflow_ref_without_repository,
+        github_repository_template,
+        github_permissions,
+    ];
     checks.iter().flat_map(|check| check(policy, platform)).collect()
 }
 
@@ -428,6 +438,82 @@ fn workflow_ref_without_repository(policy: &Policy, platform: Platform) -> Vec<F
     let fix = format!("bind the callers:\nmatch:\n  {repository}: [\"<id>\", \"<id>\"]");
     let field = format!("match.{workflow}");
     vec![Finding::new(Severity::Warning, policy, WORKFLOW_REF_WITHOUT_REPOSITORY, &field, message, fix)]
+}
+
+// ---- github-repository-template, github-dangerous-permission, github-unknown-permission ----
+
+/// Claims a GitHub token's owner and repositories may be rendered from: the platform names the
+/// job's own repository with them, and the policy's id binding pins which one that is.
+fn repository_naming_claims(platform: Platform) -> &'static [&'static str] {
+    match platform {
+        Platform::GithubActions => &["repository", "repository_owner"],
+        Platform::GitlabCi => &["project_path", "namespace_path"],
+    }
+}
+
+/// Attack: `repositories: ["${ref_name}"]` (or `environment`, `actor`, `workflow` …): whoever
+/// pushes a branch named `infra` gets a token for the `infra` repository. Only claims that name
+/// the job's own repository, or claims a match rule pins to known values, may choose what a
+/// token reaches; anything else widens the grant to whatever the job says.
+fn github_repository_template(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    let trusted = repository_naming_claims(platform);
+    let mut findings = Vec::new();
+    for grant in &policy.grants {
+        let CredentialSpec::Github { owner, repositories, .. } = &grant.spec else { continue };
+        let fields = std::iter::once(("owner".to_string(), owner))
+            .chain(repositories.iter().enumerate().map(|(i, t)| (format!("repositories[{i}]"), t)));
+        for (field, template) in fields {
+            for claim in template.claims() {
+                if trusted.contains(&claim) || bound(policy, claim) {
+                    continue;
+                }
+                let message = format!(
+                    "`{claim}` chooses what the token of grant `{}` reaches, and the job chooses `{claim}` (nothing \
+                     pins it): a job that sets it to another repository's name gets a token for that repository",
+                    grant.name
+                );
+                let fix = format!(
+                    "name the repositories, or use `${{{}}}` (the job's own repository), or pin `{claim}` with a \
+                     match rule:\nmatch:\n  {claim}: [<value>, <value>]",
+                    trusted[0]
+                );
+                let at = format!("grants.{}.{field}", grant.name);
+                findings.push(Finding::new(Severity::Error, policy, GITHUB_REPOSITORY_TEMPLATE, &at, message, fix));
+            }
+        }
+    }
+    findings
+}
+
+/// Attack: a token with `workflows: write` rewrites a workflow that then runs with every secret
+/// of the repository; `administration` turns off the branch protection the policy's `ref` rule
+/// relies on; organisation permissions reach past the repositories the grant names. Warnings:
+/// a release job may need one, and says so by keeping it. A permission GitHub may not know is a
+/// warning too (GitHub refuses the token request; the typo shows here first).
+fn github_permissions(policy: &Policy, _: Platform) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for grant in &policy.grants {
+        let CredentialSpec::Github { permissions, .. } = &grant.spec else { continue };
+        for (name, level) in permissions {
+            let at = format!("grants.{}.permissions.{name}", grant.name);
+            if let Some(why) = crate::github_format::dangerous_permission(name) {
+                let message = format!("`{name}: {level}` {why}: a job holding it can reach past this grant");
+                let fix = format!(
+                    "drop `{name}` unless this job must have it; keep such a grant in its own policy bound to one \
+                     protected ref or environment"
+                );
+                findings.push(Finding::new(Severity::Warning, policy, GITHUB_DANGEROUS_PERMISSION, &at, message, fix));
+            }
+            if crate::github_format::KNOWN_PERMISSIONS.binary_search(&name.as_str()).is_err() {
+                let message =
+                    format!("`{name}` is not a GitHub App permission ephemera knows; GitHub refuses unknown ones");
+                let fix =
+                    "check the spelling against GitHub's list (e.g. `contents`, `pull_requests`, `issues`)".into();
+                findings.push(Finding::new(Severity::Warning, policy, GITHUB_UNKNOWN_PERMISSION, &at, message, fix));
+            }
+        }
+    }
+    findings
 }
 
 // ---- the report -----------------------------------------------------------------------------

@@ -83,6 +83,12 @@ pub enum CredentialSpec {
         external_id: Option<String>,
         session_tags: Vec<(String, Template)>,
     },
+    Github {
+        owner: Template,
+        repositories: Vec<Template>,
+        /// (permission, level), sorted by permission; levels are `read`, `write`, `admin`.
+        permissions: Vec<(String, &'static str)>,
+    },
 }
 
 /// Every loaded policy, by name. Immutable once built.
@@ -285,6 +291,27 @@ impl GrantSpec {
                         .map(|(k, t)| Ok((k.clone(), t.render(claims).map_err(missing)?)))
                         .collect::<Result<_, Denial>>()?,
                 }
+            }
+            CredentialSpec::Github { owner: owner_template, repositories, permissions } => {
+                // Attack: a template renders claim text; text that is no account or repository
+                // name (a `/`, `..`, `%2f`) must never reach GitHub's URL paths, nor a
+                // repository of another owner the token request.
+                let out_of_scope = |template: &Template| {
+                    let claim = template.claims().next().unwrap_or("owner").to_string();
+                    Denial::new(policy, &claim, DenialReason::GrantOutOfScope { grant: self.name.clone() })
+                };
+                let owner = owner_template.render(claims).map_err(missing)?;
+                crate::github_format::check_owner(&owner).map_err(|_| out_of_scope(owner_template))?;
+                let mut names: Vec<String> = Vec::with_capacity(repositories.len());
+                for template in repositories {
+                    let entry = template.render(claims).map_err(missing)?;
+                    let name = crate::github_format::repository_in_owner(&owner, &entry)
+                        .map_err(|_| out_of_scope(template))?;
+                    if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                        names.push(name.to_string());
+                    }
+                }
+                ResolvedSpec::Github { owner, repositories: names, permissions: permissions.clone() }
             }
             CredentialSpec::Jwt { audience, claims: extra } => ResolvedSpec::Jwt {
                 audience: audience.render(claims).map_err(missing)?,

@@ -50,6 +50,14 @@ impl Template {
         Ok(Template(parts))
     }
 
+    /// The claims it reads, in order (for lints that ask who chooses a rendered value).
+    pub fn claims(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|p| match p {
+            Part::Claim(name) => Some(name.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
     /// Renders with verified claims. A missing or non-scalar claim is an error naming it.
     pub fn render(&self, claims: &Claims) -> Result<String, String> {
         let mut out = String::new();

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod dev_broker;
+pub mod fake_github;
 pub mod moto;
 pub mod replicas;
 
@@ -331,7 +332,7 @@ impl Backend for FlakyRevoke {
             if left != u32::MAX {
                 self.failures_left.store(left - 1, Ordering::SeqCst);
             }
-            return Box::pin(async { Err(MintError { detail: "injected: upstream 503".into() }) });
+            return Box::pin(async { Err(MintError::new("injected: upstream 503")) });
         }
         self.inner.revoke(handle)
     }
@@ -426,6 +427,26 @@ impl Broker {
         extra: &Extra,
         faults: Option<Faults>,
     ) -> Broker {
+        Broker::start_full(issuers, policies, extra, faults, Arc::new(ManualClock::new(NOW))).await
+    }
+
+    /// As [`Broker::start_custom`], on a clock the test also hands to a fake upstream.
+    pub async fn start_custom_clock(
+        issuers: &[(&str, &str, &FakeIssuer)],
+        policies: &[(&str, &str)],
+        extra: &Extra,
+        clock: Arc<ManualClock>,
+    ) -> Broker {
+        Broker::start_full(issuers, policies, extra, None, clock).await
+    }
+
+    async fn start_full(
+        issuers: &[(&str, &str, &FakeIssuer)],
+        policies: &[(&str, &str)],
+        extra: &Extra,
+        faults: Option<Faults>,
+        clock: Arc<ManualClock>,
+    ) -> Broker {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         std::fs::create_dir(dir.path().join("policies")).unwrap();
         for (name, yaml) in policies {
@@ -442,7 +463,7 @@ impl Broker {
         }
         toml.push_str(&format!("[backends.jwt]\ntype = \"jwt\"\nmax_ttl = \"1h\"\n{}\n", extra.backend_toml));
         toml.push_str(&format!("{}\n", extra.hooks_toml));
-        Broker::launch(dir, toml, Arc::new(ManualClock::new(NOW)), faults).await
+        Broker::launch(dir, toml, clock, faults).await
     }
 
     async fn launch(

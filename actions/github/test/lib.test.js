@@ -1,7 +1,7 @@
 'use strict';
-// Unit tests of the action with a fake runner: masking, retries, file commands, the missing
-// id-token permission, 401/403 handling, renewable leases (lease file, AWS profile, renew.js)
-// and the post step's warnings and cleanup.
+// Unit tests of the action with a fake runner: masking, github tokens, retries, file commands,
+// the missing id-token permission, 401/403 handling, renewable leases (lease file, AWS profile,
+// renew.js) and the post step's warnings and cleanup.
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -117,6 +117,142 @@ test('run: two aws credentials are not exported (ambiguous), with a warning', as
     assert.equal(await lib.run(ctx), true);
     assert.deepEqual(read('GITHUB_ENV'), {});
     assert.match(ctx.text(), /::warning::.*2 aws credentials/);
+  });
+});
+
+// ---- github credentials ---------------------------------------------------------------------
+
+const GH_TOKEN = 'ghs_TESTinstallationTOKEN0123456789abcdef';
+const GH_LINE = 'exported credential `gh` (owner octo-org, repositories octo-repo, config; ' +
+  'contents: write, pull_requests: write) to GH_TOKEN; the broker revokes it when the lease ends';
+
+/** A `github` credential as the broker returns it; `token` is its only secret. */
+function githubCredential(token = GH_TOKEN) {
+  return {
+    kind: 'github', revocation: 'immediate', expires_at: '2030-01-01T00:10:00Z', owner: 'octo-org',
+    repositories: ['octo-repo', 'config'], permissions: { contents: 'write', pull_requests: 'write' },
+    api_url: 'https://api.github.com', token,
+  };
+}
+
+/** `granted(opts)` (no aws, no jwt unless asked) plus a github credential per `{name: token}`. */
+function grantedGithub(tokens = { gh: GH_TOKEN }, opts = { aws: false, jwt: false }) {
+  const [status, body] = granted(opts);
+  for (const [name, token] of Object.entries(tokens)) body.credentials[name] = githubCredential(token);
+  return [status, body];
+}
+
+/** `secret` has its own ::add-mask:: and appears in no other output line. */
+function assertMaskedOnly(ctx, secret) {
+  const lines = ctx.lines();
+  assert.ok(lines.includes(`::add-mask::${secret}`), `not masked: ${secret}\n${ctx.text()}`);
+  assert.deepEqual(lines.filter((l) => !l.startsWith('::add-mask::') && l.includes(secret)), []);
+}
+
+/** What was masked, but the job's ID token (a fake JWT, `eyJ…`). */
+const maskedValues = (ctx) => ctx.lines()
+  .filter((l) => l.startsWith('::add-mask::') && !l.startsWith('::add-mask::eyJ'))
+  .map((l) => l.slice('::add-mask::'.length));
+
+test('run: one github credential: its token is masked, exported to GH_TOKEN by default, and logged with its scope', async () => {
+  await withRunner([grantedGithub()], {}, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assertMaskedOnly(ctx, GH_TOKEN);
+    assert.deepEqual(read('GITHUB_ENV'), { GH_TOKEN });
+    const lines = ctx.lines();
+    const firstOther = lines.findIndex((l) => !l.startsWith('::add-mask::'));
+    assert.ok(lines.indexOf(`::add-mask::${GH_TOKEN}`) < firstOther, 'the token was masked after other output');
+    assert.ok(lines.includes(GH_LINE), ctx.text());
+    assert.ok(lines.includes(`  credential \`gh\`: github, revocation immediate, expires 2030-01-01T00:10:00Z, ${lib.fingerprint(GH_TOKEN)}`), ctx.text());
+    assert.deepEqual(read('GITHUB_STATE'), { lease_id: LEASE });
+  });
+  // What the runner passes when the workflow leaves the input out is the same default.
+  const yml = fs.readFileSync(path.join(__dirname, '..', 'action.yml'), 'utf8');
+  assert.equal(yml.match(/^  github-token-env:\n(?: {4}.*\n| {6}.*\n)*? {4}default: (\S+)$/m)?.[1], lib.GITHUB_TOKEN_ENV);
+  assert.equal(lib.GITHUB_TOKEN_ENV, 'GH_TOKEN');
+});
+
+test('run: only string fields outside the public ones are masked: not owner, api_url, repositories or permissions', async () => {
+  const [status, body] = grantedGithub();
+  Object.assign(body.credentials.gh, {
+    unknown_field: 'a-field-this-version-does-not-know', nested: { deep: 'deep-value' }, count: 3, flag: true, nothing: null,
+  });
+  await withRunner([[status, body]], {}, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    // Deny by default: an unknown string is masked; arrays, objects, numbers are not (nor a crash).
+    assert.deepEqual(maskedValues(ctx).sort(), ['a-field-this-version-does-not-know', GH_TOKEN]);
+    assert.equal(read('GITHUB_ENV').GH_TOKEN, GH_TOKEN);
+  });
+});
+
+test('run: github-token-env names the variable the github token is exported to; `true` is GH_TOKEN', async () => {
+  for (const [input, variable] of [['OCTO_TOKEN', 'OCTO_TOKEN'], ['_gh2', '_gh2'], ['true', 'GH_TOKEN']]) {
+    await withRunner([grantedGithub()], { 'github-token-env': input }, async ({ ctx, read }) => {
+      assert.equal(await lib.run(ctx), true, ctx.text());
+      assert.deepEqual(read('GITHUB_ENV'), { [variable]: GH_TOKEN }, input);
+      assert.ok(ctx.lines().includes(GH_LINE.replace('to GH_TOKEN;', `to ${variable};`)), ctx.text());
+      assertMaskedOnly(ctx, GH_TOKEN);
+    });
+  }
+});
+
+test('run: github-token-env false exports no github token; an aws credential is still exported', async () => {
+  await withRunner([grantedGithub({ gh: GH_TOKEN }, { aws: true, jwt: false })], { 'github-token-env': 'false' }, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assert.deepEqual(Object.keys(read('GITHUB_ENV')), ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_REGION', 'AWS_DEFAULT_REGION']);
+    assert.match(ctx.text(), /github-token-env is false: the token of github credential gh is not exported/);
+    assertMaskedOnly(ctx, GH_TOKEN);
+  });
+});
+
+test('run: two github credentials are not exported (ambiguous), with a warning naming them', async () => {
+  const other = 'ghs_OTHERinstallationTOKEN9876543210fedcba';
+  await withRunner([grantedGithub({ gh: GH_TOKEN, config: other })], {}, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assert.deepEqual(read('GITHUB_ENV'), {});
+    assert.match(ctx.text(), /::warning::policy `deploy` returned 2 github credentials \(gh, config\); none was exported to GH_TOKEN because the choice would be ambiguous/);
+    assertMaskedOnly(ctx, GH_TOKEN);
+    assertMaskedOnly(ctx, other);
+  });
+});
+
+test('github-token-env: a name the runner refuses or that is not a variable name fails before anything is requested', async () => {
+  const reserved = /::error::input `github-token-env` must not be `[^`]+`: names starting with GITHUB_ or RUNNER_ \(and NODE_OPTIONS\) are reserved, the runner refuses to overwrite them/;
+  const malformed = /::error::input `github-token-env` must be an environment variable name matching \^\[A-Za-z_\]\[A-Za-z0-9_\]\*\$ .*, not `[^`]+`/;
+  for (const [input, expect] of [
+    ['GITHUB_TOKEN', reserved], ['RUNNER_TEMP', reserved], ['github_token', reserved], ['NODE_OPTIONS', reserved],
+    ['1X', malformed], ['A-B', malformed], ['GH TOKEN', malformed], ['GH_TOKEN=x', malformed],
+  ]) {
+    await withRunner([grantedGithub()], { 'github-token-env': input }, async ({ ctx, read, broker, idp }) => {
+      assert.equal(await lib.run(ctx), false, input);
+      assert.match(ctx.text(), expect, input);
+      assert.ok(ctx.text().includes(`\`${input}\``), ctx.text());
+      assert.equal(broker.requests.length + idp.requests.length, 0, `${input}: something was requested`);
+      assert.deepEqual([read('GITHUB_ENV'), read('GITHUB_STATE')], [{}, {}]);
+    });
+  }
+});
+
+test('run: a github credential without a token fails the step, after the lease id is saved for the post step', async () => {
+  const [status, body] = grantedGithub();
+  delete body.credentials.gh.token;
+  await withRunner([[status, body]], {}, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), false);
+    assert.match(ctx.text(), /::error::unexpected answer from the broker: github credential `gh` has no `token`/);
+    assert.deepEqual(read('GITHUB_STATE'), { lease_id: LEASE });
+    assert.deepEqual(read('GITHUB_ENV'), {});
+  });
+});
+
+test("run: a line break in a github credential's public fields cannot start a workflow command", async () => {
+  const [status, body] = grantedGithub();
+  body.credentials.gh.owner = 'octo-org\n::stop-commands::pause';
+  body.credentials.gh.repositories = ['octo-repo\r\n::warning::injected'];
+  await withRunner([[status, body]], {}, async ({ ctx, read }) => {
+    assert.equal(await lib.run(ctx), true, ctx.text());
+    assert.equal(read('GITHUB_ENV').GH_TOKEN, GH_TOKEN);
+    assert.deepEqual(ctx.lines().filter((l) => /^::(stop-commands|warning)::/.test(l)), []);
+    assert.ok(ctx.lines().some((l) => l.startsWith('exported credential `gh` (owner octo-org ::stop-commands::pause')), ctx.text());
   });
 });
 

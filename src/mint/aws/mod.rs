@@ -104,7 +104,7 @@ impl AwsBackend {
         ctx: MintContext<'_>,
     ) -> Result<Minted, MintError> {
         let ResolvedSpec::Aws { role_arn, session_policy, policy_arns, external_id, session_tags } = &cred.spec else {
-            return Err(MintError { detail: format!("grant `{}` is not an aws grant", cred.name) });
+            return Err(MintError::new(format!("grant `{}` is not an aws grant", cred.name)));
         };
         let duration = aws_format::duration_seconds(grant.ttl_secs(), self.max_ttl_secs);
         let mut request = self
@@ -129,16 +129,12 @@ impl AwsBackend {
                 .key(key)
                 .value(clean)
                 .build()
-                .map_err(|e| MintError { detail: e.to_string() })?;
+                .map_err(|e| MintError::new(e.to_string()))?;
             request = request.tags(tag);
         }
-        let output = request
-            .send()
-            .await
-            .map_err(|e| MintError { detail: aws_error(&format!("sts:AssumeRole {role_arn}"), &e) })?;
-        let creds = output
-            .credentials()
-            .ok_or_else(|| MintError { detail: "sts:AssumeRole returned no credentials".into() })?;
+        let output =
+            request.send().await.map_err(|e| MintError::new(aws_error(&format!("sts:AssumeRole {role_arn}"), &e)))?;
+        let creds = output.credentials().ok_or_else(|| MintError::new("sts:AssumeRole returned no credentials"))?;
         let expires_at = creds.expiration().secs();
         Ok(Minted {
             credential: Credential {
@@ -173,12 +169,12 @@ impl AwsBackend {
             field("source_identity").as_str().map(str::to_string),
             field("session_expires_at").as_i64(),
         ) else {
-            return Err(MintError { detail: "malformed aws revoke handle".into() });
+            return Err(MintError::new("malformed aws revoke handle"));
         };
         if expires <= self.clock.now() {
             return Ok(()); // the session is already dead
         }
-        self.deny(&role, id, expires).await.map_err(|detail| MintError { detail })
+        self.deny(&role, id, expires).await.map_err(MintError::new)
     }
 
     /// Adds (lease id, session expiry) to the role's deny policy. Concurrent callers for one role
