@@ -86,6 +86,7 @@ pub enum Format {
     Env,
     CredentialProcess,
     GithubEnv,
+    GitCredential,
 }
 
 impl Format {
@@ -95,7 +96,8 @@ impl Format {
             "env" => Ok(Format::Env),
             "credential-process" => Ok(Format::CredentialProcess),
             "github-env" => Ok(Format::GithubEnv),
-            other => Err(format!("`{other}` is not one of json, env, credential-process, github-env")),
+            "git-credential" => Ok(Format::GitCredential),
+            other => Err(format!("`{other}` is not one of json, env, credential-process, github-env, git-credential")),
         }
     }
 }
@@ -291,6 +293,7 @@ fn render(format: Format, text: String, reply: &Value) -> Result<String, Failure
         Format::Env => Ok(crate::env_format::render(reply)),
         Format::CredentialProcess => credential_process(reply),
         Format::GithubEnv => github_env(reply),
+        Format::GitCredential => git_credential(reply),
     }
 }
 
@@ -460,6 +463,49 @@ pub fn credential_process(reply: &Value) -> Result<String, Failure> {
     Ok(format!("{doc}\n"))
 }
 
+/// git's credential-helper output for the reply's single `github` credential (an App
+/// installation token): `username=x-access-token`, `password=<token>`, and
+/// `password_expiry_utc` so git (2.41+) stops using it once the lease ends.
+pub fn git_credential(reply: &Value) -> Result<String, Failure> {
+    let credentials = reply.get("credentials").and_then(Value::as_object);
+    let github: Vec<(&String, &Value)> = credentials
+        .into_iter()
+        .flatten()
+        .filter(|(_, c)| c.get("kind").and_then(Value::as_str) == Some("github"))
+        .collect();
+    let (name, cred) = match github.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(Failure::other(
+                "git-credential: the policy granted no `github` credential (use --format json to see the grant)",
+            ));
+        }
+        several => {
+            let names: Vec<&str> = several.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(Failure::other(format!(
+                "git-credential: the policy granted {} `github` credentials ({}); it needs exactly one",
+                names.len(),
+                names.join(", ")
+            )));
+        }
+    };
+    let token = cred.get("token").and_then(Value::as_str).filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Err(Failure::other(format!("git-credential: credential `{name}` has no `token`")));
+    };
+    // Attack: a value with a line break (or NUL) would add attributes of its own choosing to
+    // what git reads, e.g. another `url=`.
+    if token.contains(['\n', '\r', '\0']) {
+        return Err(Failure::other(format!("git-credential: the token of `{name}` holds a line break")));
+    }
+    let mut out = format!("username=x-access-token\npassword={token}\n");
+    let expiry = cred.get("expires_at").and_then(Value::as_str).and_then(|t| humantime::parse_rfc3339(t).ok());
+    if let Some(secs) = expiry.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+        out.push_str(&format!("password_expiry_utc={}\n", secs.as_secs()));
+    }
+    Ok(out)
+}
+
 /// Is RFC 3339 time `a` before `b`? False when either does not parse.
 fn earlier(a: &str, b: &str) -> bool {
     match (humantime::parse_rfc3339(a), humantime::parse_rfc3339(b)) {
@@ -543,6 +589,22 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, env_vars(&aws_reply(&["aws"])).len());
+    }
+
+    #[test]
+    fn git_credential_needs_exactly_one_github_credential_and_refuses_line_breaks() {
+        let gh = |token: &str| json!({"kind": "github", "expires_at": "2030-01-01T00:00:00Z", "token": token});
+        let reply = json!({"credentials": {"gh": gh("ghs_abc"), "api": {"kind": "jwt", "token": "eyJ"}}});
+        assert_eq!(
+            git_credential(&reply).unwrap(),
+            "username=x-access-token\npassword=ghs_abc\npassword_expiry_utc=1893456000\n"
+        );
+        let none = json!({"credentials": {"api": {"kind": "jwt", "token": "eyJ"}}});
+        assert!(git_credential(&none).unwrap_err().message.contains("no `github` credential"));
+        let two = json!({"credentials": {"a": gh("x"), "b": gh("y")}});
+        assert!(git_credential(&two).unwrap_err().message.contains("2 `github` credentials (a, b)"));
+        let hostile = json!({"credentials": {"gh": gh("ghs_x\nurl=https://evil.example")}});
+        assert!(git_credential(&hostile).unwrap_err().message.contains("line break"));
     }
 
     #[test]

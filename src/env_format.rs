@@ -6,8 +6,9 @@ use serde_json::Value;
 
 /// The variables of the `env` format, with the same names the broker uses
 /// : `EPHEMERA_LEASE_ID`, `EPHEMERA_EXPIRES_AT`, `EPHEMERA_JOB`,
-/// `EPHEMERA_POLICY`, `EPHEMERA_<NAME>_<FIELD>` for every credential field, and the standard
-/// `AWS_*` variables when exactly one credential is of kind `aws`.
+/// `EPHEMERA_POLICY`, `EPHEMERA_<NAME>_<FIELD>` for every credential field, the standard
+/// `AWS_*` variables when exactly one credential is of kind `aws`, and `GH_TOKEN` (what the `gh`
+/// CLI reads) when exactly one is of kind `github`.
 pub fn env_vars(reply: &Value) -> Vec<(String, String)> {
     let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
     let top = |k: &str| reply.get(k).map(text).unwrap_or_default();
@@ -41,6 +42,11 @@ pub fn env_vars(reply: &Value) -> Vec<(String, String)> {
         ] {
             vars.push((var.into(), field(key)));
         }
+    }
+    let github: Vec<&Value> =
+        credentials.into_iter().flatten().map(|(_, c)| c).filter(|c| c["kind"].as_str() == Some("github")).collect();
+    if let [only] = github.as_slice() {
+        vars.push(("GH_TOKEN".into(), only.get("token").map(text).unwrap_or_default()));
     }
     vars
 }
@@ -84,5 +90,15 @@ mod tests {
         assert!(vars.contains(&("EPHEMERA_RENEW_TOKEN".into(), "ephr_x".into())), "{vars:?}");
         assert!(vars.contains(&("EPHEMERA_RENEW_UNTIL".into(), "2026-12-06T12:00:00Z".into())), "{vars:?}");
         assert!(!names(serde_json::json!({"lease_id": "lse_1"})).iter().any(|n| n.starts_with("EPHEMERA_RENEW")));
+    }
+
+    #[test]
+    fn one_github_credential_is_also_gh_token_and_two_are_not() {
+        let gh = |t: &str| serde_json::json!({"kind": "github", "token": t});
+        let one = env_vars(&serde_json::json!({"credentials": {"gh": gh("ghs_1")}}));
+        assert!(one.contains(&("GH_TOKEN".into(), "ghs_1".into())), "{one:?}");
+        assert!(one.contains(&("EPHEMERA_GH_TOKEN".into(), "ghs_1".into())), "{one:?}");
+        let two = env_vars(&serde_json::json!({"credentials": {"a": gh("ghs_1"), "b": gh("ghs_2")}}));
+        assert!(!two.iter().any(|(k, _)| k == "GH_TOKEN"), "ambiguous: none is GH_TOKEN");
     }
 }

@@ -91,6 +91,9 @@ Formats:
                       credential_process = ephemera exchange --broker URL --policy NAME --format credential-process
   github-env          the same variables as `env`, in $GITHUB_ENV's heredoc form (append it to $GITHUB_ENV;
                       masking the values with ::add-mask:: is the caller's job, the GitHub action does it)
+  git-credential      git's credential-helper lines for the single `github` credential (a GitHub App token):
+                      ephemera exchange ... --format git-credential > \"$RUNNER_TEMP/gh.cred\"
+                      git -c credential.helper='!f() { test \"$1\" = get && cat \"$RUNNER_TEMP/gh.cred\"; }; f' push
 
 ",
     exit_codes_help!()
@@ -130,7 +133,7 @@ struct ExchangeArgs {
     #[arg(long, value_name = "D")]
     ttl: Option<String>,
     /// Output format (see below).
-    #[arg(long, default_value = "json", value_parser = clap::builder::PossibleValuesParser::new(["json", "env", "credential-process", "github-env"]))]
+    #[arg(long, default_value = "json", value_parser = clap::builder::PossibleValuesParser::new(["json", "env", "credential-process", "github-env", "git-credential"]))]
     format: String,
     /// Also write the lease's renewal details here (mode 0600), for `credential-process` and
     /// `token`; the policy must allow renewal (`renew` in the policy).

@@ -289,3 +289,58 @@ async fn every_replica_can_revoke_what_another_minted_and_a_restart_resumes_revo
     let lease = broker.running.app.lease(&lease).await.unwrap().unwrap();
     assert_eq!(lease.state.as_str(), "revoked");
 }
+
+/// The real CLI's `--format git-credential` output, read by real git through its credential
+/// helper protocol (`git credential fill`, what `git push` runs): git gets the token GitHub
+/// issued, and the user name GitHub expects with it.
+#[tokio::test]
+async fn git_reads_the_token_through_the_clis_git_credential_output() {
+    let s = setup().await;
+    // git drops a credential whose `password_expiry_utc` has passed by its own (real) clock, so
+    // this test's clock is the real one.
+    let real_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    s.broker.clock.set(real_now);
+    let dir = tempfile::tempdir().unwrap();
+    let (url, token) = (s.broker.url.clone(), s.token());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .args(["exchange", "--broker", &url, "--policy", "push", "--format", "git-credential"])
+            .env("EPHEMERA_ID_TOKEN", token)
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let cred = dir.path().join("gh.cred");
+    std::fs::write(&cred, &out.stdout).unwrap();
+    let issued = s.github.token_requests()[0].token.clone().unwrap();
+    let written = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(written.ends_with(&format!("password_expiry_utc={}\n", real_now + 600)), "the lease's end: {written}");
+
+    let helper = format!("!f() {{ test \"$1\" = get && cat '{}'; }}; f", cred.display());
+    let mut git = std::process::Command::new("git")
+        .args(["-c", &format!("credential.helper={helper}"), "credential", "fill"])
+        .env("HOME", dir.path())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    git.stdin.take().unwrap().write_all(b"protocol=https\nhost=github.com\npath=octo-org/config.git\n\n").unwrap();
+    let filled = git.wait_with_output().unwrap();
+    let text = String::from_utf8(filled.stdout).unwrap();
+    assert!(text.contains("username=x-access-token\n"), "{text}");
+    assert!(text.contains(&format!("password={issued}\n")), "{text}");
+    assert!(s.github.is_live(&issued));
+}
