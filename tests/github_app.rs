@@ -344,3 +344,23 @@ async fn git_reads_the_token_through_the_clis_git_credential_output() {
     assert!(text.contains(&format!("password={issued}\n")), "{text}");
     assert!(s.github.is_live(&issued));
 }
+
+#[tokio::test]
+async fn a_missing_or_non_rsa_app_key_stops_the_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let not_rsa = dir.path().join("not-rsa.pem");
+    std::fs::write(&not_rsa, "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n").unwrap();
+    for (file, says) in [("missing.pem", "No such file"), ("not-rsa.pem", "not an RSA private key")] {
+        let toml = format!(
+            "listen = \"127.0.0.1:0\"\n[backends.gh]\ntype = \"github-app\"\napp_id = 1\nprivate_key_file = \"{file}\"\n"
+        );
+        let config = ephemera::config::Config::parse(&toml, dir.path()).unwrap();
+        let clock = Arc::new(ephemera::clock::ManualClock::new(NOW));
+        let err = match ephemera::server::start(ephemera::server::Options::new(config, false, clock)).await {
+            Ok(_) => panic!("started with {file}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("backend gh: private_key_file") && err.contains(file) && err.contains(says), "{err}");
+    }
+}

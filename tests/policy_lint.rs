@@ -410,3 +410,128 @@ fn the_built_in_dev_policy_lints_without_findings() {
     let all = findings(ephemera::dev::DEV_POLICY);
     assert!(all.is_empty(), "serve --dev would log these at every start: {all:#?}");
 }
+
+// ---- github-app grants (issue 16) ----------------------------------------------------------
+
+/// The defaults plus a `github-app` backend named `gh`.
+fn github_ctx() -> LoadContext {
+    let mut ctx = ctx();
+    ctx.backends.insert("gh".into(), ("github-app", 3600));
+    ctx
+}
+
+fn github_findings(grant: &str, extra_match: &str) -> Vec<Finding> {
+    let yaml = format!(
+        "issuer: github\nmatch: {{repository_id: \"74\", ref: refs/heads/main, runner_environment: github-hosted{extra_match}}}\n\
+         deny: {{event_name: [pull_request_target, workflow_run]}}\nttl: {{default: 5m, max: 10m}}\ngrants:\n  gh: {grant}\n"
+    );
+    match PolicySet::load(None, &[("p", &yaml)], &github_ctx()) {
+        Ok(set) => lint::lint(&set, &github_ctx()),
+        Err(errors) => errors.iter().map(Finding::from).collect(),
+    }
+}
+
+fn rules_and_fields(findings: &[Finding]) -> Vec<(&str, Severity, &str)> {
+    findings.iter().map(|f| (f.rule, f.severity, f.field.as_str())).collect()
+}
+
+#[test]
+fn a_github_grant_whose_repositories_the_job_chooses_is_an_error_and_its_own_repository_is_not() {
+    let grant = |repos: &str| {
+        format!("{{backend: gh, owner: octo-org, repositories: {repos}, permissions: {{contents: write}}}}")
+    };
+    assert_eq!(
+        rules_and_fields(&github_findings(&grant("[web, \"${repository}\"]"), "")),
+        [],
+        "names and the job's own repository"
+    );
+    assert_eq!(
+        rules_and_fields(&github_findings(&grant("[\"${ref_name}\"]"), "")),
+        [("github-repository-template", ERROR, "grants.gh.repositories[0]")],
+        "a branch named like another repository would get a token for it"
+    );
+    assert_eq!(
+        rules_and_fields(&github_findings(&grant("[\"deploy-${environment}\"]"), "")),
+        [("github-repository-template", ERROR, "grants.gh.repositories[0]")]
+    );
+    assert_eq!(
+        rules_and_fields(&github_findings(&grant("[\"deploy-${environment}\"]"), ", environment: [prod, staging]")),
+        [],
+        "a claim the policy pins to known values chooses among those only"
+    );
+    let owner = "{backend: gh, owner: \"${actor}\", repositories: [web], permissions: {contents: read}}";
+    assert_eq!(
+        rules_and_fields(&github_findings(owner, "")),
+        [("github-repository-template", ERROR, "grants.gh.owner")]
+    );
+    let own = "{backend: gh, owner: \"${repository_owner}\", repositories: [web], permissions: {contents: read}}";
+    assert_eq!(rules_and_fields(&github_findings(own, "")), []);
+}
+
+#[test]
+fn dangerous_and_unknown_github_permissions_are_warnings_with_a_reason() {
+    let grant = "{backend: gh, owner: octo-org, repositories: [web], permissions: \
+                 {contents: write, workflows: write, administration: read, organization_secrets: read, contnets: read}}";
+    let all = github_findings(grant, "");
+    assert_eq!(
+        rules_and_fields(&all),
+        [
+            ("github-dangerous-permission", WARN, "grants.gh.permissions.administration"),
+            ("github-unknown-permission", WARN, "grants.gh.permissions.contnets"),
+            ("github-dangerous-permission", WARN, "grants.gh.permissions.organization_secrets"),
+            ("github-dangerous-permission", WARN, "grants.gh.permissions.workflows"),
+        ]
+    );
+    let workflows = all.iter().find(|f| f.field.ends_with("workflows")).unwrap();
+    assert!(workflows.message.contains("runs code of its choosing with every secret"), "{}", workflows.message);
+}
+
+#[test]
+fn a_github_grant_must_name_its_repositories_and_permissions_and_stay_in_its_owner() {
+    let cases = [
+        (
+            "no repositories: never the installation's every repository by omission",
+            "{backend: gh, owner: o, repositories: [], permissions: {contents: read}}",
+            "grants.gh.repositories",
+        ),
+        ("no permissions", "{backend: gh, owner: o, repositories: [web], permissions: {}}", "grants.gh.permissions"),
+        (
+            "another owner's repository",
+            "{backend: gh, owner: o, repositories: [evil/web], permissions: {contents: read}}",
+            "grants.gh.repositories[0]",
+        ),
+        (
+            "a path in a name",
+            "{backend: gh, owner: o, repositories: [\"..\"], permissions: {contents: read}}",
+            "grants.gh.repositories[0]",
+        ),
+        (
+            "an owner that is no login",
+            "{backend: gh, owner: \"o/x\", repositories: [web], permissions: {contents: read}}",
+            "grants.gh.owner",
+        ),
+        (
+            "a level GitHub has not",
+            "{backend: gh, owner: o, repositories: [web], permissions: {contents: all}}",
+            "grants.gh",
+        ),
+        (
+            "a field of another kind",
+            "{backend: gh, owner: o, repositories: [web], permissions: {contents: read}, role_arn: x}",
+            "grants.gh",
+        ),
+    ];
+    for (scenario, grant, field) in cases {
+        let all = github_findings(grant, "");
+        assert!(
+            all.iter().any(|f| f.rule == "invalid" && f.severity == ERROR && f.field == field),
+            "{scenario}: {all:#?}"
+        );
+    }
+    let above = "{backend: gh, owner: o, repositories: [web], permissions: {contents: read}}";
+    let yaml = format!(
+        "issuer: github\nmatch: {{repository_id: \"74\"}}\nttl: {{default: 5m, max: 2h}}\ngrants:\n  gh: {above}\n"
+    );
+    let errors = PolicySet::load(None, &[("p", &yaml)], &github_ctx()).unwrap_err();
+    assert!(errors.iter().any(|e| e.rule == "ttl-above-backend-max"), "GitHub's hour: {errors:?}");
+}

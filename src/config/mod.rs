@@ -332,6 +332,31 @@ mod tests {
     }
 
     #[test]
+    fn a_github_app_backend_defaults_to_github_com_and_github_caps_its_ttl_at_an_hour() {
+        let base = Path::new("/etc/ephemera");
+        let toml = "[backends.gh]\ntype = \"github-app\"\napp_id = 4242\nprivate_key_file = \"keys/app.pem\"\n";
+        let c = Config::parse(toml, base).unwrap();
+        let BackendConfig::GithubApp(g) = &c.backends["gh"] else { panic!("not github-app") };
+        assert_eq!(g.api_url, "https://api.github.com");
+        assert_eq!(g.private_key_file, Path::new("/etc/ephemera/keys/app.pem"), "relative to the config");
+        assert_eq!((g.max_ttl_secs, g.max_concurrent_requests, c.backends["gh"].kind()), (3600, 8, "github-app"));
+        let ghes = format!("{toml}api_url = \"https://ghe.example.com/api/v3/\"\n");
+        let BackendConfig::GithubApp(g) = &Config::parse(&ghes, base).unwrap().backends["gh"] else { panic!() };
+        assert_eq!(g.api_url, "https://ghe.example.com/api/v3", "Enterprise Server, no trailing slash");
+        for (bad, says) in [
+            ("app_id = 0\nprivate_key_file = \"k\"\n", "backends.gh.app_id"),
+            ("app_id = 1\nprivate_key_file = \"k\"\nmax_ttl = \"2h\"\n", "backends.gh.max_ttl: at most 1h"),
+            ("app_id = 1\nprivate_key_file = \"k\"\napi_url = \"http://ghe.example.com\"\n", "backends.gh.api_url"),
+            ("app_id = 1\nprivate_key_file = \"k\"\nmax_concurrent_requests = 0\n", "max_concurrent_requests"),
+            ("app_id = 1\n", "private_key_file"),
+            ("app_id = 1\nprivate_key_file = \"k\"\nprivate_key = \"inline\"\n", "private_key"),
+        ] {
+            let errs = Config::parse(&format!("[backends.gh]\ntype = \"github-app\"\n{bad}"), base).unwrap_err();
+            assert!(errs.iter().any(|e| e.contains(says)), "{bad}: {errs:?}");
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::defaults();
         assert_eq!(c.issuers.len(), 2);
