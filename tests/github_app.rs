@@ -43,12 +43,16 @@ fn installation() -> FakeInstallation {
 }
 
 async fn setup_with(installations: Vec<FakeInstallation>, policies: &[(&str, &str)]) -> Setup {
+    setup_with_backend(installations, policies, "").await
+}
+
+async fn setup_with_backend(installations: Vec<FakeInstallation>, policies: &[(&str, &str)], backend: &str) -> Setup {
     let issuer = FakeIssuer::start().await;
     // The fake's clock is the broker's: App JWT times and token expiries are checked on it.
     let clock = Arc::new(ephemera::clock::ManualClock::new(NOW));
     let now_clock = clock.clone();
     let github = FakeGithub::start(Arc::new(move || ephemera::clock::Clock::now(&*now_clock)), installations).await;
-    let extra = Extra { backend_toml: github.backend_toml("gh"), ..Extra::default() };
+    let extra = Extra { backend_toml: format!("{}{backend}", github.backend_toml("gh")), ..Extra::default() };
     let broker = Broker::start_custom_clock(&[("ci", "github-actions", &issuer)], policies, &extra, clock).await;
     Setup { github, issuer, broker }
 }
@@ -363,4 +367,33 @@ async fn a_missing_or_non_rsa_app_key_stops_the_start_naming_the_file() {
         };
         assert!(err.contains("backend gh: private_key_file") && err.contains(file) && err.contains(says), "{err}");
     }
+}
+
+/// `max_concurrent_requests` bounds the calls in flight to GitHub: the fake holds every token
+/// request at a gate, so the count waiting there is the count the broker let out at once.
+#[tokio::test]
+async fn calls_to_github_in_flight_are_bounded_by_max_concurrent_requests() {
+    let s = setup_with_backend(vec![installation()], &[("push", POLICY)], "max_concurrent_requests = 2\n").await;
+    assert_eq!(s.exchange("push").await.0, 201, "the installation is looked up and cached first");
+    let gate = s.github.close_gate();
+    let s = Arc::new(s);
+    let exchanges: Vec<_> = (0..6)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.exchange("push").await.0 })
+        })
+        .collect();
+    // Wait until two requests are held, then give the others every chance to arrive.
+    while s.github.in_flight().0 < 2 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.github.in_flight(), (2, 2), "two in flight, the other four wait in the broker");
+    gate.add_permits(6);
+    for exchange in exchanges {
+        assert_eq!(exchange.await.unwrap(), 201);
+    }
+    assert_eq!(s.github.in_flight().1, 2, "never more than two at once");
 }

@@ -21,7 +21,7 @@ pub const RENEW_POLICY: &str = "bench-renew";
 pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 pub const WEBHOOK_SECRET: &str = "bench-webhook-secret-0123456789";
 
-const POLICY_YAML: &str = r#"# The shape of a production deploy policy (policies/deploy-web.yaml).
+pub const POLICY_YAML: &str = r#"# The shape of a production deploy policy (policies/deploy-web.yaml).
 description: Bench - deploy octo-repo from main
 issuer: github
 match:
@@ -55,6 +55,8 @@ pub struct Setup<'a> {
     pub signing_key_file: Option<&'a Path>,
     /// TOML tables appended at the end (`[ledger]`, …).
     pub extra: &'a str,
+    /// More policies: (name, YAML).
+    pub policies: &'a [(&'a str, String)],
 }
 
 impl<'a> Setup<'a> {
@@ -69,6 +71,9 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> PathBuf {
     std::fs::write(dir.join("policies").join(format!("{POLICY}.yaml")), POLICY_YAML).unwrap();
     let renewable = format!("{POLICY_YAML}renew: {{max_lease: 2h}}\n");
     std::fs::write(dir.join("policies").join(format!("{RENEW_POLICY}.yaml")), renewable).unwrap();
+    for (name, yaml) in setup.policies {
+        std::fs::write(dir.join("policies").join(format!("{name}.yaml")), yaml).unwrap();
+    }
     std::fs::write(dir.join("issuer-jwks.json"), crate::tokens::jwks().to_string()).unwrap();
     std::fs::write(dir.join("github-secret"), format!("{WEBHOOK_SECRET}\n")).unwrap();
     let admin_sha256 = ephemera::secret::sha256_hex(ADMIN_TOKEN.as_bytes());

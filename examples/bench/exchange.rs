@@ -155,14 +155,20 @@ impl Tokens {
     }
 }
 
-fn exchange_request(token: &str) -> Vec<u8> {
+fn exchange_request(token: &str, policy: &str) -> Vec<u8> {
     let auth = format!("Bearer {token}");
-    request("POST", "/v1/exchange", &[("Authorization", &auth)], "application/json", br#"{"policy":"bench"}"#)
+    let body = format!("{{\"policy\":\"{policy}\"}}");
+    request("POST", "/v1/exchange", &[("Authorization", &auth)], "application/json", body.as_bytes())
 }
 
 /// `POST /v1/exchange` for each token, as bytes.
 pub fn requests(tokens: &[String]) -> Arc<Vec<Vec<u8>>> {
-    Arc::new(tokens.iter().map(|t| exchange_request(t)).collect())
+    requests_for(tokens, POLICY)
+}
+
+/// [`requests`] under another policy.
+pub fn requests_for(tokens: &[String], policy: &str) -> Arc<Vec<Vec<u8>>> {
+    Arc::new(tokens.iter().map(|t| exchange_request(t, policy)).collect())
 }
 
 /// What rows 2, 5 and A measured; turned into rows once the floor's last sample is in.
@@ -465,7 +471,7 @@ pub async fn revoke_and_watch(conn: &mut Conn, watcher: &mut Conn, token: &str) 
 
 /// One exchange: the lease id and the broker JWT it minted.
 async fn exchange(conn: &mut Conn, token: &str) -> (String, String) {
-    let r = conn.send(&exchange_request(token)).await.unwrap();
+    let r = conn.send(&exchange_request(token, POLICY)).await.unwrap();
     assert_eq!(r.status, 201, "exchange: {}", r.text());
     let body = r.json();
     let lease = body["lease_id"].as_str().unwrap().to_string();

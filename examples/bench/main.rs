@@ -1,7 +1,7 @@
 //! ephemera's benchmark harness (issue 7). `scripts/bench` builds it in release and runs it:
 //!
 //!     target/release/examples/bench [--quick] [--broker target/release/ephemera] [--perf DIR]
-//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew] [--leases N]
+//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github] [--leases N]
 //!                                   [--keep DIR]
 //!
 //! It prints one Markdown table. Every row is measured in this run, next to a baseline measured
@@ -17,6 +17,9 @@
 mod broker;
 mod crypto;
 mod exchange;
+#[path = "../../tests/common/fake_github.rs"]
+mod fake_github;
+mod github;
 mod http;
 mod jwks;
 mod ledger;
@@ -59,7 +62,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew] [--leases N] [--keep DIR]"
+                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github] [--leases N] [--keep DIR]"
             );
             return ExitCode::from(2);
         }
@@ -76,7 +79,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         quick: false,
         broker: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera")),
         perf: None,
-        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew"].map(String::from).to_vec(),
+        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew", "github"].map(String::from).to_vec(),
         leases: None,
         keep: None,
     };
@@ -169,6 +172,12 @@ fn run(args: &Args) -> Vec<Row> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let plan = exchange::Plan::new(args.quick);
         rows.extend(rt.block_on(renewal::run(&args.broker, &plan, &dir)));
+    }
+    if wants("github") {
+        eprintln!("== 8. GitHub App tokens beside broker JWTs (issue 16; GitHub is a fake on loopback)");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let plan = exchange::Plan::new(args.quick);
+        rows.extend(rt.block_on(github::run(&args.broker, &plan, &dir)));
     }
     rows.sort_by_key(|r| order(&r.id));
     rows

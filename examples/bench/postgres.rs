@@ -158,7 +158,7 @@ impl Setting {
 /// A broker's config: the shared key, and for a replica its id and `[ledger]` (else the file
 /// store).
 fn setup<'a>(replica_id: Option<&'a str>, key: &'a Path, ledger: &'a str) -> Setup<'a> {
-    Setup { replica_id, signing_key_file: Some(key), extra: ledger }
+    Setup { replica_id, signing_key_file: Some(key), extra: ledger, ..Setup::default() }
 }
 
 /// `[ledger]` on the database at `url`, with the defaults (`pool_size` 16).

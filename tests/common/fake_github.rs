@@ -108,6 +108,11 @@ struct FakeState {
     /// Adds this permission to every token reply (a GitHub that grants more than asked).
     widen: Mutex<Option<(String, String)>>,
     next_token: Mutex<u64>,
+    /// When set, token requests wait here for a permit (the test hands them out), so a test
+    /// sees how many the broker has in flight at once.
+    gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 pub struct FakeGithub {
@@ -136,6 +141,9 @@ impl FakeGithub {
             retry_after: Mutex::new(None),
             widen: Mutex::new(None),
             next_token: Mutex::new(0),
+            gate: Mutex::new(None),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            max_in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/orgs/{owner}/installation", get(org_installation))
@@ -205,6 +213,19 @@ impl FakeGithub {
     /// Token replies claim this extra permission (a GitHub that grants more than asked).
     pub fn widen_replies(&self, permission: &str, level: &str) {
         *self.state.widen.lock().unwrap() = Some((permission.into(), level.into()));
+    }
+
+    /// Token requests wait at a gate until [`FakeGithub::open_gate`] lets them on.
+    pub fn close_gate(&self) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *self.state.gate.lock().unwrap() = Some(gate.clone());
+        gate
+    }
+
+    /// Token requests waiting at the gate now, and the most that ever were at once.
+    pub fn in_flight(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.state.in_flight.load(SeqCst), self.state.max_in_flight.load(SeqCst))
     }
 
     pub fn installations_mut(&self, f: impl FnOnce(&mut Vec<FakeInstallation>)) {
@@ -381,6 +402,14 @@ async fn access_tokens(
 ) -> Response {
     if let Err(r) = check_app_jwt(&state, &headers) {
         return r;
+    }
+    let gate = state.gate.lock().unwrap().clone();
+    if let Some(gate) = gate {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now_in = state.in_flight.fetch_add(1, SeqCst) + 1;
+        state.max_in_flight.fetch_max(now_in, SeqCst);
+        gate.acquire().await.unwrap().forget();
+        state.in_flight.fetch_sub(1, SeqCst);
     }
     let Some(installation) = state.installations.lock().unwrap().iter().find(|i| i.id == id).cloned() else {
         return github_error(StatusCode::NOT_FOUND, "Not Found");
