@@ -51,7 +51,9 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
     let pids = [broker.pid.to_string()];
     let (mut jwt, mut gh) = (Vec::new(), Vec::new());
     for (jwt_requests, github_requests) in jwt_rounds.into_iter().zip(github_rounds) {
-        jwt.push(saturation_round_of("exchange (jwt)", &[addr], &pids, &[], jwt_requests, plan.saturation_conns, 201).await);
+        jwt.push(
+            saturation_round_of("exchange (jwt)", &[addr], &pids, &[], jwt_requests, plan.saturation_conns, 201).await,
+        );
         gh.push(
             saturation_round_of("exchange (github)", &[addr], &pids, &[], github_requests, plan.saturation_conns, 201)
                 .await,
