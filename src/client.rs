@@ -420,28 +420,7 @@ fn with_newline(mut text: String) -> String {
 /// `Expiration` is the earlier of the STS session's end and the lease's, so the SDK asks again
 /// before the broker revokes the session.
 pub fn credential_process(reply: &Value) -> Result<String, Failure> {
-    let credentials = reply.get("credentials").and_then(Value::as_object);
-    let aws: Vec<(&String, &Value)> = credentials
-        .into_iter()
-        .flatten()
-        .filter(|(_, c)| c.get("kind").and_then(Value::as_str) == Some("aws"))
-        .collect();
-    let (name, cred) = match aws.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(Failure::other(
-                "credential-process: the policy granted no `aws` credential (use --format json to see the grant)",
-            ));
-        }
-        several => {
-            let names: Vec<&str> = several.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(Failure::other(format!(
-                "credential-process: the policy granted {} `aws` credentials ({}); it needs exactly one",
-                names.len(),
-                names.join(", ")
-            )));
-        }
-    };
+    let (name, cred) = only_credential_of(reply, "aws", "credential-process")?;
     let field = |k: &str| {
         cred.get(k)
             .and_then(Value::as_str)
@@ -467,28 +446,7 @@ pub fn credential_process(reply: &Value) -> Result<String, Failure> {
 /// installation token): `username=x-access-token`, `password=<token>`, and
 /// `password_expiry_utc` so git (2.41+) stops using it once the lease ends.
 pub fn git_credential(reply: &Value) -> Result<String, Failure> {
-    let credentials = reply.get("credentials").and_then(Value::as_object);
-    let github: Vec<(&String, &Value)> = credentials
-        .into_iter()
-        .flatten()
-        .filter(|(_, c)| c.get("kind").and_then(Value::as_str) == Some("github"))
-        .collect();
-    let (name, cred) = match github.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(Failure::other(
-                "git-credential: the policy granted no `github` credential (use --format json to see the grant)",
-            ));
-        }
-        several => {
-            let names: Vec<&str> = several.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(Failure::other(format!(
-                "git-credential: the policy granted {} `github` credentials ({}); it needs exactly one",
-                names.len(),
-                names.join(", ")
-            )));
-        }
-    };
+    let (name, cred) = only_credential_of(reply, "github", "git-credential")?;
     let token = cred.get("token").and_then(Value::as_str).filter(|t| !t.is_empty());
     let Some(token) = token else {
         return Err(Failure::other(format!("git-credential: credential `{name}` has no `token`")));
@@ -504,6 +462,31 @@ pub fn git_credential(reply: &Value) -> Result<String, Failure> {
         out.push_str(&format!("password_expiry_utc={}\n", secs.as_secs()));
     }
     Ok(out)
+}
+
+/// The reply's one credential of `kind` (its grant name and fields), for a `format` that can
+/// render only one: none, or several (which one would be a guess), is an error naming them.
+fn only_credential_of<'a>(reply: &'a Value, kind: &str, format: &str) -> Result<(&'a String, &'a Value), Failure> {
+    let credentials = reply.get("credentials").and_then(Value::as_object);
+    let of_kind: Vec<(&String, &Value)> = credentials
+        .into_iter()
+        .flatten()
+        .filter(|(_, c)| c.get("kind").and_then(Value::as_str) == Some(kind))
+        .collect();
+    match of_kind.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(Failure::other(format!(
+            "{format}: the policy granted no `{kind}` credential (use --format json to see the grant)"
+        ))),
+        several => {
+            let names: Vec<&str> = several.iter().map(|(n, _)| n.as_str()).collect();
+            Err(Failure::other(format!(
+                "{format}: the policy granted {} `{kind}` credentials ({}); it needs exactly one",
+                names.len(),
+                names.join(", ")
+            )))
+        }
+    }
 }
 
 /// Is RFC 3339 time `a` before `b`? False when either does not parse.
