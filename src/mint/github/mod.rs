@@ -93,7 +93,7 @@ impl GithubAppBackend {
         };
         let now = ctx.now;
         let installation = self.installation(owner, now).await?;
-        check_permissions(&self.app_id, owner, &installation, permissions)?;
+        check_permissions(self.app_id, owner, &installation, permissions)?;
         if !installation.all_repositories {
             for repository in repositories {
                 self.check_repository(owner, repository, &installation, now).await?;
@@ -127,14 +127,10 @@ impl GithubAppBackend {
             return Err(MintError::new(format!("POST {path}: 201 without a token and its expiry")));
         };
         let token = SecretString::new(token.to_string());
-        let sealed = self.sealer.seal(token.expose(), ctx.lease_id).map_err(MintError::new);
+        let sealed = self.sealer.seal(token.expose(), ctx.lease_id);
         // Fail closed: a token wider than the grant, or one whose revoke handle cannot be made,
         // must not leave the broker, nor live on.
-        let refused = match (excess_scope(&reply.body, permissions, repositories), &sealed) {
-            (Some(why), _) => Some(why),
-            (None, Err(e)) => Some(e.detail.clone()),
-            (None, Ok(_)) => None,
-        };
+        let refused = excess_scope(&reply.body, permissions, repositories).or_else(|| sealed.clone().err());
         if let Some(why) = refused {
             let revoked = match self.delete_token(&token, now).await {
                 Ok(()) => "revoked".to_string(),
@@ -142,7 +138,7 @@ impl GithubAppBackend {
             };
             return Err(MintError::new(format!("installation token refused, {revoked}: {why}")));
         }
-        let sealed = sealed?;
+        let sealed = sealed.map_err(MintError::new)?;
         // The token dies when the lease ends (revocation is immediate), or at GitHub's hour.
         let lease_end = grant.renew_until().unwrap_or(grant.expires_at());
         Ok(Minted {
@@ -305,7 +301,7 @@ impl GithubAppBackend {
 /// Every permission asked for, at a level the installation holds. Attack surface: none (GitHub
 /// would refuse too), but the caller gets "grant the App `contents: write`" instead of a 422.
 fn check_permissions(
-    app_id: &u64,
+    app_id: u64,
     owner: &str,
     installation: &Installation,
     asked: &[(String, &'static str)],
@@ -463,11 +459,11 @@ mod tests {
             permissions: json!({"contents": "read"}).as_object().unwrap().clone(),
             all_repositories: true,
         };
-        let err = check_permissions(&42, "octo-org", &installation, &[("contents".into(), "write")]).unwrap_err();
+        let err = check_permissions(42, "octo-org", &installation, &[("contents".into(), "write")]).unwrap_err();
         let advice = err.advice.unwrap();
         assert!(advice.contains("`contents: write`") && advice.contains("`contents: read`"), "{advice}");
-        assert!(check_permissions(&42, "o", &installation, &[("contents".into(), "read")]).is_ok());
-        let err = check_permissions(&42, "o", &installation, &[("issues".into(), "read")]).unwrap_err();
+        assert!(check_permissions(42, "o", &installation, &[("contents".into(), "read")]).is_ok());
+        let err = check_permissions(42, "o", &installation, &[("issues".into(), "read")]).unwrap_err();
         assert!(err.advice.unwrap().contains("`issues: none`"));
     }
 }
