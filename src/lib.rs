@@ -23,8 +23,11 @@ pub mod ledger;
 pub mod metrics;
 pub mod mint;
 pub mod names;
+pub mod pg_connect;
+pub mod pg_names;
 pub mod policy;
 pub mod secret;
 pub mod server;
+pub mod ssh_format;
 
 pub use identity::provider::install_crypto;

@@ -132,7 +132,7 @@ fn the_shared_config_loads_with_the_brokers_own_loader_as_a_postgres_replica() {
         .values()
         .filter_map(|b| match b {
             BackendConfig::Jwt(j) => Some(j),
-            BackendConfig::Aws(_) | BackendConfig::GithubApp(_) => None,
+            _ => None,
         })
         .collect();
     assert!(!jwt.is_empty(), "no jwt backend");

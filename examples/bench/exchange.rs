@@ -568,7 +568,7 @@ async fn in_process(dir: &Path, tokens: &mut Tokens, n: usize) -> Attribution {
         async move {
             let cpu = crate::procfs::cpu("self");
             for t in &tokens {
-                app.exchange(t, POLICY, None, "req_bench").await.unwrap();
+                app.exchange(t, &ephemera::app::ExchangeRequest::policy(POLICY), "req_bench").await.unwrap();
             }
             crate::procfs::cpu("self").since(&cpu) / tokens.len() as f64 * 1e6
         }

@@ -89,15 +89,31 @@ impl Minted {
     }
 }
 
+/// What an exchange asks for besides the CI token: the policy, a ttl, and for an `ssh` grant
+/// the job's own public key (without one the broker generates a key pair for the job).
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeRequest<'a> {
+    pub policy: &'a str,
+    pub ttl_secs: Option<i64>,
+    pub ssh_public_key: Option<&'a str>,
+}
+
+impl<'a> ExchangeRequest<'a> {
+    /// Under `policy`, with its default ttl.
+    pub fn policy(policy: &'a str) -> ExchangeRequest<'a> {
+        ExchangeRequest { policy, ttl_secs: None, ssh_public_key: None }
+    }
+}
+
 impl App {
     /// `POST /v1/exchange`. Audited (fail closed) and counted in metrics.
     pub async fn exchange(
         &self,
         token: &str,
-        policy: &str,
-        ttl_secs: Option<i64>,
+        request: &ExchangeRequest<'_>,
         request_id: &str,
     ) -> Result<ExchangeReply, Error> {
+        let policy = request.policy;
         let started = Instant::now();
         // The set in use now; a reload during this exchange does not change its decision.
         let policies = self.policies.current();
@@ -105,7 +121,7 @@ impl App {
         let (identity, result) = match self.verifier.verify(token, now).await {
             Err(e) => (None, Err(e.into())),
             Ok(identity) => {
-                let result = self.issue(&policies, &identity, policy, ttl_secs, now).await;
+                let result = self.issue(&policies, &identity, request, now).await;
                 (Some(identity), result)
             }
         };
@@ -124,14 +140,13 @@ impl App {
         &self,
         policies: &PolicySet,
         identity: &VerifiedIdentity,
-        policy: &str,
-        ttl_secs: Option<i64>,
+        request: &ExchangeRequest<'_>,
         now: UnixSeconds,
     ) -> Result<ExchangeReply, Error> {
-        let grant = policies.decide(policy, identity, ttl_secs, now)?;
+        let grant = policies.decide(request.policy, identity, request.ttl_secs, now)?;
         let replay = self.replay_check(identity, &grant).await?;
         let id = lease_id(now);
-        let minted = self.mint_all(&grant, &id, now).await?;
+        let minted = self.mint_all(&grant, &id, now, request.ssh_public_key).await?;
         let credentials = minted.iter().map(Minted::lease_credential);
         let renew = grant.renew_until().map(|until| (renew_token(), until));
         let digest = renew.as_ref().map(|(token, _)| crate::secret::sha256_hex(token.as_bytes()));
@@ -176,7 +191,13 @@ impl App {
     }
 
     /// Mints every credential of the grant, all or nothing.
-    pub(super) async fn mint_all(&self, grant: &Grant, lease_id: &str, now: UnixSeconds) -> Result<Vec<Minted>, Error> {
+    pub(super) async fn mint_all(
+        &self,
+        grant: &Grant,
+        lease_id: &str,
+        now: UnixSeconds,
+        ssh_public_key: Option<&str>,
+    ) -> Result<Vec<Minted>, Error> {
         // Every backend is resolved before anything is minted, so a missing one cannot strand
         // credentials minted earlier in this exchange.
         let plan = grant
@@ -189,7 +210,7 @@ impl App {
                 Ok((cred, backend))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let ctx = MintContext { lease_id, now };
+        let ctx = MintContext { lease_id, now, ssh_public_key };
         let mut minted: Vec<Minted> = Vec::new();
         for (cred, backend) in plan {
             match backend.mint(grant, cred, ctx).await {

@@ -17,7 +17,7 @@ mod renewal;
 mod status;
 
 pub use ending::RevokeReply;
-pub use exchange::{ExchangeReply, REASON_AUDIT_UNAVAILABLE, RenewInfo};
+pub use exchange::{ExchangeReply, ExchangeRequest, REASON_AUDIT_UNAVAILABLE, RenewInfo};
 
 use crate::audit::Audit;
 use crate::clock::{Clock, UnixSeconds};

@@ -131,7 +131,7 @@ impl App {
                 rfc3339(lease.expires_at)
             )));
         }
-        let minted = self.mint_all(&grant, &lease.id, now).await?;
+        let minted = self.mint_all(&grant, &lease.id, now, None).await?;
         let credentials: Vec<LeaseCredential> = minted.iter().map(Minted::lease_credential).collect();
         // Recorded with the lease before anything leaves; if the lease ended meanwhile (or the
         // store cannot say), nothing minted may escape: revoke it.

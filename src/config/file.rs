@@ -5,7 +5,7 @@
 use super::{
     AuditConfig, AwsBackendConfig, AwsRevocation, BackendConfig, Config, DEFAULT_AUDIT_CLAIMS, DEFAULT_GITHUB_API_URL,
     DEFAULT_LISTEN, GITHUB_TOKEN_LIFETIME_SECS, GithubAppBackendConfig, HookConfig, HooksConfig, IssuerConfig,
-    JwtBackendConfig, check_url, parse_sha256_hex,
+    JwtBackendConfig, OwnedObjects, PostgresRolesConfig, SshBackendConfig, SshRevocation, check_url, parse_sha256_hex,
 };
 use crate::claims::Platform;
 use crate::clock::parse_duration;
@@ -116,6 +116,22 @@ enum RawBackend {
         max_ttl: Option<String>,
         timeout: Option<String>,
         max_concurrent_requests: Option<usize>,
+    },
+    Postgres {
+        url: String,
+        password_file: Option<PathBuf>,
+        ca_file: Option<PathBuf>,
+        max_ttl: Option<String>,
+        timeout: Option<String>,
+        role_prefix: Option<String>,
+        connection_limit: Option<i32>,
+        dsn_host: Option<String>,
+        owned_objects: Option<OwnedObjects>,
+    },
+    Ssh {
+        ca_key_file: PathBuf,
+        max_ttl: Option<String>,
+        revocation: Option<SshRevocation>,
     },
 }
 
@@ -415,6 +431,17 @@ impl RawConfig {
                         errs,
                     ))
                 }
+                RawBackend::Postgres { .. } => {
+                    match validate_postgres_roles(&format!("backends.{name}"), raw, base, errs) {
+                        Some(p) => BackendConfig::Postgres(p),
+                        None => continue,
+                    }
+                }
+                RawBackend::Ssh { ca_key_file, max_ttl, revocation } => BackendConfig::Ssh(SshBackendConfig {
+                    ca_key_file: base.join(ca_key_file),
+                    max_ttl_secs: errs.duration(&format!("backends.{name}.max_ttl"), max_ttl.as_deref(), 3600),
+                    revocation: revocation.unwrap_or(SshRevocation::Expiry),
+                }),
             };
             out.insert(name.clone(), backend);
         }
@@ -456,6 +483,64 @@ fn validate_github_app(
         timeout_secs: errs.duration(&format!("{at}.timeout"), timeout, 10),
         max_concurrent_requests,
     }
+}
+
+/// `type = "postgres"`: the admin connection (the ledger's URL rules), and the roles' shape. The
+/// prefix is what the reaper trusts to tell the broker's roles from everyone else's, so it must
+/// be distinctive: letters, digits and `_`, 3 to 20 characters, ending in `_`.
+fn validate_postgres_roles(at: &str, raw: &RawBackend, base: &Path, errs: &mut Errors) -> Option<PostgresRolesConfig> {
+    let RawBackend::Postgres {
+        url,
+        password_file,
+        ca_file,
+        max_ttl,
+        timeout,
+        role_prefix,
+        connection_limit,
+        dsn_host,
+        owned_objects,
+    } = raw
+    else {
+        return None;
+    };
+    let max_ttl_secs = errs.duration(&format!("{at}.max_ttl"), max_ttl.as_deref(), 3600);
+    let timeout_secs = errs.duration(&format!("{at}.timeout"), timeout.as_deref(), 10);
+    let role_prefix = role_prefix.clone().unwrap_or_else(|| "ephemera_".into());
+    let prefix_ok = (3..=20).contains(&role_prefix.len())
+        && role_prefix.ends_with('_')
+        && role_prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && role_prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !prefix_ok {
+        errs.0.push(format!("{at}.role_prefix: 3 to 20 of [a-z0-9_], starting with a letter and ending in `_`"));
+    }
+    let connection_limit = connection_limit.unwrap_or(4);
+    if !(1..=1000).contains(&connection_limit) {
+        errs.0.push(format!("{at}.connection_limit: 1 to 1000"));
+    }
+    if let Some(host) = dsn_host {
+        let ok = !host.is_empty()
+            && host.len() <= 255
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !ok {
+            errs.0.push(format!("{at}.dsn_host: a host or host:port"));
+        }
+    }
+    let connection = super::ledger::backend_connection(
+        at,
+        url,
+        (password_file.as_deref(), ca_file.as_deref()),
+        timeout_secs,
+        base,
+        errs,
+    )?;
+    Some(PostgresRolesConfig {
+        connection,
+        max_ttl_secs,
+        role_prefix,
+        connection_limit,
+        dsn_host: dsn_host.clone(),
+        owned_objects: owned_objects.unwrap_or(OwnedObjects::Drop),
+    })
 }
 
 impl RawHooks {

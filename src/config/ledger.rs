@@ -156,6 +156,32 @@ impl RawLedger {
     }
 }
 
+/// A connection as a `[backends.NAME] type = "postgres"` names it (`at` is that table): the
+/// same URL rules and TLS requirement as the ledger's.
+pub(super) fn backend_connection(
+    at: &str,
+    url: &str,
+    (password_file, ca_file): (Option<&Path>, Option<&Path>),
+    timeout_secs: i64,
+    base: &Path,
+    errs: &mut Errors,
+) -> Option<PostgresConfig> {
+    let parsed = parse_url(url).map_err(|e| errs.0.push(format!("{at}.url: {e}"))).ok()?;
+    if parsed.tls && ca_file.is_none() {
+        errs.0.push(format!(
+            "{at}.ca_file: required with sslmode=verify-full (the CA that signed the database's certificate)"
+        ));
+    }
+    Some(PostgresConfig {
+        password_file: password_file.map(|p| base.join(p)),
+        ca_file: ca_file.map(|p| base.join(p)),
+        pool_size: 4,
+        statement_timeout_ms: u64::try_from(timeout_secs.clamp(1, 600)).unwrap_or(10) * 1000,
+        claim_timeout_secs: 60,
+        ..parsed
+    })
+}
+
 /// `postgres://user@host:port/dbname?sslmode=…`, checked. Errors never repeat the URL (it might
 /// hold a password someone pasted in).
 fn parse_url(text: &str) -> Result<PostgresConfig, String> {
@@ -165,7 +191,7 @@ fn parse_url(text: &str) -> Result<PostgresConfig, String> {
     }
     // A password in the URL ends up in shell history, process lists and config repositories.
     if url.password().is_some() {
-        return Err("a password in the URL is not allowed: put it in ledger.password_file".into());
+        return Err("a password in the URL is not allowed: put it in password_file".into());
     }
     let host = match url.host() {
         Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),

@@ -126,6 +126,53 @@ pub enum BackendConfig {
     Jwt(JwtBackendConfig),
     Aws(AwsBackendConfig),
     GithubApp(GithubAppBackendConfig),
+    Postgres(PostgresRolesConfig),
+    Ssh(SshBackendConfig),
+}
+
+/// `type = "postgres"`: a login role per lease, in the operator's database.
+#[derive(Debug, Clone)]
+pub struct PostgresRolesConfig {
+    /// The broker's admin connection (a role with `CREATEROLE` and `ADMIN OPTION` on the group
+    /// roles it hands out); the password from `password_file`, read at start.
+    pub connection: PostgresConfig,
+    pub max_ttl_secs: i64,
+    /// Roles the broker creates are named `<prefix><lease id>`; the reaper drops a role with the
+    /// prefix that no live lease owns.
+    pub role_prefix: String,
+    /// `CONNECTION LIMIT` of each role.
+    pub connection_limit: i32,
+    /// The `host:port` the credential's `dsn` names (default: the admin URL's), for a database
+    /// the jobs reach under another name than the broker does.
+    pub dsn_host: Option<String>,
+    /// What revoking does with objects the role created: `drop` them, or `reassign` them to the
+    /// broker's own role.
+    pub owned_objects: OwnedObjects,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OwnedObjects {
+    Drop,
+    Reassign,
+}
+
+/// `type = "ssh"`: OpenSSH user certificates signed by the broker's CA.
+#[derive(Debug, Clone)]
+pub struct SshBackendConfig {
+    /// The CA's private key (OpenSSH or PKCS#8, Ed25519 or ECDSA P-256), read at start.
+    pub ca_key_file: PathBuf,
+    pub max_ttl_secs: i64,
+    /// `expiry`: a certificate lives its validity; `krl`: servers fetch the broker's KRL
+    /// (`GET /v1/ssh/krl`), so a revoked lease's certificate is refused at once.
+    pub revocation: SshRevocation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SshRevocation {
+    Expiry,
+    Krl,
 }
 
 /// `api_url` when the config names none: github.com's REST API.
@@ -200,6 +247,8 @@ impl BackendConfig {
             BackendConfig::Jwt(_) => "jwt",
             BackendConfig::Aws(_) => "aws",
             BackendConfig::GithubApp(_) => "github-app",
+            BackendConfig::Postgres(_) => "postgres",
+            BackendConfig::Ssh(_) => "ssh",
         }
     }
 
@@ -208,6 +257,8 @@ impl BackendConfig {
             BackendConfig::Jwt(j) => j.max_ttl_secs,
             BackendConfig::Aws(a) => a.max_ttl_secs,
             BackendConfig::GithubApp(g) => g.max_ttl_secs,
+            BackendConfig::Postgres(p) => p.max_ttl_secs,
+            BackendConfig::Ssh(s) => s.max_ttl_secs,
         }
     }
 }

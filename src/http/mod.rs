@@ -230,6 +230,8 @@ pub(crate) fn json_response(status: StatusCode, body: &impl serde::Serialize) ->
 struct ExchangeBody {
     policy: String,
     ttl: Option<String>,
+    /// An `ssh` grant's key to certify (`ssh-ed25519 AAAA… comment`).
+    ssh_public_key: Option<String>,
 }
 
 /// Does the caller want the `env` format (`Accept: text/plain` or `?format=env`)?
@@ -257,7 +259,12 @@ async fn exchange(
         .transpose()
         .map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
     let token = bearer(&headers)?;
-    let reply = app.exchange(token, &request.policy, ttl, &request_id).await?;
+    let exchange = crate::app::ExchangeRequest {
+        policy: &request.policy,
+        ttl_secs: ttl,
+        ssh_public_key: request.ssh_public_key.as_deref(),
+    };
+    let reply = app.exchange(token, &exchange, &request_id).await?;
     credentials_response(&app, StatusCode::CREATED, reply, &headers, &uri).await
 }
 

@@ -6,7 +6,9 @@ pub mod aws;
 pub mod github;
 pub mod jwt;
 pub mod keys;
+pub mod postgres;
 pub mod seal;
+pub mod ssh;
 
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::policy::{Grant, GrantedCredential};
@@ -112,6 +114,8 @@ pub struct Minted {
 pub struct MintContext<'a> {
     pub lease_id: &'a str,
     pub now: UnixSeconds,
+    /// The job's own public key for an `ssh` grant (`None`: the backend generates a key pair).
+    pub ssh_public_key: Option<&'a str>,
 }
 
 /// A backend failure. `detail` is for the log only (it may hold upstream text).
@@ -176,6 +180,8 @@ pub trait Backend: Send + Sync {
 pub struct Backends {
     by_name: BTreeMap<String, Arc<dyn Backend>>,
     signers: Vec<Arc<jwt::JwtSigner>>,
+    /// The `ssh` backends (their CA public key and KRL are served over HTTP).
+    ssh: Vec<Arc<ssh::SshBackend>>,
 }
 
 impl Backends {
@@ -208,6 +214,18 @@ impl Backends {
                         .await
                         .map_err(|e| format!("backend {name}: {e}"))?;
                     out.by_name.insert(name.clone(), Arc::new(backend));
+                }
+                crate::config::BackendConfig::Postgres(p) => {
+                    let backend = postgres::PostgresBackend::new(name, p, clock.clone())
+                        .map_err(|e| format!("backend {name}: {e}"))?;
+                    out.by_name.insert(name.clone(), Arc::new(backend));
+                }
+                crate::config::BackendConfig::Ssh(s) => {
+                    let backend = Arc::new(
+                        ssh::SshBackend::new(name, s, clock.clone()).map_err(|e| format!("backend {name}: {e}"))?,
+                    );
+                    out.ssh.push(backend.clone());
+                    out.by_name.insert(name.clone(), backend);
                 }
                 crate::config::BackendConfig::GithubApp(g) => {
                     let backend =
@@ -258,6 +276,11 @@ impl Backends {
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Backend>> {
         self.by_name.get(name)
+    }
+
+    /// The configured `ssh` backends, by name order.
+    pub fn ssh(&self) -> &[Arc<ssh::SshBackend>] {
+        &self.ssh
     }
 
     pub fn signers(&self) -> &[Arc<jwt::JwtSigner>] {

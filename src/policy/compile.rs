@@ -3,7 +3,8 @@
 //! Pure: what it knows of the broker config comes in a [`LoadContext`].
 
 use super::file::{
-    AwsGrantFile, GithubGrantFile, GithubPermissionLevel, JwtGrantFile, PolicyFile, RenewFile, TtlFile, parse_yaml,
+    AwsGrantFile, GithubGrantFile, GithubPermissionLevel, JwtGrantFile, PolicyFile, PostgresGrantFile, RenewFile,
+    SshGrantFile, TtlFile, parse_yaml,
 };
 use super::load::{LoadContext, PolicyError};
 use super::matcher::Matcher;
@@ -236,6 +237,8 @@ fn compile_grant(name: &str, value: &Value, ctx: &LoadContext) -> Result<GrantSp
         "jwt" => grant_fields(value, &mut errors).and_then(|file| compile_jwt_grant(file, &mut errors)),
         "aws" => grant_fields(value, &mut errors).and_then(|file| compile_aws_grant(file, &mut errors)),
         "github-app" => grant_fields(value, &mut errors).and_then(|file| compile_github_grant(file, &mut errors)),
+        "postgres" => grant_fields(value, &mut errors).and_then(|file| compile_postgres_grant(file, &mut errors)),
+        "ssh" => grant_fields(value, &mut errors).and_then(|file| compile_ssh_grant(file, &mut errors)),
         other => {
             errors.push(("backend".into(), format!("backend kind `{other}` has no grant fields defined")));
             None
@@ -375,6 +378,78 @@ fn compile_github_grant(file: GithubGrantFile, errors: &mut Vec<(String, String)
         permissions.push((name.clone(), level));
     }
     Some(CredentialSpec::Github { owner: owner?, repositories, permissions })
+}
+
+/// A `postgres` grant: group role names (literal: they reach SQL, quoted, but a policy never
+/// chooses them from claims) and an optional database name. Roles that are superuser-equivalent
+/// by name are refused here; the backend checks the attributes the database says they have.
+fn compile_postgres_grant(file: PostgresGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
+    use crate::pg_names as rules;
+    if file.roles.is_empty() || file.roles.len() > 16 {
+        errors.push(("roles".into(), "name 1 to 16 group roles".into()));
+    }
+    for (i, role) in file.roles.iter().enumerate() {
+        if let Err(e) = rules::check_identifier(role) {
+            errors.push((format!("roles[{i}]"), format!("`{}` {e}", crate::clock::truncate(role, 70))));
+        } else if let Some(why) = rules::forbidden_group_role(role) {
+            errors.push((format!("roles[{i}]"), format!("`{role}` {why}: a job must never hold it")));
+        }
+    }
+    if let Some(Err(e)) = file.database.as_deref().map(rules::check_identifier) {
+        errors.push(("database".into(), e));
+    }
+    let mut roles = file.roles;
+    roles.dedup();
+    Some(CredentialSpec::Postgres { roles, database: file.database })
+}
+
+/// An `ssh` grant: principals (templates allowed; what a job may choose is a lint), critical
+/// options and extensions in OpenSSH's names.
+fn compile_ssh_grant(file: SshGrantFile, errors: &mut Vec<(String, String)>) -> Option<CredentialSpec> {
+    use crate::ssh_format as rules;
+    if file.principals.is_empty() || file.principals.len() > 32 {
+        errors.push(("principals".into(), "name 1 to 32 principals".into()));
+    }
+    let mut principals = Vec::new();
+    for (i, entry) in file.principals.iter().enumerate() {
+        match Template::parse(entry) {
+            Ok(t) => principals.push(t),
+            Err(e) => errors.push((format!("principals[{i}]"), e)),
+        }
+        if !entry.contains("${") && !rules::is_principal(entry) {
+            errors.push((
+                format!("principals[{i}]"),
+                format!(
+                    "`{}` is not a principal (letters, digits, `.`, `_`, `-`, `@`; at most 128)",
+                    crate::clock::truncate(entry, 40)
+                ),
+            ));
+        }
+    }
+    let options = file.critical_options;
+    if let Some(Err(e)) = options.force_command.as_deref().map(rules::check_force_command) {
+        errors.push(("critical_options.force-command".into(), e));
+    }
+    if let Some(Err(e)) = options.source_address.as_deref().map(rules::check_source_address) {
+        errors.push(("critical_options.source-address".into(), e));
+    }
+    let mut extensions = file.extensions;
+    extensions.sort();
+    extensions.dedup();
+    for extension in &extensions {
+        if !rules::EXTENSIONS.contains(&extension.as_str()) {
+            errors.push((
+                "extensions".into(),
+                format!("`{}` is not one of {}", crate::clock::truncate(extension, 40), rules::EXTENSIONS.join(", ")),
+            ));
+        }
+    }
+    Some(CredentialSpec::Ssh {
+        principals,
+        force_command: options.force_command,
+        source_address: options.source_address,
+        extensions,
+    })
 }
 
 fn join<'a>(names: impl Iterator<Item = &'a String>) -> String {

@@ -77,6 +77,20 @@ pub enum ResolvedSpec {
         /// (permission, level), sorted by permission.
         permissions: Vec<(String, &'static str)>,
     },
+    Postgres {
+        /// Checked group role names (quoted again wherever they reach SQL).
+        roles: Vec<String>,
+        /// The `dsn`'s database, when the grant names one.
+        database: Option<String>,
+    },
+    Ssh {
+        /// Checked principal names, without duplicates (at least one).
+        principals: Vec<String>,
+        force_command: Option<String>,
+        source_address: Option<String>,
+        /// Checked extension names.
+        extensions: Vec<String>,
+    },
 }
 
 /// Why a policy said no. The public message names the deciding claim, never the expected value.

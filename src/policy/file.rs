@@ -213,6 +213,59 @@ pub(super) struct GithubGrantFile {
     pub permissions: BTreeMap<String, GithubPermissionLevel>,
 }
 
+/// A PostgreSQL login role for the lease (a backend of `type = "postgres"`), member of exactly
+/// the group roles named here, dropped when the lease ends.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "PostgresGrant")]
+pub(super) struct PostgresGrantFile {
+    /// The name of a backend in the broker config; its kind decides the other fields.
+    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
+    pub backend: String,
+    /// Existing group roles the login role becomes a member of (1 to 16), e.g. `app_readonly`.
+    /// Never a superuser, `CREATEROLE`, replication or `BYPASSRLS` role, nor one of PostgreSQL's
+    /// predefined `pg_*` roles that read or write server files or run programs.
+    #[schemars(length(min = 1, max = 16))]
+    pub roles: Vec<String>,
+    /// The database the credential's `dsn` names (default: the backend's).
+    pub database: Option<String>,
+}
+
+/// An OpenSSH user certificate for the lease (a backend of `type = "ssh"`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "SshGrant")]
+pub(super) struct SshGrantFile {
+    /// The name of a backend in the broker config; its kind decides the other fields.
+    #[allow(dead_code)] // read before the kind is known; here only so the field is allowed
+    pub backend: String,
+    /// The users the certificate may log in as (1 to 32). May be `${claim}` templates of claims
+    /// the platform sets (`deploy-${repository_owner}`).
+    #[schemars(length(min = 1, max = 32))]
+    pub principals: Vec<String>,
+    /// OpenSSH critical options: `force-command` (the only command the certificate may run) and
+    /// `source-address` (CIDR list the client must connect from).
+    #[serde(default, rename = "critical_options")]
+    pub critical_options: SshCriticalOptionsFile,
+    /// OpenSSH extensions granted, e.g. `permit-pty`. None by default: no forwarding of the
+    /// agent, ports or X11, no `~/.ssh/rc`.
+    #[serde(default)]
+    pub extensions: Vec<String>,
+}
+
+/// A certificate's critical options.
+#[derive(Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "SshCriticalOptions")]
+pub(super) struct SshCriticalOptionsFile {
+    /// The only command the certificate may run, whatever the client asks.
+    #[serde(rename = "force-command")]
+    pub force_command: Option<String>,
+    /// Comma-separated CIDR blocks the client must connect from, e.g. `10.0.0.0/8`.
+    #[serde(rename = "source-address")]
+    pub source_address: Option<String>,
+}
+
 /// An App permission's level.
 #[derive(Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -269,6 +322,8 @@ fn grants_schema(generator: &mut SchemaGenerator) -> Schema {
                 generator.subschema_for::<JwtGrantFile>(),
                 generator.subschema_for::<AwsGrantFile>(),
                 generator.subschema_for::<GithubGrantFile>(),
+                generator.subschema_for::<PostgresGrantFile>(),
+                generator.subschema_for::<SshGrantFile>(),
             ],
         },
     })

@@ -89,6 +89,16 @@ pub enum CredentialSpec {
         /// (permission, level), sorted by permission; levels are `read`, `write`, `admin`.
         permissions: Vec<(String, &'static str)>,
     },
+    Postgres {
+        roles: Vec<String>,
+        database: Option<String>,
+    },
+    Ssh {
+        principals: Vec<Template>,
+        force_command: Option<String>,
+        source_address: Option<String>,
+        extensions: Vec<String>,
+    },
 }
 
 /// Every loaded policy, by name. Immutable once built.
@@ -312,6 +322,34 @@ impl GrantSpec {
                     }
                 }
                 ResolvedSpec::Github { owner, repositories: names, permissions: permissions.clone() }
+            }
+            CredentialSpec::Postgres { roles, database } => {
+                ResolvedSpec::Postgres { roles: roles.clone(), database: database.clone() }
+            }
+            CredentialSpec::Ssh { principals, force_command, source_address, extensions } => {
+                let mut rendered: Vec<String> = Vec::with_capacity(principals.len());
+                for template in principals {
+                    let principal = template.render(claims).map_err(missing)?;
+                    // Attack: claim text with a comma, a space or a control character would
+                    // name more principals, or other users, than the grant does.
+                    if !crate::ssh_format::is_principal(&principal) {
+                        let claim = template.claims().next().unwrap_or("principals").to_string();
+                        return Err(Denial::new(
+                            policy,
+                            &claim,
+                            DenialReason::GrantOutOfScope { grant: self.name.clone() },
+                        ));
+                    }
+                    if !rendered.contains(&principal) {
+                        rendered.push(principal);
+                    }
+                }
+                ResolvedSpec::Ssh {
+                    principals: rendered,
+                    force_command: force_command.clone(),
+                    source_address: source_address.clone(),
+                    extensions: extensions.clone(),
+                }
             }
             CredentialSpec::Jwt { audience, claims: extra } => ResolvedSpec::Jwt {
                 audience: audience.render(claims).map_err(missing)?,

@@ -17,7 +17,6 @@
 //! Nothing is kept in memory meanwhile: an issue fails (no credential without a durable lease) and
 //! the reaper finds the due work in the database when it is back.
 
-mod connect;
 mod rows;
 mod schema;
 mod shared;
@@ -197,7 +196,7 @@ impl PgStore {
         retry: RetryPolicy,
     ) -> Result<PgStore, String> {
         let where_ = cfg.display();
-        let pool = connect::pool(cfg, password)?;
+        let pool = crate::pg_connect::pool(cfg, password, "ledger")?;
         let found = schema::migrate(&pool, replica).await.map_err(|e| format!("ledger {where_}: {e}"))?;
         let shared = Arc::new(Shared {
             pool,

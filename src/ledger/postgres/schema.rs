@@ -73,7 +73,7 @@ mod tests {
         let opened = PgStore::open(&cfg, None, "again", RetryPolicy::default()).await;
         assert!(opened.is_ok(), "a database at this version opens again, migrating nothing");
         let (client, connection) =
-            super::super::connect::settings(&cfg, None).connect(tokio_postgres::NoTls).await.unwrap();
+            crate::pg_connect::settings(&cfg, None).connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);
         client
             .execute("INSERT INTO ephemera_schema (version, applied_by) VALUES ($1, 'newer')", &[&(LATEST + 1)])

@@ -86,7 +86,7 @@ impl Drop for Held {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{PgStore, connect, testing};
+    use super::super::{PgStore, testing};
     use crate::ledger::{LeaseStore, RetryPolicy};
     use std::time::Duration;
 
@@ -105,7 +105,8 @@ mod tests {
         let cfg = testing::fresh_database().await;
         let a = PgStore::open(&cfg, None, "a", RetryPolicy::default()).await.unwrap();
         let b = PgStore::open(&cfg, None, "b", RetryPolicy::default()).await.unwrap();
-        let (client, connection) = connect::settings(&cfg, None).connect(tokio_postgres::NoTls).await.unwrap();
+        let (client, connection) =
+            crate::pg_connect::settings(&cfg, None).connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);
         let key = "aws-deny:aws:deploy";
 

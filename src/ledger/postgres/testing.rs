@@ -29,8 +29,10 @@ pub fn server_url() -> String {
 pub async fn fresh_database() -> PostgresConfig {
     let server = PostgresConfig::from_url(&server_url()).unwrap();
     let name = format!("ephemera_test_{}", crate::secret::hex(&crate::ids::random::<8>()));
-    let (client, connection) =
-        super::connect::settings(&server, None).connect(tokio_postgres::NoTls).await.expect("the test server answers");
+    let (client, connection) = crate::pg_connect::settings(&server, None)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("the test server answers");
     tokio::spawn(connection);
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
     // The suite expects the file store's stall time.

@@ -1,4 +1,5 @@
-//! The connection pool: tokio-postgres through deadpool, TLS through the broker's one rustls
+//! Connections to PostgreSQL, for the shared ledger and the `postgres` backend alike: the pool,
+//! tokio-postgres through deadpool, TLS through the broker's one rustls
 //! (on ring). The connector is ours, about sixty lines, instead of `tokio-postgres-rustls`,
 //! which would add an X.509 parser (eight crates) only to compute SCRAM channel binding; the
 //! server's certificate is verified here in full either way, which is what channel binding
@@ -19,13 +20,13 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
 /// The pool for `cfg`, with the password read at start (never logged: only its presence is).
-/// Connections open lazily; [`super::schema::migrate`] makes the first.
-pub fn pool(cfg: &PostgresConfig, password: Option<&SecretString>) -> Result<Pool, String> {
+/// Connections open lazily. `what` names the config table in errors (`ledger`, `backends.db`).
+pub fn pool(cfg: &PostgresConfig, password: Option<&SecretString>, what: &str) -> Result<Pool, String> {
     let mut pg = settings(cfg, password);
     let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
     let manager = if cfg.tls {
         pg.ssl_mode(tokio_postgres::config::SslMode::Require);
-        Manager::from_config(pg, RustlsConnect::new(cfg)?, manager_config)
+        Manager::from_config(pg, RustlsConnect::new(cfg, what)?, manager_config)
     } else {
         pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
         Manager::from_config(pg, tokio_postgres::NoTls, manager_config)
@@ -38,7 +39,7 @@ pub fn pool(cfg: &PostgresConfig, password: Option<&SecretString>) -> Result<Poo
         .create_timeout(Some(wait))
         .recycle_timeout(Some(wait))
         .build()
-        .map_err(|e| format!("ledger: {e}"))
+        .map_err(|e| format!("{what}: {e}"))
 }
 
 /// The connection settings for `cfg`: where, who, and the server-side statement timeout.
@@ -66,21 +67,21 @@ pub fn settings(cfg: &PostgresConfig, password: Option<&SecretString>) -> tokio_
 struct RustlsConnect(Arc<rustls::ClientConfig>);
 
 impl RustlsConnect {
-    fn new(cfg: &PostgresConfig) -> Result<RustlsConnect, String> {
-        let Some(ca_file) = &cfg.ca_file else { return Err("ledger.ca_file: required with TLS".into()) };
+    fn new(cfg: &PostgresConfig, what: &str) -> Result<RustlsConnect, String> {
+        let Some(ca_file) = &cfg.ca_file else { return Err(format!("{what}.ca_file: required with TLS")) };
         let mut roots = rustls::RootCertStore::empty();
         let certs =
-            CertificateDer::pem_file_iter(ca_file).map_err(|e| format!("ledger.ca_file {}: {e}", ca_file.display()))?;
+            CertificateDer::pem_file_iter(ca_file).map_err(|e| format!("{what}.ca_file {}: {e}", ca_file.display()))?;
         for cert in certs {
-            let cert = cert.map_err(|e| format!("ledger.ca_file {}: {e}", ca_file.display()))?;
-            roots.add(cert).map_err(|e| format!("ledger.ca_file {}: {e}", ca_file.display()))?;
+            let cert = cert.map_err(|e| format!("{what}.ca_file {}: {e}", ca_file.display()))?;
+            roots.add(cert).map_err(|e| format!("{what}.ca_file {}: {e}", ca_file.display()))?;
         }
         if roots.is_empty() {
-            return Err(format!("ledger.ca_file {}: no certificate in it", ca_file.display()));
+            return Err(format!("{what}.ca_file {}: no certificate in it", ca_file.display()));
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("ledger: TLS: {e}"))?
+            .map_err(|e| format!("{what}: TLS: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(RustlsConnect(Arc::new(config)))
