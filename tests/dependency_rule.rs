@@ -21,7 +21,11 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ("github_format", &[], "GitHub's names and permission levels as pure functions"),
     ("pg_names", &[], "PostgreSQL identifiers: what a grant may name, quoting, a lease's login role"),
     ("ssh_format", &[], "OpenSSH certificate fields (principals, options, extensions) as pure functions"),
-    ("pg_connect", &["config", "secret"], "connections to PostgreSQL (pool, rustls), for the ledger and the postgres backend"),
+    (
+        "pg_connect",
+        &["config", "secret"],
+        "connections to PostgreSQL (pool, rustls), for the ledger and the postgres backend",
+    ),
     ("metrics", &[], "Prometheus text from atomics"),
     ("config", &["clock", "secret", "names", "claims", "aws_format"], "TOML → validated Config"),
     ("audit", &["config", "claims"], "the audit sink"),

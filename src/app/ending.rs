@@ -202,6 +202,27 @@ impl App {
             tracing::error!(error = %e, "lease store maintenance failed");
         }
         self.backends.maintain(now).await;
+        self.revoke_orphans(now).await;
+    }
+
+    /// Credentials a backend made for a lease the ledger never recorded (the broker died between
+    /// minting and recording): nobody received them, nobody will revoke them otherwise.
+    async fn revoke_orphans(&self, now: UnixSeconds) {
+        for orphan in self.backends.orphans(now).await {
+            match self.store.get(&orphan.lease_id).await {
+                Ok(Some(_)) => {} // its lease ends it
+                Ok(None) => {
+                    let outcome = self.revoke_handles(std::slice::from_ref(&orphan.handle)).await;
+                    tracing::warn!(
+                        lease_id = %orphan.lease_id,
+                        backend = %orphan.handle.backend,
+                        revoked = outcome.is_none(),
+                        "revoked a credential made for a lease that was never recorded"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e.0, "orphan check skipped: the lease store did not answer"),
+            }
+        }
     }
 
     /// At start, once the store is open: every pending revocation is tried at once (whatever

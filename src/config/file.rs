@@ -127,6 +127,7 @@ enum RawBackend {
         connection_limit: Option<i32>,
         dsn_host: Option<String>,
         owned_objects: Option<OwnedObjects>,
+        orphan_grace: Option<String>,
     },
     Ssh {
         ca_key_file: PathBuf,
@@ -499,6 +500,7 @@ fn validate_postgres_roles(at: &str, raw: &RawBackend, base: &Path, errs: &mut E
         connection_limit,
         dsn_host,
         owned_objects,
+        orphan_grace,
     } = raw
     else {
         return None;
@@ -540,6 +542,7 @@ fn validate_postgres_roles(at: &str, raw: &RawBackend, base: &Path, errs: &mut E
         connection_limit,
         dsn_host: dsn_host.clone(),
         owned_objects: owned_objects.unwrap_or(OwnedObjects::Drop),
+        orphan_grace_secs: errs.duration(&format!("{at}.orphan_grace"), orphan_grace.as_deref(), 300),
     })
 }
 

@@ -148,6 +148,9 @@ pub struct PostgresRolesConfig {
     /// What revoking does with objects the role created: `drop` them, or `reassign` them to the
     /// broker's own role.
     pub owned_objects: OwnedObjects,
+    /// A role whose lease the ledger does not know is dropped only this long after it was
+    /// made: an exchange (on any replica) may be between `CREATE ROLE` and recording its lease.
+    pub orphan_grace_secs: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

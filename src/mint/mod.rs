@@ -109,6 +109,14 @@ pub struct Minted {
     pub handle: RevokeHandle,
 }
 
+/// A credential found upstream (see [`Backend::orphans`]): the lease it was made for, and how
+/// to revoke it.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub lease_id: String,
+    pub handle: RevokeHandle,
+}
+
 /// Per-exchange facts a backend may stamp into what it mints.
 #[derive(Debug, Clone, Copy)]
 pub struct MintContext<'a> {
@@ -168,6 +176,13 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Credentials this backend finds upstream that it made for a lease and may have lost track
+    /// of (a crash between minting and recording the lease), old enough that no exchange can
+    /// still be recording them. The reaper revokes each whose lease the ledger does not know.
+    fn orphans<'a>(&'a self, _now: UnixSeconds) -> BoxFuture<'a, Vec<Orphan>> {
+        Box::pin(async { Vec::new() })
+    }
+
     /// The upstream's remaining API budget as it last said (GitHub's `x-ratelimit-remaining`),
     /// for `/metrics`; `None` where there is none or nothing was called yet.
     fn rate_limit_remaining(&self) -> Option<u64> {
@@ -216,8 +231,8 @@ impl Backends {
                     out.by_name.insert(name.clone(), Arc::new(backend));
                 }
                 crate::config::BackendConfig::Postgres(p) => {
-                    let backend = postgres::PostgresBackend::new(name, p, clock.clone())
-                        .map_err(|e| format!("backend {name}: {e}"))?;
+                    let backend =
+                        postgres::PostgresBackend::new(name, p).map_err(|e| format!("backend {name}: {e}"))?;
                     out.by_name.insert(name.clone(), Arc::new(backend));
                 }
                 crate::config::BackendConfig::Ssh(s) => {
@@ -242,6 +257,15 @@ impl Backends {
         for (name, backend) in self.by_name.iter_mut() {
             *backend = wrap(name, backend.clone());
         }
+    }
+
+    /// Every backend's [`Backend::orphans`].
+    pub async fn orphans(&self, now: UnixSeconds) -> Vec<Orphan> {
+        let mut out = Vec::new();
+        for backend in self.by_name.values() {
+            out.extend(backend.orphans(now).await);
+        }
+        out
     }
 
     /// Every backend's housekeeping.
