@@ -204,7 +204,7 @@ async fn the_leases_expiry_drops_its_role() {
     let s = setup(&[("push", POLICY)]).await;
     let (_, body) = s.broker.exchange(&s.token(), "push").await;
     let user = body["credentials"]["db"]["username"].as_str().unwrap().to_string();
-    assert_eq!(s.ephemera_roles().await, [user.clone()]);
+    assert_eq!(s.ephemera_roles().await, std::slice::from_ref(&user));
     s.broker.clock.advance(601);
     s.broker.running.app.reap_once().await;
     assert!(s.ephemera_roles().await.is_empty(), "the reaper ended the lease and dropped {user}");
