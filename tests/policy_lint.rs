@@ -535,3 +535,35 @@ fn a_github_grant_must_name_its_repositories_and_permissions_and_stay_in_its_own
     let errors = PolicySet::load(None, &[("p", &yaml)], &github_ctx()).unwrap_err();
     assert!(errors.iter().any(|e| e.rule == "ttl-above-backend-max"), "GitHub's hour: {errors:?}");
 }
+
+// ---- postgres grants (issue 17) ------------------------------------------------------------
+
+#[test]
+fn a_postgres_grant_of_a_superuser_like_role_or_a_bad_name_never_loads() {
+    let mut ctx = ctx();
+    ctx.backends.insert("db".into(), ("postgres", 3600));
+    let load = |grant: &str| {
+        let yaml = format!(
+            "issuer: github\nmatch: {{repository_id: \"74\"}}\nttl: {{default: 5m, max: 10m}}\ngrants:\n  db: {grant}\n"
+        );
+        match PolicySet::load(None, &[("p", &yaml)], &ctx) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>(),
+        }
+    };
+    assert!(load("{backend: db, roles: [app_readonly], database: app}").is_empty());
+    for (grant, says) in [
+        ("{backend: db, roles: [postgres]}", "grants.db.roles[0]: `postgres` is the bootstrap superuser"),
+        ("{backend: db, roles: [pg_execute_server_program]}", "runs programs on the database server"),
+        ("{backend: db, roles: [pg_write_server_files]}", "reads or writes any file the server can"),
+        ("{backend: db, roles: [rds_superuser]}", "managed database's administrator role"),
+        ("{backend: db, roles: [\"app\\\"; DROP TABLE x; --\"]}", "is not a role or database name"),
+        ("{backend: db, roles: [App_RO]}", "is not a role or database name"),
+        ("{backend: db, roles: []}", "name 1 to 16 group roles"),
+        ("{backend: db, roles: [a], database: \"x y\"}", "grants.db.database"),
+        ("{backend: db, roles: [a], role_arn: x}", "unknown field"),
+    ] {
+        let errors = load(grant);
+        assert!(errors.iter().any(|e| e.contains(says)), "{grant}: {errors:?}");
+    }
+}

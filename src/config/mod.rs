@@ -411,6 +411,38 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_backend_takes_the_ledgers_url_rules_and_a_distinctive_role_prefix() {
+        let base = Path::new("/etc/ephemera");
+        let head = "[backends.db]\ntype = \"postgres\"\n";
+        let ok =
+            format!("{head}url = \"postgres://admin@db.internal:5433/app?sslmode=disable\"\npassword_file = \"pw\"\n");
+        let c = Config::parse(&ok, base).unwrap();
+        let BackendConfig::Postgres(p) = &c.backends["db"] else { panic!("not postgres") };
+        assert_eq!(
+            (p.connection.host.as_str(), p.connection.port, p.connection.dbname.as_str()),
+            ("db.internal", 5433, "app")
+        );
+        assert_eq!(p.connection.password_file.as_deref(), Some(Path::new("/etc/ephemera/pw")));
+        assert_eq!((p.role_prefix.as_str(), p.connection_limit, p.orphan_grace_secs), ("ephemera_", 4, 300));
+        assert_eq!(p.owned_objects, OwnedObjects::Drop);
+        for (bad, says) in [
+            ("url = \"postgres://admin:secret@db/app?sslmode=disable\"\n", "a password in the URL is not allowed"),
+            ("url = \"postgres://admin@db/app\"\n", "backends.db.ca_file: required with sslmode=verify-full"),
+            ("url = \"postgres://admin@db/app?sslmode=require\"\n", "does not verify the database"),
+            ("url = \"postgres://a@db/app?sslmode=disable\"\nrole_prefix = \"x\"\n", "backends.db.role_prefix"),
+            ("url = \"postgres://a@db/app?sslmode=disable\"\nrole_prefix = \"Ephemera_\"\n", "backends.db.role_prefix"),
+            ("url = \"postgres://a@db/app?sslmode=disable\"\nconnection_limit = 0\n", "connection_limit"),
+            (
+                "url = \"postgres://a@db/app?sslmode=disable\"\nowned_objects = \"keep\"\n",
+                "expected `drop` or `reassign`",
+            ),
+        ] {
+            let errs = Config::parse(&format!("{head}{bad}"), base).unwrap_err();
+            assert!(errs.iter().any(|e| e.contains(says)), "{bad}: {errs:?}");
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::defaults();
         assert_eq!(c.issuers.len(), 2);
