@@ -745,3 +745,19 @@ test('post: deletes only files main named (ephemera-…)', async () => {
 test('fakeJwt claims decode (helper sanity)', () => {
   assert.equal(JSON.parse(Buffer.from(fakeJwt({ a: 1 }).split('.')[1], 'base64url')).a, 1);
 });
+
+test('run: a postgres credential masks its password and dsn, not its user name, host or database', async () => {
+  const reply = [201, { lease_id: LEASE, policy: 'deploy', job: 'github:1:2:1:3', expires_at: '2030-01-01T00:10:00Z',
+    credentials: { db: { kind: 'postgres', revocation: 'immediate', expires_at: '2030-01-01T00:10:00Z',
+      username: 'ephemera_lse_01abc', host: 'db.internal:5432', database: 'app', roles: ['app_readonly'],
+      password: 'pg-password-value', dsn: 'postgresql://ephemera_lse_01abc:pg-password-value@db.internal:5432/app' } } }];
+  await withRunner([reply], {}, async ({ ctx }) => {
+    assert.equal(await lib.run(ctx), true);
+    const masks = ctx.lines().filter((l) => l.startsWith('::add-mask::'));
+    assert.ok(masks.includes('::add-mask::pg-password-value'), masks.join('\n'));
+    assert.ok(masks.some((l) => l.includes('postgresql://')), 'the dsn holds the password');
+    for (const value of ['ephemera_lse_01abc', 'db.internal:5432', 'app']) {
+      assert.ok(!masks.includes(`::add-mask::${value}`), `${value} is not secret`);
+    }
+  });
+});
