@@ -51,12 +51,15 @@ pub fn quote_literal(text: &str) -> Option<String> {
     (!text.contains('\0')).then(|| format!("'{}'", text.replace('\'', "''")))
 }
 
-/// The login role of a lease: the backend's prefix and the lease id, lowercased (PostgreSQL
-/// folds unquoted names, and `psql -U` users type them), `-` as `_`. Derived from the lease id
-/// only, never from claim text; at most 63 bytes, or `None`.
-pub fn login_role(prefix: &str, lease_id: &str) -> Option<String> {
-    let name: String =
-        format!("{prefix}{lease_id}").chars().map(|c| if c == '-' { '_' } else { c.to_ascii_lowercase() }).collect();
+/// A login role of a lease: the backend's prefix, the lease id and `suffix` (which tells apart
+/// the roles a renewed lease gets), lowercased (PostgreSQL folds unquoted names, and `psql -U`
+/// users type them), `-` as `_`. Derived from the lease id only, never from claim text; at most
+/// 63 bytes, or `None`.
+pub fn login_role(prefix: &str, lease_id: &str, suffix: &str) -> Option<String> {
+    let name: String = format!("{prefix}{lease_id}_{suffix}")
+        .chars()
+        .map(|c| if c == '-' { '_' } else { c.to_ascii_lowercase() })
+        .collect();
     let ok =
         name.len() <= MAX_IDENTIFIER && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     ok.then_some(name)
@@ -85,8 +88,8 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's").unwrap(), "'it''s'");
         assert!(quote_literal("a\0b").is_none());
-        assert_eq!(login_role("ephemera_", "lse_01JD4X-ab").unwrap(), "ephemera_lse_01jd4x_ab");
-        assert!(login_role("ephemera_", &"x".repeat(60)).is_none(), "too long for PostgreSQL");
-        assert!(login_role("ephemera_", "lse_\"x").is_none());
+        assert_eq!(login_role("ephemera_", "lse_01JD4X-ab", "1f").unwrap(), "ephemera_lse_01jd4x_ab_1f");
+        assert!(login_role("ephemera_", &"x".repeat(60), "1f").is_none(), "too long for PostgreSQL");
+        assert!(login_role("ephemera_", "lse_\"x", "1f").is_none());
     }
 }

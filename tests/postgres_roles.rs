@@ -291,3 +291,31 @@ async fn roles_with(db: &tokio_postgres::Client, prefix: &str) -> Vec<String> {
     let rows = db.query("SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)", &[&prefix]).await.unwrap();
     rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }
+
+/// A renewable lease gets a fresh role at each renewal (each with its own name); ending the lease
+/// drops every one of them.
+#[tokio::test]
+async fn every_role_a_renewed_lease_got_is_dropped_when_it_ends() {
+    let renewable = format!("{POLICY}renew: {{max_lease: 2h}}\n");
+    let s = setup(&[("push", &renewable)]).await;
+    let (_, body) = s.broker.exchange(&s.token(), "push").await;
+    let lease = body["lease_id"].as_str().unwrap();
+    let renew_token = body["renew"]["token"].as_str().unwrap();
+    let renewed = s
+        .broker
+        .http
+        .post(format!("{}/v1/leases/{lease}/renew", s.broker.url))
+        .bearer_auth(renew_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renewed.status(), 200);
+    let renewed: serde_json::Value = renewed.json().await.unwrap();
+    let (first, second) = (&body["credentials"]["db"]["username"], &renewed["credentials"]["db"]["username"]);
+    assert_ne!(first, second, "a role of its own");
+    assert_eq!(s.ephemera_roles().await.len(), 2);
+    let (_, reply) = s.broker.revoke(&s.token(), json!({"lease_id": lease})).await;
+    assert_eq!(reply["revoked"], json!([lease]), "{reply}");
+    assert!(s.ephemera_roles().await.is_empty(), "both roles dropped");
+}

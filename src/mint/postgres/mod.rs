@@ -66,7 +66,9 @@ impl PostgresBackend {
         let ResolvedSpec::Postgres { roles, database } = &cred.spec else {
             return Err(MintError::new(format!("grant `{}` is not a postgres grant", cred.name)));
         };
-        let Some(role) = login_role(&self.cfg.role_prefix, ctx.lease_id) else {
+        // A renewal mints again under the same lease: a random suffix keeps each role's name its own.
+        let suffix = crate::secret::hex(&crate::ids::random::<3>());
+        let Some(role) = login_role(&self.cfg.role_prefix, ctx.lease_id, &suffix) else {
             return Err(MintError::new(format!("lease id {} makes no role name", ctx.lease_id)));
         };
         let lease_end = grant.renew_until().unwrap_or(grant.expires_at());
