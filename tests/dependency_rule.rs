@@ -21,7 +21,11 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ("github_format", &[], "GitHub's names and permission levels as pure functions"),
     ("pg_names", &[], "PostgreSQL identifiers: what a grant may name, quoting, a lease's login role"),
     ("ssh_format", &[], "OpenSSH certificate fields (principals, options, extensions) as pure functions"),
-    ("pg_connect", &["config", "secret"], "connections to PostgreSQL (pool, rustls), for the ledger and the postgres backend"),
+    (
+        "pg_connect",
+        &["config", "secret"],
+        "connections to PostgreSQL (pool, rustls), for the ledger and the postgres backend",
+    ),
     ("metrics", &[], "Prometheus text from atomics"),
     ("config", &["clock", "secret", "names", "claims", "aws_format"], "TOML → validated Config"),
     ("audit", &["config", "claims"], "the audit sink"),
@@ -81,9 +85,10 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     // ---- the wire and the start ----
     (
         "http",
-        &["app", "error", "clock", "ids", "secret", "claims", "config", "identity", "ledger", "policy"],
+        &["app", "error", "clock", "ids", "secret", "claims", "config", "identity", "ledger", "policy", "ssh_format"],
         "routes; lower rooms only for their plain data types (IdentityError for a missing bearer, \
-         LeaseFilter/Lease for admin views, policy::Source for a diff, HooksConfig); every query goes through App",
+         LeaseFilter/Lease for admin views, policy::Source for a diff, HooksConfig); every query goes through App; \
+         ssh_format checks an exchange's `ssh_public_key` (400) before anything is verified",
     ),
     (
         "server",
