@@ -388,6 +388,34 @@ async fn the_ca_key_and_krl_endpoints_need_no_credentials_and_name_their_backend
     let (lease, cred) = expiry_only.exchange("ec", None).await;
     assert_eq!(cred["revocation"], "expiry");
     expiry_only.revoke(&lease).await;
+
+    let none = setup(&[]).await;
+    assert_eq!((none.get_bytes("/v1/ssh/ca.pub").await.0, none.get_bytes("/v1/ssh/krl").await.0), (404, 404));
+}
+
+#[tokio::test]
+async fn a_missing_encrypted_or_rsa_ca_key_stops_the_start_naming_the_file_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    ssh_keygen(&["-q", "-t", "ed25519", "-N", "a passphrase", "-f", &path("encrypted")]);
+    ssh_keygen(&["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", &path("rsa")]);
+    let cases = [
+        ("missing", "No such file"),
+        ("encrypted", "ssh-keygen -p -N ''"),
+        ("rsa", "the CA key must be ssh-ed25519 or ecdsa-sha2-nistp256"),
+        ("rsa.pub", "is not a PEM private key"),
+    ];
+    for (file, says) in cases {
+        let toml = format!("listen = \"127.0.0.1:0\"\n[backends.ssh]\ntype = \"ssh\"\nca_key_file = \"{file}\"\n");
+        let config = ephemera::config::Config::parse(&toml, dir.path()).unwrap();
+        let clock = std::sync::Arc::new(ephemera::clock::ManualClock::new(NOW));
+        let err = match ephemera::server::start(ephemera::server::Options::new(config, false, clock)).await {
+            Ok(_) => panic!("started with {file}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("backend ssh: ca_key_file") && err.contains(&path(file)) && err.contains(says), "{err}");
+    }
 }
 
 /// Two real replicas on one PostgreSQL database: a lease revoked on one is in the other's KRL
