@@ -85,9 +85,10 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     // ---- the wire and the start ----
     (
         "http",
-        &["app", "error", "clock", "ids", "secret", "claims", "config", "identity", "ledger", "policy"],
+        &["app", "error", "clock", "ids", "secret", "claims", "config", "identity", "ledger", "policy", "ssh_format"],
         "routes; lower rooms only for their plain data types (IdentityError for a missing bearer, \
-         LeaseFilter/Lease for admin views, policy::Source for a diff, HooksConfig); every query goes through App",
+         LeaseFilter/Lease for admin views, policy::Source for a diff, HooksConfig); every query goes through App; \
+         ssh_format checks an exchange's `ssh_public_key` (400) before anything is verified",
     ),
     (
         "server",

@@ -567,3 +567,131 @@ fn a_postgres_grant_of_a_superuser_like_role_or_a_bad_name_never_loads() {
         assert!(errors.iter().any(|e| e.contains(says)), "{grant}: {errors:?}");
     }
 }
+
+// ---- ssh grants (issue 17) -------------------------------------------------------------------
+
+/// The defaults plus an `ssh` backend named `ssh`.
+fn ssh_ctx() -> LoadContext {
+    let mut ctx = ctx();
+    ctx.backends.insert("ssh".into(), ("ssh", 3600));
+    ctx
+}
+
+fn ssh_findings(issuer: &str, grant: &str, extra_match: &str) -> Vec<Finding> {
+    let id = if issuer == "github" { "repository_id: \"74\"" } else { "project_id: \"20\"" };
+    let yaml = format!(
+        "issuer: {issuer}\nmatch: {{{id}, ref: refs/heads/main, runner_environment: {issuer}-hosted{extra_match}}}\n\
+         deny: {{event_name: [pull_request_target, workflow_run], pipeline_source: merge_request_event}}\n\
+         ttl: {{default: 5m, max: 10m}}\ngrants:\n  ssh: {grant}\n"
+    );
+    match PolicySet::load(None, &[("p", &yaml)], &ssh_ctx()) {
+        Ok(set) => lint::lint(&set, &ssh_ctx()),
+        Err(errors) => errors.iter().map(Finding::from).collect(),
+    }
+}
+
+#[test]
+fn an_ssh_grant_whose_principals_the_job_chooses_is_an_error_and_its_own_repository_owner_is_not() {
+    let grant = |principals: &str| format!("{{backend: ssh, principals: {principals}}}");
+    type Want = Vec<(&'static str, Severity, &'static str)>;
+    let cases: [(&str, &str, String, &str, Want); 7] = [
+        (
+            "names and the job's own owner and ids",
+            "github",
+            grant(r#"[deploy, "deploy-${repository_owner}", "r${repository_id}"]"#),
+            "",
+            vec![],
+        ),
+        (
+            "an actor named root would log in as root",
+            "github",
+            grant(r#"["${actor}"]"#),
+            "",
+            vec![("ssh-principal-template", ERROR, "grants.ssh.principals[0]")],
+        ),
+        (
+            "a branch name chooses the user",
+            "github",
+            grant(r#"[deploy, "deploy-${ref_name}"]"#),
+            "",
+            vec![("ssh-principal-template", ERROR, "grants.ssh.principals[1]")],
+        ),
+        (
+            "a claim the policy pins to known values chooses among those only",
+            "github",
+            grant(r#"["deploy-${environment}"]"#),
+            ", environment: [prod, staging]",
+            vec![],
+        ),
+        (
+            "a glob pins nothing",
+            "github",
+            grant(r#"["deploy-${environment}"]"#),
+            ", environment: {glob: \"prod*\"}",
+            vec![("ssh-principal-template", ERROR, "grants.ssh.principals[0]")],
+        ),
+        ("GitLab: the job's own namespace", "gitlab", grant(r#"["deploy-${namespace_path}"]"#), "", vec![]),
+        (
+            "GitLab: the user who started the pipeline",
+            "gitlab",
+            grant(r#"["${user_login}"]"#),
+            "",
+            vec![("ssh-principal-template", ERROR, "grants.ssh.principals[0]")],
+        ),
+    ];
+    for (scenario, issuer, grant, extra, want) in cases {
+        let all = ssh_findings(issuer, &grant, extra);
+        let got: Vec<_> = rules_and_fields(&all).into_iter().filter(|(rule, ..)| rule.starts_with("ssh-")).collect();
+        assert_eq!(got, want, "{scenario}: {all:#?}");
+        for f in all.iter().filter(|f| f.rule == "ssh-principal-template") {
+            assert!(f.message.contains("logs in as") && f.fix.contains("match:"), "{scenario}: {f:?}");
+        }
+    }
+}
+
+#[test]
+fn forwarding_and_user_rc_extensions_are_warnings_and_permit_pty_is_not() {
+    let grant = "{backend: ssh, principals: [deploy], extensions: \
+                 [permit-pty, permit-agent-forwarding, permit-port-forwarding, permit-X11-forwarding, permit-user-rc]}";
+    let all = ssh_findings("github", grant, "");
+    let warned: Vec<&str> = all
+        .iter()
+        .filter(|f| f.rule == "ssh-forwarding-extension" && f.severity == WARN)
+        .map(|f| f.message.as_str())
+        .collect();
+    assert_eq!(warned.len(), 4, "{all:#?}");
+    for name in ["permit-agent-forwarding", "permit-port-forwarding", "permit-X11-forwarding", "permit-user-rc"] {
+        assert!(warned.iter().any(|m| m.contains(name)), "{name}: {warned:?}");
+    }
+    assert!(!warned.iter().any(|m| m.contains("permit-pty")));
+    let quiet = ssh_findings("github", "{backend: ssh, principals: [deploy], extensions: [permit-pty]}", "");
+    assert_eq!(rules_and_fields(&quiet), [], "{quiet:#?}");
+}
+
+#[test]
+fn an_ssh_grant_whose_fields_could_say_more_than_meant_does_not_load() {
+    let cases = [
+        ("no principals", "{backend: ssh, principals: []}"),
+        ("a list in one principal", "{backend: ssh, principals: [\"deploy,root\"]}"),
+        (
+            "a line break in the command",
+            "{backend: ssh, principals: [d], critical_options: {force-command: \"a\\nb\"}}",
+        ),
+        (
+            "a host name is no address",
+            "{backend: ssh, principals: [d], critical_options: {source-address: example.com}}",
+        ),
+        ("an extension OpenSSH does not have", "{backend: ssh, principals: [d], extensions: [permit-everything]}"),
+        (
+            "a critical option ephemera does not set",
+            "{backend: ssh, principals: [d], critical_options: {verify-required: \"\"}}",
+        ),
+    ];
+    for (scenario, grant) in cases {
+        let all = ssh_findings("github", grant, "");
+        assert!(
+            all.iter().any(|f| f.rule == "invalid" && f.severity == ERROR && f.field.starts_with("grants.ssh")),
+            "{scenario}: {all:#?}"
+        );
+    }
+}

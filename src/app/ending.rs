@@ -201,6 +201,10 @@ impl App {
         if let Err(e) = self.store.maintain(now).await {
             tracing::error!(error = %e, "lease store maintenance failed");
         }
+        // Other replicas sharing the store end leases too; a single broker ends them all itself.
+        if self.store.exclusive().is_some() {
+            self.learn_ended().await;
+        }
         self.backends.maintain(now).await;
         self.revoke_orphans(now).await;
     }
@@ -231,6 +235,7 @@ impl App {
     pub async fn resume(&self) {
         let now = self.now();
         self.adopt_remembered().await;
+        self.learn_ended().await;
         let pending = self.store.claim_all_pending(now).await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "pending revocations not resumed; the reaper retries them");
             Vec::new()
@@ -261,6 +266,24 @@ impl App {
         match self.store.handles_of(&adopting).await {
             Ok(handles) => handles.iter().for_each(|h| self.backends.adopt(h)),
             Err(e) => tracing::error!(error = %e, "remembered credentials not handed to their backends"),
+        }
+    }
+
+    /// Backends that keep what revoking did in memory (the `ssh` backend's KRL) learn the
+    /// credentials of every ended lease the store remembers: at start-up, those ended before it;
+    /// on a shared store, at every reaper pass, those the other replicas ended. A lease is
+    /// remembered until ENDED_RETENTION_SECS (1 h) after its end, past every certificate's
+    /// validity (a certificate ends at its credentials' end, never after the lease's).
+    async fn learn_ended(&self) {
+        let learning = self.backends.learning_ended();
+        if learning.is_empty() {
+            return;
+        }
+        match self.store.ended_handles_of(&learning).await {
+            Ok(handles) => handles.iter().for_each(|h| self.backends.learn_ended(h)),
+            Err(e) => {
+                tracing::error!(error = %e, "ended leases not read for the backends that list them; the next pass tries again")
+            }
         }
     }
 }

@@ -5,7 +5,8 @@
 //! - [`ending`]: every way a lease ends — the job's revoke, a webhook, an admin call, a policy
 //!   change, expiry — and the reaper's pass;
 //! - [`status`]: what callers may read: leases, introspection, readiness, metrics, explain;
-//! - [`policies`]: the live policy set, its reloads, and what a change ends.
+//! - [`policies`]: the live policy set, its reloads, and what a change ends;
+//! - [`ssh`]: the `ssh` backends' CA public key and KRL.
 //!
 //! Its fields are private: `http` and the server reach the rooms only through the methods here.
 
@@ -14,6 +15,7 @@ mod ending;
 mod exchange;
 pub mod policies;
 mod renewal;
+mod ssh;
 mod status;
 
 pub use ending::RevokeReply;

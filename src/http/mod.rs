@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 mod admin;
 mod hooks;
+mod ssh;
 
 /// Largest request body accepted on any endpoint.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -40,6 +41,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(admin::routes())
+        .merge(ssh::routes())
         .merge(hooks::routes(app.hooks()));
     if app.dev().is_some() {
         router = router
@@ -258,6 +260,11 @@ async fn exchange(
         .map(crate::clock::parse_duration)
         .transpose()
         .map_err(|_| Error::BadRequest("`ttl` must be a duration like 10m or 1h".into()))?;
+    // The job's own key, refused here (400) before a token is verified or anything minted; the
+    // `ssh` backend checks it with the same function. The message quotes no part of it.
+    if let Some(key) = request.ssh_public_key.as_deref() {
+        crate::ssh_format::parse_public_key(key).map_err(|e| Error::BadRequest(format!("`ssh_public_key` {e}")))?;
+    }
     let token = bearer(&headers)?;
     let exchange = crate::app::ExchangeRequest {
         policy: &request.policy,

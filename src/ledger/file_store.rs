@@ -297,6 +297,13 @@ impl LeaseStore for FileStore {
         Box::pin(async move { Ok(self.memory.handles_of(backends)) })
     }
 
+    fn ended_handles_of<'a>(
+        &'a self,
+        backends: &'a BTreeSet<String>,
+    ) -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>> {
+        Box::pin(async move { Ok(self.memory.ended_handles_of(backends)) })
+    }
+
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>> {
         Box::pin(async move { Ok(self.counts_now()) })
     }

@@ -293,8 +293,17 @@ impl Memory {
     /// Handles of every credential minted by one of `backends`, in any lease: only those are
     /// copied out.
     pub(super) fn handles_of(&self, backends: &BTreeSet<String>) -> Vec<RevokeHandle> {
+        self.handles_where(backends, |_| true)
+    }
+
+    /// [`Memory::handles_of`] for leases that have ended (any state but active).
+    pub(super) fn ended_handles_of(&self, backends: &BTreeSet<String>) -> Vec<RevokeHandle> {
+        self.handles_where(backends, |lease| lease.state != LeaseState::Active)
+    }
+
+    fn handles_where(&self, backends: &BTreeSet<String>, wanted: impl Fn(&Lease) -> bool) -> Vec<RevokeHandle> {
         let mut out = Vec::new();
-        for lease in self.leases.iter() {
+        for lease in self.leases.iter().filter(|l| wanted(l)) {
             let ours = lease.credentials.iter().filter(|c| backends.contains(&*c.backend));
             out.extend(ours.map(|c| c.handle()));
         }

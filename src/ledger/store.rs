@@ -187,6 +187,14 @@ pub trait LeaseStore: Send + Sync {
     fn handles_of<'a>(&'a self, backends: &'a BTreeSet<String>)
     -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>>;
 
+    /// The revoke handles of every remembered credential minted by one of `backends` whose lease
+    /// has ended (any state but active): a backend that keeps what revoking did in memory learns
+    /// them (`Backend::learn_ended`) at start-up and, from the other replicas, at every reaper pass.
+    fn ended_handles_of<'a>(
+        &'a self,
+        backends: &'a BTreeSet<String>,
+    ) -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>>;
+
     /// Lease counts (a store may answer from a figure it keeps up to date). A backend with no
     /// active lease may be missing from `active_by_backend`.
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>>;

@@ -158,7 +158,10 @@ async fn counts_follow_each_state_and_backend(s: &dyn LeaseStore) {
     let jwt: std::collections::BTreeSet<String> = ["jwt".to_string()].into();
     assert_eq!(s.handles_of(&jwt).await.unwrap(), std::slice::from_ref(&handle));
     assert!(s.handles_of(&["aws".to_string()].into()).await.unwrap().is_empty());
+    assert!(s.ended_handles_of(&jwt).await.unwrap().is_empty(), "lease a is active");
     s.begin_revoke("a", "job", 1).await.unwrap();
+    assert_eq!(s.ended_handles_of(&jwt).await.unwrap(), std::slice::from_ref(&handle), "lease a is ending");
+    assert!(s.ended_handles_of(&["aws".to_string()].into()).await.unwrap().is_empty());
     let counts = s.counts().await.unwrap();
     assert_eq!((counts.of(LeaseState::Active), counts.of(LeaseState::Revoking)), (1, 1));
     assert!(counts.active_by_backend.iter().all(|(_, n)| *n == 0), "{:?}", counts.active_by_backend);

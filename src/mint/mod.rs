@@ -1,6 +1,6 @@
 //! mint: credential backends. A [`Backend`] turns one [`GrantedCredential`] of a [`Grant`] into a
 //! credential plus a [`RevokeHandle`], and later revokes by that handle. Backends say honestly
-//! what revoking does ([`Revocation`]). `jwt` lives here; `aws` drops in beside it.
+//! what revoking does ([`Revocation`]). `jwt` lives here; `aws`, `github` and `ssh` beside it.
 
 pub mod aws;
 pub mod github;
@@ -183,6 +183,18 @@ pub trait Backend: Send + Sync {
         Box::pin(async { Vec::new() })
     }
 
+    /// A credential this backend minted whose lease has ended, where this process did not end
+    /// it: before the process started, or on another replica sharing the store. Its
+    /// [`Backend::revoke`] may never have run here. A backend that keeps what revoking did in
+    /// memory rebuilds it from this: the `ssh` backend lists the certificate in its KRL.
+    fn learn_ended(&self, _handle: &RevokeHandle) {}
+
+    /// Does [`Backend::learn_ended`] do anything here? Only then are ended leases' handles read
+    /// for it: at start-up, and on a shared store at every reaper pass.
+    fn learns_ended(&self) -> bool {
+        false
+    }
+
     /// The upstream's remaining API budget as it last said (GitHub's `x-ratelimit-remaining`),
     /// for `/metrics`; `None` where there is none or nothing was called yet.
     fn rate_limit_remaining(&self) -> Option<u64> {
@@ -288,6 +300,19 @@ impl Backends {
         self.by_name.iter().filter(|(_, b)| b.adopts()).map(|(name, _)| name.clone()).collect()
     }
 
+    /// Hands the credential of an ended lease to the backend that minted it
+    /// ([`Backend::learn_ended`]); a backend no longer configured has nothing to learn.
+    pub fn learn_ended(&self, handle: &RevokeHandle) {
+        if let Some(backend) = self.by_name.get(&handle.backend) {
+            backend.learn_ended(handle);
+        }
+    }
+
+    /// The backends that learn of ended leases ([`Backend::learns_ended`]).
+    pub fn learning_ended(&self) -> std::collections::BTreeSet<String> {
+        self.by_name.iter().filter(|(_, b)| b.learns_ended()).map(|(name, _)| name.clone()).collect()
+    }
+
     /// (backend, remaining calls) of every backend whose upstream reported a rate-limit budget.
     pub fn rate_limits(&self) -> Vec<(String, u64)> {
         self.by_name.iter().filter_map(|(n, b)| Some((n.clone(), b.rate_limit_remaining()?))).collect()
@@ -305,6 +330,11 @@ impl Backends {
     /// The configured `ssh` backends, by name order.
     pub fn ssh(&self) -> &[Arc<ssh::SshBackend>] {
         &self.ssh
+    }
+
+    /// The KRL of every `ssh` backend with `revocation = "krl"` (`None`: there is none).
+    pub fn ssh_krl(&self, now: crate::clock::UnixSeconds) -> Option<Vec<u8>> {
+        ssh::krl(&self.ssh, now)
     }
 
     pub fn signers(&self) -> &[Arc<jwt::JwtSigner>] {

@@ -34,6 +34,8 @@ pub const WORKFLOW_REF_WITHOUT_REPOSITORY: &str = "workflow-ref-without-reposito
 pub const GITHUB_REPOSITORY_TEMPLATE: &str = "github-repository-template";
 pub const GITHUB_DANGEROUS_PERMISSION: &str = "github-dangerous-permission";
 pub const GITHUB_UNKNOWN_PERMISSION: &str = "github-unknown-permission";
+pub const SSH_PRINCIPAL_TEMPLATE: &str = "ssh-principal-template";
+pub const SSH_FORWARDING_EXTENSION: &str = "ssh-forwarding-extension";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,7 +83,7 @@ pub fn lint_policy(policy: &Policy, ctx: &LoadContext) -> Vec<Finding> {
     let Some(&platform) = ctx.issuers.get(&policy.issuer) else {
         return Vec::new();
     };
-    let checks: [fn(&Policy, Platform) -> Vec<Finding>; 7] = [
+    let checks: [fn(&Policy, Platform) -> Vec<Finding>; 9] = [
         name_without_id,
         sub_matches_untrusted,
         untrusted_trigger,
@@ -89,6 +91,8 @@ pub fn lint_policy(policy: &Policy, ctx: &LoadContext) -> Vec<Finding> {
         workflow_ref_without_repository,
         github_repository_template,
         github_permissions,
+        ssh_principal_template,
+        ssh_forwarding_extensions,
     ];
     checks.iter().flat_map(|check| check(policy, platform)).collect()
 }
@@ -511,6 +515,74 @@ fn github_permissions(policy: &Policy, _: Platform) -> Vec<Finding> {
                     "check the spelling against GitHub's list (e.g. `contents`, `pull_requests`, `issues`)".into();
                 findings.push(Finding::new(Severity::Warning, policy, GITHUB_UNKNOWN_PERMISSION, &at, message, fix));
             }
+        }
+    }
+    findings
+}
+
+// ---- ssh-principal-template, ssh-forwarding-extension ----------------------------------------
+
+/// May a principal be rendered from `claim` without a match rule pinning it? The names
+/// `github-repository-template` trusts (the job's own repository, project or owner:
+/// `deploy-${repository_owner}`), and the ids the immutable-claim rule binds: the platform sets
+/// them, and the policy's id binding pins which ones they are.
+fn principal_may_use(platform: Platform, claim: &str) -> bool {
+    const IDS: [&str; 4] = ["repository_id", "repository_owner_id", "project_id", "namespace_id"];
+    repository_naming_claims(platform).contains(&claim) || IDS.contains(&claim)
+}
+
+/// Attack: `principals: ["${actor}"]` (or `ref_name`, `environment` …): a job whose actor or
+/// branch is named `root`, or like another user, gets a certificate that logs in as that user
+/// on every server trusting the CA. Only claims naming the job's own repository, or claims a
+/// match rule pins to known values, may choose the users a certificate names.
+fn ssh_principal_template(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    let owner = repository_naming_claims(platform).last().copied().unwrap_or("repository_owner");
+    let mut findings = Vec::new();
+    for grant in &policy.grants {
+        let CredentialSpec::Ssh { principals, .. } = &grant.spec else { continue };
+        for (i, template) in principals.iter().enumerate() {
+            for claim in template.claims() {
+                if principal_may_use(platform, claim) || bound(policy, claim) {
+                    continue;
+                }
+                let message = format!(
+                    "`{claim}` chooses which users the certificate of grant `{}` logs in as, and the job chooses \
+                     `{claim}` (nothing pins it): a job that sets it to `root` or another user's name logs in as that \
+                     user on every server trusting the CA",
+                    grant.name
+                );
+                let fix = format!(
+                    "name the principals, or build them from the job's own repository (`deploy-${{{}}}`), or pin \
+                     `{claim}` with a match rule:\nmatch:\n  {claim}: [<value>, <value>]",
+                    owner
+                );
+                let at = format!("grants.{}.principals[{i}]", grant.name);
+                findings.push(Finding::new(Severity::Error, policy, SSH_PRINCIPAL_TEMPLATE, &at, message, fix));
+            }
+        }
+    }
+    findings
+}
+
+/// Extensions that reach past the login itself: a forwarded agent lends the job's keys to the
+/// server (and whoever is root there), port forwarding turns the server into a tunnel into its
+/// network, X11 forwarding exposes the client's display, and `permit-user-rc` runs `~/.ssh/rc`
+/// at login. Warnings: a job may need one, and says so by keeping it.
+fn ssh_forwarding_extensions(policy: &Policy, _: Platform) -> Vec<Finding> {
+    const REACHING: [(&str, &str); 4] = [
+        ("permit-agent-forwarding", "lends the job's SSH agent to the server, and to whoever is root there"),
+        ("permit-port-forwarding", "makes the server a tunnel into every network it reaches"),
+        ("permit-X11-forwarding", "opens the client's X display to the server"),
+        ("permit-user-rc", "runs the user's `~/.ssh/rc` at every login, past any `force-command`"),
+    ];
+    let mut findings = Vec::new();
+    for grant in &policy.grants {
+        let CredentialSpec::Ssh { extensions, .. } = &grant.spec else { continue };
+        for (name, why) in REACHING.iter().filter(|(name, _)| extensions.iter().any(|e| e == name)) {
+            let message = format!("extension `{name}` {why}");
+            let fix = format!("drop `{name}` unless this job must have it (`permit-pty` alone serves most jobs)");
+            let at = format!("grants.{}.extensions", grant.name);
+            findings.push(Finding::new(Severity::Warning, policy, SSH_FORWARDING_EXTENSION, &at, message, fix));
         }
     }
     findings

@@ -7,6 +7,7 @@ pub mod dev_broker;
 pub mod fake_github;
 pub mod moto;
 pub mod replicas;
+pub mod sshd;
 
 use axum::Router;
 use axum::extract::State;

@@ -461,15 +461,27 @@ impl PgStore {
     }
 
     async fn handles_of_now(&self, backends: &BTreeSet<String>) -> Result<Vec<RevokeHandle>, StoreError> {
+        self.handles_where(
+            backends,
+            "SELECT credentials::text FROM ephemera_leases WHERE backends && $1::text[] ORDER BY id",
+        )
+        .await
+    }
+
+    /// Ended leases only: the state index finds them (`ephemera_leases_state`).
+    async fn ended_handles_of_now(&self, backends: &BTreeSet<String>) -> Result<Vec<RevokeHandle>, StoreError> {
+        let sql = "SELECT credentials::text FROM ephemera_leases \
+                   WHERE state IN ('revoking', 'revoked', 'expired', 'irrevocable') AND backends && $1::text[] ORDER BY id";
+        self.handles_where(backends, sql).await
+    }
+
+    /// The handles of `backends`' credentials in the rows `sql` selects (`$1`: the backends).
+    async fn handles_where(&self, backends: &BTreeSet<String>, sql: &str) -> Result<Vec<RevokeHandle>, StoreError> {
         let wanted: Vec<&str> = backends.iter().map(String::as_str).collect();
         let s = &self.shared;
         s.timed("reading revoke handles", async {
             let client = s.client().await?;
-            let statement = client
-                .prepare_cached(
-                    "SELECT credentials::text FROM ephemera_leases WHERE backends && $1::text[] ORDER BY id",
-                )
-                .await?;
+            let statement = client.prepare_cached(sql).await?;
             let found = client.query(&statement, &[&wanted]).await?;
             let mut handles = Vec::new();
             for row in &found {
@@ -696,6 +708,13 @@ impl LeaseStore for PgStore {
         backends: &'a BTreeSet<String>,
     ) -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>> {
         Box::pin(self.handles_of_now(backends))
+    }
+
+    fn ended_handles_of<'a>(
+        &'a self,
+        backends: &'a BTreeSet<String>,
+    ) -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>> {
+        Box::pin(self.ended_handles_of_now(backends))
     }
 
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>> {
