@@ -257,20 +257,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// `ephemera exchange`: the text to print on stdout. With `lease_file`, a renewable lease is
 /// also written there (mode 0600) for `credential-process` and `token` to renew from.
-pub async fn exchange(
-    broker: &str,
-    policy: &str,
-    token: &TokenSource,
-    ttl: Option<&str>,
-    format: Format,
-    lease_file: Option<&Path>,
-) -> Result<String, Failure> {
+pub async fn exchange(request: &ExchangeArgs<'_>, format: Format) -> Result<String, Failure> {
+    let ExchangeArgs { broker, policy, token, ttl, lease_file, ssh_public_key } = *request;
     let base = base_url(broker)?;
     let url = format!("{base}/v1/exchange");
     let token = token.read()?;
     let mut body = json!({"policy": policy});
     if let Some(ttl) = ttl {
         body["ttl"] = json!(ttl);
+    }
+    if let Some(path) = ssh_public_key {
+        body["ssh_public_key"] = json!(read_public_key(path)?);
     }
     // The env format is the broker's own (one implementation of the quoting rules); a lease
     // file needs the JSON reply, rendered here with the same function.
@@ -396,6 +393,36 @@ pub async fn token(lease_file: &Path, credential: &str) -> Result<String, Failur
         Some(token) => Ok(format!("{token}\n")),
         None => Ok(format!("{cred}\n")),
     }
+}
+
+/// What `ephemera exchange` sends.
+#[derive(Clone, Copy)]
+pub struct ExchangeArgs<'a> {
+    pub broker: &'a str,
+    pub policy: &'a str,
+    pub token: &'a TokenSource,
+    pub ttl: Option<&'a str>,
+    /// Also write the lease's renewal details here.
+    pub lease_file: Option<&'a Path>,
+    /// An `ssh` grant certifies this key (an OpenSSH `.pub` file) instead of a generated one.
+    pub ssh_public_key: Option<&'a Path>,
+}
+
+/// The one line of an OpenSSH public key file (the broker checks the key itself). A private key
+/// given by mistake is refused here, before it leaves the machine.
+fn read_public_key(path: &Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| Failure::other(format!("{}: {e}", path.display())))?;
+    if text.contains("PRIVATE KEY") {
+        return Err(Failure::other(format!(
+            "{}: this is a private key; pass the public one (the `.pub` file)",
+            path.display()
+        )));
+    }
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or_default();
+    if line.is_empty() || line.len() > 8 * 1024 {
+        return Err(Failure::other(format!("{}: not an OpenSSH public key line", path.display())));
+    }
+    Ok(line.to_string())
 }
 
 /// `ephemera revoke`: the broker's JSON reply.
@@ -588,6 +615,21 @@ mod tests {
         assert!(git_credential(&two).unwrap_err().message.contains("2 `github` credentials (a, b)"));
         let hostile = json!({"credentials": {"gh": gh("ghs_x\nurl=https://evil.example")}});
         assert!(git_credential(&hostile).unwrap_err().message.contains("line break"));
+    }
+
+    #[test]
+    fn a_private_key_is_never_sent_as_the_public_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("id_ed25519");
+        std::fs::write(
+            &private,
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaA==\n-----END OPENSSH PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert!(read_public_key(&private).unwrap_err().message.contains("this is a private key"));
+        let public = dir.path().join("id_ed25519.pub");
+        std::fs::write(&public, "\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB me@host\n").unwrap();
+        assert_eq!(read_public_key(&public).unwrap(), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB me@host");
     }
 
     #[test]

@@ -139,6 +139,10 @@ struct ExchangeArgs {
     /// `token`; the policy must allow renewal (`renew` in the policy).
     #[arg(long, value_name = "F")]
     lease_file: Option<PathBuf>,
+    /// For an `ssh` grant: certify this OpenSSH public key (e.g. ~/.ssh/id_ed25519.pub) instead
+    /// of having the broker generate a key pair.
+    #[arg(long, value_name = "FILE")]
+    ssh_public_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -338,16 +342,16 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 async fn exchange(args: ExchangeArgs) -> Result<String, ephemera::client::Failure> {
     let format = ephemera::client::Format::parse(&args.format)
         .map_err(|message| ephemera::client::Failure { exit: ephemera::client::EXIT_USAGE, message })?;
-    let lease_file = args.lease_file.as_deref();
-    ephemera::client::exchange(
-        &args.broker,
-        &args.policy,
-        &args.token.source(),
-        args.ttl.as_deref(),
-        format,
-        lease_file,
-    )
-    .await
+    let token = args.token.source();
+    let request = ephemera::client::ExchangeArgs {
+        broker: &args.broker,
+        policy: &args.policy,
+        token: &token,
+        ttl: args.ttl.as_deref(),
+        lease_file: args.lease_file.as_deref(),
+        ssh_public_key: args.ssh_public_key.as_deref(),
+    };
+    ephemera::client::exchange(&request, format).await
 }
 
 async fn revoke(args: RevokeArgs) -> Result<String, ephemera::client::Failure> {

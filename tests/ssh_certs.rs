@@ -466,3 +466,32 @@ async fn a_lease_revoked_on_one_replica_is_in_the_other_replicas_krl() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// `ephemera exchange --ssh-public-key FILE` (the real CLI) sends the job's own key: the
+/// certificate certifies exactly that key, and no private key comes back.
+#[tokio::test]
+async fn the_cli_sends_the_jobs_own_public_key_and_the_certificate_certifies_it() {
+    let s = setup(&[("ssh-ed", "ed25519", "expiry")]).await;
+    let (key, _) = s.job_key("job", "ed25519");
+    let public = key.with_extension("pub");
+    let (url, token, public_arg) = (s.broker.url.clone(), s.token(), public.display().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .args(["exchange", "--broker", &url, "--policy", "ssh-ed", "--ssh-public-key", &public_arg])
+            .env("EPHEMERA_ID_TOKEN", token)
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cred = &reply["credentials"]["shell"];
+    assert!(cred.get("private_key").is_none(), "the job keeps its own private key");
+    let (_, cert) = s.write_credential("job", cred);
+    let listing = keygen_listing(&cert);
+    let certified = listing["Public key"][0].split_whitespace().nth(1).unwrap().to_string();
+    assert_eq!(certified, fingerprint_of(&public), "the certificate is for the job's key");
+}

@@ -23,9 +23,11 @@ const STATE_AWS_CONFIG = 'aws_config_file';
 const AWS_PROFILE = 'ephemera';
 const RENEW_SCRIPT = path.join(__dirname, 'renew.js');
 // Credential fields that are not secret; every other string field of a credential is masked
-// (a postgres credential's `password` and `dsn` are; its `username`, `host`, `database` are not).
+// (a postgres credential's `password` and `dsn` are; its `username`, `host`, `database` are not;
+// an ssh credential's `private_key` is, its certificate and public key are not).
 const PUBLIC_FIELDS = new Set([
   'kind', 'revocation', 'expires_at', 'expiration', 'region', 'owner', 'api_url', 'username', 'host', 'database',
+  'certificate', 'public_key', 'key_id', 'serial', 'valid_after', 'valid_before',
 ]);
 // Where a returned `github` credential's token goes by default: what the `gh` CLI reads.
 const GITHUB_TOKEN_ENV = 'GH_TOKEN';
