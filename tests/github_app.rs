@@ -7,7 +7,9 @@ mod common;
 
 use axum::http::Method;
 use common::fake_github::{FakeGithub, FakeInstallation};
+use common::replicas::unix_now;
 use common::*;
+use ephemera::clock::Clock;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -68,16 +70,6 @@ impl Setup {
 
     async fn exchange(&self, policy: &str) -> (u16, Value) {
         self.broker.exchange(&self.token(), policy).await
-    }
-}
-
-trait ClockNow {
-    fn now(&self) -> i64;
-}
-
-impl ClockNow for ephemera::clock::ManualClock {
-    fn now(&self) -> i64 {
-        ephemera::clock::Clock::now(self)
     }
 }
 
@@ -302,21 +294,12 @@ async fn git_reads_the_token_through_the_clis_git_credential_output() {
     let s = setup().await;
     // git drops a credential whose `password_expiry_utc` has passed by its own (real) clock, so
     // this test's clock is the real one.
-    let real_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let real_now = unix_now();
     s.broker.clock.set(real_now);
     let dir = tempfile::tempdir().unwrap();
-    let (url, token) = (s.broker.url.clone(), s.token());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
-            .args(["exchange", "--broker", &url, "--policy", "push", "--format", "git-credential"])
-            .env("EPHEMERA_ID_TOKEN", token)
-            .env_remove("HTTP_PROXY")
-            .env_remove("http_proxy")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let url = s.broker.url.clone();
+    let out =
+        run_cli(&["exchange", "--broker", &url, "--policy", "push", "--format", "git-credential"], &s.token()).await;
     assert!(
         out.status.success(),
         "{:?} {} {}",

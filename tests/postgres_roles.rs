@@ -6,8 +6,9 @@
 
 mod common;
 
-use common::replicas::{Cluster, OwnPg, ReplicaExtra, pg_server_url};
+use common::replicas::{Cluster, OwnPg, ReplicaExtra, pg_server_url, unix_now};
 use common::*;
+use ephemera::clock::Clock;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,19 +93,15 @@ async fn setup(policies: &[(&str, &str)]) -> Setup {
         admin_pw.display().to_string()
     );
     let issuer = FakeIssuer::start().await;
-    let clock = Arc::new(ephemera::clock::ManualClock::new(real_now()));
+    let clock = Arc::new(ephemera::clock::ManualClock::new(unix_now()));
     let extra = Extra { backend_toml: backend, ..Extra::default() };
     let broker = Broker::start_custom_clock(&[("ci", "github-actions", &issuer)], policies, &extra, clock).await;
     Setup { _pg: pg, port, issuer, broker, _dir: dir }
 }
 
-fn real_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
 impl Setup {
     fn token(&self) -> String {
-        self.issuer.sign(&self.issuer.claims("github-push-immutable-sub.json", self.broker.clock.now_secs()))
+        self.issuer.sign(&self.issuer.claims("github-push-immutable-sub.json", self.broker.clock.now()))
     }
 
     /// The roles of this backend that exist now.
@@ -115,16 +112,6 @@ impl Setup {
             .await
             .unwrap();
         rows.iter().map(|r| r.get(0)).collect()
-    }
-}
-
-trait NowSecs {
-    fn now_secs(&self) -> i64;
-}
-
-impl NowSecs for ephemera::clock::ManualClock {
-    fn now_secs(&self) -> i64 {
-        ephemera::clock::Clock::now(self)
     }
 }
 
@@ -167,7 +154,7 @@ async fn a_minted_role_reads_only_what_its_group_may_and_dies_with_its_session_a
         .unwrap();
     assert!(!row.get::<_, bool>(0), "no attribute beyond LOGIN");
     assert_eq!(row.get::<_, i32>(1), 4);
-    assert_eq!(row.get::<_, i64>(2), s.broker.clock.now_secs() + 600, "VALID UNTIL the lease's end");
+    assert_eq!(row.get::<_, i64>(2), s.broker.clock.now() + 600, "VALID UNTIL the lease's end");
     let stored: String = row.get(3);
     assert!(stored.starts_with("SCRAM-SHA-256$4096:") && !stored.contains(password), "{stored}");
 

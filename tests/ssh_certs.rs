@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::replicas::{Cluster, ReplicaExtra, pg_server_url};
+use common::replicas::{Cluster, ReplicaExtra, pg_server_url, unix_now};
 use common::sshd::{Sshd, ssh_keygen, ssh_keygen_output, write_private};
 use common::*;
 use ephemera::clock::Clock;
@@ -123,11 +123,6 @@ impl Setup {
     }
 }
 
-/// The real clock: sshd checks validity against it.
-fn real_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
 /// `ssh-keygen -L -f cert`: each `Name: value` line, and the indented lines of the list fields
 /// (Principals, Critical Options, Extensions) under their name.
 fn keygen_listing(cert: &Path) -> BTreeMap<String, Vec<String>> {
@@ -229,7 +224,7 @@ fn ca_algorithm(ca_type: &str) -> &'static str {
 async fn a_generated_key_logs_in_to_a_real_sshd_and_its_revoked_lease_is_refused_once_the_krl_is_refetched() {
     let s = setup(&[("ssh", "ed25519", "krl")]).await;
     // sshd checks the certificate's validity with the real clock.
-    s.broker.clock.set(real_now());
+    s.broker.clock.set(unix_now());
     let (lease, cred) = s.exchange("ssh", None).await;
     assert_eq!(cred["revocation"], "immediate");
     let (key, cert) = s.write_credential("generated", &cred);
@@ -272,7 +267,7 @@ async fn a_generated_key_logs_in_to_a_real_sshd_and_its_revoked_lease_is_refused
 #[tokio::test]
 async fn sshd_refuses_a_certificate_for_a_principal_it_does_not_list_and_takes_it_once_listed() {
     let s = setup(&[("ssh", "ed25519", "krl")]).await;
-    s.broker.clock.set(real_now());
+    s.broker.clock.set(unix_now());
     let (_, cred) = s.exchange("ssh", None).await;
     let (key, _) = s.write_credential("job", &cred);
     let (_, ca_pub) = s.get_bytes("/v1/ssh/ca.pub").await;
@@ -290,7 +285,7 @@ async fn sshd_refuses_a_certificate_for_a_principal_it_does_not_list_and_takes_i
 #[tokio::test]
 async fn sshd_refuses_an_expired_certificate_and_takes_a_current_one() {
     let s = setup(&[("ssh", "ed25519", "krl")]).await;
-    let now = real_now();
+    let now = unix_now();
     // Minted an hour ago with a 10-minute ttl: expired 50 minutes ago by sshd's clock.
     s.broker.clock.set(now - 3600);
     let (_, old) = s.exchange("ssh", None).await;
@@ -474,18 +469,10 @@ async fn the_cli_sends_the_jobs_own_public_key_and_the_certificate_certifies_it(
     let s = setup(&[("ssh-ed", "ed25519", "expiry")]).await;
     let (key, _) = s.job_key("job", "ed25519");
     let public = key.with_extension("pub");
-    let (url, token, public_arg) = (s.broker.url.clone(), s.token(), public.display().to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
-            .args(["exchange", "--broker", &url, "--policy", "ssh-ed", "--ssh-public-key", &public_arg])
-            .env("EPHEMERA_ID_TOKEN", token)
-            .env_remove("HTTP_PROXY")
-            .env_remove("http_proxy")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (url, public_arg) = (s.broker.url.clone(), public.display().to_string());
+    let out =
+        run_cli(&["exchange", "--broker", &url, "--policy", "ssh-ed", "--ssh-public-key", &public_arg], &s.token())
+            .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
     let cred = &reply["credentials"]["shell"];

@@ -550,6 +550,22 @@ async fn status_json(resp: reqwest::Response) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
+/// Runs the real `ephemera` binary with `args` and the job's ID token in `EPHEMERA_ID_TOKEN`
+/// (no proxy from the environment), off the async runtime.
+pub async fn run_cli(args: &[&str], token: &str) -> std::process::Output {
+    let (args, token): (Vec<String>, String) = (args.iter().map(|a| a.to_string()).collect(), token.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"));
+        cmd.args(&args).env("EPHEMERA_ID_TOKEN", token);
+        for proxy in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            cmd.env_remove(proxy);
+        }
+        cmd.output().expect("run the ephemera binary")
+    })
+    .await
+    .unwrap()
+}
+
 /// Asserts the DESIGN §2 error shape and code.
 pub fn assert_error(status_body: &(u16, Value), status: u16, code: &str) {
     let (got_status, body) = status_body;
