@@ -19,6 +19,9 @@ pub type Claims = Map<String, Value>;
 pub enum Platform {
     GithubActions,
     GitlabCi,
+    /// Buildkite agents' tokens (`https://agent.buildkite.com`): one issuer shared by every
+    /// Buildkite organisation.
+    Buildkite,
 }
 
 impl Platform {
@@ -26,7 +29,14 @@ impl Platform {
         match self {
             Platform::GithubActions => "github-actions",
             Platform::GitlabCi => "gitlab-ci",
+            Platform::Buildkite => "buildkite",
         }
+    }
+
+    /// Does every token carry a `jti`? Replay protection defaults to on only where it does: a
+    /// Buildkite token has none (its `job_id` and a lifetime of minutes bound a replay instead).
+    pub fn sends_jti(self) -> bool {
+        matches!(self, Platform::GithubActions | Platform::GitlabCi)
     }
 }
 
@@ -89,6 +99,54 @@ pub struct GitlabClaims {
     pub job_project_id: Option<u64>,
 }
 
+/// A Buildkite job. `organization_id` and `pipeline_id` (UUIDs) are sent only when the job asks
+/// for them (`buildkite-agent oidc request-token --claim organization_id,pipeline_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildkiteClaims {
+    pub organization_slug: String,
+    pub organization_id: Option<String>,
+    pub pipeline_slug: String,
+    pub pipeline_id: Option<String>,
+    /// A UUID, unique across Buildkite: the job key.
+    pub job_id: String,
+    pub build_number: Option<u64>,
+    pub build_branch: Option<String>,
+    pub build_source: Option<String>,
+    pub runner_environment: Option<String>,
+}
+
+impl BuildkiteClaims {
+    pub fn from_claims(c: &Claims) -> Result<Self, ClaimError> {
+        Ok(BuildkiteClaims {
+            organization_slug: string(c, "organization_slug")?.ok_or(ClaimError::Missing("organization_slug"))?,
+            organization_id: uuid(c, "organization_id")?,
+            pipeline_slug: string(c, "pipeline_slug")?.ok_or(ClaimError::Missing("pipeline_slug"))?,
+            pipeline_id: uuid(c, "pipeline_id")?,
+            job_id: uuid(c, "job_id")?.ok_or(ClaimError::Missing("job_id"))?,
+            build_number: id(c, "build_number")?,
+            build_branch: string(c, "build_branch")?,
+            build_source: string(c, "build_source")?,
+            runner_environment: string(c, "runner_environment")?,
+        })
+    }
+
+    /// `buildkite:{job_id}`: a job id is a UUID no other job of any organisation has.
+    pub fn job_key(&self) -> String {
+        format!("buildkite:{}", self.job_id)
+    }
+}
+
+/// A UUID claim (hex digits and `-`, 36 characters): what goes into a job key can hold no `:`.
+fn uuid(c: &Claims, name: &'static str) -> Result<Option<String>, ClaimError> {
+    match string(c, name)? {
+        None => Ok(None),
+        Some(v) if v.len() == 36 && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') => {
+            Ok(Some(v.to_ascii_lowercase()))
+        }
+        Some(_) => Err(ClaimError::BadType(name)),
+    }
+}
+
 impl GithubClaims {
     pub fn from_claims(c: &Claims) -> Result<Self, ClaimError> {
         Ok(GithubClaims {
@@ -142,6 +200,7 @@ pub fn job_key(platform: Platform, claims: &Claims) -> Result<String, ClaimError
     Ok(match platform {
         Platform::GithubActions => GithubClaims::from_claims(claims)?.job_key(),
         Platform::GitlabCi => GitlabClaims::from_claims(claims)?.job_key(),
+        Platform::Buildkite => BuildkiteClaims::from_claims(claims)?.job_key(),
     })
 }
 
@@ -214,5 +273,20 @@ pub(crate) mod tests {
         let mut c = fixture("github-push-immutable-sub.json");
         c.insert("run_id".into(), Value::String("1:2".into()));
         assert!(matches!(job_key(Platform::GithubActions, &c), Err(ClaimError::BadType("run_id"))));
+    }
+
+    #[test]
+    fn a_buildkite_job_key_is_its_job_uuid_and_a_forged_one_is_refused() {
+        let mut c: Claims = serde_json::from_value(serde_json::json!({
+            "organization_slug": "acme-inc", "pipeline_slug": "web", "build_number": 7,
+            "job_id": "0184990A-477B-4FA8-9968-496074483CEE",
+        }))
+        .unwrap();
+        assert_eq!(job_key(Platform::Buildkite, &c).unwrap(), "buildkite:0184990a-477b-4fa8-9968-496074483cee");
+        c.insert("job_id".into(), serde_json::json!("x:github:74:1:1:1:1:1:1:1:1:1:1:1:1:1:1"));
+        assert!(matches!(job_key(Platform::Buildkite, &c), Err(ClaimError::BadType("job_id"))));
+        c.remove("job_id");
+        assert!(matches!(job_key(Platform::Buildkite, &c), Err(ClaimError::Missing("job_id"))));
+        assert!(!Platform::Buildkite.sends_jti() && Platform::GithubActions.sends_jti());
     }
 }

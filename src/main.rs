@@ -275,7 +275,7 @@ enum DevCommand {
         /// JSON file whose claims override the defaults (e.g. a fixture).
         #[arg(long)]
         claims: Option<PathBuf>,
-        /// Which stand-in issuer signs: github or gitlab.
+        /// Which stand-in issuer signs: github, gitlab or buildkite.
         #[arg(long, default_value = "github")]
         issuer: String,
     },

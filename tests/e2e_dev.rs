@@ -352,3 +352,44 @@ async fn dev_mode_from_a_directory_without_policies_serves_the_dev_policy_alone(
     let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "deploy-web"})).await;
     assert_eq!(status, 403, "the example policies must not be there: {body}");
 }
+
+/// Issue 18: a Buildkite-shaped token (the dev broker's stand-in `buildkite` issuer signs the
+/// claims of `policies/tests/claims/buildkite-main-deploy.json`) is exchanged and revoked through
+/// the real binary under the example policy `buildkite-deploy`; its lease's job is the job UUID.
+/// The same claims from another Buildkite organisation are denied on `organization_id`.
+#[tokio::test]
+async fn a_buildkite_job_exchanges_and_revokes_through_the_real_binary() {
+    let client = client();
+    let (broker, _data) = ready_broker(&client).await;
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policies/tests/claims/buildkite-main-deploy.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let token = |claims: &Value| {
+        let body = json!({"issuer": "buildkite", "claims": claims});
+        let (client, url) = (client.clone(), broker.endpoint("/dev/token"));
+        async move {
+            let resp = client.post(url).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.text().await.unwrap().trim().to_string()
+        }
+    };
+    let job_token = token(&fixture).await;
+    let (status, body) = exchange(&client, &broker, &job_token, &json!({"policy": "buildkite-deploy"})).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["job"], "buildkite:0184990a-477b-4fa8-9968-496074483cee");
+    let lease = body["lease_id"].as_str().unwrap();
+    let revoked = revoke(&client, broker.url(), &job_token).await;
+    assert_eq!(revoked["revoked"], json!([lease]), "{revoked}");
+
+    let mut other_org = fixture.clone();
+    other_org["organization_id"] = json!("11111111-2222-4333-8444-555555555555");
+    let (status, body) =
+        exchange(&client, &broker, &token(&other_org).await, &json!({"policy": "buildkite-deploy"})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["message"], "claim `organization_id` did not match policy `buildkite-deploy`");
+}

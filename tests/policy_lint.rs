@@ -695,3 +695,37 @@ fn an_ssh_grant_whose_fields_could_say_more_than_meant_does_not_load() {
         );
     }
 }
+
+// ---- Buildkite (issue 18) ------------------------------------------------------------------
+
+fn buildkite(match_rules: &str) -> Vec<Finding> {
+    findings(&format!(
+        "issuer: buildkite\nmatch: {match_rules}\nttl: {{default: 5m, max: 10m}}\ngrants:\n  api: {{backend: jwt, audience: x}}\n"
+    ))
+}
+
+/// Attack: Buildkite's issuer is shared by every Buildkite organisation; a policy that pins the
+/// organisation by its slug only (or not at all) admits any organisation whose jobs say so.
+#[test]
+fn a_buildkite_policy_must_pin_the_organisation_or_pipeline_by_id() {
+    let unpinned =
+        buildkite(r#"{organization_slug: acme-inc, pipeline_slug: web, runner_environment: buildkite-hosted}"#);
+    let error = unpinned.iter().find(|f| f.rule == "immutable-id").expect("refused");
+    assert_eq!(error.severity, ERROR);
+    assert!(error.message.contains("organization_id, pipeline_id"), "{}", error.message);
+    assert!(error.message.contains("shared by every Buildkite organisation"), "{}", error.message);
+    for pinned in [
+        r#"{organization_id: 0184990a-4770-4e0d-8c0d-2a6c4f5d9e01, runner_environment: buildkite-hosted}"#,
+        r#"{pipeline_id: [0184990a-477a-4c52-9a1b-7d3e9f6a2b02], runner_environment: buildkite-hosted}"#,
+    ] {
+        assert!(buildkite(pinned).is_empty(), "{pinned}: {:#?}", buildkite(pinned));
+    }
+    let slug = buildkite(
+        r#"{organization_id: 0184990a-4770-4e0d-8c0d-2a6c4f5d9e01, pipeline_slug: web, runner_environment: buildkite-hosted}"#,
+    );
+    let rules: Vec<(&str, &str)> = slug.iter().map(|f| (f.rule, f.field.as_str())).collect();
+    assert_eq!(rules, [("name-without-id", "match.pipeline_slug")], "a renamed pipeline's slug can be reused");
+    let runner = buildkite(r#"{organization_id: 0184990a-4770-4e0d-8c0d-2a6c4f5d9e01}"#);
+    assert_eq!(runner.iter().map(|f| f.rule).collect::<Vec<_>>(), ["runner-unpinned"]);
+    assert!(runner[0].fix.contains("buildkite-hosted"));
+}

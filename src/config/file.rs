@@ -157,13 +157,14 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Config, Vec<String>> {
     raw.validate(base)
 }
 
-/// [`Config::defaults`], validated as a file is: the public GitHub and GitLab issuers, nothing
-/// else set.
+/// [`Config::defaults`], validated as a file is: the public GitHub, GitLab and Buildkite
+/// issuers, nothing else set.
 pub(super) fn defaults() -> Result<Config, Vec<String>> {
     let raw = RawConfig {
         issuers: vec![
             default_issuer("github", Platform::GithubActions, "https://token.actions.githubusercontent.com"),
             default_issuer("gitlab", Platform::GitlabCi, "https://gitlab.com"),
+            default_issuer("buildkite", Platform::Buildkite, "https://agent.buildkite.com"),
         ],
         ..RawConfig::default()
     };
@@ -367,7 +368,7 @@ impl RawConfig {
                     60,
                 ),
                 fetch_timeout_secs: errs.duration(&format!("{at}.fetch_timeout"), raw.fetch_timeout.as_deref(), 5),
-                replay_protection: raw.replay_protection.unwrap_or(true),
+                replay_protection: raw.replay_protection.unwrap_or(raw.platform.sends_jti()),
             });
         }
         out

@@ -295,7 +295,7 @@ impl Config {
         file::parse(text, base)
     }
 
-    /// No config file: policies in `./policies`, the public GitHub and GitLab issuers, a `jwt`
+    /// No config file: policies in `./policies`, the public GitHub, GitLab and Buildkite issuers, a `jwt`
     /// backend — so `policy check` works in a policy repository with no config at all.
     pub fn defaults() -> Config {
         // Invariant: the built-in defaults are valid (tested by `defaults_are_valid`).
@@ -445,7 +445,9 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = Config::defaults();
-        assert_eq!(c.issuers.len(), 2);
+        assert_eq!(c.issuers.len(), 3);
+        let buildkite = c.issuers.iter().find(|i| i.name == "buildkite").unwrap();
+        assert!(!buildkite.replay_protection, "Buildkite tokens carry no jti");
         assert!(c.backends.contains_key("jwt"));
         assert_eq!(c.policies_dir, PathBuf::from("policies"));
     }

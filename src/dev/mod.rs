@@ -55,12 +55,13 @@ impl DevIssuer {
         match platform {
             Platform::GithubActions => format!("{}/dev/github", self.base_url),
             Platform::GitlabCi => format!("{}/dev/gitlab", self.base_url),
+            Platform::Buildkite => format!("{}/dev/buildkite", self.base_url),
         }
     }
 
     /// The stand-in issuers, configured like real ones (pinned ES256, fetched over HTTP).
     pub fn issuer_configs(&self, audience: &str) -> Vec<IssuerConfig> {
-        [("github", Platform::GithubActions), ("gitlab", Platform::GitlabCi)]
+        [("github", Platform::GithubActions), ("gitlab", Platform::GitlabCi), ("buildkite", Platform::Buildkite)]
             .into_iter()
             .map(|(name, platform)| IssuerConfig {
                 name: name.into(),
@@ -75,7 +76,7 @@ impl DevIssuer {
                 jwks_refresh_secs: 900,
                 unknown_kid_cooldown_secs: 60,
                 fetch_timeout_secs: 5,
-                replay_protection: true,
+                replay_protection: platform.sends_jti(),
             })
             .collect()
     }
@@ -107,6 +108,7 @@ impl DevIssuer {
         let mut claims = match platform {
             Platform::GithubActions => default_github_claims(),
             Platform::GitlabCi => default_gitlab_claims(),
+            Platform::Buildkite => default_buildkite_claims(),
         };
         if let Some(extra) = overrides {
             for (k, v) in extra {
@@ -142,6 +144,21 @@ fn default_github_claims() -> Map<String, Value> {
         "runner_environment": "github-hosted",
         "sha": "0000000000000000000000000000000000000000",
         "workflow": "deploy", "workflow_ref": "ephemera-dev/demo/.github/workflows/deploy.yml@refs/heads/main",
+    });
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// A Buildkite job's claims, shaped like `buildkite-agent oidc request-token --claim
+/// organization_id,pipeline_id` gives them (buildkite.com/docs/agent/v3/cli-oidc).
+fn default_buildkite_claims() -> Map<String, Value> {
+    let v = json!({
+        "sub": "organization:ephemera-dev:pipeline:demo:ref:refs/heads/main:commit:0000000000000000000000000000000000000000:step:deploy",
+        "organization_slug": "ephemera-dev", "organization_id": "0190a1b2-0000-4000-8000-000000000001",
+        "pipeline_slug": "demo", "pipeline_id": "0190a1b2-0000-4000-8000-000000000002",
+        "build_number": 1, "build_branch": "main", "build_tag": null,
+        "build_commit": "0000000000000000000000000000000000000000", "build_source": "ui",
+        "step_key": "deploy", "job_id": "0190a1b2-0000-4000-8000-000000000003",
+        "agent_id": "0190a1b2-0000-4000-8000-000000000004", "runner_environment": "buildkite-hosted",
     });
     v.as_object().cloned().unwrap_or_default()
 }

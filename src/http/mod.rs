@@ -386,6 +386,7 @@ fn dev_platform(name: &str) -> Result<Platform, Error> {
     match name {
         "github" => Ok(Platform::GithubActions),
         "gitlab" => Ok(Platform::GitlabCi),
+        "buildkite" => Ok(Platform::Buildkite),
         _ => Err(Error::NotFound),
     }
 }
@@ -413,7 +414,7 @@ async fn dev_token(State(app): AppState, headers: HeaderMap, body: Body) -> Resu
     let bytes = read_body(&headers, body).await?;
     let request: DevTokenBody = parse_json(&bytes)?;
     let platform = dev_platform(request.issuer.as_deref().unwrap_or("github"))
-        .map_err(|_| Error::BadRequest("`issuer` is `github` or `gitlab`".into()))?;
+        .map_err(|_| Error::BadRequest("`issuer` is `github`, `gitlab` or `buildkite`".into()))?;
     let token = dev.token(platform, app.public_url(), request.claims.as_ref(), app.now()).map_err(Error::Internal)?;
     Ok(([(header::CONTENT_TYPE, "text/plain")], format!("{token}\n")).into_response())
 }

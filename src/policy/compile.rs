@@ -19,15 +19,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Claims that identify a repository or project by an id that is never reused. A policy must
-/// bind one of its platform's: names (`acme/web`) can be deleted and re-registered by someone
-/// else, and another platform's id claim never appears in the token.
-pub const IMMUTABLE_CLAIMS: [&str; 4] = ["repository_id", "repository_owner_id", "project_id", "namespace_id"];
+/// Claims that identify a repository, project or pipeline by an id that is never reused. A
+/// policy must bind one of its platform's: names (`acme/web`) can be deleted and re-registered
+/// by someone else, and another platform's id claim never appears in the token. Buildkite's
+/// issuer is shared by every Buildkite organisation, so there the id also pins the organisation.
+pub const IMMUTABLE_CLAIMS: [&str; 6] =
+    ["repository_id", "repository_owner_id", "project_id", "namespace_id", "organization_id", "pipeline_id"];
 
 fn immutable_claims(platform: Option<Platform>) -> &'static [&'static str] {
     match platform {
         Some(Platform::GithubActions) => &IMMUTABLE_CLAIMS[..2],
-        Some(Platform::GitlabCi) => &IMMUTABLE_CLAIMS[2..],
+        Some(Platform::GitlabCi) => &IMMUTABLE_CLAIMS[2..4],
+        Some(Platform::Buildkite) => &IMMUTABLE_CLAIMS[4..],
         None => &IMMUTABLE_CLAIMS,
     }
 }
@@ -121,11 +124,20 @@ fn compile_rules(section: &str, map: &BTreeMap<String, Value>, errors: &mut Erro
 fn check_immutable_binding(match_rules: &[Rule], platform: Option<Platform>, errors: &mut Errors<'_>) {
     let immutable = immutable_claims(platform);
     if !match_rules.iter().any(|r| immutable.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
+        // Attack (Buildkite): every Buildkite organisation's jobs get tokens from the same
+        // issuer; a policy that pins no organisation admits all of Buildkite's customers.
+        let why = if platform == Some(Platform::Buildkite) {
+            "Buildkite's issuer is shared by every Buildkite organisation, so without it any organisation's \
+             job matches; the job asks for the claim with `buildkite-agent oidc request-token --claim \
+             organization_id,pipeline_id`"
+        } else {
+            "names like `repository` can be re-registered by someone else"
+        };
         errors.lint(
             lint::IMMUTABLE_ID,
             "match",
             format!(
-                "binds no immutable identity claim: add an exact value or list for one of {} (names like `repository` can be re-registered by someone else)",
+                "binds no immutable identity claim: add an exact value or list for one of {} ({why})",
                 immutable.join(", ")
             ),
         );

@@ -206,6 +206,9 @@ const GITHUB_NAMES: [(&str, &[&str]); 2] =
     [("repository", &["repository_id"]), ("repository_owner", &["repository_owner_id", "repository_id"])];
 const GITLAB_NAMES: [(&str, &[&str]); 2] =
     [("project_path", &["project_id"]), ("namespace_path", &["namespace_id", "project_id"])];
+/// A pipeline id pins its organisation too.
+const BUILDKITE_NAMES: [(&str, &[&str]); 2] =
+    [("organization_slug", &["organization_id", "pipeline_id"]), ("pipeline_slug", &["pipeline_id"])];
 
 /// Attack: `acme/web` is deleted (or renamed, or its owner renames), and someone else registers
 /// the name; their jobs now send `repository: acme/web` and match. Ids are never reused.
@@ -213,6 +216,7 @@ fn name_without_id(policy: &Policy, platform: Platform) -> Vec<Finding> {
     let pairs = match platform {
         Platform::GithubActions => GITHUB_NAMES,
         Platform::GitlabCi => GITLAB_NAMES,
+        Platform::Buildkite => BUILDKITE_NAMES,
     };
     pairs
         .iter()
@@ -363,6 +367,9 @@ fn untrusted_trigger(policy: &Policy, platform: Platform) -> Vec<Finding> {
     match platform {
         Platform::GithubActions => github_untrusted_trigger(policy),
         Platform::GitlabCi => gitlab_untrusted_trigger(policy),
+        // Buildkite sends no claim that tells a pull request's build from a branch's (its
+        // `build_source` says `webhook` for both): the policy's `build_branch` rule is the guard.
+        Platform::Buildkite => Vec::new(),
     }
 }
 
@@ -411,6 +418,7 @@ fn runner_unpinned(policy: &Policy, platform: Platform) -> Vec<Finding> {
     let hosted = match platform {
         Platform::GithubActions => "github-hosted",
         Platform::GitlabCi => "gitlab-hosted",
+        Platform::Buildkite => "buildkite-hosted",
     };
     let message = "no rule on `runner_environment`: the job may run on a self-hosted runner, which can be shared or \
                    persistent, so what ran on it before may read this job's credentials"
@@ -431,6 +439,7 @@ fn workflow_ref_without_repository(policy: &Policy, platform: Platform) -> Vec<F
     let (workflow, repository) = match platform {
         Platform::GithubActions => ("job_workflow_ref", "repository_id"),
         Platform::GitlabCi => ("ci_config_ref_uri", "project_id"),
+        Platform::Buildkite => return Vec::new(), // no shared pipeline definition in its tokens
     };
     if match_rule(policy, workflow).is_none() || bound(policy, repository) {
         return Vec::new();
@@ -452,6 +461,7 @@ fn repository_naming_claims(platform: Platform) -> &'static [&'static str] {
     match platform {
         Platform::GithubActions => &["repository", "repository_owner"],
         Platform::GitlabCi => &["project_path", "namespace_path"],
+        Platform::Buildkite => &["organization_slug", "pipeline_slug"],
     }
 }
 

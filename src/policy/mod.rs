@@ -186,7 +186,7 @@ impl PolicySet {
         // GitLab sets a job token's `exp` to the job timeout: a lease never outlives its job.
         let job_end = |at: UnixSeconds| match identity.platform() {
             Platform::GitlabCi => at.min(identity.expires_at()),
-            Platform::GithubActions => at,
+            Platform::GithubActions | Platform::Buildkite => at,
         };
         let expires_at = job_end(now + ttl_secs);
         let renew_until = renew_max_lease_secs.map(|max| job_end(now + max).max(expires_at));

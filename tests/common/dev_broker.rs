@@ -166,7 +166,11 @@ impl DevBroker {
                     let body: Value = resp.json().await.expect("readyz JSON");
                     assert_eq!(body["ready"], true, "{body}");
                     assert_eq!(body["ledger"], "open", "{body}");
-                    assert_eq!(body["issuer_keys"], json!({"github": true, "gitlab": true}), "{body}");
+                    assert_eq!(
+                        body["issuer_keys"],
+                        json!({"github": true, "gitlab": true, "buildkite": true}),
+                        "{body}"
+                    );
                     return;
                 }
                 Ok(resp) => last = format!("{} {}", resp.status(), resp.text().await.unwrap_or_default()),
