@@ -45,6 +45,55 @@ impl Failure {
     }
 }
 
+/// How long a platform's token helper may take (`buildkite-agent oidc request-token` calls
+/// Buildkite's API).
+const PLATFORM_TOKEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The token of the CI platform this runs in, asked the way the platform hands it over, for
+/// `audience` (the broker's URL, the audience brokers accept by default):
+/// - Buildkite (`BUILDKITE_AGENT_ACCESS_TOKEN` set): `buildkite-agent oidc request-token
+///   --audience AUD --claim organization_id,pipeline_id` (the ids a Buildkite policy must pin).
+///
+/// Elsewhere the error says which variable was looked for.
+pub async fn platform_token(audience: &str) -> Result<String, Failure> {
+    if std::env::var_os("BUILDKITE_AGENT_ACCESS_TOKEN").is_some() {
+        let args = ["oidc", "request-token", "--audience", audience, "--claim", "organization_id,pipeline_id"];
+        return helper_token("buildkite-agent", &args).await;
+    }
+    Err(Failure::other(format!(
+        "no ID token: environment variable {DEFAULT_TOKEN_ENV} is not set, and this is no job of a platform the CLI \
+         asks by itself (Buildkite: BUILDKITE_AGENT_ACCESS_TOKEN); pass --token-env VAR or --token-file F"
+    )))
+}
+
+/// The one-line token a platform's helper program prints. Its stderr's first line (never
+/// stdout, which is the token) goes into the error when it fails.
+async fn helper_token(program: &str, args: &[&str]) -> Result<String, Failure> {
+    let what = format!("{program} {}", args[..2].join(" "));
+    let run = tokio::process::Command::new(program).args(args).stdin(std::process::Stdio::null()).output();
+    let out = match tokio::time::timeout(PLATFORM_TOKEN_TIMEOUT, run).await {
+        Err(_) => return Err(Failure::other(format!("no ID token: `{what}` did not answer within 30 s"))),
+        Ok(Err(e)) => return Err(Failure::other(format!("no ID token: cannot run `{what}`: {e}"))),
+        Ok(Ok(out)) => out,
+    };
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let first = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no message");
+        return Err(Failure::other(format!(
+            "no ID token: `{what}` failed ({}): {}",
+            out.status,
+            crate::clock::truncate(first, 200)
+        )));
+    }
+    let token =
+        String::from_utf8(out.stdout).map_err(|_| Failure::other(format!("no ID token: `{what}` printed no text")))?;
+    let token = token.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Failure::other(format!("no ID token: `{what}` printed no single token")));
+    }
+    Ok(token.to_string())
+}
+
 /// Where the caller's OIDC ID token comes from.
 #[derive(Debug, Clone)]
 pub enum TokenSource {
@@ -53,6 +102,19 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
+    /// The job's ID token for `audience`: from the environment variable or file, or, when the
+    /// default variable is unset, asked of the CI platform the way it hands tokens over
+    /// ([`platform_token`]). The error names the source and what is missing, never the content.
+    pub async fn job_token(&self, audience: &str) -> Result<String, Failure> {
+        if let TokenSource::Env(var) = self
+            && var == DEFAULT_TOKEN_ENV
+            && std::env::var_os(var).is_none()
+        {
+            return platform_token(audience).await;
+        }
+        self.read()
+    }
+
     /// The token, trimmed. The error names the source, never the content.
     pub fn read(&self) -> Result<String, Failure> {
         let (token, from) = match self {
@@ -261,7 +323,7 @@ pub async fn exchange(request: &ExchangeArgs<'_>, format: Format) -> Result<Stri
     let ExchangeArgs { broker, policy, token, ttl, lease_file, ssh_public_key } = *request;
     let base = base_url(broker)?;
     let url = format!("{base}/v1/exchange");
-    let token = token.read()?;
+    let token = token.job_token(&base).await?;
     let mut body = json!({"policy": policy});
     if let Some(ttl) = ttl {
         body["ttl"] = json!(ttl);
@@ -427,8 +489,9 @@ fn read_public_key(path: &Path) -> Result<String, Failure> {
 
 /// `ephemera revoke`: the broker's JSON reply.
 pub async fn revoke(broker: &str, lease: Option<&str>, token: &TokenSource) -> Result<String, Failure> {
-    let url = format!("{}/v1/revoke", base_url(broker)?);
-    let token = token.read()?;
+    let base = base_url(broker)?;
+    let url = format!("{base}/v1/revoke");
+    let token = token.job_token(&base).await?;
     let body = match lease {
         Some(id) => json!({"lease_id": id}),
         None => json!({}),

@@ -393,3 +393,74 @@ async fn a_buildkite_job_exchanges_and_revokes_through_the_real_binary() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["message"], "claim `organization_id` did not match policy `buildkite-deploy`");
 }
+
+/// `ephemera exchange` and `revoke` without a token in a Buildkite job ask the agent for one,
+/// as Buildkite hands tokens over: `buildkite-agent oidc request-token --audience <broker>
+/// --claim organization_id,pipeline_id`. The agent here is a FAKE (a shell script on PATH that
+/// records its arguments and prints a token of the dev broker's Buildkite stand-in): the real
+/// agent needs Buildkite's API. A failing agent's message reaches the error, its token never.
+#[tokio::test]
+async fn in_a_buildkite_job_the_cli_asks_the_agent_for_the_token() {
+    let client = client();
+    let (broker, _data) = ready_broker(&client).await;
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policies/tests/claims/buildkite-main-deploy.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let resp =
+        client.post(broker.endpoint("/dev/token")).json(&json!({"issuer": "buildkite", "claims": fixture})).send();
+    let token = resp.await.unwrap().text().await.unwrap().trim().to_string();
+    let bin = tempfile::tempdir().unwrap();
+    let agent = bin.path().join("buildkite-agent");
+    let script = format!(
+        "#!/bin/sh\necho \"$@\" > '{}/args'\n[ -f '{}/fail' ] && {{ echo 'fatal: access token invalid' >&2; exit 3; }}\necho '{token}'\n",
+        bin.path().display(),
+        bin.path().display()
+    );
+    std::fs::write(&agent, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let run = |args: Vec<String>| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+                .args(&args)
+                .env_remove("EPHEMERA_ID_TOKEN")
+                .env("BUILDKITE_AGENT_ACCESS_TOKEN", "agent-session-token")
+                .env("PATH", path)
+                .env_remove("HTTP_PROXY")
+                .env_remove("http_proxy")
+                .output()
+                .unwrap()
+        })
+    };
+    let url = broker.url().to_string();
+    let out =
+        run(["exchange", "--broker", &url, "--policy", "buildkite-deploy"].map(String::from).to_vec()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["job"], "buildkite:0184990a-477b-4fa8-9968-496074483cee");
+    let args = std::fs::read_to_string(bin.path().join("args")).unwrap();
+    assert_eq!(args.trim(), format!("oidc request-token --audience {url} --claim organization_id,pipeline_id"));
+
+    let out = run(["revoke", "--broker", &url].map(String::from).to_vec()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(revoked["revoked"], json!([reply["lease_id"]]));
+
+    std::fs::write(bin.path().join("fail"), "").unwrap();
+    let out =
+        run(["exchange", "--broker", &url, "--policy", "buildkite-deploy"].map(String::from).to_vec()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`buildkite-agent oidc request-token` failed") && stderr.contains("access token invalid"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&token));
+}
