@@ -475,3 +475,83 @@ fn hook_config_errors_are_reported_at_start() {
     assert!(config.hooks.gitlab.is_none());
     assert!(!format!("{config:?}").contains(GITHUB_SECRET));
 }
+
+// ---- Buildkite (issue 18) ------------------------------------------------------------------
+
+const BUILDKITE_TOKEN: &str = "buildkite-webhook-token-for-tests";
+const BUILDKITE_JOB: &str = "0184990a-477b-4fa8-9968-496074483cee";
+
+/// A broker trusting one Buildkite issuer (`buildkite`) with the example deploy policy and the
+/// `job.finished` hook on; the fixture's claims restamped for the issuer.
+async fn setup_buildkite() -> (FakeIssuer, Broker, tempfile::TempDir, serde_json::Map<String, Value>) {
+    let issuer = FakeIssuer::start().await;
+    let secrets = write_secrets();
+    std::fs::write(secrets.path().join("buildkite-token"), format!("{BUILDKITE_TOKEN}\n")).unwrap();
+    let yaml = std::fs::read_to_string(repo_path("policies/buildkite-deploy.yaml")).unwrap();
+    let hooks = hooks_toml(secrets.path(), &[("buildkite_token_file", "buildkite-token")], "");
+    let extra = Extra { hooks_toml: hooks, ..Extra::default() };
+    let broker =
+        Broker::start_custom(&[("buildkite", "buildkite", &issuer)], &[("buildkite-deploy", &yaml)], &extra).await;
+    let text = std::fs::read_to_string(repo_path("policies/tests/claims/buildkite-main-deploy.json")).unwrap();
+    let mut claims: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
+    claims.insert("iss".into(), json!(issuer.url));
+    claims.insert("aud".into(), json!(AUDIENCE));
+    claims.insert("iat".into(), json!(NOW));
+    claims.insert("nbf".into(), json!(NOW));
+    claims.insert("exp".into(), json!(NOW + 300));
+    (issuer, broker, secrets, claims)
+}
+
+async fn buildkite_hook(broker: &Broker, token: Option<&str>, event: &str, body: &str) -> (u16, Value) {
+    let mut req = broker.http.post(format!("{}/v1/hooks/buildkite", broker.url)).header("x-buildkite-event", event);
+    if let Some(token) = token {
+        req = req.header("x-buildkite-token", token);
+    }
+    status_json(req.body(body.to_string()).send().await.unwrap()).await
+}
+
+fn job_finished(job: &str) -> String {
+    json!({"event": "job.finished", "job": {"id": job, "state": "passed", "exit_status": 0},
+           "build": {"number": 1042}, "pipeline": {"slug": "web-deploy"}, "sender": {"name": "Buildkite"}})
+    .to_string()
+}
+
+#[tokio::test]
+async fn a_buildkite_job_finished_ends_the_jobs_lease_and_a_forged_or_other_event_does_not() {
+    let (issuer, broker, _secrets, claims) = setup_buildkite().await;
+    let (lease_id, jwt) = lease(&broker, &issuer, &claims, "buildkite-deploy").await;
+    assert_eq!(
+        broker.running.app.lease(&lease_id).await.unwrap().unwrap().job.as_ref(),
+        format!("buildkite:{BUILDKITE_JOB}")
+    );
+    for token in [None, Some("wrong"), Some(&BUILDKITE_TOKEN[1..])] {
+        assert_error(
+            &buildkite_hook(&broker, token, "job.finished", &job_finished(BUILDKITE_JOB)).await,
+            401,
+            "unauthorized",
+        );
+    }
+    let started = buildkite_hook(&broker, Some(BUILDKITE_TOKEN), "job.started", &job_finished(BUILDKITE_JOB)).await;
+    assert_eq!(started, (200, json!({"ignored": "not a job.finished event"})));
+    let other = buildkite_hook(
+        &broker,
+        Some(BUILDKITE_TOKEN),
+        "job.finished",
+        &job_finished("0184990a-0000-4000-8000-000000000009"),
+    )
+    .await;
+    assert_eq!(other, (200, json!({"revoked": [], "pending": []})), "another job's end ends nothing of this one");
+    assert!(active(&broker, &jwt).await);
+
+    let finished = buildkite_hook(&broker, Some(BUILDKITE_TOKEN), "job.finished", &job_finished(BUILDKITE_JOB)).await;
+    assert_eq!(finished, (200, json!({"revoked": [lease_id], "pending": []})));
+    assert!(!active(&broker, &jwt).await);
+    // Buildkite sends no delivery id: a redelivery ends the job again, which ends nothing more.
+    let again = buildkite_hook(&broker, Some(BUILDKITE_TOKEN), "job.finished", &job_finished(BUILDKITE_JOB)).await;
+    assert_eq!(again, (200, json!({"revoked": [], "pending": []})));
+    // A job id that could forge another key is refused, not turned into one.
+    let forged =
+        buildkite_hook(&broker, Some(BUILDKITE_TOKEN), "job.finished", &job_finished("x:github:74:1:2:3")).await;
+    assert_error(&forged, 400, "bad_request");
+    assert_not_logged(&[BUILDKITE_TOKEN]);
+}

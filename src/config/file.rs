@@ -147,8 +147,10 @@ struct RawAdmin {
 struct RawHooks {
     github_secret_file: Option<PathBuf>,
     gitlab_token_file: Option<PathBuf>,
+    buildkite_token_file: Option<PathBuf>,
     github_issuer: Option<String>,
     gitlab_issuer: Option<String>,
+    buildkite_issuer: Option<String>,
 }
 
 /// [`Config::parse`]: the TOML as written, then validated.
@@ -551,6 +553,7 @@ impl RawHooks {
     fn validate(&self, issuers: &[IssuerConfig], base: &Path, errs: &mut Errors) -> HooksConfig {
         let github = (self.github_secret_file.as_deref(), "github_secret_file");
         let gitlab = (self.gitlab_token_file.as_deref(), "gitlab_token_file");
+        let buildkite = (self.buildkite_token_file.as_deref(), "buildkite_token_file");
         HooksConfig {
             github: hook(
                 github,
@@ -564,6 +567,14 @@ impl RawHooks {
                 gitlab,
                 (self.gitlab_issuer.as_deref(), "gitlab_issuer"),
                 Platform::GitlabCi,
+                issuers,
+                base,
+                errs,
+            ),
+            buildkite: hook(
+                buildkite,
+                (self.buildkite_issuer.as_deref(), "buildkite_issuer"),
+                Platform::Buildkite,
                 issuers,
                 base,
                 errs,

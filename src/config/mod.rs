@@ -86,6 +86,8 @@ pub struct HooksConfig {
     pub github: Option<HookConfig>,
     /// `POST /v1/hooks/gitlab`, authenticated by this token in `X-Gitlab-Token`.
     pub gitlab: Option<HookConfig>,
+    /// `POST /v1/hooks/buildkite`, authenticated by this token in `X-Buildkite-Token`.
+    pub buildkite: Option<HookConfig>,
 }
 
 /// One enabled webhook.
@@ -309,7 +311,11 @@ impl HooksConfig {
     /// to start on an error, so a broken file stops the start, not the first delivery.
     pub fn load_secrets(&mut self) -> Result<(), Vec<String>> {
         let mut errs = Vec::new();
-        for (hook, field) in [(&mut self.github, "github_secret_file"), (&mut self.gitlab, "gitlab_token_file")] {
+        for (hook, field) in [
+            (&mut self.github, "github_secret_file"),
+            (&mut self.gitlab, "gitlab_token_file"),
+            (&mut self.buildkite, "buildkite_token_file"),
+        ] {
             if let Some(hook) = hook.as_mut() {
                 match read_secret_file(&hook.secret_file) {
                     Ok(secret) => hook.secret = secret,

@@ -48,6 +48,15 @@ pub(super) fn routes(config: &HooksConfig) -> AppRouter {
             }),
         );
     }
+    if let Some(c) = &config.buildkite {
+        let hook = Arc::new(Hook::buildkite(c));
+        router = router.route(
+            "/v1/hooks/buildkite",
+            post(move |State(app): State<Arc<App>>, headers: HeaderMap, body: Body| {
+                buildkite(app, hook.clone(), headers, body)
+            }),
+        );
+    }
     router
 }
 
@@ -131,6 +140,38 @@ async fn gitlab(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) 
     end_job(app, &hook, delivery, claim, format!("gitlab:{}:{}", build.project_id, build.build_id)).await
 }
 
+// ---- Buildkite --------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct BuildkiteFinished {
+    job: BuildkiteJob,
+}
+
+#[derive(Deserialize)]
+struct BuildkiteJob {
+    id: String,
+}
+
+/// `job.finished` (`X-Buildkite-Event`) ends the leases of `buildkite:<job.id>`. Buildkite sends
+/// no delivery id: a redelivery ends the job again, which ends nothing more.
+async fn buildkite(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(&headers, body).await?;
+    hook.authenticate(&headers, &bytes)?;
+    let Some(claim) = claim(&app, &hook, None).await else { return Ok(duplicate(&hook, None)) };
+    let event = headers.get("x-buildkite-event").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    match event {
+        "ping" => return Ok(ignored(&hook, None, claim, "ping")),
+        "job.finished" => {}
+        _ => return Ok(ignored(&hook, None, claim, "not a job.finished event")),
+    }
+    let job = parse_json::<BuildkiteFinished>(&bytes)?.job;
+    // Attack: the job key is built from this text; only a UUID (no `:`) may form one.
+    if job.id.len() != 36 || !job.id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Err(Error::BadRequest("`job.id` is not a Buildkite job id".into()));
+    }
+    end_job(app, &hook, None, claim, format!("buildkite:{}", job.id.to_ascii_lowercase())).await
+}
+
 // ---- shared -----------------------------------------------------------------------------------
 
 /// One enabled webhook.
@@ -144,8 +185,9 @@ struct Hook {
 enum Auth {
     /// GitHub: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>`.
     Hmac(hmac::Key),
-    /// GitLab: `X-Gitlab-Token: <token>`; only the token's SHA-256 is kept.
-    Token(digest::Digest),
+    /// GitLab (`X-Gitlab-Token`), Buildkite (`X-Buildkite-Token`): the token in this header;
+    /// only its SHA-256 is kept.
+    Token(&'static str, digest::Digest),
 }
 
 impl Hook {
@@ -156,7 +198,12 @@ impl Hook {
 
     fn gitlab(c: &HookConfig) -> Hook {
         let token = digest::digest(&digest::SHA256, c.secret.expose().as_bytes());
-        Hook::new("gitlab", c, Auth::Token(token))
+        Hook::new("gitlab", c, Auth::Token("x-gitlab-token", token))
+    }
+
+    fn buildkite(c: &HookConfig) -> Hook {
+        let token = digest::digest(&digest::SHA256, c.secret.expose().as_bytes());
+        Hook::new("buildkite", c, Auth::Token("x-buildkite-token", token))
     }
 
     fn new(name: &'static str, c: &HookConfig, auth: Auth) -> Hook {
@@ -170,15 +217,15 @@ impl Hook {
                 // Constant time: `ring` compares the tags without an early exit.
                 hmac::verify(key, body, &tag).map_err(|_| "signature does not match the body")
             }),
-            Auth::Token(expected) => match headers.get("x-gitlab-token") {
-                None => Err("no X-Gitlab-Token header"),
+            Auth::Token(header, expected) => match headers.get(*header) {
+                None => Err("no token header"),
                 // Digests of both, so neither the comparison's time nor its length check says
                 // anything about the token's length.
                 Some(given) => {
                     let given = digest::digest(&digest::SHA256, given.as_bytes());
                     match crate::secret::constant_time_eq(given.as_ref(), expected.as_ref()) {
                         true => Ok(()),
-                        false => Err("X-Gitlab-Token does not match"),
+                        false => Err("the token header does not match"),
                     }
                 }
             },
