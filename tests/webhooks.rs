@@ -458,6 +458,14 @@ fn hook_config_errors_are_reported_at_start() {
             "hooks.gitlab_token_file: no gitlab-ci issuer is configured",
         ),
         ("[hooks]\ngithub_secret = \"inline\"\n", "unknown field"),
+        (
+            "[hooks]\nbuildkite_token_file = \"gitlab-token\"\n",
+            "hooks.buildkite_token_file: no buildkite issuer is configured",
+        ),
+        (
+            "[hooks]\nbuildkite_token_file = \"gitlab-token\"\nbuildkite_signing_secret_file = \"gitlab-token\"\n",
+            "set it or buildkite_token_file, not both",
+        ),
     ];
     for (hooks, needle) in cases {
         let errs = config_with(&one, hooks, secrets.path()).unwrap_err();
@@ -484,11 +492,17 @@ const BUILDKITE_JOB: &str = "0184990a-477b-4fa8-9968-496074483cee";
 /// A broker trusting one Buildkite issuer (`buildkite`) with the example deploy policy and the
 /// `job.finished` hook on; the fixture's claims restamped for the issuer.
 async fn setup_buildkite() -> (FakeIssuer, Broker, tempfile::TempDir, serde_json::Map<String, Value>) {
+    setup_buildkite_with("buildkite_token_file").await
+}
+
+/// [`setup_buildkite`] with the webhook's secret under `key` (`buildkite_token_file` or
+/// `buildkite_signing_secret_file`).
+async fn setup_buildkite_with(key: &str) -> (FakeIssuer, Broker, tempfile::TempDir, serde_json::Map<String, Value>) {
     let issuer = FakeIssuer::start().await;
     let secrets = write_secrets();
     std::fs::write(secrets.path().join("buildkite-token"), format!("{BUILDKITE_TOKEN}\n")).unwrap();
     let yaml = std::fs::read_to_string(repo_path("policies/buildkite-deploy.yaml")).unwrap();
-    let hooks = hooks_toml(secrets.path(), &[("buildkite_token_file", "buildkite-token")], "");
+    let hooks = hooks_toml(secrets.path(), &[(key, "buildkite-token")], "");
     let extra = Extra { hooks_toml: hooks, ..Extra::default() };
     let broker =
         Broker::start_custom(&[("buildkite", "buildkite", &issuer)], &[("buildkite-deploy", &yaml)], &extra).await;
@@ -554,4 +568,45 @@ async fn a_buildkite_job_finished_ends_the_jobs_lease_and_a_forged_or_other_even
         buildkite_hook(&broker, Some(BUILDKITE_TOKEN), "job.finished", &job_finished("x:github:74:1:2:3")).await;
     assert_error(&forged, 400, "bad_request");
     assert_not_logged(&[BUILDKITE_TOKEN]);
+}
+
+/// `X-Buildkite-Signature: timestamp=T,signature=hex(HMAC-SHA256(secret, "T.body"))`.
+fn buildkite_signature(secret: &str, timestamp: i64, body: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("{timestamp}.{body}").as_bytes());
+    format!("timestamp={timestamp},signature={}", ephemera::secret::hex(tag.as_ref()))
+}
+
+async fn buildkite_signed(broker: &Broker, signature: &str, body: &str) -> (u16, Value) {
+    let req = broker
+        .http
+        .post(format!("{}/v1/hooks/buildkite", broker.url))
+        .header("x-buildkite-event", "job.finished")
+        .header("x-buildkite-signature", signature);
+    status_json(req.body(body.to_string()).send().await.unwrap()).await
+}
+
+/// Buildkite's signed mode: the secret never travels; a signature over another body, with
+/// another secret, a timestamp outside five minutes, or a token header instead, is refused.
+#[tokio::test]
+async fn a_signed_buildkite_delivery_ends_the_job_and_a_stale_or_forged_one_does_not() {
+    let (issuer, broker, _secrets, claims) = setup_buildkite_with("buildkite_signing_secret_file").await;
+    let (lease_id, jwt) = lease(&broker, &issuer, &claims, "buildkite-deploy").await;
+    let body = job_finished(BUILDKITE_JOB);
+    for signature in [
+        buildkite_signature("another-secret", NOW, &body),
+        buildkite_signature(BUILDKITE_TOKEN, NOW, &job_finished("0184990a-0000-4000-8000-000000000009")),
+        buildkite_signature(BUILDKITE_TOKEN, NOW - 301, &body),
+        buildkite_signature(BUILDKITE_TOKEN, NOW + 301, &body),
+        format!("signature={}", "0".repeat(64)),
+        "timestamp=1,signature=zz".to_string(),
+    ] {
+        assert_error(&buildkite_signed(&broker, &signature, &body).await, 401, "unauthorized");
+    }
+    let token_mode = buildkite_hook(&broker, Some(BUILDKITE_TOKEN), "job.finished", &body).await;
+    assert_error(&token_mode, 401, "unauthorized");
+    assert!(active(&broker, &jwt).await);
+    let signed = buildkite_signed(&broker, &buildkite_signature(BUILDKITE_TOKEN, NOW - 299, &body), &body).await;
+    assert_eq!(signed, (200, json!({"revoked": [lease_id], "pending": []})));
+    assert!(!active(&broker, &jwt).await);
 }

@@ -148,6 +148,7 @@ struct RawHooks {
     github_secret_file: Option<PathBuf>,
     gitlab_token_file: Option<PathBuf>,
     buildkite_token_file: Option<PathBuf>,
+    buildkite_signing_secret_file: Option<PathBuf>,
     github_issuer: Option<String>,
     gitlab_issuer: Option<String>,
     buildkite_issuer: Option<String>,
@@ -553,7 +554,16 @@ impl RawHooks {
     fn validate(&self, issuers: &[IssuerConfig], base: &Path, errs: &mut Errors) -> HooksConfig {
         let github = (self.github_secret_file.as_deref(), "github_secret_file");
         let gitlab = (self.gitlab_token_file.as_deref(), "gitlab_token_file");
-        let buildkite = (self.buildkite_token_file.as_deref(), "buildkite_token_file");
+        if self.buildkite_token_file.is_some() && self.buildkite_signing_secret_file.is_some() {
+            errs.0.push(
+                "hooks.buildkite_signing_secret_file: set it or buildkite_token_file, not both (the webhook has one secret)"
+                    .into(),
+            );
+        }
+        let buildkite = match &self.buildkite_signing_secret_file {
+            Some(file) => (Some(file.as_path()), "buildkite_signing_secret_file"),
+            None => (self.buildkite_token_file.as_deref(), "buildkite_token_file"),
+        };
         HooksConfig {
             github: hook(
                 github,
@@ -571,6 +581,7 @@ impl RawHooks {
                 base,
                 errs,
             ),
+            buildkite_signed: self.buildkite_signing_secret_file.is_some(),
             buildkite: hook(
                 buildkite,
                 (self.buildkite_issuer.as_deref(), "buildkite_issuer"),

@@ -86,8 +86,12 @@ pub struct HooksConfig {
     pub github: Option<HookConfig>,
     /// `POST /v1/hooks/gitlab`, authenticated by this token in `X-Gitlab-Token`.
     pub gitlab: Option<HookConfig>,
-    /// `POST /v1/hooks/buildkite`, authenticated by this token in `X-Buildkite-Token`.
+    /// `POST /v1/hooks/buildkite`, authenticated by this token in `X-Buildkite-Token`, or, when
+    /// `buildkite_signed`, by `X-Buildkite-Signature` (HMAC-SHA256 with this secret).
     pub buildkite: Option<HookConfig>,
+    /// The Buildkite webhook's secret signs (`buildkite_signing_secret_file`) instead of being
+    /// sent as a token (`buildkite_token_file`).
+    pub buildkite_signed: bool,
 }
 
 /// One enabled webhook.
@@ -314,7 +318,10 @@ impl HooksConfig {
         for (hook, field) in [
             (&mut self.github, "github_secret_file"),
             (&mut self.gitlab, "gitlab_token_file"),
-            (&mut self.buildkite, "buildkite_token_file"),
+            (
+                &mut self.buildkite,
+                if self.buildkite_signed { "buildkite_signing_secret_file" } else { "buildkite_token_file" },
+            ),
         ] {
             if let Some(hook) = hook.as_mut() {
                 match read_secret_file(&hook.secret_file) {

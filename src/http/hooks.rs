@@ -49,7 +49,7 @@ pub(super) fn routes(config: &HooksConfig) -> AppRouter {
         );
     }
     if let Some(c) = &config.buildkite {
-        let hook = Arc::new(Hook::buildkite(c));
+        let hook = Arc::new(Hook::buildkite(c, config.buildkite_signed));
         router = router.route(
             "/v1/hooks/buildkite",
             post(move |State(app): State<Arc<App>>, headers: HeaderMap, body: Body| {
@@ -90,7 +90,7 @@ struct WorkflowJob {
 
 async fn github(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body).await?;
-    hook.authenticate(&headers, &bytes)?;
+    hook.authenticate(&headers, &bytes, app.now())?;
     let delivery = delivery_id(&headers, "x-github-delivery")?;
     let Some(claim) = claim(&app, &hook, delivery).await else { return Ok(duplicate(&hook, delivery)) };
     let event = headers.get("x-github-event").and_then(|v| v.to_str().ok()).unwrap_or_default();
@@ -127,7 +127,7 @@ const GITLAB_FINAL: [&str; 3] = ["success", "failed", "canceled"];
 
 async fn gitlab(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body).await?;
-    hook.authenticate(&headers, &bytes)?;
+    hook.authenticate(&headers, &bytes, app.now())?;
     let delivery = delivery_id(&headers, "x-gitlab-event-uuid")?;
     let Some(claim) = claim(&app, &hook, delivery).await else { return Ok(duplicate(&hook, delivery)) };
     if parse_json::<GitlabKind>(&bytes)?.object_kind != "build" {
@@ -156,7 +156,7 @@ struct BuildkiteJob {
 /// no delivery id: a redelivery ends the job again, which ends nothing more.
 async fn buildkite(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body).await?;
-    hook.authenticate(&headers, &bytes)?;
+    hook.authenticate(&headers, &bytes, app.now())?;
     let Some(claim) = claim(&app, &hook, None).await else { return Ok(duplicate(&hook, None)) };
     let event = headers.get("x-buildkite-event").and_then(|v| v.to_str().ok()).unwrap_or_default();
     match event {
@@ -188,7 +188,14 @@ enum Auth {
     /// GitLab (`X-Gitlab-Token`), Buildkite (`X-Buildkite-Token`): the token in this header;
     /// only its SHA-256 is kept.
     Token(&'static str, digest::Digest),
+    /// Buildkite's signed mode: `X-Buildkite-Signature: timestamp=<unix>,signature=<hex
+    /// HMAC-SHA256(secret, "<timestamp>.<body>")>`. The secret never travels.
+    BuildkiteSignature(hmac::Key),
 }
+
+/// How far a signed Buildkite delivery's timestamp may be from now. Attack: a captured delivery
+/// replayed later; within the window a replay only ends a job that ended anyway.
+const SIGNATURE_WINDOW_SECS: i64 = 300;
 
 impl Hook {
     fn github(c: &HookConfig) -> Hook {
@@ -201,17 +208,22 @@ impl Hook {
         Hook::new("gitlab", c, Auth::Token("x-gitlab-token", token))
     }
 
-    fn buildkite(c: &HookConfig) -> Hook {
-        let token = digest::digest(&digest::SHA256, c.secret.expose().as_bytes());
-        Hook::new("buildkite", c, Auth::Token("x-buildkite-token", token))
+    fn buildkite(c: &HookConfig, signed: bool) -> Hook {
+        let auth = if signed {
+            Auth::BuildkiteSignature(hmac::Key::new(hmac::HMAC_SHA256, c.secret.expose().as_bytes()))
+        } else {
+            Auth::Token("x-buildkite-token", digest::digest(&digest::SHA256, c.secret.expose().as_bytes()))
+        };
+        Hook::new("buildkite", c, auth)
     }
 
     fn new(name: &'static str, c: &HookConfig, auth: Auth) -> Hook {
         Hook { name, issuer: c.issuer.clone(), auth, deliveries: Deliveries::default() }
     }
 
-    /// The sender holds the secret. Nothing of the body is read before this passes.
-    fn authenticate(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Error> {
+    /// The sender holds the secret. Nothing of the body is read before this passes. `now` is
+    /// what a signed timestamp is checked against.
+    fn authenticate(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), Error> {
         let result = match &self.auth {
             Auth::Hmac(key) => github_signature(headers).and_then(|tag| {
                 // Constant time: `ring` compares the tags without an early exit.
@@ -229,6 +241,16 @@ impl Hook {
                     }
                 }
             },
+            Auth::BuildkiteSignature(key) => buildkite_signature(headers).and_then(|(timestamp, tag)| {
+                let mut signed = format!("{timestamp}.").into_bytes();
+                signed.extend_from_slice(body);
+                hmac::verify(key, &signed, &tag).map_err(|_| "signature does not match the body")?;
+                let at: i64 = timestamp.parse().map_err(|_| "the signature's timestamp is not a number")?;
+                if (now - at).abs() > SIGNATURE_WINDOW_SECS {
+                    return Err("the signature's timestamp is more than 5 minutes away");
+                }
+                Ok(())
+            }),
         };
         result.map_err(|reason| {
             tracing::warn!(hook = self.name, reason, "webhook delivery not authenticated");
@@ -249,6 +271,26 @@ fn github_signature(headers: &HeaderMap) -> Result<[u8; 32], &'static str> {
     let text = value.to_str().map_err(|_| "X-Hub-Signature-256 is not text")?;
     let hex = text.strip_prefix("sha256=").ok_or("X-Hub-Signature-256 does not start with sha256=")?;
     crate::config::parse_sha256_hex(hex).ok_or("X-Hub-Signature-256 is not 64 hex digits")
+}
+
+/// `timestamp=<digits>,signature=<64 hex digits>` → (timestamp text, tag).
+fn buildkite_signature(headers: &HeaderMap) -> Result<(String, [u8; 32]), &'static str> {
+    let value = headers.get("x-buildkite-signature").ok_or("no X-Buildkite-Signature header")?;
+    let text = value.to_str().map_err(|_| "X-Buildkite-Signature is not text")?;
+    let (mut timestamp, mut signature) = (None, None);
+    for part in text.split(',') {
+        match part.trim().split_once('=') {
+            Some(("timestamp", t)) if !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit()) => {
+                timestamp = Some(t.to_string());
+            }
+            Some(("signature", s)) => signature = crate::config::parse_sha256_hex(s),
+            _ => return Err("X-Buildkite-Signature is not timestamp=…,signature=…"),
+        }
+    }
+    match (timestamp, signature) {
+        (Some(t), Some(s)) => Ok((t, s)),
+        _ => Err("X-Buildkite-Signature lacks a timestamp or a 64-hex-digit signature"),
+    }
 }
 
 /// The delivery's id, when the platform sent one.
