@@ -353,6 +353,21 @@ async fn dev_mode_from_a_directory_without_policies_serves_the_dev_policy_alone(
     assert_eq!(status, 403, "the example policies must not be there: {body}");
 }
 
+/// The claims of `policies/tests/claims/buildkite-main-deploy.json` (shaped like a real
+/// Buildkite agent token).
+fn buildkite_fixture() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/tests/claims/buildkite-main-deploy.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A token of the dev broker's stand-in `buildkite` issuer carrying `claims`.
+async fn buildkite_token(client: &reqwest::Client, broker: &DevBroker, claims: &Value) -> String {
+    let body = json!({"issuer": "buildkite", "claims": claims});
+    let resp = client.post(broker.endpoint("/dev/token")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap().trim().to_string()
+}
+
 /// Issue 18: a Buildkite-shaped token (the dev broker's stand-in `buildkite` issuer signs the
 /// claims of `policies/tests/claims/buildkite-main-deploy.json`) is exchanged and revoked through
 /// the real binary under the example policy `buildkite-deploy`; its lease's job is the job UUID.
@@ -361,24 +376,8 @@ async fn dev_mode_from_a_directory_without_policies_serves_the_dev_policy_alone(
 async fn a_buildkite_job_exchanges_and_revokes_through_the_real_binary() {
     let client = client();
     let (broker, _data) = ready_broker(&client).await;
-    let fixture: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/policies/tests/claims/buildkite-main-deploy.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let token = |claims: &Value| {
-        let body = json!({"issuer": "buildkite", "claims": claims});
-        let (client, url) = (client.clone(), broker.endpoint("/dev/token"));
-        async move {
-            let resp = client.post(url).json(&body).send().await.unwrap();
-            assert_eq!(resp.status(), 200);
-            resp.text().await.unwrap().trim().to_string()
-        }
-    };
-    let job_token = token(&fixture).await;
+    let fixture = buildkite_fixture();
+    let job_token = buildkite_token(&client, &broker, &fixture).await;
     let (status, body) = exchange(&client, &broker, &job_token, &json!({"policy": "buildkite-deploy"})).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["job"], "buildkite:0184990a-477b-4fa8-9968-496074483cee");
@@ -388,8 +387,13 @@ async fn a_buildkite_job_exchanges_and_revokes_through_the_real_binary() {
 
     let mut other_org = fixture.clone();
     other_org["organization_id"] = json!("11111111-2222-4333-8444-555555555555");
-    let (status, body) =
-        exchange(&client, &broker, &token(&other_org).await, &json!({"policy": "buildkite-deploy"})).await;
+    let (status, body) = exchange(
+        &client,
+        &broker,
+        &buildkite_token(&client, &broker, &other_org).await,
+        &json!({"policy": "buildkite-deploy"}),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["message"], "claim `organization_id` did not match policy `buildkite-deploy`");
 }
@@ -403,17 +407,8 @@ async fn a_buildkite_job_exchanges_and_revokes_through_the_real_binary() {
 async fn in_a_buildkite_job_the_cli_asks_the_agent_for_the_token() {
     let client = client();
     let (broker, _data) = ready_broker(&client).await;
-    let fixture: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/policies/tests/claims/buildkite-main-deploy.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let resp =
-        client.post(broker.endpoint("/dev/token")).json(&json!({"issuer": "buildkite", "claims": fixture})).send();
-    let token = resp.await.unwrap().text().await.unwrap().trim().to_string();
+    let fixture = buildkite_fixture();
+    let token = buildkite_token(&client, &broker, &fixture).await;
     let bin = tempfile::tempdir().unwrap();
     let agent = bin.path().join("buildkite-agent");
     let script = format!(
