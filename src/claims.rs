@@ -1,5 +1,5 @@
 //! Claims and platforms: the claim set of a verified token, the CI platforms, typed views of
-//! GitHub Actions and GitLab CI tokens, and the job key. A leaf: every room reads claims
+//! each platform's tokens, and the job key. A leaf: every room reads claims
 //! (identity verifies them, policy matches them, mint stamps them, ledger keeps a snapshot), so
 //! they live below all of them and import nothing of the crate.
 //!
@@ -13,7 +13,7 @@ use std::fmt;
 
 pub type Claims = Map<String, Value>;
 
-/// A CI platform whose OIDC tokens ephemera understands.
+/// A CI platform whose OIDC tokens ephemera understands (docs/platforms.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Platform {
@@ -22,6 +22,17 @@ pub enum Platform {
     /// Buildkite agents' tokens (`https://agent.buildkite.com`): one issuer shared by every
     /// Buildkite organisation.
     Buildkite,
+    /// CircleCI jobs' `$CIRCLE_OIDC_TOKEN_V2` (`https://oidc.circleci.com/org/<org id>`).
+    Circleci,
+    /// Azure Pipelines service-connection tokens (`https://vstoken.dev.azure.com/<org id>`).
+    AzurePipelines,
+    /// Bitbucket Pipelines steps' `$BITBUCKET_STEP_OIDC_TOKEN` (one issuer per workspace).
+    Bitbucket,
+    /// Jenkins' OpenID Connect Provider plugin: claim templates are the controller's to choose,
+    /// so the issuer's config names the job-key claims.
+    Jenkins,
+    /// Any other OIDC issuer: the config names the job-key and the identity claims.
+    Generic,
 }
 
 impl Platform {
@@ -30,13 +41,44 @@ impl Platform {
             Platform::GithubActions => "github-actions",
             Platform::GitlabCi => "gitlab-ci",
             Platform::Buildkite => "buildkite",
+            Platform::Circleci => "circleci",
+            Platform::AzurePipelines => "azure-pipelines",
+            Platform::Bitbucket => "bitbucket",
+            Platform::Jenkins => "jenkins",
+            Platform::Generic => "generic",
         }
     }
 
+    /// Does the issuer's config name the job-key claims (`job_key_claims`) and the identity
+    /// claims a policy must bind (`identity_claims`)? Only where the platform lets the operator
+    /// choose the claim set.
+    pub fn configured_claims(self) -> bool {
+        matches!(self, Platform::Jenkins | Platform::Generic)
+    }
+
     /// Does every token carry a `jti`? Replay protection defaults to on only where it does: a
-    /// Buildkite token has none (its `job_id` and a lifetime of minutes bound a replay instead).
+    /// Buildkite token has none (its `job_id` and a lifetime of minutes bound a replay instead),
+    /// nor do CircleCI's, Bitbucket's or the Jenkins plugin's.
     pub fn sends_jti(self) -> bool {
-        matches!(self, Platform::GithubActions | Platform::GitlabCi)
+        matches!(self, Platform::GithubActions | Platform::GitlabCi | Platform::AzurePipelines)
+    }
+
+    /// The claims a policy must bind to an exact value or a list (ids never reused), for the
+    /// platforms that have them; a `jenkins` or `generic` issuer's config names its own.
+    pub fn identity_claims(self) -> &'static [&'static str] {
+        match self {
+            Platform::GithubActions => &["repository_id", "repository_owner_id"],
+            Platform::GitlabCi => &["project_id", "namespace_id"],
+            // The issuer is shared by every organisation: the ids also pin the organisation.
+            Platform::Buildkite => &["organization_id", "pipeline_id"],
+            // The issuer is the organisation's (its UUID is in the URL).
+            Platform::Circleci => &[CIRCLECI_PROJECT_ID, CIRCLECI_PIPELINE_DEFINITION_ID],
+            // The issuer is the organisation's; a definition id is unique only in its project.
+            Platform::AzurePipelines => &["prj_id"],
+            // The issuer names the workspace by its slug, which can be renamed and taken again.
+            Platform::Bitbucket => &["workspaceUuid", "repositoryUuid"],
+            Platform::Jenkins | Platform::Generic => &[],
+        }
     }
 }
 
@@ -136,13 +178,114 @@ impl BuildkiteClaims {
     }
 }
 
+pub const CIRCLECI_PROJECT_ID: &str = "oidc.circleci.com/project-id";
+pub const CIRCLECI_PIPELINE_DEFINITION_ID: &str = "oidc.circleci.com/pipeline-definition-id";
+pub const CIRCLECI_JOB_ID: &str = "oidc.circleci.com/job-id";
+/// `true` when a person re-ran the job with SSH access: they hold a shell in it.
+pub const CIRCLECI_SSH_RERUN: &str = "oidc.circleci.com/ssh-rerun";
+
+/// A CircleCI job (`$CIRCLE_OIDC_TOKEN_V2`). The issuer is the organisation's. `job-id` came to
+/// the tokens in 2025; a token without it names no job, and is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircleciClaims {
+    pub project_id: String,
+    pub pipeline_definition_id: Option<String>,
+    /// A UUID per job run: the job key.
+    pub job_id: String,
+    pub ssh_rerun: Option<bool>,
+}
+
+impl CircleciClaims {
+    pub fn from_claims(c: &Claims) -> Result<Self, ClaimError> {
+        Ok(CircleciClaims {
+            project_id: uuid(c, CIRCLECI_PROJECT_ID)?.ok_or(ClaimError::Missing(CIRCLECI_PROJECT_ID))?,
+            pipeline_definition_id: uuid(c, CIRCLECI_PIPELINE_DEFINITION_ID)?,
+            job_id: uuid(c, CIRCLECI_JOB_ID)?.ok_or(ClaimError::Missing(CIRCLECI_JOB_ID))?,
+            ssh_rerun: boolean(c, CIRCLECI_SSH_RERUN)?,
+        })
+    }
+
+    /// `circleci:{job-id}`.
+    pub fn job_key(&self) -> String {
+        format!("circleci:{}", self.job_id)
+    }
+}
+
+/// An Azure Pipelines run: the pipeline's own token (`$SYSTEM_OIDCREQUESTURI` asked without a
+/// `serviceConnectionId`). A service-connection token names only the connection (`sc://…`, by
+/// name) and no run, so it has no job key and is refused for want of `run_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzurePipelinesClaims {
+    pub org_id: String,
+    pub prj_id: String,
+    pub def_id: Option<u64>,
+    /// The build (run) id. Azure names no job: the run is the finest scope a token shows.
+    pub run_id: u64,
+}
+
+impl AzurePipelinesClaims {
+    pub fn from_claims(c: &Claims) -> Result<Self, ClaimError> {
+        Ok(AzurePipelinesClaims {
+            org_id: uuid(c, "org_id")?.ok_or(ClaimError::Missing("org_id"))?,
+            prj_id: uuid(c, "prj_id")?.ok_or(ClaimError::Missing("prj_id"))?,
+            def_id: id(c, "def_id")?,
+            run_id: id(c, "run_id")?.ok_or(ClaimError::Missing("run_id"))?,
+        })
+    }
+
+    /// `azure-pipelines:{org_id}:{run_id}`: run ids count per organisation.
+    pub fn job_key(&self) -> String {
+        format!("azure-pipelines:{}:{}", self.org_id, self.run_id)
+    }
+}
+
+/// A Bitbucket Pipelines step (`$BITBUCKET_STEP_OIDC_TOKEN`). Its UUIDs come in braces
+/// (`{2b4d…}`); `sub` holds the step's UUID, so it changes with every run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitbucketClaims {
+    pub workspace_uuid: String,
+    pub repository_uuid: String,
+    /// The job key: a step of one run.
+    pub step_uuid: String,
+    pub deployment_environment_uuid: Option<String>,
+    pub branch_name: Option<String>,
+}
+
+impl BitbucketClaims {
+    pub fn from_claims(c: &Claims) -> Result<Self, ClaimError> {
+        let braced = |name: &'static str| -> Result<Option<String>, ClaimError> {
+            match string(c, name)? {
+                None => Ok(None),
+                Some(v) => match v.strip_prefix('{').and_then(|v| v.strip_suffix('}')) {
+                    Some(inner) if is_uuid(inner) => Ok(Some(inner.to_ascii_lowercase())),
+                    _ => Err(ClaimError::BadType(name)),
+                },
+            }
+        };
+        Ok(BitbucketClaims {
+            workspace_uuid: braced("workspaceUuid")?.ok_or(ClaimError::Missing("workspaceUuid"))?,
+            repository_uuid: braced("repositoryUuid")?.ok_or(ClaimError::Missing("repositoryUuid"))?,
+            step_uuid: braced("stepUuid")?.ok_or(ClaimError::Missing("stepUuid"))?,
+            deployment_environment_uuid: braced("deploymentEnvironmentUuid")?,
+            branch_name: string(c, "branchName")?,
+        })
+    }
+
+    /// `bitbucket:{stepUuid}` (without the braces).
+    pub fn job_key(&self) -> String {
+        format!("bitbucket:{}", self.step_uuid)
+    }
+}
+
+fn is_uuid(v: &str) -> bool {
+    v.len() == 36 && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
 /// A UUID claim (hex digits and `-`, 36 characters): what goes into a job key can hold no `:`.
 fn uuid(c: &Claims, name: &'static str) -> Result<Option<String>, ClaimError> {
     match string(c, name)? {
         None => Ok(None),
-        Some(v) if v.len() == 36 && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') => {
-            Ok(Some(v.to_ascii_lowercase()))
-        }
+        Some(v) if is_uuid(&v) => Ok(Some(v.to_ascii_lowercase())),
         Some(_) => Err(ClaimError::BadType(name)),
     }
 }
@@ -195,13 +338,76 @@ impl GitlabClaims {
     }
 }
 
-/// The job key of a token from `platform`.
+/// How an issuer's tokens name their job: the platform's own rule, or, for a `jenkins` or
+/// `generic` issuer, the claims its config names (`job_key_claims`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobKeyRule {
+    pub platform: Platform,
+    /// Empty for the platforms with a rule of their own.
+    pub claims: Vec<&'static str>,
+}
+
+impl JobKeyRule {
+    pub fn of(platform: Platform) -> JobKeyRule {
+        JobKeyRule { platform, claims: Vec::new() }
+    }
+
+    /// The job key of a verified token's claims.
+    pub fn job_key(&self, claims: &Claims) -> Result<String, ClaimError> {
+        Ok(match self.platform {
+            Platform::GithubActions => GithubClaims::from_claims(claims)?.job_key(),
+            Platform::GitlabCi => GitlabClaims::from_claims(claims)?.job_key(),
+            Platform::Buildkite => BuildkiteClaims::from_claims(claims)?.job_key(),
+            Platform::Circleci => CircleciClaims::from_claims(claims)?.job_key(),
+            Platform::AzurePipelines => AzurePipelinesClaims::from_claims(claims)?.job_key(),
+            Platform::Bitbucket => BitbucketClaims::from_claims(claims)?.job_key(),
+            Platform::Jenkins | Platform::Generic => configured_job_key(self.platform, &self.claims, claims)?,
+        })
+    }
+}
+
+/// The job key of a token from `platform`, for the platforms with a rule of their own.
 pub fn job_key(platform: Platform, claims: &Claims) -> Result<String, ClaimError> {
-    Ok(match platform {
-        Platform::GithubActions => GithubClaims::from_claims(claims)?.job_key(),
-        Platform::GitlabCi => GitlabClaims::from_claims(claims)?.job_key(),
-        Platform::Buildkite => BuildkiteClaims::from_claims(claims)?.job_key(),
-    })
+    JobKeyRule::of(platform).job_key(claims)
+}
+
+/// At most this many bytes of one claim value go into a configured job key.
+const MAX_JOB_CLAIM_BYTES: usize = 512;
+
+/// `<platform>:<value>:<value>…` of the configured claims. Every byte but `[A-Za-z0-9._~/-]` of a
+/// value is percent-encoded: a value holding `:` (a URL, `a:b`) cannot pose as two values and
+/// collide with another job's key.
+fn configured_job_key(platform: Platform, names: &[&'static str], c: &Claims) -> Result<String, ClaimError> {
+    const KEEP: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'.').remove(b'_').remove(b'~').remove(b'/').remove(b'-');
+    if names.is_empty() {
+        return Err(ClaimError::Missing("job_key_claims"));
+    }
+    let mut key = platform.as_str().to_string();
+    for &name in names {
+        let text = match c.get(name) {
+            None | Some(Value::Null) => return Err(ClaimError::Missing(name)),
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_JOB_CLAIM_BYTES => s.clone(),
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
+            Some(_) => return Err(ClaimError::BadType(name)),
+        };
+        key.push(':');
+        key.extend(percent_encoding::utf8_percent_encode(&text, KEEP));
+    }
+    Ok(key)
+}
+
+/// A claim name from the config, for the life of the process. Names are few and a config is read
+/// once (tests read many; each distinct name is kept once), and a [`ClaimError`] can name them.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&known) = names.iter().find(|&&n| n == name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    names.push(leaked);
+    leaked
 }
 
 /// A numeric id sent as a string of digits (GitHub, GitLab) or as a JSON integer.
@@ -288,5 +494,23 @@ pub(crate) mod tests {
         c.remove("job_id");
         assert!(matches!(job_key(Platform::Buildkite, &c), Err(ClaimError::Missing("job_id"))));
         assert!(!Platform::Buildkite.sends_jti() && Platform::GithubActions.sends_jti());
+    }
+
+    #[test]
+    fn a_generic_job_key_joins_the_configured_claims_and_a_colon_cannot_forge_one() {
+        let rule = JobKeyRule { platform: Platform::Generic, claims: vec![intern("project"), intern("run")] };
+        let mut c: Claims = serde_json::from_value(serde_json::json!({"project": "a", "run": 7})).unwrap();
+        assert_eq!(rule.job_key(&c).unwrap(), "generic:a:7");
+        // "a:7" + "" would read as the key above if `:` were kept.
+        c.insert("project".into(), serde_json::json!("a:7"));
+        c.insert("run".into(), serde_json::json!("https://ci.example/job/1/"));
+        assert_eq!(rule.job_key(&c).unwrap(), "generic:a%3A7:https%3A//ci.example/job/1/");
+        c.insert("run".into(), serde_json::json!(["7"]));
+        assert_eq!(rule.job_key(&c), Err(ClaimError::BadType("run")));
+        c.insert("run".into(), serde_json::json!(""));
+        assert_eq!(rule.job_key(&c), Err(ClaimError::BadType("run")));
+        c.remove("run");
+        assert_eq!(rule.job_key(&c), Err(ClaimError::Missing("run")));
+        assert!(std::ptr::eq(intern("run"), intern(&String::from("run"))));
     }
 }

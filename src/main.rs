@@ -275,7 +275,8 @@ enum DevCommand {
         /// JSON file whose claims override the defaults (e.g. a fixture).
         #[arg(long)]
         claims: Option<PathBuf>,
-        /// Which stand-in issuer signs: github, gitlab or buildkite.
+        /// Which stand-in issuer signs: github, gitlab, buildkite, circleci, azure-pipelines,
+        /// bitbucket or jenkins.
         #[arg(long, default_value = "github")]
         issuer: String,
     },
@@ -479,7 +480,7 @@ fn print_dev_banner(url: &str, data_dir: &Path, audit: Option<&Path>) {
     let exe = std::env::current_exe().map_or_else(|_| "ephemera".to_string(), |p| p.display().to_string());
     say!("ephemera listening on {url}");
     say!(
-        "dev mode: loopback only; in-process issuers `github` and `gitlab` at {url}/dev/...; data in {}",
+        "dev mode: loopback only; in-process issuers (github, gitlab, buildkite, circleci, azure-pipelines, bitbucket, jenkins) at {url}/dev/...; data in {}",
         data_dir.display()
     );
     say!("policies: the example policies plus `dev`, which the default dev token satisfies (grants a JWT named `api`)");

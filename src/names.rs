@@ -9,11 +9,12 @@ pub fn is_name(text: &str) -> bool {
 }
 
 /// A claim name as policies, templates and the audit allowlist may name it: ASCII letters,
-/// digits, `_`, `-` and `.`, at most 128 characters.
+/// digits, `_`, `-`, `.` and `/` (CircleCI's claims are `oidc.circleci.com/project-id`), at most
+/// 128 characters.
 pub fn is_claim_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'))
 }
 
 #[cfg(test)]
@@ -24,5 +25,6 @@ mod tests {
     fn names_are_lowercase_slugs_and_claim_names_allow_dots() {
         assert!(is_name("deploy-web_2") && !is_name("Deploy") && !is_name("-x") && !is_name(&"a".repeat(65)));
         assert!(is_claim_name("groups_direct") && is_claim_name("a.b") && !is_claim_name("a b") && !is_claim_name(""));
+        assert!(is_claim_name("oidc.circleci.com/project-id") && !is_claim_name("a:b") && !is_claim_name("a}"));
     }
 }

@@ -7,7 +7,7 @@ use super::{
     DEFAULT_LISTEN, GITHUB_TOKEN_LIFETIME_SECS, GithubAppBackendConfig, HookConfig, HooksConfig, IssuerConfig,
     JwtBackendConfig, OwnedObjects, PostgresRolesConfig, SshBackendConfig, SshRevocation, check_url, parse_sha256_hex,
 };
-use crate::claims::Platform;
+use crate::claims::{JobKeyRule, Platform, intern};
 use crate::clock::parse_duration;
 use crate::names::is_name;
 use crate::secret::SecretString;
@@ -89,6 +89,10 @@ struct RawIssuer {
     unknown_kid_cooldown: Option<String>,
     fetch_timeout: Option<String>,
     replay_protection: Option<bool>,
+    /// `jenkins` and `generic` only: the claims whose values together name one job.
+    job_key_claims: Option<Vec<String>>,
+    /// `jenkins` and `generic` only: the claims a policy must bind (ids never reused).
+    identity_claims: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +193,8 @@ fn default_issuer(name: &str, platform: Platform, url: &str) -> RawIssuer {
         unknown_kid_cooldown: None,
         fetch_timeout: None,
         replay_protection: None,
+        job_key_claims: None,
+        identity_claims: None,
     }
 }
 
@@ -350,9 +356,12 @@ impl RawConfig {
             if leeway_secs > MAX_LEEWAY_SECS {
                 errs.0.push(format!("{at}.leeway: at most 60s (a larger skew window lets expired tokens through)"));
             }
+            let (job_key, identity_claims) = issuer_claims(raw, &at, errs);
             out.push(IssuerConfig {
                 name: raw.name.clone(),
                 platform: raw.platform,
+                job_key,
+                identity_claims,
                 url: raw.url.clone(),
                 audiences,
                 algorithms,
@@ -592,6 +601,72 @@ impl RawHooks {
             ),
         }
     }
+}
+
+/// Claims that name no job and no owner (the broker checks them itself), so neither a job key
+/// nor a policy's identity binding may rest on them.
+const NOT_IDENTIFYING: [&str; 6] = ["iss", "aud", "exp", "iat", "nbf", "azp"];
+
+/// A `jenkins` issuer's defaults, from the OpenID Connect Provider plugin's default build claim
+/// templates: `sub` is `${JOB_URL}` and `build_number` is `${BUILD_NUMBER}`, so a build is its
+/// job's URL and number, and a policy binds the job's URL (the plugin sends no id that survives a
+/// rename; the issuer, a controller or a folder, is the boundary).
+const JENKINS_DEFAULT_CLAIMS: (&[&str], &[&str]) = (&["sub", "build_number"], &["sub"]);
+
+/// At most this many claims in `job_key_claims` or `identity_claims`.
+const MAX_CONFIGURED_CLAIMS: usize = 8;
+
+/// The job-key rule and identity claims of one issuer. A `jenkins` or `generic` issuer's come
+/// from its config (`generic` must name both; `jenkins` defaults to the plugin's default claim
+/// templates); any other platform has its own, and naming them is an error rather than silently
+/// ignored.
+fn issuer_claims(raw: &RawIssuer, at: &str, errs: &mut Errors) -> (JobKeyRule, Vec<String>) {
+    let platform = raw.platform;
+    if !platform.configured_claims() {
+        for (field, set) in [("job_key_claims", &raw.job_key_claims), ("identity_claims", &raw.identity_claims)] {
+            if set.is_some() {
+                errs.0.push(format!(
+                    "{at}.{field}: platform `{}` has its own job key and identity claims (docs/platforms.md);                      {field} is for jenkins and generic issuers",
+                    platform.as_str()
+                ));
+            }
+        }
+        return (JobKeyRule::of(platform), Vec::new());
+    }
+    let defaults: (&[&str], &[&str]) = match platform {
+        Platform::Jenkins => JENKINS_DEFAULT_CLAIMS,
+        _ => (&[], &[]),
+    };
+    let mut list = |field: &str, set: &Option<Vec<String>>, default: &[&str]| -> Vec<String> {
+        let names: Vec<String> = match set {
+            Some(names) => names.clone(),
+            None => default.iter().map(|n| n.to_string()).collect(),
+        };
+        if names.is_empty() {
+            errs.0.push(format!(
+                "{at}.{field}: a {} issuer must name at least one claim (see docs/platforms.md)",
+                platform.as_str()
+            ));
+        }
+        if names.len() > MAX_CONFIGURED_CLAIMS {
+            errs.0.push(format!("{at}.{field}: at most {MAX_CONFIGURED_CLAIMS} claims"));
+        }
+        let mut seen = BTreeSet::new();
+        for name in &names {
+            if !crate::names::is_claim_name(name) {
+                errs.0.push(format!("{at}.{field}: `{}` is not a claim name", crate::clock::truncate(name, 40)));
+            } else if NOT_IDENTIFYING.contains(&name.as_str()) {
+                errs.0.push(format!("{at}.{field}: `{name}` identifies no job or owner (the broker checks it itself)"));
+            } else if !seen.insert(name) {
+                errs.0.push(format!("{at}.{field}: `{name}` is named twice"));
+            }
+        }
+        names
+    };
+    let job = list("job_key_claims", &raw.job_key_claims, defaults.0);
+    let identity = list("identity_claims", &raw.identity_claims, defaults.1);
+    let rule = JobKeyRule { platform, claims: job.iter().map(|n| intern(n)).collect() };
+    (rule, identity)
 }
 
 /// One webhook: its secret file and the issuer whose job keys it ends.

@@ -10,7 +10,7 @@ mod ledger;
 
 pub use ledger::{LedgerConfig, PostgresConfig, StoreConfig};
 
-use crate::claims::Platform;
+use crate::claims::{JobKeyRule, Platform};
 use crate::secret::SecretString;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -109,6 +109,10 @@ pub struct HookConfig {
 pub struct IssuerConfig {
     pub name: String,
     pub platform: Platform,
+    /// How a token's claims name its job.
+    pub job_key: JobKeyRule,
+    /// `jenkins` and `generic`: the claims a policy must bind (empty: the platform's own).
+    pub identity_claims: Vec<String>,
     /// Compared byte for byte with the token's `iss`.
     pub url: String,
     pub audiences: Vec<String>,

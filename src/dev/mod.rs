@@ -4,7 +4,7 @@
 //! `{broker}/dev/gitlab`, serving discovery and JWKS over HTTP like a real issuer, so the broker
 //! verifies dev tokens through exactly the code path it uses for real ones. Loopback only.
 
-use crate::claims::Platform;
+use crate::claims::{JobKeyRule, Platform};
 use crate::clock::UnixSeconds;
 use crate::config::IssuerConfig;
 use crate::ids::{b64url, random};
@@ -51,21 +51,32 @@ impl DevIssuer {
         Ok(DevIssuer { signer, base_url: base_url.trim_end_matches('/').to_string() })
     }
 
+    /// The platform of the stand-in issuer `name` (`/dev/{name}`).
+    pub fn platform_named(&self, name: &str) -> Option<Platform> {
+        DEV_ISSUERS.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+    }
+
+    pub fn issuer_names(&self) -> Vec<&'static str> {
+        DEV_ISSUERS.iter().map(|(n, _)| *n).collect()
+    }
+
     pub fn issuer_url(&self, platform: Platform) -> String {
-        match platform {
-            Platform::GithubActions => format!("{}/dev/github", self.base_url),
-            Platform::GitlabCi => format!("{}/dev/gitlab", self.base_url),
-            Platform::Buildkite => format!("{}/dev/buildkite", self.base_url),
-        }
+        format!("{}/dev/{}", self.base_url, dev_issuer_name(platform))
     }
 
     /// The stand-in issuers, configured like real ones (pinned ES256, fetched over HTTP).
     pub fn issuer_configs(&self, audience: &str) -> Vec<IssuerConfig> {
-        [("github", Platform::GithubActions), ("gitlab", Platform::GitlabCi), ("buildkite", Platform::Buildkite)]
+        DEV_ISSUERS
             .into_iter()
             .map(|(name, platform)| IssuerConfig {
                 name: name.into(),
                 platform,
+                // A `jenkins` issuer's defaults: the plugin's default claim templates.
+                job_key: match platform {
+                    Platform::Jenkins => JobKeyRule { platform, claims: vec!["sub", "build_number"] },
+                    _ => JobKeyRule::of(platform),
+                },
+                identity_claims: if platform == Platform::Jenkins { vec!["sub".into()] } else { Vec::new() },
                 url: self.issuer_url(platform),
                 audiences: vec![audience.to_string()],
                 algorithms: vec![Algorithm::ES256],
@@ -109,6 +120,13 @@ impl DevIssuer {
             Platform::GithubActions => default_github_claims(),
             Platform::GitlabCi => default_gitlab_claims(),
             Platform::Buildkite => default_buildkite_claims(),
+            // The claim fixtures shaped like each platform's real tokens (their README cites
+            // the platforms' pages).
+            Platform::Circleci => fixture(include_str!("../../policies/tests/claims/circleci-main-deploy.json")),
+            Platform::AzurePipelines => fixture(include_str!("../../policies/tests/claims/azure-pipelines-run.json")),
+            Platform::Bitbucket => fixture(include_str!("../../policies/tests/claims/bitbucket-deployment-step.json")),
+            Platform::Jenkins => fixture(include_str!("../../policies/tests/claims/jenkins-folder-build.json")),
+            Platform::Generic => return Err("there is no dev stand-in for a generic issuer".into()),
         };
         if let Some(extra) = overrides {
             for (k, v) in extra {
@@ -127,6 +145,32 @@ impl DevIssuer {
         }
         self.signer.sign(&claims)
     }
+}
+
+/// The stand-in issuers: `{broker}/dev/{name}`, one per platform but `generic` (whose claims
+/// the operator chooses).
+const DEV_ISSUERS: [(&str, Platform); 7] = [
+    ("github", Platform::GithubActions),
+    ("gitlab", Platform::GitlabCi),
+    ("buildkite", Platform::Buildkite),
+    ("circleci", Platform::Circleci),
+    ("azure-pipelines", Platform::AzurePipelines),
+    ("bitbucket", Platform::Bitbucket),
+    ("jenkins", Platform::Jenkins),
+];
+
+/// The stand-in issuer of `platform` (`generic`: none, so its URL names no issuer).
+fn dev_issuer_name(platform: Platform) -> &'static str {
+    DEV_ISSUERS.iter().find(|(_, p)| *p == platform).map_or("none", |(name, _)| name)
+}
+
+/// A built-in claim fixture, less the claims the dev issuer sets itself.
+fn fixture(text: &str) -> Map<String, Value> {
+    let mut claims: Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
+    for k in ["iss", "aud", "iat", "nbf", "exp", "jti"] {
+        claims.remove(k);
+    }
+    claims
 }
 
 fn default_github_claims() -> Map<String, Value> {

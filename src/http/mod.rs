@@ -2,7 +2,6 @@
 //! place where an [`Error`] becomes a response body and a log line.
 
 use crate::app::App;
-use crate::claims::Platform;
 use crate::error::{Error, Level};
 use crate::identity::IdentityError;
 use axum::Router;
@@ -382,23 +381,14 @@ async fn metrics(State(app): AppState) -> Response {
 
 // ---- dev mode -----------------------------------------------------------------------------
 
-fn dev_platform(name: &str) -> Result<Platform, Error> {
-    match name {
-        "github" => Ok(Platform::GithubActions),
-        "gitlab" => Ok(Platform::GitlabCi),
-        "buildkite" => Ok(Platform::Buildkite),
-        _ => Err(Error::NotFound),
-    }
-}
-
 async fn dev_discovery(State(app): AppState, Path(platform): Path<String>) -> Result<Response, Error> {
     let dev = app.dev().ok_or(Error::NotFound)?;
-    Ok(json_response(StatusCode::OK, &dev.discovery(dev_platform(&platform)?)))
+    Ok(json_response(StatusCode::OK, &dev.discovery(dev.platform_named(&platform).ok_or(Error::NotFound)?)))
 }
 
 async fn dev_jwks(State(app): AppState, Path(platform): Path<String>) -> Result<Response, Error> {
     let dev = app.dev().ok_or(Error::NotFound)?;
-    dev_platform(&platform)?;
+    dev.platform_named(&platform).ok_or(Error::NotFound)?;
     Ok(json_response(StatusCode::OK, &dev.jwks()))
 }
 
@@ -413,8 +403,9 @@ async fn dev_token(State(app): AppState, headers: HeaderMap, body: Body) -> Resu
     let dev = app.dev().ok_or(Error::NotFound)?;
     let bytes = read_body(&headers, body).await?;
     let request: DevTokenBody = parse_json(&bytes)?;
-    let platform = dev_platform(request.issuer.as_deref().unwrap_or("github"))
-        .map_err(|_| Error::BadRequest("`issuer` is `github`, `gitlab` or `buildkite`".into()))?;
+    let platform = dev
+        .platform_named(request.issuer.as_deref().unwrap_or("github"))
+        .ok_or_else(|| Error::BadRequest(format!("`issuer` is one of {}", dev.issuer_names().join(", "))))?;
     let token = dev.token(platform, app.public_url(), request.claims.as_ref(), app.now()).map_err(Error::Internal)?;
     Ok(([(header::CONTENT_TYPE, "text/plain")], format!("{token}\n")).into_response())
 }

@@ -4,8 +4,8 @@
 
 use super::jwks::Jwks;
 use super::{IdentityError, Inner, VerifiedIdentity};
+use crate::claims::Claims;
 use crate::claims::Platform;
-use crate::claims::{Claims, job_key};
 use crate::clock::{Clock, UnixSeconds};
 use crate::config::IssuerConfig;
 use crate::ids::b64url_decode;
@@ -198,7 +198,7 @@ impl Issuer {
     }
 
     fn identity(&self, claims: Claims, token: &str) -> Result<VerifiedIdentity, IdentityError> {
-        let job = self.job_key(job_key(self.config.platform, &claims)?);
+        let job = self.job_key(self.config.job_key.job_key(&claims)?);
         let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
         Ok(VerifiedIdentity(Arc::new(Inner {
             issuer: self.config.name.clone(),

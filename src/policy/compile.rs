@@ -6,11 +6,11 @@ use super::file::{
     AwsGrantFile, GithubGrantFile, GithubPermissionLevel, JwtGrantFile, PolicyFile, PostgresGrantFile, RenewFile,
     SshGrantFile, TtlFile, parse_yaml,
 };
-use super::load::{LoadContext, PolicyError};
+use super::load::{IssuerFacts, LoadContext, PolicyError};
 use super::matcher::Matcher;
 use super::template::{Template, TemplateValue};
 use super::{CredentialSpec, GrantSpec, Policy, Rule, lint};
-use crate::claims::Platform;
+use crate::claims::{CIRCLECI_SSH_RERUN, Platform};
 use crate::clock::{format_duration, parse_duration};
 use crate::names::{is_claim_name, is_name};
 use serde::de::DeserializeOwned;
@@ -18,22 +18,6 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-
-/// Claims that identify a repository, project or pipeline by an id that is never reused. A
-/// policy must bind one of its platform's: names (`acme/web`) can be deleted and re-registered
-/// by someone else, and another platform's id claim never appears in the token. Buildkite's
-/// issuer is shared by every Buildkite organisation, so there the id also pins the organisation.
-pub const IMMUTABLE_CLAIMS: [&str; 6] =
-    ["repository_id", "repository_owner_id", "project_id", "namespace_id", "organization_id", "pipeline_id"];
-
-fn immutable_claims(platform: Option<Platform>) -> &'static [&'static str] {
-    match platform {
-        Some(Platform::GithubActions) => &IMMUTABLE_CLAIMS[..2],
-        Some(Platform::GitlabCi) => &IMMUTABLE_CLAIMS[2..4],
-        Some(Platform::Buildkite) => &IMMUTABLE_CLAIMS[4..],
-        None => &IMMUTABLE_CLAIMS,
-    }
-}
 
 /// Claims a broker JWT sets itself; a grant may not override them.
 const RESERVED_JWT_CLAIMS: [&str; 9] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "lease_id", "policy"];
@@ -46,8 +30,13 @@ pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) ->
     let mut errors = Errors::new(file);
     check_issuer(&raw.issuer, ctx, &mut errors);
     let match_rules = compile_rules("match", &raw.match_rules, &mut errors);
-    let deny_rules = compile_rules("deny", &raw.deny, &mut errors);
-    check_immutable_binding(&match_rules, ctx.issuers.get(&raw.issuer).copied(), &mut errors);
+    let mut deny_rules = compile_rules("deny", &raw.deny, &mut errors);
+    if let Some(facts) = ctx.issuers.get(&raw.issuer) {
+        deny_rules.extend(implied_deny_rules(facts.platform, &match_rules, &deny_rules));
+    }
+    if let Some(facts) = ctx.issuers.get(&raw.issuer) {
+        check_immutable_binding(&match_rules, facts, &mut errors);
+    }
     let (ttl_default_secs, ttl_max_secs) = compile_ttl(&raw.ttl, &mut errors);
     let grants = compile_grants(&raw.grants, ctx, ttl_max_secs, &mut errors);
     let renew_max_lease_secs = raw.renew.as_ref().map(|r| compile_renew(r, ttl_max_secs, ctx, &mut errors));
@@ -119,28 +108,60 @@ fn compile_rules(section: &str, map: &BTreeMap<String, Value>, errors: &mut Erro
     out
 }
 
-/// [`lint::IMMUTABLE_ID`], enforced: some match rule must bind one of the platform's
-/// [`IMMUTABLE_CLAIMS`] to an exact value or a list.
-fn check_immutable_binding(match_rules: &[Rule], platform: Option<Platform>, errors: &mut Errors<'_>) {
-    let immutable = immutable_claims(platform);
-    if !match_rules.iter().any(|r| immutable.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
-        // Attack (Buildkite): every Buildkite organisation's jobs get tokens from the same
-        // issuer; a policy that pins no organisation admits all of Buildkite's customers.
-        let why = if platform == Some(Platform::Buildkite) {
+/// [`lint::IMMUTABLE_ID`], enforced: some match rule must bind one of the issuer's identity
+/// claims ([`IssuerFacts::identity_claims`]: ids never reused) to an exact value or a list.
+fn check_immutable_binding(match_rules: &[Rule], facts: &IssuerFacts, errors: &mut Errors<'_>) {
+    let immutable = facts.identity_claims();
+    if match_rules.iter().any(|r| immutable.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
+        return;
+    }
+    let why = match facts.platform {
+        Platform::GithubActions | Platform::GitlabCi => "names like `repository` can be re-registered by someone else",
+        // Attack: every Buildkite organisation's jobs get tokens from the same issuer; a policy
+        // that pins no organisation admits all of Buildkite's customers.
+        Platform::Buildkite => {
             "Buildkite's issuer is shared by every Buildkite organisation, so without it any organisation's \
              job matches; the job asks for the claim with `buildkite-agent oidc request-token --claim \
              organization_id,pipeline_id`"
-        } else {
-            "names like `repository` can be re-registered by someone else"
-        };
-        errors.lint(
-            lint::IMMUTABLE_ID,
-            "match",
-            format!(
-                "binds no immutable identity claim: add an exact value or list for one of {} ({why})",
-                immutable.join(", ")
-            ),
-        );
+        }
+        // Attack: the issuer is the organisation's; every project in it gets its tokens, and a
+        // project's name can be taken again after it is removed.
+        Platform::Circleci => "every project of the CircleCI organisation gets tokens from this issuer",
+        // Attack: the subject names the project and service connection by name only.
+        Platform::AzurePipelines => {
+            "every pipeline of the Azure DevOps organisation that can use a service connection gets tokens from \
+             this issuer"
+        }
+        // Attack: the issuer is the workspace's; every repository in it gets its tokens, and
+        // `sub` changes with every step, so it pins nothing durable.
+        Platform::Bitbucket => {
+            "every repository of the Bitbucket workspace gets tokens from this issuer; `sub` changes with every \
+             step and pins nothing"
+        }
+        Platform::Jenkins | Platform::Generic => "the issuer's config names these as its ids (identity_claims)",
+    };
+    errors.lint(
+        lint::IMMUTABLE_ID,
+        "match",
+        format!(
+            "binds no immutable identity claim: add an exact value or list for one of {} ({why})",
+            immutable.join(", ")
+        ),
+    );
+}
+
+/// Deny rules a platform's policies have unless they name the claim themselves.
+///
+/// Attack (CircleCI): "Rerun job with SSH" hands whoever clicks it a shell inside the job, with
+/// its token; the grant's credentials would be theirs to copy. Denied unless the policy decides
+/// about `oidc.circleci.com/ssh-rerun` itself (and then the `ssh-rerun-admitted` lint speaks).
+fn implied_deny_rules(platform: Platform, match_rules: &[Rule], deny_rules: &[Rule]) -> Vec<Rule> {
+    let named = |claim: &str| match_rules.iter().chain(deny_rules).any(|r| r.claim == claim);
+    match platform {
+        Platform::Circleci if !named(CIRCLECI_SSH_RERUN) => {
+            vec![Rule { claim: CIRCLECI_SSH_RERUN.to_string(), matcher: Matcher::Exact("true".into()) }]
+        }
+        _ => Vec::new(),
     }
 }
 

@@ -126,7 +126,7 @@ ttl: {default: 5m, max: 10m}
 grants: {api: {backend: jwt, audience: x}}
 "#;
         let ctx = LoadContext {
-            issuers: [("github".to_string(), Platform::GithubActions)].into(),
+            issuers: [("github".to_string(), Platform::GithubActions.into())].into(),
             backends: [("jwt".to_string(), ("jwt", 3600))].into(),
             renew_max_lease_secs: 12 * 3600,
         };

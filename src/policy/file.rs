@@ -307,7 +307,7 @@ fn require_match_and_grants(schema: &mut Schema) {
 fn rules_schema(generator: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "object",
-        "propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,128}$"},
+        "propertyNames": {"pattern": "^[A-Za-z0-9_./-]{1,128}$"},
         "additionalProperties": generator.subschema_for::<MatcherSchema>(),
     })
 }

@@ -14,7 +14,7 @@
 use super::explain::describe;
 use super::matcher::Matcher;
 use super::{CredentialSpec, LoadContext, Policy, PolicyError, PolicySet, Rule, Source, read_policy_files};
-use crate::claims::Platform;
+use crate::claims::{CIRCLECI_PIPELINE_DEFINITION_ID, CIRCLECI_PROJECT_ID, CIRCLECI_SSH_RERUN, Platform};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -36,6 +36,9 @@ pub const GITHUB_DANGEROUS_PERMISSION: &str = "github-dangerous-permission";
 pub const GITHUB_UNKNOWN_PERMISSION: &str = "github-unknown-permission";
 pub const SSH_PRINCIPAL_TEMPLATE: &str = "ssh-principal-template";
 pub const SSH_FORWARDING_EXTENSION: &str = "ssh-forwarding-extension";
+pub const SSH_RERUN_ADMITTED: &str = "ssh-rerun-admitted";
+pub const BITBUCKET_UUID_BRACES: &str = "bitbucket-uuid-braces";
+pub const SUB_PER_STEP: &str = "sub-per-step";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,10 +83,10 @@ pub fn lint(set: &PolicySet, ctx: &LoadContext) -> Vec<Finding> {
 
 /// One policy's findings. A policy whose issuer is not in `ctx` has none: the loader refuses it.
 pub fn lint_policy(policy: &Policy, ctx: &LoadContext) -> Vec<Finding> {
-    let Some(&platform) = ctx.issuers.get(&policy.issuer) else {
+    let Some(platform) = ctx.issuers.get(&policy.issuer).map(|facts| facts.platform) else {
         return Vec::new();
     };
-    let checks: [fn(&Policy, Platform) -> Vec<Finding>; 9] = [
+    let checks: [fn(&Policy, Platform) -> Vec<Finding>; 12] = [
         name_without_id,
         sub_matches_untrusted,
         untrusted_trigger,
@@ -93,6 +96,9 @@ pub fn lint_policy(policy: &Policy, ctx: &LoadContext) -> Vec<Finding> {
         github_permissions,
         ssh_principal_template,
         ssh_forwarding_extensions,
+        ssh_rerun_admitted,
+        bitbucket_uuid_braces,
+        sub_per_step,
     ];
     checks.iter().flat_map(|check| check(policy, platform)).collect()
 }
@@ -144,10 +150,11 @@ fn policy_name_of(file: &Path) -> String {
 
 fn load_error_fix(e: &PolicyError) -> String {
     match e.rule {
-        IMMUTABLE_ID => "bind the repository or project by its numeric id (quoted), e.g. for GitHub:\n\
+        IMMUTABLE_ID => "bind one of the claims the message lists to its exact id (quoted), e.g. for GitHub:\n\
                          match:\n  repository_id: \"74\"\n\
                          or for GitLab:\n\
-                         match:\n  project_id: \"20\""
+                         match:\n  project_id: \"20\"\n\
+                         (docs/platforms.md names every platform's)"
             .into(),
         TTL_ABOVE_BACKEND_MAX => {
             "lower `ttl.max` (and `ttl.default`) to the backend's max_ttl or below, or raise that backend's \
@@ -209,14 +216,23 @@ const GITLAB_NAMES: [(&str, &[&str]); 2] =
 /// A pipeline id pins its organisation too.
 const BUILDKITE_NAMES: [(&str, &[&str]); 2] =
     [("organization_slug", &["organization_id", "pipeline_id"]), ("pipeline_slug", &["pipeline_id"])];
+/// `vcs-origin` is `github.com/acme/web`: a repository's name, which the project id pins.
+const CIRCLECI_NAMES: [(&str, &[&str]); 1] =
+    [("oidc.circleci.com/vcs-origin", &[CIRCLECI_PROJECT_ID, CIRCLECI_PIPELINE_DEFINITION_ID])];
+/// `sub` is `p://<org>/<project>/<pipeline>`, by name.
+const AZURE_NAMES: [(&str, &[&str]); 1] = [("sub", &["prj_id"])];
 
 /// Attack: `acme/web` is deleted (or renamed, or its owner renames), and someone else registers
 /// the name; their jobs now send `repository: acme/web` and match. Ids are never reused.
 fn name_without_id(policy: &Policy, platform: Platform) -> Vec<Finding> {
-    let pairs = match platform {
-        Platform::GithubActions => GITHUB_NAMES,
-        Platform::GitlabCi => GITLAB_NAMES,
-        Platform::Buildkite => BUILDKITE_NAMES,
+    let pairs: &[(&str, &[&str])] = match platform {
+        Platform::GithubActions => &GITHUB_NAMES,
+        Platform::GitlabCi => &GITLAB_NAMES,
+        Platform::Buildkite => &BUILDKITE_NAMES,
+        Platform::Circleci => &CIRCLECI_NAMES,
+        Platform::AzurePipelines => &AZURE_NAMES,
+        // Bitbucket names nothing but a branch; Jenkins and generic issuers name their own ids.
+        Platform::Bitbucket | Platform::Jenkins | Platform::Generic => &[],
     };
     pairs
         .iter()
@@ -367,10 +383,27 @@ fn untrusted_trigger(policy: &Policy, platform: Platform) -> Vec<Finding> {
     match platform {
         Platform::GithubActions => github_untrusted_trigger(policy),
         Platform::GitlabCi => gitlab_untrusted_trigger(policy),
+        Platform::AzurePipelines => azure_untrusted_trigger(policy),
         // Buildkite sends no claim that tells a pull request's build from a branch's (its
-        // `build_source` says `webhook` for both): the policy's `build_branch` rule is the guard.
-        Platform::Buildkite => Vec::new(),
+        // `build_source` says `webhook` for both), nor do CircleCI, Bitbucket or the Jenkins
+        // plugin by default: the policy's branch or ref rule is the guard.
+        Platform::Buildkite | Platform::Circleci | Platform::Bitbucket | Platform::Jenkins | Platform::Generic => {
+            Vec::new()
+        }
     }
+}
+
+/// Attack (Azure): a pull request's validation build runs the pull request's code, with
+/// `rpo_ref` `refs/pull/<n>/merge`, in the target repository's pipeline.
+fn azure_untrusted_trigger(policy: &Policy) -> Vec<Finding> {
+    if !admits(policy, &[("rpo_ref", Some("refs/pull/1/merge"))]) {
+        return Vec::new();
+    }
+    let message = "a pull request's validation build (`rpo_ref: refs/pull/<n>/merge`) can get this grant: it runs \
+                   the pull request's code in this pipeline"
+        .to_string();
+    let fix = "match:\n  rpo_ref: refs/heads/main\n(or `deny: {rpo_ref: {glob: \"refs/pull/*\"}}`)".to_string();
+    vec![Finding::new(Severity::Warning, policy, UNTRUSTED_TRIGGER, "match.rpo_ref", message, fix)]
 }
 
 fn github_untrusted_trigger(policy: &Policy) -> Vec<Finding> {
@@ -419,6 +452,8 @@ fn runner_unpinned(policy: &Policy, platform: Platform) -> Vec<Finding> {
         Platform::GithubActions => "github-hosted",
         Platform::GitlabCi => "gitlab-hosted",
         Platform::Buildkite => "buildkite-hosted",
+        // No runner claim in these platforms' tokens.
+        _ => return Vec::new(),
     };
     let message = "no rule on `runner_environment`: the job may run on a self-hosted runner, which can be shared or \
                    persistent, so what ran on it before may read this job's credentials"
@@ -439,7 +474,8 @@ fn workflow_ref_without_repository(policy: &Policy, platform: Platform) -> Vec<F
     let (workflow, repository) = match platform {
         Platform::GithubActions => ("job_workflow_ref", "repository_id"),
         Platform::GitlabCi => ("ci_config_ref_uri", "project_id"),
-        Platform::Buildkite => return Vec::new(), // no shared pipeline definition in its tokens
+        // No reusable workflow in the other platforms' tokens.
+        _ => return Vec::new(),
     };
     if match_rule(policy, workflow).is_none() || bound(policy, repository) {
         return Vec::new();
@@ -462,6 +498,10 @@ fn repository_naming_claims(platform: Platform) -> &'static [&'static str] {
         Platform::GithubActions => &["repository", "repository_owner"],
         Platform::GitlabCi => &["project_path", "namespace_path"],
         Platform::Buildkite => &["organization_slug", "pipeline_slug"],
+        // No claim of these names an `owner/repository` of GitHub by itself.
+        Platform::Circleci | Platform::AzurePipelines | Platform::Bitbucket | Platform::Jenkins | Platform::Generic => {
+            &[]
+        }
     }
 }
 
@@ -726,4 +766,84 @@ mod tests {
         assert_eq!(policy_name_of(Path::new("<built-in dev>")), "dev");
         assert_eq!(policy_name_of(Path::new("policies")), "");
     }
+}
+
+// ---- ssh-rerun-admitted, bitbucket-uuid-braces, sub-per-step --------------------------------
+
+/// Attack (CircleCI): "Rerun job with SSH" gives whoever clicks it a shell inside the job, with
+/// the job's token: the grant's credentials are theirs to copy. A CircleCI policy denies such a
+/// job unless it names the claim itself; one that admits it is reported.
+fn ssh_rerun_admitted(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    if platform != Platform::Circleci || !admits(policy, &[(CIRCLECI_SSH_RERUN, Some("true"))]) {
+        return Vec::new();
+    }
+    let message = format!(
+        "a job re-run with SSH (`{CIRCLECI_SSH_RERUN}: true`) can get this grant: the person who re-ran it holds a \
+         shell in the job and can copy its credentials"
+    );
+    let fix = format!(
+        "remove the rule on `{CIRCLECI_SSH_RERUN}` (CircleCI policies deny it by default), or\ndeny:\n  {CIRCLECI_SSH_RERUN}: true"
+    );
+    vec![Finding::new(
+        Severity::Warning,
+        policy,
+        SSH_RERUN_ADMITTED,
+        &format!("match.{CIRCLECI_SSH_RERUN}"),
+        message,
+        fix,
+    )]
+}
+
+/// Bitbucket sends every UUID claim in braces (`{2b4d…}`): a rule with a bare UUID matches no
+/// token at all. Not a hole (it fails closed) but a policy that can never grant is a mistake
+/// the author should hear about before a deploy fails.
+fn bitbucket_uuid_braces(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    if platform != Platform::Bitbucket {
+        return Vec::new();
+    }
+    let braced = |v: &str| v.starts_with('{') && v.ends_with('}');
+    policy
+        .match_rules
+        .iter()
+        .chain(&policy.deny_rules)
+        .filter(|r| r.claim.ends_with("Uuid"))
+        .filter_map(|r| {
+            let values: Vec<&String> = match &r.matcher {
+                Matcher::Exact(v) => vec![v],
+                Matcher::AnyOf(vs) => vs.iter().collect(),
+                _ => return None,
+            };
+            let bare = values.into_iter().find(|v| !braced(v))?;
+            let section = if policy.match_rules.iter().any(|m| std::ptr::eq(m, r)) { "match" } else { "deny" };
+            let message = format!(
+                "`{}` is compared with `{bare}`, but Bitbucket sends its UUIDs in braces, so this rule never matches",
+                r.claim
+            );
+            let fix = format!("{section}:\n  {}: \"{{{bare}}}\"", r.claim);
+            Some(Finding::new(
+                Severity::Warning,
+                policy,
+                BITBUCKET_UUID_BRACES,
+                &format!("{section}.{}", r.claim),
+                message,
+                fix,
+            ))
+        })
+        .collect()
+}
+
+/// Bitbucket's `sub` is `{repository}:{step}` (with the deployment environment between them):
+/// the step's UUID is new in every run, so binding `sub` matches one step of one run and nothing
+/// after it. The stable UUID claims say what was meant.
+fn sub_per_step(policy: &Policy, platform: Platform) -> Vec<Finding> {
+    if platform != Platform::Bitbucket || !bound(policy, "sub") {
+        return Vec::new();
+    }
+    let message = "`sub` is bound, but Bitbucket's `sub` holds the step's UUID, which is new in every run: the rule \
+                   matches one step of one run"
+        .to_string();
+    let fix = "match the stable claims instead:\nmatch:\n  repositoryUuid: \"{<repository uuid>}\"\n  \
+               deploymentEnvironmentUuid: \"{<environment uuid>}\""
+        .to_string();
+    vec![Finding::new(Severity::Warning, policy, SUB_PER_STEP, "match.sub", message, fix)]
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// What policy loading needs to know of the broker config.
 #[derive(Debug, Clone, Default)]
 pub struct LoadContext {
-    pub issuers: BTreeMap<String, Platform>,
+    pub issuers: BTreeMap<String, IssuerFacts>,
     /// Backend name → (kind, max ttl in seconds).
     pub backends: BTreeMap<String, (&'static str, i64)>,
     /// The config's cap on a policy's `renew.max_lease` (`[renew] max_lease`).
@@ -26,9 +26,41 @@ pub struct LoadContext {
 impl LoadContext {
     pub fn from_config(config: &Config) -> LoadContext {
         LoadContext {
-            issuers: config.issuers.iter().map(|i| (i.name.clone(), i.platform)).collect(),
+            issuers: config
+                .issuers
+                .iter()
+                .map(|i| {
+                    (i.name.clone(), IssuerFacts { platform: i.platform, identity_claims: i.identity_claims.clone() })
+                })
+                .collect(),
             backends: config.backends.iter().map(|(n, b)| (n.clone(), (b.kind(), b.max_ttl_secs()))).collect(),
             renew_max_lease_secs: config.renew_max_lease_secs,
+        }
+    }
+}
+
+/// What a policy's issuer tells its compiler and its lints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerFacts {
+    pub platform: Platform,
+    /// A `jenkins` or `generic` issuer's configured `identity_claims`; empty for the others.
+    pub identity_claims: Vec<String>,
+}
+
+impl From<Platform> for IssuerFacts {
+    fn from(platform: Platform) -> IssuerFacts {
+        IssuerFacts { platform, identity_claims: Vec::new() }
+    }
+}
+
+impl IssuerFacts {
+    /// The claims a policy of this issuer must bind to an exact value or a list: ids that are never
+    /// reused (the platform's, or the ones the issuer's config names).
+    pub fn identity_claims(&self) -> Vec<&str> {
+        if self.platform.configured_claims() {
+            self.identity_claims.iter().map(String::as_str).collect()
+        } else {
+            self.platform.identity_claims().to_vec()
         }
     }
 }

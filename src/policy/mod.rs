@@ -16,10 +16,9 @@ pub mod matcher;
 pub mod template;
 pub mod testing;
 
-pub use compile::IMMUTABLE_CLAIMS;
 pub use decision::{Denial, DenialReason, Grant, GrantedCredential, ResolvedSpec};
 pub use file::policy_schema;
-pub use load::{LoadContext, PolicyError, Source, read_policy_files};
+pub use load::{IssuerFacts, LoadContext, PolicyError, Source, read_policy_files};
 
 use crate::claims::Claims;
 use crate::claims::Platform;
@@ -186,7 +185,7 @@ impl PolicySet {
         // GitLab sets a job token's `exp` to the job timeout: a lease never outlives its job.
         let job_end = |at: UnixSeconds| match identity.platform() {
             Platform::GitlabCi => at.min(identity.expires_at()),
-            Platform::GithubActions | Platform::Buildkite => at,
+            _ => at,
         };
         let expires_at = job_end(now + ttl_secs);
         let renew_until = renew_max_lease_secs.map(|max| job_end(now + max).max(expires_at));
@@ -376,7 +375,7 @@ grants: {api: {backend: jwt, audience: x}}
 
     fn ctx() -> LoadContext {
         LoadContext {
-            issuers: [("github".to_string(), Platform::GithubActions)].into(),
+            issuers: [("github".to_string(), Platform::GithubActions.into())].into(),
             backends: [("jwt".to_string(), ("jwt", 3600))].into(),
             renew_max_lease_secs: 12 * 3600,
         }
