@@ -513,4 +513,60 @@ pub(crate) mod tests {
         assert_eq!(rule.job_key(&c), Err(ClaimError::Missing("run")));
         assert!(std::ptr::eq(intern("run"), intern(&String::from("run"))));
     }
+
+    /// A claim set from `policies/tests/claims/` (shaped like each platform's real tokens).
+    fn platform_fixture(name: &str) -> Claims {
+        let path = format!("{}/policies/tests/claims/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_circleci_job_key_is_its_job_id_and_a_token_without_one_is_refused() {
+        let mut c = platform_fixture("circleci-main-deploy.json");
+        let view = CircleciClaims::from_claims(&c).unwrap();
+        assert_eq!(view.ssh_rerun, Some(false));
+        assert_eq!(job_key(Platform::Circleci, &c).unwrap(), "circleci:0b6e2f4a-8c1d-4e3f-a5b7-9c0d1e2f3a4b");
+        c.insert(CIRCLECI_SSH_RERUN.into(), serde_json::json!("yes"));
+        assert_eq!(job_key(Platform::Circleci, &c), Err(ClaimError::BadType(CIRCLECI_SSH_RERUN)));
+        c.remove(CIRCLECI_SSH_RERUN);
+        // Tokens from before 2025 (and CircleCI Server's) name no job.
+        c.remove(CIRCLECI_JOB_ID);
+        assert_eq!(job_key(Platform::Circleci, &c), Err(ClaimError::Missing(CIRCLECI_JOB_ID)));
+    }
+
+    #[test]
+    fn an_azure_job_key_is_the_run_and_a_service_connection_token_has_none() {
+        let c = platform_fixture("azure-pipelines-run.json");
+        assert_eq!(
+            job_key(Platform::AzurePipelines, &c).unwrap(),
+            "azure-pipelines:4e7a1c9b-2d3f-4b5a-8e6c-0f1a2b3c4d5e:1187"
+        );
+        assert_eq!(AzurePipelinesClaims::from_claims(&c).unwrap().def_id, Some(42));
+        let sc = platform_fixture("azure-pipelines-service-connection.json");
+        assert_eq!(job_key(Platform::AzurePipelines, &sc), Err(ClaimError::Missing("org_id")));
+        assert!(Platform::AzurePipelines.sends_jti() && sc.contains_key("jti"));
+    }
+
+    #[test]
+    fn a_bitbucket_job_key_is_the_step_without_braces_and_bare_uuids_are_refused() {
+        let mut c = platform_fixture("bitbucket-deployment-step.json");
+        assert_eq!(job_key(Platform::Bitbucket, &c).unwrap(), "bitbucket:e1d2c3b4-a5f6-4e7d-8c9b-0a1f2e3d4c5b");
+        let view = BitbucketClaims::from_claims(&c).unwrap();
+        assert_eq!(view.deployment_environment_uuid.as_deref(), Some("9c8b7a6f-5e4d-4c3b-a2f1-0e9d8c7b6a5f"));
+        c.insert("stepUuid".into(), serde_json::json!("e1d2c3b4-a5f6-4e7d-8c9b-0a1f2e3d4c5b"));
+        assert_eq!(job_key(Platform::Bitbucket, &c), Err(ClaimError::BadType("stepUuid")));
+        c.insert("stepUuid".into(), serde_json::json!("{e1d2c3b4:github:1:1:1:1:1:1:1:1:1:1:1}"));
+        assert_eq!(job_key(Platform::Bitbucket, &c), Err(ClaimError::BadType("stepUuid")));
+    }
+
+    #[test]
+    fn a_jenkins_job_key_is_the_job_url_and_build_number() {
+        let c = platform_fixture("jenkins-folder-build.json");
+        let rule = JobKeyRule { platform: Platform::Jenkins, claims: vec!["sub", "build_number"] };
+        assert_eq!(
+            rule.job_key(&c).unwrap(),
+            "jenkins:https%3A//jenkins.example.com/job/platform/job/web-deploy/job/main/:1042"
+        );
+        assert!(!Platform::Jenkins.sends_jti() && !c.contains_key("jti"));
+    }
 }

@@ -353,19 +353,28 @@ async fn dev_mode_from_a_directory_without_policies_serves_the_dev_policy_alone(
     assert_eq!(status, 403, "the example policies must not be there: {body}");
 }
 
-/// The claims of `policies/tests/claims/buildkite-main-deploy.json` (shaped like a real
-/// Buildkite agent token).
-fn buildkite_fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/tests/claims/buildkite-main-deploy.json");
+/// The claims of `policies/tests/claims/{name}` (shaped like a real token of its platform; the
+/// folder's README cites the platforms' pages).
+fn claims_fixture(name: &str) -> Value {
+    let path = format!("{}/policies/tests/claims/{name}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// A token of the dev broker's stand-in `buildkite` issuer carrying `claims`.
-async fn buildkite_token(client: &reqwest::Client, broker: &DevBroker, claims: &Value) -> String {
-    let body = json!({"issuer": "buildkite", "claims": claims});
+fn buildkite_fixture() -> Value {
+    claims_fixture("buildkite-main-deploy.json")
+}
+
+/// A token of the dev broker's stand-in issuer `issuer` carrying `claims` (its `iss`, `aud`
+/// and times are the stand-in's).
+async fn stand_in_token(client: &reqwest::Client, broker: &DevBroker, issuer: &str, claims: &Value) -> String {
+    let body = json!({"issuer": issuer, "claims": claims});
     let resp = client.post(broker.endpoint("/dev/token")).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap().trim().to_string()
+}
+
+async fn buildkite_token(client: &reqwest::Client, broker: &DevBroker, claims: &Value) -> String {
+    stand_in_token(client, broker, "buildkite", claims).await
 }
 
 /// Issue 18: a Buildkite-shaped token (the dev broker's stand-in `buildkite` issuer signs the
@@ -458,4 +467,255 @@ async fn in_a_buildkite_job_the_cli_asks_the_agent_for_the_token() {
         "{stderr}"
     );
     assert!(!stderr.contains(&token));
+}
+
+/// One platform's end-to-end case: its stand-in issuer, claim fixture, example policy and the
+/// job key the fixture gives; then the platform's trap, as a change to the fixture and the
+/// status and message it must get.
+struct PlatformCase {
+    issuer: &'static str,
+    fixture: &'static str,
+    policy: &'static str,
+    job: &'static str,
+    trap: (&'static str, Value),
+    trap_status: u16,
+    trap_message: &'static str,
+}
+
+fn platform_cases() -> Vec<PlatformCase> {
+    vec![
+        PlatformCase {
+            issuer: "circleci",
+            fixture: "circleci-main-deploy.json",
+            policy: "circleci-deploy",
+            job: "circleci:0b6e2f4a-8c1d-4e3f-a5b7-9c0d1e2f3a4b",
+            // A person re-ran the job with SSH: denied by default, though the policy never says so.
+            trap: ("oidc.circleci.com/ssh-rerun", json!(true)),
+            trap_status: 403,
+            trap_message: "claim `oidc.circleci.com/ssh-rerun` matched a deny rule of policy `circleci-deploy`",
+        },
+        PlatformCase {
+            issuer: "azure-pipelines",
+            fixture: "azure-pipelines-run.json",
+            policy: "azure-deploy",
+            job: "azure-pipelines:4e7a1c9b-2d3f-4b5a-8e6c-0f1a2b3c4d5e:1187",
+            // The same pipeline number in another project of the organisation.
+            trap: ("prj_id", json!("0d0d0d0d-e5f6-4a7b-8c9d-0e1f2a3b4c5d")),
+            trap_status: 403,
+            trap_message: "claim `prj_id` did not match policy `azure-deploy`",
+        },
+        PlatformCase {
+            issuer: "bitbucket",
+            fixture: "bitbucket-deployment-step.json",
+            policy: "bitbucket-deploy",
+            job: "bitbucket:e1d2c3b4-a5f6-4e7d-8c9b-0a1f2e3d4c5b",
+            // Another repository of the workspace.
+            trap: ("repositoryUuid", json!("{0b0b0b0b-1c3e-4a5b-9d7f-0e2a4c6e8b1d}")),
+            trap_status: 403,
+            trap_message: "claim `repositoryUuid` did not match policy `bitbucket-deploy`",
+        },
+        PlatformCase {
+            issuer: "jenkins",
+            fixture: "jenkins-folder-build.json",
+            policy: "jenkins-deploy",
+            job: "jenkins:https%3A//jenkins.example.com/job/platform/job/web-deploy/job/main/:1042",
+            // A job whose name only starts like the deploy job's.
+            trap: ("sub", json!("https://jenkins.example.com/job/platform/job/web-deploy-copy/job/main/")),
+            trap_status: 403,
+            trap_message: "claim `sub` did not match policy `jenkins-deploy`",
+        },
+    ]
+}
+
+/// Issue 18: for CircleCI, Azure Pipelines, Bitbucket and Jenkins, a token shaped like the
+/// platform's (the dev broker's stand-in issuer signs the claim fixture) is exchanged under the
+/// platform's example policy and revoked by the job's own call, through the real binary; the
+/// lease's job is the platform's job key. Each platform's trap is turned away.
+#[tokio::test]
+async fn each_platform_s_job_exchanges_and_revokes_and_its_trap_is_turned_away() {
+    let client = client();
+    let (broker, _data) = ready_broker(&client).await;
+    for case in platform_cases() {
+        let fixture = claims_fixture(case.fixture);
+        let token = stand_in_token(&client, &broker, case.issuer, &fixture).await;
+        let (status, body) = exchange(&client, &broker, &token, &json!({"policy": case.policy})).await;
+        assert_eq!(status, 201, "{}: {body}", case.issuer);
+        assert_eq!(body["job"], case.job, "{}", case.issuer);
+        let lease = body["lease_id"].as_str().unwrap().to_string();
+        let revoked = revoke(&client, broker.url(), &token).await;
+        assert_eq!(revoked["revoked"], json!([lease]), "{}: {revoked}", case.issuer);
+
+        let mut trapped = fixture.clone();
+        trapped[case.trap.0] = case.trap.1.clone();
+        let token = stand_in_token(&client, &broker, case.issuer, &trapped).await;
+        let (status, body) = exchange(&client, &broker, &token, &json!({"policy": case.policy})).await;
+        assert_eq!(status, case.trap_status, "{}: {body}", case.issuer);
+        assert_eq!(body["error"]["message"], case.trap_message, "{}", case.issuer);
+    }
+}
+
+/// An Azure service-connection token names a connection (`sc://…`, by name) and no run: it has
+/// no job key, so it is refused as a token, and the broker's log names the claim it lacks.
+#[tokio::test]
+async fn an_azure_service_connection_token_is_refused_for_want_of_a_run() {
+    let client = client();
+    let (broker, _data) = ready_broker(&client).await;
+    let fixture = claims_fixture("azure-pipelines-service-connection.json");
+    let token = stand_in_token(&client, &broker, "azure-pipelines", &fixture).await;
+    let (status, body) = exchange(&client, &broker, &token, &json!({"policy": "azure-deploy"})).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_token");
+    // The reply says no more than for any refused token; the broker's log names the claim.
+    assert!(broker.stderr().contains("required claim `org_id` is missing"), "{}", broker.stderr());
+}
+
+/// Runs the real CLI with the environment a platform's job has (and nothing of the caller's
+/// token variables).
+async fn cli_in(env: Vec<(&'static str, String)>, args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ephemera"));
+        cmd.args(&args);
+        for var in [
+            "EPHEMERA_ID_TOKEN",
+            "BUILDKITE_AGENT_ACCESS_TOKEN",
+            "CIRCLECI",
+            "CIRCLE_OIDC_TOKEN_V2",
+            "SYSTEM_OIDCREQUESTURI",
+            "SYSTEM_ACCESSTOKEN",
+            "TF_BUILD",
+            "BITBUCKET_BUILD_NUMBER",
+            "BITBUCKET_STEP_OIDC_TOKEN",
+            "JENKINS_URL",
+            "HTTP_PROXY",
+            "http_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env).output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// `ephemera exchange` and `revoke` without a token find the job's token where CircleCI and
+/// Bitbucket put it (`$CIRCLE_OIDC_TOKEN_V2`, `$BITBUCKET_STEP_OIDC_TOKEN`), and say what to add
+/// to the job when it is not there.
+#[tokio::test]
+async fn in_circleci_and_bitbucket_jobs_the_cli_reads_the_platform_s_variable() {
+    let client = client();
+    let (broker, _data) = ready_broker(&client).await;
+    let url = broker.url().to_string();
+    let exchange_args = |policy: &str| ["exchange", "--broker", &url, "--policy", policy].map(String::from).to_vec();
+    for (issuer, fixture, policy, marker, var) in [
+        ("circleci", "circleci-main-deploy.json", "circleci-deploy", ("CIRCLECI", "true"), "CIRCLE_OIDC_TOKEN_V2"),
+        (
+            "bitbucket",
+            "bitbucket-deployment-step.json",
+            "bitbucket-deploy",
+            ("BITBUCKET_BUILD_NUMBER", "7"),
+            "BITBUCKET_STEP_OIDC_TOKEN",
+        ),
+    ] {
+        let token = stand_in_token(&client, &broker, issuer, &claims_fixture(fixture)).await;
+        let env = vec![(marker.0, marker.1.to_string()), (var, token.clone())];
+        let out = cli_in(env.clone(), exchange_args(policy)).await;
+        assert!(out.status.success(), "{issuer}: {}", String::from_utf8_lossy(&out.stderr));
+        let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(reply["job"].as_str().unwrap().starts_with(&format!("{issuer}:")), "{reply}");
+        let out = cli_in(env, ["revoke", "--broker", &url].map(String::from).to_vec()).await;
+        let revoked: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(revoked["revoked"], json!([reply["lease_id"]]), "{issuer}");
+
+        let out = cli_in(vec![(marker.0, marker.1.to_string())], exchange_args(policy)).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&format!("{var} is not set")), "{stderr}");
+    }
+    let out = cli_in(vec![("BITBUCKET_BUILD_NUMBER", "7".into())], exchange_args("bitbucket-deploy")).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add `oidc: true` to the step"));
+    let out =
+        cli_in(vec![("JENKINS_URL", "https://jenkins.example.com/".into())], exchange_args("jenkins-deploy")).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("withCredentials"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the FAKE Azure DevOps token endpoint saw: Azure's API cannot run here, so a loopback
+/// server answers `POST $SYSTEM_OIDCREQUESTURI` as Azure documents it (`{"oidcToken": …}`).
+#[derive(Default)]
+struct AzureSeen {
+    authorization: Option<String>,
+    query: Option<String>,
+}
+
+async fn fake_azure(token: String, seen: std::sync::Arc<std::sync::Mutex<AzureSeen>>) -> String {
+    use axum::extract::RawQuery;
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new().route(
+        "/acme/_apis/distributedtask/hubs/build/plans/p1/jobs/j1/oidctoken",
+        axum::routing::post(move |headers: HeaderMap, RawQuery(query): RawQuery| {
+            let (token, seen) = (token.clone(), seen.clone());
+            async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let mut s = seen.lock().unwrap();
+                s.authorization = auth.clone();
+                s.query = query;
+                if auth.as_deref() != Some("Bearer job-access-token") {
+                    return (StatusCode::UNAUTHORIZED, String::new());
+                }
+                (StatusCode::OK, json!({"oidcToken": token}).to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/acme/_apis/distributedtask/hubs/build/plans/p1/jobs/j1/oidctoken")
+}
+
+/// In Azure Pipelines the CLI asks `$SYSTEM_OIDCREQUESTURI` for the pipeline's token with the
+/// job's access token (API version 7.1, no service connection), exchanges and revokes with it;
+/// without `SYSTEM_ACCESSTOKEN` mapped, or with one Azure refuses, the error says what to do.
+#[tokio::test]
+async fn in_azure_pipelines_the_cli_asks_the_oidc_request_uri_for_the_token() {
+    let client = client();
+    let (broker, _data) = ready_broker(&client).await;
+    let url = broker.url().to_string();
+    let token = stand_in_token(&client, &broker, "azure-pipelines", &claims_fixture("azure-pipelines-run.json")).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(AzureSeen::default()));
+    let request_uri = fake_azure(token.clone(), seen.clone()).await;
+    let exchange_args = ["exchange", "--broker", &url, "--policy", "azure-deploy"].map(String::from).to_vec();
+    let env = |access: &str| {
+        vec![
+            ("TF_BUILD", "True".to_string()),
+            ("SYSTEM_OIDCREQUESTURI", request_uri.clone()),
+            ("SYSTEM_ACCESSTOKEN", access.to_string()),
+        ]
+    };
+    let out = cli_in(env("job-access-token"), exchange_args.clone()).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["job"], "azure-pipelines:4e7a1c9b-2d3f-4b5a-8e6c-0f1a2b3c4d5e:1187");
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(s.authorization.as_deref(), Some("Bearer job-access-token"));
+        assert_eq!(s.query.as_deref(), Some("api-version=7.1"), "no service connection is asked for");
+    }
+    let out = cli_in(env("job-access-token"), ["revoke", "--broker", &url].map(String::from).to_vec()).await;
+    let revoked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(revoked["revoked"], json!([reply["lease_id"]]));
+
+    let out = cli_in(env("stale-token"), exchange_args.clone()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("answered 401") && stderr.contains("SYSTEM_ACCESSTOKEN was refused"), "{stderr}");
+    assert!(!stderr.contains("stale-token"), "{stderr}");
+
+    let mut without = env("");
+    without.pop();
+    let out = cli_in(without, exchange_args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("env: SYSTEM_ACCESSTOKEN: $(System.AccessToken)"), "{stderr}");
 }

@@ -417,3 +417,42 @@ async fn the_env_format_is_sourceable_by_sh_and_carries_the_credentials() {
     assert_eq!(resp.status().as_u16(), 401);
     assert!(resp.text().await.unwrap().contains(r#""code":"invalid_token""#));
 }
+
+/// Issue 18: a `generic` issuer (any OIDC issuer) whose config names its job-key claims
+/// (`job_key_claims`) and the id a policy must bind (`identity_claims`). Its jobs get leases keyed
+/// by those claims' values (a `:` in a value cannot pose as two values), revoke their own
+/// leases and not another run's, and a token lacking a job-key claim is refused (the log names it).
+#[tokio::test]
+async fn a_generic_issuer_keys_jobs_by_the_claims_its_config_names() {
+    let issuer = FakeIssuer::start().await;
+    let policy = "issuer: ci\nmatch: {project_uuid: \"7f1c\"}\nttl: {default: 5m, max: 10m}\n\
+                  grants:\n  api: {backend: jwt, audience: https://api.example}\n";
+    let extra = Extra {
+        issuer_toml: "job_key_claims = [\"project_uuid\", \"run\"]\nidentity_claims = [\"project_uuid\"]".into(),
+        ..Extra::default()
+    };
+    init_log_capture();
+    let broker = Broker::start_custom(&[("ci", "generic", &issuer)], &[("deploy", policy)], &extra).await;
+    let job = |run: &str| {
+        let mut c = issuer.claims("github-push-immutable-sub.json", NOW);
+        c.insert("project_uuid".into(), json!("7f1c"));
+        c.insert("run".into(), json!(run));
+        issuer.sign(&c)
+    };
+    let (first, second) = (job("https://ci.example/runs/1"), job("https://ci.example/runs/1:2"));
+    let (status, body) = broker.exchange(&first, "deploy").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["job"], "generic:7f1c:https%3A//ci.example/runs/1");
+    let (status, other) = broker.exchange(&second, "deploy").await;
+    assert_eq!(status, 201, "{other}");
+    assert_eq!(other["job"], "generic:7f1c:https%3A//ci.example/runs/1%3A2");
+    let (_, revoked) = broker.revoke(&first, json!({})).await;
+    assert_eq!(revoked["revoked"], json!([body["lease_id"]]), "only the first run's lease ends");
+
+    let mut without_run = issuer.claims("github-push-immutable-sub.json", NOW);
+    without_run.insert("project_uuid".into(), json!("7f1c"));
+    let reply = broker.exchange(&issuer.sign(&without_run), "deploy").await;
+    assert_error(&reply, 401, "invalid_token");
+    // The reply says no more than any refused token's; the log names the claim.
+    assert!(captured_logs().contains("required claim `run` is missing"), "{}", captured_logs());
+}

@@ -3,14 +3,29 @@
 //! near misses matter as much as the hits.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use ephemera::claims::Platform;
 use ephemera::config::Config;
 use ephemera::policy::lint::{self, Finding, Severity};
-use ephemera::policy::{LoadContext, PolicySet};
+use ephemera::policy::{IssuerFacts, LoadContext, PolicySet};
 use serde_json::{Map, Value};
 use std::path::Path;
 
+/// The default issuers (github, gitlab, buildkite) and one of every other platform, named by it;
+/// the generic one's config names `project_uuid` as its identity claim.
 fn ctx() -> LoadContext {
-    LoadContext::from_config(&Config::defaults())
+    let mut ctx = LoadContext::from_config(&Config::defaults());
+    for (name, platform) in [
+        ("circleci", Platform::Circleci),
+        ("azure-pipelines", Platform::AzurePipelines),
+        ("bitbucket", Platform::Bitbucket),
+        ("jenkins", Platform::Jenkins),
+    ] {
+        ctx.issuers.insert(name.into(), platform.into());
+    }
+    ctx.issuers.get_mut("jenkins").unwrap().identity_claims = vec!["sub".into()];
+    let generic = IssuerFacts { platform: Platform::Generic, identity_claims: vec!["project_uuid".into()] };
+    ctx.issuers.insert("generic".into(), generic);
+    ctx
 }
 
 /// A policy named `p` with these `match` and `deny` maps (YAML flow maps).
@@ -728,4 +743,121 @@ fn a_buildkite_policy_must_pin_the_organisation_or_pipeline_by_id() {
     let runner = buildkite(r#"{organization_id: 0184990a-4770-4e0d-8c0d-2a6c4f5d9e01}"#);
     assert_eq!(runner.iter().map(|f| f.rule).collect::<Vec<_>>(), ["runner-unpinned"]);
     assert!(runner[0].fix.contains("buildkite-hosted"));
+}
+
+// ---- CircleCI, Azure Pipelines, Bitbucket, Jenkins, generic (issue 18) -----------------------
+
+const CIRCLECI_PROJECT: &str = r#""oidc.circleci.com/project-id": 3d9e5b27-6c14-4f8a-b0d2-71a4c8e9f561"#;
+
+fn rules_of(findings: &[Finding]) -> Vec<(&'static str, Severity, &str)> {
+    findings.iter().map(|f| (f.rule, f.severity, f.field.as_str())).collect()
+}
+
+/// Each platform's ids a policy must bind, and why, in the load error; what binds one loads.
+#[test]
+fn every_platform_s_policy_must_bind_its_own_ids() {
+    for (issuer, unbound, names, why, bound) in [
+        (
+            "circleci",
+            r#"{"oidc.circleci.com/vcs-origin": github.com/acme/web}"#,
+            "oidc.circleci.com/project-id, oidc.circleci.com/pipeline-definition-id",
+            "every project of the CircleCI organisation",
+            format!("{{{CIRCLECI_PROJECT}}}"),
+        ),
+        (
+            "azure-pipelines",
+            r#"{def_id: "42"}"#,
+            "prj_id",
+            "Azure DevOps organisation",
+            r#"{prj_id: a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d}"#.to_string(),
+        ),
+        (
+            "bitbucket",
+            r#"{branchName: main}"#,
+            "workspaceUuid, repositoryUuid",
+            "`sub` changes with every step",
+            r#"{repositoryUuid: "{2b4d6f8a-1c3e-4a5b-9d7f-0e2a4c6e8b1d}"}"#.to_string(),
+        ),
+        (
+            "jenkins",
+            r#"{sub: {glob: "https://jenkins.example.com/job/platform/*"}}"#,
+            "sub",
+            "identity_claims",
+            r#"{sub: "https://jenkins.example.com/job/platform/job/web-deploy/job/main/"}"#.to_string(),
+        ),
+        ("generic", r#"{project: web}"#, "project_uuid", "identity_claims", r#"{project_uuid: "u-1"}"#.to_string()),
+    ] {
+        let refused = findings(&policy(issuer, unbound, "{}"));
+        let error =
+            refused.iter().find(|f| f.rule == "immutable-id").unwrap_or_else(|| panic!("{issuer}: {refused:#?}"));
+        assert_eq!(error.severity, ERROR, "{issuer}");
+        assert!(error.message.contains(names) && error.message.contains(why), "{issuer}: {}", error.message);
+        let loaded = findings(&policy(issuer, &bound, "{}"));
+        assert!(loaded.iter().all(|f| f.rule != "immutable-id" && f.severity == WARN), "{issuer}: {loaded:#?}");
+    }
+}
+
+/// Attack (CircleCI): "Rerun job with SSH" gives a person a shell in the job. A policy that says
+/// nothing of it denies such a job; one that admits it is warned about.
+#[test]
+fn a_circleci_policy_denies_an_ssh_rerun_unless_it_decides_itself_and_is_warned_when_it_admits_one() {
+    let silent = policy("circleci", &format!("{{{CIRCLECI_PROJECT}}}"), "{}");
+    let set = PolicySet::load(None, &[("p", &silent)], &ctx()).unwrap();
+    let claims = |rerun: bool| -> Map<String, Value> {
+        serde_json::from_value(serde_json::json!({
+            "oidc.circleci.com/project-id": "3d9e5b27-6c14-4f8a-b0d2-71a4c8e9f561",
+            "oidc.circleci.com/ssh-rerun": rerun,
+        }))
+        .unwrap()
+    };
+    let denial = set.decide_claims("p", "circleci", &claims(true), None).unwrap_err();
+    assert_eq!(denial.public_message(), "claim `oidc.circleci.com/ssh-rerun` matched a deny rule of policy `p`");
+    assert!(set.decide_claims("p", "circleci", &claims(false), None).is_ok());
+    assert!(findings(&silent).is_empty(), "{:#?}", findings(&silent));
+
+    let admits = policy(
+        "circleci",
+        &format!(r#"{{{CIRCLECI_PROJECT}, "oidc.circleci.com/ssh-rerun": {{exists: true}}}}"#),
+        "{}",
+    );
+    assert_eq!(rules_of(&findings(&admits)), [("ssh-rerun-admitted", WARN, "match.oidc.circleci.com/ssh-rerun")]);
+    let refuses = policy("circleci", &format!("{{{CIRCLECI_PROJECT}}}"), r#"{"oidc.circleci.com/ssh-rerun": true}"#);
+    assert!(findings(&refuses).is_empty());
+}
+
+/// Bitbucket: UUIDs come in braces (a bare one never matches), and `sub` holds the step's UUID.
+#[test]
+fn bitbucket_bare_uuids_and_a_bound_sub_are_reported() {
+    let bare = policy(
+        "bitbucket",
+        r#"{repositoryUuid: 2b4d6f8a-1c3e-4a5b-9d7f-0e2a4c6e8b1d, workspaceUuid: "{6f1e3c2a-9b8d-4e7f-a1c2-3d4e5f6a7b8c}"}"#,
+        "{}",
+    );
+    let found = findings(&bare);
+    assert_eq!(rules_of(&found), [("bitbucket-uuid-braces", WARN, "match.repositoryUuid")]);
+    assert!(found[0].fix.contains("\"{2b4d6f8a-1c3e-4a5b-9d7f-0e2a4c6e8b1d}\""), "{}", found[0].fix);
+    let sub = policy(
+        "bitbucket",
+        r#"{workspaceUuid: "{6f1e3c2a-9b8d-4e7f-a1c2-3d4e5f6a7b8c}", sub: "{2b4d6f8a-1c3e-4a5b-9d7f-0e2a4c6e8b1d}:{e1d2c3b4-a5f6-4e7d-8c9b-0a1f2e3d4c5b}"}"#,
+        "{}",
+    );
+    assert_eq!(rules_of(&findings(&sub)), [("sub-per-step", WARN, "match.sub")]);
+}
+
+/// Azure: a pull request's validation build runs its code in the pipeline; `sub` names the
+/// pipeline by name only.
+#[test]
+fn azure_pull_request_builds_and_names_without_the_project_id_are_reported() {
+    let prj = "prj_id: a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";
+    let open = policy("azure-pipelines", &format!("{{{prj}}}"), "{}");
+    assert_eq!(rules_of(&findings(&open)), [("untrusted-trigger", WARN, "match.rpo_ref")]);
+    let main = policy("azure-pipelines", &format!("{{{prj}, rpo_ref: refs/heads/main}}"), "{}");
+    assert!(findings(&main).is_empty(), "{:#?}", findings(&main));
+    let named = policy(
+        "azure-pipelines",
+        r#"{org_id: 4e7a1c9b-2d3f-4b5a-8e6c-0f1a2b3c4d5e, prj_id: {glob: "*"}, sub: "p://acme-inc/web-platform/web-deploy", rpo_ref: refs/heads/main}"#,
+        "{}",
+    );
+    let found = findings(&named);
+    assert!(found.iter().any(|f| f.rule == "immutable-id"), "{found:#?}");
 }

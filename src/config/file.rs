@@ -757,4 +757,48 @@ mod tests {
             assert!(errs.contains(needle), "missing {needle:?} in {errs}");
         }
     }
+
+    fn issuer(platform: &str, extra: &str) -> String {
+        format!("[[issuers]]\nname = \"ci\"\nplatform = \"{platform}\"\nurl = \"https://ci.example.com\"\n{extra}\n")
+    }
+
+    #[test]
+    fn a_generic_issuer_names_its_job_key_and_identity_claims() {
+        let toml = issuer("generic", "job_key_claims = [\"project\", \"run\"]\nidentity_claims = [\"project_uuid\"]");
+        let config = Config::parse(&toml, Path::new("")).unwrap();
+        let ci = &config.issuers[0];
+        assert_eq!(ci.job_key.claims, ["project", "run"]);
+        assert_eq!(ci.identity_claims, ["project_uuid"]);
+        assert!(!ci.replay_protection, "a generic issuer's tokens may carry no jti");
+        let errs = Config::parse(&issuer("generic", ""), Path::new("")).unwrap_err().join("\n");
+        assert!(errs.contains("job_key_claims: a generic issuer must name at least one claim"), "{errs}");
+        assert!(errs.contains("identity_claims: a generic issuer must name at least one claim"), "{errs}");
+    }
+
+    #[test]
+    fn a_jenkins_issuer_defaults_to_the_plugin_s_job_url_and_build_number() {
+        let config = Config::parse(&issuer("jenkins", ""), Path::new("")).unwrap();
+        assert_eq!(config.issuers[0].job_key.claims, ["sub", "build_number"]);
+        assert_eq!(config.issuers[0].identity_claims, ["sub"]);
+    }
+
+    #[test]
+    fn configured_claims_are_refused_where_the_platform_has_its_own_or_they_identify_nothing() {
+        let errs = Config::parse(&issuer("github-actions", "job_key_claims = [\"run_id\"]"), Path::new(""))
+            .unwrap_err()
+            .join("\n");
+        assert!(errs.contains("platform `github-actions` has its own job key"), "{errs}");
+        let toml =
+            issuer("generic", "job_key_claims = [\"exp\", \"a b\", \"run\", \"run\"]\nidentity_claims = [\"aud\"]");
+        let errs = Config::parse(&toml, Path::new("")).unwrap_err().join("\n");
+        for needle in
+            ["`exp` identifies no job", "`a b` is not a claim name", "`run` is named twice", "`aud` identifies no job"]
+        {
+            assert!(errs.contains(needle), "missing {needle:?} in {errs}");
+        }
+        let many: Vec<String> = (0..9).map(|i| format!("\"c{i}\"")).collect();
+        let toml = issuer("generic", &format!("job_key_claims = [{}]\nidentity_claims = [\"c0\"]", many.join(", ")));
+        let errs = Config::parse(&toml, Path::new("")).unwrap_err().join("\n");
+        assert!(errs.contains("job_key_claims: at most 8 claims"), "{errs}");
+    }
 }

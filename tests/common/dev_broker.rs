@@ -168,7 +168,10 @@ impl DevBroker {
                     assert_eq!(body["ledger"], "open", "{body}");
                     assert_eq!(
                         body["issuer_keys"],
-                        json!({"github": true, "gitlab": true, "buildkite": true}),
+                        json!({
+                            "github": true, "gitlab": true, "buildkite": true, "circleci": true,
+                            "azure-pipelines": true, "bitbucket": true, "jenkins": true,
+                        }),
                         "{body}"
                     );
                     return;

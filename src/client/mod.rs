@@ -7,7 +7,10 @@
 //! [`EXIT_INVALID_TOKEN`], [`EXIT_UNREACHABLE`], [`EXIT_OTHER`]) and a one-line message that
 //! never contains the caller's token.
 
+mod platform;
+
 use crate::env_format::env_vars;
+pub use platform::platform_token;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -40,58 +43,9 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn other(message: impl Into<String>) -> Failure {
+    pub(crate) fn other(message: impl Into<String>) -> Failure {
         Failure { exit: EXIT_OTHER, message: message.into() }
     }
-}
-
-/// How long a platform's token helper may take (`buildkite-agent oidc request-token` calls
-/// Buildkite's API).
-const PLATFORM_TOKEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The token of the CI platform this runs in, asked the way the platform hands it over, for
-/// `audience` (the broker's URL, the audience brokers accept by default):
-/// - Buildkite (`BUILDKITE_AGENT_ACCESS_TOKEN` set): `buildkite-agent oidc request-token
-///   --audience AUD --claim organization_id,pipeline_id` (the ids a Buildkite policy must pin).
-///
-/// Elsewhere the error says which variable was looked for.
-pub async fn platform_token(audience: &str) -> Result<String, Failure> {
-    if std::env::var_os("BUILDKITE_AGENT_ACCESS_TOKEN").is_some() {
-        let args = ["oidc", "request-token", "--audience", audience, "--claim", "organization_id,pipeline_id"];
-        return helper_token("buildkite-agent", &args).await;
-    }
-    Err(Failure::other(format!(
-        "no ID token: environment variable {DEFAULT_TOKEN_ENV} is not set, and this is no job of a platform the CLI \
-         asks by itself (Buildkite: BUILDKITE_AGENT_ACCESS_TOKEN); pass --token-env VAR or --token-file F"
-    )))
-}
-
-/// The one-line token a platform's helper program prints. Its stderr's first line (never
-/// stdout, which is the token) goes into the error when it fails.
-async fn helper_token(program: &str, args: &[&str]) -> Result<String, Failure> {
-    let what = format!("{program} {}", args[..2].join(" "));
-    let run = tokio::process::Command::new(program).args(args).stdin(std::process::Stdio::null()).output();
-    let out = match tokio::time::timeout(PLATFORM_TOKEN_TIMEOUT, run).await {
-        Err(_) => return Err(Failure::other(format!("no ID token: `{what}` did not answer within 30 s"))),
-        Ok(Err(e)) => return Err(Failure::other(format!("no ID token: cannot run `{what}`: {e}"))),
-        Ok(Ok(out)) => out,
-    };
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let first = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no message");
-        return Err(Failure::other(format!(
-            "no ID token: `{what}` failed ({}): {}",
-            out.status,
-            crate::clock::truncate(first, 200)
-        )));
-    }
-    let token =
-        String::from_utf8(out.stdout).map_err(|_| Failure::other(format!("no ID token: `{what}` printed no text")))?;
-    let token = token.trim();
-    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Failure::other(format!("no ID token: `{what}` printed no single token")));
-    }
-    Ok(token.to_string())
 }
 
 /// Where the caller's OIDC ID token comes from.
@@ -173,7 +127,7 @@ fn base_url(broker: &str) -> Result<String, Failure> {
     Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
-fn http_client() -> Result<reqwest::Client, Failure> {
+pub(crate) fn http_client() -> Result<reqwest::Client, Failure> {
     crate::identity::provider::install_crypto();
     reqwest::Client::builder()
         .timeout(TIMEOUT)
