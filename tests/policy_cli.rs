@@ -152,7 +152,7 @@ fn check_reports_load_errors_and_still_lints_the_files_that_load() {
 #[test]
 fn the_example_policies_lint_clean_under_strict() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
-        .args(["policy", "check", "--strict"])
+        .args(["policy", "check", "--strict", "--config", "policies/ephemera.toml"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
