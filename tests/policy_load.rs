@@ -289,6 +289,7 @@ fn policy_explain_traces_the_shipped_policy_against_the_shared_fixtures() {
         std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
             .args(["policy", "explain", "--policy", "deploy-web", "--claims"])
             .arg(repo_path(&format!("../shared/fixtures/claims/{fixture}")))
+            .args(["--config", "policies/ephemera.toml"])
             .current_dir(repo_path(""))
             .output()
             .unwrap()

@@ -626,7 +626,8 @@ fn issuer_claims(raw: &RawIssuer, at: &str, errs: &mut Errors) -> (JobKeyRule, V
         for (field, set) in [("job_key_claims", &raw.job_key_claims), ("identity_claims", &raw.identity_claims)] {
             if set.is_some() {
                 errs.0.push(format!(
-                    "{at}.{field}: platform `{}` has its own job key and identity claims (docs/platforms.md);                      {field} is for jenkins and generic issuers",
+                    "{at}.{field}: platform `{}` has its own job key and identity claims (docs/platforms.md); \
+                     {field} is for jenkins and generic issuers",
                     platform.as_str()
                 ));
             }
