@@ -732,42 +732,6 @@ fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn literal_prefixes_stop_at_the_first_wildcard() {
-        let cases = [
-            (regex_literal_prefix("repo:acme/web:.*"), "repo:acme/web:"),
-            (regex_literal_prefix(r"repo:acme/web\.io:(ref|pull_request).*"), "repo:acme/web.io:"),
-            (regex_literal_prefix("repo:acme/webs?:.*"), "repo:acme/web"),
-            (regex_literal_prefix(r"repo:\w+/web:.*"), "repo:"),
-            (regex_literal_prefix("(?i)repo:acme"), ""),
-            (glob_literal_prefix("repo:acme/*:*"), "repo:acme/"),
-            (glob_literal_prefix("repo:acme/web:ref:refs/heads/main"), "repo:acme/web:ref:refs/heads/main"),
-        ];
-        for (got, want) in cases {
-            assert_eq!(got, want);
-        }
-    }
-
-    #[test]
-    fn repo_prefixes_are_completed_to_owner_and_repository() {
-        assert_eq!(repo_prefix("repo:acme/web:ref:x").as_deref(), Some("repo:acme/web:"));
-        assert_eq!(repo_prefix("repo:acme/").as_deref(), Some("repo:acme/probe:"));
-        assert_eq!(repo_prefix("repo:acme").as_deref(), Some("repo:acme/probe:"));
-        assert_eq!(repo_prefix("project_path:x"), None);
-    }
-
-    #[test]
-    fn a_load_error_names_its_policy_from_the_file() {
-        assert_eq!(policy_name_of(Path::new("policies/deploy-web.yaml")), "deploy-web");
-        assert_eq!(policy_name_of(Path::new("<built-in dev>")), "dev");
-        assert_eq!(policy_name_of(Path::new("policies")), "");
-    }
-}
-
 // ---- ssh-rerun-admitted, bitbucket-uuid-braces, sub-per-step --------------------------------
 
 /// Attack (CircleCI): "Rerun job with SSH" gives whoever clicks it a shell inside the job, with
@@ -846,4 +810,40 @@ fn sub_per_step(policy: &Policy, platform: Platform) -> Vec<Finding> {
                deploymentEnvironmentUuid: \"{<environment uuid>}\""
         .to_string();
     vec![Finding::new(Severity::Warning, policy, SUB_PER_STEP, "match.sub", message, fix)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_prefixes_stop_at_the_first_wildcard() {
+        let cases = [
+            (regex_literal_prefix("repo:acme/web:.*"), "repo:acme/web:"),
+            (regex_literal_prefix(r"repo:acme/web\.io:(ref|pull_request).*"), "repo:acme/web.io:"),
+            (regex_literal_prefix("repo:acme/webs?:.*"), "repo:acme/web"),
+            (regex_literal_prefix(r"repo:\w+/web:.*"), "repo:"),
+            (regex_literal_prefix("(?i)repo:acme"), ""),
+            (glob_literal_prefix("repo:acme/*:*"), "repo:acme/"),
+            (glob_literal_prefix("repo:acme/web:ref:refs/heads/main"), "repo:acme/web:ref:refs/heads/main"),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn repo_prefixes_are_completed_to_owner_and_repository() {
+        assert_eq!(repo_prefix("repo:acme/web:ref:x").as_deref(), Some("repo:acme/web:"));
+        assert_eq!(repo_prefix("repo:acme/").as_deref(), Some("repo:acme/probe:"));
+        assert_eq!(repo_prefix("repo:acme").as_deref(), Some("repo:acme/probe:"));
+        assert_eq!(repo_prefix("project_path:x"), None);
+    }
+
+    #[test]
+    fn a_load_error_names_its_policy_from_the_file() {
+        assert_eq!(policy_name_of(Path::new("policies/deploy-web.yaml")), "deploy-web");
+        assert_eq!(policy_name_of(Path::new("<built-in dev>")), "dev");
+        assert_eq!(policy_name_of(Path::new("policies")), "");
+    }
 }
