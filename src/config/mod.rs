@@ -473,8 +473,13 @@ mod tests {
     fn the_annotated_example_config_parses() {
         let text = include_str!("../../docs/ephemera.example.toml");
         let c = Config::parse(text, Path::new("/etc/ephemera")).unwrap();
-        assert_eq!(c.issuers.len(), 2);
+        assert_eq!(c.issuers.len(), 7, "one issuer of every platform but Buildkite");
         assert_eq!(c.issuers[1].max_token_lifetime_secs, 3 * 3600);
+        let generic = c.issuers.iter().find(|i| i.platform == Platform::Generic).unwrap();
+        assert_eq!(
+            (generic.job_key.claims.as_slice(), generic.identity_claims.as_slice()),
+            (&["project_id", "build_id"][..], &["project_id".to_string()][..])
+        );
         assert_eq!(c.policies_dir, PathBuf::from("/etc/ephemera/policies"));
         assert!(c.backends.contains_key("internal-jwt") && !c.backends.contains_key("jwt"));
         assert!(c.admin_token_sha256.is_some());
