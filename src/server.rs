@@ -140,7 +140,7 @@ async fn bind(config: &Config, dev: bool) -> Result<tokio::net::TcpListener, Str
     tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))
 }
 
-/// `serve --dev`: the in-process issuer standing in for `github` and `gitlab`, a `jwt`
+/// `serve --dev`: the in-process issuer standing in for every platform's, a `jwt`
 /// backend, the built-in `dev` policy, an admin token and an audit file in the data directory.
 fn dev_mode(config: &mut Config, addr: SocketAddr) -> Result<(Option<Arc<DevIssuer>>, Vec<Builtin>), String> {
     config.public_url = format!("http://{addr}");

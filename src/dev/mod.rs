@@ -1,8 +1,9 @@
 //! `serve --dev`: an in-process development OIDC issuer, like `vault server -dev`.
 //!
-//! It stands in for the `github` and `gitlab` issuers, at `{broker}/dev/github` and
-//! `{broker}/dev/gitlab`, serving discovery and JWKS over HTTP like a real issuer, so the broker
-//! verifies dev tokens through exactly the code path it uses for real ones. Loopback only.
+//! It stands in for an issuer of every platform but `generic`, at `{broker}/dev/github`,
+//! `{broker}/dev/gitlab`, `{broker}/dev/buildkite` and so on ([`DEV_ISSUERS`]), serving discovery
+//! and JWKS over HTTP like a real issuer, so the broker verifies dev tokens through exactly the
+//! code path it uses for real ones. Loopback only.
 
 use crate::claims::{JobKeyRule, Platform};
 use crate::clock::UnixSeconds;
