@@ -24,7 +24,8 @@ pub enum Platform {
     Buildkite,
     /// CircleCI jobs' `$CIRCLE_OIDC_TOKEN_V2` (`https://oidc.circleci.com/org/<org id>`).
     Circleci,
-    /// Azure Pipelines service-connection tokens (`https://vstoken.dev.azure.com/<org id>`).
+    /// Azure Pipelines' pipeline tokens (`https://vstoken.dev.azure.com/<org id>`), asked for
+    /// without a service connection.
     AzurePipelines,
     /// Bitbucket Pipelines steps' `$BITBUCKET_STEP_OIDC_TOKEN` (one issuer per workspace).
     Bitbucket,
@@ -61,6 +62,18 @@ impl Platform {
     /// nor do CircleCI's, Bitbucket's or the Jenkins plugin's.
     pub fn sends_jti(self) -> bool {
         matches!(self, Platform::GithubActions | Platform::GitlabCi | Platform::AzurePipelines)
+    }
+
+    /// The `job_key_claims` and `identity_claims` an issuer of this platform has when its config
+    /// names none. Jenkins': the OpenID Connect Provider plugin's default build claim templates,
+    /// `sub` = `${JOB_URL}` and `build_number` = `${BUILD_NUMBER}`, so a build is its job's URL and
+    /// number, and a policy binds the job's URL (the plugin sends no id that survives a rename;
+    /// the issuer, a controller or a folder, is the boundary). Empty for every other platform.
+    pub fn default_configured_claims(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Platform::Jenkins => (&["sub", "build_number"], &["sub"]),
+            _ => (&[], &[]),
+        }
     }
 
     /// The claims a policy must bind to an exact value or a list (ids never reused), for the

@@ -607,12 +607,6 @@ impl RawHooks {
 /// nor a policy's identity binding may rest on them.
 const NOT_IDENTIFYING: [&str; 6] = ["iss", "aud", "exp", "iat", "nbf", "azp"];
 
-/// A `jenkins` issuer's defaults, from the OpenID Connect Provider plugin's default build claim
-/// templates: `sub` is `${JOB_URL}` and `build_number` is `${BUILD_NUMBER}`, so a build is its
-/// job's URL and number, and a policy binds the job's URL (the plugin sends no id that survives a
-/// rename; the issuer, a controller or a folder, is the boundary).
-const JENKINS_DEFAULT_CLAIMS: (&[&str], &[&str]) = (&["sub", "build_number"], &["sub"]);
-
 /// At most this many claims in `job_key_claims` or `identity_claims`.
 const MAX_CONFIGURED_CLAIMS: usize = 8;
 
@@ -634,10 +628,7 @@ fn issuer_claims(raw: &RawIssuer, at: &str, errs: &mut Errors) -> (JobKeyRule, V
         }
         return (JobKeyRule::of(platform), Vec::new());
     }
-    let defaults: (&[&str], &[&str]) = match platform {
-        Platform::Jenkins => JENKINS_DEFAULT_CLAIMS,
-        _ => (&[], &[]),
-    };
+    let defaults = platform.default_configured_claims();
     let mut list = |field: &str, set: &Option<Vec<String>>, default: &[&str]| -> Vec<String> {
         let names: Vec<String> = match set {
             Some(names) => names.clone(),

@@ -69,26 +69,26 @@ impl DevIssuer {
     pub fn issuer_configs(&self, audience: &str) -> Vec<IssuerConfig> {
         DEV_ISSUERS
             .into_iter()
-            .map(|(name, platform)| IssuerConfig {
-                name: name.into(),
-                platform,
-                // A `jenkins` issuer's defaults: the plugin's default claim templates.
-                job_key: match platform {
-                    Platform::Jenkins => JobKeyRule { platform, claims: vec!["sub", "build_number"] },
-                    _ => JobKeyRule::of(platform),
-                },
-                identity_claims: if platform == Platform::Jenkins { vec!["sub".into()] } else { Vec::new() },
-                url: self.issuer_url(platform),
-                audiences: vec![audience.to_string()],
-                algorithms: vec![Algorithm::ES256],
-                max_token_lifetime_secs: 3600,
-                leeway_secs: 30,
-                jwks_file: None,
-                jwks_url: None,
-                jwks_refresh_secs: 900,
-                unknown_kid_cooldown_secs: 60,
-                fetch_timeout_secs: 5,
-                replay_protection: platform.sends_jti(),
+            .map(|(name, platform)| {
+                // As a config file without `job_key_claims`/`identity_claims` gets them.
+                let (job_key_claims, identity_claims) = platform.default_configured_claims();
+                IssuerConfig {
+                    name: name.into(),
+                    platform,
+                    job_key: JobKeyRule { platform, claims: job_key_claims.to_vec() },
+                    identity_claims: identity_claims.iter().map(|c| c.to_string()).collect(),
+                    url: self.issuer_url(platform),
+                    audiences: vec![audience.to_string()],
+                    algorithms: vec![Algorithm::ES256],
+                    max_token_lifetime_secs: 3600,
+                    leeway_secs: 30,
+                    jwks_file: None,
+                    jwks_url: None,
+                    jwks_refresh_secs: 900,
+                    unknown_kid_cooldown_secs: 60,
+                    fetch_timeout_secs: 5,
+                    replay_protection: platform.sends_jti(),
+                }
             })
             .collect()
     }

@@ -33,8 +33,6 @@ pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) ->
     let mut deny_rules = compile_rules("deny", &raw.deny, &mut errors);
     if let Some(facts) = ctx.issuers.get(&raw.issuer) {
         deny_rules.extend(implied_deny_rules(facts.platform, &match_rules, &deny_rules));
-    }
-    if let Some(facts) = ctx.issuers.get(&raw.issuer) {
         check_immutable_binding(&match_rules, facts, &mut errors);
     }
     let (ttl_default_secs, ttl_max_secs) = compile_ttl(&raw.ttl, &mut errors);
@@ -127,10 +125,11 @@ fn check_immutable_binding(match_rules: &[Rule], facts: &IssuerFacts, errors: &m
         // Attack: the issuer is the organisation's; every project in it gets its tokens, and a
         // project's name can be taken again after it is removed.
         Platform::Circleci => "every project of the CircleCI organisation gets tokens from this issuer",
-        // Attack: the subject names the project and service connection by name only.
+        // Attack: the issuer is the organisation's, and `sub` names the project and pipeline
+        // by name only; a definition id repeats across projects.
         Platform::AzurePipelines => {
-            "every pipeline of the Azure DevOps organisation that can use a service connection gets tokens from \
-             this issuer"
+            "every pipeline of the Azure DevOps organisation gets tokens from this issuer, and `sub` names \
+             the project and pipeline only by name"
         }
         // Attack: the issuer is the workspace's; every repository in it gets its tokens, and
         // `sub` changes with every step, so it pins nothing durable.

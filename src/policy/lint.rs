@@ -766,19 +766,18 @@ fn bitbucket_uuid_braces(policy: &Policy, platform: Platform) -> Vec<Finding> {
         return Vec::new();
     }
     let braced = |v: &str| v.starts_with('{') && v.ends_with('}');
-    policy
-        .match_rules
-        .iter()
-        .chain(&policy.deny_rules)
-        .filter(|r| r.claim.ends_with("Uuid"))
-        .filter_map(|r| {
+    let sections = [("match", &policy.match_rules), ("deny", &policy.deny_rules)];
+    sections
+        .into_iter()
+        .flat_map(|(section, rules)| rules.iter().map(move |r| (section, r)))
+        .filter(|(_, r)| r.claim.ends_with("Uuid"))
+        .filter_map(|(section, r)| {
             let values: Vec<&String> = match &r.matcher {
                 Matcher::Exact(v) => vec![v],
                 Matcher::AnyOf(vs) => vs.iter().collect(),
                 _ => return None,
             };
             let bare = values.into_iter().find(|v| !braced(v))?;
-            let section = if policy.match_rules.iter().any(|m| std::ptr::eq(m, r)) { "match" } else { "deny" };
             let message = format!(
                 "`{}` is compared with `{bare}`, but Bitbucket sends its UUIDs in braces, so this rule never matches",
                 r.claim
