@@ -430,36 +430,24 @@ async fn in_a_buildkite_job_the_cli_asks_the_agent_for_the_token() {
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
     let run = |args: Vec<String>| {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
-                .args(&args)
-                .env_remove("EPHEMERA_ID_TOKEN")
-                .env("BUILDKITE_AGENT_ACCESS_TOKEN", "agent-session-token")
-                .env("PATH", path)
-                .env_remove("HTTP_PROXY")
-                .env_remove("http_proxy")
-                .output()
-                .unwrap()
-        })
+        let env = vec![("BUILDKITE_AGENT_ACCESS_TOKEN", "agent-session-token".to_string()), ("PATH", path.clone())];
+        cli_in(env, args)
     };
     let url = broker.url().to_string();
-    let out =
-        run(["exchange", "--broker", &url, "--policy", "buildkite-deploy"].map(String::from).to_vec()).await.unwrap();
+    let out = run(["exchange", "--broker", &url, "--policy", "buildkite-deploy"].map(String::from).to_vec()).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["job"], "buildkite:0184990a-477b-4fa8-9968-496074483cee");
     let args = std::fs::read_to_string(bin.path().join("args")).unwrap();
     assert_eq!(args.trim(), format!("oidc request-token --audience {url} --claim organization_id,pipeline_id"));
 
-    let out = run(["revoke", "--broker", &url].map(String::from).to_vec()).await.unwrap();
+    let out = run(["revoke", "--broker", &url].map(String::from).to_vec()).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let revoked: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(revoked["revoked"], json!([reply["lease_id"]]));
 
     std::fs::write(bin.path().join("fail"), "").unwrap();
-    let out =
-        run(["exchange", "--broker", &url, "--policy", "buildkite-deploy"].map(String::from).to_vec()).await.unwrap();
+    let out = run(["exchange", "--broker", &url, "--policy", "buildkite-deploy"].map(String::from).to_vec()).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
