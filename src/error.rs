@@ -35,6 +35,14 @@ pub enum Error {
     Unavailable(String),
     /// A bug.
     Internal(String),
+    /// `POST /oauth/token` refused a request for a reason only token exchange has; `code` is the
+    /// RFC 6749 §5.2 / RFC 8693 §2.2.2 error code. `message` is about the caller's own request
+    /// or tokens, never a claim value; `detail` goes to the log only.
+    OAuth {
+        code: &'static str,
+        message: String,
+        detail: String,
+    },
 }
 
 /// How loudly an error is logged.
@@ -48,7 +56,7 @@ pub enum Level {
 impl Error {
     pub fn status(&self) -> u16 {
         match self {
-            Error::BadRequest(_) => 400,
+            Error::BadRequest(_) | Error::OAuth { .. } => 400,
             Error::InvalidToken(_) | Error::Unauthorized => 401,
             Error::Denied(_) => 403,
             Error::NotFound => 404,
@@ -76,13 +84,14 @@ impl Error {
             Error::Backend { .. } => "backend_error",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
+            Error::OAuth { code, .. } => code,
         }
     }
 
     /// What the caller reads. Never a secret, never upstream text, never an expected claim value.
     pub fn public_message(&self) -> String {
         match self {
-            Error::BadRequest(m) => m.clone(),
+            Error::BadRequest(m) | Error::OAuth { message: m, .. } => m.clone(),
             Error::InvalidToken(_) => "the token is not valid for this broker".into(),
             Error::Unauthorized => {
                 "this endpoint needs valid credentials (the admin token, or the webhook's secret)".into()
@@ -108,6 +117,7 @@ impl Error {
             Error::Denied(d) => d.log_detail(),
             Error::Backend { backend, detail, .. } => format!("backend {backend}: {detail}"),
             Error::Unavailable(d) | Error::Internal(d) | Error::BadRequest(d) | Error::NotRenewable(d) => d.clone(),
+            Error::OAuth { detail, .. } => detail.clone(),
             other => other.code().to_string(),
         }
     }
@@ -115,7 +125,7 @@ impl Error {
     pub fn level(&self) -> Level {
         match self {
             Error::Backend { .. } | Error::Unavailable(_) | Error::Internal(_) => Level::Error,
-            Error::InvalidToken(_) | Error::Denied(_) | Error::Unauthorized => Level::Warn,
+            Error::InvalidToken(_) | Error::Denied(_) | Error::Unauthorized | Error::OAuth { .. } => Level::Warn,
             _ => Level::Info,
         }
     }

@@ -13,6 +13,8 @@ pub struct Metrics {
     exchanges: DashMap<(String, &'static str), AtomicU64>,
     /// Renewals of leases (issue 15), by policy and outcome.
     renewals: DashMap<(String, &'static str), AtomicU64>,
+    /// Token exchanges at `POST /oauth/token` (issue 19), by policy and outcome.
+    token_exchanges: DashMap<(String, &'static str), AtomicU64>,
     revocations: DashMap<&'static str, AtomicU64>,
     /// Leases ended, by reason (reasons are the broker's own constants).
     ended: DashMap<String, AtomicU64>,
@@ -53,6 +55,10 @@ impl Metrics {
         self.renewals.entry((policy.to_string(), outcome)).or_default().fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn token_exchange(&self, policy: &str, outcome: &'static str) {
+        self.token_exchanges.entry((policy.to_string(), outcome)).or_default().fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn reload(&self, outcome: &'static str) {
         self.reloads.entry(outcome).or_default().fetch_add(1, Ordering::Relaxed);
     }
@@ -73,6 +79,7 @@ impl Metrics {
         self.render_exchanges(&mut out);
         self.render_latency(&mut out);
         self.render_renewals(&mut out);
+        self.render_token_exchanges(&mut out);
         self.render_revocations(&mut out);
         render_live_leases(&mut out, gauges);
         self.render_ended(&mut out);
@@ -110,6 +117,15 @@ impl Metrics {
         header(out, "ephemera_renewals_total", "Lease renewals by policy and outcome.", "counter");
         for ((policy, outcome), n) in sorted(&self.renewals) {
             let _ = writeln!(out, "ephemera_renewals_total{{policy=\"{policy}\",outcome=\"{outcome}\"}} {n}");
+        }
+    }
+
+    /// `ephemera_token_exchanges_total`, by policy and outcome.
+    fn render_token_exchanges(&self, out: &mut String) {
+        let name = "ephemera_token_exchanges_total";
+        header(out, name, "Token exchanges at /oauth/token by policy and outcome.", "counter");
+        for ((policy, outcome), n) in sorted(&self.token_exchanges) {
+            let _ = writeln!(out, "{name}{{policy=\"{policy}\",outcome=\"{outcome}\"}} {n}");
         }
     }
 
@@ -301,6 +317,8 @@ ephemera_exchange_duration_seconds_count 3
 # TYPE ephemera_renewals_total counter
 ephemera_renewals_total{policy=\"deploy\",outcome=\"renewed\"} 2
 ephemera_renewals_total{policy=\"unknown\",outcome=\"invalid_token\"} 1
+# HELP ephemera_token_exchanges_total Token exchanges at /oauth/token by policy and outcome.
+# TYPE ephemera_token_exchanges_total counter
 # HELP ephemera_revocations_total Lease revocations by outcome.
 # TYPE ephemera_revocations_total counter
 ephemera_revocations_total{outcome=\"pending\"} 1

@@ -42,6 +42,22 @@ pub(super) struct ExchangeEvent<'a> {
     expires_at: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     credentials: Option<BTreeMap<&'a str, CredentialAudit>>,
+    /// A token exchange's actor chain (its `act` claim: `sub` and `iss` of each actor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    act: Option<&'a serde_json::Value>,
+    /// A token exchange's tool, resource and granted scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+    /// The actor rule that admitted the actor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actor_rule: Option<&'a str>,
+    /// SHA-256 of a token exchange's issued token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token_sha256: Option<&'a str>,
 }
 
 /// A credential in an audit event: its kind and the SHA-256 of each secret field.
@@ -62,6 +78,56 @@ impl<'a> ExchangeEvent<'a> {
         result: &'a Result<ExchangeReply, Error>,
         audit: &'a Audit,
     ) -> ExchangeEvent<'a> {
+        let mut event = ExchangeEvent::outcome(time, request_id, policy, identity, result.as_ref().map(|_| ()), audit);
+        if let Ok(reply) = result {
+            event.issued(reply);
+        }
+        event
+    }
+
+    /// The event of a token exchange at `POST /oauth/token` (`token-exchange`, or `denial`);
+    /// [`ExchangeEvent::with_delegation`] adds what was decided.
+    pub(super) fn for_token_exchange(
+        time: String,
+        request_id: &'a str,
+        policy: &'a str,
+        identity: Option<&'a VerifiedIdentity>,
+        result: Result<(), &'a Error>,
+        audit: &'a Audit,
+    ) -> ExchangeEvent<'a> {
+        let mut event = ExchangeEvent::outcome(time, request_id, policy, identity, result, audit);
+        if event.event == "exchange" {
+            event.event = "token-exchange";
+        }
+        event
+    }
+
+    /// The actor chain, tool, resource, scope, lease and token fingerprint of a token exchange,
+    /// as far as it got.
+    pub(super) fn with_delegation(mut self, audit: &'a super::token_exchange::TokenExchangeAudit) -> ExchangeEvent<'a> {
+        self.act = audit.act.as_ref();
+        if let Some(d) = &audit.delegated {
+            self.tool = Some(&d.tool);
+            self.resource = Some(&d.resource);
+            self.scope = Some(&d.scope);
+            self.actor_rule = d.actor_rule.as_deref();
+        }
+        if self.decision == "allow" {
+            self.lease_id = audit.lease_id.as_deref();
+            self.access_token_sha256 = audit.token_sha256.as_deref();
+        }
+        self
+    }
+
+    /// The fields every outcome has: who, which policy, and allow, deny or error.
+    fn outcome(
+        time: String,
+        request_id: &'a str,
+        policy: &'a str,
+        identity: Option<&'a VerifiedIdentity>,
+        result: Result<(), &'a Error>,
+        audit: &'a Audit,
+    ) -> ExchangeEvent<'a> {
         let mut event = ExchangeEvent {
             time,
             event: "exchange",
@@ -80,15 +146,21 @@ impl<'a> ExchangeEvent<'a> {
             ttl_secs: None,
             expires_at: None,
             credentials: None,
+            act: None,
+            tool: None,
+            resource: None,
+            scope: None,
+            actor_rule: None,
+            access_token_sha256: None,
         };
         match result {
-            Ok(reply) => event.issued(reply),
+            Ok(()) => {}
             Err(Error::Denied(d)) => {
                 (event.event, event.decision, event.code) = ("denial", "deny", Some("policy_denied"));
                 event.deciding_claim = Some(&d.claim);
                 event.reason = Some(crate::clock::truncate(&d.log_detail(), 200).to_string());
             }
-            Err(e @ Error::InvalidToken(_)) => {
+            Err(e @ (Error::InvalidToken(_) | Error::OAuth { .. })) => {
                 (event.event, event.decision, event.code) = ("denial", "deny", Some(e.code()));
                 event.reason = Some(e.log_detail());
             }

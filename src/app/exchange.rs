@@ -144,27 +144,19 @@ impl App {
         now: UnixSeconds,
     ) -> Result<ExchangeReply, Error> {
         let grant = policies.decide(request.policy, identity, request.ttl_secs, now)?;
-        let replay = self.replay_check(identity, &grant).await?;
-        let id = lease_id(now);
-        let minted = self.mint_all(&grant, &id, now, request.ssh_public_key).await?;
-        let credentials = minted.iter().map(Minted::lease_credential);
+        if grant.credentials().is_empty() {
+            // Told only to a job the policy admitted.
+            return Err(Error::BadRequest(format!(
+                "policy `{}` grants no credentials here: it issues tool tokens at POST /oauth/token",
+                grant.policy()
+            )));
+        }
+        let replay = self.replay_check(identity, grant.policy(), &grant).await?;
         let renew = grant.renew_until().map(|until| (renew_token(), until));
         let digest = renew.as_ref().map(|(token, _)| crate::secret::sha256_hex(token.as_bytes()));
-        let lease = Lease::new(&id, identity, &grant, credentials.collect(), digest.as_deref(), now);
-        let expires_at = lease.expires_at;
-        // Durable before the reply. If it cannot be recorded, nothing minted may escape: revoke.
-        if let Err(e) = self.store.issue(lease, replay.as_ref()).await {
-            let handles: Vec<RevokeHandle> = minted.into_iter().map(|m| m.handle).collect();
-            let revoked = self.revoke_handles(&handles).await.is_none();
-            return Err(match e {
-                // Another exchange of the same token was recorded while this one minted.
-                IssueError::Replayed => Denial::replayed(grant.policy(), false).into(),
-                IssueError::Store(e) => {
-                    Error::Unavailable(format!("lease {id} not recorded ({e}); minted credentials revoked: {revoked}"))
-                }
-            });
-        }
-        tracing::Span::current().record("lease_id", tracing::field::display(&id));
+        let (id, minted, expires_at) = self
+            .mint_and_record(identity, &grant, replay.as_ref(), digest.as_deref(), request.ssh_public_key, now)
+            .await?;
         Ok(ExchangeReply {
             lease_id: id,
             policy: grant.policy().to_string(),
@@ -176,11 +168,50 @@ impl App {
         })
     }
 
+    /// Mints every credential of `grant` under a new lease and records the lease, with
+    /// `replay`'s key and the renew token's digest, durably: the lease id, what was minted and
+    /// when the lease ends. Whatever was minted is revoked when it cannot be recorded.
+    pub(super) async fn mint_and_record(
+        &self,
+        identity: &VerifiedIdentity,
+        grant: &Grant,
+        replay: Option<&ReplayKey>,
+        renew_token_sha256: Option<&str>,
+        ssh_public_key: Option<&str>,
+        now: UnixSeconds,
+    ) -> Result<(String, Vec<Minted>, UnixSeconds), Error> {
+        let id = lease_id(now);
+        let minted = self.mint_all(grant, &id, now, ssh_public_key).await?;
+        let credentials = minted.iter().map(Minted::lease_credential);
+        let lease = Lease::new(&id, identity, grant, credentials.collect(), renew_token_sha256, now);
+        let expires_at = lease.expires_at;
+        // Durable before the reply. If it cannot be recorded, nothing minted may escape: revoke.
+        if let Err(e) = self.store.issue(lease, replay).await {
+            let handles: Vec<RevokeHandle> = minted.into_iter().map(|m| m.handle).collect();
+            let revoked = self.revoke_handles(&handles).await.is_none();
+            return Err(match e {
+                // Another exchange of the same token was recorded while this one minted.
+                IssueError::Replayed => Denial::replayed(grant.policy(), false).into(),
+                IssueError::Store(e) => {
+                    Error::Unavailable(format!("lease {id} not recorded ({e}); minted credentials revoked: {revoked}"))
+                }
+            });
+        }
+        tracing::Span::current().record("lease_id", tracing::field::display(&id));
+        Ok((id, minted, expires_at))
+    }
+
     /// Replay protection (`identity::replay` tells the whole story): the key this exchange
     /// records with its lease, after the cheap check that it was not used before, so a plain
-    /// replay mints nothing.
-    async fn replay_check(&self, identity: &VerifiedIdentity, grant: &Grant) -> Result<Option<ReplayKey>, Error> {
-        match identity.replay(grant.policy()) {
+    /// replay mints nothing. `scope` is what one use is of: the policy, or for a token exchange
+    /// the policy and the tool.
+    pub(super) async fn replay_check(
+        &self,
+        identity: &VerifiedIdentity,
+        scope: &str,
+        grant: &Grant,
+    ) -> Result<Option<ReplayKey>, Error> {
+        match identity.replay(scope) {
             Replay::Off => Ok(None),
             Replay::NoJti => Err(Denial::replayed(grant.policy(), true).into()),
             Replay::Once(key) => {

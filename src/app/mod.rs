@@ -17,9 +17,11 @@ pub mod policies;
 mod renewal;
 mod ssh;
 mod status;
+mod token_exchange;
 
 pub use ending::RevokeReply;
 pub use exchange::{ExchangeReply, ExchangeRequest, REASON_AUDIT_UNAVAILABLE, RenewInfo};
+pub use token_exchange::{MAX_DELEGATION_DEPTH, TokenExchangeReply, TokenExchangeRequest};
 
 use crate::audit::Audit;
 use crate::clock::{Clock, UnixSeconds};

@@ -37,8 +37,19 @@ impl App {
         if now >= exp || !lease.is_live(now) || !listed {
             return inactive;
         }
+        // A token from a token exchange dies with every lease above it (`lease_chain`): ending
+        // the agent's token ends the sub-agent's. A chain that does not parse is not a yes.
+        let chain: Option<Vec<String>> = match claims.get("lease_chain") {
+            None => Some(Vec::new()),
+            Some(list) => serde_json::from_value(list.clone()).ok(),
+        };
+        let Some(chain) = chain else { return inactive };
+        if !matches!(self.first_ended(&chain, now).await, Ok(None)) {
+            return inactive;
+        }
         let mut out = json!({"active": true, "token_type": "Bearer"});
-        for k in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "lease_id", "policy"] {
+        for k in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "lease_id", "policy", "scope", "act", "tool", "data"]
+        {
             if let (Some(v), Some(obj)) = (claims.get(k), out.as_object_mut()) {
                 obj.insert(k.to_string(), v.clone());
             }

@@ -9,7 +9,7 @@ use super::file::{
 use super::load::{IssuerFacts, LoadContext, PolicyError};
 use super::matcher::Matcher;
 use super::template::{Template, TemplateValue};
-use super::{CredentialSpec, GrantSpec, Policy, Rule, lint};
+use super::{CredentialSpec, GrantSpec, Policy, Rule, delegation, lint};
 use crate::claims::{CIRCLECI_SSH_RERUN, Platform};
 use crate::clock::{format_duration, parse_duration};
 use crate::names::{is_claim_name, is_name};
@@ -19,8 +19,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Claims a broker JWT sets itself; a grant may not override them.
-const RESERVED_JWT_CLAIMS: [&str; 9] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "lease_id", "policy"];
+/// Claims a broker JWT sets itself; a grant may not override them. `act`, `tool` and
+/// `lease_chain` are a token exchange's (they say who acts, for which tool, under which leases);
+/// `may_act` is a grant's to set (who may exchange the JWT further at `POST /oauth/token`).
+const RESERVED_JWT_CLAIMS: [&str; 12] =
+    ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "lease_id", "policy", "act", "tool", "lease_chain"];
 
 /// Parse, don't validate: a file becomes a compiled [`Policy`] or a list of every error in it.
 /// A file that is not YAML of the policy format is that one error; otherwise each step below
@@ -33,10 +36,16 @@ pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) ->
     let mut deny_rules = compile_rules("deny", &raw.deny, &mut errors);
     if let Some(facts) = ctx.issuers.get(&raw.issuer) {
         deny_rules.extend(implied_deny_rules(facts.platform, &match_rules, &deny_rules));
-        check_immutable_binding(&match_rules, facts, &mut errors);
+        check_immutable_binding(&match_rules, facts, "match", &mut errors);
     }
     let (ttl_default_secs, ttl_max_secs) = compile_ttl(&raw.ttl, &mut errors);
     let grants = compile_grants(&raw.grants, ctx, ttl_max_secs, &mut errors);
+    let data = delegation::compile_data(&raw.data, &mut errors);
+    let tools = delegation::compile_tools(&raw.tools, &data, ctx, ttl_max_secs, &mut errors);
+    let actors = delegation::compile_actors(&raw.actors, &tools, ctx, &mut errors);
+    if grants.is_empty() && tools.is_empty() {
+        errors.push("grants", "a policy must grant at least one credential, or list a tool under `tools`");
+    }
     let renew_max_lease_secs = raw.renew.as_ref().map(|r| compile_renew(r, ttl_max_secs, ctx, &mut errors));
     errors.finish()?;
     Ok(Policy {
@@ -50,13 +59,16 @@ pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) ->
         ttl_max_secs,
         renew_max_lease_secs,
         grants,
+        actors,
+        tools,
+        data,
         digest: Policy::digest_of(name, text),
     })
 }
 
 /// One file's errors, in the order [`compile`] finds them; the errors that are also lints (under
 /// the lint's rule id) are reported after all the others.
-struct Errors<'a> {
+pub(super) struct Errors<'a> {
     file: &'a Path,
     invalid: Vec<PolicyError>,
     lints: Vec<PolicyError>,
@@ -68,12 +80,12 @@ impl Errors<'_> {
     }
 
     /// An error reported under [`lint::INVALID`].
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.invalid.push(PolicyError::new(self.file.to_path_buf(), field.into(), message.into()));
     }
 
     /// An error that is also the lint `rule`, which the loader enforces.
-    fn lint(&mut self, rule: &'static str, field: impl Into<String>, message: String) {
+    pub(super) fn lint(&mut self, rule: &'static str, field: impl Into<String>, message: String) {
         self.lints.push(PolicyError { file: self.file.to_path_buf(), field: field.into(), message, rule });
     }
 
@@ -91,7 +103,7 @@ fn check_issuer(issuer: &str, ctx: &LoadContext, errors: &mut Errors<'_>) {
 }
 
 /// The `match` or `deny` section: claim name → matcher.
-fn compile_rules(section: &str, map: &BTreeMap<String, Value>, errors: &mut Errors<'_>) -> Vec<Rule> {
+pub(super) fn compile_rules(section: &str, map: &BTreeMap<String, Value>, errors: &mut Errors<'_>) -> Vec<Rule> {
     let mut out = Vec::new();
     for (claim, value) in map {
         let field = format!("{section}.{claim}");
@@ -108,7 +120,7 @@ fn compile_rules(section: &str, map: &BTreeMap<String, Value>, errors: &mut Erro
 
 /// [`lint::IMMUTABLE_ID`], enforced: some match rule must bind one of the issuer's identity
 /// claims ([`IssuerFacts::identity_claims`]: ids never reused) to an exact value or a list.
-fn check_immutable_binding(match_rules: &[Rule], facts: &IssuerFacts, errors: &mut Errors<'_>) {
+pub(super) fn check_immutable_binding(match_rules: &[Rule], facts: &IssuerFacts, field: &str, errors: &mut Errors<'_>) {
     let immutable = facts.identity_claims();
     if match_rules.iter().any(|r| immutable.contains(&r.claim.as_str()) && r.matcher.is_binding()) {
         return;
@@ -141,7 +153,7 @@ fn check_immutable_binding(match_rules: &[Rule], facts: &IssuerFacts, errors: &m
     };
     errors.lint(
         lint::IMMUTABLE_ID,
-        "match",
+        field,
         format!(
             "binds no immutable identity claim: add an exact value or list for one of {} ({why})",
             immutable.join(", ")
@@ -215,9 +227,6 @@ fn compile_grants(
     ttl_max_secs: i64,
     errors: &mut Errors<'_>,
 ) -> Vec<GrantSpec> {
-    if grants.is_empty() {
-        errors.push("grants", "a policy must grant at least one credential");
-    }
     let mut out = Vec::new();
     for (grant_name, value) in grants {
         let field = format!("grants.{grant_name}");

@@ -125,12 +125,39 @@ pub enum DenialReason {
     Replayed,
     /// Replay protection is on for the issuer and the token has no `jti`.
     MissingJti,
+    /// Token exchange: the policy lists no `tools`.
+    NoTools,
+    /// Token exchange: the `resource` or `audience` (the deciding "claim") names no tool of the
+    /// policy.
+    TargetNotListed,
+    /// Token exchange: the policy has several tools and the request names none.
+    TargetAmbiguous,
+    /// Token exchange: the subject is a token for `tool`, and the request asks for another.
+    ToolChanged {
+        tool: String,
+    },
+    /// Token exchange: no actor rule admits the actor token.
+    ActorNotAdmitted,
+    /// Token exchange: `scope` is not one `tool` may carry.
+    ScopeNotGranted {
+        scope: String,
+        tool: String,
+    },
+    /// Token exchange: `scope` is not in the subject token's scope.
+    ScopeWidened {
+        scope: String,
+    },
 }
 
 impl Denial {
     /// A replayed token (or one without `jti` where replay protection needs it).
     pub fn replayed(policy: &str, missing_jti: bool) -> Denial {
         Denial::new(policy, "jti", if missing_jti { DenialReason::MissingJti } else { DenialReason::Replayed })
+    }
+
+    /// `claim` did not match `policy` (worded like an unknown policy's refusal).
+    pub fn not_matched(policy: &str, claim: &str) -> Denial {
+        Denial::new(policy, claim, DenialReason::MatchFailed)
     }
 
     pub(super) fn new(policy: &str, claim: &str, reason: DenialReason) -> Denial {
@@ -162,6 +189,29 @@ impl Denial {
                     "claim `{claim}`, used by grant `{grant}` of policy `{policy}`, names no repository the grant may reach"
                 )
             }
+            DenialReason::NoTools => format!("policy `{policy}` lists no tools: it issues no tokens at /oauth/token"),
+            DenialReason::TargetNotListed => {
+                format!("policy `{policy}` issues no token for this `{claim}`: it is not one of the policy's tools")
+            }
+            DenialReason::TargetAmbiguous => {
+                format!("policy `{policy}` lists several tools: name the one the token is for with `resource`")
+            }
+            DenialReason::ToolChanged { tool } => format!(
+                "the subject token is for tool `{tool}` and is exchanged further only for that tool; for another \
+                 tool, exchange the job's own token"
+            ),
+            DenialReason::ActorNotAdmitted => {
+                format!(
+                    "no rule under `actors` of policy `{policy}` admits the actor token (issuer, match and deny rules, tools)"
+                )
+            }
+            DenialReason::ScopeNotGranted { scope, tool } => {
+                format!("scope `{}` is not one tool `{tool}` of policy `{policy}` may carry", truncate(scope, 64))
+            }
+            DenialReason::ScopeWidened { scope } => format!(
+                "scope `{}` is not in the subject token's scope: a delegated token can only narrow",
+                truncate(scope, 64)
+            ),
             DenialReason::TemplateClaimMissing { grant } => {
                 format!(
                     "claim `{claim}`, needed by grant `{grant}` of policy `{policy}`, is missing or not a single value"

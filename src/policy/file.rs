@@ -92,7 +92,7 @@ fn yaml_error(message: &str) -> String {
 /// if the token comes from `issuer`, no `deny` rule holds and every `match` rule holds.
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "ephemera policy", transform = require_match_and_grants)]
+#[schemars(title = "ephemera policy", transform = require_match_and_grants_or_tools)]
 pub(super) struct PolicyFile {
     /// For people; not used in decisions.
     #[serde(default)]
@@ -122,6 +122,65 @@ pub(super) struct PolicyFile {
     #[serde(default)]
     #[schemars(schema_with = "grants_schema")]
     pub grants: BTreeMap<String, Value>,
+    /// Agents that may act for the job at `POST /oauth/token` (RFC 8693 `actor_token`): rule
+    /// name → the agent's issuer and claim rules. Without this section no actor is admitted:
+    /// only the job itself may exchange, and only its own CI token.
+    #[serde(default)]
+    pub actors: BTreeMap<String, ActorFile>,
+    /// Tool name → the tool server a token from `POST /oauth/token` may be for: its `resource`
+    /// URI (the token's `aud`), the scopes and data scopes such a token may carry, and the `jwt`
+    /// backend that signs it. A resource not listed here is refused (`invalid_target`).
+    #[serde(default)]
+    #[schemars(schema_with = "tools_schema")]
+    pub tools: BTreeMap<String, ToolFile>,
+    /// Data scope name → what a token carrying it may reach (repository paths, schema names,
+    /// bucket prefixes: any JSON; strings are `${claim}` templates of the job's claims). A token
+    /// asks for one with the scope `data:NAME` and carries its value under `data.NAME`.
+    #[serde(default)]
+    #[schemars(schema_with = "data_schema")]
+    pub data: BTreeMap<String, Value>,
+}
+
+/// An agent admitted to act for the job: its token comes from `issuer` and passes these rules.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Actor")]
+pub(super) struct ActorFile {
+    /// The name of the issuer in the broker config that verifies the agent's token (an agent
+    /// identity provider, a SPIFFE JWT-SVID issuer configured as `generic`, or a CI issuer).
+    pub issuer: String,
+    /// Claim name → matcher on the actor token; every rule must hold. Must bind one of the
+    /// issuer's identity claims (e.g. `sub`) to an exact value or a list.
+    #[serde(rename = "match", default)]
+    #[schemars(schema_with = "rules_schema")]
+    pub match_rules: BTreeMap<String, Value>,
+    /// Claim name → matcher on the actor token; if any holds the actor is refused.
+    #[serde(default)]
+    #[schemars(schema_with = "rules_schema")]
+    pub deny: BTreeMap<String, Value>,
+    /// The tools (names under `tools`) this agent may get tokens for; all of them when absent.
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
+}
+
+/// A tool server tokens may be issued for.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Tool")]
+pub(super) struct ToolFile {
+    /// The tool server's URI, as clients send it in `resource` (RFC 8707): absolute, no
+    /// fragment, compared exactly. It becomes the token's `aud`.
+    #[schemars(length(min = 1, max = 512))]
+    pub resource: String,
+    /// A backend of `type = "jwt"` that signs the tokens.
+    pub backend: String,
+    /// The OAuth scopes a token for this tool may carry (space-free, not starting with `data:`).
+    /// A request without `scope` gets all of them and every data scope below.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Data scopes (names under `data`) a token for this tool may carry.
+    #[serde(default)]
+    pub data: Vec<String>,
 }
 
 /// Durations are written like `90s`, `15m`, `1h`, `1h30m`: whole seconds, at least 1s.
@@ -297,11 +356,28 @@ fn unwrap_description(schema: &mut Schema) {
 
 /// `match` and `grants` default to empty for serde, so that loading says what is missing ("binds
 /// no immutable identity claim", "must grant at least one credential"); a policy without them
-/// never loads, so the schema requires them.
-fn require_match_and_grants(schema: &mut Schema) {
+/// never loads, so the schema requires `match`, and `grants` or `tools` (a policy that only
+/// issues tool tokens at `POST /oauth/token` grants nothing at `POST /v1/exchange`).
+fn require_match_and_grants_or_tools(schema: &mut Schema) {
     if let Some(Value::Array(required)) = schema.get_mut("required") {
-        required.extend(["match".into(), "grants".into()]);
+        required.push("match".into());
     }
+    schema.insert("anyOf".into(), serde_json::json!([{"required": ["grants"]}, {"required": ["tools"]}]));
+}
+
+fn tools_schema(generator: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "propertyNames": {"pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"},
+        "additionalProperties": generator.subschema_for::<ToolFile>(),
+    })
+}
+
+fn data_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "propertyNames": {"pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"},
+    })
 }
 
 fn rules_schema(generator: &mut SchemaGenerator) -> Schema {

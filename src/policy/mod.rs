@@ -8,6 +8,7 @@
 
 mod compile;
 mod decision;
+pub mod delegation;
 pub mod explain;
 mod file;
 pub mod lint;
@@ -52,6 +53,12 @@ pub struct Policy {
     /// `renew.max_lease`: present when a lease of this policy may be renewed.
     pub renew_max_lease_secs: Option<i64>,
     pub grants: Vec<GrantSpec>,
+    /// `actors`: agents admitted to act for the job at `POST /oauth/token`.
+    pub actors: Vec<delegation::ActorRule>,
+    /// `tools`: the tool servers its tokens may be for.
+    pub tools: Vec<delegation::Tool>,
+    /// `data`: named data scopes, values whose strings are templates.
+    pub data: Vec<(String, TemplateValue)>,
     /// [`Policy::digest`], computed once by compile.
     digest: [u8; 32],
 }
