@@ -66,8 +66,14 @@ fn the_policy_schema_describes_every_field_matchers_and_both_grant_kinds() {
     let properties = schema["properties"].as_object().unwrap();
     let mut fields: Vec<&str> = properties.keys().map(String::as_str).collect();
     fields.sort_unstable();
-    assert_eq!(fields, ["deny", "description", "grants", "issuer", "match", "renew", "ttl"]);
-    assert_eq!(schema["required"], serde_json::json!(["issuer", "ttl", "match", "grants"]));
+    assert_eq!(fields, ["actors", "data", "deny", "description", "grants", "issuer", "match", "renew", "tools", "ttl"]);
+    assert_eq!(schema["required"], serde_json::json!(["issuer", "ttl", "match"]));
+    // A policy grants credentials, lists tools for token exchange, or both.
+    assert_eq!(schema["anyOf"], serde_json::json!([{"required": ["grants"]}, {"required": ["tools"]}]));
+    let tool = &schema["definitions"]["Tool"];
+    assert_eq!(tool["required"], serde_json::json!(["resource", "backend"]));
+    assert_eq!(properties["tools"]["additionalProperties"]["$ref"], "#/definitions/Tool");
+    assert_eq!(properties["actors"]["additionalProperties"]["$ref"], "#/definitions/Actor");
     assert_eq!(schema["additionalProperties"], false, "unknown top-level fields are errors");
     for (name, field) in properties {
         assert!(field["description"].as_str().is_some_and(|d| !d.is_empty()), "{name} has no description");
