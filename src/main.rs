@@ -208,6 +208,14 @@ enum PolicyCommand {
         /// claims' `iss`, else the policy's own issuer).
         #[arg(long)]
         issuer: Option<String>,
+        /// A JSON file of an agent's claims (its actor token's): every actor rule is evaluated
+        /// against it, and the rule that admits it is named.
+        #[arg(long)]
+        actor_claims: Option<PathBuf>,
+        /// The issuer the actor's claims come from (default: the configured issuer whose url
+        /// is their `iss`).
+        #[arg(long, requires = "actor_claims")]
+        actor_issuer: Option<String>,
         /// `text` or `json`.
         #[arg(long, default_value = "text")]
         format: String,
@@ -316,8 +324,17 @@ fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Check { config, format, strict }) => {
             return policy_check(config.as_deref(), &format, strict);
         }
-        Command::Policy(PolicyCommand::Explain { config, policy, claims, issuer, format }) => {
-            return policy_explain(config.as_deref(), &policy, &claims, issuer.as_deref(), &format);
+        Command::Policy(PolicyCommand::Explain {
+            config,
+            policy,
+            claims,
+            issuer,
+            actor_claims,
+            actor_issuer,
+            format,
+        }) => {
+            let actor = actor_claims.as_deref().map(|path| (path, actor_issuer.as_deref()));
+            return policy_explain(config.as_deref(), &policy, &claims, issuer.as_deref(), actor, &format);
         }
         Command::Policy(PolicyCommand::Test { config, dir, format }) => {
             return policy_test(config.as_deref(), dir.as_deref(), &format);
@@ -521,7 +538,14 @@ fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
 }
 
-fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Option<&str>, format: &str) -> ExitCode {
+fn policy_explain(
+    config: Option<&Path>,
+    name: &str,
+    claims: &Path,
+    issuer: Option<&str>,
+    actor: Option<(&Path, Option<&str>)>,
+    format: &str,
+) -> ExitCode {
     let (config, set) = match load_policies(config) {
         Ok(loaded) => loaded,
         Err(e) => return fail(e),
@@ -529,15 +553,27 @@ fn policy_explain(config: Option<&Path>, name: &str, claims: &Path, issuer: Opti
     let Some(policy) = set.get(name) else {
         return fail(format!("no policy named `{name}` in {}", config.policies_dir.display()));
     };
-    let claims: ephemera::claims::Claims = match std::fs::read_to_string(claims)
-        .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-    {
+    let read_claims = |path: &Path| -> Result<ephemera::claims::Claims, String> {
+        std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+            .map_err(|e| format!("{}: not a JSON object of claims: {e}", path.display()))
+    };
+    let claims = match read_claims(claims) {
         Ok(c) => c,
-        Err(e) => return fail(format!("{}: not a JSON object of claims: {e}", claims.display())),
+        Err(e) => return fail(e),
+    };
+    let actor = match actor.map(|(path, issuer)| read_claims(path).map(|c| (c, issuer))).transpose() {
+        Ok(a) => a,
+        Err(e) => return fail(e),
     };
     let issuer = issuer.map_or_else(|| policy.claims_issuer(&claims, &config.issuers), str::to_string);
-    let trace = policy.explain(&issuer, &claims);
+    let actor_issuer = actor.as_ref().map(|(c, named)| match named {
+        Some(name) => name.to_string(),
+        None => ephemera::policy::issuer_of(c, &config.issuers),
+    });
+    let actor = actor.as_ref().zip(actor_issuer.as_deref()).map(|((c, _), issuer)| (issuer, c));
+    let trace = policy.explain_with_actor(&issuer, &claims, actor);
     let text = match format {
         "json" => serde_json::to_string_pretty(&trace).unwrap_or_default() + "\n",
         _ => trace.render(),

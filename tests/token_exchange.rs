@@ -266,7 +266,9 @@ async fn every_malformed_request_is_refused_with_its_rfc_error_code() {
         f.retain(|(k, _)| *k != name);
         f
     };
-    let cases: Vec<(&str, Vec<(&str, String)>, &str, &str)> = vec![
+    // (what, form fields, the error code, what the description says)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         ("no grant_type", without("grant_type"), "invalid_request", "`grant_type` is required"),
         ("another grant_type", base(&[("grant_type", "client_credentials")]), "unsupported_grant_type", GRANT),
         ("no subject_token", without("subject_token"), "invalid_request", "`subject_token` is required"),

@@ -126,11 +126,21 @@ impl App {
     /// The rule-by-rule trace of `policy` against `claims` from `issuer` (default: the
     /// configured issuer whose url is `claims.iss`, else the policy's own). Nothing is minted.
     /// `NotFound` for an unknown policy.
-    pub fn explain(&self, policy: &str, issuer: Option<String>, claims: &Claims) -> Result<Value, Error> {
+    /// With `actor` (its issuer, if named, and claims), the actor rules are evaluated too.
+    pub fn explain(
+        &self,
+        policy: &str,
+        issuer: Option<String>,
+        claims: &Claims,
+        actor: Option<(Option<String>, &Claims)>,
+    ) -> Result<Value, Error> {
         let policies = self.policies.current();
         let policy = policies.get(policy).ok_or(Error::NotFound)?;
-        let issuer = issuer.unwrap_or_else(|| policy.claims_issuer(claims, self.verifier.issuers().map(|i| &i.config)));
-        serde_json::to_value(policy.explain(&issuer, claims)).map_err(|e| Error::Internal(e.to_string()))
+        let configs = || self.verifier.issuers().map(|i| &i.config);
+        let issuer = issuer.unwrap_or_else(|| policy.claims_issuer(claims, configs()));
+        let actor = actor.map(|(named, c)| (named.unwrap_or_else(|| crate::policy::issuer_of(c, configs())), c));
+        let trace = policy.explain_with_actor(&issuer, claims, actor.as_ref().map(|(i, c)| (i.as_str(), *c)));
+        serde_json::to_value(trace).map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// A platform job key (`github:…`) as the leases of issuer `issuer` carry it (webhooks).

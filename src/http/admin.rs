@@ -170,13 +170,18 @@ struct ExplainBody {
     /// The configured issuer the claims come from; default: the one whose url is `claims.iss`,
     /// else the policy's own.
     issuer: Option<String>,
+    /// An agent's claims (its actor token's): the actor rules are evaluated against them.
+    actor_claims: Option<crate::claims::Claims>,
+    /// The configured issuer of `actor_claims`; default: the one whose url is their `iss`.
+    actor_issuer: Option<String>,
 }
 
 /// `POST /v1/explain`: the rule-by-rule trace of a policy against a claim set; nothing is minted.
 async fn explain(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     require_admin(&app, &headers)?;
     let request: ExplainBody = parse_json(&read_body(&headers, body).await?)?;
-    let trace = app.explain(&request.policy, request.issuer, &request.claims)?;
+    let actor = request.actor_claims.as_ref().map(|c| (request.actor_issuer.clone(), c));
+    let trace = app.explain(&request.policy, request.issuer, &request.claims, actor)?;
     Ok(json_response(StatusCode::OK, &trace))
 }
 

@@ -453,3 +453,187 @@ fn dedup_keep_order(list: &mut Vec<String>) {
     let mut seen = BTreeSet::new();
     list.retain(|s| seen.insert(s.clone()));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::claims::Platform;
+    use crate::claims::tests::fixture;
+    use crate::policy::{IssuerFacts, LoadContext, PolicySet};
+
+    const POLICY: &str = r#"
+issuer: github
+match: {repository_id: "74"}
+ttl: {default: 10m, max: 30m}
+actors:
+  reviewer: {issuer: agents, match: {sub: "spiffe://x/reviewer"}, deny: {env: test}}
+  helper: {issuer: agents, match: {sub: "spiffe://x/helper"}, tools: [github]}
+tools:
+  github: {resource: "https://mcp.example/github", backend: jwt, scopes: ["issues:read", "pulls:write"], data: [repo]}
+  search: {resource: "https://search.example/mcp", backend: jwt, scopes: [search]}
+data:
+  repo: {repositories: ["${repository}"]}
+"#;
+
+    fn ctx() -> LoadContext {
+        LoadContext {
+            issuers: [
+                ("github".to_string(), Platform::GithubActions.into()),
+                ("gitlab".to_string(), Platform::GitlabCi.into()),
+                (
+                    "agents".to_string(),
+                    IssuerFacts { platform: Platform::Generic, identity_claims: vec!["sub".into()] },
+                ),
+            ]
+            .into(),
+            backends: [("jwt".to_string(), ("jwt", 3600)), ("aws".to_string(), ("aws", 3600))].into(),
+            renew_max_lease_secs: 12 * 3600,
+        }
+    }
+
+    fn errors(yaml: &str) -> Vec<String> {
+        PolicySet::load(None, &[("p", yaml)], &ctx())
+            .expect_err("loaded")
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
+    }
+
+    fn assert_has(errors: &[String], want: &str) {
+        assert!(errors.iter().any(|e| e.contains(want)), "no error containing {want:?} in {errors:#?}");
+    }
+
+    fn actor(sub: &str) -> Claims {
+        serde_json::from_value(serde_json::json!({"iss": "https://agents.example", "sub": sub})).unwrap()
+    }
+
+    fn job() -> VerifiedIdentity {
+        let claims = fixture("github-environment-deploy.json");
+        VerifiedIdentity::remembered("github", Platform::GithubActions, "github:74:1", claims, 0, "digest")
+    }
+
+    fn ask<'a>(resource: Option<&'a str>, scopes: Option<&'a [String]>, parent: Option<&'a Parent>) -> Delegation<'a> {
+        Delegation { resource, tool: None, scopes, actor: None, parent, carry: Map::new() }
+    }
+
+    #[test]
+    fn every_mistake_in_actors_tools_and_data_is_reported_with_its_field() {
+        let bad = r##"
+issuer: github
+match: {repository_id: "74"}
+ttl: {default: 10m, max: 2h}
+actors:
+  loose: {issuer: agents, match: {sub: {glob: "spiffe://x/*"}}}
+  nowhere: {issuer: mystery, match: {sub: a}}
+  wrong-tool: {issuer: agents, match: {sub: a}, tools: [github, nope]}
+tools:
+  github: {resource: "https://mcp.example/github#frag", backend: aws, scopes: ["has space", "data:x"], data: [missing]}
+  twin: {resource: "https://mcp.example/github#frag", backend: jwt}
+  nobackend: {resource: "urn:tool:x", backend: nope}
+"##;
+        let e = errors(bad);
+        assert_has(
+            &e,
+            "actors.loose.match: binds no immutable identity claim: add an exact value or list for one of sub",
+        );
+        assert_has(&e, "actors.nowhere.issuer: `mystery` is not an issuer");
+        assert_has(&e, "actors.wrong-tool.tools: `nope` is not a tool of this policy");
+        assert_has(&e, "tools.github.resource: must be an absolute URI without a fragment");
+        assert_has(&e, "tools.github.backend: `aws` is a `aws` backend; tool tokens are signed by a `jwt` backend");
+        assert_has(&e, "tools.github.scopes: `has space` is not a scope");
+        assert_has(&e, "tools.github.scopes: `data:x` is not a scope");
+        assert_has(&e, "tools.github.data: `missing` is not a data scope of this policy");
+        assert_has(&e, "tools.twin.resource: is also tool `github`'s");
+        assert_has(&e, "tools.twin.backend: ttl.max 2h is above backend `jwt`'s max_ttl 1h");
+        assert_has(&e, "tools.nobackend.backend: `nope` is not a backend");
+        let none = "issuer: github\nmatch: {repository_id: \"74\"}\nttl: {default: 1m, max: 1m}\n";
+        assert_has(&errors(none), "grants: a policy must grant at least one credential, or list a tool");
+        let actors_only = format!(
+            "{none}actors: {{a: {{issuer: agents, match: {{sub: a}}}}}}\ngrants: {{x: {{backend: jwt, audience: svc}}}}\n"
+        );
+        assert_has(&errors(&actors_only), "actors: actors act only through tools");
+        let forged_act =
+            format!("{none}grants: {{x: {{backend: jwt, audience: svc, claims: {{act: {{sub: me}}, tool: t}}}}}}\n");
+        assert_has(&errors(&forged_act), "grants.x.claims.act: is set by the broker");
+        assert_has(&errors(&forged_act), "grants.x.claims.tool: is set by the broker");
+    }
+
+    #[test]
+    fn a_decision_names_one_tool_and_narrows_to_the_parents_scope_and_life() {
+        let set = PolicySet::load(None, &[("p", POLICY)], &ctx()).unwrap();
+        let identity = job();
+        let (grant, d) =
+            set.decide_delegation("p", &identity, ask(Some("https://mcp.example/github"), None, None), 100).unwrap();
+        assert_eq!((d.tool.as_str(), d.scope.as_str()), ("github", "issues:read pulls:write data:repo"));
+        assert_eq!(grant.expires_at(), 700, "the policy's default ttl");
+        let ResolvedSpec::Jwt { audience, claims } = &grant.credentials()[0].spec else { panic!("not a jwt") };
+        assert_eq!(audience, "https://mcp.example/github");
+        assert_eq!(claims["data"], serde_json::json!({"repo": {"repositories": ["octo-org/octo-repo"]}}));
+        // Along a chain: the parent's scopes bound the default and every ask, its life the ttl.
+        let parent =
+            Parent { tool: Some("github".into()), scopes: Some(["issues:read".to_string()].into()), expires_at: 400 };
+        let (grant, d) = set.decide_delegation("p", &identity, ask(None, None, Some(&parent)), 100).unwrap();
+        assert_eq!((d.tool.as_str(), d.scope.as_str(), grant.expires_at()), ("github", "issues:read", 400));
+        let wider = ["pulls:write".to_string()];
+        let denial = set.decide_delegation("p", &identity, ask(None, Some(&wider), Some(&parent)), 100).unwrap_err();
+        assert_eq!(denial.reason, DenialReason::ScopeWidened { scope: "pulls:write".into() });
+        let elsewhere = set
+            .decide_delegation("p", &identity, ask(Some("https://search.example/mcp"), None, Some(&parent)), 100)
+            .unwrap_err();
+        assert_eq!(elsewhere.reason, DenialReason::ToolChanged { tool: "github".into() });
+        // Two tools and none named; an unknown resource; an unknown policy like a failed match.
+        let ambiguous = set.decide_delegation("p", &identity, ask(None, None, None), 100).unwrap_err();
+        assert_eq!(ambiguous.reason, DenialReason::TargetAmbiguous);
+        let unknown = set.decide_delegation("p", &identity, ask(Some("https://mcp.example/github/"), None, None), 100);
+        assert_eq!(unknown.unwrap_err().reason, DenialReason::TargetNotListed);
+        let nope = set.decide_delegation("nope", &identity, ask(None, None, None), 100).unwrap_err();
+        assert_eq!(nope.public_message(), "claim `iss` did not match policy `nope`");
+    }
+
+    #[test]
+    fn an_actor_is_admitted_only_by_a_rule_for_its_issuer_claims_and_tool() {
+        let set = PolicySet::load(None, &[("p", POLICY)], &ctx()).unwrap();
+        let identity = job();
+        let decide = |issuer: &str, claims: &Claims, resource: &str| {
+            let mut a = ask(Some(resource), None, None);
+            a.actor = Some(Actor { issuer, claims });
+            set.decide_delegation("p", &identity, a, 100).map(|(_, d)| d.actor_rule)
+        };
+        let (github, search) = ("https://mcp.example/github", "https://search.example/mcp");
+        assert_eq!(decide("agents", &actor("spiffe://x/reviewer"), search).unwrap().as_deref(), Some("reviewer"));
+        assert_eq!(decide("agents", &actor("spiffe://x/helper"), github).unwrap().as_deref(), Some("helper"));
+        let refused =
+            |issuer: &str, claims: &Claims, resource: &str| decide(issuer, claims, resource).unwrap_err().reason;
+        assert_eq!(
+            refused("agents", &actor("spiffe://x/helper"), search),
+            DenialReason::ActorNotAdmitted,
+            "not its tool"
+        );
+        assert_eq!(refused("github", &actor("spiffe://x/reviewer"), search), DenialReason::ActorNotAdmitted, "issuer");
+        assert_eq!(refused("agents", &actor("spiffe://x/other"), search), DenialReason::ActorNotAdmitted);
+        let mut denied = actor("spiffe://x/reviewer");
+        denied.insert("env".into(), "test".into());
+        assert_eq!(refused("agents", &denied, search), DenialReason::ActorNotAdmitted, "a deny rule holds");
+        // `policy explain` shows the same: every actor rule, and which admits.
+        let policy = set.get("p").unwrap();
+        let trace =
+            policy.explain_with_actor("github", &fixture("github-environment-deploy.json"), Some(("agents", &denied)));
+        assert_eq!(trace.actor_decision.as_ref().unwrap().admitted_by, None);
+        let reviewer = actor("spiffe://x/reviewer");
+        let trace = policy.explain_with_actor(
+            "github",
+            &fixture("github-environment-deploy.json"),
+            Some(("agents", &reviewer)),
+        );
+        assert_eq!(trace.actor_decision.as_ref().unwrap().admitted_by.as_deref(), Some("reviewer"));
+        let text = trace.render();
+        assert!(text.contains("actor decision: admitted by `reviewer`"), "{text}");
+        assert!(
+            text.contains(
+                "tool github — resource https://mcp.example/github — may carry: issues:read pulls:write data:repo"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("FAIL  match sub = \"spiffe://x/reviewer\""), "the helper rule's sub fails: {text}");
+    }
+}

@@ -3,6 +3,7 @@
 //! Nothing is minted. The decision is the one [`Policy::evaluate`] makes (a test holds them
 //! together); the trace only adds the rules evaluation did not need to look at.
 
+use super::delegation::Actor;
 use super::matcher::Matcher;
 use super::{Policy, Rule};
 use crate::claims::Claims;
@@ -19,6 +20,44 @@ pub struct Trace {
     pub decision: &'static str,
     /// The claim that decided a denial (the first failing check, as the exchange reports it).
     pub deciding_claim: Option<String>,
+    /// The tools a token exchange may issue tokens for (`tools`), with what each may carry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolTrace>,
+    /// Every actor rule (`actors`): evaluated against the actor's claims when they are given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub actors: Vec<ActorTrace>,
+    /// With actor claims: the actor rule that admits the actor (`null`: none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor_decision: Option<ActorDecision>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolTrace {
+    pub name: String,
+    pub resource: String,
+    /// Scopes and `data:NAME` data scopes a token for it may carry.
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActorTrace {
+    pub name: String,
+    pub issuer: String,
+    /// The tools it may get tokens for (`null`: all).
+    pub tools: Option<Vec<String>>,
+    /// Deny rules, then match rules; with no actor claims, `value` is null and `pass` false.
+    pub rules: Vec<RuleTrace>,
+    /// With actor claims: does this rule admit the actor (issuer, deny and match rules)?
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admits: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActorDecision {
+    /// The configured issuer the actor's claims come from.
+    pub issuer: String,
+    /// The first actor rule that admits it, if any (a rule's `tools` still limit where it acts).
+    pub admitted_by: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,19 +84,34 @@ pub struct RuleTrace {
 impl Policy {
     /// Explains the decision for `claims` from issuer `issuer` (a configured issuer's name).
     pub fn explain(&self, issuer: &str, claims: &Claims) -> Trace {
-        let trace_rule = |section: &'static str, rule: &Rule| {
-            let holds = rule.matcher.matches(claims.get(&rule.claim));
-            RuleTrace {
-                section,
-                claim: rule.claim.clone(),
-                rule: describe(&rule.matcher),
-                value: claims.get(&rule.claim).cloned().unwrap_or(Value::Null),
-                holds,
-                pass: if section == "deny" { !holds } else { holds },
-            }
-        };
-        let mut rules: Vec<RuleTrace> = self.deny_rules.iter().map(|r| trace_rule("deny", r)).collect();
-        rules.extend(self.match_rules.iter().map(|r| trace_rule("match", r)));
+        self.explain_with_actor(issuer, claims, None)
+    }
+
+    /// [`Policy::explain`], and the actor rules against an actor's claims from the configured
+    /// issuer named first in `actor`.
+    pub fn explain_with_actor(&self, issuer: &str, claims: &Claims, actor: Option<(&str, &Claims)>) -> Trace {
+        let rules = trace_rules(&self.deny_rules, &self.match_rules, claims);
+        let no_claims = Claims::new();
+        let actors = self
+            .actors
+            .iter()
+            .map(|rule| ActorTrace {
+                name: rule.name.clone(),
+                issuer: rule.issuer.clone(),
+                tools: rule.tools.clone(),
+                rules: trace_rules(&rule.deny_rules, &rule.match_rules, actor.map_or(&no_claims, |(_, c)| c)),
+                admits: actor.map(|(issuer, claims)| rule.admits(Actor { issuer, claims })),
+            })
+            .collect::<Vec<_>>();
+        let actor_decision = actor.map(|(issuer, _)| ActorDecision {
+            issuer: issuer.to_string(),
+            admitted_by: actors.iter().find(|a| a.admits == Some(true)).map(|a| a.name.clone()),
+        });
+        let tools = self
+            .tools
+            .iter()
+            .map(|t| ToolTrace { name: t.name.clone(), resource: t.resource.clone(), scopes: t.allowed().collect() })
+            .collect();
         let denial = self.evaluate(issuer, claims).err();
         Trace {
             policy: self.name.to_string(),
@@ -69,8 +123,29 @@ impl Policy {
             rules,
             decision: if denial.is_none() { "allow" } else { "deny" },
             deciding_claim: denial.map(|d| d.claim),
+            tools,
+            actors,
+            actor_decision,
         }
     }
+}
+
+/// Deny rules then match rules against `claims`, each with its outcome.
+fn trace_rules(deny: &[Rule], matching: &[Rule], claims: &Claims) -> Vec<RuleTrace> {
+    let trace_rule = |section: &'static str, rule: &Rule| {
+        let holds = rule.matcher.matches(claims.get(&rule.claim));
+        RuleTrace {
+            section,
+            claim: rule.claim.clone(),
+            rule: describe(&rule.matcher),
+            value: claims.get(&rule.claim).cloned().unwrap_or(Value::Null),
+            holds,
+            pass: if section == "deny" { !holds } else { holds },
+        }
+    };
+    let mut rules: Vec<RuleTrace> = deny.iter().map(|r| trace_rule("deny", r)).collect();
+    rules.extend(matching.iter().map(|r| trace_rule("match", r)));
+    rules
 }
 
 /// A matcher as a person reads it.
@@ -104,6 +179,40 @@ impl Trace {
         match &self.deciding_claim {
             None => out.push_str("decision: allow\n"),
             Some(claim) => out.push_str(&format!("decision: deny (deciding claim `{claim}`)\n")),
+        }
+        for t in &self.tools {
+            out.push_str(&format!("tool {} — resource {} — may carry: {}\n", t.name, t.resource, t.scopes.join(" ")));
+        }
+        for a in &self.actors {
+            let tools = a.tools.as_ref().map_or_else(|| "every tool".to_string(), |t| t.join(", "));
+            let verdict = match a.admits {
+                None => String::new(),
+                Some(true) => " — admits the actor".to_string(),
+                Some(false) => " — does not admit the actor".to_string(),
+            };
+            out.push_str(&format!("actor {} — issuer `{}`, for {tools}{verdict}\n", a.name, a.issuer));
+            for r in &a.rules {
+                match a.admits {
+                    None => out.push_str(&format!("        {:<5} {} — rule {}\n", r.section, r.claim, r.rule)),
+                    Some(_) => {
+                        let value = if r.value.is_null() { "(missing)".to_string() } else { r.value.to_string() };
+                        out.push_str(&format!(
+                            "  {}  {:<5} {} = {} — rule {}\n",
+                            mark(r.pass),
+                            r.section,
+                            r.claim,
+                            value,
+                            r.rule
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(d) = &self.actor_decision {
+            match &d.admitted_by {
+                Some(rule) => out.push_str(&format!("actor decision: admitted by `{rule}` (issuer `{}`)\n", d.issuer)),
+                None => out.push_str(&format!("actor decision: not admitted (issuer `{}`)\n", d.issuer)),
+            }
         }
         out
     }

@@ -232,6 +232,19 @@ impl PolicySet {
     }
 }
 
+/// The name of the configured issuer whose `url` is the claims' `iss`.
+fn configured_issuer<'a>(claims: &Claims, issuers: impl IntoIterator<Item = &'a IssuerConfig>) -> Option<String> {
+    let iss = claims.get("iss").and_then(Value::as_str)?;
+    issuers.into_iter().find(|i| i.url == iss).map(|i| i.name.clone())
+}
+
+/// The configured issuer an actor's claim set comes from: the one whose `url` is its `iss`, else
+/// the `iss` itself (which no actor rule names, so nothing admits it).
+pub fn issuer_of<'a>(claims: &Claims, issuers: impl IntoIterator<Item = &'a IssuerConfig>) -> String {
+    configured_issuer(claims, issuers)
+        .unwrap_or_else(|| claims.get("iss").and_then(Value::as_str).unwrap_or("(no iss)").to_string())
+}
+
 /// What a policy allows a claim set, before it becomes a [`Grant`] (which also needs the
 /// [`VerifiedIdentity`] the claims came from).
 #[derive(Debug, Clone)]
@@ -268,11 +281,9 @@ impl Policy {
     }
 
     /// The configured issuer a claim set comes from when nobody says: the one whose `url` is the
-    /// claims' `iss`, else this policy's own (`policy explain`, admin explain, `policy test`).
+    /// claims' `iss` ([`issuer_of`]), else this policy's own (`policy explain`, admin explain, `policy test`).
     pub fn claims_issuer<'a>(&self, claims: &Claims, issuers: impl IntoIterator<Item = &'a IssuerConfig>) -> String {
-        let iss = claims.get("iss").and_then(Value::as_str);
-        let configured = iss.and_then(|iss| issuers.into_iter().find(|i| i.url == iss));
-        configured.map_or_else(|| self.issuer.clone(), |i| i.name.clone())
+        configured_issuer(claims, issuers).unwrap_or_else(|| self.issuer.clone())
     }
 
     /// Issuer, deny rules (any that holds denies), then match rules (all must hold).
