@@ -505,14 +505,42 @@ async fn ending_an_agents_token_ends_every_token_derived_from_it_and_chains_stop
     let too_deep = s.exchange(chain.last().unwrap(), Some(&s.agent_token(HELPER)), GITHUB_MCP, None).await;
     assert!(assert_oauth_error(&too_deep, 400, "invalid_request", &[]).contains("at most 4 actors"));
     // The reviewer's token ends (by its lease id, as the job may end one lease): the helper's
-    // tokens below it introspect inactive although their own leases are still live.
-    let (status, _) = s.broker.revoke(&s.job_token(), json!({"lease_id": c1["lease_id"]})).await;
+    // tokens below it end with it, in the ledger too, and the reply lists them.
+    let (status, reply) = s.broker.revoke(&s.job_token(), json!({"lease_id": c1["lease_id"]})).await;
     assert_eq!(status, 200);
+    let revoked = reply["revoked"].as_array().unwrap();
+    assert_eq!(revoked.len(), 4, "the lease and the three below it: {reply}");
+    assert_eq!(revoked[0], c1["lease_id"]);
     for t in &chain {
         assert_eq!(s.broker.introspect(t).await["active"], false);
+        let lease = s.broker.running.app.lease(payload(t)["lease_id"].as_str().unwrap()).await.unwrap().unwrap();
+        assert_eq!(lease.state, ephemera::ledger::LeaseState::Revoked);
+        if *t != t1 {
+            assert_eq!(lease.reason.as_deref(), Some("parent-ended"));
+        }
     }
     let below = s.exchange(&chain[2], Some(&s.agent_token(HELPER)), GITHUB_MCP, None).await;
-    assert!(assert_oauth_error(&below, 400, "invalid_request", &[]).contains("derived from has ended"));
+    assert!(assert_oauth_error(&below, 400, "invalid_request", &[]).contains("no longer active"));
+}
+
+/// The chain check on its own: a token whose own lease is live but an ancestor's is not (the
+/// cascade could not end it, e.g. the store failed at that moment) is still dead.
+#[tokio::test]
+async fn a_token_whose_ancestor_lease_ended_is_inactive_even_while_its_own_lease_is_live() {
+    let s = setup().await;
+    let (t1, c1) = s.token(&s.job_token(), Some(&s.agent_token(REVIEWER)), GITHUB_MCP, None).await;
+    let (t2, c2) = s.token(&t1, Some(&s.agent_token(HELPER)), GITHUB_MCP, None).await;
+    // End only the parent's lease, past the cascade (the store's own call, as a crash between
+    // the two would leave it).
+    let store = s.broker.running.app.store();
+    let id = c1["lease_id"].as_str().unwrap();
+    let work = store.begin_revoke(id, "admin", s.broker.clock_now()).await.unwrap().unwrap();
+    store.finish_revoke(&work.lease_id, None, s.broker.clock_now()).await.unwrap();
+    let own = s.broker.running.app.lease(c2["lease_id"].as_str().unwrap()).await.unwrap().unwrap();
+    assert_eq!(own.state, ephemera::ledger::LeaseState::Active, "its own lease is live");
+    assert_eq!(s.broker.introspect(&t2).await["active"], false);
+    let further = s.exchange(&t2, Some(&s.agent_token(HELPER)), GITHUB_MCP, None).await;
+    assert!(assert_oauth_error(&further, 400, "invalid_request", &[]).contains("derived from has ended"));
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //! the ledger never says revoked while a credential still works.
 
 use super::App;
+use super::exchange::REASON_PARENT_ENDED;
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::error::Error;
 use crate::identity::VerifiedIdentity;
@@ -80,7 +81,54 @@ impl App {
     /// Ends each lease: revoked at its backends, then recorded. Already-ended leases are
     /// reported as they stand (revoke is idempotent); a lease is reported `revoked` only once
     /// the store has recorded it so.
+    ///
+    /// Leases derived from them by token exchange end with them (reason
+    /// [`REASON_PARENT_ENDED`]), and are reported too.
     pub async fn end_leases(&self, ids: Vec<String>, reason: &str) -> RevokeReply {
+        let derived = self.derived_from(&ids).await;
+        let mut reply = self.end_listed(ids, reason).await;
+        if !derived.is_empty() {
+            let more = self.end_listed(derived, REASON_PARENT_ENDED).await;
+            reply.revoked.extend(more.revoked);
+            reply.pending.extend(more.pending);
+        }
+        reply
+    }
+
+    /// The live leases of the same jobs whose tokens were exchanged from one of `ids`, however
+    /// deep (a derived token's revoke handle names every lease above it). Best effort: a store
+    /// that cannot answer leaves them to their own short ttl, and introspection already answers
+    /// inactive for them, since it checks the chain.
+    async fn derived_from(&self, ids: &[String]) -> Vec<String> {
+        let now = self.now();
+        let mut jobs = std::collections::BTreeSet::new();
+        for id in ids {
+            if let Ok(Some(lease)) = self.store.get(id).await {
+                jobs.insert(lease.job.to_string());
+            }
+        }
+        let mut derived = Vec::new();
+        for job in jobs {
+            let Ok(live) = self.store.live_of_job(&job, now).await else { continue };
+            for id in live.iter().filter(|id| !ids.iter().any(|i| **i == ***id)) {
+                let Ok(Some(lease)) = self.store.get(id).await else { continue };
+                let below = lease.credentials.iter().any(|c| {
+                    let data = c.data();
+                    let chain = data.get("lease_chain").and_then(serde_json::Value::as_array);
+                    chain.is_some_and(|chain| {
+                        chain.iter().any(|p| p.as_str().is_some_and(|p| ids.iter().any(|i| i == p)))
+                    })
+                });
+                if below {
+                    derived.push(id.to_string());
+                }
+            }
+        }
+        derived
+    }
+
+    /// [`App::end_leases`] of exactly these leases.
+    async fn end_listed(&self, ids: Vec<String>, reason: &str) -> RevokeReply {
         let mut reply = RevokeReply::default();
         for id in ids {
             let state = match self.begin_ending(&id, reason, self.now()).await {

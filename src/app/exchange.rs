@@ -71,6 +71,8 @@ impl ExchangeReply {
 
 /// Why a lease ended when its exchange could not be audited.
 pub const REASON_AUDIT_UNAVAILABLE: &str = "audit-unavailable";
+/// Why a lease derived by token exchange ended: a lease above it in its chain ended.
+pub const REASON_PARENT_ENDED: &str = "parent-ended";
 /// Why a lease ended when its reply could not be rendered.
 pub const REASON_REPLY_FAILED: &str = "reply-failed";
 

@@ -168,7 +168,15 @@ impl JwtBackend {
                 public: Vec::new(),
                 secrets: vec![("token", SecretString::new(token))],
             },
-            handle: RevokeHandle { backend: credential.backend.clone(), data: json!({"jti": jti}) },
+            // A token exchange's token also names the leases above it, so ending one of them
+            // finds it (`App::end_leases`).
+            handle: RevokeHandle {
+                backend: credential.backend.clone(),
+                data: match extra.get("lease_chain") {
+                    Some(chain) => json!({"jti": jti, "lease_chain": chain}),
+                    None => json!({"jti": jti}),
+                },
+            },
         })
     }
 }
