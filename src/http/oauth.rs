@@ -66,7 +66,9 @@ pub fn oauth_error(e: &Error) -> (&'static str, u16) {
             | DenialReason::TargetNotListed
             | DenialReason::TargetAmbiguous
             | DenialReason::ToolChanged { .. } => ("invalid_target", 400),
-            DenialReason::ScopeNotGranted { .. } | DenialReason::ScopeWidened { .. } => ("invalid_scope", 400),
+            DenialReason::ScopeNotGranted { .. }
+            | DenialReason::ScopeNotForActor { .. }
+            | DenialReason::ScopeWidened { .. } => ("invalid_scope", 400),
             _ => ("invalid_request", 400),
         },
         Error::BadRequest(_) | Error::InvalidToken(_) => ("invalid_request", 400),

@@ -143,6 +143,11 @@ pub enum DenialReason {
         scope: String,
         tool: String,
     },
+    /// Token exchange: the tool carries `scope`, but not for the acting agent (`actor`'s rule).
+    ScopeNotForActor {
+        scope: String,
+        actor: String,
+    },
     /// Token exchange: `scope` is not in the subject token's scope.
     ScopeWidened {
         scope: String,
@@ -207,6 +212,9 @@ impl Denial {
             }
             DenialReason::ScopeNotGranted { scope, tool } => {
                 format!("scope `{}` is not one tool `{tool}` of policy `{policy}` may carry", truncate(scope, 64))
+            }
+            DenialReason::ScopeNotForActor { scope, actor } => {
+                format!("scope `{}` is not one actor `{actor}` of policy `{policy}` may get", truncate(scope, 64))
             }
             DenialReason::ScopeWidened { scope } => format!(
                 "scope `{}` is not in the subject token's scope: a delegated token can only narrow",

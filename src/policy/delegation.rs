@@ -38,6 +38,8 @@ pub struct ActorRule {
     pub deny_rules: Vec<Rule>,
     /// The tools it may get tokens for (`None`: every tool of the policy).
     pub tools: Option<Vec<String>>,
+    /// The scopes (`data:NAME` for data) it may get (`None`: all its tools carry).
+    pub scopes: Option<Vec<String>>,
 }
 
 /// A tool server tokens may be issued for.
@@ -129,7 +131,7 @@ impl PolicySet {
             None => None,
             Some(actor) => Some(policy.admit_actor(actor, tool)?),
         };
-        let granted = policy.grant_scopes(tool, ask.scopes, ask.parent)?;
+        let granted = policy.grant_scopes(tool, actor_rule, ask.scopes, ask.parent)?;
         // A token never outlives its job (GitLab: the job token's `exp`), nor its parent.
         let mut expires_at = now + policy.ttl_default_secs;
         if identity.platform() == crate::claims::Platform::GitlabCi {
@@ -162,7 +164,7 @@ impl PolicySet {
             tool: tool.name.clone(),
             resource: tool.resource.clone(),
             scope: granted.join(" "),
-            actor_rule,
+            actor_rule: actor_rule.map(|r| r.name.clone()),
         };
         Ok((grant, delegated))
     }
@@ -220,11 +222,10 @@ impl Policy {
 
     /// The first actor rule that admits the actor for `tool`: its issuer, no deny rule, every
     /// match rule, and the tool among its tools. Deny by default: no rule, no actor.
-    fn admit_actor(&self, actor: Actor<'_>, tool: &Tool) -> Result<String, Denial> {
+    fn admit_actor(&self, actor: Actor<'_>, tool: &Tool) -> Result<&ActorRule, Denial> {
         self.actors
             .iter()
             .find(|rule| rule.admits(actor) && rule.tools.as_ref().is_none_or(|tools| tools.contains(&tool.name)))
-            .map(|rule| rule.name.clone())
             .ok_or_else(|| Denial::new(&self.name, "actor_token", DenialReason::ActorNotAdmitted))
     }
 
@@ -233,10 +234,13 @@ impl Policy {
     fn grant_scopes(
         &self,
         tool: &Tool,
+        actor: Option<&ActorRule>,
         asked: Option<&[String]>,
         parent: Option<&Parent>,
     ) -> Result<Vec<String>, Denial> {
-        let allowed: Vec<String> = tool.allowed().collect();
+        // What the tool carries, and of that, what the acting agent may get.
+        let for_actor = |s: &String| actor.and_then(|a| a.scopes.as_ref()).is_none_or(|list| list.contains(s));
+        let allowed: Vec<String> = tool.allowed().filter(for_actor).collect();
         let in_parent = |s: &str| parent.and_then(|p| p.scopes.as_ref()).is_none_or(|set| set.contains(s));
         let Some(asked) = asked else {
             return Ok(allowed.into_iter().filter(|s| in_parent(s)).collect());
@@ -244,11 +248,13 @@ impl Policy {
         let mut granted: Vec<String> = Vec::with_capacity(asked.len());
         for scope in asked {
             if !allowed.contains(scope) {
-                return Err(Denial::new(
-                    &self.name,
-                    "scope",
-                    DenialReason::ScopeNotGranted { scope: scope.clone(), tool: tool.name.clone() },
-                ));
+                let reason = match (tool.allowed().any(|s| s == *scope), actor) {
+                    (true, Some(actor)) => {
+                        DenialReason::ScopeNotForActor { scope: scope.clone(), actor: actor.name.clone() }
+                    }
+                    _ => DenialReason::ScopeNotGranted { scope: scope.clone(), tool: tool.name.clone() },
+                };
+                return Err(Denial::new(&self.name, "scope", reason));
             }
             // Attack: a delegated token exchanged for more than it carries. Scopes and data
             // only narrow along a chain.
@@ -430,6 +436,15 @@ pub(super) fn compile_actors(
                 format!("`{}` is not an issuer in the broker config", crate::clock::truncate(&file.issuer, 64)),
             ),
         }
+        for scope in file.scopes.iter().flatten() {
+            let tools_of_actor = tools.iter().filter(|t| file.tools.as_ref().is_none_or(|n| n.contains(&t.name)));
+            if !tools_of_actor.flat_map(Tool::allowed).any(|s| s == *scope) {
+                errors.push(
+                    format!("{section}.scopes"),
+                    format!("`{}` is carried by none of its tools", crate::clock::truncate(scope, 64)),
+                );
+            }
+        }
         for tool in file.tools.iter().flatten() {
             if !tools.iter().any(|t| t.name == *tool) {
                 errors.push(
@@ -444,6 +459,7 @@ pub(super) fn compile_actors(
             match_rules,
             deny_rules,
             tools: file.tools.clone(),
+            scopes: file.scopes.clone(),
         });
     }
     out
@@ -466,7 +482,7 @@ issuer: github
 match: {repository_id: "74"}
 ttl: {default: 10m, max: 30m}
 actors:
-  reviewer: {issuer: agents, match: {sub: "spiffe://x/reviewer"}, deny: {env: test}}
+  reviewer: {issuer: agents, match: {sub: "spiffe://x/reviewer"}, deny: {env: test}, scopes: [search, "issues:read", "data:repo"]}
   helper: {issuer: agents, match: {sub: "spiffe://x/helper"}, tools: [github]}
 tools:
   github: {resource: "https://mcp.example/github", backend: jwt, scopes: ["issues:read", "pulls:write"], data: [repo]}
@@ -525,7 +541,7 @@ ttl: {default: 10m, max: 2h}
 actors:
   loose: {issuer: agents, match: {sub: {glob: "spiffe://x/*"}}}
   nowhere: {issuer: mystery, match: {sub: a}}
-  wrong-tool: {issuer: agents, match: {sub: a}, tools: [github, nope]}
+  wrong-tool: {issuer: agents, match: {sub: a}, tools: [github, nope], scopes: ["issues:read", "push"]}
 tools:
   github: {resource: "https://mcp.example/github#frag", backend: aws, scopes: ["has space", "data:x"], data: [missing]}
   twin: {resource: "https://mcp.example/github#frag", backend: jwt}
@@ -538,6 +554,7 @@ tools:
         );
         assert_has(&e, "actors.nowhere.issuer: `mystery` is not an issuer");
         assert_has(&e, "actors.wrong-tool.tools: `nope` is not a tool of this policy");
+        assert_has(&e, "actors.wrong-tool.scopes: `push` is carried by none of its tools");
         assert_has(&e, "tools.github.resource: must be an absolute URI without a fragment");
         assert_has(&e, "tools.github.backend: `aws` is a `aws` backend; tool tokens are signed by a `jwt` backend");
         assert_has(&e, "tools.github.scopes: `has space` is not a scope");
@@ -614,6 +631,21 @@ tools:
         let mut denied = actor("spiffe://x/reviewer");
         denied.insert("env".into(), "test".into());
         assert_eq!(refused("agents", &denied, search), DenialReason::ActorNotAdmitted, "a deny rule holds");
+        // An admitted agent gets only its own scopes of what the tool carries.
+        let reviewer = actor("spiffe://x/reviewer");
+        let mut a = ask(Some(github), None, None);
+        a.actor = Some(Actor { issuer: "agents", claims: &reviewer });
+        let (_, d) = set.decide_delegation("p", &identity, a, 100).unwrap();
+        assert_eq!(d.scope, "issues:read data:repo", "its share of the tool's scope by default");
+        let push = ["pulls:write".to_string()];
+        let mut a = ask(Some(github), Some(&push), None);
+        a.actor = Some(Actor { issuer: "agents", claims: &reviewer });
+        let denial = set.decide_delegation("p", &identity, a, 100).unwrap_err();
+        assert_eq!(
+            denial.reason,
+            DenialReason::ScopeNotForActor { scope: "pulls:write".into(), actor: "reviewer".into() }
+        );
+        assert_eq!(denial.public_message(), "scope `pulls:write` is not one actor `reviewer` of policy `p` may get");
         // `policy explain` shows the same: every actor rule, and which admits.
         let policy = set.get("p").unwrap();
         let trace =

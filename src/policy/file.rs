@@ -161,6 +161,10 @@ pub(super) struct ActorFile {
     /// The tools (names under `tools`) this agent may get tokens for; all of them when absent.
     #[serde(default)]
     pub tools: Option<Vec<String>>,
+    /// The scopes and data scopes (`data:NAME`) this agent may get, of those its tools carry;
+    /// all of them when absent.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// A tool server tokens may be issued for.
