@@ -284,7 +284,7 @@ enum DevCommand {
         #[arg(long)]
         claims: Option<PathBuf>,
         /// Which stand-in issuer signs: github, gitlab, buildkite, circleci, azure-pipelines,
-        /// bitbucket or jenkins.
+        /// bitbucket, jenkins, or agents (an AI agent's identity token, for `actor_token`).
         #[arg(long, default_value = "github")]
         issuer: String,
     },
@@ -497,7 +497,7 @@ fn print_dev_banner(url: &str, data_dir: &Path, audit: Option<&Path>) {
     let exe = std::env::current_exe().map_or_else(|_| "ephemera".to_string(), |p| p.display().to_string());
     say!("ephemera listening on {url}");
     say!(
-        "dev mode: loopback only; in-process issuers (github, gitlab, buildkite, circleci, azure-pipelines, bitbucket, jenkins) at {url}/dev/...; data in {}",
+        "dev mode: loopback only; in-process issuers (github, gitlab, buildkite, circleci, azure-pipelines, bitbucket, jenkins, and agents for AI agents) at {url}/dev/...; data in {}",
         data_dir.display()
     );
     say!("policies: the example policies plus `dev`, which the default dev token satisfies (grants a JWT named `api`)");
@@ -513,6 +513,12 @@ fn print_dev_banner(url: &str, data_dir: &Path, audit: Option<&Path>) {
     say!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
     say!("  curl -s -X POST {url}/v1/revoke -H \"Authorization: Bearer $TOKEN\" -d '{{}}'");
     say!("  curl -s -X POST {url}/v1/introspect --data-urlencode \"token=$JWT\"");
+    say!();
+    say!("An AI agent acting for the job gets a token for one tool server (RFC 8693, docs/token-exchange.md):");
+    say!(
+        "  curl -s {url}/oauth/token -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange -d subject_token=\"$({exe} dev token --broker {url})\" -d subject_token_type=urn:ietf:params:oauth:token-type:id_token -d actor_token=\"$({exe} dev token --broker {url} --issuer agents)\" -d actor_token_type=urn:ietf:params:oauth:token-type:jwt -d audience=dev -d resource=https://mcp.dev.ephemera.invalid -d scope=repo:read",
+        exe = shell_quote(&exe)
+    );
     say!();
     let admin = shell_quote(&data_dir.join(ephemera::server::DEV_ADMIN_TOKEN_FILE).display().to_string());
     say!("Admin API (leases, revoke by job or filter):");

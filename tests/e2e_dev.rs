@@ -714,3 +714,50 @@ async fn in_azure_pipelines_the_cli_asks_the_oidc_request_uri_for_the_token() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("env: SYSTEM_ACCESSTOKEN: $(System.AccessToken)"), "{stderr}");
 }
+
+/// Issue 19 through the real binary: the banner's token-exchange command (the job's dev token as
+/// the subject, the `agents` stand-in's token as the actor) gets a token for the dev tool server
+/// naming the agent, and the job's own revoke ends it.
+#[tokio::test]
+async fn the_banner_s_agent_command_gets_a_tool_token_that_ends_with_the_job() {
+    let client = client();
+    let (mut broker, _data) = ready_broker(&client).await;
+    let mut command = None;
+    let mut heading_seen = false;
+    while let Some(line) = broker.next_line() {
+        if heading_seen {
+            command = line.strip_prefix("  ").map(str::to_string);
+            break;
+        }
+        heading_seen = line.starts_with("An AI agent");
+    }
+    let command = command.unwrap_or_else(|| panic!("no agent command in the banner:\n{}", broker.seen().join("\n")));
+    assert!(command.contains(&format!("{}/oauth/token", broker.url())), "{command}");
+    let script = format!("set -e\n{command}\n");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args(["60", "sh", "-c", &script])
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run sh")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    let reply: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!((reply["token_type"].as_str(), reply["scope"].as_str()), (Some("Bearer"), Some("repo:read")), "{reply}");
+    let token = reply["access_token"].as_str().unwrap();
+    let claims = jwt_part(token, 1);
+    assert_eq!(claims["aud"], "https://mcp.dev.ephemera.invalid");
+    assert_eq!(claims["act"]["sub"], "spiffe://dev.ephemera.invalid/agent/assistant");
+    assert_eq!(claims["act"]["iss"], format!("{}/dev/agents", broker.url()));
+    assert_eq!(claims["sub"], DEV_JOB);
+    assert!(claims.get("data").is_none(), "only `repo:read` was asked for, no data scope: {claims}");
+    assert_eq!(introspect(&client, &broker, token).await["active"], true);
+    let ended = revoke(&client, broker.url(), &dev_token(&client, broker.url()).await).await;
+    assert_eq!(ended["revoked"], json!([reply["lease_id"]]), "{ended}");
+    assert_eq!(introspect(&client, &broker, token).await["active"], false);
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{AUDIENCE, Broker, Extra, FakeIssuer, NOW};
+use common::{AUDIENCE, Broker, Extra, FakeIssuer, NOW, agents_issuer_toml};
 use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
 
@@ -71,12 +71,7 @@ impl Setup {
     async fn start() -> Setup {
         let ci = FakeIssuer::start().await;
         let agents = FakeIssuer::start().await;
-        let hooks_toml = format!(
-            "[[issuers]]\nname = \"agents\"\nplatform = \"generic\"\nurl = \"{}\"\naudiences = [\"{AUDIENCE}\"]\n\
-             max_token_lifetime = \"1h\"\nleeway = \"30s\"\nunknown_kid_cooldown = \"60s\"\n\
-             job_key_claims = [\"sub\"]\nidentity_claims = [\"sub\"]\n",
-            agents.url
-        );
+        let hooks_toml = agents_issuer_toml("agents", &agents.url);
         let broker = Broker::start_custom(
             &[("ci", "github-actions", &ci)],
             &[(POLICY, REVIEW_POLICY)],

@@ -73,15 +73,7 @@ struct Setup {
 async fn setup() -> Setup {
     let ci = FakeIssuer::start().await;
     let agents = FakeIssuer::start().await;
-    let extra = Extra {
-        hooks_toml: format!(
-            "[[issuers]]\nname = \"agents\"\nplatform = \"generic\"\nurl = \"{}\"\naudiences = [\"{AUDIENCE}\"]\n\
-             max_token_lifetime = \"1h\"\nleeway = \"30s\"\nunknown_kid_cooldown = \"60s\"\n\
-             job_key_claims = [\"sub\"]\nidentity_claims = [\"sub\"]\n",
-            agents.url
-        ),
-        ..Extra::default()
-    };
+    let extra = Extra { hooks_toml: agents_issuer_toml("agents", &agents.url), ..Extra::default() };
     let broker = Broker::start_custom(
         &[("ci", "github-actions", &ci)],
         &[("agents", AGENTS_POLICY), ("other", OTHER_POLICY)],
@@ -413,10 +405,10 @@ async fn an_agent_acts_for_the_job_and_is_named_in_act_and_in_the_audit_event() 
     let agents = FakeIssuer::start().await;
     let extra = Extra {
         hooks_toml: format!(
-            "[audit]\nfile = \"audit.jsonl\"\n[[issuers]]\nname = \"agents\"\nplatform = \"generic\"\nurl = \"{}\"\n\
-             audiences = [\"{AUDIENCE}\"]\nmax_token_lifetime = \"1h\"\nleeway = \"30s\"\n\
-             unknown_kid_cooldown = \"60s\"\njob_key_claims = [\"sub\"]\nidentity_claims = [\"sub\"]\n",
-            agents.url
+            "[audit]
+file = \"audit.jsonl\"
+{}",
+            agents_issuer_toml("agents", &agents.url)
         ),
         ..Extra::default()
     };

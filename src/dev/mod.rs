@@ -1,7 +1,8 @@
 //! `serve --dev`: an in-process development OIDC issuer, like `vault server -dev`.
 //!
-//! It stands in for an issuer of every platform but `generic`, at `{broker}/dev/github`,
-//! `{broker}/dev/gitlab`, `{broker}/dev/buildkite` and so on ([`DEV_ISSUERS`]), serving discovery
+//! It stands in for an issuer of every platform, at `{broker}/dev/github`, `{broker}/dev/gitlab`,
+//! `{broker}/dev/buildkite` and so on ([`DEV_ISSUERS`]), and for an identity provider of AI
+//! agents (`{broker}/dev/agents`, a `generic` issuer keyed by `sub`), serving discovery
 //! and JWKS over HTTP like a real issuer, so the broker verifies dev tokens through exactly the
 //! code path it uses for real ones. Loopback only.
 
@@ -34,7 +35,24 @@ grants:
       scope: dev
       repository: "${repository}"
       ref: "${ref}"
+# Token exchange (POST /oauth/token): the default `ephemera dev token --issuer agents` is the
+# assistant, which may get tokens for the dev tool server on the job's behalf.
+actors:
+  assistant:
+    issuer: agents
+    match: {sub: "spiffe://dev.ephemera.invalid/agent/assistant"}
+tools:
+  mcp:
+    resource: https://mcp.dev.ephemera.invalid
+    backend: jwt
+    scopes: ["repo:read", "repo:write"]
+    data: [own-repo]
+data:
+  own-repo: {repositories: ["${repository}"]}
 "#;
+
+/// The `sub` of the default dev agent token (`ephemera dev token --issuer agents`).
+pub const DEV_AGENT: &str = "spiffe://dev.ephemera.invalid/agent/assistant";
 
 /// How long dev tokens live: long enough for the README walkthrough.
 const DEV_TOKEN_SECS: i64 = 600;
@@ -70,8 +88,12 @@ impl DevIssuer {
         DEV_ISSUERS
             .into_iter()
             .map(|(name, platform)| {
-                // As a config file without `job_key_claims`/`identity_claims` gets them.
-                let (job_key_claims, identity_claims) = platform.default_configured_claims();
+                // As a config file without `job_key_claims`/`identity_claims` gets them; the
+                // agents' issuer names each agent by its `sub` (a SPIFFE ID).
+                let (job_key_claims, identity_claims) = match platform {
+                    Platform::Generic => (&["sub"][..], &["sub"][..]),
+                    other => other.default_configured_claims(),
+                };
                 IssuerConfig {
                     name: name.into(),
                     platform,
@@ -127,7 +149,7 @@ impl DevIssuer {
             Platform::AzurePipelines => fixture(include_str!("../../policies/tests/claims/azure-pipelines-run.json")),
             Platform::Bitbucket => fixture(include_str!("../../policies/tests/claims/bitbucket-deployment-step.json")),
             Platform::Jenkins => fixture(include_str!("../../policies/tests/claims/jenkins-folder-build.json")),
-            Platform::Generic => return Err("there is no dev stand-in for a generic issuer".into()),
+            Platform::Generic => json!({"sub": DEV_AGENT}).as_object().cloned().unwrap_or_default(),
         };
         if let Some(extra) = overrides {
             for (k, v) in extra {
@@ -148,9 +170,9 @@ impl DevIssuer {
     }
 }
 
-/// The stand-in issuers: `{broker}/dev/{name}`, one per platform but `generic` (whose claims
-/// the operator chooses).
-const DEV_ISSUERS: [(&str, Platform); 7] = [
+/// The stand-in issuers: `{broker}/dev/{name}`, one per platform; the `generic` one issues
+/// agents' identity tokens (actor tokens at `POST /oauth/token`).
+const DEV_ISSUERS: [(&str, Platform); 8] = [
     ("github", Platform::GithubActions),
     ("gitlab", Platform::GitlabCi),
     ("buildkite", Platform::Buildkite),
@@ -158,9 +180,10 @@ const DEV_ISSUERS: [(&str, Platform); 7] = [
     ("azure-pipelines", Platform::AzurePipelines),
     ("bitbucket", Platform::Bitbucket),
     ("jenkins", Platform::Jenkins),
+    ("agents", Platform::Generic),
 ];
 
-/// The stand-in issuer of `platform` (`generic`: none, so its URL names no issuer).
+/// The stand-in issuer of `platform`.
 fn dev_issuer_name(platform: Platform) -> &'static str {
     DEV_ISSUERS.iter().find(|(_, p)| *p == platform).map_or("none", |(name, _)| name)
 }

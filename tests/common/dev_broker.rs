@@ -170,7 +170,7 @@ impl DevBroker {
                         body["issuer_keys"],
                         json!({
                             "github": true, "gitlab": true, "buildkite": true, "circleci": true,
-                            "azure-pipelines": true, "bitbucket": true, "jenkins": true,
+                            "azure-pipelines": true, "bitbucket": true, "jenkins": true, "agents": true,
                         }),
                         "{body}"
                     );

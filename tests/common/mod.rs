@@ -295,6 +295,16 @@ pub struct Extra {
     pub hooks_toml: String,
 }
 
+/// A `[[issuers]]` block for a `generic` issuer keyed and identified by `sub`, as an agents'
+/// identity provider is (token exchange's actor tokens), for [`Extra::hooks_toml`].
+pub fn agents_issuer_toml(name: &str, url: &str) -> String {
+    format!(
+        "[[issuers]]\nname = \"{name}\"\nplatform = \"generic\"\nurl = \"{url}\"\naudiences = [\"{AUDIENCE}\"]\n\
+         max_token_lifetime = \"1h\"\nleeway = \"30s\"\nunknown_kid_cooldown = \"60s\"\n\
+         job_key_claims = [\"sub\"]\nidentity_claims = [\"sub\"]\n"
+    )
+}
+
 // ---- fakes for faults real parts cannot produce on demand ----------------------------------
 
 /// A backend wrapper whose revocations fail a set number of times (or forever, with `u32::MAX`)
