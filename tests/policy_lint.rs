@@ -25,6 +25,10 @@ fn ctx() -> LoadContext {
     ctx.issuers.get_mut("jenkins").unwrap().identity_claims = vec!["sub".into()];
     let generic = IssuerFacts { platform: Platform::Generic, identity_claims: vec!["project_uuid".into()] };
     ctx.issuers.insert("generic".into(), generic);
+    // AI agents' identity provider (actor rules, token exchange): policies/agent-review.yaml and
+    // the dev policy name it.
+    let agents = IssuerFacts { platform: Platform::Generic, identity_claims: vec!["sub".into()] };
+    ctx.issuers.insert("agents".into(), agents);
     ctx
 }
 

@@ -33,6 +33,9 @@ actors:
     issuer: agents
     match: {sub: "spiffe://ci.example/agent/helper"}
     tools: [github]
+  bot:
+    issuer: broker
+    match: {policy: agent-job}
 tools:
   github:
     resource: https://mcp.example.com/github
@@ -53,6 +56,17 @@ grants:
   api:
     backend: jwt
     audience: https://api.internal.example
+"#;
+
+/// The agent's own job: its exchange gets it an identity token for the broker (`identity`), the
+/// actor token of the `bot` rule, and a JWT for another service (`api`), which is none.
+const AGENT_JOB_POLICY: &str = r#"
+issuer: ci
+match: {repository_id: "74"}
+ttl: {default: 5m, max: 10m}
+grants:
+  identity: {backend: jwt, audience: "http://127.0.0.1:1", claims: {agent: review-bot}}
+  api: {backend: jwt, audience: https://api.internal.example}
 "#;
 
 /// Another repository's policy: a chain started under `agents` must not continue here.
@@ -76,7 +90,7 @@ async fn setup() -> Setup {
     let extra = Extra { hooks_toml: agents_issuer_toml("agents", &agents.url), ..Extra::default() };
     let broker = Broker::start_custom(
         &[("ci", "github-actions", &ci)],
-        &[("agents", AGENTS_POLICY), ("other", OTHER_POLICY)],
+        &[("agents", AGENTS_POLICY), ("other", OTHER_POLICY), ("agent-job", AGENT_JOB_POLICY)],
         &extra,
     )
     .await;
@@ -589,5 +603,28 @@ async fn the_token_endpoint_is_advertised_in_the_rfc_8414_metadata() {
     assert!(
         metrics_after.contains("ephemera_token_exchanges_total{policy=\"agents\",outcome=\"issued\"} 1"),
         "{metrics_after}"
+    );
+}
+
+/// An agent whose identity is a token this broker issued (its own job's exchange, a grant for
+/// the broker itself) acts under actor rules whose issuer is `broker`; a broker JWT for another
+/// audience, or one whose lease ended, is no actor.
+#[tokio::test]
+async fn an_agent_identity_token_this_broker_issued_acts_while_its_lease_lives() {
+    let s = setup().await;
+    let (status, agent_job) = s.broker.exchange(&s.job_token(), "agent-job").await;
+    assert_eq!(status, 201, "{agent_job}");
+    let identity = agent_job["credentials"]["identity"]["token"].as_str().unwrap().to_string();
+    let api = agent_job["credentials"]["api"]["token"].as_str().unwrap().to_string();
+    let (_, claims) = s.token(&s.job_token(), Some(&identity), GITHUB_MCP, Some("issues:read")).await;
+    assert_eq!(claims["act"], json!({"sub": payload(&identity)["sub"], "iss": BROKER}));
+    let other = s.exchange(&s.job_token(), Some(&api), GITHUB_MCP, None).await;
+    assert!(assert_oauth_error(&other, 400, "invalid_request", &[&api]).contains("another audience"));
+    let (status, _) = s.broker.revoke(&s.job_token(), json!({"lease_id": agent_job["lease_id"]})).await;
+    assert_eq!(status, 200);
+    let ended = s.exchange(&s.job_token(), Some(&identity), GITHUB_MCP, None).await;
+    assert_eq!(
+        assert_oauth_error(&ended, 400, "invalid_request", &[&identity]),
+        "the actor_token is no longer active: its lease has ended"
     );
 }

@@ -10,11 +10,13 @@
 
 use super::App;
 use super::audit_event::ExchangeEvent;
+use crate::claims::Claims;
 use crate::clock::{UnixSeconds, rfc3339};
 use crate::error::Error;
 use crate::identity::{IdentityError, VerifiedIdentity};
 use crate::ledger::Lease;
-use crate::policy::delegation::{Actor, Delegated, Delegation, Parent};
+use crate::mint::jwt::JwtSigner;
+use crate::policy::delegation::{Actor, BROKER_ACTOR_ISSUER, Delegated, Delegation, Parent};
 use crate::policy::{Denial, PolicySet};
 use crate::secret::{SecretString, sha256_hex};
 use serde_json::{Map, Value, json};
@@ -123,35 +125,7 @@ impl App {
             let may_act = identity.claims().get("may_act").cloned();
             return Ok(Subject { identity, parent: None, act: None, chain: Vec::new(), may_act });
         };
-        let claims =
-            signer.verify(token).ok_or_else(|| invalid_token("subject_token", &IdentityError::BadSignature))?;
-        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-        if now >= exp {
-            return Err(invalid_token("subject_token", &IdentityError::Expired { exp, now }));
-        }
-        let lease_id = claims.get("lease_id").and_then(Value::as_str).unwrap_or_default();
-        let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
-        let chain: Vec<String> = match claims.get("lease_chain") {
-            None => Vec::new(),
-            Some(list) => serde_json::from_value(list.clone())
-                .map_err(|_| invalid_request("the subject_token is not valid for this broker", "lease_chain"))?,
-        };
-        // Attack: a token whose lease (or an ancestor's) was revoked, replayed to get a fresh
-        // one. Ended anywhere up the chain is ended here.
-        let lease = self.store.get(lease_id).await.map_err(|e| Error::Unavailable(e.0))?;
-        let lease = lease.filter(|l| l.is_live(now) && lists_jti(l, jti));
-        let Some(lease) = lease else {
-            return Err(invalid_request(
-                "the subject_token is no longer active: its lease has ended",
-                format!("subject lease {lease_id} not live or not listing the token"),
-            ));
-        };
-        if let Some(ended) = self.first_ended(&chain, now).await? {
-            return Err(invalid_request(
-                "the subject_token is no longer active: a lease it was derived from has ended",
-                format!("ancestor lease {ended} not live"),
-            ));
-        }
+        let Issued { claims, exp, lease, chain } = self.issued_token(signer, token, "subject_token", now).await?;
         // A chain stays under the policy it started with: its tools, scopes and data are that
         // policy's, and only that policy's actors may extend it. Worded like any policy refusal.
         if claims.get("policy").and_then(Value::as_str) != Some(request.policy) {
@@ -199,6 +173,70 @@ impl App {
         })
     }
 
+    /// A token one of the broker's signers issued, still good: its signature, its `exp`, its
+    /// lease live and listing its `jti`, every lease in its `lease_chain` live. `which` names it
+    /// in errors (`subject_token`, `actor_token`).
+    async fn issued_token(
+        &self,
+        signer: &JwtSigner,
+        token: &str,
+        which: &str,
+        now: UnixSeconds,
+    ) -> Result<Issued, Error> {
+        let claims = signer.verify(token).ok_or_else(|| invalid_token(which, &IdentityError::BadSignature))?;
+        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        if now >= exp {
+            return Err(invalid_token(which, &IdentityError::Expired { exp, now }));
+        }
+        let lease_id = claims.get("lease_id").and_then(Value::as_str).unwrap_or_default();
+        let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
+        let chain: Vec<String> = match claims.get("lease_chain") {
+            None => Vec::new(),
+            Some(list) => serde_json::from_value(list.clone())
+                .map_err(|_| invalid_request(format!("the {which} is not valid for this broker"), "lease_chain"))?,
+        };
+        // Attack: a token whose lease (or an ancestor's) was revoked, replayed to get a fresh
+        // one. Ended anywhere up the chain is ended here.
+        let lease = self.store.get(lease_id).await.map_err(|e| Error::Unavailable(e.0))?;
+        let lease = lease.filter(|l| l.is_live(now) && lists_jti(l, jti));
+        let Some(lease) = lease else {
+            return Err(invalid_request(
+                format!("the {which} is no longer active: its lease has ended"),
+                format!("{which} lease {lease_id} not live or not listing the token"),
+            ));
+        };
+        if let Some(ended) = self.first_ended(&chain, now).await? {
+            return Err(invalid_request(
+                format!("the {which} is no longer active: a lease it was derived from has ended"),
+                format!("ancestor lease {ended} not live"),
+            ));
+        }
+        Ok(Issued { claims, exp, lease, chain })
+    }
+
+    /// The actor: a configured issuer's token, or an agent's identity token this broker issued
+    /// (a grant's JWT for the broker itself, from the agent's own exchange: actor rules name
+    /// its issuer `broker`).
+    async fn actor(&self, token: &str, now: UnixSeconds) -> Result<ActorIdentity, Error> {
+        let Some(signer) = self.backends.signers().iter().find(|s| s.owns(token)) else {
+            let identity = self.verifier.verify(token, now).await.map_err(|e| invalid_token("actor_token", &e))?;
+            return Ok(ActorIdentity { issuer: identity.issuer().to_string(), claims: identity.claims().clone() });
+        };
+        let Issued { claims, .. } = self.issued_token(signer, token, "actor_token", now).await?;
+        // Attack: a tool server (or any service) replaying a broker JWT it was handed, as if it
+        // named an agent. An identity token for acting here is one minted for the broker itself.
+        if claims.contains_key("tool") || claims.get("aud").and_then(Value::as_str) != Some(self.public_url()) {
+            return Err(invalid_request(
+                format!(
+                    "the actor_token is a token this broker issued for another audience; an agent's identity token from this broker is a grant's JWT whose `audience` is the broker ({})",
+                    self.public_url()
+                ),
+                "actor aud is not the broker",
+            ));
+        }
+        Ok(ActorIdentity { issuer: BROKER_ACTOR_ISSUER.to_string(), claims })
+    }
+
     /// The first of `leases` that is not live (or not known), if any.
     pub(super) async fn first_ended(&self, leases: &[String], now: UnixSeconds) -> Result<Option<String>, Error> {
         for id in leases {
@@ -221,7 +259,7 @@ impl App {
     ) -> Result<TokenExchangeReply, Error> {
         let actor = match request.actor_token {
             None => None,
-            Some(token) => Some(self.verifier.verify(token, now).await.map_err(|e| invalid_token("actor_token", &e))?),
+            Some(token) => Some(self.actor(token, now).await?),
         };
         if subject.parent.is_some() && actor.is_none() {
             return Err(invalid_request(
@@ -251,7 +289,7 @@ impl App {
             resource: request.resource,
             tool: request.tool,
             scopes: request.scopes,
-            actor: actor.as_ref().map(|a| Actor { issuer: a.issuer(), claims: a.claims() }),
+            actor: actor.as_ref().map(|a| Actor { issuer: &a.issuer, claims: &a.claims }),
             parent: subject.parent.as_ref(),
             carry,
         };
@@ -345,12 +383,34 @@ fn lists_jti(lease: &Lease, jti: &str) -> bool {
     !jti.is_empty() && lease.credentials.iter().any(|c| c.data().get("jti").and_then(Value::as_str) == Some(jti))
 }
 
+/// A verified actor token: its issuer's name in the config (or [`BROKER_ACTOR_ISSUER`]) and
+/// its claims.
+struct ActorIdentity {
+    issuer: String,
+    claims: Claims,
+}
+
+impl ActorIdentity {
+    fn subject(&self) -> &str {
+        self.claims.get("sub").and_then(Value::as_str).unwrap_or_default()
+    }
+}
+
+/// A token this broker issued, checked ([`App::issued_token`]).
+struct Issued {
+    claims: Claims,
+    exp: UnixSeconds,
+    lease: Lease,
+    /// Its `lease_chain`.
+    chain: Vec<String>,
+}
+
 /// `act` for a token the verified `actor` acts with: `{"sub", "iss"}` of the actor, the chain
 /// so far nested inside (RFC 8693 §4.1: the outermost is the current actor).
-fn act_claim(actor: &VerifiedIdentity, previous: Option<&Value>) -> Value {
+fn act_claim(actor: &ActorIdentity, previous: Option<&Value>) -> Value {
     let mut act = Map::new();
     act.insert("sub".into(), json!(actor.subject()));
-    if let Some(iss) = actor.claims().get("iss") {
+    if let Some(iss) = actor.claims.get("iss") {
         act.insert("iss".into(), iss.clone());
     }
     if let Some(previous) = previous {
@@ -373,7 +433,7 @@ fn act_depth(act: &Value) -> usize {
 /// RFC 8693 §4.4: the subject token names who may act for it; the actor token must be that
 /// party: every member of `may_act` equals the actor's claim of that name (`sub`, `iss`, …).
 /// Attack: a token meant for one agent, taken by another, exchanged under its own identity.
-fn check_may_act(may_act: &Value, actor: Option<&VerifiedIdentity>) -> Result<(), Error> {
+fn check_may_act(may_act: &Value, actor: Option<&ActorIdentity>) -> Result<(), Error> {
     let Some(actor) = actor else {
         return Err(invalid_request(
             "the subject_token names who may act for it (`may_act`): send that party's `actor_token`",
@@ -381,7 +441,7 @@ fn check_may_act(may_act: &Value, actor: Option<&VerifiedIdentity>) -> Result<()
         ));
     };
     let matches = match may_act.as_object() {
-        Some(wanted) if !wanted.is_empty() => wanted.iter().all(|(k, v)| actor.claims().get(k) == Some(v)),
+        Some(wanted) if !wanted.is_empty() => wanted.iter().all(|(k, v)| actor.claims.get(k) == Some(v)),
         // Anything but a non-empty object names nobody: fail closed.
         _ => false,
     };

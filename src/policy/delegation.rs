@@ -21,6 +21,9 @@ use crate::names::is_name;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The issuer actor rules name for agents' identity tokens this broker issued itself (a grant's
+/// JWT whose audience is the broker, from the agent's own exchange).
+pub const BROKER_ACTOR_ISSUER: &str = "broker";
 /// A scope that asks for a data scope: `data:NAME`.
 pub const DATA_SCOPE_PREFIX: &str = "data:";
 /// The longest `resource` URI a tool may have (and a request may send).
@@ -429,8 +432,26 @@ pub(super) fn compile_actors(
         let match_rules = compile_rules(&format!("{section}.match"), &file.match_rules, errors);
         let deny_rules = compile_rules(&format!("{section}.deny"), &file.deny, errors);
         match ctx.issuers.get(&file.issuer) {
+            // Two issuers by one name: the config's wins nowhere; say so.
+            Some(_) if file.issuer == BROKER_ACTOR_ISSUER => errors.push(
+                format!("{section}.issuer"),
+                format!(
+                    "`{BROKER_ACTOR_ISSUER}` names this broker's own tokens, and an issuer in the config has that name too: rename the issuer"
+                ),
+            ),
             // Attack: an actor rule that pins no identity admits every agent of its issuer.
             Some(facts) => check_immutable_binding(&match_rules, facts, &format!("{section}.match"), errors),
+            // The broker's own tokens: every job whose policy grants a JWT for the broker could
+            // present one; the rule must pin the policy that minted it or the job.
+            None if file.issuer == BROKER_ACTOR_ISSUER => {
+                if !match_rules.iter().any(|r| (r.claim == "policy" || r.claim == "sub") && r.matcher.is_binding()) {
+                    errors.lint(
+                        super::lint::IMMUTABLE_ID,
+                        format!("{section}.match"),
+                        "binds no identity of a token this broker issued: add an exact value or list for `policy` (the policy that minted it) or `sub` (its job)".into(),
+                    );
+                }
+            }
             None => errors.push(
                 format!("{section}.issuer"),
                 format!("`{}` is not an issuer in the broker config", crate::clock::truncate(&file.issuer, 64)),
@@ -542,6 +563,7 @@ actors:
   loose: {issuer: agents, match: {sub: {glob: "spiffe://x/*"}}}
   nowhere: {issuer: mystery, match: {sub: a}}
   wrong-tool: {issuer: agents, match: {sub: a}, tools: [github, nope], scopes: ["issues:read", "push"]}
+  unpinned-bot: {issuer: broker, match: {agent: reviewer}}
 tools:
   github: {resource: "https://mcp.example/github#frag", backend: aws, scopes: ["has space", "data:x"], data: [missing]}
   twin: {resource: "https://mcp.example/github#frag", backend: jwt}
@@ -555,6 +577,7 @@ tools:
         assert_has(&e, "actors.nowhere.issuer: `mystery` is not an issuer");
         assert_has(&e, "actors.wrong-tool.tools: `nope` is not a tool of this policy");
         assert_has(&e, "actors.wrong-tool.scopes: `push` is carried by none of its tools");
+        assert_has(&e, "actors.unpinned-bot.match: binds no identity of a token this broker issued");
         assert_has(&e, "tools.github.resource: must be an absolute URI without a fragment");
         assert_has(&e, "tools.github.backend: `aws` is a `aws` backend; tool tokens are signed by a `jwt` backend");
         assert_has(&e, "tools.github.scopes: `has space` is not a scope");
