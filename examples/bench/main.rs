@@ -1,7 +1,7 @@
 //! ephemera's benchmark harness (issue 7). `scripts/bench` builds it in release and runs it:
 //!
 //!     target/release/examples/bench [--quick] [--broker target/release/ephemera] [--perf DIR]
-//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github] [--leases N]
+//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange] [--leases N]
 //!                                   [--keep DIR]
 //!
 //! It prints one Markdown table. Every row is measured in this run, next to a baseline measured
@@ -29,6 +29,7 @@ mod procfs;
 mod profile;
 mod renewal;
 mod table;
+mod token_exchange;
 mod tokens;
 
 use std::path::PathBuf;
@@ -62,7 +63,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github] [--leases N] [--keep DIR]"
+                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange] [--leases N] [--keep DIR]"
             );
             return ExitCode::from(2);
         }
@@ -79,7 +80,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         quick: false,
         broker: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera")),
         perf: None,
-        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew", "github"].map(String::from).to_vec(),
+        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew", "github", "token-exchange"]
+            .map(String::from)
+            .to_vec(),
         leases: None,
         keep: None,
     };
@@ -178,6 +181,12 @@ fn run(args: &Args) -> Vec<Row> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let plan = exchange::Plan::new(args.quick);
         rows.extend(rt.block_on(github::run(&args.broker, &plan, &dir)));
+    }
+    if wants("token-exchange") {
+        eprintln!("== 9. token exchange (RFC 8693) beside the exchange (issue 19)");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let plan = exchange::Plan::new(args.quick);
+        rows.extend(rt.block_on(token_exchange::run(&args.broker, &plan, &dir)));
     }
     rows.sort_by_key(|r| order(&r.id));
     rows

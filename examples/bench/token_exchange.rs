@@ -1,0 +1,117 @@
+//! Rows 9 (issue 19): token exchange at `POST /oauth/token` beside `POST /v1/exchange`, against
+//! the same broker in the same run, rounds alternating so a noisy moment hits both alike.
+//!
+//! A token exchange verifies two RS256 tokens (the job's, as `subject_token`, and an agent's, as
+//! `actor_token`: here another job's token of the same issuer, which the policy's actor rule
+//! admits), decides the policy with its actor and tool rules, signs one ES256 JWT and records it
+//! as a lease of the job before the reply. So its CPU should be about the exchange's plus one
+//! RS256 verification: the crypto floor puts that near 1.6× (two verifications and a signature
+//! against one of each).
+
+use crate::broker::{Broker, POLICY_YAML, Setup};
+use crate::exchange::{Plan, SAT_ROUNDS, Tokens, over_rounds, requests, saturation_round_of};
+use crate::http::request;
+use crate::load::closed_loop;
+use crate::table::{Row, p50_p99_ms};
+use std::path::Path;
+use std::sync::Arc;
+
+const TOOLS_POLICY: &str = "bench-tools";
+const RESOURCE: &str = "https://mcp.bench.invalid/github";
+/// Agents' tokens the requests take turns with (an actor token is not single-use).
+const ACTORS: usize = 16;
+
+/// The bench policy's job rules, with an agent and a tool instead of grants.
+fn tools_policy() -> String {
+    let job_rules = POLICY_YAML.split("grants:").next().unwrap_or_default();
+    format!(
+        "{job_rules}actors:\n  agent:\n    issuer: github\n    match: {{repository_id: \"74\"}}\n\
+         tools:\n  github:\n    resource: {RESOURCE}\n    backend: jwt\n    scopes: [\"issues:read\", \"pulls:write\"]\n"
+    )
+}
+
+fn token_exchange_request(subject: &str, actor: &str) -> Vec<u8> {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange")
+        .append_pair("subject_token", subject)
+        .append_pair("subject_token_type", "urn:ietf:params:oauth:token-type:id_token")
+        .append_pair("actor_token", actor)
+        .append_pair("actor_token_type", "urn:ietf:params:oauth:token-type:jwt")
+        .append_pair("audience", TOOLS_POLICY)
+        .append_pair("resource", RESOURCE)
+        .append_pair("scope", "issues:read")
+        .finish();
+    request("POST", "/oauth/token", &[], "application/x-www-form-urlencoded", body.as_bytes())
+}
+
+pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
+    ephemera::install_crypto();
+    let mut tokens = Tokens::new();
+    let per_round = plan.saturation / SAT_ROUNDS;
+    let warmup = requests(&tokens.take(plan.warmup).1);
+    let exchanges: Vec<_> = (0..SAT_ROUNDS).map(|_| requests(&tokens.take(per_round).1)).collect();
+    let sequential_exchanges = requests(&tokens.take(plan.sequential).1);
+    let actors = tokens.take(ACTORS).1;
+    let mut token_exchanges = |n: usize| -> Arc<Vec<Vec<u8>>> {
+        let subjects = tokens.take(n).1;
+        Arc::new(subjects.iter().enumerate().map(|(i, s)| token_exchange_request(s, &actors[i % ACTORS])).collect())
+    };
+    let rounds: Vec<_> = (0..SAT_ROUNDS).map(|_| token_exchanges(per_round)).collect();
+    let sequential = token_exchanges(plan.sequential);
+    let warmup_te = token_exchanges(plan.warmup.min(200));
+
+    let policies = [(TOOLS_POLICY, tools_policy())];
+    let broker =
+        Broker::start_with(binary, &dir.join("token-exchange"), &Setup { policies: &policies, ..Setup::default() })
+            .await;
+    let addr = broker.addr;
+    closed_loop(addr, warmup, plan.saturation_conns, 201).await.check("warm-up");
+    closed_loop(addr, warmup_te, plan.saturation_conns, 200).await.check("token exchange warm-up");
+    let pids = [broker.pid.to_string()];
+    let (mut ex, mut te) = (Vec::new(), Vec::new());
+    for (exchange, token_exchange) in exchanges.into_iter().zip(rounds) {
+        ex.push(saturation_round_of("exchange", &[addr], &pids, &[], exchange, plan.saturation_conns, 201).await);
+        te.push(
+            saturation_round_of("token exchange", &[addr], &pids, &[], token_exchange, plan.saturation_conns, 200)
+                .await,
+        );
+    }
+    let mut seq_ex = closed_loop(addr, sequential_exchanges, 1, 201).await;
+    seq_ex.check("sequential exchanges");
+    let mut seq_te = closed_loop(addr, sequential, 1, 200).await;
+    seq_te.check("sequential token exchanges");
+    drop(broker);
+
+    let (ex_rate, ..) = over_rounds(&ex, |r| r.rate);
+    let (te_rate, te_rate_lo, te_rate_hi) = over_rounds(&te, |r| r.rate);
+    let (ex_cpu, ..) = over_rounds(&ex, |r| r.cpu_us);
+    let (te_cpu, te_cpu_lo, te_cpu_hi) = over_rounds(&te, |r| r.cpu_us);
+    let (te50, te99) = p50_p99_ms(&mut seq_te.latencies);
+    let (ex50, ex99) = p50_p99_ms(&mut seq_ex.latencies);
+    vec![
+        Row::new(
+            "9a",
+            "token exchanges/s at saturation (`POST /oauth/token`, job + agent token, closed loop, file store)",
+            format!(
+                "{te_rate:.0}/s (median of {SAT_ROUNDS} rounds: {te_rate_lo:.0}–{te_rate_hi:.0}; {per_round} each)"
+            ),
+            format!("{ex_rate:.0}/s, exchanges, rounds in turn on the same broker"),
+        )
+        .ratio(te_rate / ex_rate),
+        Row::new(
+            "9b",
+            "**broker CPU per token exchange at saturation ÷ per exchange** (/proc)",
+            format!("{te_cpu:.0} µs (median: {te_cpu_lo:.0}–{te_cpu_hi:.0})"),
+            format!("{ex_cpu:.0} µs per exchange"),
+        )
+        .ratio(te_cpu / ex_cpu)
+        .goal("≤ 2 (one more RS256 verification)", te_cpu <= 2.0 * ex_cpu),
+        Row::new(
+            "9c",
+            "token exchange latency, sequential on one connection",
+            format!("p50 {te50:.2} ms, p99 {te99:.2} ms (n = {})", seq_te.ok),
+            format!("exchange, the same way: p50 {ex50:.2} ms, p99 {ex99:.2} ms"),
+        )
+        .ratio(te99 / ex99),
+    ]
+}
