@@ -14,6 +14,7 @@
 //! `--quick` (a smoke run, under a minute) uses fewer requests and 100k leases instead of 1M.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod beside;
 mod broker;
 mod crypto;
 mod exchange;

@@ -7,11 +7,12 @@
 //! The renewals go round robin over [`LEASES`] leases, each renewed a few hundred times at most
 //! (a real job renews a lease tens to hundreds of times; a lease takes 1,000 at most).
 
+use crate::beside::{self, Kind, Load};
 use crate::broker::{Broker, RENEW_POLICY};
-use crate::exchange::{Plan, SAT_ROUNDS, Tokens, over_rounds, requests, saturation_round_of};
+use crate::exchange::{Plan, SAT_ROUNDS, Tokens, requests};
 use crate::http::{Conn, request};
 use crate::load::closed_loop;
-use crate::table::{Row, p50_p99_ms};
+use crate::table::Row;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -34,52 +35,20 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
     let renewals = |n: usize, offset: usize| -> Arc<Vec<Vec<u8>>> {
         Arc::new((0..n).map(|i| renew_request(&leases[(offset + i) % leases.len()])).collect())
     };
-
-    let pids = [broker.pid.to_string()];
-    let (mut ex, mut rn) = (Vec::new(), Vec::new());
-    for (i, requests) in exchanges.into_iter().enumerate() {
-        ex.push(saturation_round_of("exchange", &[addr], &pids, &[], requests, plan.saturation_conns, 201).await);
-        let renew = renewals(per_round, i * per_round);
-        rn.push(saturation_round_of("renewal", &[addr], &pids, &[], renew, plan.saturation_conns, 200).await);
-    }
-    let mut seq_ex = closed_loop(addr, sequential_exchanges, 1, 201).await;
-    seq_ex.check("sequential exchanges");
-    let mut seq_rn = closed_loop(addr, renewals(plan.sequential, 0), 1, 200).await;
-    seq_rn.check("sequential renewals");
-    drop(broker);
-
-    let (ex_rate, ..) = over_rounds(&ex, |r| r.rate);
-    let (rn_rate, rn_rate_lo, rn_rate_hi) = over_rounds(&rn, |r| r.rate);
-    let (ex_cpu, ..) = over_rounds(&ex, |r| r.cpu_us);
-    let (rn_cpu, rn_cpu_lo, rn_cpu_hi) = over_rounds(&rn, |r| r.cpu_us);
-    let (rn50, rn99) = p50_p99_ms(&mut seq_rn.latencies);
-    let (ex50, ex99) = p50_p99_ms(&mut seq_ex.latencies);
-    vec![
-        Row::new(
-            "7a",
-            "renewals/s at saturation (`POST /v1/leases/{id}/renew`, closed loop, file store)",
-            format!(
-                "{rn_rate:.0}/s (median of {SAT_ROUNDS} rounds: {rn_rate_lo:.0}–{rn_rate_hi:.0}; {per_round} each)"
-            ),
-            format!("{ex_rate:.0}/s, exchanges, rounds in turn on the same broker"),
-        )
-        .ratio(rn_rate / ex_rate),
-        Row::new(
-            "7b",
-            "**broker CPU per renewal at saturation ÷ per exchange** (/proc)",
-            format!("{rn_cpu:.0} µs (median: {rn_cpu_lo:.0}–{rn_cpu_hi:.0})"),
-            format!("{ex_cpu:.0} µs per exchange"),
-        )
-        .ratio(rn_cpu / ex_cpu)
-        .goal("< 1 (no CI token to verify)", rn_cpu < ex_cpu),
-        Row::new(
-            "7c",
-            "renewal latency, sequential on one connection",
-            format!("p50 {rn50:.2} ms, p99 {rn99:.2} ms (n = {})", seq_rn.ok),
-            format!("exchange, the same way: p50 {ex50:.2} ms, p99 {ex99:.2} ms"),
-        )
-        .ratio(rn99 / ex99),
-    ]
+    let exchange = Load { rounds: exchanges, sequential: sequential_exchanges, status: 201 };
+    let renewal = Load {
+        rounds: (0..SAT_ROUNDS).map(|i| renewals(per_round, i * per_round)).collect(),
+        sequential: renewals(plan.sequential, 0),
+        status: 200,
+    };
+    let kind = Kind {
+        id: "7",
+        noun: "renewal",
+        how: "`POST /v1/leases/{id}/renew`, closed loop, file store",
+        goal: "< 1 (no CI token to verify)",
+        meets: |ratio| ratio < 1.0,
+    };
+    beside::rows(addr, broker.pid, plan, exchange, renewal, &kind).await
 }
 
 /// (lease id, renew token) of one renewable lease per token.

@@ -8,11 +8,12 @@
 //! RS256 verification: the crypto floor puts that near 1.6× (two verifications and a signature
 //! against one of each).
 
+use crate::beside::{self, Kind, Load};
 use crate::broker::{Broker, POLICY_YAML, Setup};
-use crate::exchange::{Plan, SAT_ROUNDS, Tokens, over_rounds, requests, saturation_round_of};
+use crate::exchange::{Plan, SAT_ROUNDS, Tokens, requests};
 use crate::http::request;
 use crate::load::closed_loop;
-use crate::table::{Row, p50_p99_ms};
+use crate::table::Row;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -61,57 +62,19 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
     let warmup_te = token_exchanges(plan.warmup.min(200));
 
     let policies = [(TOOLS_POLICY, tools_policy())];
-    let broker =
-        Broker::start_with(binary, &dir.join("token-exchange"), &Setup { policies: &policies, ..Setup::default() })
-            .await;
+    let setup = Setup { policies: &policies, ..Setup::default() };
+    let broker = Broker::start_with(binary, &dir.join("token-exchange"), &setup).await;
     let addr = broker.addr;
     closed_loop(addr, warmup, plan.saturation_conns, 201).await.check("warm-up");
     closed_loop(addr, warmup_te, plan.saturation_conns, 200).await.check("token exchange warm-up");
-    let pids = [broker.pid.to_string()];
-    let (mut ex, mut te) = (Vec::new(), Vec::new());
-    for (exchange, token_exchange) in exchanges.into_iter().zip(rounds) {
-        ex.push(saturation_round_of("exchange", &[addr], &pids, &[], exchange, plan.saturation_conns, 201).await);
-        te.push(
-            saturation_round_of("token exchange", &[addr], &pids, &[], token_exchange, plan.saturation_conns, 200)
-                .await,
-        );
-    }
-    let mut seq_ex = closed_loop(addr, sequential_exchanges, 1, 201).await;
-    seq_ex.check("sequential exchanges");
-    let mut seq_te = closed_loop(addr, sequential, 1, 200).await;
-    seq_te.check("sequential token exchanges");
-    drop(broker);
-
-    let (ex_rate, ..) = over_rounds(&ex, |r| r.rate);
-    let (te_rate, te_rate_lo, te_rate_hi) = over_rounds(&te, |r| r.rate);
-    let (ex_cpu, ..) = over_rounds(&ex, |r| r.cpu_us);
-    let (te_cpu, te_cpu_lo, te_cpu_hi) = over_rounds(&te, |r| r.cpu_us);
-    let (te50, te99) = p50_p99_ms(&mut seq_te.latencies);
-    let (ex50, ex99) = p50_p99_ms(&mut seq_ex.latencies);
-    vec![
-        Row::new(
-            "9a",
-            "token exchanges/s at saturation (`POST /oauth/token`, job + agent token, closed loop, file store)",
-            format!(
-                "{te_rate:.0}/s (median of {SAT_ROUNDS} rounds: {te_rate_lo:.0}–{te_rate_hi:.0}; {per_round} each)"
-            ),
-            format!("{ex_rate:.0}/s, exchanges, rounds in turn on the same broker"),
-        )
-        .ratio(te_rate / ex_rate),
-        Row::new(
-            "9b",
-            "**broker CPU per token exchange at saturation ÷ per exchange** (/proc)",
-            format!("{te_cpu:.0} µs (median: {te_cpu_lo:.0}–{te_cpu_hi:.0})"),
-            format!("{ex_cpu:.0} µs per exchange"),
-        )
-        .ratio(te_cpu / ex_cpu)
-        .goal("≤ 2 (one more RS256 verification)", te_cpu <= 2.0 * ex_cpu),
-        Row::new(
-            "9c",
-            "token exchange latency, sequential on one connection",
-            format!("p50 {te50:.2} ms, p99 {te99:.2} ms (n = {})", seq_te.ok),
-            format!("exchange, the same way: p50 {ex50:.2} ms, p99 {ex99:.2} ms"),
-        )
-        .ratio(te99 / ex99),
-    ]
+    let exchange = Load { rounds: exchanges, sequential: sequential_exchanges, status: 201 };
+    let token_exchange = Load { rounds, sequential, status: 200 };
+    let kind = Kind {
+        id: "9",
+        noun: "token exchange",
+        how: "`POST /oauth/token`, job + agent token, closed loop, file store",
+        goal: "≤ 2 (one more RS256 verification)",
+        meets: |ratio| ratio <= 2.0,
+    };
+    beside::rows(addr, broker.pid, plan, exchange, token_exchange, &kind).await
 }
