@@ -5,34 +5,11 @@
 
 mod common;
 
-use common::{AUDIENCE, Broker, Extra, FakeIssuer, NOW, agents_issuer_toml};
+use common::{AGENTS_POLICY, AUDIENCE, Broker, Extra, FakeIssuer, GITHUB_MCP, NOW, REVIEWER, agents_issuer_toml};
 use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
 
 const POLICY: &str = "review";
-const RESOURCE: &str = "https://mcp.example.com/github";
-const AGENT: &str = "spiffe://ci.example/agent/reviewer";
-
-/// A token-exchange-only policy (no `grants`): the reviewer agent may get `github` tokens for
-/// the job of repository 74 on main.
-const REVIEW_POLICY: &str = r#"
-issuer: ci
-match: {repository_id: "74", ref: refs/heads/main}
-ttl: {default: 10m, max: 30m}
-actors:
-  reviewer:
-    issuer: agents
-    match: {sub: "spiffe://ci.example/agent/reviewer"}
-tools:
-  github:
-    resource: https://mcp.example.com/github
-    backend: jwt
-    scopes: ["issues:read", "pulls:write"]
-    data: [own-repo]
-data:
-  own-repo: {repositories: ["${repository}"]}
-"#;
-
 /// One `exchange_token` call, its arguments from the environment; prints `{"reply": …}` (the
 /// response as the library parsed it) or `{"oauth_error": [args…]}` (the `OAuthError` it raised).
 const STS_SCRIPT: &str = r#"
@@ -74,7 +51,7 @@ impl Setup {
         let hooks_toml = agents_issuer_toml("agents", &agents.url);
         let broker = Broker::start_custom(
             &[("ci", "github-actions", &ci)],
-            &[(POLICY, REVIEW_POLICY)],
+            &[(POLICY, AGENTS_POLICY)],
             &Extra { hooks_toml, ..Extra::default() },
         )
         .await;
@@ -82,7 +59,7 @@ impl Setup {
         let mut agent = Map::new();
         agent.insert("iss".into(), json!(agents.url));
         agent.insert("aud".into(), json!(AUDIENCE));
-        agent.insert("sub".into(), json!(AGENT));
+        agent.insert("sub".into(), json!(REVIEWER));
         agent.insert("iat".into(), json!(NOW));
         agent.insert("exp".into(), json!(NOW + 300));
         let agent_token = agents.sign(&agent);
@@ -158,7 +135,7 @@ fn oauth_error(result: &Value) -> (String, Value) {
 #[tokio::test]
 async fn google_auth_exchanges_a_ci_token_for_a_tool_token_on_behalf_of_an_agent() {
     let s = Setup::start().await;
-    let result = s.exchange(RESOURCE, "issues:read").await;
+    let result = s.exchange(GITHUB_MCP, "issues:read").await;
     let reply = &result["reply"];
     assert_eq!(reply["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token", "{result}");
     assert_eq!(reply["token_type"], "Bearer", "{result}");
@@ -167,8 +144,8 @@ async fn google_auth_exchanges_a_ci_token_for_a_tool_token_on_behalf_of_an_agent
     let token = reply["access_token"].as_str().unwrap_or_else(|| panic!("no access_token: {result}"));
 
     let claims = payload(token);
-    assert_eq!(claims["aud"], RESOURCE, "{claims}");
-    assert_eq!(claims["act"]["sub"], AGENT, "{claims}");
+    assert_eq!(claims["aud"], GITHUB_MCP, "{claims}");
+    assert_eq!(claims["act"]["sub"], REVIEWER, "{claims}");
     assert_eq!(claims["act"]["iss"], s.agents.url, "{claims}");
     assert_eq!(claims["scope"], "issues:read", "{claims}");
     assert_eq!(claims["tool"], "github", "{claims}");
@@ -195,7 +172,7 @@ async fn google_auth_reports_invalid_target_for_a_resource_no_tool_has() {
 async fn google_auth_reports_invalid_scope_for_a_scope_the_tool_lacks() {
     // Two scopes, so the library's space-joined (form-encoded `+`) list reaches the broker as two.
     let s = Setup::start().await;
-    let result = s.exchange(RESOURCE, "issues:read admin:org").await;
+    let result = s.exchange(GITHUB_MCP, "issues:read admin:org").await;
     let (message, body) = oauth_error(&result);
     assert!(message.starts_with("Error code invalid_scope: "), "the library parsed no RFC 6749 §5.2 body: {message}");
     assert!(message.contains("admin:org"), "the description names the scope refused: {message}");

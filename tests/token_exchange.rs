@@ -13,51 +13,9 @@ const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
 const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
-const GITHUB_MCP: &str = "https://mcp.example.com/github";
-const SEARCH: &str = "https://search.example.com/mcp";
-const REVIEWER: &str = "spiffe://ci.example/agent/reviewer";
-const HELPER: &str = "spiffe://ci.example/agent/helper";
 const STRANGER: &str = "spiffe://ci.example/agent/stranger";
 /// The in-process broker's `public_url` (tests/common): a grant JWT for it may be exchanged.
 const BROKER: &str = "http://127.0.0.1:1";
-
-const AGENTS_POLICY: &str = r#"
-issuer: ci
-match: {repository_id: "74", ref: refs/heads/main}
-ttl: {default: 10m, max: 30m}
-actors:
-  reviewer:
-    issuer: agents
-    match: {sub: "spiffe://ci.example/agent/reviewer"}
-  helper:
-    issuer: agents
-    match: {sub: "spiffe://ci.example/agent/helper"}
-    tools: [github]
-  bot:
-    issuer: broker
-    match: {policy: agent-job}
-tools:
-  github:
-    resource: https://mcp.example.com/github
-    backend: jwt
-    scopes: ["issues:read", "pulls:read", "pulls:write"]
-    data: [own-repo]
-  search:
-    resource: https://search.example.com/mcp
-    backend: jwt
-    scopes: [search]
-data:
-  own-repo: {repositories: ["${repository}"], paths: ["src/**"]}
-grants:
-  delegate:
-    backend: jwt
-    audience: "http://127.0.0.1:1"
-    claims: {may_act: {sub: "spiffe://ci.example/agent/reviewer"}}
-  api:
-    backend: jwt
-    audience: https://api.internal.example
-"#;
-
 /// The agent's own job: its exchange gets it an identity token for the broker (`identity`), the
 /// actor token of the `bot` rule, and a JWT for another service (`api`), which is none.
 const AGENT_JOB_POLICY: &str = r#"

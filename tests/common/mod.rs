@@ -295,6 +295,55 @@ pub struct Extra {
     pub hooks_toml: String,
 }
 
+// ---- token exchange (issue 19) --------------------------------------------------------------
+
+/// The `agents` issuer's agents and the tools of [`AGENTS_POLICY`].
+pub const GITHUB_MCP: &str = "https://mcp.example.com/github";
+pub const SEARCH: &str = "https://search.example.com/mcp";
+pub const REVIEWER: &str = "spiffe://ci.example/agent/reviewer";
+pub const HELPER: &str = "spiffe://ci.example/agent/helper";
+
+/// A policy for the job of repository 74 on main (the `ci` issuer): agents of the `agents`
+/// issuer ([`agents_issuer_toml`]) act for it through two tools; its `delegate` grant is a JWT
+/// for the broker that only the reviewer may exchange (`may_act`), its `api` grant one for
+/// another service.
+pub const AGENTS_POLICY: &str = r#"
+issuer: ci
+match: {repository_id: "74", ref: refs/heads/main}
+ttl: {default: 10m, max: 30m}
+actors:
+  reviewer:
+    issuer: agents
+    match: {sub: "spiffe://ci.example/agent/reviewer"}
+  helper:
+    issuer: agents
+    match: {sub: "spiffe://ci.example/agent/helper"}
+    tools: [github]
+  bot:
+    issuer: broker
+    match: {policy: agent-job}
+tools:
+  github:
+    resource: https://mcp.example.com/github
+    backend: jwt
+    scopes: ["issues:read", "pulls:read", "pulls:write"]
+    data: [own-repo]
+  search:
+    resource: https://search.example.com/mcp
+    backend: jwt
+    scopes: [search]
+data:
+  own-repo: {repositories: ["${repository}"], paths: ["src/**"]}
+grants:
+  delegate:
+    backend: jwt
+    audience: "http://127.0.0.1:1"
+    claims: {may_act: {sub: "spiffe://ci.example/agent/reviewer"}}
+  api:
+    backend: jwt
+    audience: https://api.internal.example
+"#;
+
 /// A `[[issuers]]` block for a `generic` issuer keyed and identified by `sub`, as an agents'
 /// identity provider is (token exchange's actor tokens), for [`Extra::hooks_toml`].
 pub fn agents_issuer_toml(name: &str, url: &str) -> String {
