@@ -521,6 +521,8 @@ fn print_dev_banner(url: &str, data_dir: &Path, audit: Option<&Path>) {
     );
     say!();
     let admin = shell_quote(&data_dir.join(ephemera::server::DEV_ADMIN_TOKEN_FILE).display().to_string());
+    say!("Operator console: {url}/ui/ (sign in with the admin token: cat {admin})");
+    say!();
     say!("Admin API (leases, revoke by job or filter):");
     say!("  curl -s {url}/v1/leases -H \"Authorization: Bearer $(cat {admin})\"");
     say!();

@@ -193,3 +193,59 @@ async fn explain_traces_a_policy_against_claims_without_minting() {
         401
     );
 }
+
+/// Issue 20: the console is served only where the admin API is on, from the binary itself,
+/// under a strict Content-Security-Policy; its script is a file of this origin (no inline script).
+#[tokio::test]
+async fn the_console_is_served_with_a_strict_csp_only_where_an_admin_token_is_configured() {
+    let (_issuer, broker) = setup().await;
+    let resp = broker.http.get(format!("{}/ui/", broker.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let csp = header("content-security-policy");
+    for directive in
+        ["default-src 'none'", "script-src 'self'", "style-src 'self'", "frame-ancestors 'none'", "connect-src 'self'"]
+    {
+        assert!(csp.contains(directive), "{csp} lacks {directive}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!((header("x-content-type-options"), header("x-frame-options")), ("nosniff".into(), "DENY".into()));
+    let html = resp.text().await.unwrap();
+    assert!(html.contains(r#"<script type="module" src="/ui/app.js"></script>"#), "{html}");
+    assert_eq!(html.matches("<script").count(), 1, "no inline script");
+    assert!(!html.contains(" style="), "no inline style");
+    let (status, js) = broker.get("/ui/app.js").await;
+    assert_eq!(status, 200);
+    assert!(js.contains("textContent") && !js.contains("innerHTML"), "data reaches the page only as text");
+    assert_eq!(broker.get("/ui").await.0, 200, "/ui redirects to /ui/");
+
+    let issuer = FakeIssuer::start().await;
+    let without = Broker::start(&issuer, &[("deploy", DEPLOY_POLICY)]).await;
+    assert_eq!(without.get("/ui/").await.0, 404, "no admin token, no console");
+    assert_eq!(without.get("/ui/app.js").await.0, 404);
+}
+
+/// The console ends exactly the leases it listed and counted: `lease_ids`, never mixed with a
+/// filter, only lease ids, at most 1,000.
+#[tokio::test]
+async fn listed_leases_end_by_their_ids_and_a_malformed_list_ends_nothing() {
+    let (issuer, broker) = setup().await;
+    let token = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    let (_, lease) = broker.exchange(&token, "deploy").await;
+    let id = lease["lease_id"].as_str().unwrap();
+    let post = |body: Value| admin(&broker, reqwest::Method::POST, "/v1/leases/revoke", Some(body));
+    for bad in [
+        json!({"lease_ids": []}),
+        json!({"lease_ids": [id], "policy": "deploy"}),
+        json!({"lease_ids": [id, "<script>"]}),
+        json!({"lease_ids": vec![id; 1001]}),
+    ] {
+        let reply = post(bad.clone()).await;
+        assert_error(&reply, 400, "bad_request");
+        assert!(!reply.1.to_string().contains("<script>"), "the ids are not echoed: {}", reply.1);
+    }
+    let (_, still) = admin(&broker, reqwest::Method::GET, &format!("/v1/leases/{id}"), None).await;
+    assert_eq!(still["state"], "active", "a refused list ended nothing");
+    let (status, reply) = post(json!({"lease_ids": [id]})).await;
+    assert_eq!((status, reply["revoked"].clone()), (200, json!([id])));
+}

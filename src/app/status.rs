@@ -116,6 +116,11 @@ impl App {
         })
     }
 
+    /// Is an admin token configured (the admin API, and the console that drives it, are on)?
+    pub fn admin_enabled(&self) -> bool {
+        self.admin_token_sha256.is_some()
+    }
+
     /// Is this the admin token? Compared as SHA-256 digests in constant time.
     pub fn is_admin(&self, bearer: &str) -> bool {
         let Some(want) = &self.admin_token_sha256 else { return false };

@@ -208,6 +208,32 @@ struct MatchBody {
     repository_id: Option<String>,
     project_id: Option<String>,
     actor_id: Option<String>,
+    /// Instead of a filter: exactly these leases (at most [`MAX_LIST`]), as the console listed
+    /// and counted them for the operator. Those no longer live are reported as they stand.
+    lease_ids: Option<Vec<String>>,
+}
+
+/// `POST /v1/leases/revoke {"lease_ids": […]}`: the leases the operator saw and counted. Not
+/// combined with a filter (which would make the count shown a lie); every id a lease id.
+async fn revoke_listed(
+    app: std::sync::Arc<App>,
+    ids: Vec<String>,
+    filter: [&Option<String>; 4],
+) -> Result<Response, Error> {
+    if filter.iter().any(|f| f.is_some()) {
+        return Err(Error::BadRequest("`lease_ids` is not combined with a filter: send one or the other".into()));
+    }
+    if ids.is_empty() || ids.len() > MAX_LIST {
+        return Err(Error::BadRequest(format!("`lease_ids` names 1 to {MAX_LIST} leases")));
+    }
+    // The ids are not echoed: whatever a caller sent stays out of the reply and the log.
+    if !ids.iter().all(|id| crate::ids::is_lease_id(id)) {
+        return Err(Error::BadRequest("`lease_ids` holds something that is not a lease id".into()));
+    }
+    let count = ids.len();
+    let reply = detached(async move { app.end_leases(ids, "admin").await }).await?;
+    tracing::info!(count, revoked = reply.revoked.len(), pending = reply.pending.len(), "admin revoked listed leases");
+    Ok(json_response(StatusCode::OK, &reply))
 }
 
 /// `POST /v1/leases/revoke {"policy"?, "repository_id"?, "project_id"?, "actor_id"?}`: every
@@ -216,6 +242,14 @@ struct MatchBody {
 async fn revoke_matching(State(app): AppState, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     require_admin(&app, &headers)?;
     let request: MatchBody = parse_json(&read_body(&headers, body).await?)?;
+    if let Some(ids) = request.lease_ids {
+        return revoke_listed(
+            app,
+            ids,
+            [&request.policy, &request.repository_id, &request.project_id, &request.actor_id],
+        )
+        .await;
+    }
     let filter = LeaseFilter {
         policy: request.policy,
         repository_id: request.repository_id,

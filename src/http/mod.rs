@@ -19,6 +19,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 mod admin;
+mod console;
 mod hooks;
 mod oauth;
 mod ssh;
@@ -44,6 +45,10 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(ssh::routes())
         .merge(oauth::routes())
         .merge(hooks::routes(app.hooks()));
+    // The operator console: only where the admin API it drives is on.
+    if app.admin_enabled() {
+        router = router.merge(console::routes());
+    }
     if app.dev().is_some() {
         router = router
             .route("/dev/{platform}/.well-known/openid-configuration", get(dev_discovery))

@@ -1,0 +1,340 @@
+// ephemera operator console (issue 20). Plain modern JavaScript, no build step, no dependency.
+//
+// Every action goes through the admin API with the admin token in the `Authorization` header:
+// the console has no power the API lacks, and since no cookie carries the token, no other site
+// can make the browser act with it (CSRF-safe by construction). The token lives in
+// sessionStorage for this tab only, never in a URL.
+//
+// Attack: lease data (claims, job keys, branch names, policy names) is written by CI users, who
+// may write markup into a branch name. It is only ever put on the page as text (DOM nodes and
+// `textContent`), never parsed as HTML; the Content-Security-Policy refuses inline script besides.
+
+const TOKEN_KEY = 'ephemera.admin-token';
+const REFRESH_MS = 5000;
+const STATES = ['active', 'revoking', 'irrevocable', 'revoked', 'expired'];
+const LIVE = new Set(['active']);
+
+const main = document.getElementById('main');
+const nav = document.getElementById('nav');
+const signOutButton = document.getElementById('sign-out');
+const statusLine = document.getElementById('status');
+let timers = [];
+
+// ---- small helpers ---------------------------------------------------------------------------
+
+/** An element with attributes and children; strings become text nodes, never markup. */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'class') el.className = v;
+    else el.setAttribute(k, v === true ? '' : String(v));
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+function say(text, isError = false) {
+  statusLine.textContent = text;
+  statusLine.classList.toggle('error', isError);
+}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+class Refused extends Error {}
+
+/** One admin API call. A 401 signs the console out: the token is wrong or was rotated. */
+async function api(method, path, body) {
+  const headers = { Authorization: `Bearer ${token()}`, Accept: 'application/json' };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), cache: 'no-store' });
+  const text = await resp.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = null; }
+  if (resp.status === 401) throw new Refused('the broker refused the admin token');
+  if (!resp.ok) {
+    const err = data && data.error ? `${data.error.message} (${data.error.code}, ${data.error.request_id})` : `HTTP ${resp.status}`;
+    throw new Error(err);
+  }
+  return data;
+}
+
+function clearTimers() {
+  for (const t of timers) clearInterval(t);
+  timers = [];
+}
+
+/** Seconds until an RFC 3339 time, as `12m 05s`, or `ended`. */
+function timeLeft(iso, now = Date.now()) {
+  const secs = Math.floor((Date.parse(iso) - now) / 1000);
+  if (!(secs > 0)) return 'ended';
+  const h_ = Math.floor(secs / 3600), m = Math.floor((secs % 3600) / 60), s = secs % 60;
+  const pad = (n) => String(n).padStart(2, '0');
+  return h_ > 0 ? `${h_}h ${pad(m)}m` : `${m}m ${pad(s)}s`;
+}
+
+/** A claim as text (`null` when absent). */
+function claim(lease, name) {
+  const v = lease.claims ? lease.claims[name] : undefined;
+  return v === undefined || v === null ? null : String(v);
+}
+
+/** The platform of a lease, from its job key's prefix (`github:…`, `gitlab:…`). */
+function platform(lease) {
+  return String(lease.job).split(':')[0];
+}
+
+function repository(lease) {
+  return claim(lease, 'repository') || claim(lease, 'project_path') || claim(lease, 'pipeline_slug') || '';
+}
+
+function actor(lease) {
+  return claim(lease, 'actor') || claim(lease, 'user_login') || claim(lease, 'actor_id') || claim(lease, 'user_id') || '';
+}
+
+/** Asks before ending leases; resolves true when confirmed. The text says how many. */
+function confirmEnd(text, button) {
+  const dialog = document.getElementById('confirm');
+  document.getElementById('confirm-text').textContent = text;
+  document.getElementById('confirm-ok').textContent = button;
+  dialog.returnValue = '';
+  dialog.showModal();
+  return new Promise((resolve) => dialog.addEventListener('close', () => resolve(dialog.returnValue === 'ok'), { once: true }));
+}
+
+function failed(e) {
+  if (e instanceof Refused) return signOut('The admin token was refused; sign in again.');
+  say(`Failed: ${e.message}`, true);
+}
+
+// ---- sign-in -------------------------------------------------------------------------------
+
+function showSignIn(message) {
+  clearTimers();
+  nav.hidden = true;
+  signOutButton.hidden = true;
+  const input = h('input', { id: 'admin-token', type: 'password', autocomplete: 'off', required: true, spellcheck: 'false' });
+  const error = h('p', { id: 'signin-error', class: 'error', role: 'alert' }, message || '');
+  const form = h('form', { class: 'signin', 'aria-describedby': 'signin-help' },
+    h('h1', {}, 'Sign in'),
+    h('p', { id: 'signin-help', class: 'muted' },
+      'The admin token of this broker ([admin] in its config; in serve --dev, the admin-token file in the data directory). It is kept for this tab only.'),
+    h('div', { class: 'field' }, h('label', { for: 'admin-token' }, 'Admin token'), input),
+    error,
+    h('button', { type: 'submit', class: 'primary' }, 'Sign in'));
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+    try {
+      await api('GET', '/v1/leases?state=active');
+      say('');
+      location.hash = '#/leases';
+      route();
+    } catch (e) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      error.textContent = e instanceof Refused ? 'The admin token was refused.' : `Could not reach the broker: ${e.message}`;
+      input.focus();
+    }
+  });
+  main.replaceChildren(form);
+  input.focus();
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  say('');
+  showSignIn(message);
+}
+
+signOutButton.addEventListener('click', () => signOut('Signed out.'));
+
+// ---- leases --------------------------------------------------------------------------------
+
+const filters = { state: '', policy: '', job: '', repository: '', actor: '', platform: '' };
+
+function matches(lease) {
+  const has = (value, want) => !want || String(value || '').toLowerCase().includes(want.toLowerCase());
+  return (!filters.state || lease.state === filters.state)
+    && has(lease.policy, filters.policy)
+    && has(lease.job, filters.job)
+    && has(repository(lease), filters.repository)
+    && has(actor(lease), filters.actor)
+    && (!filters.platform || platform(lease) === filters.platform);
+}
+
+function credentialBadges(lease) {
+  return lease.credentials.map((c) => h('span', { class: 'badge', title: `backend ${c.backend}` }, `${c.name}: ${c.kind} · ${c.revocation}`));
+}
+
+async function showLeases() {
+  clearTimers();
+  const heading = h('h1', {}, 'Leases');
+  const counts = h('ul', { class: 'counts', 'aria-label': 'Leases by state' });
+  const tbody = h('tbody');
+  const caption = h('caption', {}, 'Loading…');
+  const table = h('table', { id: 'leases' }, caption,
+    h('thead', {}, h('tr', {}, ['Lease', 'Job', 'Policy', 'Repository', 'Actor', 'State', 'Time left', 'Credentials', ''].map((t) => h('th', { scope: 'col' }, t)))),
+    tbody);
+  const field = (name, label, control) => {
+    control.id = `filter-${name}`;
+    control.value = filters[name];
+    control.addEventListener('input', () => { filters[name] = control.value; render(); });
+    return h('div', { class: 'field' }, h('label', { for: control.id }, label), control);
+  };
+  const select = (options) => h('select', {}, h('option', { value: '' }, 'any'), options.map((o) => h('option', { value: o }, o)));
+  const endMatching = h('button', { type: 'button', class: 'danger', id: 'end-matching', disabled: true }, 'End matching live leases');
+  main.replaceChildren(heading,
+    h('div', { class: 'filters', role: 'search' },
+      field('state', 'State', select(STATES)),
+      field('policy', 'Policy', h('input', { type: 'search' })),
+      field('job', 'Job', h('input', { type: 'search' })),
+      field('repository', 'Repository', h('input', { type: 'search' })),
+      field('actor', 'Actor', h('input', { type: 'search' })),
+      field('platform', 'Platform', select(['github', 'gitlab', 'buildkite', 'circleci', 'azure-pipelines', 'bitbucket', 'jenkins', 'generic'])),
+      endMatching),
+    counts,
+    h('div', { class: 'table-box' }, table));
+
+  let leases = [];
+  let truncated = false;
+  function render() {
+    const byState = Object.fromEntries(STATES.map((s) => [s, 0]));
+    for (const l of leases) byState[l.state] = (byState[l.state] || 0) + 1;
+    counts.replaceChildren(...STATES.map((s) => h('li', { 'data-state': s }, `${s}: ${byState[s]}`)));
+    const shown = leases.filter(matches);
+    const live = shown.filter((l) => LIVE.has(l.state));
+    caption.textContent = `${shown.length} of ${leases.length} leases${truncated ? ' (the broker listed its first 1,000; narrow the filters)' : ''}`;
+    endMatching.disabled = live.length === 0;
+    endMatching.textContent = `End ${live.length} matching live lease${live.length === 1 ? '' : 's'}`;
+    endMatching.onclick = async () => {
+      const ids = live.map((l) => l.id);
+      const ok = await confirmEnd(`This ends ${ids.length} live lease${ids.length === 1 ? '' : 's'}: every one listed with state active under the current filters. Their credentials are revoked at their backends.`, `End ${ids.length} lease${ids.length === 1 ? '' : 's'}`);
+      if (!ok) return;
+      try {
+        const reply = await api('POST', '/v1/leases/revoke', { lease_ids: ids });
+        say(`Ended ${reply.revoked.length} lease(s)${reply.pending.length ? `; ${reply.pending.length} pending at their backends (retried)` : ''}.`);
+        await load();
+      } catch (e) { failed(e); }
+    };
+    tbody.replaceChildren(...shown.map((l) => h('tr', { 'data-lease': l.id },
+      h('td', { class: 'mono' }, h('a', { href: `#/leases/${encodeURIComponent(l.id)}` }, l.id)),
+      h('td', { class: 'mono' }, l.job),
+      h('td', {}, l.policy),
+      h('td', {}, repository(l)),
+      h('td', {}, actor(l)),
+      h('td', { class: `state state-${l.state}` }, l.state),
+      h('td', { 'data-expires': LIVE.has(l.state) ? l.expires_at : '' }, LIVE.has(l.state) ? timeLeft(l.expires_at) : '—'),
+      h('td', {}, credentialBadges(l)),
+      h('td', {}, LIVE.has(l.state) ? h('button', { type: 'button', class: 'danger', onclick: () => endOne(l) }, 'End') : ''))));
+  }
+  async function endOne(lease) {
+    const ok = await confirmEnd(`This ends 1 live lease, ${lease.id} of job ${lease.job}. Its credentials are revoked at their backends.`, 'End 1 lease');
+    if (!ok) return;
+    try {
+      await api('DELETE', `/v1/leases/${encodeURIComponent(lease.id)}`);
+      say(`Ended lease ${lease.id}.`);
+      await load();
+    } catch (e) { failed(e); }
+  }
+  async function load() {
+    try {
+      const data = await api('GET', '/v1/leases');
+      leases = data.leases;
+      truncated = data.truncated;
+      render();
+    } catch (e) { failed(e); }
+  }
+  await load();
+  timers.push(setInterval(load, REFRESH_MS));
+  timers.push(setInterval(() => {
+    for (const cell of tbody.querySelectorAll('td[data-expires]')) {
+      if (cell.dataset.expires) cell.textContent = timeLeft(cell.dataset.expires);
+    }
+  }, 1000));
+}
+
+async function showLease(id) {
+  clearTimers();
+  let lease;
+  try {
+    lease = await api('GET', `/v1/leases/${encodeURIComponent(id)}`);
+  } catch (e) {
+    if (e instanceof Refused) return failed(e);
+    main.replaceChildren(h('h1', {}, 'Lease'), h('p', { class: 'error' }, `No such lease: ${e.message}`), h('a', { href: '#/leases' }, 'Back to leases'));
+    return;
+  }
+  const row = (k, v) => [h('dt', {}, k), h('dd', {}, v === null || v === undefined || v === '' ? '—' : v)];
+  const live = LIVE.has(lease.state);
+  const endJob = h('button', { type: 'button', class: 'danger', id: 'end-job' }, 'End every lease of this job');
+  endJob.addEventListener('click', async () => {
+    try {
+      const data = await api('GET', `/v1/leases?job=${encodeURIComponent(lease.job)}&state=active`);
+      const n = data.leases.length;
+      const ok = await confirmEnd(`This ends ${n} live lease${n === 1 ? '' : 's'} of job ${lease.job}: every credential the job holds, at every backend.`, `End ${n} lease${n === 1 ? '' : 's'}`);
+      if (!ok) return;
+      const reply = await api('POST', '/v1/jobs/revoke', { job: lease.job });
+      say(`Ended ${reply.revoked.length} lease(s) of the job${reply.pending.length ? `; ${reply.pending.length} pending (retried)` : ''}.`);
+      await showLease(id);
+    } catch (e) { failed(e); }
+  });
+  const endThis = h('button', { type: 'button', class: 'danger', id: 'end-lease', disabled: !live }, 'End this lease');
+  endThis.addEventListener('click', async () => {
+    const ok = await confirmEnd(`This ends 1 live lease, ${lease.id}. Its credentials are revoked at their backends.`, 'End 1 lease');
+    if (!ok) return;
+    try {
+      await api('DELETE', `/v1/leases/${encodeURIComponent(lease.id)}`);
+      say(`Ended lease ${lease.id}.`);
+      await showLease(id);
+    } catch (e) { failed(e); }
+  });
+  const claims = Object.entries(lease.claims || {});
+  main.replaceChildren(
+    h('p', {}, h('a', { href: '#/leases' }, '← All leases')),
+    h('h1', {}, 'Lease ', h('span', { class: 'mono' }, lease.id)),
+    h('dl', { class: 'fields', id: 'lease-fields' },
+      row('State', h('span', { class: `state state-${lease.state}`, id: 'lease-state' }, lease.state)),
+      row('Reason', lease.reason),
+      row('Job', h('span', { class: 'mono' }, lease.job)),
+      row('Policy', lease.policy),
+      row('Issuer', lease.issuer),
+      row('Created', lease.created_at),
+      row('Expires', `${lease.expires_at}${live ? ` (${timeLeft(lease.expires_at)} left)` : ''}`),
+      row('Revocation attempts', String(lease.attempts)),
+      row('Next attempt', lease.next_attempt_at),
+      row('Last error', lease.last_error),
+      row('Renewals', lease.renewal ? `${lease.renewal.count}, last ${lease.renewal.last_at || 'never'}, until ${lease.renewal.until}` : 'not renewable')),
+    h('div', { class: 'toolbar' }, endThis, endJob),
+    h('h2', {}, 'Credentials'),
+    h('div', { class: 'table-box' }, h('table', {},
+      h('thead', {}, h('tr', {}, ['Name', 'Kind', 'Backend', 'Revocation'].map((t) => h('th', { scope: 'col' }, t)))),
+      h('tbody', {}, lease.credentials.map((c) => h('tr', {}, h('td', {}, c.name), h('td', {}, c.kind), h('td', {}, c.backend), h('td', {}, c.revocation)))))),
+    h('h2', {}, 'Claims it was granted on'),
+    h('div', { class: 'table-box' }, h('table', { id: 'claims' },
+      h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Claim'), h('th', { scope: 'col' }, 'Value'))),
+      h('tbody', {}, claims.map(([k, v]) => h('tr', {}, h('td', { class: 'mono' }, k), h('td', { class: 'mono' }, typeof v === 'string' ? v : JSON.stringify(v))))))));
+}
+
+// ---- routing -------------------------------------------------------------------------------
+
+function route() {
+  if (!token()) return showSignIn();
+  nav.hidden = false;
+  signOutButton.hidden = false;
+  const hash = location.hash || '#/leases';
+  for (const a of nav.querySelectorAll('a')) {
+    if (hash.startsWith(a.getAttribute('href'))) a.setAttribute('aria-current', 'page');
+    else a.removeAttribute('aria-current');
+  }
+  const lease = hash.match(/^#\/leases\/(.+)$/);
+  const view = lease ? showLease(decodeURIComponent(lease[1])) : showLeases();
+  view.then(() => main.focus({ preventScroll: true }));
+}
+
+window.addEventListener('hashchange', route);
+route();
