@@ -249,3 +249,41 @@ async fn listed_leases_end_by_their_ids_and_a_malformed_list_ends_nothing() {
     let (status, reply) = post(json!({"lease_ids": [id]})).await;
     assert_eq!((status, reply["revoked"].clone()), (200, json!([id])));
 }
+
+/// Issue 20: what the console reads besides leases. Recent refusals keep the claims a policy
+/// decided on (for explain); the overview counts this hour's outcomes by minute; the policy
+/// list carries each file's text (for the preview). Each needs the admin token.
+#[tokio::test]
+async fn refusals_overview_and_policy_texts_are_admin_only_and_say_what_happened() {
+    let (issuer, broker) = setup().await;
+    let ok = issuer.sign(&issuer.claims("github-environment-deploy.json", NOW));
+    assert_eq!(broker.exchange(&ok, "deploy").await.0, 201);
+    let fork = issuer.sign(&issuer.claims("github-pull-request-from-fork.json", NOW));
+    let (status, denied) = broker.exchange(&fork, "push").await;
+    assert_eq!(status, 403);
+    assert_eq!(broker.exchange("not-a-token", "deploy").await.0, 401);
+    for path in ["/v1/refusals", "/v1/overview", "/v1/policies"] {
+        let reply = admin_as(&broker, "wrong", reqwest::Method::GET, path, None).await;
+        assert_error(&reply, 401, "unauthorized");
+    }
+    let (_, refusals) = admin(&broker, reqwest::Method::GET, "/v1/refusals", None).await;
+    let list = refusals["refusals"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{refusals}");
+    assert_eq!(list[0]["code"], "invalid_token", "newest first");
+    assert!(list[0].get("claims").is_none(), "an unverified token's claims are not kept");
+    assert_eq!(list[1]["request_id"], denied["error"]["request_id"]);
+    assert_eq!((list[1]["deciding_claim"].as_str(), list[1]["policy"].as_str()), (Some("event_name"), Some("push")));
+    assert_eq!(list[1]["claims"]["event_name"], "pull_request_target");
+    let (_, overview) = admin(&broker, reqwest::Method::GET, "/v1/overview", None).await;
+    let minutes = overview["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), 60);
+    assert_eq!((minutes[59]["issued"].as_u64(), minutes[59]["denied"].as_u64()), (Some(1), Some(2)), "{overview}");
+    assert_eq!((overview["ready"].as_bool(), overview["leases"]["active"].as_u64()), (Some(true), Some(1)));
+    assert_eq!(overview["issuers"][0]["name"], "ci");
+    assert!(overview["issuers"][0]["keys"].as_u64().unwrap() >= 1, "{overview}");
+    assert_eq!(overview["backends"][0], json!({"name": "jwt", "kind": "jwt", "revocation": "immediate", "live": 1}));
+    let (_, policies) = admin(&broker, reqwest::Method::GET, "/v1/policies", None).await;
+    let deploy = policies["policies"].as_array().unwrap().iter().find(|p| p["name"] == "deploy").unwrap();
+    assert_eq!(deploy["text"], DEPLOY_POLICY);
+    assert_eq!(deploy["builtin"], false);
+}

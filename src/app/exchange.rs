@@ -128,6 +128,7 @@ impl App {
             }
         };
         let result = self.record_exchange(request_id, policy, identity.as_ref(), result).await;
+        self.remember_outcome(request_id, "exchange", policy, identity.as_ref(), result.as_ref().map(|_| ()));
         // Bounded label: only loaded policy names, so callers cannot mint new series.
         let label = if policies.get(policy).is_some() { policy } else { "unknown" };
         let outcome = match &result {

@@ -14,6 +14,7 @@ mod audit_event;
 mod ending;
 mod exchange;
 pub mod policies;
+pub mod recent;
 mod renewal;
 mod ssh;
 mod status;
@@ -27,7 +28,7 @@ use crate::audit::Audit;
 use crate::clock::{Clock, UnixSeconds};
 use crate::config::HooksConfig;
 use crate::dev::DevIssuer;
-use crate::identity::Verifier;
+use crate::identity::{VerifiedIdentity, Verifier};
 use crate::ledger::LeaseStore;
 use crate::metrics::Metrics;
 use crate::mint::Backends;
@@ -50,6 +51,8 @@ pub struct App {
     resumed: AtomicBool,
     hooks: HooksConfig,
     audit: Audit,
+    /// Recent refusals and per-minute outcomes, for the operator console.
+    recent: recent::Recent,
 }
 
 /// Everything an [`App`] is built from (the server assembles it).
@@ -83,6 +86,7 @@ impl App {
             resumed: AtomicBool::new(false),
             hooks,
             audit,
+            recent: recent::Recent::default(),
         }
     }
 
@@ -117,6 +121,27 @@ impl App {
 
     pub fn policies(&self) -> &LivePolicies {
         &self.policies
+    }
+
+    /// Counts an exchange's or a token exchange's outcome for the console, and keeps the record
+    /// of a refusal (with the claims it was decided on).
+    pub(crate) fn remember_outcome(
+        &self,
+        request_id: &str,
+        endpoint: &'static str,
+        policy: &str,
+        identity: Option<&VerifiedIdentity>,
+        result: Result<(), &crate::error::Error>,
+    ) {
+        let now = self.now();
+        match result {
+            Ok(()) => self.recent.count(now, Some(true)),
+            Err(e) if recent::is_refusal(e) => {
+                self.recent.count(now, Some(false));
+                self.recent.refused(recent::Refusal::new(now, request_id, endpoint, policy, identity, e));
+            }
+            Err(_) => self.recent.count(now, None),
+        }
     }
 
     /// The lease store (shutdown flushes it; tests read it).

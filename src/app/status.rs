@@ -148,6 +148,79 @@ impl App {
         serde_json::to_value(trace).map_err(|e| Error::Internal(e.to_string()))
     }
 
+    /// The console's recent refusals, newest first.
+    pub fn recent_refusals(&self) -> Vec<super::recent::Refusal> {
+        self.recent.refusals()
+    }
+
+    /// Every loaded policy with its text, in name order (the console's policy preview).
+    pub fn policy_texts(&self) -> Value {
+        let set = self.policies.current();
+        let list: Vec<Value> = set
+            .iter()
+            .map(|p| {
+                let file = p.source.display().to_string();
+                // Built into the binary (`serve --dev`'s `dev`): not a file a change could edit.
+                let builtin = file.starts_with("<built-in");
+                json!({"name": &*p.name, "issuer": p.issuer, "file": file, "builtin": builtin, "text": &*p.text})
+            })
+            .collect();
+        json!({"policies": list})
+    }
+
+    /// What the console's health view shows: readiness, the leases by state, each issuer's key
+    /// set and its age, each backend with its guarantee and live leases, and the outcomes of
+    /// the last hour by minute.
+    pub async fn overview(&self) -> Value {
+        let now = self.now();
+        let (ready, readiness) = self.readiness();
+        let counts = self.store.counts().await.ok();
+        let by_state: BTreeMap<&str, usize> = match &counts {
+            Some(c) => LeaseState::ALL.iter().map(|s| (s.as_str(), c.of(*s))).collect(),
+            None => BTreeMap::new(),
+        };
+        let mut issuers: Vec<Value> = self
+            .verifier
+            .issuers()
+            .map(|i| {
+                let (loaded_at, keys) = i.jwks.loaded();
+                json!({
+                    "name": i.config.name,
+                    "platform": i.config.platform.as_str(),
+                    "url": i.config.url,
+                    "keys": keys,
+                    "static": i.jwks.is_static(),
+                    "loaded_at": loaded_at.map(crate::clock::rfc3339),
+                    "age_secs": loaded_at.map(|at| now - at),
+                    "fetch_failures": i.jwks.fetch_failures.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        issuers.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let live = |name: &str| {
+            counts
+                .as_ref()
+                .and_then(|c| c.active_by_backend.iter().find(|(b, _)| b == name).map(|(_, n)| *n))
+                .unwrap_or(0)
+        };
+        let backends: Vec<Value> = self
+            .backends
+            .names()
+            .filter_map(|name| self.backends.get(name).map(|b| (name, b)))
+            .map(|(name, b)| json!({"name": name, "kind": b.kind(), "revocation": b.revocation(), "live": live(name)}))
+            .collect();
+        json!({
+            "ready": ready,
+            "readiness": readiness,
+            "leases": by_state,
+            "store_answered": counts.is_some(),
+            "issuers": issuers,
+            "backends": backends,
+            "policies": self.policies.current().names(),
+            "minutes": self.recent.series(now),
+        })
+    }
+
     /// A platform job key (`github:…`) as the leases of issuer `issuer` carry it (webhooks).
     pub fn job_key(&self, issuer: &str, key: String) -> String {
         match self.verifier.issuer(issuer) {

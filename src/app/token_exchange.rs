@@ -105,6 +105,8 @@ impl App {
             }
         };
         let result = self.record_token_exchange(request_id, request, &audit, result).await;
+        let outcome = result.as_ref().map(|_| ());
+        self.remember_outcome(request_id, "token-exchange", request.policy, audit.identity.as_ref(), outcome);
         let label = if policies.get(request.policy).is_some() { request.policy } else { "unknown" };
         self.metrics.token_exchange(
             label,

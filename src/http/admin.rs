@@ -29,6 +29,28 @@ pub(super) fn routes() -> AppRouter {
         .route("/v1/explain", post(explain))
         .route("/v1/policies/reload", post(reload_policies))
         .route("/v1/policies/diff", post(diff_policies))
+        .route("/v1/policies", get(policies))
+        .route("/v1/refusals", get(refusals))
+        .route("/v1/overview", get(overview))
+}
+
+/// `GET /v1/policies`: every loaded policy with its YAML (the console's policy preview).
+async fn policies(State(app): AppState, headers: HeaderMap) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    Ok(json_response(StatusCode::OK, &app.policy_texts()))
+}
+
+/// `GET /v1/refusals`: the most recent refused exchanges and token exchanges of this replica,
+/// newest first, with the claims each was decided on.
+async fn refusals(State(app): AppState, headers: HeaderMap) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    Ok(json_response(StatusCode::OK, &json!({"refusals": app.recent_refusals()})))
+}
+
+/// `GET /v1/overview`: readiness, leases by state, issuers' key sets, backends, the last hour.
+async fn overview(State(app): AppState, headers: HeaderMap) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    Ok(json_response(StatusCode::OK, &app.overview().await))
 }
 
 /// Largest policy set `POST /v1/policies/diff` takes (each file is capped at 256 KiB on its own).

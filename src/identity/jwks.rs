@@ -4,13 +4,13 @@
 //! issuer's origin is contacted; a failed refresh keeps the last good key set; an unknown `kid`
 //! refetches at most once per cooldown per issuer, however many requests ask.
 
-use crate::clock::{Clock, truncate};
+use crate::clock::{Clock, UnixSeconds, truncate};
 use crate::config::IssuerConfig;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -175,6 +175,8 @@ pub struct Jwks {
     refetch_gate: tokio::sync::Mutex<Option<i64>>,
     pub fetches: AtomicU64,
     pub fetch_failures: AtomicU64,
+    /// When the current key set was fetched (or read from its file); 0 before.
+    loaded_at: AtomicI64,
 }
 
 impl Jwks {
@@ -196,6 +198,7 @@ impl Jwks {
             refetch_gate: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
             fetch_failures: AtomicU64::new(0),
+            loaded_at: AtomicI64::new(0),
         };
         if let Some(path) = &config.jwks_file {
             let bytes = std::fs::read(path)
@@ -216,6 +219,13 @@ impl Jwks {
         self.is_static
     }
 
+    /// When the current key set was fetched or read (`None`: never), and how many keys it has.
+    pub fn loaded(&self) -> (Option<UnixSeconds>, usize) {
+        let at = self.loaded_at.load(Ordering::Acquire);
+        let keys = self.current.read().map(|s| s.len()).unwrap_or(0);
+        ((at > 0).then_some(at), keys)
+    }
+
     fn lookup(&self, kid: &str) -> Option<Arc<VerifyKey>> {
         let set = self.current.read().ok()?.clone();
         set.by_kid.get(kid).cloned()
@@ -223,6 +233,7 @@ impl Jwks {
 
     fn install(&mut self, set: KeySet) {
         *self.current.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+        self.loaded_at.store(self.clock.now().max(1), Ordering::Release);
         self.loaded.store(true, Ordering::Release);
     }
 
@@ -272,6 +283,7 @@ impl Jwks {
         if let Ok(mut slot) = self.current.write() {
             *slot = Arc::new(set);
         }
+        self.loaded_at.store(self.clock.now().max(1), Ordering::Release);
         self.loaded.store(true, Ordering::Release);
         Ok(n)
     }

@@ -25,7 +25,7 @@ pub enum LeaseState {
 }
 
 impl LeaseState {
-    pub(super) const ALL: [LeaseState; 5] =
+    pub const ALL: [LeaseState; 5] =
         [LeaseState::Active, LeaseState::Revoking, LeaseState::Revoked, LeaseState::Expired, LeaseState::Irrevocable];
 
     pub(super) fn index(self) -> usize {

@@ -62,6 +62,7 @@ pub(super) fn compile(name: &str, file: &Path, text: &str, ctx: &LoadContext) ->
         actors,
         tools,
         data,
+        text: Arc::from(text),
         digest: Policy::digest_of(name, text),
     })
 }

@@ -59,6 +59,8 @@ pub struct Policy {
     pub tools: Vec<delegation::Tool>,
     /// `data`: named data scopes, values whose strings are templates.
     pub data: Vec<(String, TemplateValue)>,
+    /// The YAML exactly as read (the console's policy preview edits it).
+    pub text: Arc<str>,
     /// [`Policy::digest`], computed once by compile.
     digest: [u8; 32],
 }

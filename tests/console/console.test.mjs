@@ -23,11 +23,28 @@ let broker;
 let browser;
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'ephemera-console-'));
 
-/** `serve --dev` on a free loopback port; resolves once /readyz says ready. */
+/** A policy file beside the built-in `dev` policy, for the preview (built-ins are not files). */
+const DEMO_POLICY = `issuer: github
+match:
+  repository_id: "100001"
+  ref: refs/heads/main
+deny:
+  event_name: [pull_request, pull_request_target, workflow_run]
+  runner_environment: self-hosted
+ttl: {default: 15m, max: 1h}
+grants:
+  api: {backend: jwt, audience: https://api.console.example}
+`;
+
+/** `serve --dev` on a free loopback port, in a folder whose `policies/` holds `console-demo`;
+ * resolves once /readyz says ready. */
 async function startBroker() {
   assert.ok(BIN, 'EPHEMERA_BIN must name the ephemera binary (scripts/test sets it)');
   const dataDir = path.join(scratch, 'data');
+  fs.mkdirSync(path.join(scratch, 'policies'));
+  fs.writeFileSync(path.join(scratch, 'policies', 'console-demo.yaml'), DEMO_POLICY);
   const child = spawn(BIN, ['serve', '--dev', '--listen', '127.0.0.1:0', '--data-dir', dataDir], {
+    cwd: scratch,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, RUST_LOG: 'warn' },
   });
@@ -51,17 +68,25 @@ async function startBroker() {
   return { url, admin, child, stop: () => child.kill('SIGKILL') };
 }
 
-/** A lease of the `dev` policy for a job of its own (distinct `run_id`), and its JWT. */
-async function mintLease(run, extraClaims = {}) {
+/** A dev token for a job of its own (distinct `run_id`). */
+async function devToken(run, extraClaims = {}) {
   const claims = { run_id: String(run), check_run_id: String(run), ...extraClaims };
   const tokenResp = await fetch(`${broker.url}/dev/token`, { method: 'POST', body: JSON.stringify({ claims }), headers: { 'content-type': 'application/json' } });
   assert.equal(tokenResp.status, 200);
-  const token = (await tokenResp.text()).trim();
+  return (await tokenResp.text()).trim();
+}
+
+async function exchange(token, policy) {
   const resp = await fetch(`${broker.url}/v1/exchange`, {
-    method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, body: '{"policy":"dev"}',
+    method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, body: JSON.stringify({ policy }),
   });
-  const body = await resp.json();
-  assert.equal(resp.status, 201, JSON.stringify(body));
+  return [resp.status, await resp.json()];
+}
+
+/** A lease of `policy` for a job of its own (distinct `run_id`), and its JWT. */
+async function mintLease(run, extraClaims = {}, policy = 'dev') {
+  const [status, body] = await exchange(await devToken(run, extraClaims), policy);
+  assert.equal(status, 201, JSON.stringify(body));
   return { id: body.lease_id, job: body.job, jwt: body.credentials.api.token };
 }
 
@@ -209,3 +234,119 @@ test('a claim written as markup is shown as text, under a strict CSP, with no vi
   assert.deepEqual(page.problems, [], 'no CSP violation or script error');
   await page.close();
 });
+
+test('a denied exchange is listed under Decisions and explained rule by rule', async () => {
+  const [status, denial] = await exchange(await devToken(9101, { event_name: 'pull_request_target' }), 'dev');
+  assert.equal(status, 403, JSON.stringify(denial));
+  const page = await newPage();
+  await signIn(page);
+  await page.getByRole('link', { name: 'Decisions' }).click();
+  const row = page.locator(`tr[data-request="${denial.error.request_id}"]`);
+  await row.waitFor();
+  const cells = await row.locator('td').allTextContents();
+  assert.deepEqual([cells[1], cells[2], cells[3], cells[4]], ['exchange', 'dev', 'policy_denied', 'event_name']);
+  await row.getByRole('button', { name: 'Explain' }).click();
+  await page.locator('#decision').waitFor();
+  assert.equal(await page.locator('#decision').textContent(), 'Decision: deny (deciding claim event_name)');
+  const rule = page.locator('#trace tr[data-claim="event_name"][data-section="deny"] td');
+  assert.equal(await rule.nth(0).textContent(), 'FAIL');
+  assert.equal(await rule.nth(3).textContent(), '"pull_request_target"');
+  // Pasting claims works the same: the default dev claims pass.
+  const claims = JSON.parse(await page.locator('#explain-claims').inputValue());
+  claims.event_name = 'push';
+  await page.locator('#explain-claims').fill(JSON.stringify(claims));
+  await page.getByRole('button', { name: 'Explain', exact: true }).click();
+  await page.locator('#decision', { hasText: 'Decision: allow' }).waitFor();
+  assert.deepEqual(page.problems, []);
+  await page.close();
+});
+
+test('a policy change preview lists the live leases it would end, and a broken change its errors', async () => {
+  const lease = await mintLease(9102, {}, 'console-demo');
+  const page = await newPage();
+  await signIn(page);
+  await page.getByRole('link', { name: 'Policy preview' }).click();
+  await page.locator('#preview-policy').selectOption('console-demo');
+  const text = page.getByLabel('Its YAML, as it would be');
+  await text.fill(DEMO_POLICY.replace('refs/heads/main', 'refs/heads/release'));
+  await page.getByRole('button', { name: 'Preview the change' }).click();
+  await page.locator(`#would-end tr[data-lease="${lease.id}"]`).waitFor();
+  assert.match(await page.locator('#preview-summary').textContent(), /^This change would end [1-9]\d* live leases?$/);
+  assert.equal((await introspect(lease.jwt)).active, true, 'a preview changes nothing');
+  await text.fill('issuer: github\nmatch: {ref: [unclosed\n');
+  await page.getByRole('button', { name: 'Preview the change' }).click();
+  await page.locator('#preview-summary', { hasText: 'The change would not load' }).waitFor();
+  await page.close();
+});
+
+test('health shows readiness, every issuer key set and the last hour of outcomes', async () => {
+  const page = await newPage();
+  await signIn(page);
+  await page.getByRole('link', { name: 'Health' }).click();
+  await page.locator('#health-ready').waitFor();
+  assert.equal(await page.locator('#health-ready').textContent(), 'ready');
+  for (const issuer of ['github', 'gitlab', 'agents']) {
+    const keys = await page.locator(`#issuers tr[data-issuer="${issuer}"] td`).nth(2).textContent();
+    assert.ok(Number(keys) >= 1, `${issuer} has keys: ${keys}`);
+  }
+  assert.ok(await page.locator('#chart rect.bar-issued').count() >= 1, 'this hour saw exchanges');
+  assert.ok(await page.locator('#chart rect.bar-denied').count() >= 1, 'and denials');
+  assert.match(await page.locator('#chart').getAttribute('aria-label'), /^Last hour: [1-9]\d* issued, [1-9]\d* denied$/);
+  assert.deepEqual(page.problems, []);
+  await page.close();
+});
+
+test('keyboard alone signs in and moves between views, and 200 % zoom needs no sideways scroll', async () => {
+  const page = await newPage();
+  await page.setViewportSize({ width: 640, height: 900 }); // 1280 px at 200 % zoom
+  await page.goto(`${broker.url}/ui/`);
+  await page.keyboard.type(broker.admin); // the token field has the focus
+  await page.keyboard.press('Enter');
+  await page.locator('#leases').waitFor();
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+  assert.ok(overflow <= 0, `the page scrolls sideways by ${overflow}px; only the table box may`);
+  // The view has the focus; the navigation is just before it.
+  let reached = false;
+  for (let i = 0; i < 12 && !reached; i++) {
+    await page.keyboard.press('Shift+Tab');
+    reached = await page.evaluate(() => document.activeElement?.textContent === 'Health');
+  }
+  assert.ok(reached, 'Shift+Tab reaches the Health link');
+  await page.keyboard.press('Enter');
+  await page.locator('#health-ready').waitFor();
+  if (process.env.EPHEMERA_SCREENSHOTS) await screenshots();
+  await page.close();
+});
+
+/** The views at 1280 × 800, into EPHEMERA_SCREENSHOTS (docs/console.md shows them). */
+async function screenshots() {
+  const dir = process.env.EPHEMERA_SCREENSHOTS;
+  fs.mkdirSync(dir, { recursive: true });
+  const lease = await mintLease(9201, { actor: 'octocat' });
+  await mintLease(9202, { actor: 'hubot' }, 'console-demo');
+  await exchange(await devToken(9203, { event_name: 'pull_request_target', actor: 'mallory' }), 'dev');
+  const page = await newPage();
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await signIn(page);
+  await page.locator(`tr[data-lease="${lease.id}"]`).waitFor();
+  await page.screenshot({ path: path.join(dir, 'leases.png') });
+  await page.locator(`tr[data-lease="${lease.id}"] a`).click();
+  await page.locator('#lease-state').waitFor();
+  await page.screenshot({ path: path.join(dir, 'lease.png'), fullPage: true });
+  await page.getByRole('link', { name: 'Decisions' }).click();
+  await page.locator('#refusals tbody tr').first().waitFor();
+  await page.screenshot({ path: path.join(dir, 'decisions.png') });
+  await page.locator('#refusals tbody tr button').first().click();
+  await page.locator('#decision').waitFor();
+  await page.screenshot({ path: path.join(dir, 'explain.png'), fullPage: true });
+  await page.getByRole('link', { name: 'Policy preview' }).click();
+  await page.locator('#preview-policy').selectOption('console-demo');
+  await page.getByLabel('Its YAML, as it would be').fill(DEMO_POLICY.replace('refs/heads/main', 'refs/heads/release'));
+  await page.getByRole('button', { name: 'Preview the change' }).click();
+  await page.locator('#would-end').waitFor();
+  await page.screenshot({ path: path.join(dir, 'preview.png'), fullPage: true });
+  await page.getByRole('link', { name: 'Health' }).click();
+  await page.locator('#chart').waitFor();
+  await page.screenshot({ path: path.join(dir, 'health.png'), fullPage: true });
+  await page.close();
+}

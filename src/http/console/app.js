@@ -59,7 +59,9 @@ async function api(method, path, body) {
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
   if (resp.status === 401) throw new Refused('the broker refused the admin token');
   if (!resp.ok) {
-    const err = data && data.error ? `${data.error.message} (${data.error.code}, ${data.error.request_id})` : `HTTP ${resp.status}`;
+    let err = `HTTP ${resp.status}`;
+    if (data && data.error && data.error.message) err = `${data.error.message} (${data.error.code}, ${data.error.request_id})`;
+    else if (data && Array.isArray(data.errors)) err = data.errors.map((e) => (typeof e === 'string' ? e : JSON.stringify(e))).join('\n');
     throw new Error(err);
   }
   return data;
@@ -320,6 +322,198 @@ async function showLease(id) {
       h('tbody', {}, claims.map(([k, v]) => h('tr', {}, h('td', { class: 'mono' }, k), h('td', { class: 'mono' }, typeof v === 'string' ? v : JSON.stringify(v))))))));
 }
 
+// ---- decisions and explain -----------------------------------------------------------------
+
+/** The refusal the explain view starts from (set by a Decisions row's "Explain"). */
+let explainFrom = null;
+
+async function showDecisions() {
+  clearTimers();
+  const tbody = h('tbody');
+  const caption = h('caption', {}, 'Loading…');
+  main.replaceChildren(h('h1', {}, 'Decisions'),
+    h('p', { class: 'muted' }, 'The most recent refused exchanges and token exchanges of this broker (at most 200, newest first), with the rule that decided each.'),
+    h('div', { class: 'table-box' }, h('table', { id: 'refusals' }, caption,
+      h('thead', {}, h('tr', {}, ['Time', 'Endpoint', 'Policy', 'Code', 'Deciding claim', 'Reason', 'Job', ''].map((t) => h('th', { scope: 'col' }, t)))),
+      tbody)));
+  async function load() {
+    try {
+      const { refusals } = await api('GET', '/v1/refusals');
+      caption.textContent = `${refusals.length} recent refusal${refusals.length === 1 ? '' : 's'}`;
+      tbody.replaceChildren(...refusals.map((r) => h('tr', { 'data-request': r.request_id },
+        h('td', { class: 'mono' }, r.time),
+        h('td', {}, r.endpoint),
+        h('td', {}, r.policy),
+        h('td', { class: 'mono' }, r.code),
+        h('td', { class: 'mono' }, r.deciding_claim || '—'),
+        h('td', {}, r.reason),
+        h('td', { class: 'mono' }, r.job || '—'),
+        h('td', {}, r.claims ? h('button', { type: 'button', onclick: () => { explainFrom = r; location.hash = '#/explain'; } }, 'Explain') : ''))));
+    } catch (e) { failed(e); }
+  }
+  await load();
+  timers.push(setInterval(load, REFRESH_MS));
+}
+
+async function showExplain() {
+  clearTimers();
+  let names = [];
+  try { names = (await api('GET', '/v1/policies')).policies.map((p) => p.name); } catch (e) { return failed(e); }
+  const from = explainFrom;
+  explainFrom = null;
+  const policy = h('select', { id: 'explain-policy' }, names.map((n) => h('option', { value: n }, n)));
+  if (from && names.includes(from.policy)) policy.value = from.policy;
+  const claims = h('textarea', { id: 'explain-claims', rows: 14, spellcheck: 'false', class: 'mono' });
+  claims.value = from ? JSON.stringify(from.claims, null, 2) : '';
+  const issuer = h('input', { id: 'explain-issuer', type: 'text', value: from && from.issuer ? from.issuer : '', placeholder: 'from the claims\' iss' });
+  const out = h('div', { id: 'explain-result', 'aria-live': 'polite' });
+  const form = h('form', { class: 'stack' },
+    h('div', { class: 'filters' },
+      h('div', { class: 'field' }, h('label', { for: 'explain-policy' }, 'Policy'), policy),
+      h('div', { class: 'field' }, h('label', { for: 'explain-issuer' }, 'Issuer (optional)'), issuer)),
+    h('div', { class: 'field' }, h('label', { for: 'explain-claims' }, 'Claims (JSON object)'), claims),
+    h('div', { class: 'toolbar' }, h('button', { type: 'submit', class: 'primary' }, 'Explain')));
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    let parsed;
+    try { parsed = JSON.parse(claims.value); } catch (e) { out.replaceChildren(h('p', { class: 'error' }, `The claims are not JSON: ${e.message}`)); return; }
+    try {
+      const body = { policy: policy.value, claims: parsed };
+      if (issuer.value.trim()) body.issuer = issuer.value.trim();
+      renderTrace(out, await api('POST', '/v1/explain', body));
+    } catch (e) { if (e instanceof Refused) failed(e); else out.replaceChildren(h('p', { class: 'error' }, e.message)); }
+  });
+  main.replaceChildren(h('h1', {}, 'Explain a decision'),
+    h('p', { class: 'muted' }, from ? `From the refusal ${from.request_id} at ${from.time}.` : 'Paste a claim set (the Action saves it on a denial) or pick a refusal under Decisions. Nothing is minted.'),
+    form, out);
+  if (from) form.requestSubmit();
+}
+
+/** `policy explain`'s trace as a table: every rule with its outcome, then the decision. */
+function renderTrace(out, trace) {
+  const mark = (pass) => h('span', { class: pass ? 'pass' : 'fail' }, pass ? 'pass' : 'FAIL');
+  const rows = [
+    h('tr', {}, h('td', {}, mark(trace.issuer.pass)), h('td', {}, 'issuer'), h('td', { class: 'mono' }, 'iss'),
+      h('td', { class: 'mono' }, trace.issuer.token_issuer), h('td', { class: 'mono' }, trace.issuer.policy_issuer)),
+    ...trace.rules.map((r) => h('tr', { 'data-claim': r.claim, 'data-section': r.section },
+      h('td', {}, mark(r.pass)), h('td', {}, r.section), h('td', { class: 'mono' }, r.claim),
+      h('td', { class: 'mono' }, r.value === null ? '(missing)' : JSON.stringify(r.value)), h('td', { class: 'mono' }, r.rule))),
+  ];
+  out.replaceChildren(
+    h('h2', { id: 'decision' }, trace.decision === 'allow' ? 'Decision: allow' : `Decision: deny (deciding claim ${trace.deciding_claim})`),
+    h('div', { class: 'table-box' }, h('table', { id: 'trace' },
+      h('thead', {}, h('tr', {}, ['', 'Section', 'Claim', 'Value', 'Rule'].map((t) => h('th', { scope: 'col' }, t)))),
+      h('tbody', {}, rows))),
+    trace.tools && trace.tools.length ? h('p', { class: 'muted' }, `Tools: ${trace.tools.map((t) => `${t.name} (${t.resource})`).join(', ')}`) : '');
+}
+
+// ---- policy change preview -----------------------------------------------------------------
+
+async function showPreview() {
+  clearTimers();
+  let all;
+  try { all = (await api('GET', '/v1/policies')).policies; } catch (e) { return failed(e); }
+  // A candidate set is the policy files; built-in policies come with the binary and stay as they are.
+  const policies = all.filter((p) => !p.builtin);
+  if (!policies.length) {
+    main.replaceChildren(h('h1', {}, 'Policy change preview'), h('p', {}, 'This broker loads no policy files (its policies are built in), so there is no change to preview.'));
+    return;
+  }
+  const pick = h('select', { id: 'preview-policy' }, policies.map((p) => h('option', { value: p.name }, p.name)));
+  const text = h('textarea', { id: 'preview-text', rows: 22, spellcheck: 'false', class: 'mono' });
+  const out = h('div', { id: 'preview-result', 'aria-live': 'polite' });
+  const load = () => { text.value = policies.find((p) => p.name === pick.value)?.text || ''; out.replaceChildren(); };
+  pick.addEventListener('change', load);
+  load();
+  const form = h('form', {},
+    h('div', { class: 'field' }, h('label', { for: 'preview-policy' }, 'Policy'), pick),
+    h('div', { class: 'field' }, h('label', { for: 'preview-text' }, 'Its YAML, as it would be'), text),
+    h('div', { class: 'toolbar' }, h('button', { type: 'submit', class: 'primary' }, 'Preview the change')));
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const candidate = Object.fromEntries(policies.map((p) => [p.name, p.name === pick.value ? text.value : p.text]));
+    try {
+      const result = await api('POST', '/v1/policies/diff', { policies: candidate });
+      const ending = result.would_end;
+      out.replaceChildren(
+        h('h2', { id: 'preview-summary' }, ending.length ? `This change would end ${ending.length} live lease${ending.length === 1 ? '' : 's'}` : 'This change ends no live lease'),
+        ending.length ? h('div', { class: 'table-box' }, h('table', { id: 'would-end' },
+          h('thead', {}, h('tr', {}, ['Lease', 'Job', 'Policy', 'Why'].map((t) => h('th', { scope: 'col' }, t)))),
+          h('tbody', {}, ending.map((e) => h('tr', { 'data-lease': e.lease_id },
+            h('td', { class: 'mono' }, e.lease_id), h('td', { class: 'mono' }, e.job), h('td', {}, e.policy), h('td', {}, e.reason)))))) : '');
+    } catch (e) {
+      if (e instanceof Refused) return failed(e);
+      out.replaceChildren(h('h2', { id: 'preview-summary', class: 'error' }, 'The change would not load'), h('pre', { class: 'mono error' }, e.message));
+    }
+  });
+  main.replaceChildren(h('h1', {}, 'Policy change preview'),
+    h('p', { class: 'muted' }, 'Edit a policy and see which live leases the change would end (policy diff). Nothing is changed: roll the file out as usual.'),
+    form, out);
+}
+
+// ---- health --------------------------------------------------------------------------------
+
+const SVG = 'http://www.w3.org/2000/svg';
+
+/** Exchanges and denials per minute over the last hour, as bars (SVG made with DOM calls). */
+function chart(minutes) {
+  const width = 600, height = 140, bar = width / minutes.length;
+  const top = Math.max(1, ...minutes.map((m) => m.issued + m.denied));
+  const svg = document.createElementNS(SVG, 'svg');
+  svg.setAttribute('viewBox', `0 0 ${width} ${height}`);
+  svg.setAttribute('role', 'img');
+  svg.setAttribute('id', 'chart');
+  const total = minutes.reduce((a, m) => [a[0] + m.issued, a[1] + m.denied], [0, 0]);
+  svg.setAttribute('aria-label', `Last hour: ${total[0]} issued, ${total[1]} denied`);
+  minutes.forEach((m, i) => {
+    let y = height;
+    for (const [n, cls] of [[m.issued, 'bar-issued'], [m.denied, 'bar-denied']]) {
+      if (!n) continue;
+      const hgt = (n / top) * (height - 10);
+      y -= hgt;
+      const rect = document.createElementNS(SVG, 'rect');
+      for (const [k, v] of Object.entries({ x: i * bar + 1, y, width: bar - 2, height: hgt, class: cls })) rect.setAttribute(k, v);
+      const title = document.createElementNS(SVG, 'title');
+      title.textContent = `${new Date(m.at * 1000).toISOString().slice(11, 16)} UTC: ${m.issued} issued, ${m.denied} denied`;
+      rect.append(title);
+      svg.append(rect);
+    }
+  });
+  return svg;
+}
+
+async function showHealth() {
+  clearTimers();
+  async function load() {
+    let o;
+    try { o = await api('GET', '/v1/overview'); } catch (e) { return failed(e); }
+    const r = o.readiness;
+    main.replaceChildren(h('h1', {}, 'Health'),
+      h('dl', { class: 'fields', id: 'health-fields' },
+        h('dt', {}, 'Ready'), h('dd', { id: 'health-ready', class: o.ready ? 'pass' : 'fail' }, o.ready ? 'ready' : 'not ready'),
+        h('dt', {}, 'Lease store'), h('dd', {}, r.ledger),
+        h('dt', {}, 'Policies'), h('dd', {}, `${r.policies.loaded} loaded, generation ${r.policies.generation}, last reload ${r.policies.last_reload}${r.policies.errors.length ? ` (${r.policies.errors.length} errors)` : ''}`),
+        h('dt', {}, 'Leases'), h('dd', { id: 'health-leases' }, Object.entries(o.leases).map(([s, n]) => `${s} ${n}`).join(' · ') || 'the store did not answer'),
+        h('dt', {}, 'Irrevocable'), h('dd', { id: 'health-irrevocable', class: o.leases.irrevocable ? 'fail' : '' }, String(o.leases.irrevocable ?? '—'))),
+      h('h2', {}, 'Exchanges and denials, last hour'),
+      h('figure', { class: 'chart' }, chart(o.minutes),
+        h('figcaption', { class: 'muted' }, h('span', { class: 'key key-issued' }, 'issued'), ' ', h('span', { class: 'key key-denied' }, 'denied'), ' per minute; hover a bar for its figures.')),
+      h('h2', {}, 'Issuers'),
+      h('div', { class: 'table-box' }, h('table', { id: 'issuers' },
+        h('thead', {}, h('tr', {}, ['Issuer', 'Platform', 'Keys', 'Key set age', 'Fetch failures'].map((t) => h('th', { scope: 'col' }, t)))),
+        h('tbody', {}, o.issuers.map((i) => h('tr', { 'data-issuer': i.name },
+          h('td', {}, i.name), h('td', {}, i.platform), h('td', { class: i.keys ? '' : 'fail' }, String(i.keys)),
+          h('td', {}, i.age_secs === null ? 'never loaded' : `${Math.round(i.age_secs / 60)} min${i.static ? ' (file)' : ''}`),
+          h('td', {}, String(i.fetch_failures))))))),
+      h('h2', {}, 'Backends'),
+      h('div', { class: 'table-box' }, h('table', { id: 'backends' },
+        h('thead', {}, h('tr', {}, ['Backend', 'Kind', 'Revocation', 'Live leases'].map((t) => h('th', { scope: 'col' }, t)))),
+        h('tbody', {}, o.backends.map((b) => h('tr', {}, h('td', {}, b.name), h('td', {}, b.kind), h('td', {}, b.revocation), h('td', {}, String(b.live))))))));
+  }
+  await load();
+  timers.push(setInterval(load, REFRESH_MS * 2));
+}
+
 // ---- routing -------------------------------------------------------------------------------
 
 function route() {
@@ -332,7 +526,8 @@ function route() {
     else a.removeAttribute('aria-current');
   }
   const lease = hash.match(/^#\/leases\/(.+)$/);
-  const view = lease ? showLease(decodeURIComponent(lease[1])) : showLeases();
+  const views = { '#/decisions': showDecisions, '#/explain': showExplain, '#/preview': showPreview, '#/health': showHealth };
+  const view = lease ? showLease(decodeURIComponent(lease[1])) : (views[hash] || showLeases)();
   view.then(() => main.focus({ preventScroll: true }));
 }
 
