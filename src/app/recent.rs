@@ -144,7 +144,7 @@ mod tests {
     #[test]
     fn minutes_are_bounded_to_the_last_hour_and_gaps_read_as_zero() {
         let recent = Recent::default();
-        let start = 1_800_000_000 - 1_800_000_000 % 60;
+        let start: UnixSeconds = 1_800_000_000; // a whole minute
         for minute in 0..90 {
             recent.count(start + minute * 60 + 5, Some(true));
             recent.count(start + minute * 60 + 7, Some(minute % 2 == 0));
