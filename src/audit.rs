@@ -220,6 +220,43 @@ fn open_append(path: &Path) -> Result<File, String> {
     options.open(path).map_err(|e| format!("cannot open the audit file {}: {e}", path.display()))
 }
 
+/// What [`events_of_lease`] found.
+#[derive(Debug, serde::Serialize)]
+pub struct Found {
+    /// The events naming the lease, oldest first (at most `max_events`, the latest ones).
+    pub events: Vec<serde_json::Value>,
+    /// Bytes of the file read (its end).
+    pub scanned_bytes: u64,
+    /// Was the whole file read? When not, older events of the lease may be in the part skipped.
+    pub complete: bool,
+}
+
+/// The audit events of one lease (its exchange, renewals and revocation), read back from the end
+/// of the audit file: at most its last `max_bytes`, at most `max_events` events. For the
+/// console's lease page; a rotated file is not read. `lease_id` must already be a lease id: it is
+/// matched as the JSON member `"lease_id":"…"` the events write.
+pub fn events_of_lease(path: &Path, lease_id: &str, max_bytes: u64, max_events: usize) -> Result<Found, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path).map_err(|e| format!("audit file {}: {e}", path.display()))?;
+    let len = file.metadata().map_err(|e| format!("audit file {}: {e}", path.display()))?.len();
+    let start = len.saturating_sub(max_bytes);
+    file.seek(SeekFrom::Start(start)).map_err(|e| format!("audit file {}: {e}", path.display()))?;
+    let mut bytes = Vec::with_capacity((len - start) as usize);
+    file.take(len - start).read_to_end(&mut bytes).map_err(|e| format!("audit file {}: {e}", path.display()))?;
+    let needle = format!("\"lease_id\":\"{lease_id}\"");
+    let mut lines = bytes.split(|b| *b == b'\n');
+    if start > 0 {
+        lines.next(); // begun mid-line
+    }
+    let mut events: Vec<serde_json::Value> = lines
+        .filter(|line| line.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        .filter_map(|line| serde_json::from_slice(line).ok())
+        .collect();
+    let skip = events.len().saturating_sub(max_events);
+    events.drain(..skip);
+    Ok(Found { events, scanned_bytes: len - start, complete: start == 0 })
+}
+
 /// [`Audit::selected`]: a map of the allowlisted claims that the claim set carries.
 pub struct Selected<'a> {
     names: &'a [String],
@@ -419,5 +456,27 @@ mod tests {
             std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines[0], serde_json::json!({"replica": "replica-2", "event": "issued", "lease_id": "lse_1"}));
         assert_eq!(lines[1], serde_json::json!({"replica": "replica-2"}));
+    }
+
+    #[test]
+    fn the_events_of_a_lease_are_read_back_from_the_end_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let mut text = String::new();
+        for i in 0..50 {
+            text.push_str(&format!("{{\"event\":\"exchange\",\"lease_id\":\"lse_A\",\"n\":{i}}}\n"));
+            text.push_str(&format!("{{\"event\":\"exchange\",\"lease_id\":\"lse_AB\",\"n\":{i}}}\n"));
+        }
+        text.push_str("{\"event\":\"revocation\",\"lease_id\":\"lse_A\",\"outcome\":\"revoked\"}\n");
+        std::fs::write(&file, &text).unwrap();
+        let all = events_of_lease(&file, "lse_A", 1 << 20, 1000).unwrap();
+        assert_eq!((all.events.len(), all.complete), (51, true), "lse_AB is another lease");
+        assert_eq!(all.events[50]["event"], "revocation", "oldest first, the latest last");
+        let latest = events_of_lease(&file, "lse_A", 1 << 20, 3).unwrap();
+        assert_eq!(latest.events.iter().map(|e| e["n"].as_i64()).collect::<Vec<_>>(), [Some(48), Some(49), None]);
+        // Reading only the end: the line it starts inside is skipped, not misparsed.
+        let tail = events_of_lease(&file, "lse_A", 100, 1000).unwrap();
+        assert!(!tail.complete && tail.scanned_bytes == 100);
+        assert_eq!(tail.events.len(), 1, "{:?}", tail.events);
     }
 }

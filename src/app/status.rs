@@ -148,6 +148,17 @@ impl App {
         serde_json::to_value(trace).map_err(|e| Error::Internal(e.to_string()))
     }
 
+    /// The audit events of a lease, read back from the end of the audit file (the last 16 MiB,
+    /// the latest 200 events); `None` when no audit file is configured.
+    pub async fn lease_audit(&self, lease_id: &str) -> Result<Option<crate::audit::Found>, Error> {
+        let Some(path) = self.audit.path().map(std::path::Path::to_path_buf) else { return Ok(None) };
+        let id = lease_id.to_string();
+        let found = tokio::task::spawn_blocking(move || crate::audit::events_of_lease(&path, &id, 16 << 20, 200))
+            .await
+            .map_err(|e| Error::Internal(format!("audit read failed: {e}")))?;
+        found.map(Some).map_err(Error::Unavailable)
+    }
+
     /// The console's recent refusals, newest first.
     pub fn recent_refusals(&self) -> Vec<super::recent::Refusal> {
         self.recent.refusals()

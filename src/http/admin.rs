@@ -29,9 +29,23 @@ pub(super) fn routes() -> AppRouter {
         .route("/v1/explain", post(explain))
         .route("/v1/policies/reload", post(reload_policies))
         .route("/v1/policies/diff", post(diff_policies))
+        .route("/v1/leases/{id}/audit", get(lease_audit))
         .route("/v1/policies", get(policies))
         .route("/v1/refusals", get(refusals))
         .route("/v1/overview", get(overview))
+}
+
+/// `GET /v1/leases/{id}/audit`: the audit events naming the lease (its exchange, renewals,
+/// revocation), from the end of the audit file.
+async fn lease_audit(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, Error> {
+    require_admin(&app, &headers)?;
+    if !crate::ids::is_lease_id(&id) {
+        return Err(Error::NotFound);
+    }
+    Ok(match app.lease_audit(&id).await? {
+        Some(found) => json_response(StatusCode::OK, &json!({"audit": true, "found": found})),
+        None => json_response(StatusCode::OK, &json!({"audit": false})),
+    })
 }
 
 /// `GET /v1/policies`: every loaded policy with its YAML (the console's policy preview).

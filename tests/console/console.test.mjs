@@ -191,6 +191,11 @@ test('ending a job from its lease asks with the count, ends it, and its JWT intr
   await dialog.getByRole('button', { name: 'End 1 lease' }).click();
   await page.locator('#lease-state', { hasText: 'revoked' }).waitFor();
   assert.equal((await introspect(lease.jwt)).active, false);
+  // The audit file's lines for this lease: its exchange, then its revocation by the admin.
+  await page.locator('#audit-events tr[data-event="revocation"]').waitFor();
+  const events = await page.locator('#audit-events tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.event));
+  assert.deepEqual(events, ['exchange', 'revocation']);
+  assert.equal(await page.locator('#audit-events tr[data-event="exchange"] td').nth(2).textContent(), 'allow');
   await page.close();
 });
 

@@ -296,6 +296,25 @@ async function showLease(id) {
     } catch (e) { failed(e); }
   });
   const claims = Object.entries(lease.claims || {});
+  const auditSection = h('div', { id: 'lease-audit' }, h('p', { class: 'muted' }, 'Reading the audit file…'));
+  const auditRow = (e) => h('tr', { 'data-event': e.event },
+    h('td', { class: 'mono' }, e.time || ''),
+    h('td', {}, e.event || ''),
+    h('td', {}, e.decision || e.outcome || ''),
+    h('td', { class: 'mono' }, e.request_id || '—'),
+    h('td', {}, e.reason || e.error || (e.credentials && !Array.isArray(e.credentials) ? Object.keys(e.credentials).join(', ') : '')));
+  api('GET', `/v1/leases/${encodeURIComponent(lease.id)}/audit`).then((a) => {
+    if (!a.audit) {
+      auditSection.replaceChildren(h('p', { class: 'muted' }, 'No audit file is configured ([audit] file).'));
+      return;
+    }
+    const { events, complete, scanned_bytes: scanned } = a.found;
+    const where = complete ? '' : ` in the last ${Math.round(scanned / 1048576)} MiB of the audit file`;
+    auditSection.replaceChildren(h('div', { class: 'table-box' }, h('table', { id: 'audit-events' },
+      h('caption', {}, `${events.length} event${events.length === 1 ? '' : 's'} naming this lease${where}`),
+      h('thead', {}, h('tr', {}, ['Time', 'Event', 'Decision', 'Request id', 'Detail'].map((t) => h('th', { scope: 'col' }, t)))),
+      h('tbody', {}, events.map(auditRow)))));
+  }).catch((e) => { if (e instanceof Refused) failed(e); else auditSection.replaceChildren(h('p', { class: 'error' }, e.message)); });
   main.replaceChildren(
     h('p', {}, h('a', { href: '#/leases' }, '← All leases')),
     h('h1', {}, 'Lease ', h('span', { class: 'mono' }, lease.id)),
@@ -316,6 +335,8 @@ async function showLease(id) {
     h('div', { class: 'table-box' }, h('table', {},
       h('thead', {}, h('tr', {}, ['Name', 'Kind', 'Backend', 'Revocation'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, lease.credentials.map((c) => h('tr', {}, h('td', {}, c.name), h('td', {}, c.kind), h('td', {}, c.backend), h('td', {}, c.revocation)))))),
+    h('h2', {}, 'Audit events'),
+    auditSection,
     h('h2', {}, 'Claims it was granted on'),
     h('div', { class: 'table-box' }, h('table', { id: 'claims' },
       h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Claim'), h('th', { scope: 'col' }, 'Value'))),
