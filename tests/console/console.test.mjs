@@ -1,7 +1,7 @@
 // The operator console (issue 20) in a real browser: headless Chromium from Debian's packages,
 // driven by playwright-core (which never downloads a browser), against the real `ephemera`
 // binary in `serve --dev` with real leases minted through its HTTP API. scripts/test runs it with
-// EPHEMERA_BIN set; EPHEMERA_CHROMIUM overrides /usr/bin/chromium.
+// EPHEMERA_BIN naming the release build; EPHEMERA_CHROMIUM overrides /usr/bin/chromium.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
