@@ -586,3 +586,26 @@ async fn an_agent_identity_token_this_broker_issued_acts_while_its_lease_lives()
         "the actor_token is no longer active: its lease has ended"
     );
 }
+
+/// Fail closed, as an exchange does: when the audit event cannot be written, the token's lease
+/// is ended before the token leaves, and the answer is 503 `temporarily_unavailable`.
+#[tokio::test]
+async fn a_token_exchange_that_cannot_be_audited_ends_its_lease_and_issues_nothing() {
+    let ci = FakeIssuer::start().await;
+    let agents = FakeIssuer::start().await;
+    let extra = Extra {
+        hooks_toml: format!("[audit]\nfile = \"/dev/full\"\n{}", agents_issuer_toml("agents", &agents.url)),
+        ..Extra::default()
+    };
+    let broker = Broker::start_custom(&[("ci", "github-actions", &ci)], &[("agents", AGENTS_POLICY)], &extra).await;
+    let s = Setup { ci, agents, broker };
+    let (status, body) = s.exchange(&s.job_token(), None, GITHUB_MCP, None).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("temporarily_unavailable")), "{body}");
+    assert!(body.get("access_token").is_none());
+    let leases = s.broker.running.app.leases(&Default::default(), 10).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(
+        (leases[0].state, leases[0].reason.as_deref()),
+        (ephemera::ledger::LeaseState::Revoked, Some("audit-unavailable"))
+    );
+}

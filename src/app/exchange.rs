@@ -301,26 +301,37 @@ impl App {
     /// An outcome whose audit event was `written`, or not: then an issued (or renewed) lease is
     /// ended before a single credential leaves, and a denial becomes 503 (the record of a refusal
     /// is lost otherwise). `what` names the request in the log.
-    pub(super) async fn fail_closed(
+    pub(super) async fn fail_closed<R: LeaseReply>(
         &self,
         written: Result<(), String>,
-        result: Result<ExchangeReply, Error>,
+        result: Result<R, Error>,
         what: &str,
-    ) -> Result<ExchangeReply, Error> {
+    ) -> Result<R, Error> {
         let Err(e) = written else { return result };
         tracing::error!(error = %e, "audit event not written; failing the {what} closed");
         match result {
             Ok(reply) => {
-                let ended = self.end_leases(vec![reply.lease_id.clone()], REASON_AUDIT_UNAVAILABLE).await;
+                let ended = self.end_leases(vec![reply.lease_id().to_string()], REASON_AUDIT_UNAVAILABLE).await;
                 Err(Error::Unavailable(format!(
                     "{e}; lease {} revoked: {}",
-                    reply.lease_id,
+                    reply.lease_id(),
                     if ended.pending.is_empty() { "yes" } else { "pending (retried)" }
                 )))
             }
-            Err(Error::Denied(_) | Error::InvalidToken(_)) => Err(Error::Unavailable(e)),
+            Err(Error::Denied(_) | Error::InvalidToken(_) | Error::OAuth { .. }) => Err(Error::Unavailable(e)),
             Err(other) => Err(other),
         }
+    }
+}
+
+/// A reply that issued a lease: what [`App::fail_closed`] ends when the audit event is lost.
+pub(super) trait LeaseReply {
+    fn lease_id(&self) -> &str;
+}
+
+impl LeaseReply for ExchangeReply {
+    fn lease_id(&self) -> &str {
+        &self.lease_id
     }
 }
 

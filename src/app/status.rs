@@ -27,26 +27,13 @@ impl App {
         let now = self.now();
         let inactive = json!({"active": false});
         let Some(signer) = self.backends.signers().iter().find(|s| s.owns(token)) else { return inactive };
-        let Some(claims) = signer.verify(token) else { return inactive };
-        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-        let lease_id = claims.get("lease_id").and_then(Value::as_str).unwrap_or_default();
-        let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
-        // A store that cannot answer is not a yes.
-        let Ok(Some(lease)) = self.store.get(lease_id).await else { return inactive };
-        let listed = lease.credentials.iter().any(|c| c.data().get("jti").and_then(Value::as_str) == Some(jti));
-        if now >= exp || !lease.is_live(now) || !listed {
+        // Signature, `exp`, its lease live and listing its `jti`, and for a token exchange's
+        // token every lease above it (`lease_chain`) live. Any failure, a store that cannot
+        // answer included, is not a yes.
+        let Ok(super::token_exchange::Issued { claims, .. }) = self.issued_token(signer, token, "token", now).await
+        else {
             return inactive;
-        }
-        // A token from a token exchange dies with every lease above it (`lease_chain`): ending
-        // the agent's token ends the sub-agent's. A chain that does not parse is not a yes.
-        let chain: Option<Vec<String>> = match claims.get("lease_chain") {
-            None => Some(Vec::new()),
-            Some(list) => serde_json::from_value(list.clone()).ok(),
         };
-        let Some(chain) = chain else { return inactive };
-        if !matches!(self.first_ended(&chain, now).await, Ok(None)) {
-            return inactive;
-        }
         let mut out = json!({"active": true, "token_type": "Bearer"});
         for k in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "lease_id", "policy", "scope", "act", "tool", "data"]
         {

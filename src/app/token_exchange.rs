@@ -52,6 +52,12 @@ pub struct TokenExchangeReply {
     pub resource: String,
 }
 
+impl super::exchange::LeaseReply for TokenExchangeReply {
+    fn lease_id(&self) -> &str {
+        &self.lease_id
+    }
+}
+
 impl std::fmt::Debug for TokenExchangeReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenExchangeReply")
@@ -178,7 +184,7 @@ impl App {
     /// A token one of the broker's signers issued, still good: its signature, its `exp`, its
     /// lease live and listing its `jti`, every lease in its `lease_chain` live. `which` names it
     /// in errors (`subject_token`, `actor_token`).
-    async fn issued_token(
+    pub(super) async fn issued_token(
         &self,
         signer: &JwtSigner,
         token: &str,
@@ -200,7 +206,7 @@ impl App {
         // Attack: a token whose lease (or an ancestor's) was revoked, replayed to get a fresh
         // one. Ended anywhere up the chain is ended here.
         let lease = self.store.get(lease_id).await.map_err(|e| Error::Unavailable(e.0))?;
-        let lease = lease.filter(|l| l.is_live(now) && lists_jti(l, jti));
+        let lease = lease.filter(|l| l.is_live(now) && l.lists_jti(jti));
         let Some(lease) = lease else {
             return Err(invalid_request(
                 format!("the {which} is no longer active: its lease has ended"),
@@ -352,21 +358,7 @@ impl App {
         )
         .with_delegation(audit);
         let written = self.audit.write(&event).await;
-        let Err(e) = written else { return result };
-        tracing::error!(error = %e, "audit event not written; failing the token exchange closed");
-        match result {
-            Ok(reply) => {
-                let ended =
-                    self.end_leases(vec![reply.lease_id.clone()], super::exchange::REASON_AUDIT_UNAVAILABLE).await;
-                Err(Error::Unavailable(format!(
-                    "{e}; lease {} revoked: {}",
-                    reply.lease_id,
-                    if ended.pending.is_empty() { "yes" } else { "pending (retried)" }
-                )))
-            }
-            Err(Error::Denied(_) | Error::InvalidToken(_) | Error::OAuth { .. }) => Err(Error::Unavailable(e)),
-            Err(other) => Err(other),
-        }
+        self.fail_closed(written, result, "token exchange").await
     }
 }
 
@@ -379,10 +371,6 @@ pub(super) struct TokenExchangeAudit {
     pub(super) delegated: Option<Delegated>,
     pub(super) lease_id: Option<String>,
     pub(super) token_sha256: Option<String>,
-}
-
-fn lists_jti(lease: &Lease, jti: &str) -> bool {
-    !jti.is_empty() && lease.credentials.iter().any(|c| c.data().get("jti").and_then(Value::as_str) == Some(jti))
 }
 
 /// A verified actor token: its issuer's name in the config (or [`BROKER_ACTOR_ISSUER`]) and
@@ -399,8 +387,8 @@ impl ActorIdentity {
 }
 
 /// A token this broker issued, checked ([`App::issued_token`]).
-struct Issued {
-    claims: Claims,
+pub(super) struct Issued {
+    pub(super) claims: Claims,
     exp: UnixSeconds,
     lease: Lease,
     /// Its `lease_chain`.

@@ -180,6 +180,12 @@ pub struct Renewal {
 }
 
 impl Lease {
+    /// Does one of its credentials carry this broker JWT `jti` (an empty one never matches)?
+    pub fn lists_jti(&self, jti: &str) -> bool {
+        !jti.is_empty()
+            && self.credentials.iter().any(|c| c.data().get("jti").and_then(serde_json::Value::as_str) == Some(jti))
+    }
+
     /// A new, active lease for what one exchange minted: the job and claims of the verified
     /// identity, the policy and expiry of the grant, and each credential's revoke handle. With
     /// `renew_token_sha256` (the grant's policy allows renewal) it lasts until the grant's
