@@ -2,7 +2,7 @@
 //! token exchange): saturation rounds in turn, so a noisy moment hits both alike, then each
 //! sequentially on one connection; three rows, every figure against the exchange's.
 
-use crate::exchange::{Plan, SAT_ROUNDS, over_rounds, saturation_round_of};
+use crate::exchange::{Plan, SAT_ROUNDS, Tokens, over_rounds, requests, saturation_round_of};
 use crate::load::closed_loop;
 use crate::table::{Row, p50_p99_ms};
 use std::net::SocketAddr;
@@ -13,6 +13,16 @@ pub struct Load {
     pub rounds: Vec<Arc<Vec<Vec<u8>>>>,
     pub sequential: Arc<Vec<Vec<u8>>>,
     pub status: u16,
+}
+
+/// The exchange side of a comparison, from the next tokens: a warm-up's requests and the
+/// exchange [`Load`] (a round of `plan.saturation / SAT_ROUNDS` per saturation round).
+pub fn exchanges(tokens: &mut Tokens, plan: &Plan) -> (Arc<Vec<Vec<u8>>>, Load) {
+    let per_round = plan.saturation / SAT_ROUNDS;
+    let warmup = requests(&tokens.take(plan.warmup).1);
+    let rounds = (0..SAT_ROUNDS).map(|_| requests(&tokens.take(per_round).1)).collect();
+    let sequential = requests(&tokens.take(plan.sequential).1);
+    (warmup, Load { rounds, sequential, status: 201 })
 }
 
 /// What one kind of request is, for the rows' text.

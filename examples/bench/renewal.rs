@@ -9,7 +9,7 @@
 
 use crate::beside::{self, Kind, Load};
 use crate::broker::{Broker, RENEW_POLICY};
-use crate::exchange::{Plan, SAT_ROUNDS, Tokens, requests};
+use crate::exchange::{Plan, SAT_ROUNDS, Tokens};
 use crate::http::{Conn, request};
 use crate::load::closed_loop;
 use crate::table::Row;
@@ -23,9 +23,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
     ephemera::install_crypto();
     let mut tokens = Tokens::new();
     let per_round = plan.saturation / SAT_ROUNDS;
-    let warmup = requests(&tokens.take(plan.warmup).1);
-    let exchanges: Vec<_> = (0..SAT_ROUNDS).map(|_| requests(&tokens.take(per_round).1)).collect();
-    let sequential_exchanges = requests(&tokens.take(plan.sequential).1);
+    let (warmup, exchange) = beside::exchanges(&mut tokens, plan);
     let lease_tokens = tokens.take(LEASES).1;
 
     let broker = Broker::start(binary, &dir.join("renewal")).await;
@@ -35,7 +33,6 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
     let renewals = |n: usize, offset: usize| -> Arc<Vec<Vec<u8>>> {
         Arc::new((0..n).map(|i| renew_request(&leases[(offset + i) % leases.len()])).collect())
     };
-    let exchange = Load { rounds: exchanges, sequential: sequential_exchanges, status: 201 };
     let renewal = Load {
         rounds: (0..SAT_ROUNDS).map(|i| renewals(per_round, i * per_round)).collect(),
         sequential: renewals(plan.sequential, 0),

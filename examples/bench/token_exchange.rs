@@ -10,7 +10,7 @@
 
 use crate::beside::{self, Kind, Load};
 use crate::broker::{Broker, POLICY_YAML, Setup};
-use crate::exchange::{Plan, SAT_ROUNDS, Tokens, requests};
+use crate::exchange::{Plan, SAT_ROUNDS, Tokens};
 use crate::http::request;
 use crate::load::closed_loop;
 use crate::table::Row;
@@ -49,9 +49,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
     ephemera::install_crypto();
     let mut tokens = Tokens::new();
     let per_round = plan.saturation / SAT_ROUNDS;
-    let warmup = requests(&tokens.take(plan.warmup).1);
-    let exchanges: Vec<_> = (0..SAT_ROUNDS).map(|_| requests(&tokens.take(per_round).1)).collect();
-    let sequential_exchanges = requests(&tokens.take(plan.sequential).1);
+    let (warmup, exchange) = beside::exchanges(&mut tokens, plan);
     let actors = tokens.take(ACTORS).1;
     let mut token_exchanges = |n: usize| -> Arc<Vec<Vec<u8>>> {
         let subjects = tokens.take(n).1;
@@ -67,7 +65,6 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path) -> Vec<Row> {
     let addr = broker.addr;
     closed_loop(addr, warmup, plan.saturation_conns, 201).await.check("warm-up");
     closed_loop(addr, warmup_te, plan.saturation_conns, 200).await.check("token exchange warm-up");
-    let exchange = Load { rounds: exchanges, sequential: sequential_exchanges, status: 201 };
     let token_exchange = Load { rounds, sequential, status: 200 };
     let kind = Kind {
         id: "9",
