@@ -35,6 +35,17 @@ pub enum Error {
     Unavailable(String),
     /// A bug.
     Internal(String),
+    /// An abuse limit (`crate::limits`) refused the request before any work was done for it:
+    /// `limit` names which (`address`, `cool-off`, `issuer`, `repository`), never the key.
+    RateLimited {
+        limit: &'static str,
+        retry_after_secs: i64,
+    },
+    /// A bound on concurrent work is reached (too many requests issuing credentials at once, or
+    /// a backend's upstream calls all taken): nothing was done; try again shortly.
+    Overloaded(&'static str),
+    /// The client sent its request body too slowly (a slow-client bound).
+    RequestTimeout,
     /// `POST /oauth/token` refused a request for a reason only token exchange has; `code` is the
     /// RFC 6749 §5.2 / RFC 8693 §2.2.2 error code. `message` is about the caller's own request
     /// or tokens, never a claim value; `detail` goes to the log only.
@@ -62,7 +73,10 @@ impl Error {
             Error::NotFound => 404,
             Error::MethodNotAllowed => 405,
             Error::NotRenewable(_) => 409,
+            Error::RequestTimeout => 408,
             Error::PayloadTooLarge => 413,
+            Error::RateLimited { .. } => 429,
+            Error::Overloaded(_) => 503,
             Error::Backend { retry_after_secs: Some(_), .. } => 503,
             Error::Backend { .. } => 502,
             Error::Unavailable(_) => 503,
@@ -80,6 +94,9 @@ impl Error {
             Error::MethodNotAllowed => "method_not_allowed",
             Error::NotRenewable(_) => "lease_not_renewable",
             Error::PayloadTooLarge => "payload_too_large",
+            Error::RequestTimeout => "request_timeout",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::Overloaded(_) => "overloaded",
             Error::Backend { retry_after_secs: Some(_), .. } => "backend_rate_limited",
             Error::Backend { .. } => "backend_error",
             Error::Unavailable(_) => "unavailable",
@@ -101,6 +118,17 @@ impl Error {
             Error::MethodNotAllowed => "method not allowed on this endpoint".into(),
             Error::PayloadTooLarge => "the request body is larger than the limit".into(),
             Error::NotRenewable(why) => why.clone(),
+            Error::RequestTimeout => "the request body was not sent in time".into(),
+            Error::RateLimited { limit, retry_after_secs } => format!(
+                "too many requests for this {}; retry after {retry_after_secs} s",
+                match *limit {
+                    "cool-off" => "client address after repeated failures",
+                    "address" => "client address",
+                    "issuer" => "token issuer",
+                    _ => "repository",
+                }
+            ),
+            Error::Overloaded(what) => format!("the broker is at its bound on {what}; nothing was done, retry shortly"),
             Error::Backend { backend, advice: Some(advice), .. } => format!("credential backend `{backend}`: {advice}"),
             Error::Backend { backend, .. } => {
                 format!("credential backend `{backend}` failed; the request id leads to the detail in the broker log")
@@ -125,7 +153,11 @@ impl Error {
     pub fn level(&self) -> Level {
         match self {
             Error::Backend { .. } | Error::Unavailable(_) | Error::Internal(_) => Level::Error,
-            Error::InvalidToken(_) | Error::Denied(_) | Error::Unauthorized | Error::OAuth { .. } => Level::Warn,
+            Error::InvalidToken(_)
+            | Error::Denied(_)
+            | Error::Unauthorized
+            | Error::OAuth { .. }
+            | Error::Overloaded(_) => Level::Warn,
             _ => Level::Info,
         }
     }
@@ -136,6 +168,8 @@ impl Error {
     pub fn retry_after_secs(&self) -> Option<i64> {
         match self {
             Error::Backend { retry_after_secs, .. } => *retry_after_secs,
+            Error::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
+            Error::Overloaded(_) => Some(1),
             _ => None,
         }
     }

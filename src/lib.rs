@@ -20,6 +20,7 @@ pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod mint;
 pub mod names;

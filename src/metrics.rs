@@ -37,6 +37,12 @@ pub struct Gauges {
     pub jwks: Vec<(String, u64, u64)>,
     /// (github-app backend, GitHub's `x-ratelimit-remaining` for the App as last seen).
     pub github_rate_limit: Vec<(String, u64)>,
+    /// Requests refused by each abuse limit (`crate::limits`), by limit.
+    pub rate_limited: Vec<(&'static str, u64)>,
+    /// Requests refused because `max_issuing` requests were already issuing.
+    pub overloaded: u64,
+    /// Keys the limits' tables track now.
+    pub limits_tracked: usize,
 }
 
 impl Metrics {
@@ -88,6 +94,7 @@ impl Metrics {
         render_health(&mut out, gauges);
         render_jwks(&mut out, gauges);
         render_github(&mut out, gauges);
+        render_limits(&mut out, gauges);
         out
     }
 
@@ -237,6 +244,30 @@ fn render_github(out: &mut String, gauges: &Gauges) {
     }
 }
 
+/// `ephemera_rate_limited_total` by limit, `ephemera_overloaded_total` and
+/// `ephemera_limit_keys_tracked`.
+fn render_limits(out: &mut String, gauges: &Gauges) {
+    let name = "ephemera_rate_limited_total";
+    header(out, name, "Requests refused by an abuse limit (429), by limit.", "counter");
+    for (limit, n) in &gauges.rate_limited {
+        let _ = writeln!(out, "{name}{{limit=\"{limit}\"}} {n}");
+    }
+    single(
+        out,
+        "ephemera_overloaded_total",
+        "Requests refused (503) because max_issuing requests were already issuing credentials.",
+        "counter",
+        gauges.overloaded,
+    );
+    single(
+        out,
+        "ephemera_limit_keys_tracked",
+        "Addresses, issuers and repositories the abuse limits track now.",
+        "gauge",
+        gauges.limits_tracked,
+    );
+}
+
 /// A family's `# HELP` and `# TYPE` lines.
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -289,6 +320,9 @@ mod tests {
             audit_failures: 7,
             jwks: vec![("ci".into(), 10, 1)],
             github_rate_limit: vec![("gh".into(), 4999)],
+            rate_limited: vec![("address", 3), ("cool-off", 0)],
+            overloaded: 2,
+            limits_tracked: 7,
         };
         let expected = "\
 # HELP ephemera_exchanges_total Exchanges by policy and outcome.
@@ -363,6 +397,16 @@ ephemera_jwks_fetches_total{issuer=\"ci\",result=\"failed\"} 1
 # HELP ephemera_github_rate_limit_remaining GitHub API calls the App may still make in the current window, as GitHub last said.
 # TYPE ephemera_github_rate_limit_remaining gauge
 ephemera_github_rate_limit_remaining{backend=\"gh\"} 4999
+# HELP ephemera_rate_limited_total Requests refused by an abuse limit (429), by limit.
+# TYPE ephemera_rate_limited_total counter
+ephemera_rate_limited_total{limit=\"address\"} 3
+ephemera_rate_limited_total{limit=\"cool-off\"} 0
+# HELP ephemera_overloaded_total Requests refused (503) because max_issuing requests were already issuing credentials.
+# TYPE ephemera_overloaded_total counter
+ephemera_overloaded_total 2
+# HELP ephemera_limit_keys_tracked Addresses, issuers and repositories the abuse limits track now.
+# TYPE ephemera_limit_keys_tracked gauge
+ephemera_limit_keys_tracked 7
 ";
         assert_eq!(m.render(&gauges), expected);
     }

@@ -121,9 +121,11 @@ pub async fn start(options: Options) -> Result<Running, String> {
         dev: dev_issuer,
         hooks: config.hooks.clone(),
         audit,
+        limits: crate::limits::Limits::new(&config.limits, &config.issuers),
     }));
     let (tx, rx) = oneshot::channel::<()>();
-    let server = serve(listener, crate::http::router(app.clone()), rx);
+    let bounds = crate::http::Bounds::from_config(&config.limits);
+    let server = tokio::spawn(crate::http::serve(listener, crate::http::router(app.clone()), bounds, rx));
     let background = spawn_background(&app, &config);
     tracing::info!(%addr, policies = app.policies().current().len(), issuers = config.issuers.len(), dev, "ephemera started");
     Ok(Running { addr, app, shutdown: Some(tx), server, background })
@@ -266,20 +268,6 @@ async fn open_store(config: &Config, wrap: Option<StorageWrap>) -> Result<Box<dy
     crate::mint::keys::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
     let options = FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: config.ledger.compact_bytes };
     Ok(Box::new(FileStore::open(&dir, options, wrap)?))
-}
-
-fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    stop: oneshot::Receiver<()>,
-) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stop.await;
-            })
-            .await
-    })
 }
 
 /// One key refresher per issuer, the reaper (which first resumes the ledger) and the reloader.

@@ -63,6 +63,12 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ("dev", &["clock", "ids", "claims", "config", "mint"], "serve --dev's issuer signs with a mint::jwt signer"),
     ("error", &["identity", "policy"], "one Error over every room's refusal"),
     (
+        "limits",
+        &["claims", "config", "error", "identity"],
+        "abuse limits: token buckets per address, and per issuer and repository of a VerifiedIdentity; \
+         a refusal is an Error",
+    ),
+    (
         "app",
         &[
             "clock",
@@ -79,6 +85,7 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
             "ledger",
             "dev",
             "error",
+            "limits",
         ],
         "ties the rooms together: verify → decide → mint → record → audit",
     ),
@@ -92,7 +99,7 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ),
     (
         "server",
-        &["app", "http", "audit", "clock", "config", "dev", "identity", "ids", "ledger", "mint", "policy"],
+        &["app", "http", "audit", "clock", "config", "dev", "identity", "ids", "ledger", "limits", "mint", "policy"],
         "start-up: config → App → listener",
     ),
     (

@@ -107,6 +107,14 @@ github_secret_file = "github-secret"
 [admin]
 token_sha256 = "{admin_sha256}"
 
+# One client address and one repository at saturation: every limit is checked on every request
+# (its cost is in the numbers) but set above what the bench reaches.
+[limits]
+address = {{ per_second = 10000000, burst = 10000000 }}
+issuer = {{ per_second = 10000000, burst = 10000000 }}
+repository = {{ per_second = 10000000, burst = 10000000 }}
+failures = {{ per_second = 10000000, burst = 10000000 }}
+
 [audit]
 file = "audit.jsonl"
 {extra}"#

@@ -192,3 +192,35 @@ impl<'a> ExchangeEvent<'a> {
         );
     }
 }
+
+/// A limit refusing a key (`crate::limits`): written for the first refusal of each key in an
+/// audit window, with the number of refusals since the last event.
+#[derive(Serialize)]
+pub(super) struct RateLimitEvent<'a> {
+    time: String,
+    event: &'static str,
+    request_id: &'a str,
+    limit: &'static str,
+    key: &'a str,
+    refused: u64,
+    retry_after_secs: i64,
+}
+
+impl<'a> RateLimitEvent<'a> {
+    pub(super) fn new(
+        time: String,
+        request_id: &'a str,
+        refusal: &'a crate::limits::Refusal,
+        refused: u64,
+    ) -> RateLimitEvent<'a> {
+        RateLimitEvent {
+            time,
+            event: "rate-limited",
+            request_id,
+            limit: refusal.limit.as_str(),
+            key: &refusal.key,
+            refused,
+            retry_after_secs: refusal.retry_after_secs,
+        }
+    }
+}

@@ -76,6 +76,12 @@ pub const REASON_PARENT_ENDED: &str = "parent-ended";
 /// Why a lease ended when its reply could not be rendered.
 pub const REASON_REPLY_FAILED: &str = "reply-failed";
 
+/// A refusal by a rate limit is audited once per key and window (`App::admit_identity`), not
+/// once per request: a flood must not become a flood of audit lines.
+pub(super) fn audited_by_its_limit<R>(result: &Result<R, Error>) -> bool {
+    matches!(result, Err(Error::RateLimited { .. }))
+}
+
 /// What one credential of an exchange is while it is being minted.
 pub(super) struct Minted {
     pub(super) name: String,
@@ -123,7 +129,10 @@ impl App {
         let (identity, result) = match self.verifier.verify(token, now).await {
             Err(e) => (None, Err(e.into())),
             Ok(identity) => {
-                let result = self.issue(&policies, &identity, request, now).await;
+                let result = match self.admit_identity(&identity, request_id).await {
+                    Ok(()) => self.issue(&policies, &identity, request, now).await,
+                    Err(e) => Err(e),
+                };
                 (Some(identity), result)
             }
         };
@@ -287,7 +296,7 @@ impl App {
         identity: Option<&VerifiedIdentity>,
         result: Result<ExchangeReply, Error>,
     ) -> Result<ExchangeReply, Error> {
-        if !self.audit.is_enabled() {
+        if !self.audit.is_enabled() || audited_by_its_limit(&result) {
             if let (Ok(reply), Some(identity)) = (&result, identity) {
                 log_issued(reply, identity);
             }

@@ -25,11 +25,13 @@ pub use exchange::{ExchangeReply, ExchangeRequest, REASON_AUDIT_UNAVAILABLE, Ren
 pub use token_exchange::{MAX_DELEGATION_DEPTH, TokenExchangeReply, TokenExchangeRequest};
 
 use crate::audit::Audit;
-use crate::clock::{Clock, UnixSeconds};
+use crate::clock::{Clock, UnixSeconds, rfc3339};
 use crate::config::HooksConfig;
 use crate::dev::DevIssuer;
+use crate::error::Error;
 use crate::identity::{VerifiedIdentity, Verifier};
 use crate::ledger::LeaseStore;
+use crate::limits::{Limits, Refusal};
 use crate::metrics::Metrics;
 use crate::mint::Backends;
 use policies::LivePolicies;
@@ -53,6 +55,8 @@ pub struct App {
     audit: Audit,
     /// Recent refusals and per-minute outcomes, for the operator console.
     recent: recent::Recent,
+    /// Abuse limits and the bound on requests issuing at once.
+    limits: Limits,
 }
 
 /// Everything an [`App`] is built from (the server assembles it).
@@ -67,12 +71,24 @@ pub struct Parts {
     pub dev: Option<Arc<DevIssuer>>,
     pub hooks: HooksConfig,
     pub audit: Audit,
+    pub limits: Limits,
 }
 
 impl App {
     pub fn new(parts: Parts) -> App {
-        let Parts { verifier, policies, backends, store, clock, public_url, admin_token_sha256, dev, hooks, audit } =
-            parts;
+        let Parts {
+            verifier,
+            policies,
+            backends,
+            store,
+            clock,
+            public_url,
+            admin_token_sha256,
+            dev,
+            hooks,
+            audit,
+            limits,
+        } = parts;
         App {
             verifier,
             policies,
@@ -87,6 +103,7 @@ impl App {
             hooks,
             audit,
             recent: recent::Recent::default(),
+            limits,
         }
     }
 
@@ -142,6 +159,44 @@ impl App {
             }
             Err(_) => self.recent.count(now, None),
         }
+    }
+
+    /// The abuse limits (`http` checks the client's before any work, and takes an issuing slot).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Before any work for a request from `client`: outside a cool-off, within the address's
+    /// bucket. A refusal is audited once per key and window.
+    pub async fn admit_client(&self, client: Option<std::net::IpAddr>, request_id: &str) -> Result<(), Error> {
+        let refused = self.limits.admit_client(client, self.clock.now_micros());
+        self.refused_by_limit(refused, request_id).await
+    }
+
+    /// A request from `client` failed as an attacker's would: charged to its failure budget.
+    pub fn client_failed(&self, client: Option<std::net::IpAddr>, error: &Error) {
+        if matches!(error, Error::InvalidToken(_) | Error::Denied(_) | Error::BadRequest(_) | Error::OAuth { .. }) {
+            self.limits.failed(client, self.clock.now_micros());
+        }
+    }
+
+    /// After verification: the repository's and the issuer's buckets.
+    pub(crate) async fn admit_identity(&self, identity: &VerifiedIdentity, request_id: &str) -> Result<(), Error> {
+        let refused = self.limits.admit_identity(identity, self.clock.now_micros());
+        self.refused_by_limit(refused, request_id).await
+    }
+
+    async fn refused_by_limit(&self, refused: Result<(), Refusal>, request_id: &str) -> Result<(), Error> {
+        let Err(refusal) = refused else { return Ok(()) };
+        if let Some(count) = refusal.audit {
+            // Not fail-closed: nothing was issued, and the refusal stands either way.
+            let event = audit_event::RateLimitEvent::new(rfc3339(self.now()), request_id, &refusal, count);
+            if let Err(e) = self.audit.write(&event).await {
+                tracing::error!(error = %e, "rate-limit audit event not written");
+            }
+            tracing::warn!(limit = refusal.limit.as_str(), key = %refusal.key, refused = count, "rate limit engaged");
+        }
+        Err(refusal.error())
     }
 
     /// The lease store (shutdown flushes it; tests read it).

@@ -32,7 +32,10 @@ impl App {
         let (policy, identity, result) = match self.renewable_lease(lease_id, token, now).await {
             Err(e) => (String::new(), None, Err(e)),
             Ok((lease, identity)) => {
-                let result = self.renew_lease(&lease, &identity, token, now).await;
+                let result = match self.admit_identity(&identity, request_id).await {
+                    Ok(()) => self.renew_lease(&lease, &identity, token, now).await,
+                    Err(e) => Err(e),
+                };
                 (lease.policy.to_string(), Some(identity), result)
             }
         };
@@ -171,7 +174,7 @@ impl App {
         identity: Option<&VerifiedIdentity>,
         result: Result<ExchangeReply, Error>,
     ) -> Result<ExchangeReply, Error> {
-        if !self.audit.is_enabled() {
+        if !self.audit.is_enabled() || super::exchange::audited_by_its_limit(&result) {
             // Without an audit file, this line is the record of what the renewal issued.
             if let Ok(reply) = &result {
                 let fingerprints: Vec<(&str, std::collections::BTreeMap<&str, String>)> =

@@ -100,6 +100,9 @@ impl App {
             audit_failures: self.audit.failures.load(Ordering::Relaxed),
             jwks,
             github_rate_limit: self.backends.rate_limits(),
+            rate_limited: self.limits.refused(),
+            overloaded: self.limits.overloaded(),
+            limits_tracked: self.limits.tracked(),
         })
     }
 

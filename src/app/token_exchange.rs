@@ -105,7 +105,10 @@ impl App {
         let result = match self.subject(request, now).await {
             Err(e) => Err(e),
             Ok(subject) => {
-                let result = self.delegate(&policies, &subject, request, now, &mut audit).await;
+                let result = match self.admit_identity(&subject.identity, request_id).await {
+                    Ok(()) => self.delegate(&policies, &subject, request, now, &mut audit).await,
+                    Err(e) => Err(e),
+                };
                 audit.identity = Some(subject.identity);
                 result
             }
@@ -336,7 +339,7 @@ impl App {
         audit: &TokenExchangeAudit,
         result: Result<TokenExchangeReply, Error>,
     ) -> Result<TokenExchangeReply, Error> {
-        if !self.audit.is_enabled() {
+        if !self.audit.is_enabled() || super::exchange::audited_by_its_limit(&result) {
             if let (Ok(reply), Some(identity)) = (&result, &audit.identity) {
                 tracing::info!(
                     lease_id = %reply.lease_id, job = %identity.job(), policy = %request.policy, tool = %reply.tool,

@@ -46,6 +46,8 @@ struct RawConfig {
     reload: RawReload,
     #[serde(default)]
     renew: RawRenew,
+    #[serde(default)]
+    limits: super::limits::RawLimits,
     audit: Option<RawAudit>,
 }
 
@@ -286,6 +288,7 @@ impl RawConfig {
         if let Some(bad) = audit.iter().flat_map(|a| &a.claims).find(|c| !crate::names::is_claim_name(c)) {
             errs.0.push(format!("audit.claims: `{}` is not a claim name", crate::clock::truncate(bad, 40)));
         }
+        let limits = self.limits.validate(&mut errs);
         if !errs.0.is_empty() {
             return Err(errs.0);
         }
@@ -303,6 +306,7 @@ impl RawConfig {
             reload_watch_secs,
             renew_max_lease_secs,
             audit,
+            limits,
         })
     }
 

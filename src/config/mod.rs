@@ -7,8 +7,10 @@
 
 mod file;
 mod ledger;
+mod limits;
 
 pub use ledger::{LedgerConfig, PostgresConfig, StoreConfig};
+pub use limits::{LimitsConfig, Network, Rate};
 
 use crate::claims::{JobKeyRule, Platform};
 use crate::secret::SecretString;
@@ -43,6 +45,8 @@ pub struct Config {
     pub renew_max_lease_secs: i64,
     /// The audit sink; without it, exchanges are audited to nowhere (a warning at start).
     pub audit: Option<AuditConfig>,
+    /// `[limits]`: abuse limits and the bounds on what the broker holds at once.
+    pub limits: LimitsConfig,
 }
 
 /// `[audit]`: one JSON line per exchange, denial, revocation and reload.

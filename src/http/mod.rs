@@ -20,9 +20,13 @@ use tracing::Instrument;
 
 mod admin;
 mod console;
+mod deadline;
 mod hooks;
 mod oauth;
+mod serve;
 mod ssh;
+
+pub use serve::{Bounds, Peer, serve};
 
 /// Largest request body accepted on any endpoint.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -59,6 +63,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(from_fn(mark_route))
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), deadline::bound_body))
         .layer(from_fn(request_context))
         .with_state(app)
 }
@@ -167,6 +172,34 @@ async fn request_context(mut req: Request, next: Next) -> Response {
 
 // ---- request helpers ----------------------------------------------------------------------
 
+/// The client a request comes from, for the per-address limits: its TCP peer, or, when the peer
+/// is a trusted proxy, the address it forwarded for. `None` for a request that came through no
+/// socket (in-process tests).
+pub(crate) fn client(app: &App, peer: Option<axum::Extension<Peer>>, headers: &HeaderMap) -> Option<std::net::IpAddr> {
+    let axum::Extension(Peer(peer)) = peer?;
+    let forwarded = headers.get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
+    Some(app.limits().client(peer.ip(), forwarded))
+}
+
+/// `work`, for a request that issues or renews credentials, under the abuse limits: the client
+/// is admitted before any work (a cooled-off address costs no signature check), the work holds
+/// one of the `max_issuing` slots, and a failure an attacker would cause is charged to the
+/// client's failure budget.
+pub(crate) async fn limited<T>(
+    app: &App,
+    client: Option<std::net::IpAddr>,
+    request_id: &str,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    app.admit_client(client, request_id).await?;
+    let _slot = app.limits().issuing_slot().await?;
+    let result = work.await;
+    if let Err(e) = &result {
+        app.client_failed(client, e);
+    }
+    result
+}
+
 /// Reads the body, refusing more than [`BODY_LIMIT`] bytes while reading (a declared length is
 /// refused before reading anything).
 pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
@@ -183,6 +216,7 @@ pub(crate) async fn read_body_up_to(headers: &HeaderMap, body: Body, limit: usiz
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::PayloadTooLarge),
+        Err(e) if deadline::is_timeout(e.as_ref()) => Err(Error::RequestTimeout),
         Err(_) => Err(Error::BadRequest("the request body could not be read".into())),
     }
 }
@@ -261,11 +295,23 @@ fn wants_env(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
 async fn exchange(
     State(app): AppState,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    peer: Option<axum::Extension<Peer>>,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
-    let bytes = read_body(&headers, body).await?;
+    let client = client(&app, peer, &headers);
+    limited(&app, client, &request_id, exchange_request(&app, &request_id, &uri, &headers, body)).await
+}
+
+async fn exchange_request(
+    app: &Arc<App>,
+    request_id: &str,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Error> {
+    let bytes = read_body(headers, body).await?;
     let request: ExchangeBody = parse_json(&bytes)?;
     // The value is not echoed: a caller who pasted something secret into `ttl` gets it back
     // nowhere.
@@ -280,14 +326,14 @@ async fn exchange(
     if let Some(key) = request.ssh_public_key.as_deref() {
         crate::ssh_format::parse_public_key(key).map_err(|e| Error::BadRequest(format!("`ssh_public_key` {e}")))?;
     }
-    let token = bearer(&headers)?;
+    let token = bearer(headers)?;
     let exchange = crate::app::ExchangeRequest {
         policy: &request.policy,
         ttl_secs: ttl,
         ssh_public_key: request.ssh_public_key.as_deref(),
     };
-    let reply = app.exchange(token, &exchange, &request_id).await?;
-    credentials_response(&app, StatusCode::CREATED, reply, &headers, &uri).await
+    let reply = app.exchange(token, &exchange, request_id).await?;
+    credentials_response(app, StatusCode::CREATED, reply, headers, uri).await
 }
 
 /// An exchange's or a renewal's reply: JSON, or the `env` format when asked for. A reply that
@@ -320,15 +366,20 @@ async fn renew(
     State(app): AppState,
     Path(id): Path<String>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    peer: Option<axum::Extension<Peer>>,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
-    let bytes = read_body(&headers, body).await?;
-    let RenewBody {} = parse_json(&bytes)?;
-    let token = bearer(&headers)?;
-    let reply = app.renew(&id, token, &request_id).await?;
-    credentials_response(&app, StatusCode::OK, reply, &headers, &uri).await
+    let client = client(&app, peer, &headers);
+    let work = async {
+        let bytes = read_body(&headers, body).await?;
+        let RenewBody {} = parse_json(&bytes)?;
+        let token = bearer(&headers)?;
+        let reply = app.renew(&id, token, &request_id).await?;
+        credentials_response(&app, StatusCode::OK, reply, &headers, &uri).await
+    };
+    limited(&app, client, &request_id, work).await
 }
 
 #[derive(Deserialize)]

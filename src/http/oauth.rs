@@ -73,7 +73,12 @@ pub fn oauth_error(e: &Error) -> (&'static str, u16) {
         },
         Error::BadRequest(_) | Error::InvalidToken(_) => ("invalid_request", 400),
         Error::PayloadTooLarge => ("invalid_request", 413),
-        Error::Unavailable(_) | Error::Backend { retry_after_secs: Some(_), .. } => ("temporarily_unavailable", 503),
+        // RFC 6749 has no code for a rate limit: the status (429) and `Retry-After` say it.
+        Error::RateLimited { .. } => ("temporarily_unavailable", 429),
+        Error::RequestTimeout => ("invalid_request", 408),
+        Error::Unavailable(_) | Error::Overloaded(_) | Error::Backend { retry_after_secs: Some(_), .. } => {
+            ("temporarily_unavailable", 503)
+        }
         Error::Backend { .. } => ("server_error", 502),
         _ => ("server_error", 500),
     }
@@ -154,14 +159,26 @@ fn token_type(value: &str, name: &str) -> Result<(), OAuthFailure> {
 async fn token(
     State(app): AppState,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    peer: Option<axum::Extension<super::Peer>>,
     headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthFailure> {
+    let client = super::client(&app, peer, &headers);
+    let work = async { token_request(&app, &request_id, &headers, body).await.map_err(|f| f.0) };
+    Ok(super::limited(&app, client, &request_id, work).await?)
+}
+
+async fn token_request(
+    app: &crate::app::App,
+    request_id: &str,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthFailure> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if !content_type.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
         return Err(refuse("invalid_request", "the body must be application/x-www-form-urlencoded (RFC 8693 §2.1)"));
     }
-    let bytes = read_body(&headers, body).await?;
+    let bytes = read_body(headers, body).await?;
     let p = Params::parse(&bytes)?;
     let grant_type = required(&p.grant_type, "grant_type")?;
     if grant_type != GRANT_TYPE_TOKEN_EXCHANGE {
@@ -242,7 +259,7 @@ async fn token(
         tool,
         scopes: scopes.as_deref(),
     };
-    let reply = app.token_exchange(&request, &request_id).await?;
+    let reply = app.token_exchange(&request, request_id).await?;
     let body = json!({
         "access_token": reply.access_token.expose(),
         "issued_token_type": issued_token_type,

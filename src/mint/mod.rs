@@ -3,6 +3,7 @@
 //! what revoking does ([`Revocation`]). `jwt` lives here; `aws`, `github` and `ssh` beside it.
 
 pub mod aws;
+mod bounded;
 pub mod github;
 pub mod jwt;
 pub mod keys;
@@ -259,6 +260,15 @@ impl Backends {
                         github::GithubAppBackend::new(g, clock.clone()).map_err(|e| format!("backend {name}: {e}"))?;
                     out.by_name.insert(name.clone(), Arc::new(backend));
                 }
+            }
+        }
+        // Backends that call an upstream get a bound on calls in flight; `jwt` and `ssh` sign
+        // in process.
+        let wait = std::time::Duration::from_millis(config.limits.issuing_wait_ms);
+        for backend in out.by_name.values_mut() {
+            if matches!(backend.kind(), "aws" | "github" | "postgres") {
+                let max = config.limits.backend_max_outstanding;
+                *backend = Arc::new(bounded::Bounded::new(backend.clone(), max, wait));
             }
         }
         Ok(out)

@@ -1,0 +1,92 @@
+//! A bound on the calls in flight to one backend's upstream (`limits.backend_max_outstanding`):
+//! when AWS, GitHub or a database slows down, exchanges waiting on it pile up to this many, and
+//! the next one is told to retry instead of holding a task, a socket and memory without end.
+
+use super::{Backend, BoxFuture, MintContext, MintError, Minted, Orphan, Revocation, RevokeHandle};
+use crate::clock::UnixSeconds;
+use crate::policy::{Grant, GrantedCredential};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+pub struct Bounded {
+    inner: Arc<dyn Backend>,
+    slots: Semaphore,
+    max: usize,
+    /// How long a mint waits for a slot before it is refused (revocations wait their turn).
+    wait: Duration,
+}
+
+impl Bounded {
+    pub fn new(inner: Arc<dyn Backend>, max: usize, wait: Duration) -> Bounded {
+        Bounded { inner, slots: Semaphore::new(max), max, wait }
+    }
+}
+
+impl Backend for Bounded {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn revocation(&self) -> Revocation {
+        self.inner.revocation()
+    }
+
+    fn mint<'a>(
+        &'a self,
+        grant: &'a Grant,
+        credential: &'a GrantedCredential,
+        ctx: MintContext<'a>,
+    ) -> BoxFuture<'a, Result<Minted, MintError>> {
+        Box::pin(async move {
+            let Ok(Ok(_slot)) = tokio::time::timeout(self.wait, self.slots.acquire()).await else {
+                return Err(MintError {
+                    detail: format!(
+                        "{} upstream calls in flight, the bound; none finished within {:?}",
+                        self.max, self.wait
+                    ),
+                    advice: Some(
+                        "its upstream is slow and the broker's bound on calls to it is reached; retry shortly".into(),
+                    ),
+                    retry_after_secs: Some(1),
+                });
+            };
+            self.inner.mint(grant, credential, ctx).await
+        })
+    }
+
+    fn revoke<'a>(&'a self, handle: &'a RevokeHandle) -> BoxFuture<'a, Result<(), MintError>> {
+        Box::pin(async move {
+            let _slot = self.slots.acquire().await.map_err(|_| MintError::new("backend bound closed"))?;
+            self.inner.revoke(handle).await
+        })
+    }
+
+    fn maintain<'a>(&'a self, now: UnixSeconds) -> BoxFuture<'a, ()> {
+        self.inner.maintain(now)
+    }
+
+    fn adopt(&self, handle: &RevokeHandle) {
+        self.inner.adopt(handle);
+    }
+
+    fn adopts(&self) -> bool {
+        self.inner.adopts()
+    }
+
+    fn orphans<'a>(&'a self, now: UnixSeconds) -> BoxFuture<'a, Vec<Orphan>> {
+        self.inner.orphans(now)
+    }
+
+    fn learn_ended(&self, handle: &RevokeHandle) {
+        self.inner.learn_ended(handle);
+    }
+
+    fn learns_ended(&self) -> bool {
+        self.inner.learns_ended()
+    }
+
+    fn rate_limit_remaining(&self) -> Option<u64> {
+        self.inner.rate_limit_remaining()
+    }
+}
