@@ -40,6 +40,19 @@ pub struct Kind<'a> {
 
 /// Runs `exchange` and `other` against the broker at `addr` (process `pid`) and makes the rows.
 pub async fn rows(addr: SocketAddr, pid: u32, plan: &Plan, exchange: Load, other: Load, kind: &Kind<'_>) -> Vec<Row> {
+    rows_and_exchange_cpu(addr, pid, plan, exchange, other, kind).await.0
+}
+
+/// [`rows`], and the exchange's broker CPU per request (µs, median of the rounds), for rows
+/// that compare something else with it.
+pub async fn rows_and_exchange_cpu(
+    addr: SocketAddr,
+    pid: u32,
+    plan: &Plan,
+    exchange: Load,
+    other: Load,
+    kind: &Kind<'_>,
+) -> (Vec<Row>, f64) {
     let pids = [pid.to_string()];
     let per_round = plan.saturation / SAT_ROUNDS;
     let (mut ex, mut ot) = (Vec::new(), Vec::new());
@@ -59,7 +72,7 @@ pub async fn rows(addr: SocketAddr, pid: u32, plan: &Plan, exchange: Load, other
     let (p50, p99) = p50_p99_ms(&mut seq_ot.latencies);
     let (ex50, ex99) = p50_p99_ms(&mut seq_ex.latencies);
     let (id, noun) = (kind.id, kind.noun);
-    vec![
+    let rows = vec![
         Row::new(
             &format!("{id}a"),
             &format!("{noun}s/s at saturation ({})", kind.how),
@@ -82,5 +95,6 @@ pub async fn rows(addr: SocketAddr, pid: u32, plan: &Plan, exchange: Load, other
             format!("exchange, the same way: p50 {ex50:.2} ms, p99 {ex99:.2} ms"),
         )
         .ratio(p99 / ex99),
-    ]
+    ];
+    (rows, ex_cpu)
 }

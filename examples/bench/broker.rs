@@ -57,7 +57,17 @@ pub struct Setup<'a> {
     pub extra: &'a str,
     /// More policies: (name, YAML).
     pub policies: &'a [(&'a str, String)],
+    /// The `[limits]` table's body instead of [`OUT_OF_REACH`].
+    pub limits: Option<&'a str>,
 }
+
+/// The bench's `[limits]`: one client address and one repository at saturation, so every limit
+/// is checked on every request (its cost is in the numbers) but set above what the bench reaches.
+pub const OUT_OF_REACH: &str = "address = { per_second = 10000000, burst = 10000000 }
+issuer = { per_second = 10000000, burst = 10000000 }
+repository = { per_second = 10000000, burst = 10000000 }
+failures = { per_second = 10000000, burst = 10000000 }
+";
 
 impl<'a> Setup<'a> {
     pub fn extra(extra: &'a str) -> Setup<'a> {
@@ -81,6 +91,7 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> PathBuf {
     let signing_key =
         setup.signing_key_file.map(|f| format!("signing_key_file = \"{}\"\n", f.display())).unwrap_or_default();
     let extra = setup.extra;
+    let limits = setup.limits.unwrap_or(OUT_OF_REACH);
     let toml = format!(
         r#"listen = "127.0.0.1:0"
 public_url = "{AUDIENCE}"
@@ -107,14 +118,8 @@ github_secret_file = "github-secret"
 [admin]
 token_sha256 = "{admin_sha256}"
 
-# One client address and one repository at saturation: every limit is checked on every request
-# (its cost is in the numbers) but set above what the bench reaches.
 [limits]
-address = {{ per_second = 10000000, burst = 10000000 }}
-issuer = {{ per_second = 10000000, burst = 10000000 }}
-repository = {{ per_second = 10000000, burst = 10000000 }}
-failures = {{ per_second = 10000000, burst = 10000000 }}
-
+{limits}
 [audit]
 file = "audit.jsonl"
 {extra}"#

@@ -1,7 +1,7 @@
 //! ephemera's benchmark harness (issue 7). `scripts/bench` builds it in release and runs it:
 //!
 //!     target/release/examples/bench [--quick] [--broker target/release/ephemera] [--perf DIR]
-//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange] [--leases N]
+//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood] [--leases N]
 //!                                   [--keep DIR]
 //!
 //! It prints one Markdown table. Every row is measured in this run, next to a baseline measured
@@ -20,6 +20,7 @@ mod crypto;
 mod exchange;
 #[path = "../../tests/common/fake_github.rs"]
 mod fake_github;
+mod flood;
 mod github;
 mod http;
 mod jwks;
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange] [--leases N] [--keep DIR]"
+                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood] [--leases N] [--keep DIR]"
             );
             return ExitCode::from(2);
         }
@@ -81,7 +82,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         quick: false,
         broker: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera")),
         perf: None,
-        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew", "github", "token-exchange"]
+        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew", "github", "token-exchange", "flood"]
             .map(String::from)
             .to_vec(),
         leases: None,
@@ -189,13 +190,20 @@ fn run(args: &Args) -> Vec<Row> {
         let plan = exchange::Plan::new(args.quick);
         rows.extend(rt.block_on(token_exchange::run(&args.broker, &plan, &dir)));
     }
+    if wants("flood") {
+        eprintln!("== 10. a flood of forged tokens, before and after the limits engage (issue 21)");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let plan = exchange::Plan::new(args.quick);
+        rows.extend(rt.block_on(flood::run(&args.broker, &plan, &dir)));
+    }
     rows.sort_by_key(|r| order(&r.id));
     rows
 }
 
-/// Table order: 1, 2…, 3…, 4, 5…, 6…, then attribution (A) and profile (P) rows.
+/// Table order: 1, 2…, 3…, 4, 5…, 6…, 10…, then attribution (A) and profile (P) rows.
 fn order(id: &str) -> (u8, String) {
     let rank = match id.chars().next() {
+        Some('1') if id.starts_with("10") => 10,
         Some(c @ '1'..='9') => c as u8 - b'0',
         Some('A') => 20,
         _ => 30,
