@@ -59,6 +59,9 @@ pub struct Setup<'a> {
     pub policies: &'a [(&'a str, String)],
     /// The `[limits]` table's body instead of [`OUT_OF_REACH`].
     pub limits: Option<&'a str>,
+    /// The `[[issuers]]` block instead of the static-keys one (the soak's issuer serves and
+    /// rotates its keys over HTTP).
+    pub issuer: Option<&'a str>,
 }
 
 /// The bench's `[limits]`: one client address and one repository at saturation, so every limit
@@ -92,22 +95,18 @@ pub fn write_setup(dir: &Path, setup: &Setup) -> PathBuf {
         setup.signing_key_file.map(|f| format!("signing_key_file = \"{}\"\n", f.display())).unwrap_or_default();
     let extra = setup.extra;
     let limits = setup.limits.unwrap_or(OUT_OF_REACH);
+    let static_issuer = format!(
+        "[[issuers]]\nname = \"github\"\nplatform = \"github-actions\"\nurl = \"{ISSUER_URL}\"\naudiences = [\"{AUDIENCE}\"]\n\
+         algorithms = [\"RS256\"]\nmax_token_lifetime = \"1h\"\njwks_file = \"issuer-jwks.json\"\nreplay_protection = true\n"
+    );
+    let issuer = setup.issuer.unwrap_or(&static_issuer);
     let toml = format!(
         r#"listen = "127.0.0.1:0"
 public_url = "{AUDIENCE}"
 policies = "policies"
 data_dir = "data"
 {replica_id}
-[[issuers]]
-name = "github"
-platform = "github-actions"
-url = "{ISSUER_URL}"
-audiences = ["{AUDIENCE}"]
-algorithms = ["RS256"]
-max_token_lifetime = "1h"
-jwks_file = "issuer-jwks.json"
-replay_protection = true
-
+{issuer}
 [backends.jwt]
 type = "jwt"
 max_ttl = "1h"

@@ -30,6 +30,7 @@ mod postgres;
 mod procfs;
 mod profile;
 mod renewal;
+mod soak;
 mod table;
 mod token_exchange;
 mod tokens;
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match argv.first().map(String::as_str) {
         Some("ledger-child") => return ledger_child(&argv[1..]),
+        Some("soak") => return soak_main(&argv[1..]),
         Some("attribution-child") => {
             let n = argv.get(1).and_then(|a| a.parse().ok()).unwrap_or(500);
             println!("{}", serde_json::to_string(&exchange::attribution_child(n)).unwrap());
@@ -224,6 +226,30 @@ fn ledger_rows(leases: usize, records: usize, broker: &std::path::Path, keep: Op
     assert!(out.status.success(), "the ledger child failed: {}", out.status);
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}
+
+/// `bench soak [--minutes N] [--store file,postgres] [--broker PATH]` (`scripts/soak`).
+fn soak_main(argv: &[String]) -> ExitCode {
+    let mut options = soak::Options { minutes: 10.0, stores: vec!["file".into(), "postgres".into()] };
+    let mut broker = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera"));
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--minutes", Some(n)) if n.parse::<f64>().is_ok_and(|m| m >= 1.0) => options.minutes = n.parse().unwrap(),
+            ("--store", Some(list)) => options.stores = list.split(',').map(String::from).collect(),
+            ("--broker", Some(path)) => broker = path.into(),
+            _ => {
+                eprintln!("usage: bench soak [--minutes N (at least 1)] [--store file,postgres] [--broker PATH]");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if options.stores.iter().any(|s| s != "file" && s != "postgres") {
+        eprintln!("bench soak: --store takes file and/or postgres");
+        return ExitCode::from(2);
+    }
+    let temp = tempfile::tempdir().unwrap();
+    if soak::run(&broker, &options, temp.path()) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn ledger_child(argv: &[String]) -> ExitCode {

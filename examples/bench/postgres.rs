@@ -70,13 +70,13 @@ pub fn run(binary: &Path, quick: bool, dir: &Path) -> Vec<Row> {
 }
 
 /// A PostgreSQL server of the bench's own, stopped (`scripts/pg stop`) when dropped.
-struct Server {
+pub struct Server {
     dir: tempfile::TempDir,
     url: String,
 }
 
 impl Server {
-    fn start() -> Server {
+    pub fn start() -> Server {
         // Its own temporary directory, not one under the bench's: scripts/pg hands the directory
         // to the `postgres` user (when run as root), who must be able to reach it.
         let dir = tempfile::Builder::new().prefix("ephemera-bench-pg.").tempdir().unwrap();
@@ -114,7 +114,7 @@ impl Server {
     }
 
     /// A new database on the server; its URL.
-    async fn database(&self, name: &str) -> String {
+    pub async fn database(&self, name: &str) -> String {
         self.execute(&format!("CREATE DATABASE {name}")).await;
         let mut url = url::Url::parse(&self.url).unwrap();
         url.set_path(&format!("/{name}"));
