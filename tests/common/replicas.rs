@@ -164,6 +164,12 @@ pub struct ReplicaExtra {
     pub backends_toml: String,
     /// Appended at the end (e.g. [`Cluster::github_hooks_toml`]).
     pub tail_toml: String,
+    /// The embedded file store under the data directory instead of the shared database (a
+    /// single broker; with [`ReplicaExtra::home`], restarts keep its journal).
+    pub file_store: bool,
+    /// This directory as the replica's home (config, data directory, logs), kept across
+    /// restarts, instead of a fresh temporary one.
+    pub home: Option<PathBuf>,
 }
 
 /// What every replica of a test shares.
@@ -205,6 +211,10 @@ impl Cluster {
     pub fn config(&self, id: &str, home: &Path, extra: &ReplicaExtra) -> String {
         let admin_sha =
             ephemera::secret::hex(ring::digest::digest(&ring::digest::SHA256, ADMIN_TOKEN.as_bytes()).as_ref());
+        let store = match extra.file_store {
+            true => String::new(),
+            false => format!("store = \"postgres\"\nurl = \"{}\"", self.db_url),
+        };
         format!(
             "listen = \"127.0.0.1:0\"\n\
              public_url = \"{AUDIENCE}\"\n\
@@ -213,8 +223,7 @@ impl Cluster {
              replica_id = \"{id}\"\n\
              \n\
              [ledger]\n\
-             store = \"postgres\"\n\
-             url = \"{db}\"\n\
+             {store}\n\
              reap_interval = \"1s\"\n\
              {ledger}\n\
              \n\
@@ -244,7 +253,6 @@ impl Cluster {
              {tail}\n",
             policies = toml_path(&self.dir.path().join("policies")),
             data = toml_path(&home.join("data")),
-            db = self.db_url,
             ledger = extra.ledger_toml,
             issuer = self.issuer.url,
             key = toml_path(&self.dir.path().join("jwt-es256.pk8")),
@@ -256,15 +264,18 @@ impl Cluster {
 
     /// Spawns replica `id` without waiting for anything.
     pub fn spawn(&self, id: &str, extra: &ReplicaExtra) -> Replica {
-        let home = tempfile::tempdir().unwrap();
-        let config_path = home.path().join("ephemera.toml");
-        std::fs::write(&config_path, self.config(id, home.path(), extra)).unwrap();
-        let stderr_path = home.path().join("stderr.log");
+        let temp = extra.home.is_none().then(|| tempfile::tempdir().unwrap());
+        let home_path = extra.home.clone().unwrap_or_else(|| temp.as_ref().unwrap().path().to_path_buf());
+        std::fs::create_dir_all(&home_path).unwrap();
+        let home = home_path.as_path();
+        let config_path = home.join("ephemera.toml");
+        std::fs::write(&config_path, self.config(id, home, extra)).unwrap();
+        let stderr_path = home.join("stderr.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ephemera"));
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .current_dir(home.path())
+            .current_dir(home)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -287,10 +298,10 @@ impl Cluster {
             child,
             url: String::new(),
             stderr_path,
-            audit_path: home.path().join("audit.jsonl"),
+            audit_path: home.join("audit.jsonl"),
             stdout: rx,
             http: self.http.clone(),
-            _home: home,
+            _home: temp,
         }
     }
 
@@ -345,7 +356,7 @@ pub struct Replica {
     audit_path: PathBuf,
     stdout: tokio::sync::mpsc::UnboundedReceiver<String>,
     pub http: reqwest::Client,
-    _home: TempDir,
+    _home: Option<TempDir>,
 }
 
 impl Replica {
