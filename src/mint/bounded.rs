@@ -90,3 +90,69 @@ impl Backend for Bounded {
         self.inner.rate_limit_remaining()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An upstream that counts the calls in flight and answers when the test lets it.
+    struct Slow {
+        in_flight: AtomicUsize,
+        most: AtomicUsize,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Backend for Slow {
+        fn kind(&self) -> &'static str {
+            "aws"
+        }
+        fn revocation(&self) -> Revocation {
+            Revocation::Immediate
+        }
+        fn mint<'a>(
+            &'a self,
+            _: &'a Grant,
+            _: &'a GrantedCredential,
+            _: MintContext<'a>,
+        ) -> BoxFuture<'a, Result<Minted, MintError>> {
+            Box::pin(async { Err(MintError::new("not used")) })
+        }
+        fn revoke<'a>(&'a self, _: &'a RevokeHandle) -> BoxFuture<'a, Result<(), MintError>> {
+            Box::pin(async move {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                let _pass = self.gate.acquire().await.map_err(|_| MintError::new("closed"))?;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_bound_wait_their_turn_and_never_reach_the_upstream_together() {
+        let gate = Arc::new(Semaphore::new(0));
+        let slow = Arc::new(Slow { in_flight: AtomicUsize::new(0), most: AtomicUsize::new(0), gate: gate.clone() });
+        let bounded = Arc::new(Bounded::new(slow.clone(), 2, Duration::from_millis(10)));
+        let handle = RevokeHandle { backend: "aws".into(), data: serde_json::json!({}) };
+        let calls: Vec<_> = (0..6)
+            .map(|_| {
+                let (bounded, handle) = (bounded.clone(), handle.clone());
+                tokio::spawn(async move { bounded.revoke(&handle).await })
+            })
+            .collect();
+        // Let every call get as far as it can: two reach the upstream, four wait for a slot.
+        while slow.in_flight.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(slow.in_flight.load(Ordering::SeqCst), 2);
+        gate.add_permits(6);
+        for call in calls {
+            assert!(call.await.unwrap().is_ok(), "a revocation past the bound waits, it is not refused");
+        }
+        assert_eq!(slow.most.load(Ordering::SeqCst), 2, "never more than the bound at the upstream");
+    }
+}
