@@ -13,9 +13,9 @@
 
 mod common;
 
-use common::aws_backend;
 use common::moto::Moto;
 use common::replicas::{Cluster, Replica, ReplicaExtra, pg_server_url};
+use common::{REPO_74_JWT_POLICY, aws_backend};
 use ephemera::aws_format::deny::{DENY_POLICY_NAME, parse_deny_policy};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -35,14 +35,6 @@ const SETTLE: Duration = Duration::from_secs(120);
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
-
-const JWT_POLICY: &str = r#"
-issuer: ci
-match: {repository_id: "74"}
-ttl: {default: 10m, max: 1h}
-grants:
-  api: {backend: jwt, audience: https://api.internal.example}
-"#;
 
 fn aws_policy(arn: &str) -> String {
     format!(
@@ -82,7 +74,7 @@ async fn chaos(store: &str) {
     let rounds = knob("EPHEMERA_CHAOS_ROUNDS", 2);
     let leases = knob("EPHEMERA_CHAOS_LEASES", 200);
     let moto = Moto::start();
-    let cluster = Cluster::new(&pg_server_url(), &[("jwt", JWT_POLICY)]).await;
+    let cluster = Cluster::new(&pg_server_url(), &[("jwt", REPO_74_JWT_POLICY)]).await;
     let (backends_toml, _creds) = aws_backend(&moto.endpoint, "deny-policy");
     let home = tempfile::tempdir().unwrap();
     let extra = ReplicaExtra {

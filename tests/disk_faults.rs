@@ -13,18 +13,11 @@
 
 mod common;
 
+use common::REPO_74_JWT_POLICY;
 use common::replicas::{Cluster, Replica, ReplicaExtra, pg_server_url};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-const POLICY: &str = r#"
-issuer: ci
-match: {repository_id: "74"}
-ttl: {default: 10m, max: 1h}
-grants:
-  api: {backend: jwt, audience: https://api.internal.example}
-"#;
 
 /// A broker home (a temporary directory) whose `data` directory is a tmpfs of `size`,
 /// unmounted on drop.
@@ -99,7 +92,7 @@ fn issued_ids(events: &[ephemera::ledger::Event]) -> Vec<String> {
 #[tokio::test]
 async fn a_full_disk_fails_exchanges_closed_and_a_restart_replays_a_whole_journal() {
     let disk = Home::with_data_on_tmpfs("4m");
-    let cluster = Cluster::new(&pg_server_url(), &[("deploy", POLICY)]).await;
+    let cluster = Cluster::new(&pg_server_url(), &[("deploy", REPO_74_JWT_POLICY)]).await;
     let mut replica = start(&cluster, disk.path()).await;
     let (status, before) = exchange(&cluster, &replica).await;
     assert_eq!(status, 201, "{before}");
@@ -147,7 +140,7 @@ async fn a_full_disk_fails_exchanges_closed_and_a_restart_replays_a_whole_journa
 #[tokio::test]
 async fn a_read_only_data_directory_refuses_the_start_saying_why_and_changes_nothing() {
     let disk = Home::with_data_on_tmpfs("16m");
-    let cluster = Cluster::new(&pg_server_url(), &[("deploy", POLICY)]).await;
+    let cluster = Cluster::new(&pg_server_url(), &[("deploy", REPO_74_JWT_POLICY)]).await;
     let mut replica = start(&cluster, disk.path()).await;
     let (status, before) = exchange(&cluster, &replica).await;
     assert_eq!(status, 201, "{before}");

@@ -271,6 +271,16 @@ grants:
   api: {backend: jwt, audience: https://api.internal.example}
 "#;
 
+/// Any job of repository 74 gets one broker JWT, for 10 minutes by default (the chaos and disk
+/// tests: what the credential is matters less than that it is recorded).
+pub const REPO_74_JWT_POLICY: &str = r#"
+issuer: ci
+match: {repository_id: "74"}
+ttl: {default: 10m, max: 1h}
+grants:
+  api: {backend: jwt, audience: https://api.internal.example}
+"#;
+
 /// Config lines for an `aws` backend named `aws` talking to `endpoint`, and the directory holding
 /// the static test credentials it reads (keep it alive as long as the broker).
 pub fn aws_backend(endpoint: &str, revocation: &str) -> (String, tempfile::TempDir) {
