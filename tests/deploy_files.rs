@@ -292,6 +292,24 @@ fn final_stage(containerfile: &str) -> Vec<String> {
 }
 
 #[test]
+fn the_brokers_believe_x_forwarded_for_from_the_load_balancer_alone() {
+    // Behind an unlisted load balancer every client is one address: one client's bad tokens
+    // would cool off everyone. Listed, only its header counts, and it appends the real peer.
+    let compose = compose();
+    let lb = &compose["services"]["loadbalancer"];
+    let address = lb["networks"]["front"]["ipv4_address"].as_str().expect("the load balancer has a fixed address");
+    let ip: std::net::IpAddr = address.parse().unwrap();
+    let trusted = config().limits.trusted_proxies;
+    assert!(trusted.iter().any(|n| n.contains(ip)), "[limits] trusted_proxies does not name {address}");
+    assert!(
+        !trusted.iter().any(|n| n.contains("172.30.80.11".parse().unwrap())),
+        "more than the load balancer is trusted"
+    );
+    let haproxy = read(&deploy_dir().join("haproxy.cfg"));
+    assert!(haproxy.lines().any(|l| l.trim() == "option forwardfor"), "haproxy.cfg does not send X-Forwarded-For");
+}
+
+#[test]
 fn the_image_runs_as_an_unprivileged_user_and_builds_exactly_the_locked_dependencies() {
     let text = read(&deploy_dir().join("Containerfile"));
     let runtime = final_stage(&text);
