@@ -16,6 +16,7 @@ pub mod dev;
 pub mod env_format;
 pub mod error;
 pub mod github_format;
+pub mod hook_format;
 pub mod http;
 pub mod identity;
 pub mod ids;

@@ -19,6 +19,7 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ("env_format", &[], "the `env` rendering of an exchange reply, shared with the CLI"),
     ("aws_format", &[], "AWS's formats and limits as pure functions"),
     ("github_format", &[], "GitHub's names and permission levels as pure functions"),
+    ("hook_format", &[], "platform webhook bodies → the job they end, as pure functions"),
     ("pg_names", &[], "PostgreSQL identifiers: what a grant may name, quoting, a lease's login role"),
     ("ssh_format", &[], "OpenSSH certificate fields (principals, options, extensions) as pure functions"),
     (
@@ -92,10 +93,24 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     // ---- the wire and the start ----
     (
         "http",
-        &["app", "error", "clock", "ids", "secret", "claims", "config", "identity", "ledger", "policy", "ssh_format"],
+        &[
+            "app",
+            "error",
+            "clock",
+            "ids",
+            "secret",
+            "claims",
+            "config",
+            "identity",
+            "ledger",
+            "policy",
+            "ssh_format",
+            "hook_format",
+        ],
         "routes; lower rooms only for their plain data types (IdentityError for a missing bearer, \
          LeaseFilter/Lease for admin views, policy::Source for a diff, HooksConfig); every query goes through App; \
-         ssh_format checks an exchange's `ssh_public_key` (400) before anything is verified",
+         ssh_format checks an exchange's `ssh_public_key` (400) before anything is verified; hook_format reads \
+         a webhook's body",
     ),
     (
         "server",

@@ -5,10 +5,11 @@
 //! deduplicated, read, and acted on. Job keys are built from JSON numbers only, so a payload
 //! cannot forge a key with `:`.
 
-use super::{AppRouter, detached, json_response, parse_json, read_body};
+use super::{AppRouter, describe_json_error, detached, json_response, read_body};
 use crate::app::App;
 use crate::config::{HookConfig, HooksConfig};
 use crate::error::Error;
+use crate::hook_format::{self, HookAction, HookError};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -16,7 +17,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use ring::{digest, hmac};
-use serde::Deserialize;
 use serde_json::json;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -60,33 +60,9 @@ pub(super) fn routes(config: &HooksConfig) -> AppRouter {
     router
 }
 
-// ---- GitHub ---------------------------------------------------------------------------------
-
-#[derive(Deserialize)]
-struct GithubAction {
-    action: String,
-}
-
-/// The parts of a `workflow_job` event that make the job key (DESIGN §3). Unknown fields are
-/// ignored: the platform adds fields to its payloads at will.
-#[derive(Deserialize)]
-struct GithubCompleted {
-    repository: GithubRepository,
-    workflow_job: WorkflowJob,
-}
-
-#[derive(Deserialize)]
-struct GithubRepository {
-    id: u64,
-}
-
-#[derive(Deserialize)]
-struct WorkflowJob {
-    /// The job's `check_run_id`.
-    id: u64,
-    run_id: u64,
-    run_attempt: u64,
-}
+// ---- the platforms ----------------------------------------------------------------------------
+// What a body asks for is read by the pure functions of `hook_format` (fuzzed by examples/fuzz);
+// each handler authenticates, claims the delivery, then acts on their answer.
 
 async fn github(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body).await?;
@@ -94,62 +70,17 @@ async fn github(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) 
     let delivery = delivery_id(&headers, "x-github-delivery")?;
     let Some(claim) = claim(&app, &hook, delivery).await else { return Ok(duplicate(&hook, delivery)) };
     let event = headers.get("x-github-event").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    match event {
-        "ping" => return Ok(ignored(&hook, delivery, claim, "ping")),
-        "workflow_job" => {}
-        _ => return Ok(ignored(&hook, delivery, claim, "not a workflow_job event")),
-    }
-    if parse_json::<GithubAction>(&bytes)?.action != "completed" {
-        return Ok(ignored(&hook, delivery, claim, "workflow_job action is not completed"));
-    }
-    let e: GithubCompleted = parse_json(&bytes)?;
-    let w = e.workflow_job;
-    let key = format!("github:{}:{}:{}:{}", e.repository.id, w.run_id, w.run_attempt, w.id);
-    end_job(app, &hook, delivery, claim, key).await
+    let action = hook_format::github(event, &bytes).map_err(bad_body)?;
+    act(app, &hook, delivery, claim, action).await
 }
-
-// ---- GitLab ---------------------------------------------------------------------------------
-
-#[derive(Deserialize)]
-struct GitlabKind {
-    object_kind: String,
-}
-
-#[derive(Deserialize)]
-struct GitlabBuild {
-    build_status: String,
-    project_id: u64,
-    build_id: u64,
-}
-
-/// The job statuses after which a GitLab job no longer runs.
-const GITLAB_FINAL: [&str; 3] = ["success", "failed", "canceled"];
 
 async fn gitlab(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body).await?;
     hook.authenticate(&headers, &bytes, app.now())?;
     let delivery = delivery_id(&headers, "x-gitlab-event-uuid")?;
     let Some(claim) = claim(&app, &hook, delivery).await else { return Ok(duplicate(&hook, delivery)) };
-    if parse_json::<GitlabKind>(&bytes)?.object_kind != "build" {
-        return Ok(ignored(&hook, delivery, claim, "object_kind is not build"));
-    }
-    let build: GitlabBuild = parse_json(&bytes)?;
-    if !GITLAB_FINAL.contains(&build.build_status.as_str()) {
-        return Ok(ignored(&hook, delivery, claim, "build_status is not final"));
-    }
-    end_job(app, &hook, delivery, claim, format!("gitlab:{}:{}", build.project_id, build.build_id)).await
-}
-
-// ---- Buildkite --------------------------------------------------------------------------------
-
-#[derive(Deserialize)]
-struct BuildkiteFinished {
-    job: BuildkiteJob,
-}
-
-#[derive(Deserialize)]
-struct BuildkiteJob {
-    id: String,
+    let action = hook_format::gitlab(&bytes).map_err(bad_body)?;
+    act(app, &hook, delivery, claim, action).await
 }
 
 /// `job.finished` (`X-Buildkite-Event`) ends the leases of `buildkite:<job.id>`. Buildkite sends
@@ -159,17 +90,29 @@ async fn buildkite(app: Arc<App>, hook: Arc<Hook>, headers: HeaderMap, body: Bod
     hook.authenticate(&headers, &bytes, app.now())?;
     let Some(claim) = claim(&app, &hook, None).await else { return Ok(duplicate(&hook, None)) };
     let event = headers.get("x-buildkite-event").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    match event {
-        "ping" => return Ok(ignored(&hook, None, claim, "ping")),
-        "job.finished" => {}
-        _ => return Ok(ignored(&hook, None, claim, "not a job.finished event")),
+    let action = hook_format::buildkite(event, &bytes).map_err(bad_body)?;
+    act(app, &hook, None, claim, action).await
+}
+
+/// A body `hook_format` refused: a 400 that does not quote it (`describe_json_error`).
+fn bad_body(e: HookError) -> Error {
+    match e {
+        HookError::Json(e) => Error::BadRequest(describe_json_error(&e)),
+        HookError::NotABuildkiteJobId => Error::BadRequest("`job.id` is not a Buildkite job id".into()),
     }
-    let job = parse_json::<BuildkiteFinished>(&bytes)?.job;
-    // Attack: the job key is built from this text; only a UUID (no `:`) may form one.
-    if job.id.len() != 36 || !job.id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
-        return Err(Error::BadRequest("`job.id` is not a Buildkite job id".into()));
+}
+
+async fn act(
+    app: Arc<App>,
+    hook: &Hook,
+    delivery: Option<&str>,
+    claim: Claim<'_>,
+    action: HookAction,
+) -> Result<Response, Error> {
+    match action {
+        HookAction::Ignore(reason) => Ok(ignored(hook, delivery, claim, reason)),
+        HookAction::EndJob(key) => end_job(app, hook, delivery, claim, key).await,
     }
-    end_job(app, &hook, None, claim, format!("buildkite:{}", job.id.to_ascii_lowercase())).await
 }
 
 // ---- shared -----------------------------------------------------------------------------------

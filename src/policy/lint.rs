@@ -526,10 +526,15 @@ fn github_repository_template(policy: &Policy, platform: Platform) -> Vec<Findin
                      pins it): a job that sets it to another repository's name gets a token for that repository",
                     grant.name
                 );
+                // CircleCI, Azure, Bitbucket, Jenkins and generic tokens have no claim naming the
+                // job's own repository: the fix cannot offer one (an index here panicked on them).
+                let own = trusted
+                    .first()
+                    .map(|c| format!(", or use `${{{c}}}` (the job's own repository)"))
+                    .unwrap_or_default();
                 let fix = format!(
-                    "name the repositories, or use `${{{}}}` (the job's own repository), or pin `{claim}` with a \
-                     match rule:\nmatch:\n  {claim}: [<value>, <value>]",
-                    trusted[0]
+                    "name the repositories{own}, or pin `{claim}` with a match rule:\nmatch:\n  {claim}: [<value>, \
+                     <value>]"
                 );
                 let at = format!("grants.{}.{field}", grant.name);
                 findings.push(Finding::new(Severity::Error, policy, GITHUB_REPOSITORY_TEMPLATE, &at, message, fix));
