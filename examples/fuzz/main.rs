@@ -133,6 +133,9 @@ fn supervise(args: &Args) -> ExitCode {
         (None, None) => unreachable!("parse_args sets a budget"),
     };
     println!("fuzz: {} ({budget}), seed {}", args.targets.join(", "), args.seed);
+    // Resolved once: a rebuild while a long pass runs replaces the file, and the path read
+    // later (`/proc/self/exe`) would then name the deleted one.
+    let exe = std::env::current_exe().unwrap();
     let work = tempfile::tempdir().unwrap();
     let mut pending: Vec<&String> = args.targets.iter().rev().collect();
     let mut running: Vec<Running> = Vec::new();
@@ -141,7 +144,7 @@ fn supervise(args: &Args) -> ExitCode {
         while running.len() < args.jobs
             && let Some(name) = pending.pop()
         {
-            running.push(Running::start(args, name, work.path()));
+            running.push(Running::start(args, &exe, name, work.path()));
         }
         std::thread::sleep(Duration::from_millis(100));
         let mut still = Vec::new();
@@ -170,9 +173,9 @@ struct Running {
 }
 
 impl Running {
-    fn start(args: &Args, name: &str, work: &Path) -> Running {
+    fn start(args: &Args, exe: &Path, name: &str, work: &Path) -> Running {
         let current = work.join(format!("{name}.current"));
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        let mut cmd = Command::new(exe);
         cmd.args(["--child", "--target", name, "--seed", &args.seed.to_string()])
             .arg("--current")
             .arg(&current)
