@@ -311,3 +311,24 @@ async fn past_max_issuing_a_request_gets_503_while_revocation_still_answers() {
     let (_, metrics) = broker.get("/metrics").await;
     assert_eq!(metric(&metrics, "ephemera_overloaded_total"), 1);
 }
+
+#[tokio::test]
+async fn a_slow_body_holds_its_connection_but_never_an_issuing_slot() {
+    let issuer = FakeIssuer::start().await;
+    let broker =
+        broker_with(&issuer, "max_issuing = 1\nissuing_wait = \"1s\"\nbody_read_timeout = \"60s\"", None).await;
+    // Two clients send their headers and then dribble: with the one slot taken by either, every
+    // exchange would be refused for as long as they keep it.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut conn = tokio::net::TcpStream::connect(broker.running.addr).await.unwrap();
+        conn.write_all(b"POST /v1/exchange HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            .await
+            .unwrap();
+        slow.push(conn);
+    }
+    let (status, body) = broker.exchange(&push_token(&issuer), "push").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(broker.running.app.limits().issuing_in_flight(), 0);
+    drop(slow);
+}

@@ -181,19 +181,26 @@ pub(crate) fn client(app: &App, peer: Option<axum::Extension<Peer>>, headers: &H
     Some(app.limits().client(peer.ip(), forwarded))
 }
 
-/// `work`, for a request that issues or renews credentials, under the abuse limits: the client
-/// is admitted before any work (a cooled-off address costs no signature check), the work holds
-/// one of the `max_issuing` slots, and a failure an attacker would cause is charged to the
-/// client's failure budget.
-pub(crate) async fn limited<T>(
+/// `work` on the request's body, for a request that issues or renews credentials, under the
+/// abuse limits: the client is admitted before anything is read (a cooled-off address costs no
+/// signature check), the body is read before an issuing slot is taken (a slow body holds its
+/// connection until `body_read_timeout`, never one of the `max_issuing` slots), the work holds
+/// the slot, and a failure an attacker would cause is charged to the client's failure budget.
+pub(crate) async fn limited<T, F: Future<Output = Result<T, Error>>>(
     app: &App,
     client: Option<std::net::IpAddr>,
     request_id: &str,
-    work: impl Future<Output = Result<T, Error>>,
+    headers: &HeaderMap,
+    body: Body,
+    work: impl FnOnce(Bytes) -> F,
 ) -> Result<T, Error> {
     app.admit_client(client, request_id).await?;
-    let _slot = app.limits().issuing_slot().await?;
-    let result = work.await;
+    let result = async {
+        let bytes = read_body(headers, body).await?;
+        let _slot = app.limits().issuing_slot().await?;
+        work(bytes).await
+    }
+    .await;
     if let Err(e) = &result {
         app.client_failed(client, e);
     }
@@ -301,7 +308,8 @@ async fn exchange(
     body: Body,
 ) -> Result<Response, Error> {
     let client = client(&app, peer, &headers);
-    limited(&app, client, &request_id, exchange_request(&app, &request_id, &uri, &headers, body)).await
+    let work = |bytes| exchange_request(&app, &request_id, &uri, &headers, bytes);
+    limited(&app, client, &request_id, &headers, body, work).await
 }
 
 async fn exchange_request(
@@ -309,9 +317,8 @@ async fn exchange_request(
     request_id: &str,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
-    body: Body,
+    bytes: Bytes,
 ) -> Result<Response, Error> {
-    let bytes = read_body(headers, body).await?;
     let request: ExchangeBody = parse_json(&bytes)?;
     // The value is not echoed: a caller who pasted something secret into `ttl` gets it back
     // nowhere.
@@ -372,14 +379,14 @@ async fn renew(
     body: Body,
 ) -> Result<Response, Error> {
     let client = client(&app, peer, &headers);
-    let work = async {
-        let bytes = read_body(&headers, body).await?;
+    let (app_ref, id_ref, request_id_ref, headers_ref, uri_ref) = (&app, &id, &request_id, &headers, &uri);
+    let work = move |bytes: Bytes| async move {
         let RenewBody {} = parse_json(&bytes)?;
-        let token = bearer(&headers)?;
-        let reply = app.renew(&id, token, &request_id).await?;
-        credentials_response(&app, StatusCode::OK, reply, &headers, &uri).await
+        let token = bearer(headers_ref)?;
+        let reply = app_ref.renew(id_ref, token, request_id_ref).await?;
+        credentials_response(app_ref, StatusCode::OK, reply, headers_ref, uri_ref).await
     };
-    limited(&app, client, &request_id, work).await
+    limited(&app, client, &request_id, &headers, body, work).await
 }
 
 #[derive(Deserialize)]

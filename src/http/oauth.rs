@@ -6,7 +6,7 @@
 //! §5.2 bodies (`error`, `error_description`) with the request id beside them; the status and
 //! code come from [`oauth_error`]. Replies are never cached (RFC 6749 §5.1).
 
-use super::{AppRouter, AppState, RequestId, read_body};
+use super::{AppRouter, AppState, RequestId};
 use crate::app::TokenExchangeRequest;
 use crate::error::Error;
 use crate::policy::DenialReason;
@@ -164,21 +164,21 @@ async fn token(
     body: Body,
 ) -> Result<Response, OAuthFailure> {
     let client = super::client(&app, peer, &headers);
-    let work = async { token_request(&app, &request_id, &headers, body).await.map_err(|f| f.0) };
-    Ok(super::limited(&app, client, &request_id, work).await?)
+    let (app_ref, id_ref, headers_ref) = (&app, &request_id, &headers);
+    let work = move |bytes| async move { token_request(app_ref, id_ref, headers_ref, bytes).await.map_err(|f| f.0) };
+    Ok(super::limited(&app, client, &request_id, &headers, body, work).await?)
 }
 
 async fn token_request(
     app: &crate::app::App,
     request_id: &str,
     headers: &HeaderMap,
-    body: Body,
+    bytes: axum::body::Bytes,
 ) -> Result<Response, OAuthFailure> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if !content_type.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
         return Err(refuse("invalid_request", "the body must be application/x-www-form-urlencoded (RFC 8693 §2.1)"));
     }
-    let bytes = read_body(headers, body).await?;
     let p = Params::parse(&bytes)?;
     let grant_type = required(&p.grant_type, "grant_type")?;
     if grant_type != GRANT_TYPE_TOKEN_EXCHANGE {
