@@ -234,11 +234,6 @@ impl Limits {
         self.overloaded.load(Ordering::Relaxed)
     }
 
-    /// No limits at all (tools and tests that build an `App` by hand).
-    pub fn off() -> Limits {
-        Limits::new(&LimitsConfig::off(), &[])
-    }
-
     /// The client of a request from `peer` with these `X-Forwarded-For` values.
     pub fn client<'a>(&self, peer: IpAddr, forwarded_for: impl DoubleEndedIterator<Item = &'a str>) -> IpAddr {
         client_address(peer, forwarded_for, &self.trusted_proxies)
