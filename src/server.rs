@@ -266,7 +266,11 @@ async fn open_store(config: &Config, wrap: Option<StorageWrap>) -> Result<Box<dy
     }
     let dir = config.data_dir.join("ledger");
     crate::mint::keys::create_private_dir(&dir).map_err(|e| format!("ledger directory {}: {e}", dir.display()))?;
-    let options = FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: config.ledger.compact_bytes };
+    let options = FileStoreOptions {
+        retry: RetryPolicy::default(),
+        compact_bytes: config.ledger.compact_bytes,
+        compact_ratio: config.ledger.compact_ratio,
+    };
     Ok(Box::new(FileStore::open(&dir, options, wrap)?))
 }
 

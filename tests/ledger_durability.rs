@@ -320,10 +320,12 @@ async fn compaction_keeps_every_remembered_lease_and_drops_history() {
     // compact_bytes = 1: every reap compacts. The first carries over every record since the
     // start (the snapshot may trail them); the second only what came after the first: nothing.
     broker.running.app.reap_once().await;
+    broker.running.app.store().flush().await.unwrap(); // the compaction runs in the background
     let events = broker.journal_events();
     assert_eq!(events.len(), 4 + before, "snapshot (2 leases, 2 jtis), then the {before} records before it");
     let (_, c) = broker.exchange(&token(&issuer, NOW), "deploy").await;
     broker.running.app.reap_once().await;
+    broker.running.app.store().flush().await.unwrap();
     let events = broker.journal_events();
     // The revocation's records are gone: the snapshot holds its outcome. Lease c is in both the
     // snapshot and the records carried over (appended since the first compaction).

@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 pub struct LedgerConfig {
     pub store: StoreConfig,
     pub reap_interval_secs: i64,
-    /// The journal is compacted once this many bytes were appended since the last compaction.
+    /// The journal is compacted once this many bytes were appended since the last compaction
+    /// began, and at least `compact_ratio` times its snapshot.
     pub compact_bytes: u64,
+    pub compact_ratio: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +78,7 @@ impl PostgresConfig {
 pub(super) struct RawLedger {
     reap_interval: Option<String>,
     compact_bytes: Option<u64>,
+    compact_ratio: Option<f64>,
     store: Option<String>,
     url: Option<String>,
     password_file: Option<PathBuf>,
@@ -115,7 +118,17 @@ impl RawLedger {
                 StoreConfig::File
             }
         };
-        LedgerConfig { store, reap_interval_secs, compact_bytes: self.compact_bytes.unwrap_or(64 * 1024 * 1024) }
+        let compact_ratio = self.compact_ratio.unwrap_or(0.5);
+        // Not a number, or a ratio so small a compaction follows every append: refused.
+        if !(0.01..=100.0).contains(&compact_ratio) {
+            errs.0.push("ledger.compact_ratio: between 0.01 and 100 (appends between compactions, as a share of the last snapshot)".into());
+        }
+        LedgerConfig {
+            store,
+            reap_interval_secs,
+            compact_bytes: self.compact_bytes.unwrap_or(64 * 1024 * 1024),
+            compact_ratio,
+        }
     }
 
     fn postgres(&self, base: &Path, errs: &mut Errors) -> Option<PostgresConfig> {

@@ -7,7 +7,7 @@
 //! applied, so the lease reads `revoked` only once that is durable — until then it stays
 //! pending and its stalled-attempt retry runs it again.
 
-use super::journal::{FileStorage, Journal, JournalError, Storage};
+use super::journal::{FileStorage, Journal, JournalError, SnapshotEncoder, SnapshotSource, Storage};
 use super::memory::Memory;
 use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
 use super::{Event, Lease, LeaseCredential, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
@@ -16,8 +16,9 @@ use crate::identity::ReplayKey;
 use crate::mint::{BoxFuture, RevokeHandle};
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::task::JoinHandle;
 
 /// Wraps the journal's storage (fault injection in tests: a disk that fills up on cue).
 pub type StorageWrap = Box<dyn FnOnce(Box<dyn Storage>) -> Box<dyn Storage> + Send>;
@@ -26,21 +27,32 @@ pub type StorageWrap = Box<dyn FnOnce(Box<dyn Storage>) -> Box<dyn Storage> + Se
 #[derive(Debug, Clone, Copy)]
 pub struct FileStoreOptions {
     pub retry: RetryPolicy,
-    /// Compact the journal after this many appended bytes.
+    /// Compact the journal once this many bytes were appended since the last compaction began,
+    /// and at least `compact_ratio` times the last compaction's snapshot.
     pub compact_bytes: u64,
+    /// Appends between two compactions, as a share of the last snapshot: a compaction rewrites
+    /// the live set, so spacing compactions in proportion to it keeps their cost per exchange
+    /// the same whether a thousand leases are live or a million (issue 23). The journal is at
+    /// most a snapshot and two such intervals long, which bounds replay.
+    pub compact_ratio: f64,
 }
 
 impl Default for FileStoreOptions {
     fn default() -> Self {
-        FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: 64 * 1024 * 1024 }
+        FileStoreOptions { retry: RetryPolicy::default(), compact_bytes: 64 * 1024 * 1024, compact_ratio: 0.5 }
     }
 }
 
 pub struct FileStore {
-    memory: Memory,
+    /// Shared with a running compaction's thread, which reads its snapshot from here.
+    memory: Arc<Memory>,
     /// `None`: memory only (tests, the bench).
     journal: Option<Journal>,
     options: FileStoreOptions,
+    /// The compaction running in the background, if one is.
+    compaction: Mutex<Option<JoinHandle<()>>>,
+    /// Records written by compactions that finished since the last `maintain` asked.
+    compacted: Arc<AtomicUsize>,
 }
 
 impl FileStore {
@@ -79,8 +91,7 @@ impl FileStore {
             Some(wrap) => wrap(storage),
             None => storage,
         };
-        let store =
-            FileStore { memory: memory.into_inner(), journal: Some(Journal::start(storage, replayed.len)), options };
+        let store = FileStore::new(memory.into_inner(), Some(Journal::start(storage, replayed.len)), options);
         let millis = started.elapsed().as_millis() as u64;
         tracing::info!(path = %path.display(), records, leases = store.memory.len(), millis, "journal replayed");
         Ok(store)
@@ -88,12 +99,16 @@ impl FileStore {
 
     /// A store without a journal: nothing survives the process (tests, the bench).
     pub fn in_memory(options: FileStoreOptions) -> FileStore {
-        FileStore { memory: Memory::default(), journal: None, options }
+        FileStore::new(Memory::default(), None, options)
     }
 
     /// A store recording to `journal`, starting empty (the bench's durable-append rate).
     pub fn with_journal(journal: Journal, options: FileStoreOptions) -> FileStore {
-        FileStore { memory: Memory::default(), journal: Some(journal), options }
+        FileStore::new(Memory::default(), Some(journal), options)
+    }
+
+    fn new(memory: Memory, journal: Option<Journal>, options: FileStoreOptions) -> FileStore {
+        FileStore { memory: Arc::new(memory), journal, options, compaction: Mutex::new(None), compacted: Arc::default() }
     }
 
     /// Applies a journal record to memory as a replay would (the bench builds large stores so).
@@ -211,28 +226,90 @@ impl FileStore {
 
     async fn maintain_now(&self, now: UnixSeconds) -> Maintained {
         let forgotten = self.memory.forget_ended(now);
-        let compacted = self.compact_if_grown().await;
+        let compacted = self.compact_if_grown();
         Maintained { forgotten, compacted }
     }
 
-    async fn compact_if_grown(&self) -> usize {
+    /// Starts a compaction in the background when the journal has grown enough since the last
+    /// (`compact_bytes`, `compact_ratio`), unless one runs. Returns the records written by one
+    /// that finished since the last call (0: none).
+    fn compact_if_grown(&self) -> usize {
         let Some(journal) = &self.journal else { return 0 };
-        if journal.stats().bytes_since_compaction.load(Ordering::Relaxed) < self.options.compact_bytes {
-            return 0;
+        let finished = self.compacted.swap(0, Ordering::Relaxed);
+        let mut running = self.compaction.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.as_ref().is_some_and(|task| !task.is_finished()) {
+            return finished;
         }
-        let snapshot = self.memory.snapshot();
-        let records = snapshot.len();
-        match journal.compact(snapshot).await {
-            Ok(()) => {
-                tracing::info!(records, "journal compacted");
-                records
+        let stats = journal.stats();
+        let grown = stats.bytes_since_compaction.load(Ordering::Relaxed);
+        let snapshot = stats.snapshot_bytes.load(Ordering::Relaxed) as f64;
+        if grown < self.options.compact_bytes || (grown as f64) < self.options.compact_ratio * snapshot {
+            return finished;
+        }
+        let (journal, memory, compacted) = (journal.clone(), self.memory.clone(), self.compacted.clone());
+        *running = Some(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let source: SnapshotSource = Box::new(move |sink| write_snapshot(&memory, sink));
+            match journal.compact_from(source).await {
+                Ok(c) => {
+                    let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    tracing::info!(
+                        records = c.records,
+                        bytes = c.len,
+                        millis,
+                        pause_micros = c.pause_micros,
+                        copied_in_pause = c.copied_in_pause,
+                        "journal compacted"
+                    );
+                    compacted.fetch_add(c.records, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "journal compaction failed; appends continue on the old journal");
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "journal compaction failed; appends continue on the old journal");
-                0
-            }
+        }));
+        finished
+    }
+
+    /// Waits for a running compaction, if any (flush, shutdown, tests).
+    async fn settle(&self) {
+        let task = self.compaction.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(task) = task {
+            let _ = task.await;
         }
     }
+}
+
+/// Writes every remembered lease and guarded `jti` into a compaction's file, in pieces of about
+/// a megabyte, straight from memory: nothing is cloned but the ids, and no map lock is held for
+/// longer than one lease's encoding (the request path goes on meanwhile).
+fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<usize> {
+    const PIECE: usize = 1024 * 1024;
+    let mut encoder = SnapshotEncoder::default();
+    let mut out = Vec::with_capacity(PIECE + 64 * 1024);
+    let mut records = 0;
+    let mut result = Ok(());
+    let mut flush_if_full = |out: &mut Vec<u8>, result: &mut std::io::Result<()>| {
+        if out.len() >= PIECE && result.is_ok() {
+            *result = sink(out);
+            out.clear();
+        }
+    };
+    memory.each_lease(|lease| {
+        encoder.encode_lease(lease, &mut out);
+        records += 1;
+        flush_if_full(&mut out, &mut result);
+        result.is_ok()
+    });
+    memory.each_jti(|key, exp| {
+        encoder.encode(&[Event::JtiUsed { key: key.to_string(), exp }], &mut out);
+        records += 1;
+        flush_if_full(&mut out, &mut result);
+        result.is_ok()
+    });
+    result?;
+    sink(&out)?;
+    Ok(records)
 }
 
 impl LeaseStore for FileStore {
@@ -338,6 +415,7 @@ impl LeaseStore for FileStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
+            self.settle().await;
             match &self.journal {
                 Some(j) => j.flush().await.map_err(|e| StoreError(e.0)),
                 None => Ok(()),

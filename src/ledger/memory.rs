@@ -136,6 +136,30 @@ impl Memory {
         events
     }
 
+    /// Calls `f` with every remembered lease, one map read at a time (the ids are collected
+    /// first), until it returns `false`. A lease added meanwhile may be missed and one forgotten
+    /// meanwhile skipped: compaction, the caller, carries the journal's records over for that.
+    pub(super) fn each_lease(&self, mut f: impl FnMut(&Lease) -> bool) {
+        let ids: Vec<Arc<str>> = self.leases.iter().map(|l| l.key().clone()).collect();
+        for id in ids {
+            if let Some(lease) = self.leases.get(&id)
+                && !f(&lease)
+            {
+                return;
+            }
+        }
+    }
+
+    /// Calls `f` with every guarded `jti` and its expiry, as [`Memory::each_lease`].
+    pub(super) fn each_jti(&self, mut f: impl FnMut(&str, UnixSeconds) -> bool) {
+        let keys: Vec<(Arc<str>, UnixSeconds)> = self.jtis.iter().map(|e| (e.key().clone(), *e.value())).collect();
+        for (key, exp) in keys {
+            if !f(&key, exp) {
+                return;
+            }
+        }
+    }
+
     // ---- issuing -----------------------------------------------------------------------
 
     pub(super) fn jti_seen(&self, key: &str) -> bool {

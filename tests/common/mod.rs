@@ -442,6 +442,9 @@ impl Storage for FullDisk {
     fn truncate(&mut self, len: u64) -> std::io::Result<()> {
         self.inner.truncate(len)
     }
+    fn reader(&mut self) -> std::io::Result<Box<dyn ephemera::ledger::journal::JournalReader>> {
+        self.inner.reader()
+    }
     fn start_replacement(&mut self) -> std::io::Result<Box<dyn ephemera::ledger::journal::Replacement>> {
         self.inner.start_replacement()
     }

@@ -20,12 +20,30 @@ pub trait Storage: Send + 'static {
     fn truncate(&mut self, len: u64) -> std::io::Result<()>;
     /// The file's bytes in `from..to` (compaction carries the records since the last one over).
     fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>>;
+    /// A second handle on the journal for a compaction's thread, which copies records from it
+    /// while appends go on. It reads only bytes already durable, which no append changes.
+    fn reader(&mut self) -> std::io::Result<Box<dyn JournalReader>>;
     /// Starts the file a compaction writes, next to the journal. It is written and synced on a
     /// thread of its own while appends go on to the journal.
     fn start_replacement(&mut self) -> std::io::Result<Box<dyn Replacement>>;
     /// Makes a written and synced replacement the journal: atomically (rename) and durably (the
     /// directory synced); appends then go to it.
     fn install(&mut self, replacement: Box<dyn Replacement>) -> std::io::Result<()>;
+}
+
+/// Reads a journal's bytes at an offset ([`Storage::reader`]).
+pub trait JournalReader: Send + 'static {
+    fn read_at(&self, from: u64, to: u64) -> std::io::Result<Vec<u8>>;
+}
+
+impl JournalReader for File {
+    fn read_at(&self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(to.saturating_sub(from)).map_err(std::io::Error::other)?;
+        let mut bytes = vec![0; len];
+        self.read_exact_at(&mut bytes, from)?;
+        Ok(bytes)
+    }
 }
 
 /// The file a compaction writes ([`Storage::start_replacement`]).
@@ -148,11 +166,11 @@ impl Storage for FileStorage {
     }
 
     fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let len = usize::try_from(to.saturating_sub(from)).map_err(std::io::Error::other)?;
-        let mut bytes = vec![0; len];
-        self.file.read_exact_at(&mut bytes, from)?;
-        Ok(bytes)
+        self.file.read_at(from, to)
+    }
+
+    fn reader(&mut self) -> std::io::Result<Box<dyn JournalReader>> {
+        Ok(Box::new(File::open(&self.path)?))
     }
 }
 

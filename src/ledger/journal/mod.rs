@@ -66,8 +66,9 @@ mod file;
 mod format;
 mod writer;
 
-pub use file::{FileStorage, Replacement, Storage};
+pub use file::{FileStorage, JournalReader, Replacement, Storage};
 pub use format::{SnapshotEncoder, count_records, decode, decode_with, encode};
+pub use writer::Compacted;
 
 use super::Event;
 use std::sync::Arc;
@@ -102,10 +103,21 @@ pub struct Journal {
     stats: Arc<Stats>,
 }
 
+/// A compaction's snapshot: called once, on the compaction's own thread, with a sink that takes
+/// the encoded records (without the magic) piece by piece; returns how many records it wrote.
+pub type SnapshotSource =
+    Box<dyn FnOnce(&mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<usize> + Send>;
+
 #[derive(Default)]
 pub struct Stats {
-    /// Bytes written since the last compaction (or start).
+    /// Bytes the next compaction would carry over: written since the last compaction began (or
+    /// since the start).
     pub bytes_since_compaction: AtomicU64,
+    /// The magic and snapshot of the last compaction (0 before the first): what the next one
+    /// will write again, roughly, and so what the appends between two are measured against.
+    pub snapshot_bytes: AtomicU64,
+    /// The journal's durable length: a compaction's thread copies appends up to here.
+    pub len: AtomicU64,
     pub fsyncs: AtomicU64,
     /// Set after a write that could not be undone: every later append fails until a restart.
     pub broken: AtomicBool,
@@ -118,13 +130,14 @@ impl Journal {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stats = Arc::new(Stats::default());
         stats.bytes_since_compaction.store(len, Ordering::Relaxed);
+        stats.len.store(len, Ordering::Release);
         let writer_stats = stats.clone();
         let weak = tx.downgrade();
         // A thread of its own, not a tokio task: every batch is a blocking write and fdatasync,
         // and handing each to the blocking pool and back cost two thread wake-ups per batch.
         let spawned = std::thread::Builder::new()
             .name("ephemera-journal".into())
-            .spawn(move || writer::writer(storage, len, rx, weak, &writer_stats));
+            .spawn(move || writer::writer(storage, len, rx, weak, writer_stats));
         if let Err(e) = spawned {
             // Every append then fails with "the journal writer stopped": nothing is issued.
             tracing::error!(error = %e, "cannot start the journal writer thread");
@@ -147,18 +160,23 @@ impl Journal {
 
     /// Replaces the journal with `snapshot` (every lease still remembered, in its current state)
     /// followed by every record appended since the last compaction, which the snapshot may not
-    /// reflect yet (module docs). The snapshot is encoded on a blocking thread first, so the
-    /// writer (and every append behind it) waits only for the file to be written.
-    pub async fn compact(&self, snapshot: Vec<Event>) -> Result<(), JournalError> {
-        let encoded = tokio::task::spawn_blocking(move || {
+    /// reflect yet (module docs). Tests and tools; the store streams its snapshot with
+    /// [`Journal::compact_from`].
+    pub async fn compact(&self, snapshot: Vec<Event>) -> Result<Compacted, JournalError> {
+        self.compact_from(Box::new(move |sink| {
             let mut bytes = Vec::new();
             SnapshotEncoder::default().encode(&snapshot, &mut bytes);
-            bytes
-        });
-        let snapshot = encoded.await.map_err(|e| JournalError(format!("journal compaction panicked: {e}")))?;
+            sink(&bytes).map(|()| snapshot.len())
+        }))
+        .await
+    }
+
+    /// [`Journal::compact`] with a snapshot written by `source`, on the compaction's own thread,
+    /// while appends go on (module docs).
+    pub async fn compact_from(&self, source: SnapshotSource) -> Result<Compacted, JournalError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Command::Compact { snapshot, done })
+            .send(Command::Compact { source, done })
             .await
             .map_err(|_| JournalError("the journal writer stopped".into()))?;
         wait.await.map_err(|_| JournalError("the journal writer stopped".into()))?

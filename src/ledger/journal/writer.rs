@@ -1,9 +1,10 @@
 //! The journal's writer thread: group commit, and compaction without making appends wait (both
 //! in the [module docs](super)).
 
-use super::file::{Replacement, Storage};
+use super::file::{JournalReader, Replacement, Storage};
 use super::format::MAGIC;
-use super::{JournalError, Stats};
+use super::{JournalError, SnapshotSource, Stats};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc::{self, WeakSender};
 use tokio::sync::oneshot;
@@ -11,23 +12,67 @@ use tokio::sync::oneshot;
 /// How many queued appends one fsync may cover.
 pub(super) const MAX_BATCH: usize = 4096;
 
+/// A compaction's file is synced after every this many bytes, so its dirty pages never pile up
+/// into one long writeback that the appends' fsyncs would queue behind.
+const SYNC_EVERY: u64 = 4 * 1024 * 1024;
+
+/// Records appended while a compaction runs are copied to its file by the compaction's thread
+/// until fewer than this many bytes are left; the writer copies that rest itself, in the one
+/// pause appends see (module docs).
+const CATCH_UP_BYTES: u64 = 256 * 1024;
+
+/// The piece the compaction's thread copies from the journal at a time.
+const COPY_CHUNK: u64 = 1024 * 1024;
+
 /// Where the writer answers a command.
-pub(super) type Done = oneshot::Sender<Result<(), JournalError>>;
+pub(super) type Done = oneshot::Sender<Result<Compacted, JournalError>>;
+/// Where the writer answers an append.
+pub(super) type Appended = oneshot::Sender<Result<(), JournalError>>;
+
+/// What a finished compaction wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// Records in its snapshot.
+    pub records: usize,
+    /// Bytes of the magic and the snapshot.
+    pub snapshot_bytes: u64,
+    /// Bytes of the new journal when it was put in place.
+    pub len: u64,
+    /// How long appends waited while the writer copied the last records over and put the new
+    /// file in place: the compaction's one pause.
+    pub pause_micros: u64,
+    /// The bytes the writer copied in that pause (the compaction's thread copied the rest).
+    pub copied_in_pause: u64,
+}
 
 pub(super) enum Command {
     Append {
         bytes: Vec<u8>,
-        done: Done,
+        done: Appended,
     },
-    /// A snapshot, already encoded (without the magic).
     Compact {
-        snapshot: Vec<u8>,
+        source: SnapshotSource,
         done: Done,
     },
-    /// From the thread that wrote a compaction's file: done, or why not.
+    /// From the compaction's thread: its file, written and synced up to `copied_to` of the
+    /// journal, or why not.
     Written {
-        replacement: std::io::Result<Box<dyn Replacement>>,
+        written: std::io::Result<Written>,
     },
+}
+
+/// A compaction's file as its thread hands it back to the writer.
+pub(super) struct Written {
+    replacement: Box<dyn Replacement>,
+    records: usize,
+    snapshot_bytes: u64,
+    /// Where, in the new file, the records appended since the compaction began start: what the
+    /// next compaction carries over.
+    carried_from: u64,
+    /// How far into the journal its records have been copied.
+    copied_to: u64,
+    /// The new file's length so far.
+    len: u64,
 }
 
 /// The single writer: takes every queued append, writes them, one fsync, answers all (group
@@ -38,7 +83,7 @@ pub(super) fn writer(
     len: u64,
     mut rx: mpsc::Receiver<Command>,
     tx: WeakSender<Command>,
-    stats: &Stats,
+    stats: Arc<Stats>,
 ) {
     let mut state = Writer { storage, len, since_compaction: len, compacting: None, batch: Vec::new(), tx, stats };
     while let Some(first) = rx.blocking_recv() {
@@ -52,7 +97,7 @@ pub(super) fn writer(
 
 /// `first` and the appends queued behind it, up to [`MAX_BATCH`] of them: what one fsync covers.
 /// Stops at the first command that is not an append, which comes back to run after them.
-fn gather(first: Command, rx: &mut mpsc::Receiver<Command>) -> (Vec<(Vec<u8>, Done)>, Option<Command>) {
+fn gather(first: Command, rx: &mut mpsc::Receiver<Command>) -> (Vec<(Vec<u8>, Appended)>, Option<Command>) {
     let mut appends = Vec::new();
     let mut other = None;
     match first {
@@ -70,32 +115,31 @@ fn gather(first: Command, rx: &mut mpsc::Receiver<Command>) -> (Vec<(Vec<u8>, Do
 }
 
 /// What the writer thread keeps between commands.
-struct Writer<'a> {
+struct Writer {
     storage: Box<dyn Storage>,
     /// The journal's length: where the next append lands.
     len: u64,
     /// Where the records not yet carried over by a compaction begin.
     since_compaction: u64,
-    /// The compaction being written: where the journal stood when it started, its file's length
-    /// so far, and who waits for it.
-    compacting: Option<((u64, u64), Done)>,
+    /// Who waits for the compaction being written, if one is.
+    compacting: Option<Done>,
     /// One batch's appends, concatenated (kept for its allocation).
     batch: Vec<u8>,
     /// For the compaction thread to report back ([`Command::Written`]); weak, so that the
     /// writer ends when the last `Journal` handle is dropped.
     tx: WeakSender<Command>,
-    stats: &'a Stats,
+    stats: Arc<Stats>,
 }
 
-impl Writer<'_> {
+impl Writer {
     /// Writes `appends` with one fsync and answers each.
-    fn append(&mut self, appends: Vec<(Vec<u8>, Done)>) {
+    fn append(&mut self, appends: Vec<(Vec<u8>, Appended)>) {
         if appends.is_empty() {
             return;
         }
         self.batch.clear();
         appends.iter().for_each(|(bytes, _)| self.batch.extend_from_slice(bytes));
-        let result = write_batch(&mut *self.storage, &mut self.len, &self.batch, self.stats);
+        let result = write_batch(&mut *self.storage, &mut self.len, &self.batch, &self.stats);
         for (_, done) in appends {
             let _ = done.send(result.clone());
         }
@@ -108,87 +152,130 @@ impl Writer<'_> {
             Command::Compact { done, .. } if self.compacting.is_some() => {
                 let _ = done.send(Err(JournalError("a compaction is already running".into())));
             }
-            Command::Compact { snapshot, done } => {
-                let (since, len) = (self.since_compaction, self.len);
-                match start_compaction(&mut *self.storage, since, len, snapshot, &self.tx, self.stats) {
-                    Ok(prefix) => self.compacting = Some(((len, prefix), done)),
+            Command::Compact { source, done } => {
+                let job = Job { source, since: self.since_compaction, mark: self.len, stats: self.stats.clone() };
+                match start_compaction(&mut *self.storage, job, &self.tx) {
+                    Ok(()) => self.compacting = Some(done),
                     Err(e) => drop(done.send(Err(e))),
                 }
             }
-            Command::Written { replacement } => {
-                let Some((at, done)) = self.compacting.take() else { return };
-                let result = match replacement {
-                    Ok(replacement) => {
-                        finish_compaction(&mut *self.storage, &mut self.len, at, replacement, self.stats)
-                    }
+            Command::Written { written } => {
+                let Some(done) = self.compacting.take() else { return };
+                let result = match written {
+                    Ok(written) => self.finish_compaction(written),
                     Err(e) => Err(JournalError(format!("journal compaction failed: {e}"))),
                 };
-                if let Ok(carried_from) = result {
-                    self.since_compaction = carried_from;
-                }
-                let _ = done.send(result.map(|_| ()));
+                let _ = done.send(result);
             }
         }
     }
+
+    /// Finishes a compaction whose file is written up to `copied_to` of the journal: copies the
+    /// few records appended since (at most about [`CATCH_UP_BYTES`]), syncs, and puts it in
+    /// place of the journal. Appends wait only for this.
+    fn finish_compaction(&mut self, written: Written) -> Result<Compacted, JournalError> {
+        let started = std::time::Instant::now();
+        let failed = |e: std::io::Error| JournalError(format!("journal compaction failed: {e}"));
+        if self.stats.broken.load(Ordering::Acquire) {
+            return Err(JournalError("the journal is broken after an earlier write failure; not compacting".into()));
+        }
+        let Written { mut replacement, records, snapshot_bytes, carried_from, copied_to, len } = written;
+        let rest = self.storage.read_range(copied_to, self.len).map_err(failed)?;
+        replacement.write(&rest).and_then(|()| replacement.sync()).map_err(failed)?;
+        self.storage.install(replacement).map_err(|e| {
+            // Renamed but not reopened, or worse: appends cannot be trusted to reach the journal.
+            self.stats.broken.store(true, Ordering::Release);
+            failed(e)
+        })?;
+        self.len = len + rest.len() as u64;
+        self.since_compaction = carried_from;
+        self.stats.len.store(self.len, Ordering::Release);
+        self.stats.bytes_since_compaction.store(self.len - carried_from, Ordering::Relaxed);
+        self.stats.snapshot_bytes.store(snapshot_bytes, Ordering::Relaxed);
+        let pause_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok(Compacted { records, snapshot_bytes, len: self.len, pause_micros, copied_in_pause: rest.len() as u64 })
+    }
 }
 
-/// Starts writing a compaction's file on a thread of its own: the magic, the snapshot, and the
-/// records appended since the previous compaction (`since..len`). It reports back with
-/// [`Command::Written`]. Returns the length that file will have.
-fn start_compaction(
-    storage: &mut dyn Storage,
+/// A compaction's work, for its thread: the snapshot, and the journal's records from `since`
+/// (those the previous compaction did not fold in) up to `mark` (where the journal stood when
+/// this one began), then those appended meanwhile, as far as `stats.len` says is durable.
+struct Job {
+    source: SnapshotSource,
     since: u64,
-    len: u64,
-    snapshot: Vec<u8>,
-    tx: &WeakSender<Command>,
-    stats: &Stats,
-) -> Result<u64, JournalError> {
+    mark: u64,
+    stats: Arc<Stats>,
+}
+
+/// Starts writing a compaction's file on a thread of its own, which reports back with
+/// [`Command::Written`].
+fn start_compaction(storage: &mut dyn Storage, job: Job, tx: &WeakSender<Command>) -> Result<(), JournalError> {
     let failed = |e: std::io::Error| JournalError(format!("journal compaction failed: {e}"));
-    if stats.broken.load(Ordering::Acquire) {
+    if job.stats.broken.load(Ordering::Acquire) {
         return Err(JournalError("the journal is broken after an earlier write failure; not compacting".into()));
     }
-    let carried = storage.read_range(since, len).map_err(failed)?;
-    let mut replacement = storage.start_replacement().map_err(failed)?;
+    let reader = storage.reader().map_err(failed)?;
+    let replacement = storage.start_replacement().map_err(failed)?;
     let tx = tx.upgrade().ok_or_else(|| JournalError("the journal is shutting down".into()))?;
-    let prefix = (MAGIC.len() + snapshot.len() + carried.len()) as u64;
     std::thread::Builder::new()
         .name("ephemera-compact".into())
         .spawn(move || {
-            let written = [MAGIC.as_slice(), &snapshot, &carried]
-                .into_iter()
-                .try_for_each(|bytes| replacement.write(bytes))
-                .and_then(|()| replacement.sync())
-                .map(|()| replacement);
-            let _ = tx.blocking_send(Command::Written { replacement: written });
+            let written = write_compaction(job, reader, replacement);
+            let _ = tx.blocking_send(Command::Written { written });
         })
-        .map(|_| prefix)
+        .map(|_| ())
         .map_err(failed)
 }
 
-/// Finishes a compaction whose file is written (`prefix` bytes so far): copies over the records
-/// appended since it started (`mark..len`), syncs, and puts it in place of the journal. Returns
-/// where those records begin in the new file: they are what the next compaction carries over.
-fn finish_compaction(
-    storage: &mut dyn Storage,
-    len: &mut u64,
-    (mark, prefix): (u64, u64),
-    mut replacement: Box<dyn Replacement>,
-    stats: &Stats,
-) -> Result<u64, JournalError> {
-    let failed = |e: std::io::Error| JournalError(format!("journal compaction failed: {e}"));
-    if stats.broken.load(Ordering::Acquire) {
-        return Err(JournalError("the journal is broken after an earlier write failure; not compacting".into()));
+/// A compaction's file, synced every [`SYNC_EVERY`] bytes.
+struct Paced {
+    file: Box<dyn Replacement>,
+    len: u64,
+    unsynced: u64,
+}
+
+impl Paced {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write(bytes)?;
+        self.len += bytes.len() as u64;
+        self.unsynced += bytes.len() as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync()?;
+            self.unsynced = 0;
+        }
+        Ok(())
     }
-    let appended = storage.read_range(mark, *len).map_err(failed)?;
-    replacement.write(&appended).and_then(|()| replacement.sync()).map_err(failed)?;
-    storage.install(replacement).map_err(|e| {
-        // Renamed but not reopened, or worse: appends cannot be trusted to reach the journal.
-        stats.broken.store(true, Ordering::Release);
-        failed(e)
-    })?;
-    *len = prefix + appended.len() as u64;
-    stats.bytes_since_compaction.store(appended.len() as u64, Ordering::Relaxed);
-    Ok(prefix)
+}
+
+/// The compaction thread's work: the magic, the snapshot (streamed from its source), the
+/// records since the previous compaction, then the appends made meanwhile, until fewer than
+/// [`CATCH_UP_BYTES`] are left for the writer.
+fn write_compaction(
+    Job { source, since, mark, stats }: Job,
+    reader: Box<dyn JournalReader>,
+    replacement: Box<dyn Replacement>,
+) -> std::io::Result<Written> {
+    let mut out = Paced { file: replacement, len: 0, unsynced: 0 };
+    out.write(MAGIC)?;
+    let records = source(&mut |bytes| out.write(bytes))?;
+    let snapshot_bytes = out.len;
+    let carried_from = snapshot_bytes + (mark - since);
+    let (mut from, mut to) = (since, mark);
+    loop {
+        while from < to {
+            let end = to.min(from + COPY_CHUNK);
+            out.write(&reader.read_at(from, end)?)?;
+            from = end;
+        }
+        // Durable bytes only: what an append has not finished may still be cut back.
+        let durable = stats.len.load(Ordering::Acquire);
+        if durable.saturating_sub(from) < CATCH_UP_BYTES {
+            break;
+        }
+        to = durable;
+    }
+    out.file.sync()?;
+    Ok(Written { replacement: out.file, records, snapshot_bytes, carried_from, copied_to: from, len: out.len })
 }
 
 fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &Stats) -> Result<(), JournalError> {
@@ -198,6 +285,7 @@ fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &S
     match storage.append(batch).and_then(|()| storage.sync()) {
         Ok(()) => {
             *len += batch.len() as u64;
+            stats.len.store(*len, Ordering::Release);
             stats.bytes_since_compaction.fetch_add(batch.len() as u64, Ordering::Relaxed);
             stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -291,6 +379,9 @@ mod tests {
         fn read_range(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
             self.inner.read_range(from, to)
         }
+        fn reader(&mut self) -> std::io::Result<Box<dyn JournalReader>> {
+            self.inner.reader()
+        }
         fn start_replacement(&mut self) -> std::io::Result<Box<dyn Replacement>> {
             let inner = self.inner.start_replacement()?;
             Ok(Box::new(GatedReplacement { inner, entered: self.entered.clone(), gate: self.gate.clone() }))
@@ -344,6 +435,57 @@ mod tests {
         // compaction (copied over at the end), and the one after it.
         assert_eq!(decoded, vec![lease(1), lease(1), lease(2), lease(3), lease(4)]);
         assert!(!path.with_extension("compact").exists());
+    }
+
+    #[tokio::test]
+    async fn appends_made_during_a_long_snapshot_are_copied_by_the_compaction_thread_not_in_the_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (storage, opened) = FileStorage::open(&path).unwrap();
+        let journal = Journal::start(Box::new(storage), opened.len);
+        journal.append(&[lease(0)]).await.unwrap();
+        let (started, in_source) = std::sync::mpsc::channel();
+        let (release, go) = std::sync::mpsc::channel::<()>();
+        let compaction = tokio::spawn({
+            let journal = journal.clone();
+            // The snapshot takes as long as the test wants: a million leases' worth.
+            async move {
+                journal
+                    .compact_from(Box::new(move |sink| {
+                        started.send(()).unwrap();
+                        go.recv().unwrap();
+                        let mut bytes = Vec::new();
+                        crate::ledger::journal::SnapshotEncoder::default().encode(&[lease(0)], &mut bytes);
+                        sink(&bytes).map(|()| 1)
+                    }))
+                    .await
+            }
+        });
+        tokio::task::spawn_blocking(move || in_source.recv().unwrap()).await.unwrap();
+        let mut appended = Vec::new();
+        for chunk in 1..=40 {
+            let batch: Vec<Event> = (chunk * 100..chunk * 100 + 100).map(lease).collect();
+            journal.append(&batch).await.unwrap();
+            appended.extend(batch);
+        }
+        let appended_bytes = journal.stats().len.load(Ordering::Acquire) - opened.len;
+        assert!(appended_bytes > 4 * CATCH_UP_BYTES, "the test appends too little: {appended_bytes} bytes");
+        release.send(()).unwrap();
+        let compacted = compaction.await.unwrap().unwrap();
+        assert!(
+            compacted.copied_in_pause < CATCH_UP_BYTES,
+            "appends waited while the writer copied {} bytes",
+            compacted.copied_in_pause
+        );
+        journal.append(&[lease(9999)]).await.unwrap();
+        drop(journal);
+        let (decoded, _) = decode(&std::fs::read(&path).unwrap()).unwrap();
+        // The snapshot, the record it carries over, every append made meanwhile, in order.
+        let mut expected = vec![lease(0), lease(0)];
+        expected.extend(appended);
+        expected.push(lease(9999));
+        assert_eq!(decoded.len(), expected.len());
+        assert!(decoded == expected, "the compacted journal lost or reordered a record");
     }
 
     #[tokio::test]
