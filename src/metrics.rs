@@ -43,6 +43,8 @@ pub struct Gauges {
     pub overloaded: u64,
     /// Keys the limits' tables track now.
     pub limits_tracked: usize,
+    /// The file store's journal compactions (`None` on PostgreSQL).
+    pub compactions: Option<crate::ledger::CompactionStats>,
 }
 
 impl Metrics {
@@ -95,6 +97,7 @@ impl Metrics {
         render_jwks(&mut out, gauges);
         render_github(&mut out, gauges);
         render_limits(&mut out, gauges);
+        render_compactions(&mut out, gauges);
         out
     }
 
@@ -268,6 +271,49 @@ fn render_limits(out: &mut String, gauges: &Gauges) {
     );
 }
 
+/// The file store's journal compactions (issue 23): how often, what they cost, and the one
+/// pause each makes appends wait.
+fn render_compactions(out: &mut String, gauges: &Gauges) {
+    let Some(c) = &gauges.compactions else { return };
+    let families: [(&str, &str, &str, String); 7] = [
+        ("ephemera_journal_compactions_total", "Journal compactions finished.", "counter", c.compactions.to_string()),
+        ("ephemera_journal_compacting", "1 while a journal compaction runs.", "gauge", u8::from(c.running).to_string()),
+        (
+            "ephemera_journal_compaction_cpu_seconds_total",
+            "CPU time of the compactions' own threads.",
+            "counter",
+            c.cpu_seconds.to_string(),
+        ),
+        (
+            "ephemera_journal_compaction_pause_seconds_max",
+            "The longest time appends waited for a compaction (its final copy and rename).",
+            "gauge",
+            c.pause_max_seconds.to_string(),
+        ),
+        (
+            "ephemera_journal_compaction_records",
+            "Records the last compaction's snapshot held.",
+            "gauge",
+            c.last_records.to_string(),
+        ),
+        (
+            "ephemera_journal_snapshot_bytes",
+            "Bytes of the last compaction's snapshot (the next waits for compact_ratio of this).",
+            "gauge",
+            c.last_snapshot_bytes.to_string(),
+        ),
+        (
+            "ephemera_journal_appended_bytes_total",
+            "Bytes appended to the journal since the start.",
+            "counter",
+            c.appended_bytes.to_string(),
+        ),
+    ];
+    for (name, help, kind, value) in families {
+        single(out, name, help, kind, value);
+    }
+}
+
 /// A family's `# HELP` and `# TYPE` lines.
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -323,6 +369,15 @@ mod tests {
             rate_limited: vec![("address", 3), ("cool-off", 0)],
             overloaded: 2,
             limits_tracked: 7,
+            compactions: Some(crate::ledger::CompactionStats {
+                compactions: 3,
+                running: true,
+                cpu_seconds: 1.25,
+                pause_max_seconds: 0.004,
+                last_records: 1_000_002,
+                last_snapshot_bytes: 330_000_000,
+                appended_bytes: 512,
+            }),
         };
         let expected = "\
 # HELP ephemera_exchanges_total Exchanges by policy and outcome.
@@ -407,6 +462,27 @@ ephemera_overloaded_total 2
 # HELP ephemera_limit_keys_tracked Addresses, issuers and repositories the abuse limits track now.
 # TYPE ephemera_limit_keys_tracked gauge
 ephemera_limit_keys_tracked 7
+# HELP ephemera_journal_compactions_total Journal compactions finished.
+# TYPE ephemera_journal_compactions_total counter
+ephemera_journal_compactions_total 3
+# HELP ephemera_journal_compacting 1 while a journal compaction runs.
+# TYPE ephemera_journal_compacting gauge
+ephemera_journal_compacting 1
+# HELP ephemera_journal_compaction_cpu_seconds_total CPU time of the compactions' own threads.
+# TYPE ephemera_journal_compaction_cpu_seconds_total counter
+ephemera_journal_compaction_cpu_seconds_total 1.25
+# HELP ephemera_journal_compaction_pause_seconds_max The longest time appends waited for a compaction (its final copy and rename).
+# TYPE ephemera_journal_compaction_pause_seconds_max gauge
+ephemera_journal_compaction_pause_seconds_max 0.004
+# HELP ephemera_journal_compaction_records Records the last compaction's snapshot held.
+# TYPE ephemera_journal_compaction_records gauge
+ephemera_journal_compaction_records 1000002
+# HELP ephemera_journal_snapshot_bytes Bytes of the last compaction's snapshot (the next waits for compact_ratio of this).
+# TYPE ephemera_journal_snapshot_bytes gauge
+ephemera_journal_snapshot_bytes 330000000
+# HELP ephemera_journal_appended_bytes_total Bytes appended to the journal since the start.
+# TYPE ephemera_journal_appended_bytes_total counter
+ephemera_journal_appended_bytes_total 512
 ";
         assert_eq!(m.render(&gauges), expected);
     }

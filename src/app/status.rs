@@ -103,6 +103,7 @@ impl App {
             rate_limited: self.limits.refused(),
             overloaded: self.limits.overloaded(),
             limits_tracked: self.limits.tracked(),
+            compactions: self.store.compactions(),
         })
     }
 

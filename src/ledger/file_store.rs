@@ -7,16 +7,16 @@
 //! applied, so the lease reads `revoked` only once that is durable — until then it stays
 //! pending and its stalled-attempt retry runs it again.
 
-use super::journal::{FileStorage, Journal, JournalError, SnapshotEncoder, SnapshotSource, Storage};
+use super::journal::{Compacted, FileStorage, Journal, JournalError, SnapshotEncoder, SnapshotSource, Storage};
 use super::memory::Memory;
-use super::store::{Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
+use super::store::{CompactionStats, Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
 use super::{Event, Lease, LeaseCredential, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
 use crate::clock::UnixSeconds;
 use crate::identity::ReplayKey;
 use crate::mint::{BoxFuture, RevokeHandle};
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::task::JoinHandle;
 
@@ -53,6 +53,26 @@ pub struct FileStore {
     compaction: Mutex<Option<JoinHandle<()>>>,
     /// Records written by compactions that finished since the last `maintain` asked.
     compacted: Arc<AtomicUsize>,
+    /// Every compaction so far, for `/metrics`.
+    totals: Arc<Totals>,
+}
+
+/// Compaction figures since the start ([`CompactionStats`]).
+#[derive(Default)]
+struct Totals {
+    compactions: AtomicU64,
+    cpu_micros: AtomicU64,
+    pause_max_micros: AtomicU64,
+    last_records: AtomicU64,
+}
+
+impl Totals {
+    fn add(&self, c: &Compacted) {
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+        self.cpu_micros.fetch_add(c.cpu_micros, Ordering::Relaxed);
+        self.pause_max_micros.fetch_max(c.pause_micros, Ordering::Relaxed);
+        self.last_records.store(c.records as u64, Ordering::Relaxed);
+    }
 }
 
 impl FileStore {
@@ -108,7 +128,7 @@ impl FileStore {
     }
 
     fn new(memory: Memory, journal: Option<Journal>, options: FileStoreOptions) -> FileStore {
-        FileStore { memory: Arc::new(memory), journal, options, compaction: Mutex::new(None), compacted: Arc::default() }
+        FileStore { memory: Arc::new(memory), journal, options, compaction: Mutex::new(None), compacted: Arc::default(), totals: Arc::default() }
     }
 
     /// Applies a journal record to memory as a replay would (the bench builds large stores so).
@@ -246,7 +266,8 @@ impl FileStore {
         if grown < self.options.compact_bytes || (grown as f64) < self.options.compact_ratio * snapshot {
             return finished;
         }
-        let (journal, memory, compacted) = (journal.clone(), self.memory.clone(), self.compacted.clone());
+        let (journal, memory) = (journal.clone(), self.memory.clone());
+        let (compacted, totals) = (self.compacted.clone(), self.totals.clone());
         *running = Some(tokio::spawn(async move {
             let started = std::time::Instant::now();
             let source: SnapshotSource = Box::new(move |sink| write_snapshot(&memory, sink));
@@ -262,6 +283,7 @@ impl FileStore {
                         "journal compacted"
                     );
                     compacted.fetch_add(c.records, Ordering::Relaxed);
+                    totals.add(&c);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "journal compaction failed; appends continue on the old journal");
@@ -411,6 +433,21 @@ impl LeaseStore for FileStore {
             Some(j) if j.stats().broken.load(Ordering::Acquire) => Health::Broken,
             _ => Health::Open,
         }
+    }
+
+    fn compactions(&self) -> Option<CompactionStats> {
+        let journal = self.journal.as_ref()?;
+        let t = &self.totals;
+        let running = self.compaction.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(CompactionStats {
+            compactions: t.compactions.load(Ordering::Relaxed),
+            running: running.as_ref().is_some_and(|task| !task.is_finished()),
+            cpu_seconds: t.cpu_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            pause_max_seconds: t.pause_max_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            last_records: t.last_records.load(Ordering::Relaxed),
+            last_snapshot_bytes: journal.stats().snapshot_bytes.load(Ordering::Relaxed),
+            appended_bytes: journal.stats().appended_bytes.load(Ordering::Relaxed),
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -114,6 +114,22 @@ pub struct Maintained {
     pub compacted: usize,
 }
 
+/// What the file store's journal compactions did since the start (`/metrics`, the bench).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CompactionStats {
+    pub compactions: u64,
+    pub running: bool,
+    /// CPU time of the compactions' own threads, all of them.
+    pub cpu_seconds: f64,
+    /// The longest time appends waited for one (its final copy and rename).
+    pub pause_max_seconds: f64,
+    /// The last one's records and snapshot size.
+    pub last_records: u64,
+    pub last_snapshot_bytes: u64,
+    /// Bytes appended to the journal since the start.
+    pub appended_bytes: u64,
+}
+
 /// Where leases live. See the module docs for the guarantee of each group.
 pub trait LeaseStore: Send + Sync {
     // ---- issue ---------------------------------------------------------------------------
@@ -241,6 +257,11 @@ pub trait LeaseStore: Send + Sync {
     fn maintain(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Maintained, StoreError>>;
 
     fn health(&self) -> Health;
+
+    /// Journal compactions so far (`None`: a store without a journal to compact).
+    fn compactions(&self) -> Option<CompactionStats> {
+        None
+    }
 
     /// Waits until everything recorded so far is durable (shutdown).
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;

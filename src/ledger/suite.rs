@@ -416,6 +416,9 @@ async fn compactions_are_spaced_in_proportion_to_the_last_snapshot() {
     assert_eq!(s.maintain(1).await.unwrap().compacted, 0, "started, in the background");
     s.flush().await.unwrap();
     assert_eq!(s.maintain(1).await.unwrap().compacted, 50, "the first compaction wrote every lease");
+    let figures = s.compactions().unwrap();
+    assert_eq!((figures.compactions, figures.running, figures.last_records), (1, false, 50));
+    assert!(figures.appended_bytes > 0 && figures.last_snapshot_bytes > 0, "{figures:?}");
     let snapshot = std::fs::metadata(dir.path().join("journal")).unwrap().len();
     // Appends short of twice the snapshot: no compaction.
     let mut i = 0;

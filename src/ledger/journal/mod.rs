@@ -118,6 +118,8 @@ pub struct Stats {
     pub snapshot_bytes: AtomicU64,
     /// The journal's durable length: a compaction's thread copies appends up to here.
     pub len: AtomicU64,
+    /// Bytes appended since the start (a compaction's rewrites not counted).
+    pub appended_bytes: AtomicU64,
     pub fsyncs: AtomicU64,
     /// Set after a write that could not be undone: every later append fails until a restart.
     pub broken: AtomicBool,
