@@ -190,6 +190,11 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     ]
 }
 
+/// A compacted journal of `count` live leases at `path` (rows 11: the broker's live set).
+pub fn write_live_journal(path: &Path, count: usize) -> u64 {
+    write_journal(path, count, &Leases::new(), 0, |_| {})
+}
+
 /// Writes a journal of `count` leases, handing every lease's `Created` event to `sink` once it
 /// is encoded. Bytes written.
 ///

@@ -1,7 +1,7 @@
 //! ephemera's benchmark harness (issue 7). `scripts/bench` builds it in release and runs it:
 //!
 //!     target/release/examples/bench [--quick] [--broker target/release/ephemera] [--perf DIR]
-//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood] [--leases N]
+//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood,live-set] [--leases N]
 //!                                   [--keep DIR]
 //!
 //! It prints one Markdown table. Every row is measured in this run, next to a baseline measured
@@ -25,6 +25,7 @@ mod github;
 mod http;
 mod jwks;
 mod ledger;
+mod live_set;
 mod load;
 mod postgres;
 mod procfs;
@@ -67,7 +68,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood] [--leases N] [--keep DIR]"
+                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood,live-set] [--leases N] [--keep DIR]"
             );
             return ExitCode::from(2);
         }
@@ -84,9 +85,20 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         quick: false,
         broker: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera")),
         perf: None,
-        only: ["crypto", "exchange", "jwks", "ledger", "postgres", "renew", "github", "token-exchange", "flood"]
-            .map(String::from)
-            .to_vec(),
+        only: [
+            "crypto",
+            "exchange",
+            "jwks",
+            "ledger",
+            "postgres",
+            "renew",
+            "github",
+            "token-exchange",
+            "flood",
+            "live-set",
+        ]
+        .map(String::from)
+        .to_vec(),
         leases: None,
         keep: None,
     };
@@ -198,6 +210,15 @@ fn run(args: &Args) -> Vec<Row> {
         let plan = exchange::Plan::new(args.quick);
         rows.extend(rt.block_on(flood::run(&args.broker, &plan, &dir)));
     }
+    if wants("live-set") {
+        let big = args.leases.unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+        eprintln!(
+            "== 11. the exchange under a large live set: 1k vs {big} live leases, compactions running (issue 23)"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let plan = exchange::Plan::new(args.quick);
+        rows.extend(rt.block_on(live_set::run(&args.broker, &plan, &dir.join("live-set"), big)));
+    }
     rows.sort_by_key(|r| order(&r.id));
     rows
 }
@@ -206,6 +227,7 @@ fn run(args: &Args) -> Vec<Row> {
 fn order(id: &str) -> (u8, String) {
     let rank = match id.chars().next() {
         Some('1') if id.starts_with("10") => 10,
+        Some('1') if id.starts_with("11") => 11,
         Some(c @ '1'..='9') => c as u8 - b'0',
         Some('A') => 20,
         _ => 30,

@@ -52,6 +52,17 @@ pub fn cpu(pid: &str) -> Cpu {
     Cpu { per_thread, total: cpu_seconds(pid) }
 }
 
+/// [`cpu`] without the threads whose name starts with `skip` (the journal's compaction
+/// threads, `ephemera-compact`: the bench accounts for them apart).
+pub fn cpu_without(pid: &str, skip: &str) -> Cpu {
+    let mut all = cpu(pid);
+    all.per_thread.retain(|tid, _| {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        !comm.starts_with(skip)
+    });
+    all
+}
+
 /// [`cpu`] of several processes together (a database server's: a process per connection).
 pub fn cpu_of(pids: &[String]) -> Cpu {
     let mut all = Cpu { per_thread: HashMap::new(), total: 0.0 };

@@ -55,6 +55,52 @@ pub struct FileStore {
     compacted: Arc<AtomicUsize>,
     /// Every compaction so far, for `/metrics`.
     totals: Arc<Totals>,
+    /// Appends between their record and their effect in memory.
+    appends: Arc<Appends>,
+}
+
+/// Appends whose records may be durable while their effect is not in memory yet, counted by
+/// epoch. A compaction's snapshot is read from memory, so before it starts every record
+/// already in the journal must be in memory too; the records after that point are carried over
+/// into the new file as they are.
+///
+/// The compaction reads the journal's durable length first (`since`), then flips the epoch and
+/// waits until the appends of the old epoch have left: every record before `since` was sent by
+/// an append that entered before that read, hence in the old epoch, so its effect is in memory
+/// once they have all left. An append that enters after the flip sends its record after `since`
+/// was read, so that record is carried over. (The wait lasts about one group commit.)
+#[derive(Default)]
+struct Appends {
+    epoch: AtomicUsize,
+    in_flight: [AtomicUsize; 2],
+}
+
+impl Appends {
+    fn enter(&self) -> Recording<'_> {
+        let slot = self.epoch.load(Ordering::SeqCst) & 1;
+        self.in_flight[slot].fetch_add(1, Ordering::SeqCst);
+        Recording { appends: self, slot }
+    }
+
+    /// Flips the epoch and waits for every append that entered before the flip to leave.
+    async fn drain(&self) {
+        let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
+        while self.in_flight[old].load(Ordering::SeqCst) != 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// An append on its way from the journal to memory ([`Appends`]).
+struct Recording<'a> {
+    appends: &'a Appends,
+    slot: usize,
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        self.appends.in_flight[self.slot].fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Compaction figures since the start ([`CompactionStats`]).
@@ -128,7 +174,15 @@ impl FileStore {
     }
 
     fn new(memory: Memory, journal: Option<Journal>, options: FileStoreOptions) -> FileStore {
-        FileStore { memory: Arc::new(memory), journal, options, compaction: Mutex::new(None), compacted: Arc::default(), totals: Arc::default() }
+        FileStore {
+            memory: Arc::new(memory),
+            journal,
+            options,
+            compaction: Mutex::new(None),
+            compacted: Arc::default(),
+            totals: Arc::default(),
+            appends: Arc::default(),
+        }
     }
 
     /// Applies a journal record to memory as a replay would (the bench builds large stores so).
@@ -145,10 +199,13 @@ impl FileStore {
         self.len() == 0
     }
 
-    async fn record(&self, events: &[Event]) -> Result<(), JournalError> {
+    /// Appends `events`; the guard it returns is to be held until their effect is in memory
+    /// (a compaction waits for that: [`Appends`]).
+    async fn record(&self, events: &[Event]) -> Result<Recording<'_>, JournalError> {
+        let recording = self.appends.enter();
         match &self.journal {
-            Some(j) => j.append(events).await,
-            None => Ok(()),
+            Some(j) => j.append(events).await.map(|()| recording),
+            None => Ok(recording),
         }
     }
 
@@ -166,14 +223,18 @@ impl FileStore {
             events.push(Event::JtiUsed { key: key.key().to_string(), exp: key.until() });
         }
         events.push(Event::Created { lease: lease.clone() });
-        if let Err(e) = self.record(&events).await {
-            if let Some(key) = replay {
-                self.memory.release_jti(key.key());
+        match self.record(&events).await {
+            Ok(_recorded) => {
+                self.memory.insert(lease);
+                Ok(())
             }
-            return Err(IssueError::Store(StoreError(e.0)));
+            Err(e) => {
+                if let Some(key) = replay {
+                    self.memory.release_jti(key.key());
+                }
+                Err(IssueError::Store(StoreError(e.0)))
+            }
         }
-        self.memory.insert(lease);
-        Ok(())
     }
 
     /// Memory first, under the lease's entry lock (so a revocation that starts next takes the
@@ -189,7 +250,7 @@ impl FileStore {
     async fn import_now(&self, records: &[Event]) -> Result<usize, StoreError> {
         check_importable(records)?;
         let before = self.memory.len();
-        self.record(records).await.map_err(|e| StoreError(e.0))?;
+        let _recorded = self.record(records).await.map_err(|e| StoreError(e.0))?;
         records.iter().for_each(|e| self.memory.apply(e.clone()));
         Ok(self.memory.len() - before)
     }
@@ -225,7 +286,7 @@ impl FileStore {
         let Some(event) = self.memory.outcome(id, error, now, &self.options.retry) else { return Ok(None) };
         // Durable first: a lease must not read `revoked` (and so be forgotten, and after a
         // restart come back active) on the strength of a record the disk never took.
-        self.record(std::slice::from_ref(&event)).await.map_err(|e| StoreError(e.0))?;
+        let _recorded = self.record(std::slice::from_ref(&event)).await.map_err(|e| StoreError(e.0))?;
         self.memory.apply(event);
         Ok(self.memory.state(id))
     }
@@ -266,12 +327,15 @@ impl FileStore {
         if grown < self.options.compact_bytes || (grown as f64) < self.options.compact_ratio * snapshot {
             return finished;
         }
-        let (journal, memory) = (journal.clone(), self.memory.clone());
+        let (journal, memory, appends) = (journal.clone(), self.memory.clone(), self.appends.clone());
         let (compacted, totals) = (self.compacted.clone(), self.totals.clone());
         *running = Some(tokio::spawn(async move {
             let started = std::time::Instant::now();
+            // Everything before `since` in memory before the snapshot is read ([`Appends`]).
+            let since = journal.stats().len.load(Ordering::Acquire);
+            appends.drain().await;
             let source: SnapshotSource = Box::new(move |sink| write_snapshot(&memory, sink));
-            match journal.compact_from(source).await {
+            match journal.compact_from(source, Some(since)).await {
                 Ok(c) => {
                     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     tracing::info!(
@@ -303,33 +367,32 @@ impl FileStore {
 }
 
 /// Writes every remembered lease and guarded `jti` into a compaction's file, in pieces of about
-/// a megabyte, straight from memory: nothing is cloned but the ids, and no map lock is held for
-/// longer than one lease's encoding (the request path goes on meanwhile).
+/// 256 KiB, straight from memory: nothing is cloned but the ids, a map lock is held only while
+/// one lease is encoded, and never while a piece is written (a write can wait on the disk).
+/// A lease added meanwhile may be missed and one forgotten meanwhile skipped: the records
+/// carried over cover both ([`Appends`]).
 fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<usize> {
-    const PIECE: usize = 1024 * 1024;
+    const PIECE: usize = 256 * 1024;
     let mut encoder = SnapshotEncoder::default();
     let mut out = Vec::with_capacity(PIECE + 64 * 1024);
     let mut records = 0;
-    let mut result = Ok(());
-    let mut flush_if_full = |out: &mut Vec<u8>, result: &mut std::io::Result<()>| {
-        if out.len() >= PIECE && result.is_ok() {
-            *result = sink(out);
+    for id in memory.lease_ids() {
+        if memory.with_lease(&id, |lease| encoder.encode_lease(lease, &mut out)) {
+            records += 1;
+        }
+        if out.len() >= PIECE {
+            sink(&out)?;
             out.clear();
         }
-    };
-    memory.each_lease(|lease| {
-        encoder.encode_lease(lease, &mut out);
-        records += 1;
-        flush_if_full(&mut out, &mut result);
-        result.is_ok()
-    });
-    memory.each_jti(|key, exp| {
+    }
+    for (key, exp) in memory.jtis() {
         encoder.encode(&[Event::JtiUsed { key: key.to_string(), exp }], &mut out);
         records += 1;
-        flush_if_full(&mut out, &mut result);
-        result.is_ok()
-    });
-    result?;
+        if out.len() >= PIECE {
+            sink(&out)?;
+            out.clear();
+        }
+    }
     sink(&out)?;
     Ok(records)
 }
@@ -469,5 +532,27 @@ pub(super) fn check_importable(records: &[Event]) -> Result<(), StoreError> {
         Ok(())
     } else {
         Err(StoreError("ledger import: only lease and replay-key records (`created`, `jti_used`) are imported".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    #[tokio::test]
+    async fn a_compaction_waits_for_appends_that_entered_before_it_and_only_those() {
+        let appends = Appends::default();
+        let early = appends.enter(); // its record may be durable, its effect not in memory yet
+        let mut drain = std::pin::pin!(appends.drain());
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(drain.as_mut().poll(&mut cx).is_pending(), "the snapshot would miss the early append's effect");
+        let late = appends.enter(); // after the flip: its record lands after `since`, carried over
+        assert!(drain.as_mut().poll(&mut cx).is_pending());
+        drop(early);
+        drain.await; // returns although `late` is still in flight
+        drop(late);
+        assert_eq!(appends.in_flight.iter().map(|n| n.load(Ordering::SeqCst)).sum::<usize>(), 0);
     }
 }

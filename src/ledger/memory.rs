@@ -136,28 +136,21 @@ impl Memory {
         events
     }
 
-    /// Calls `f` with every remembered lease, one map read at a time (the ids are collected
-    /// first), until it returns `false`. A lease added meanwhile may be missed and one forgotten
-    /// meanwhile skipped: compaction, the caller, carries the journal's records over for that.
-    pub(super) fn each_lease(&self, mut f: impl FnMut(&Lease) -> bool) {
-        let ids: Vec<Arc<str>> = self.leases.iter().map(|l| l.key().clone()).collect();
-        for id in ids {
-            if let Some(lease) = self.leases.get(&id)
-                && !f(&lease)
-            {
-                return;
-            }
-        }
+    /// The ids of every remembered lease, for a compaction to read them one by one
+    /// ([`Memory::with_lease`]) without holding a map lock for longer than one lease takes.
+    pub(super) fn lease_ids(&self) -> Vec<Arc<str>> {
+        self.leases.iter().map(|l| l.key().clone()).collect()
     }
 
-    /// Calls `f` with every guarded `jti` and its expiry, as [`Memory::each_lease`].
-    pub(super) fn each_jti(&self, mut f: impl FnMut(&str, UnixSeconds) -> bool) {
-        let keys: Vec<(Arc<str>, UnixSeconds)> = self.jtis.iter().map(|e| (e.key().clone(), *e.value())).collect();
-        for (key, exp) in keys {
-            if !f(&key, exp) {
-                return;
-            }
-        }
+    /// Calls `f` with lease `id` under its map entry's read lock (`false` if it is gone). `f`
+    /// must be quick and must not block: the lock stops every write to the lease's shard.
+    pub(super) fn with_lease(&self, id: &str, f: impl FnOnce(&Lease)) -> bool {
+        self.leases.get(id).map(|lease| f(&lease)).is_some()
+    }
+
+    /// Every guarded `jti` and its expiry, copied.
+    pub(super) fn jtis(&self) -> Vec<(Arc<str>, UnixSeconds)> {
+        self.jtis.iter().map(|e| (e.key().clone(), *e.value())).collect()
     }
 
     // ---- issuing -----------------------------------------------------------------------

@@ -429,7 +429,12 @@ async fn compactions_are_spaced_in_proportion_to_the_last_snapshot() {
     }
     s.maintain(2).await.unwrap();
     s.flush().await.unwrap();
-    assert_eq!(s.maintain(2).await.unwrap().compacted, 0, "compacted after {} of {snapshot} bytes", appended(dir.path()));
+    assert_eq!(
+        s.maintain(2).await.unwrap().compacted,
+        0,
+        "compacted after {} of {snapshot} bytes",
+        appended(dir.path())
+    );
     while appended(dir.path()) < 2 * snapshot {
         s.issue(lease(&format!("b{i}"), "j", 1000), None).await.unwrap();
         i += 1;
@@ -455,7 +460,9 @@ async fn leases_issued_and_ended_while_compactions_stream_the_snapshot_all_survi
             tokio::spawn(async move {
                 for i in 0..300 {
                     let id = format!("w{w}-{i}");
-                    s.issue(lease(&id, &format!("job{w}"), 1000), Some(&ReplayKey::new(id.clone(), 2000))).await.unwrap();
+                    s.issue(lease(&id, &format!("job{w}"), 1000), Some(&ReplayKey::new(id.clone(), 2000)))
+                        .await
+                        .unwrap();
                     if i % 3 == 0 {
                         s.begin_revoke(&id, "job", 5).await.unwrap().unwrap();
                         s.finish_revoke(&id, None, 5).await.unwrap();

@@ -1,10 +1,10 @@
 //! The journal's records (the format in the [module docs](super)): framing and checksums, the
 //! binary lease record, the compaction's dictionary form, and reading a file of them back.
 
-use crate::ledger::{Event, Lease};
 use crate::ledger::codec::{get_str, get_varint, put_varint};
 use crate::ledger::snapshot::ClaimSnapshot;
 use crate::ledger::strings::{FileDict, ReplayMemo};
+use crate::ledger::{Event, Lease};
 
 pub(super) const MAGIC: &[u8; 8] = b"EPHJRNL1";
 /// No single event is anywhere near this; a larger length field means a corrupt header.

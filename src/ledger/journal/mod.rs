@@ -165,20 +165,25 @@ impl Journal {
     /// reflect yet (module docs). Tests and tools; the store streams its snapshot with
     /// [`Journal::compact_from`].
     pub async fn compact(&self, snapshot: Vec<Event>) -> Result<Compacted, JournalError> {
-        self.compact_from(Box::new(move |sink| {
-            let mut bytes = Vec::new();
-            SnapshotEncoder::default().encode(&snapshot, &mut bytes);
-            sink(&bytes).map(|()| snapshot.len())
-        }))
+        self.compact_from(
+            Box::new(move |sink| {
+                let mut bytes = Vec::new();
+                SnapshotEncoder::default().encode(&snapshot, &mut bytes);
+                sink(&bytes).map(|()| snapshot.len())
+            }),
+            None,
+        )
         .await
     }
 
     /// [`Journal::compact`] with a snapshot written by `source`, on the compaction's own thread,
-    /// while appends go on (module docs).
-    pub async fn compact_from(&self, source: SnapshotSource) -> Result<Compacted, JournalError> {
+    /// while appends go on (module docs). `since`: the journal offset from which records are
+    /// carried over, when the caller knows the snapshot holds everything before it (the store
+    /// does: `FileStore`'s `Appends`); `None` carries over everything since the last compaction.
+    pub async fn compact_from(&self, source: SnapshotSource, since: Option<u64>) -> Result<Compacted, JournalError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Command::Compact { source, done })
+            .send(Command::Compact { source, since, done })
             .await
             .map_err(|_| JournalError("the journal writer stopped".into()))?;
         wait.await.map_err(|_| JournalError("the journal writer stopped".into()))?

@@ -54,6 +54,8 @@ pub(super) enum Command {
     },
     Compact {
         source: SnapshotSource,
+        /// Carry over from here instead of from the last compaction's mark.
+        since: Option<u64>,
         done: Done,
     },
     /// From the compaction's thread: its file, written and synced up to `copied_to` of the
@@ -155,8 +157,11 @@ impl Writer {
             Command::Compact { done, .. } if self.compacting.is_some() => {
                 let _ = done.send(Err(JournalError("a compaction is already running".into())));
             }
-            Command::Compact { source, done } => {
-                let job = Job { source, since: self.since_compaction, mark: self.len, stats: self.stats.clone() };
+            Command::Compact { source, since, done } => {
+                // Never past the journal's end, and never later than it may be: a caller's
+                // `since` only ever shortens what is carried over.
+                let since = since.map_or(self.since_compaction, |s| s.min(self.len));
+                let job = Job { source, since, mark: self.len, stats: self.stats.clone() };
                 match start_compaction(&mut *self.storage, job, &self.tx) {
                     Ok(()) => self.compacting = Some(done),
                     Err(e) => drop(done.send(Err(e))),
@@ -196,7 +201,14 @@ impl Writer {
         self.stats.bytes_since_compaction.store(self.len - carried_from, Ordering::Relaxed);
         self.stats.snapshot_bytes.store(snapshot_bytes, Ordering::Relaxed);
         let pause_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Ok(Compacted { records, snapshot_bytes, len: self.len, pause_micros, copied_in_pause: rest.len() as u64, cpu_micros })
+        Ok(Compacted {
+            records,
+            snapshot_bytes,
+            len: self.len,
+            pause_micros,
+            copied_in_pause: rest.len() as u64,
+            cpu_micros,
+        })
     }
 }
 
@@ -230,11 +242,16 @@ fn start_compaction(storage: &mut dyn Storage, job: Job, tx: &WeakSender<Command
         .map_err(failed)
 }
 
-/// A compaction's file, synced every [`SYNC_EVERY`] bytes.
+/// A compaction's file, synced every [`SYNC_EVERY`] bytes, written at most half the time: after
+/// each piece the thread rests as long as the piece took (encoding included), so a compaction
+/// never takes more than half a core from the request path, however large the live set. A
+/// compaction takes twice as long; appends never wait for it, and the next one is not due
+/// until `compact_ratio` of the snapshot has been appended again.
 struct Paced {
     file: Box<dyn Replacement>,
     len: u64,
     unsynced: u64,
+    since: std::time::Instant,
 }
 
 impl Paced {
@@ -246,9 +263,19 @@ impl Paced {
             self.file.sync()?;
             self.unsynced = 0;
         }
+        // Rest in proportion to the work since the last rest, capped so a stalled disk does not
+        // turn into a stalled compaction.
+        let worked = self.since.elapsed();
+        if worked >= REST_AFTER {
+            std::thread::sleep(worked.min(std::time::Duration::from_millis(50)));
+            self.since = std::time::Instant::now();
+        }
         Ok(())
     }
 }
+
+/// How much work a compaction's thread does between rests ([`Paced`]).
+const REST_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The compaction thread's work: the magic, the snapshot (streamed from its source), the
 /// records since the previous compaction, then the appends made meanwhile, until fewer than
@@ -258,7 +285,7 @@ fn write_compaction(
     reader: Box<dyn JournalReader>,
     replacement: Box<dyn Replacement>,
 ) -> std::io::Result<Written> {
-    let mut out = Paced { file: replacement, len: 0, unsynced: 0 };
+    let mut out = Paced { file: replacement, len: 0, unsynced: 0, since: std::time::Instant::now() };
     out.write(MAGIC)?;
     let records = source(&mut |bytes| out.write(bytes))?;
     let snapshot_bytes = out.len;
@@ -279,7 +306,15 @@ fn write_compaction(
     }
     out.file.sync()?;
     let cpu_micros = thread_cpu_micros();
-    Ok(Written { replacement: out.file, records, snapshot_bytes, carried_from, copied_to: from, len: out.len, cpu_micros })
+    Ok(Written {
+        replacement: out.file,
+        records,
+        snapshot_bytes,
+        carried_from,
+        copied_to: from,
+        len: out.len,
+        cpu_micros,
+    })
 }
 
 /// The calling thread's CPU time so far, from `/proc/thread-self/stat` (utime and stime, in
@@ -466,13 +501,16 @@ mod tests {
             // The snapshot takes as long as the test wants: a million leases' worth.
             async move {
                 journal
-                    .compact_from(Box::new(move |sink| {
-                        started.send(()).unwrap();
-                        go.recv().unwrap();
-                        let mut bytes = Vec::new();
-                        crate::ledger::journal::SnapshotEncoder::default().encode(&[lease(0)], &mut bytes);
-                        sink(&bytes).map(|()| 1)
-                    }))
+                    .compact_from(
+                        Box::new(move |sink| {
+                            started.send(()).unwrap();
+                            go.recv().unwrap();
+                            let mut bytes = Vec::new();
+                            crate::ledger::journal::SnapshotEncoder::default().encode(&[lease(0)], &mut bytes);
+                            sink(&bytes).map(|()| 1)
+                        }),
+                        None,
+                    )
                     .await
             }
         });
