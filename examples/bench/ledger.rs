@@ -108,17 +108,18 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
     let started = Instant::now();
     let big = FileStore::in_memory(FileStoreOptions::default());
     let rss_before = crate::procfs::rss_bytes();
-    // Two compaction intervals of appends (2 × 64 MiB at 1M leases), scaled with the lease count.
-    let tail_bytes = (2 * 64 * 1024 * 1024) as u64 * total as u64 / 1_000_000;
-    let journal_bytes = write_journal(&path, total, &leases, tail_bytes, |event| big.apply(event));
+    // One compaction interval of appends: `compact_ratio` (0.5) of the snapshot, at least
+    // `compact_bytes` (64 MiB at 1M leases, scaled with the lease count).
+    let tail = Tail { of_snapshot: 0.5, at_least: 64 * 1024 * 1024 * total as u64 / 1_000_000 };
+    let journal_bytes = write_journal(&path, total, &leases, tail, |event| big.apply(event));
     let in_process_rss = crate::procfs::rss_bytes().saturating_sub(rss_before) / total as u64;
     eprintln!("  wrote and applied {total} leases in {:.1} s", started.elapsed().as_secs_f64());
     // 1k others, and a tenth of `n` (to tell a scan, which grows from there too, from cache
     // misses, which stop growing once the maps outgrow the caches).
     let small = FileStore::in_memory(FileStoreOptions::default());
-    write_journal(&dir.join("small"), TARGETS + SMALL_OTHERS, &leases, 0, |event| small.apply(event));
+    write_journal(&dir.join("small"), TARGETS + SMALL_OTHERS, &leases, Tail::NONE, |event| small.apply(event));
     let mid = FileStore::in_memory(FileStoreOptions::default());
-    write_journal(&dir.join("mid"), TARGETS + n / 10, &leases, 0, |event| mid.apply(event));
+    write_journal(&dir.join("mid"), TARGETS + n / 10, &leases, Tail::NONE, |event| mid.apply(event));
     let [small_cost, mid_cost, big_cost] = revoke_and_reap([&small, &mid, &big], &leases).await;
     let mid_scale = if n >= 10_000_000 { format!("{}M", n / 10_000_000) } else { format!("{}k", n / 10_000) };
     // Rows 3b and 3c: the cost of one operation with 1k, a tenth of `n` and `n` other leases.
@@ -192,21 +193,36 @@ pub async fn run(n: usize, records: usize, binary: &Path, keep: Option<&Path>) -
 
 /// A compacted journal of `count` live leases at `path` (rows 11: the broker's live set).
 pub fn write_live_journal(path: &Path, count: usize) -> u64 {
-    write_journal(path, count, &Leases::new(), 0, |_| {})
+    write_journal(path, count, &Leases::new(), Tail::NONE, |_| {})
+}
+
+/// How much of a journal comes as appends after its snapshot ([`write_journal`]).
+#[derive(Clone, Copy)]
+struct Tail {
+    /// A share of the snapshot's bytes,
+    of_snapshot: f64,
+    /// and at least this many bytes.
+    at_least: u64,
+}
+
+impl Tail {
+    const NONE: Tail = Tail { of_snapshot: 0.0, at_least: 0 };
 }
 
 /// Writes a journal of `count` leases, handing every lease's `Created` event to `sink` once it
 /// is encoded. Bytes written.
 ///
 /// The journal a broker holding `count` leases starts from, at its largest: the broker compacts
-/// every `ledger.compact_bytes` (64 MiB), so it is a snapshot (one `Created` record per lease,
-/// with the file's string dictionary, as `Journal::compact` writes it) followed by up to two
-/// compaction intervals of appended records: those the last compaction carried over, and the
-/// appends since. The last leases come as those appends, `tail_bytes` of them: a `JtiUsed` and
-/// a self-contained `Created` per exchange, as `Journal::append` writes them. (A journal that
-/// was never compacted is all appends; replaying a million `JtiUsed` and forgetting them at
-/// resume cost about 0.3 KB of RSS per lease more under glibc's malloc.)
-fn write_journal(path: &Path, count: usize, leases: &Leases, tail_bytes: u64, mut sink: impl FnMut(Event)) -> u64 {
+/// once `ledger.compact_ratio` (0.5) of its last snapshot and at least `ledger.compact_bytes`
+/// (64 MiB) were appended, and a compaction carries over only the records memory may not hold
+/// yet (a group commit's worth), so it is a snapshot (one `Created` record per lease, with the
+/// file's string dictionary, as `Journal::compact` writes it) followed by one compaction
+/// interval of appends, `tail` of them: a `JtiUsed` and a self-contained `Created` per
+/// exchange, as `Journal::append` writes them. (Not counted: what is appended while the next
+/// compaction runs, which depends on the load. A journal that was never compacted is all
+/// appends; replaying a million `JtiUsed` and forgetting them at resume cost about 0.3 KB of
+/// RSS per lease more under glibc's malloc.)
+fn write_journal(path: &Path, count: usize, leases: &Leases, tail: Tail, mut sink: impl FnMut(Event)) -> u64 {
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     file.write_all(b"EPHJRNL1").unwrap();
     let mut written = 8u64;
@@ -216,7 +232,16 @@ fn write_journal(path: &Path, count: usize, leases: &Leases, tail_bytes: u64, mu
         [serde_json::from_value(jti).unwrap(), serde_json::from_value(json!({"t": "created", "lease": lease})).unwrap()]
     };
     encode(&appended(0), &mut bytes);
-    let tail = usize::try_from(tail_bytes / bytes.len() as u64).unwrap().min(count);
+    let per_append = bytes.len() as u64;
+    // A snapshot record once the dictionary holds the shared strings: the second lease's.
+    bytes.clear();
+    let mut probe = SnapshotEncoder::default();
+    probe.encode(&[leases.created(0)], &mut bytes);
+    let first = bytes.len();
+    probe.encode(&[leases.created(1)], &mut bytes);
+    let per_snapshot = (bytes.len() - first) as f64;
+    let tail_bytes = ((tail.of_snapshot * per_snapshot * count as f64) as u64).max(tail.at_least);
+    let tail = usize::try_from(tail_bytes / per_append).unwrap().min(count);
     bytes.clear();
     let mut encoder = SnapshotEncoder::default();
     for i in 0..count {
