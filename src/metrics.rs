@@ -44,7 +44,24 @@ pub struct Gauges {
     /// Keys the limits' tables track now.
     pub limits_tracked: usize,
     /// The file store's journal compactions (`None` on PostgreSQL).
-    pub compactions: Option<crate::ledger::CompactionStats>,
+    pub compactions: Option<CompactionStats>,
+}
+
+/// What the file store's journal compactions did since the start (`LeaseStore::compactions`,
+/// for `/metrics` and the bench).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CompactionStats {
+    pub compactions: u64,
+    pub running: bool,
+    /// CPU time of the compactions' own threads, all of them.
+    pub cpu_seconds: f64,
+    /// The longest time appends waited for one (its final copy and rename).
+    pub pause_max_seconds: f64,
+    /// The last one's records and snapshot size.
+    pub last_records: u64,
+    pub last_snapshot_bytes: u64,
+    /// Bytes appended to the journal since the start.
+    pub appended_bytes: u64,
 }
 
 impl Metrics {
@@ -369,7 +386,7 @@ mod tests {
             rate_limited: vec![("address", 3), ("cool-off", 0)],
             overloaded: 2,
             limits_tracked: 7,
-            compactions: Some(crate::ledger::CompactionStats {
+            compactions: Some(CompactionStats {
                 compactions: 3,
                 running: true,
                 cpu_seconds: 1.25,

@@ -57,9 +57,9 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ),
     (
         "ledger",
-        &["clock", "ids", "secret", "claims", "config", "pg_connect", "identity", "policy", "mint"],
+        &["clock", "ids", "secret", "claims", "config", "pg_connect", "identity", "policy", "mint", "metrics"],
         "leases: Lease::new reads the identity, the grant and the minted handles; the shared store \
-         reads its PostgresConfig and password",
+         reads its PostgresConfig and password; the file store reports its compactions as metrics",
     ),
     ("dev", &["clock", "ids", "claims", "config", "mint"], "serve --dev's issuer signs with a mint::jwt signer"),
     ("error", &["identity", "policy"], "one Error over every room's refusal"),

@@ -114,21 +114,7 @@ pub struct Maintained {
     pub compacted: usize,
 }
 
-/// What the file store's journal compactions did since the start (`/metrics`, the bench).
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct CompactionStats {
-    pub compactions: u64,
-    pub running: bool,
-    /// CPU time of the compactions' own threads, all of them.
-    pub cpu_seconds: f64,
-    /// The longest time appends waited for one (its final copy and rename).
-    pub pause_max_seconds: f64,
-    /// The last one's records and snapshot size.
-    pub last_records: u64,
-    pub last_snapshot_bytes: u64,
-    /// Bytes appended to the journal since the start.
-    pub appended_bytes: u64,
-}
+pub use crate::metrics::CompactionStats;
 
 /// Where leases live. See the module docs for the guarantee of each group.
 pub trait LeaseStore: Send + Sync {
