@@ -380,3 +380,41 @@ async fn calls_to_github_in_flight_are_bounded_by_max_concurrent_requests() {
     }
     assert_eq!(s.github.in_flight().1, 2, "never more than two at once");
 }
+
+/// The reaper runs the revocations of a burst of expiries 8 at a time
+/// (`app::ending::REAP_CONCURRENCY`), not one GitHub round trip after another, and not all at
+/// once either. The fake holds every revocation at a gate, so the count waiting there is the
+/// count the reaper let out at once (the backend's own bound is raised past it).
+#[tokio::test]
+async fn the_reaper_revokes_a_burst_of_expired_leases_eight_at_a_time() {
+    let s = setup_with_backend(vec![installation()], &[("push", POLICY)], "max_concurrent_requests = 32\n").await;
+    let mut tokens = Vec::new();
+    for _ in 0..12 {
+        let (status, body) = s.exchange("push").await;
+        assert_eq!(status, 201, "{body}");
+        tokens.push(body["credentials"]["gh"]["token"].as_str().unwrap().to_string());
+    }
+    s.broker.clock.advance(10 * 60 + 1);
+    let gate = s.github.close_gate();
+    let s = Arc::new(s);
+    let reaping = tokio::spawn({
+        let s = s.clone();
+        async move { s.broker.running.app.reap_once().await }
+    });
+    // Until eight are held (a reaper running them one by one never gets there), then every
+    // chance for more to arrive.
+    for _ in 0..100_000 {
+        if s.github.in_flight().0 >= 8 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.github.in_flight(), (8, 8), "eight revocations at GitHub at once, four waiting in the broker");
+    gate.add_permits(12);
+    reaping.await.unwrap();
+    assert_eq!(s.github.in_flight().1, 8, "never more than eight at once");
+    assert!(tokens.iter().all(|t| !s.github.is_live(t)), "every expired lease's token is revoked");
+}

@@ -280,6 +280,26 @@ async fn a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_take
     assert_eq!((c.credentials.len(), c.renewal.map(|r| r.count)), (1, Some(MAX_RENEWALS)));
 }
 
+async fn a_backlog_larger_than_a_pruning_batch_is_forgotten_in_one_pass(s: &dyn LeaseStore) {
+    // 12,000 ended leases and as many spent replay keys (PostgreSQL deletes 5,000 a statement,
+    // so one pass takes three statements per table), and one live lease, which stays.
+    let mut records = Vec::new();
+    for i in 0..12_000 {
+        let mut ended = lease(&format!("e{i}"), "j", 100);
+        ended.state = LeaseState::Revoked;
+        ended.reason = Some("job".into());
+        records.push(Event::Created { lease: Box::new(ended) });
+        records.push(Event::JtiUsed { key: format!("k{i}"), exp: 50 });
+    }
+    records.push(Event::Created { lease: Box::new(lease("live", "j", 1_000_000)) });
+    assert_eq!(s.import(&records).await.unwrap(), 12_001);
+    assert_eq!(s.maintain(100 + ENDED_RETENTION_SECS).await.unwrap().forgotten, 12_000);
+    assert_eq!(s.counts().await.unwrap().total(), 1);
+    assert_eq!(state(s, "live").await, Some(LeaseState::Active));
+    let kept = s.export().await.unwrap();
+    assert!(!kept.iter().any(|e| matches!(e, Event::JtiUsed { .. })), "spent replay keys are forgotten too");
+}
+
 // ---- the stores -----------------------------------------------------------------------------
 
 /// A store kind for the suite, with what it needs to stay alive (a temporary directory).
@@ -339,6 +359,7 @@ stores!(
     what_one_store_exports_another_imports_in_the_same_state,
     leases_are_listed_by_job_state_and_the_claims_operators_filter_by,
     a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_takes_them_all,
+    a_backlog_larger_than_a_pruning_batch_is_forgotten_in_one_pass,
 );
 
 // ---- the file store's own --------------------------------------------------------------------

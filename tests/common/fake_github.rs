@@ -194,6 +194,23 @@ impl FakeGithub {
         self.state.tokens.lock().unwrap().get(token).is_some_and(|t| !t.revoked && t.expires_at > now)
     }
 
+    /// Every token the fake would still accept now (issued, not revoked, not expired), with its
+    /// expiry.
+    pub fn live_tokens(&self) -> Vec<(String, i64)> {
+        let now = (self.state.now)();
+        let tokens = self.state.tokens.lock().unwrap();
+        tokens
+            .iter()
+            .filter(|(_, t)| !t.revoked && t.expires_at > now)
+            .map(|(k, t)| (k.clone(), t.expires_at))
+            .collect()
+    }
+
+    /// How many tokens the fake has issued.
+    pub fn tokens_issued(&self) -> usize {
+        self.state.tokens.lock().unwrap().len()
+    }
+
     /// The next `count` requests of `method` whose path starts with `prefix` answer `status`.
     pub fn fail_next(&self, method: Method, prefix: &str, status: u16, count: usize) {
         self.state.faults.lock().unwrap().push(Fault { method, prefix: prefix.into(), status, count });
@@ -215,14 +232,14 @@ impl FakeGithub {
         *self.state.widen.lock().unwrap() = Some((permission.into(), level.into()));
     }
 
-    /// Token requests wait at a gate until [`FakeGithub::open_gate`] lets them on.
+    /// Token requests and revocations wait at a gate until the test adds permits to it.
     pub fn close_gate(&self) -> Arc<tokio::sync::Semaphore> {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         *self.state.gate.lock().unwrap() = Some(gate.clone());
         gate
     }
 
-    /// Token requests waiting at the gate now, and the most that ever were at once.
+    /// Requests waiting at the gate now, and the most that ever were at once.
     pub fn in_flight(&self) -> (usize, usize) {
         use std::sync::atomic::Ordering::SeqCst;
         (self.state.in_flight.load(SeqCst), self.state.max_in_flight.load(SeqCst))
@@ -403,14 +420,7 @@ async fn access_tokens(
     if let Err(r) = check_app_jwt(&state, &headers) {
         return r;
     }
-    let gate = state.gate.lock().unwrap().clone();
-    if let Some(gate) = gate {
-        use std::sync::atomic::Ordering::SeqCst;
-        let now_in = state.in_flight.fetch_add(1, SeqCst) + 1;
-        state.max_in_flight.fetch_max(now_in, SeqCst);
-        gate.acquire().await.unwrap().forget();
-        state.in_flight.fetch_sub(1, SeqCst);
-    }
+    wait_at_gate(&state).await;
     let Some(installation) = state.installations.lock().unwrap().iter().find(|i| i.id == id).cloned() else {
         return github_error(StatusCode::NOT_FOUND, "Not Found");
     };
@@ -475,7 +485,20 @@ async fn access_tokens(
     (StatusCode::CREATED, axum::Json(reply)).into_response()
 }
 
+/// Holds a token request or revocation at the gate while one is closed ([`FakeGithub::close_gate`]).
+async fn wait_at_gate(state: &FakeState) {
+    let gate = state.gate.lock().unwrap().clone();
+    if let Some(gate) = gate {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now_in = state.in_flight.fetch_add(1, SeqCst) + 1;
+        state.max_in_flight.fetch_max(now_in, SeqCst);
+        gate.acquire().await.unwrap().forget();
+        state.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
 async fn revoke_token(State(state): State<Arc<FakeState>>, headers: HeaderMap, _uri: Uri) -> Response {
+    wait_at_gate(&state).await;
     let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let now = (state.now)();
     let mut tokens = state.tokens.lock().unwrap();

@@ -53,6 +53,10 @@ pub const DELIVERY_RETENTION_SECS: i64 = 3 * 24 * 3600;
 /// Claimed per statement at most, so one reaper pass holds a bounded number of row locks; the
 /// next pass takes the rest.
 const CLAIM_LIMIT: i64 = 5000;
+/// Rows one pruning statement deletes at most ([`PgStore::maintain_now`]).
+const PRUNE_BATCH: u64 = 5000;
+/// Pruning statements per table and reaper pass: 100,000 rows a pass at most.
+const PRUNE_BATCHES: usize = 20;
 
 pub struct PgStore {
     shared: Arc<Shared>,
@@ -521,21 +525,43 @@ impl PgStore {
         .await
     }
 
+    /// Forgets ended leases, spent replay keys and old webhook deliveries, in batches of
+    /// [`PRUNE_BATCH`] rows, each its own statement, at most [`PRUNE_BATCHES`] per table and
+    /// pass.
+    ///
+    /// One `DELETE` of everything due was one transaction as large as the backlog: after an
+    /// outage, or at a million exchanges an hour (a replay key each), it held its row locks and
+    /// wrote its WAL in one piece while exchanges and other replicas' passes waited on the same
+    /// table. A batch is found through an index on its cut-off (`ephemera_leases_ended`,
+    /// `ephemera_replay_keys_until`, `ephemera_deliveries_seen`), so its cost is the rows it
+    /// deletes, not the rows the table keeps.
+    /// What a pass leaves is taken by the next one (`reap_interval`).
     async fn maintain_now(&self, now: UnixSeconds) -> Result<Maintained, StoreError> {
         let s = &self.shared;
         s.timed("forgetting ended leases", async {
             let client = s.client().await?;
             let leases = client
-                .prepare_cached(
-                    "DELETE FROM ephemera_leases \
-                     WHERE state IN ('revoked', 'expired') AND greatest(expires_at, created_at) <= $1",
-                )
+                .prepare_cached(&format!(
+                    "DELETE FROM ephemera_leases WHERE id IN (SELECT id FROM ephemera_leases \
+                     WHERE state IN ('revoked', 'expired') AND greatest(expires_at, created_at) <= $1 \
+                     LIMIT {PRUNE_BATCH}) AND state IN ('revoked', 'expired')"
+                ))
                 .await?;
-            let keys = client.prepare_cached("DELETE FROM ephemera_replay_keys WHERE until <= $1").await?;
-            let deliveries = client.prepare_cached("DELETE FROM ephemera_deliveries WHERE seen_at <= $1").await?;
-            let forgotten = client.execute(&leases, &[&(now - ENDED_RETENTION_SECS)]).await?;
-            client.execute(&keys, &[&now]).await?;
-            client.execute(&deliveries, &[&(now - DELIVERY_RETENTION_SECS)]).await?;
+            let keys = client
+                .prepare_cached(&format!(
+                    "DELETE FROM ephemera_replay_keys WHERE key IN (SELECT key FROM ephemera_replay_keys \
+                     WHERE until <= $1 LIMIT {PRUNE_BATCH}) AND until <= $1"
+                ))
+                .await?;
+            let deliveries = client
+                .prepare_cached(&format!(
+                    "DELETE FROM ephemera_deliveries WHERE (hook, id) IN (SELECT hook, id FROM ephemera_deliveries \
+                     WHERE seen_at <= $1 LIMIT {PRUNE_BATCH}) AND seen_at <= $1"
+                ))
+                .await?;
+            let forgotten = prune(&client, &leases, now - ENDED_RETENTION_SECS).await?;
+            prune(&client, &keys, now).await?;
+            prune(&client, &deliveries, now - DELIVERY_RETENTION_SECS).await?;
             Ok(Maintained { forgotten: usize::try_from(forgotten).unwrap_or(usize::MAX), compacted: 0 })
         })
         .await
@@ -600,6 +626,24 @@ impl PgStore {
         })
         .await
     }
+}
+
+/// Runs a pruning `statement` (its one parameter: `before`) until a batch deletes fewer than
+/// [`PRUNE_BATCH`] rows, at most [`PRUNE_BATCHES`] times. Rows deleted.
+async fn prune(
+    client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    before: i64,
+) -> Result<u64, PgError> {
+    let mut deleted = 0;
+    for _ in 0..PRUNE_BATCHES {
+        let batch = client.execute(statement, &[&before]).await?;
+        deleted += batch;
+        if batch < PRUNE_BATCH {
+            break;
+        }
+    }
+    Ok(deleted)
 }
 
 fn state_of(row: &tokio_postgres::Row) -> Result<LeaseState, StoreError> {
