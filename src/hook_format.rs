@@ -24,11 +24,20 @@ pub enum HookError {
     Json(serde_json::Error),
     /// `job.id` is not a UUID, so no job key is made of it.
     NotABuildkiteJobId,
+    /// Valid JSON, but not an object: every platform sends an object.
+    NotAnObject,
 }
 
 /// A body as `http::parse_json` reads one: all whitespace (or empty) reads as `{}`.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HookError> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    // serde would read a struct from an array of its fields too; no platform sends one.
+    if !crate::claims::is_json_object(body) {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Err(HookError::NotAnObject),
+            Err(e) => Err(HookError::Json(e)),
+        };
+    }
     serde_json::from_slice(body).map_err(HookError::Json)
 }
 
@@ -149,5 +158,15 @@ mod tests {
                 .unwrap(),
             HookAction::EndJob("gitlab:20:302".into())
         );
+    }
+
+    #[test]
+    fn a_body_written_as_an_array_of_its_fields_is_refused() {
+        // `{"object_kind": "build", …}` as its fields in order would otherwise read the same.
+        let array = br#"["build", "failed", 20, 302]"#;
+        assert!(matches!(gitlab(array), Err(HookError::NotAnObject)));
+        assert!(matches!(gitlab(b" [1"), Err(HookError::Json(_))), "broken JSON is still a JSON error");
+        let object = br#"{"object_kind": "build", "build_status": "failed", "project_id": 20, "build_id": 302}"#;
+        assert_eq!(gitlab(object).unwrap(), HookAction::EndJob("gitlab:20:302".into()));
     }
 }

@@ -19,7 +19,7 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
     ("env_format", &[], "the `env` rendering of an exchange reply, shared with the CLI"),
     ("aws_format", &[], "AWS's formats and limits as pure functions"),
     ("github_format", &[], "GitHub's names and permission levels as pure functions"),
-    ("hook_format", &[], "platform webhook bodies → the job they end, as pure functions"),
+    ("hook_format", &["claims"], "platform webhook bodies → the job they end, as pure functions"),
     ("pg_names", &[], "PostgreSQL identifiers: what a grant may name, quoting, a lease's login role"),
     ("ssh_format", &[], "OpenSSH certificate fields (principals, options, extensions) as pure functions"),
     (

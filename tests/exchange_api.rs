@@ -110,6 +110,10 @@ async fn bad_bodies_get_400_or_413_with_the_error_shape() {
     assert_error(&unknown_field, 400, "bad_request");
     assert!(unknown_field.1["error"]["message"].as_str().unwrap().contains("unknown field `polcy`"));
     assert_error(&broker.exchange_raw(&token, r#"{"ttl":"5m"}"#).await, 400, "bad_request");
+    // The fields in order, as an array: serde would read the request from it; named fields only.
+    let array = broker.exchange_raw(&token, r#"["deploy", "5m"]"#).await;
+    assert_error(&array, 400, "bad_request");
+    assert_eq!(array.1["error"]["message"], "the body is JSON, but not an object");
     let bad_ttl = broker.exchange_raw(&token, r#"{"policy":"deploy","ttl":"eyJsecret-looking"}"#).await;
     assert_error(&bad_ttl, 400, "bad_request");
     assert!(!bad_ttl.1.to_string().contains("eyJsecret"), "the ttl value was echoed");

@@ -51,6 +51,20 @@ async fn hs256_signed_with_the_issuers_public_key_is_refused() {
     assert_rejected(&broker, &issuer.sign_hs256_with_public_key(&deploy_claims(&issuer))).await;
 }
 
+/// RFC 7519 §7.2: the header is a JSON object. serde reads a struct from an array of its fields
+/// too, and the signature covers whatever the header's bytes are, so before the check a
+/// correctly signed `["RS256", "rsa-a"]` header was read as `{"alg": "RS256", "kid": "rsa-a"}`
+/// and the token accepted: a form no issuer writes, that no other verifier would take.
+#[tokio::test]
+async fn a_signed_header_written_as_an_array_of_its_fields_is_refused() {
+    let (issuer, broker) = setup().await;
+    let kid = issuer.signing_key().kid.clone();
+    let token = issuer.sign_with_header(&json!(["RS256", kid]), &deploy_claims(&issuer));
+    assert_rejected(&broker, &token).await;
+    let token = issuer.sign_with_header(&json!({"alg": "RS256", "kid": kid}), &deploy_claims(&issuer));
+    assert_eq!(broker.exchange(&token, "deploy").await.0, 201, "the same header as an object is taken");
+}
+
 #[tokio::test]
 async fn a_jwk_header_naming_its_own_key_is_refused() {
     let (issuer, broker) = setup().await;

@@ -41,6 +41,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 use table::Row;
 
+/// The broker's allocator (src/main.rs) here too: rows 3 measure the ledger in this process,
+/// and they should measure it as the broker runs it. (Whether glibc's malloc is what made 3b
+/// and 3c grow with the live set: docs/benchmarks.md, issue 23.)
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 struct Args {
     quick: bool,
     broker: PathBuf,

@@ -515,14 +515,10 @@ impl Target for Jwks {
         // What the document offers: keys of a type that may load at all. `oct` and unknown
         // types never load, so a set of only those must be refused (a published shared
         // secret would let anyone sign).
-        // The document is read into a struct, which serde also takes as an array of its fields:
-        // `[[key, …]]` is read as `{"keys": [key, …]}`.
+        // Only an object's `keys` count: serde would read the document's struct from an array
+        // of its fields too (`[[key, …]]`), and `KeySet::parse` refuses that form.
         let loadable = serde_json::from_slice::<Value>(input).ok().map(|doc| {
-            let keys = match &doc {
-                Value::Array(fields) => fields.first(),
-                _ => doc.get("keys"),
-            };
-            keys.and_then(Value::as_array).map_or(0, |keys| {
+            doc.get("keys").and_then(Value::as_array).map_or(0, |keys| {
                 keys.iter()
                     .filter(|k| matches!(k.get("kty").and_then(Value::as_str), Some("RSA" | "EC" | "OKP")))
                     .count()
@@ -850,6 +846,7 @@ impl Target for Webhook {
             }
             Err(HookError::Json(e)) => Ok(format!("{name} json {:?} {}", e.classify(), shape(&e.to_string()))),
             Err(HookError::NotABuildkiteJobId) => Ok(format!("{name} bad job id")),
+            Err(HookError::NotAnObject) => Ok(format!("{name} not an object")),
         }
     }
 }

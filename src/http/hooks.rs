@@ -99,6 +99,7 @@ fn bad_body(e: HookError) -> Error {
     match e {
         HookError::Json(e) => Error::BadRequest(describe_json_error(&e)),
         HookError::NotABuildkiteJobId => Error::BadRequest("`job.id` is not a Buildkite job id".into()),
+        HookError::NotAnObject => Error::BadRequest("the body is JSON, but not an object".into()),
     }
 }
 

@@ -41,6 +41,11 @@ impl KeySet {
         struct Doc {
             keys: Vec<Value>,
         }
+        // `[[key, …]]` would parse into `Doc` as `{"keys": [key, …]}` (serde reads a struct from
+        // an array of its fields); a JWKS is an object (RFC 7517 §5).
+        if !crate::claims::is_json_object(bytes) {
+            return Err(FetchError::Invalid("JWKS is not a JSON object with `keys`".into()));
+        }
         let doc: Doc =
             serde_json::from_slice(bytes).map_err(|e| FetchError::Invalid(format!("JWKS is not valid JSON: {e}")))?;
         if doc.keys.len() > MAX_KEYS {
@@ -382,6 +387,17 @@ mod tests {
         ]});
         let err = KeySet::parse(doc.to_string().as_bytes(), &[Algorithm::RS256]).err().unwrap();
         assert!(err.to_string().contains("no key usable"));
+    }
+
+    #[test]
+    fn a_key_set_written_as_an_array_of_its_fields_is_refused() {
+        let key = serde_json::json!({"kty": "EC", "kid": "k1", "crv": "P-256", "alg": "ES256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"});
+        let object = serde_json::json!({"keys": [key.clone()]}).to_string();
+        assert_eq!(KeySet::parse(object.as_bytes(), &[Algorithm::ES256]).unwrap().len(), 1);
+        let array = serde_json::json!([[key]]).to_string();
+        let err = KeySet::parse(array.as_bytes(), &[Algorithm::ES256]).err().unwrap();
+        assert!(err.to_string().contains("not a JSON object"), "{err}");
     }
 
     #[test]

@@ -115,6 +115,11 @@ impl Verifier {
 
 fn parse_header(header_b64: &str) -> Result<Header, IdentityError> {
     let bytes = b64url_decode(header_b64).ok_or(IdentityError::Malformed("header is not base64url"))?;
+    // A header as an array of its fields (`["RS256", "k1"]`) would parse into `Header`: refused,
+    // as RFC 7519 §7.2 says, rather than read in a form no issuer writes.
+    if !crate::claims::is_json_object(&bytes) {
+        return Err(IdentityError::Malformed("header is not a JSON object with `alg`"));
+    }
     let header: Header = serde_json::from_slice(&bytes)
         .map_err(|_| IdentityError::Malformed("header is not a JSON object with `alg`"))?;
     // Key injection: `jwk`/`jku`/`x5u`/`x5c` let a token name its own verification key. We
