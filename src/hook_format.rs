@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn a_body_written_as_an_array_of_its_fields_is_refused() {
-        // `{"object_kind": "build", …}` as its fields in order would otherwise read the same.
+        // serde would otherwise try it as the body's fields, all of them, in order.
         let array = br#"["build", "failed", 20, 302]"#;
         assert!(matches!(gitlab(array), Err(HookError::NotAnObject)));
         assert!(matches!(gitlab(b" [1"), Err(HookError::Json(_))), "broken JSON is still a JSON error");

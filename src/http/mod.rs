@@ -232,8 +232,8 @@ pub(crate) async fn read_body_up_to(headers: &HeaderMap, body: Body, limit: usiz
 /// allows it.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
-    // serde would read `T` from an array of its fields too (`["deploy"]` as `{"policy":
-    // "deploy"}`): an API of named fields takes them by name only.
+    // serde would read `T` from an array of all its fields in order too: an API of named
+    // fields takes them by name only.
     if !crate::claims::is_json_object(bytes) {
         return Err(Error::BadRequest(match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
             Ok(_) => "the body is JSON, but not an object".into(),

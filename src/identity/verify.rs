@@ -232,3 +232,19 @@ impl Issuer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// serde reads `Header` from an array of all its fields in order, so `["RS256", "k1", null,
+    /// null, null, null, null]` would be `{"alg": "RS256", "kid": "k1"}`: only the object form is
+    /// a JOSE header (RFC 7519 §7.2).
+    #[test]
+    fn a_header_written_as_an_array_of_its_fields_is_refused() {
+        let encode = |json: &str| crate::ids::b64url(json.as_bytes());
+        assert!(parse_header(&encode(r#"["RS256", "k1", null, null, null, null, null]"#)).is_err());
+        let header = parse_header(&encode(r#" {"alg": "RS256", "kid": "k1"}"#)).unwrap();
+        assert_eq!((header.alg.as_str(), header.kid.as_deref()), ("RS256", Some("k1")));
+    }
+}
