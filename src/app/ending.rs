@@ -13,12 +13,12 @@ use crate::mint::{MintError, RevokeHandle};
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// Revocations the reaper (and the resume at start) runs at once: enough to overlap the store's
 /// round trips, half of PostgreSQL's default pool (16), so exchanges still find a connection
 /// during a burst of expiries.
 const REAP_CONCURRENCY: usize = 8;
-use std::sync::atomic::Ordering;
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct RevokeReply {
@@ -203,7 +203,7 @@ impl App {
     ///
     /// One at a time, the expiry pass was as fast as the store's round trips allowed: on
     /// PostgreSQL (an `UPDATE` and the audit's lookup per lease) it fell behind at ~1,200
-    /// expiries/s in the soak, so under a burst of expiries leases outlived their TTL by minutes.
+    /// expiries/s in the first soak, so a burst of expiries waited in line past their TTL.
     /// Overlapping them lets the file store's group commit and PostgreSQL's pool take them
     /// together. It adds no load past the backends' own bounds: each backend caps its calls in
     /// flight (`mint::bounded`), and the rest wait there.
