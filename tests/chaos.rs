@@ -24,7 +24,7 @@ mod common;
 
 use common::fake_github::{FakeGithub, FakeInstallation};
 use common::moto::Moto;
-use common::replicas::{Cluster, Replica, ReplicaExtra, pg_server_url, unix_now};
+use common::replicas::{Cluster, Replica, ReplicaExtra, pg_server_url, roles_with, unix_now};
 use common::sshd::{ssh_keygen, ssh_keygen_output};
 use common::{REPO_74_JWT_POLICY, aws_backend};
 use ephemera::aws_format::deny::{DENY_POLICY_NAME, parse_deny_policy};
@@ -302,12 +302,6 @@ fn of_policy(issued: &[(usize, String, String, Value)], policy: &str, pointer: &
         .filter(|(_, p, _, _)| p == policy)
         .map(|(_, _, _, credentials)| credentials.pointer(pointer).and_then(Value::as_str).unwrap().to_string())
         .collect()
-}
-
-/// Roles whose names start with `prefix`.
-async fn roles_with(db: &tokio_postgres::Client, prefix: &str) -> Vec<String> {
-    let rows = db.query("SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)", &[&prefix]).await.unwrap();
-    rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }
 
 /// The KRL `replica` serves now, written to `path`.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::replicas::{Cluster, OwnPg, ReplicaExtra, pg_server_url, unix_now};
+use common::replicas::{Cluster, OwnPg, ReplicaExtra, pg_server_url, roles_with, unix_now};
 use common::*;
 use ephemera::clock::Clock;
 use serde_json::json;
@@ -271,12 +271,6 @@ async fn a_broker_killed_between_create_role_and_the_lease_leaves_no_role_after_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     db.batch_execute(&format!("DROP ROLE {group}")).await.unwrap();
-}
-
-/// Roles whose names start with `prefix`.
-async fn roles_with(db: &tokio_postgres::Client, prefix: &str) -> Vec<String> {
-    let rows = db.query("SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)", &[&prefix]).await.unwrap();
-    rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }
 
 /// A renewable lease gets a fresh role at each renewal (each with its own name); ending the lease

@@ -73,6 +73,12 @@ pub fn database_url(server: &str, db: &str) -> String {
     url.to_string()
 }
 
+/// The server's roles whose names start with `prefix` (a `postgres` backend's `role_prefix`).
+pub async fn roles_with(db: &tokio_postgres::Client, prefix: &str) -> Vec<String> {
+    let rows = db.query("SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1)", &[&prefix]).await.unwrap();
+    rows.iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
 /// A client connected to `url` (its connection driven by a spawned task).
 pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
