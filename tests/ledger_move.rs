@@ -90,7 +90,13 @@ async fn a_file_journal_moves_into_postgres_with_every_lease_in_its_state_and_ev
     assert!(String::from_utf8_lossy(&out.stderr).contains("imported 6 records, 3 new leases"));
 
     let pg = pg_connect(&db).await;
-    let rows = pg.query("SELECT id, state FROM ephemera_leases ORDER BY id", &[]).await.unwrap();
+    let rows = pg
+        .query(
+            "SELECT l.id, s.state FROM ephemera_leases l JOIN ephemera_lease_state s ON s.id = l.id ORDER BY l.id",
+            &[],
+        )
+        .await
+        .unwrap();
     let in_db: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(in_db, expected);
     let keys: i64 = pg.query_one("SELECT count(*) FROM ephemera_replay_keys", &[]).await.unwrap().get(0);

@@ -510,7 +510,8 @@ async fn a_replica_killed_while_holding_a_revocation_has_it_finished_once_by_the
     );
     assert!(!revoke.is_finished(), "r1 answered the revoke although its backend never answers");
     let db = cluster.db().await;
-    let row = db.query_one("SELECT state, claimed_by FROM ephemera_leases WHERE id = $1", &[&lease]).await.unwrap();
+    let row =
+        db.query_one("SELECT state, claimed_by FROM ephemera_lease_state WHERE id = $1", &[&lease]).await.unwrap();
     let (state, claimed_by): (String, Option<String>) = (row.get(0), row.get(1));
     assert_eq!((state.as_str(), claimed_by.as_deref()), ("revoking", Some("r1")), "r1 holds the claim");
     r1.kill();

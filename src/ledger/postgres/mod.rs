@@ -37,7 +37,7 @@ use crate::identity::ReplayKey;
 use crate::mint::{BoxFuture, Exclusive, RevokeHandle};
 use crate::secret::SecretString;
 use deadpool_postgres::{Pool, PoolError};
-use rows::{LEASE_COLUMNS, WORK_COLUMNS};
+use rows::{LEASE_COLUMNS, LEASE_TABLES, WORK_COLUMNS};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -244,7 +244,7 @@ impl PgStore {
             let client = s.client().await?;
             let statement = client
                 .prepare_cached(&format!(
-                    "UPDATE ephemera_leases SET state = 'revoking', reason = $2, next_attempt_at = $3, claimed_by = $4 \
+                    "UPDATE ephemera_lease_state SET state = 'revoking', reason = $2, next_attempt_at = $3, claimed_by = $4 \
                      WHERE id = $1 AND state = 'active' RETURNING {WORK_COLUMNS}"
                 ))
                 .await?;
@@ -268,7 +268,7 @@ impl PgStore {
                 // Every backend confirmed. A lease someone else already ended keeps its state.
                 let statement = client
                     .prepare_cached(
-                        "UPDATE ephemera_leases SET claimed_by = NULL, state = CASE \
+                        "UPDATE ephemera_lease_state SET claimed_by = NULL, state = CASE \
                              WHEN state IN ('revoked', 'expired') THEN state \
                              WHEN reason = 'expired' THEN 'expired' ELSE 'revoked' END \
                          WHERE id = $1 RETURNING state",
@@ -280,10 +280,10 @@ impl PgStore {
             // A failure: the next attempt's time depends on how many failed before. Read, then
             // write only if no one else counted an attempt meanwhile (optimistic, no lock held
             // across the round trips); a lost race reads again.
-            let read = client.prepare_cached("SELECT state, attempts FROM ephemera_leases WHERE id = $1").await?;
+            let read = client.prepare_cached("SELECT state, attempts FROM ephemera_lease_state WHERE id = $1").await?;
             let write = client
                 .prepare_cached(
-                    "UPDATE ephemera_leases SET state = $2, attempts = $3, next_attempt_at = $4, last_error = $5, \
+                    "UPDATE ephemera_lease_state SET state = $2, attempts = $3, next_attempt_at = $4, last_error = $5, \
                          claimed_by = NULL \
                      WHERE id = $1 AND attempts = $6 AND state NOT IN ('revoked', 'expired')",
                 )
@@ -328,9 +328,9 @@ impl PgStore {
             .claim(
                 "claiming due expiries",
                 &format!(
-                    "UPDATE ephemera_leases SET state = 'revoking', reason = 'expired', next_attempt_at = $2, \
+                    "UPDATE ephemera_lease_state SET state = 'revoking', reason = 'expired', next_attempt_at = $2, \
                          claimed_by = $3 \
-                     WHERE id IN (SELECT id FROM ephemera_leases WHERE state = 'active' AND expires_at <= $1 \
+                     WHERE id IN (SELECT id FROM ephemera_lease_state WHERE state = 'active' AND expires_at <= $1 \
                                   ORDER BY expires_at LIMIT {CLAIM_LIMIT} FOR UPDATE SKIP LOCKED) \
                        AND state = 'active' \
                      RETURNING {WORK_COLUMNS}"
@@ -342,8 +342,8 @@ impl PgStore {
             .claim(
                 "claiming due retries",
                 &format!(
-                    "UPDATE ephemera_leases SET next_attempt_at = $2, claimed_by = $3 \
-                     WHERE id IN (SELECT id FROM ephemera_leases \
+                    "UPDATE ephemera_lease_state SET next_attempt_at = $2, claimed_by = $3 \
+                     WHERE id IN (SELECT id FROM ephemera_lease_state \
                                   WHERE state IN ('revoking', 'irrevocable') AND next_attempt_at <= $1 \
                                   ORDER BY next_attempt_at LIMIT {CLAIM_LIMIT} FOR UPDATE SKIP LOCKED) \
                      RETURNING {WORK_COLUMNS}"
@@ -360,8 +360,8 @@ impl PgStore {
         self.claim(
             "claiming pending revocations",
             &format!(
-                "UPDATE ephemera_leases SET next_attempt_at = $2, claimed_by = $3 \
-                 WHERE id IN (SELECT id FROM ephemera_leases \
+                "UPDATE ephemera_lease_state SET next_attempt_at = $2, claimed_by = $3 \
+                 WHERE id IN (SELECT id FROM ephemera_lease_state \
                               WHERE state IN ('revoking', 'irrevocable') \
                                 AND (next_attempt_at <= $1 OR claimed_by = $3) \
                               FOR UPDATE SKIP LOCKED) \
@@ -377,7 +377,7 @@ impl PgStore {
         s.timed("reading a lease", async {
             let client = s.client().await?;
             let statement =
-                client.prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM ephemera_leases WHERE id = $1")).await?;
+                client.prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM {LEASE_TABLES} WHERE l.id = $1")).await?;
             let row = client.query_opt(&statement, &[&id]).await?;
             Ok(row.as_ref().map(rows::lease).transpose()?)
         })
@@ -387,26 +387,26 @@ impl PgStore {
     async fn list_now(&self, filter: &LeaseFilter, limit: usize) -> Result<Vec<Lease>, StoreError> {
         // Only placeholders carry the filter's values; the SQL text is built from constants.
         let mut values: Vec<String> = Vec::new();
-        let mut sql = format!("SELECT {LEASE_COLUMNS} FROM ephemera_leases WHERE true");
+        let mut sql = format!("SELECT {LEASE_COLUMNS} FROM {LEASE_TABLES} WHERE true");
         let mut add = |column: &str, value: Option<&str>| {
             if let Some(value) = value {
                 values.push(value.to_string());
                 let n = values.len();
                 if column == "actor" {
-                    sql.push_str(&format!(" AND (actor_id = ${n} OR user_id = ${n})"));
+                    sql.push_str(&format!(" AND (l.actor_id = ${n} OR l.user_id = ${n})"));
                 } else {
                     sql.push_str(&format!(" AND {column} = ${n}"));
                 }
             }
         };
-        add("job", filter.job.as_deref());
-        add("policy", filter.policy.as_deref());
-        add("state", filter.state.map(LeaseState::as_str));
-        add("repository_id", filter.repository_id.as_deref());
-        add("project_id", filter.project_id.as_deref());
+        add("l.job", filter.job.as_deref());
+        add("l.policy", filter.policy.as_deref());
+        add("s.state", filter.state.map(LeaseState::as_str));
+        add("l.repository_id", filter.repository_id.as_deref());
+        add("l.project_id", filter.project_id.as_deref());
         add("actor", filter.actor_id.as_deref());
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+        sql.push_str(&format!(" ORDER BY l.id LIMIT {limit}"));
         let s = &self.shared;
         s.timed("listing leases", async {
             let client = s.client().await?;
@@ -422,9 +422,10 @@ impl PgStore {
         s.timed("reading a job's leases", async {
             let client = s.client().await?;
             let statement = client
-                .prepare_cached(
-                    "SELECT id FROM ephemera_leases WHERE job = $1 AND state = 'active' AND expires_at > $2 ORDER BY id",
-                )
+                .prepare_cached(&format!(
+                    "SELECT l.id FROM {LEASE_TABLES} WHERE l.job = $1 AND s.state = 'active' AND s.expires_at > $2 \
+                     ORDER BY l.id"
+                ))
                 .await?;
             let found = client.query(&statement, &[&job, &now]).await?;
             Ok(found.iter().map(|r| rows::get::<&str>(r, 0).map(Arc::from)).collect::<Result<Vec<_>, _>>()?)
@@ -442,11 +443,11 @@ impl PgStore {
         s.timed("reading live leases", async {
             let client = s.client().await?;
             let statement = client
-                .prepare_cached(
-                    "SELECT id, job, policy, issuer, claims::text FROM ephemera_leases \
-                     WHERE state = 'active' AND expires_at > $1 AND ($2::text[] IS NULL OR policy = ANY($2)) \
-                     ORDER BY id",
-                )
+                .prepare_cached(&format!(
+                    "SELECT l.id, l.job, l.policy, l.issuer, l.claims::text FROM {LEASE_TABLES} \
+                     WHERE s.state = 'active' AND s.expires_at > $1 AND ($2::text[] IS NULL OR l.policy = ANY($2)) \
+                     ORDER BY l.id"
+                ))
                 .await?;
             let found = client.query(&statement, &[&now, &policies]).await?;
             let live = found.iter().map(|r| {
@@ -467,14 +468,14 @@ impl PgStore {
     async fn handles_of_now(&self, backends: &BTreeSet<String>) -> Result<Vec<RevokeHandle>, StoreError> {
         self.handles_where(
             backends,
-            "SELECT credentials::text FROM ephemera_leases WHERE backends && $1::text[] ORDER BY id",
+            "SELECT credentials::text FROM ephemera_lease_state WHERE backends && $1::text[] ORDER BY id",
         )
         .await
     }
 
-    /// Ended leases only: the state index finds them (`ephemera_leases_state`).
+    /// Ended leases only: the state index finds them (`ephemera_lease_state_state`).
     async fn ended_handles_of_now(&self, backends: &BTreeSet<String>) -> Result<Vec<RevokeHandle>, StoreError> {
-        let sql = "SELECT credentials::text FROM ephemera_leases \
+        let sql = "SELECT credentials::text FROM ephemera_lease_state \
                    WHERE state IN ('revoking', 'revoked', 'expired', 'irrevocable') AND backends && $1::text[] ORDER BY id";
         self.handles_where(backends, sql).await
     }
@@ -504,10 +505,11 @@ impl PgStore {
         let s = &self.shared;
         s.timed("counting leases", async {
             let client = s.client().await?;
-            let by_state = client.prepare_cached("SELECT state, count(*) FROM ephemera_leases GROUP BY state").await?;
+            let by_state =
+                client.prepare_cached("SELECT state, count(*) FROM ephemera_lease_state GROUP BY state").await?;
             let by_backend = client
                 .prepare_cached(
-                    "SELECT b, count(*) FROM ephemera_leases, unnest(backends) AS b WHERE state = 'active' \
+                    "SELECT b, count(*) FROM ephemera_lease_state, unnest(backends) AS b WHERE state = 'active' \
                      GROUP BY b ORDER BY b",
                 )
                 .await?;
@@ -532,7 +534,7 @@ impl PgStore {
     /// One `DELETE` of everything due was one transaction as large as the backlog: after an
     /// outage, or at a million exchanges an hour (a replay key each), it held its row locks and
     /// wrote its WAL in one piece while exchanges and other replicas' passes waited on the same
-    /// table. A batch is found through an index on its cut-off (`ephemera_leases_ended`,
+    /// table. A batch is found through an index on its cut-off (`ephemera_lease_state_ended`,
     /// `ephemera_replay_keys_until`, `ephemera_deliveries_seen`), so its cost is the rows it
     /// deletes, not the rows the table keeps.
     /// What a pass leaves is taken by the next one (`reap_interval`).
@@ -542,9 +544,10 @@ impl PgStore {
             let client = s.client().await?;
             let leases = client
                 .prepare_cached(&format!(
-                    "DELETE FROM ephemera_leases WHERE id IN (SELECT id FROM ephemera_leases \
-                     WHERE state IN ('revoked', 'expired') AND greatest(expires_at, created_at) <= $1 \
-                     LIMIT {PRUNE_BATCH}) AND state IN ('revoked', 'expired')"
+                    "WITH gone AS (DELETE FROM ephemera_lease_state WHERE id IN (SELECT id FROM ephemera_lease_state \
+                         WHERE state IN ('revoked', 'expired') AND greatest(expires_at, created_at) <= $1 \
+                         LIMIT {PRUNE_BATCH}) AND state IN ('revoked', 'expired') RETURNING id) \
+                     DELETE FROM ephemera_leases WHERE id IN (SELECT id FROM gone)"
                 ))
                 .await?;
             let keys = client
@@ -571,7 +574,8 @@ impl PgStore {
         let s = &self.shared;
         s.timed("exporting the ledger", async {
             let client = s.client().await?;
-            let leases = client.query(&format!("SELECT {LEASE_COLUMNS} FROM ephemera_leases ORDER BY id"), &[]).await?;
+            let leases =
+                client.query(&format!("SELECT {LEASE_COLUMNS} FROM {LEASE_TABLES} ORDER BY l.id"), &[]).await?;
             let keys = client.query("SELECT key, until FROM ephemera_replay_keys ORDER BY key", &[]).await?;
             let mut out = Vec::with_capacity(leases.len() + keys.len());
             for row in &leases {

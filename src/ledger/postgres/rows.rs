@@ -1,6 +1,8 @@
-//! Leases as rows, and back. One column per field the store queries by; the credentials and the
-//! claims snapshot as JSON (the shapes the journal's first format used), parsed only when a
-//! whole lease is read.
+//! Leases as rows, and back. A lease is two rows (schema version 3): what it is born with in
+//! `ephemera_leases` (`l`), what changes in `ephemera_lease_state` (`s`), so that a revocation's
+//! updates write a narrow row and leave the claims where they are. One column per field the
+//! store queries by; the credentials and the claims snapshot as JSON (the shapes the journal's
+//! first format used), parsed only when a whole lease is read.
 
 use crate::claims::scalar_text;
 use crate::ledger::lease::name;
@@ -8,11 +10,15 @@ use crate::ledger::{ClaimSnapshot, Lease, LeaseCredential, LeaseState, Renewal, 
 use std::sync::Arc;
 use tokio_postgres::Row;
 
-/// The columns [`lease`] reads, in its order.
-pub const LEASE_COLUMNS: &str = "id, job, policy, issuer, created_at, expires_at, state, reason, attempts, \
-                                 next_attempt_at, last_error, credentials::text, claims::text, renewal::text";
+/// A whole lease: both of its rows.
+pub const LEASE_TABLES: &str = "ephemera_leases l JOIN ephemera_lease_state s ON s.id = l.id";
 
-/// The columns a revocation needs ([`work`]).
+/// The columns [`lease`] reads from [`LEASE_TABLES`], in its order.
+pub const LEASE_COLUMNS: &str = "l.id, l.job, l.policy, l.issuer, l.created_at, l.expires_at, s.state, s.reason, \
+                                 s.attempts, s.next_attempt_at, s.last_error, s.credentials::text, l.claims::text, \
+                                 s.renewal::text";
+
+/// The columns of `ephemera_lease_state` a revocation needs ([`work`]).
 pub const WORK_COLUMNS: &str = "id, credentials::text";
 
 pub fn lease(row: &Row) -> Result<Lease, StoreError> {
@@ -54,14 +60,21 @@ fn bad(column: &str) -> StoreError {
     StoreError(format!("ledger: a lease row's {column} does not parse"))
 }
 
-/// One lease, in whatever state another store left it (`ledger import`).
+/// One lease, in whatever state another store left it (`ledger import`); its state row only
+/// when its lease row is new. The rows written: 1 or 0.
 pub const IMPORT_LEASE: &str = "
-INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, state, reason, attempts, next_attempt_at,
-                             last_error, backends, credentials, claims, repository_id, project_id, actor_id, user_id,
-                             renewal)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, string_to_array($12, ','), $13::text::jsonb, $14::text::jsonb, $15, $16, $17,
-        $18, $19::text::jsonb)
-ON CONFLICT (id) DO NOTHING";
+WITH lease AS (
+    INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, claims, repository_id, project_id,
+                                 actor_id, user_id)
+    VALUES ($1, $2, $3, $4, $5, $6, $14::text::jsonb, $15, $16, $17, $18)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, created_at, expires_at
+)
+INSERT INTO ephemera_lease_state (id, created_at, expires_at, state, reason, attempts, next_attempt_at, last_error,
+                                  backends, credentials, renewal)
+SELECT id, created_at, expires_at, $7::text, $8::text, $9::integer, $10::bigint, $11::text,
+       string_to_array($12, ','), $13::text::jsonb, $19::text::jsonb
+FROM lease";
 
 /// The parameters of [`IMPORT_LEASE`] for one lease.
 pub struct ImportRow {
@@ -114,9 +127,10 @@ impl ImportRow {
 }
 
 /// A renewal's credentials join an active, renewable lease that has not reached its end; the
-/// renewal is counted. The row lock makes it atomic with `begin_revoke`'s conditional update.
+/// renewal is counted. The state row's lock makes it atomic with `begin_revoke`'s conditional
+/// update, which returns the credentials from the same row.
 pub const RENEW: &str = "
-UPDATE ephemera_leases SET
+UPDATE ephemera_lease_state SET
     credentials = credentials || $2::text::jsonb,
     backends = ARRAY(SELECT DISTINCT b FROM unnest(backends || string_to_array($3, ',')) AS b ORDER BY b),
     renewal = renewal || jsonb_build_object('count', (renewal->>'count')::int + 1, 'last_at', $4::bigint)
@@ -186,7 +200,8 @@ impl NewRows {
 /// The batch insert: replay keys first, then the leases whose key was free (or who had none),
 /// in one statement, so one round trip and one commit carry every lease of the batch. A key
 /// another transaction holds makes this one wait for it, then skip: of two replicas racing
-/// with one token, exactly one lease is written.
+/// with one token, exactly one lease is written. Each lease written is two rows (what it is born
+/// with, what changes); the ids returned are those of the state rows.
 pub const INSERT_BATCH: &str = "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
@@ -199,11 +214,15 @@ WITH input AS (
     SELECT rkey, runtil FROM input WHERE rkey IS NOT NULL
     ON CONFLICT (key) DO NOTHING
     RETURNING key
+), leases AS (
+    INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, claims, repository_id, project_id,
+                                 actor_id, user_id)
+    SELECT id, job, policy, issuer, created_at, expires_at, claims::jsonb, repository_id, project_id, actor_id, user_id
+    FROM input
+    WHERE rkey IS NULL OR rkey IN (SELECT key FROM taken)
+    RETURNING id
 )
-INSERT INTO ephemera_leases (id, job, policy, issuer, created_at, expires_at, state, backends, credentials, claims,
-                             repository_id, project_id, actor_id, user_id, renewal)
-SELECT id, job, policy, issuer, created_at, expires_at, 'active', string_to_array(backends, ','), credentials::jsonb,
-       claims::jsonb, repository_id, project_id, actor_id, user_id, renewal::jsonb
-FROM input
-WHERE rkey IS NULL OR rkey IN (SELECT key FROM taken)
+INSERT INTO ephemera_lease_state (id, created_at, expires_at, state, backends, credentials, renewal)
+SELECT i.id, i.created_at, i.expires_at, 'active', string_to_array(i.backends, ','), i.credentials::jsonb, i.renewal::jsonb
+FROM input i JOIN leases USING (id)
 RETURNING id";
