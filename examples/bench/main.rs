@@ -256,9 +256,9 @@ fn ledger_rows(leases: usize, records: usize, broker: &std::path::Path, keep: Op
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
 }
 
-/// `bench soak [--minutes N] [--store file,postgres] [--broker PATH]` (`scripts/soak`).
+/// `bench soak [--minutes N] [--store file,postgres] [--rate N] [--broker PATH]` (`scripts/soak`).
 fn soak_main(argv: &[String]) -> ExitCode {
-    let mut options = soak::Options { minutes: 10.0, stores: vec!["file".into(), "postgres".into()] };
+    let mut options = soak::Options { minutes: 10.0, stores: vec!["file".into(), "postgres".into()], rate: None };
     let mut broker = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ephemera"));
     let mut it = argv.iter();
     while let Some(a) = it.next() {
@@ -266,8 +266,11 @@ fn soak_main(argv: &[String]) -> ExitCode {
             ("--minutes", Some(n)) if n.parse::<f64>().is_ok_and(|m| m >= 1.0) => options.minutes = n.parse().unwrap(),
             ("--store", Some(list)) => options.stores = list.split(',').map(String::from).collect(),
             ("--broker", Some(path)) => broker = path.into(),
+            ("--rate", Some(n)) if n.parse::<f64>().is_ok_and(|r| r >= 1.0) => options.rate = n.parse().ok(),
             _ => {
-                eprintln!("usage: bench soak [--minutes N (at least 1)] [--store file,postgres] [--broker PATH]");
+                eprintln!(
+                    "usage: bench soak [--minutes N (at least 1)] [--store file,postgres] [--rate REQUESTS/S] [--broker PATH]"
+                );
                 return ExitCode::from(2);
             }
         }

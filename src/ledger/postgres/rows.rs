@@ -68,11 +68,11 @@ WITH lease AS (
                                  actor_id, user_id)
     VALUES ($1, $2, $3, $4, $5, $6, $14::text::jsonb, $15, $16, $17, $18)
     ON CONFLICT (id) DO NOTHING
-    RETURNING id, created_at, expires_at
+    RETURNING id, job, created_at, expires_at
 )
-INSERT INTO ephemera_lease_state (id, created_at, expires_at, state, reason, attempts, next_attempt_at, last_error,
+INSERT INTO ephemera_lease_state (id, job, created_at, expires_at, state, reason, attempts, next_attempt_at, last_error,
                                   backends, credentials, renewal)
-SELECT id, created_at, expires_at, $7::text, $8::text, $9::integer, $10::bigint, $11::text,
+SELECT id, job, created_at, expires_at, $7::text, $8::text, $9::integer, $10::bigint, $11::text,
        string_to_array($12, ','), $13::text::jsonb, $19::text::jsonb
 FROM lease";
 
@@ -222,7 +222,7 @@ WITH input AS (
     WHERE rkey IS NULL OR rkey IN (SELECT key FROM taken)
     RETURNING id
 )
-INSERT INTO ephemera_lease_state (id, created_at, expires_at, state, backends, credentials, renewal)
-SELECT i.id, i.created_at, i.expires_at, 'active', string_to_array(i.backends, ','), i.credentials::jsonb, i.renewal::jsonb
+INSERT INTO ephemera_lease_state (id, job, created_at, expires_at, state, backends, credentials, renewal)
+SELECT i.id, i.job, i.created_at, i.expires_at, 'active', string_to_array(i.backends, ','), i.credentials::jsonb, i.renewal::jsonb
 FROM input i JOIN leases USING (id)
 RETURNING id";
