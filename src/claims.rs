@@ -119,6 +119,29 @@ pub fn is_json_object(json: &[u8]) -> bool {
     json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
+/// Why [`from_json_body`] refused a body.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Not well-formed JSON, or a field missing or of the wrong type.
+    Json(serde_json::Error),
+    /// Well-formed JSON, but not an object (see [`is_json_object`]).
+    NotAnObject,
+}
+
+/// A request or webhook body into `T`: a JSON object, where an empty or all-whitespace body
+/// reads as `{}` (so a `T` with only optional fields takes no body at all).
+pub fn from_json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BodyError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    if !is_json_object(body) {
+        // Which of the two: broken JSON is told as such, wherever it breaks.
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Err(BodyError::NotAnObject),
+            Err(e) => Err(BodyError::Json(e)),
+        };
+    }
+    serde_json::from_slice(body).map_err(BodyError::Json)
+}
+
 /// The text of a scalar claim; arrays, objects and null have none.
 pub fn scalar_text(value: &Value) -> Option<String> {
     match value {

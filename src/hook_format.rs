@@ -6,6 +6,7 @@
 //! Job keys are built from JSON numbers, or for Buildkite from a UUID, only: a payload cannot
 //! forge another job's key with `:`.
 
+use crate::claims::BodyError;
 use serde::Deserialize;
 
 /// What a delivery asks for.
@@ -28,17 +29,14 @@ pub enum HookError {
     NotAnObject,
 }
 
-/// A body as `http::parse_json` reads one: all whitespace (or empty) reads as `{}`.
+/// A body as `http::parse_json` reads one (`claims::from_json_body`): an object, where all
+/// whitespace (or empty) reads as `{}`. serde would read a struct from an array of its fields
+/// too; no platform sends one.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HookError> {
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
-    // serde would read a struct from an array of its fields too; no platform sends one.
-    if !crate::claims::is_json_object(body) {
-        return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-            Ok(_) => Err(HookError::NotAnObject),
-            Err(e) => Err(HookError::Json(e)),
-        };
-    }
-    serde_json::from_slice(body).map_err(HookError::Json)
+    crate::claims::from_json_body(body).map_err(|e| match e {
+        BodyError::Json(e) => HookError::Json(e),
+        BodyError::NotAnObject => HookError::NotAnObject,
+    })
 }
 
 // ---- GitHub ---------------------------------------------------------------------------------

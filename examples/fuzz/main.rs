@@ -315,9 +315,9 @@ fn run_one(target: &dyn targets::Target, input: &[u8]) -> (Ran, Duration) {
             Some(cpu) if cpu <= SLOW => Ran::Label(label),
             cpu => Ran::Finding {
                 what: format!(
-                    "slow: {} CPU for one input ({:.2} s on the wall clock)",
-                    cpu.map_or("unknown".into(), |c| format!("{:.2} s", c.as_secs_f64())),
-                    took.as_secs_f64()
+                    "slow: {} of CPU for one input ({:.1} ms on the wall clock)",
+                    cpu.map_or("unknown".into(), |c| format!("{:.1} ms", c.as_secs_f64() * 1e3)),
+                    took.as_secs_f64() * 1e3
                 ),
                 key: "slow".into(),
             },

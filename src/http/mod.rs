@@ -231,16 +231,14 @@ pub(crate) async fn read_body_up_to(headers: &HeaderMap, body: Body, limit: usiz
 /// A JSON body into `T` (which denies unknown fields). An empty body reads as `{}` where `T`
 /// allows it.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     // serde would read `T` from an array of all its fields in order too: an API of named
-    // fields takes them by name only.
-    if !crate::claims::is_json_object(bytes) {
-        return Err(Error::BadRequest(match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-            Ok(_) => "the body is JSON, but not an object".into(),
-            Err(e) => describe_json_error(&e),
-        }));
-    }
-    serde_json::from_slice(bytes).map_err(|e| Error::BadRequest(describe_json_error(&e)))
+    // fields takes them by name only (`claims::from_json_body` refuses any other form).
+    crate::claims::from_json_body(bytes).map_err(|e| {
+        Error::BadRequest(match e {
+            crate::claims::BodyError::NotAnObject => "the body is JSON, but not an object".into(),
+            crate::claims::BodyError::Json(e) => describe_json_error(&e),
+        })
+    })
 }
 
 /// What was wrong with a JSON body, without quoting the caller's values: serde_json's own text
