@@ -112,9 +112,10 @@ impl fmt::Display for ClaimError {
 }
 
 /// Is `json` a JSON object (leading whitespace aside)? serde reads a struct from an object, and
-/// also from an array of all its fields in order: a JWKS `[[key, …]]` as `{"keys": [key, …]}`. A JOSE header and a JWT's claims (RFC 7519 §7.2: "a completely valid JSON object"), a
-/// JWKS (RFC 7517 §5), a webhook body and a request body are objects, so the array form is
-/// refused before serde sees it: nothing should parse that its own spec says is not there.
+/// also from an array of all its fields in order: a JWKS `[[key, …]]` as `{"keys": [key, …]}`.
+/// A JOSE header and a JWT's claims (RFC 7519 §7.2: "a completely valid JSON object"), a JWKS
+/// (RFC 7517 §5), a webhook body and a request body are objects, so the array form is refused
+/// before serde sees it: nothing should parse that its own spec says is not there.
 pub fn is_json_object(json: &[u8]) -> bool {
     json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
