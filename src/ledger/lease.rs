@@ -241,11 +241,30 @@ impl Lease {
 
 pub const REASON_EXPIRED: &str = "expired";
 
-/// What a revocation must undo, handed out when a lease leaves `Active` (or is retried).
+/// What a revocation must undo, handed out when a lease leaves `Active` (or is retried), with
+/// what its audit event tells of the lease, so that recording a revocation reads nothing more.
 #[derive(Debug, Clone)]
 pub struct RevokeWork {
     pub lease_id: Arc<str>,
     pub credentials: Box<[LeaseCredential]>,
+    pub job: Arc<str>,
+    /// `None` only if a shared store lost the lease's other row (never written apart).
+    pub policy: Option<Arc<str>>,
+    pub issuer: Option<Arc<str>>,
+    pub reason: Option<Arc<str>>,
+}
+
+impl RevokeWork {
+    pub(super) fn of(lease: &Lease) -> RevokeWork {
+        RevokeWork {
+            lease_id: lease.id.clone(),
+            credentials: lease.credentials.clone(),
+            job: lease.job.clone(),
+            policy: Some(lease.policy.clone()),
+            issuer: Some(lease.issuer.clone()),
+            reason: lease.reason.clone(),
+        }
+    }
 }
 
 /// Backoff for failed revocations.

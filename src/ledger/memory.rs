@@ -225,7 +225,7 @@ impl Memory {
             lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
             self.retries.insert(lease.next_attempt_at, lease.id.clone());
             self.count_backends(&lease, false);
-            RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() }
+            RevokeWork::of(&lease)
         };
         self.counts[LeaseState::Active.index()].fetch_sub(1, Ordering::Relaxed);
         self.counts[LeaseState::Revoking.index()].fetch_add(1, Ordering::Relaxed);
@@ -259,7 +259,7 @@ impl Memory {
         }
         lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
         self.retries.insert(lease.next_attempt_at, lease.id.clone());
-        Some(RevokeWork { lease_id: lease.id.clone(), credentials: lease.credentials.clone() })
+        Some(RevokeWork::of(&lease))
     }
 
     /// Forgets leases that ended more than [`ENDED_RETENTION_SECS`] ago, and used `jti`s whose

@@ -161,6 +161,19 @@ pub trait LeaseStore: Send + Sync {
         now: UnixSeconds,
     ) -> BoxFuture<'a, Result<Option<LeaseState>, StoreError>>;
 
+    /// [`LeaseStore::finish_revoke`] of attempts every backend confirmed, several at once: the
+    /// state of each afterwards, in `ids`' order (`None` for one the store does not know). The
+    /// reaper's way: on a shared store one statement and one commit for them all, where one
+    /// each made a statement per expiry. Here, all at once, so a journal's group commit takes
+    /// them together.
+    fn finish_revoked<'a>(
+        &'a self,
+        ids: &'a [Arc<str>],
+        now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Vec<Option<LeaseState>>, StoreError>> {
+        Box::pin(futures_util::future::try_join_all(ids.iter().map(move |id| self.finish_revoke(id, None, now))))
+    }
+
     /// The expiries and retries due at `now`, claimed for this caller.
     fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>>;
 

@@ -300,6 +300,29 @@ async fn a_backlog_larger_than_a_pruning_batch_is_forgotten_in_one_pass(s: &dyn 
     assert!(!kept.iter().any(|e| matches!(e, Event::JtiUsed { .. })), "spent replay keys are forgotten too");
 }
 
+async fn revocations_confirmed_together_are_each_recorded_in_their_own_state(s: &dyn LeaseStore) {
+    for (id, job, expires_at) in [("a", "job1", 100), ("b", "job2", 100), ("c", "job3", 1000), ("d", "job4", 1000)] {
+        s.issue(lease(id, job, expires_at), None).await.unwrap();
+    }
+    let mut expired = s.claim_due(100).await.unwrap().expired;
+    expired.sort_by(|x, y| x.lease_id.cmp(&y.lease_id));
+    let a = &expired[0];
+    assert_eq!((&*a.lease_id, &*a.job, a.reason.as_deref()), ("a", "job1", Some(REASON_EXPIRED)));
+    assert_eq!((a.policy.as_deref(), a.issuer.as_deref()), (Some("p"), Some("i")), "the work tells its audit event");
+    let c = s.begin_revoke("c", "job", 100).await.unwrap().unwrap();
+    assert_eq!((&*c.job, c.reason.as_deref()), ("job3", Some("job")));
+    s.begin_revoke("d", "webhook", 100).await.unwrap().unwrap();
+    assert_eq!(s.finish_revoke("d", None, 100).await.unwrap(), Some(LeaseState::Revoked));
+    let ids: Vec<Arc<str>> = ["a", "c", "nope", "d", "b"].into_iter().map(Arc::from).collect();
+    let states = s.finish_revoked(&ids, 101).await.unwrap();
+    use LeaseState::{Expired, Revoked};
+    assert_eq!(states, [Some(Expired), Some(Revoked), None, Some(Revoked), Some(Expired)], "in the order asked");
+    assert_eq!(state(s, "b").await, Some(Expired));
+    assert_eq!(state(s, "c").await, Some(Revoked));
+    assert!(s.get("nope").await.unwrap().is_none(), "nothing recorded for an unknown lease");
+    assert!(s.claim_due(10_000).await.unwrap().retries.is_empty(), "no attempt left pending");
+}
+
 // ---- the stores -----------------------------------------------------------------------------
 
 /// A store kind for the suite, with what it needs to stay alive (a temporary directory).
@@ -360,6 +383,7 @@ stores!(
     leases_are_listed_by_job_state_and_the_claims_operators_filter_by,
     a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_takes_them_all,
     a_backlog_larger_than_a_pruning_batch_is_forgotten_in_one_pass,
+    revocations_confirmed_together_are_each_recorded_in_their_own_state,
 );
 
 // ---- the file store's own --------------------------------------------------------------------

@@ -17,6 +17,7 @@
 //! Nothing is kept in memory meanwhile: an issue fails (no credential without a durable lease) and
 //! the reaper finds the due work in the database when it is back.
 
+mod reaper;
 mod rows;
 mod schema;
 mod shared;
@@ -37,7 +38,8 @@ use crate::identity::ReplayKey;
 use crate::mint::{BoxFuture, Exclusive, RevokeHandle};
 use crate::secret::SecretString;
 use deadpool_postgres::{Pool, PoolError};
-use rows::{LEASE_COLUMNS, LEASE_TABLES, WORK_COLUMNS};
+use reaper::PRUNE_BATCH;
+use rows::{LEASE_COLUMNS, LEASE_TABLES};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -46,15 +48,16 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
 
+/// A revocation every backend confirmed, recorded (`WHERE …` follows): the lease is revoked, or
+/// expired if its expiry ended it; one someone else already ended keeps its state.
+const FINISHED: &str = "UPDATE ephemera_lease_state SET claimed_by = NULL, state = CASE \
+                            WHEN state IN ('revoked', 'expired') THEN state \
+                            WHEN reason = 'expired' THEN 'expired' ELSE 'revoked' END";
+
 /// Webhook deliveries are remembered this long (GitHub redelivers for up to 3 days on request;
 /// automatic redeliveries come within hours).
 pub const DELIVERY_RETENTION_SECS: i64 = 3 * 24 * 3600;
 
-/// Claimed per statement at most, so one reaper pass holds a bounded number of row locks; the
-/// next pass takes the rest.
-const CLAIM_LIMIT: i64 = 5000;
-/// Rows one pruning statement deletes at most ([`PgStore::maintain_now`]).
-const PRUNE_BATCH: u64 = 5000;
 /// Pruning statements per table and reaper pass: 100,000 rows a pass at most.
 const PRUNE_BATCHES: usize = 20;
 /// The ledger's tables that are read by key on every request, analyzed by the broker itself
@@ -248,9 +251,9 @@ impl PgStore {
         s.timed("starting a revocation", async {
             let client = s.client().await?;
             let statement = client
-                .prepare_cached(&format!(
+                .prepare_cached(&rows::returning_work(
                     "UPDATE ephemera_lease_state SET state = 'revoking', reason = $2, next_attempt_at = $3, claimed_by = $4 \
-                     WHERE id = $1 AND state = 'active' RETURNING {WORK_COLUMNS}"
+                     WHERE id = $1 AND state = 'active'",
                 ))
                 .await?;
             let stalled = now + s.claim_timeout;
@@ -270,15 +273,7 @@ impl PgStore {
         s.timed("recording a revocation's outcome", async {
             let client = s.client().await?;
             let Some(error) = error else {
-                // Every backend confirmed. A lease someone else already ended keeps its state.
-                let statement = client
-                    .prepare_cached(
-                        "UPDATE ephemera_lease_state SET claimed_by = NULL, state = CASE \
-                             WHEN state IN ('revoked', 'expired') THEN state \
-                             WHEN reason = 'expired' THEN 'expired' ELSE 'revoked' END \
-                         WHERE id = $1 RETURNING state",
-                    )
-                    .await?;
+                let statement = client.prepare_cached(&format!("{FINISHED} WHERE id = $1 RETURNING state")).await?;
                 let row = client.query_opt(&statement, &[&id]).await?;
                 return Ok(row.as_ref().map(state_of).transpose()?);
             };
@@ -314,6 +309,25 @@ impl PgStore {
         .await
     }
 
+    async fn finish_revoked_now(&self, ids: &[Arc<str>]) -> Result<Vec<Option<LeaseState>>, StoreError> {
+        let wanted: Vec<&str> = ids.iter().map(|id| &**id).collect();
+        let s = &self.shared;
+        s.timed("recording revocations' outcomes", async {
+            let client = s.client().await?;
+            // Rows are locked in key order (the array is sorted for the index scan), so two
+            // replicas finishing overlapping batches (a stalled claim taken over) cannot deadlock.
+            let statement =
+                client.prepare_cached(&format!("{FINISHED} WHERE id = ANY($1) RETURNING id, state")).await?;
+            let found = client.query(&statement, &[&wanted]).await?;
+            let mut states = std::collections::HashMap::with_capacity(found.len());
+            for row in &found {
+                states.insert(rows::get::<&str>(row, 0)?, state_at(row, 1)?);
+            }
+            Ok(ids.iter().map(|id| states.get(&**id).copied()).collect())
+        })
+        .await
+    }
+
     /// Claims revocation work with `FOR UPDATE SKIP LOCKED`: rows another replica is claiming
     /// at this moment are skipped, not waited for, and each row is handed to one claimer.
     async fn claim(&self, what: &str, sql: &str, now: UnixSeconds) -> Result<Vec<RevokeWork>, StoreError> {
@@ -329,52 +343,13 @@ impl PgStore {
     }
 
     async fn claim_due_now(&self, now: UnixSeconds) -> Result<Due, StoreError> {
-        let expired = self
-            .claim(
-                "claiming due expiries",
-                &format!(
-                    "UPDATE ephemera_lease_state SET state = 'revoking', reason = 'expired', next_attempt_at = $2, \
-                         claimed_by = $3 \
-                     WHERE id IN (SELECT id FROM ephemera_lease_state WHERE state = 'active' AND expires_at <= $1 \
-                                  ORDER BY expires_at LIMIT {CLAIM_LIMIT} FOR UPDATE SKIP LOCKED) \
-                       AND state = 'active' \
-                     RETURNING {WORK_COLUMNS}"
-                ),
-                now,
-            )
-            .await?;
-        let retries = self
-            .claim(
-                "claiming due retries",
-                &format!(
-                    "UPDATE ephemera_lease_state SET next_attempt_at = $2, claimed_by = $3 \
-                     WHERE id IN (SELECT id FROM ephemera_lease_state \
-                                  WHERE state IN ('revoking', 'irrevocable') AND next_attempt_at <= $1 \
-                                  ORDER BY next_attempt_at LIMIT {CLAIM_LIMIT} FOR UPDATE SKIP LOCKED) \
-                     RETURNING {WORK_COLUMNS}"
-                ),
-                now,
-            )
-            .await?;
+        let expired = self.claim("claiming due expiries", &reaper::claim_expired(), now).await?;
+        let retries = self.claim("claiming due retries", &reaper::claim_retries(), now).await?;
         Ok(Due { expired, retries })
     }
 
     async fn claim_all_pending_now(&self, now: UnixSeconds) -> Result<Vec<RevokeWork>, StoreError> {
-        // Due work, and whatever this replica had claimed before it restarted; never work
-        // another live replica is in the middle of (it is due again if that replica died).
-        self.claim(
-            "claiming pending revocations",
-            &format!(
-                "UPDATE ephemera_lease_state SET next_attempt_at = $2, claimed_by = $3 \
-                 WHERE id IN (SELECT id FROM ephemera_lease_state \
-                              WHERE state IN ('revoking', 'irrevocable') \
-                                AND (next_attempt_at <= $1 OR claimed_by = $3) \
-                              FOR UPDATE SKIP LOCKED) \
-                 RETURNING {WORK_COLUMNS}"
-            ),
-            now,
-        )
-        .await
+        self.claim("claiming pending revocations", &reaper::claim_all_pending(), now).await
     }
 
     async fn get_now(&self, id: &str) -> Result<Option<Lease>, StoreError> {
@@ -541,32 +516,15 @@ impl PgStore {
     /// wrote its WAL in one piece while exchanges and other replicas' passes waited on the same
     /// table. A batch is found through an index on its cut-off (`ephemera_lease_state_ended`,
     /// `ephemera_replay_keys_until`, `ephemera_deliveries_seen`), so its cost is the rows it
-    /// deletes, not the rows the table keeps.
+    /// deletes, not the rows the table keeps ([`reaper`]'s test holds each statement to it).
     /// What a pass leaves is taken by the next one (`reap_interval`).
     async fn maintain_now(&self, now: UnixSeconds) -> Result<Maintained, StoreError> {
         let s = &self.shared;
         s.timed("forgetting ended leases", async {
             let client = s.client().await?;
-            let leases = client
-                .prepare_cached(&format!(
-                    "WITH gone AS (DELETE FROM ephemera_lease_state WHERE id IN (SELECT id FROM ephemera_lease_state \
-                         WHERE state IN ('revoked', 'expired') AND greatest(expires_at, created_at) <= $1 \
-                         LIMIT {PRUNE_BATCH}) AND state IN ('revoked', 'expired') RETURNING id) \
-                     DELETE FROM ephemera_leases WHERE id IN (SELECT id FROM gone)"
-                ))
-                .await?;
-            let keys = client
-                .prepare_cached(&format!(
-                    "DELETE FROM ephemera_replay_keys WHERE key IN (SELECT key FROM ephemera_replay_keys \
-                     WHERE until <= $1 LIMIT {PRUNE_BATCH}) AND until <= $1"
-                ))
-                .await?;
-            let deliveries = client
-                .prepare_cached(&format!(
-                    "DELETE FROM ephemera_deliveries WHERE (hook, id) IN (SELECT hook, id FROM ephemera_deliveries \
-                     WHERE seen_at <= $1 LIMIT {PRUNE_BATCH}) AND seen_at <= $1"
-                ))
-                .await?;
+            let leases = client.prepare_cached(&reaper::prune_leases()).await?;
+            let keys = client.prepare_cached(&reaper::prune_replay_keys()).await?;
+            let deliveries = client.prepare_cached(&reaper::prune_deliveries()).await?;
             analyze_young_tables(&client).await?;
             let forgotten = prune(&client, &leases, now - ENDED_RETENTION_SECS).await?;
             prune(&client, &keys, now).await?;
@@ -683,8 +641,13 @@ async fn prune(
     Ok(deleted)
 }
 
+/// The state in a row's first column.
 fn state_of(row: &tokio_postgres::Row) -> Result<LeaseState, StoreError> {
-    let text: &str = rows::get(row, 0)?;
+    state_at(row, 0)
+}
+
+fn state_at(row: &tokio_postgres::Row, column: usize) -> Result<LeaseState, StoreError> {
+    let text: &str = rows::get(row, column)?;
     LeaseState::parse(text).ok_or_else(|| StoreError(format!("ledger: unknown lease state {text:?} in the database")))
 }
 
@@ -754,6 +717,14 @@ impl LeaseStore for PgStore {
         now: UnixSeconds,
     ) -> BoxFuture<'a, Result<Option<LeaseState>, StoreError>> {
         Box::pin(self.finish_now(id, error, now))
+    }
+
+    fn finish_revoked<'a>(
+        &'a self,
+        ids: &'a [Arc<str>],
+        _now: UnixSeconds,
+    ) -> BoxFuture<'a, Result<Vec<Option<LeaseState>>, StoreError>> {
+        Box::pin(self.finish_revoked_now(ids))
     }
 
     fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>> {

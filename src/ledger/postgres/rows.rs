@@ -18,8 +18,15 @@ pub const LEASE_COLUMNS: &str = "l.id, l.job, l.policy, l.issuer, l.created_at, 
                                  s.attempts, s.next_attempt_at, s.last_error, s.credentials::text, l.claims::text, \
                                  s.renewal::text";
 
-/// The columns of `ephemera_lease_state` a revocation needs ([`work`]).
-pub const WORK_COLUMNS: &str = "id, credentials::text";
+/// `update`, a statement that updates lease state rows (no `RETURNING`), made to return what a
+/// revocation and its audit event need ([`work`]): the state row's columns, the policy and the
+/// issuer from the lease's other row (joined to what was updated, never a table walk).
+pub fn returning_work(update: &str) -> String {
+    format!(
+        "WITH w AS ({update} RETURNING id, credentials::text AS credentials, job, reason) \
+         SELECT w.id, w.credentials, w.job, w.reason, l.policy, l.issuer FROM w LEFT JOIN ephemera_leases l ON l.id = w.id"
+    )
+}
 
 pub fn lease(row: &Row) -> Result<Lease, StoreError> {
     let state: &str = get(row, 6)?;
@@ -45,7 +52,14 @@ pub fn lease(row: &Row) -> Result<Lease, StoreError> {
 }
 
 pub fn work(row: &Row) -> Result<RevokeWork, StoreError> {
-    Ok(RevokeWork { lease_id: Arc::from(get::<&str>(row, 0)?), credentials: credentials(get(row, 1)?)? })
+    Ok(RevokeWork {
+        lease_id: Arc::from(get::<&str>(row, 0)?),
+        credentials: credentials(get(row, 1)?)?,
+        job: Arc::from(get::<&str>(row, 2)?),
+        reason: get::<Option<&str>>(row, 3)?.map(name::intern),
+        policy: get::<Option<&str>>(row, 4)?.map(name::intern),
+        issuer: get::<Option<&str>>(row, 5)?.map(name::intern),
+    })
 }
 
 pub fn credentials(json: &str) -> Result<Box<[LeaseCredential]>, StoreError> {
