@@ -43,13 +43,13 @@ pub fn claim_retries() -> String {
 /// claimed before it restarted; never work another live replica is in the middle of (it is due
 /// again if that replica died). Unlimited: start-up resumes them all.
 pub fn claim_all_pending() -> String {
-    returning_work(&format!(
+    returning_work(
         "UPDATE ephemera_lease_state SET next_attempt_at = $2, claimed_by = $3 \
          WHERE id = ANY(ARRAY(SELECT id FROM ephemera_lease_state \
                               WHERE state IN ('revoking', 'irrevocable') AND (next_attempt_at <= $1 OR claimed_by = $3) \
                               ORDER BY next_attempt_at FOR UPDATE SKIP LOCKED)) \
-           AND state IN ('revoking', 'irrevocable')"
-    ))
+           AND state IN ('revoking', 'irrevocable')",
+    )
 }
 
 /// `$1` the cut-off: ended leases whose end is older, both rows of each
