@@ -339,13 +339,20 @@ async fn reloader(app: Arc<App>, watch_secs: Option<i64>) {
     }
 }
 
-/// Resumes the ledger (pending revocations, passed expiries), then reaps on a schedule.
+/// Resumes the ledger (pending revocations, passed expiries), then reaps: due expiries and
+/// retries every second, housekeeping every `reap_interval` (`App::reap_due`, `App::housekeep`).
 async fn reaper(app: Arc<App>, interval_secs: i64) {
     app.resume().await;
-    let mut tick = tokio::time::interval(Duration::from_secs(u64::try_from(interval_secs.max(1)).unwrap_or(5)));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0_i64;
     loop {
         tick.tick().await;
-        app.reap_once().await;
+        app.reap_due().await;
+        ticks += 1;
+        if ticks >= interval_secs.max(1) {
+            ticks = 0;
+            app.housekeep().await;
+        }
     }
 }

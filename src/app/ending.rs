@@ -303,18 +303,31 @@ impl App {
         first_error
     }
 
-    /// One reaper pass: leases past their expiry are revoked at their backends (a credential may
-    /// outlive its lease: STS sessions last at least 15 minutes), due retries run, and the store
-    /// and the backends do their housekeeping.
+    /// One reaper pass: [`App::reap_due`], then [`App::housekeep`].
     pub async fn reap_once(&self) {
-        let now = self.now();
-        match self.store.claim_due(now).await {
+        self.reap_due().await;
+        self.housekeep().await;
+    }
+
+    /// Leases past their expiry are revoked at their backends (a credential may outlive its
+    /// lease: STS sessions last at least 15 minutes), and due retries run. The reaper does this
+    /// every second, whatever `reap_interval` says, so a lease ends within about a second of its
+    /// expiry (not up to `reap_interval` after it); with nothing due it costs the store an index
+    /// probe per kind.
+    pub async fn reap_due(&self) {
+        match self.store.claim_due(self.now()).await {
             Ok(due) => {
                 self.metrics.leases_ended(REASON_EXPIRED, due.expired.len());
                 self.run_revocations(due.expired.into_iter().chain(due.retries)).await;
             }
             Err(e) => tracing::error!(error = %e, "the lease store did not hand out due expiries and retries"),
         }
+    }
+
+    /// Every `reap_interval`: the store and the backends do their housekeeping (pruning,
+    /// compaction, the backends' cleanup) and orphaned credentials are revoked.
+    pub async fn housekeep(&self) {
+        let now = self.now();
         if let Err(e) = self.store.maintain(now).await {
             tracing::error!(error = %e, "lease store maintenance failed");
         }
