@@ -314,8 +314,10 @@ impl PgStore {
         let s = &self.shared;
         s.timed("recording revocations' outcomes", async {
             let client = s.client().await?;
-            // Rows are locked in key order (the array is sorted for the index scan), so two
-            // replicas finishing overlapping batches (a stalled claim taken over) cannot deadlock.
+            // Through the primary key the rows are locked in key order (a btree scan sorts its
+            // array), so two replicas finishing overlapping batches (a stalled claim taken over)
+            // wait for each other rather than deadlock; were PostgreSQL ever to find a deadlock,
+            // the statement fails, the leases stay pending and their retry records them.
             let statement =
                 client.prepare_cached(&format!("{FINISHED} WHERE id = ANY($1) RETURNING id, state")).await?;
             let found = client.query(&statement, &[&wanted]).await?;

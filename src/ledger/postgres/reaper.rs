@@ -4,7 +4,7 @@
 //! subquery ordered by its index's column and handed to the outer statement as an array
 //! (`id = ANY(ARRAY(…))`), which PostgreSQL looks up by key, never as a join (`id IN (…)`).
 //! Given `IN`, the planner hash-joined the picked ids against the whole table: a sequential scan
-//! of every lease on every pass, 247 ms at 180,000 leases where the key lookup took 44 ms
+//! of every lease on every pass, 247 ms on ~130,000 leases where the key lookup took 44 ms
 //! (`EXPLAIN ANALYZE` mid-soak), growing with the table, and every exchange's tail with it. A
 //! `LIMIT` without `ORDER BY` let the planner scan the table for the first matches, which reads
 //! all of it while nothing is due. The test below holds every statement to its index.
