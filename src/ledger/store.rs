@@ -165,13 +165,17 @@ pub trait LeaseStore: Send + Sync {
     /// state of each afterwards, in `ids`' order (`None` for one the store does not know). The
     /// reaper's way: on a shared store one statement and one commit for them all, where one
     /// each made a statement per expiry. Here, all at once, so a journal's group commit takes
-    /// them together.
+    /// them together. Each runs to its end (none is dropped halfway when another fails); the
+    /// first error, if any, is the answer.
     fn finish_revoked<'a>(
         &'a self,
         ids: &'a [Arc<str>],
         now: UnixSeconds,
     ) -> BoxFuture<'a, Result<Vec<Option<LeaseState>>, StoreError>> {
-        Box::pin(futures_util::future::try_join_all(ids.iter().map(move |id| self.finish_revoke(id, None, now))))
+        Box::pin(async move {
+            let all = futures_util::future::join_all(ids.iter().map(|id| self.finish_revoke(id, None, now))).await;
+            all.into_iter().collect()
+        })
     }
 
     /// The expiries and retries due at `now`, claimed for this caller.
