@@ -62,6 +62,8 @@ pub struct CompactionStats {
     pub last_snapshot_bytes: u64,
     /// Bytes appended to the journal since the start.
     pub appended_bytes: u64,
+    /// The journal's fsyncs of appended batches since the start (group commit: one per batch).
+    pub fsyncs: u64,
 }
 
 impl Metrics {
@@ -292,7 +294,7 @@ fn render_limits(out: &mut String, gauges: &Gauges) {
 /// pause each makes appends wait.
 fn render_compactions(out: &mut String, gauges: &Gauges) {
     let Some(c) = &gauges.compactions else { return };
-    let families: [(&str, &str, &str, String); 7] = [
+    let families: [(&str, &str, &str, String); 8] = [
         ("ephemera_journal_compactions_total", "Journal compactions finished.", "counter", c.compactions.to_string()),
         ("ephemera_journal_compacting", "1 while a journal compaction runs.", "gauge", u8::from(c.running).to_string()),
         (
@@ -324,6 +326,12 @@ fn render_compactions(out: &mut String, gauges: &Gauges) {
             "Bytes appended to the journal since the start.",
             "counter",
             c.appended_bytes.to_string(),
+        ),
+        (
+            "ephemera_journal_fsyncs_total",
+            "Journal fsyncs of appended batches (group commit: one per batch of appends).",
+            "counter",
+            c.fsyncs.to_string(),
         ),
     ];
     for (name, help, kind, value) in families {
@@ -394,6 +402,7 @@ mod tests {
                 last_records: 1_000_002,
                 last_snapshot_bytes: 330_000_000,
                 appended_bytes: 512,
+                fsyncs: 9,
             }),
         };
         let expected = "\
@@ -500,6 +509,9 @@ ephemera_journal_snapshot_bytes 330000000
 # HELP ephemera_journal_appended_bytes_total Bytes appended to the journal since the start.
 # TYPE ephemera_journal_appended_bytes_total counter
 ephemera_journal_appended_bytes_total 512
+# HELP ephemera_journal_fsyncs_total Journal fsyncs of appended batches (group commit: one per batch of appends).
+# TYPE ephemera_journal_fsyncs_total counter
+ephemera_journal_fsyncs_total 9
 ";
         assert_eq!(m.render(&gauges), expected);
     }

@@ -5,7 +5,7 @@
 
 use crate::broker::{self, ADMIN_TOKEN, AUDIENCE, Broker, ISSUER_URL, POLICY, WEBHOOK_SECRET};
 use crate::crypto::{Floor, Sampler};
-use crate::http::{Conn, request};
+use crate::http::{Conn, metric, request};
 use crate::load::{closed_loop, closed_loop_over, open_loop};
 use crate::procfs::Window;
 use crate::table::{Row, median, p50_p99_ms};
@@ -194,6 +194,17 @@ pub struct Figures {
     revocations: usize,
     attribution: Attribution,
     perf: Vec<Row>,
+    hand_offs: HandOffs,
+}
+
+const FSYNCS: &str = "ephemera_journal_fsyncs_total";
+
+/// Over the saturation rounds: the journal's fsyncs (`/metrics`) and the broker's context
+/// switches (`/proc`), the hand-offs an exchange's CPU pays for beyond its own work.
+struct HandOffs {
+    fsyncs: f64,
+    /// By thread name.
+    switches: Vec<(String, u64)>,
 }
 
 /// Runs rows 2 and 5 against the binary, then the in-process attribution rows. Between phases,
@@ -220,6 +231,7 @@ pub async fn run(options: &Options, plan: &Plan, floor: &mut Sampler, dir: &Path
     // reported, with the spread).
     let pid = broker.pid.to_string();
     let mut sat = Vec::new();
+    let hand_offs_before = (metric(addr, FSYNCS).await, crate::procfs::context_switches(&pid));
     for requests in saturation {
         let pids = std::slice::from_ref(&pid);
         sat.push(saturation_round("saturation", &[addr], pids, &[], requests, plan.saturation_conns).await);
@@ -227,6 +239,15 @@ pub async fn run(options: &Options, plan: &Plan, floor: &mut Sampler, dir: &Path
     }
     let (rate, _, _) = over_rounds(&sat, |r| r.rate);
     let (sat_cpu_us, _, _) = over_rounds(&sat, |r| r.cpu_us);
+    // (Between rounds the floor samples and the broker idles: few switches, no fsyncs.)
+    let hand_offs = HandOffs {
+        fsyncs: metric(addr, FSYNCS).await - hand_offs_before.0,
+        switches: crate::procfs::context_switches(&pid)
+            .into_iter()
+            .map(|(name, n)| (name.clone(), n.saturating_sub(hand_offs_before.1.get(&name).copied().unwrap_or(0))))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+    };
 
     // (a') the same closed loop against /healthz: what serving any request costs at saturation
     // (HTTP, the runtime, the request log line), to tell it apart from the exchange's own work.
@@ -304,6 +325,7 @@ pub async fn run(options: &Options, plan: &Plan, floor: &mut Sampler, dir: &Path
         revocations: plan.revocations,
         attribution,
         perf,
+        hand_offs,
     }
 }
 
@@ -373,6 +395,24 @@ impl Figures {
                 format!("{total:.1} µs (floor)"),
             )
             .ratio((sat_cpu_us - self.health_sat_cpu_us) / total),
+            Row::new(
+                "2g",
+                "hand-offs at saturation: exchanges per journal fsync (the group commit's batch), \
+                 broker context switches per exchange",
+                format!(
+                    "{:.1} exchanges per fsync ({:.0} fsyncs); {:.2} switches per exchange ({})",
+                    n as f64 / self.hand_offs.fsyncs.max(1.0),
+                    self.hand_offs.fsyncs,
+                    self.hand_offs.switches.iter().map(|(_, s)| *s).sum::<u64>() as f64 / n as f64,
+                    self.hand_offs
+                        .switches
+                        .iter()
+                        .map(|(name, s)| format!("{name} {:.2}", *s as f64 / n as f64))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "—".to_string(),
+            ),
             Row::new(
                 "5a",
                 "revocation latency: POST /v1/revoke sent → introspect says inactive",

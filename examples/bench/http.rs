@@ -133,3 +133,14 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 fn bad(what: &str) -> Error {
     Error::new(ErrorKind::InvalidData, format!("malformed HTTP response: {what}"))
 }
+
+/// One unlabelled sample of the broker's `/metrics` (0 where it cannot be read).
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let Ok(mut conn) = Conn::open(addr).await else { return 0.0 };
+    let Ok(reply) = conn.send(&request("GET", "/metrics", &[], "", b"")).await else { return 0.0 };
+    reply
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}

@@ -18,7 +18,7 @@ use crate::table::{Row, median};
 use ephemera::claims::Claims;
 use ephemera::identity::ReplayKey;
 use ephemera::ledger::journal::{FileStorage, Journal, SnapshotEncoder, encode};
-use ephemera::ledger::{Event, FileStore, FileStoreOptions, Lease, LeaseStore};
+use ephemera::ledger::{Event, FileStore, FileStoreOptions, Lease, LeaseStore, NO_QUIET_BACKENDS};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::Path;
@@ -285,7 +285,7 @@ async fn revoke_and_reap<const N: usize>(ledgers: [&FileStore; N], leases: &Leas
             revoke.push(started.elapsed().as_secs_f64() / PER_ROUND as f64);
             let at = leases.due + round as i64;
             let started = Instant::now();
-            let due = ledger.claim_due(at).await.unwrap().expired;
+            let due = ledger.claim_due(at, &NO_QUIET_BACKENDS).await.unwrap().expired;
             for work in &due {
                 ledger.finish_revoke(&work.lease_id, None, at).await.unwrap();
             }

@@ -39,6 +39,13 @@ pub struct Cpu {
     total: f64,
 }
 
+impl Cpu {
+    /// The process's utime + stime, every thread (one clock tick's precision).
+    pub fn total_seconds(&self) -> f64 {
+        self.total
+    }
+}
+
 pub fn cpu(pid: &str) -> Cpu {
     let mut per_thread = HashMap::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -123,9 +130,26 @@ impl Window {
     }
 }
 
+/// Context switches of a process's living threads, voluntary (it waited: a futex, epoll, a
+/// read) and involuntary (preempted), summed by thread name (`comm`: tokio's workers share one).
+pub fn context_switches(pid: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return by_name };
+    for status in tasks.flatten().filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok()) {
+        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("?").trim().to_string();
+        let switches: u64 = status
+            .lines()
+            .filter(|l| l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches"))
+            .filter_map(|l| l.rsplit_once(':')?.1.trim().parse::<u64>().ok())
+            .sum();
+        *by_name.entry(name).or_default() += switches;
+    }
+    by_name
+}
+
 /// The whole machine's busy CPU time (every core: user, nice, system, irq, softirq) and steal
 /// time, in seconds.
-fn machine_seconds() -> (f64, f64) {
+pub fn machine_seconds() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return (0.0, 0.0) };
     let f: Vec<f64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();

@@ -18,7 +18,7 @@
 //! lease held next to the ledger's own figure, so growth beyond the leases shows as a leak.
 
 use crate::broker::{AUDIENCE, Broker, POLICY, RENEW_POLICY, Setup, WEBHOOK_SECRET};
-use crate::http::{Conn, request};
+use crate::http::{Conn, metric, request};
 use crate::table::p50_p99_ms;
 use axum::Router;
 use axum::routing::get;
@@ -455,6 +455,14 @@ pub struct Report {
     reloads: u64,
     /// Exchanges (of either policy) answered 201 between the two gauge readings.
     exchanges_between: usize,
+    /// p99 (ms) of each minute of the run, warm-up included: where between the two windows a
+    /// tail grew, to lay beside the store's own logs (autovacuum, checkpoints).
+    p99_by_minute: Vec<f64>,
+    /// Cores' worth of CPU each minute: the broker's, and the whole machine's (steal included),
+    /// out of [`crate::exchange::cores`]: how much headroom "half of saturation" left.
+    cpu_by_minute: Vec<(f64, f64)>,
+    /// When the load started (UTC), to find a minute in the store's logs.
+    started_utc: String,
 }
 
 impl Report {
@@ -534,6 +542,10 @@ impl std::fmt::Display for Report {
             self.rss_per_exchange_kib(),
             self.exchanges_between,
         )?;
+        let minutes: Vec<String> = self.p99_by_minute.iter().map(|p| format!("{p:.1}")).collect();
+        writeln!(f, "p99 by minute of the run (ms; the load started at {}): {}", self.started_utc, minutes.join(", "))?;
+        let cpu: Vec<String> = self.cpu_by_minute.iter().map(|(b, m)| format!("{b:.2}/{m:.2}")).collect();
+        writeln!(f, "CPU by minute, broker/machine in cores of {:.0}: {}", crate::exchange::cores(), cpu.join(", "))?;
         let verdict = "(0 errors, first p99 ≤ 1 s, fds within +16, p99 within 2x, RSS growth ≤ 1.5 KiB per exchange)";
         write!(f, "verdict: {} {verdict}", if self.passed() { "PASS" } else { "FAIL" })
     }
@@ -555,16 +567,6 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-async fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let Ok(mut conn) = Conn::open(addr).await else { return 0 };
-    let Ok(reply) = conn.send(&request("GET", "/metrics", &[], "", b"")).await else { return 0 };
-    reply
-        .text()
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
-        .map_or(0, |v| v as u64)
-}
-
 async fn gauges(broker: &Broker, store: &Path, database: Option<&str>) -> Gauges {
     let size = match database {
         None => dir_size(store),
@@ -581,7 +583,7 @@ async fn gauges(broker: &Broker, store: &Path, database: Option<&str>) -> Gauges
         rss: crate::procfs::rss_of(&broker.pid.to_string()),
         fds: fds(broker.pid),
         store: size,
-        live: metric(broker.addr, "ephemera_leases_live ").await,
+        live: metric(broker.addr, "ephemera_leases_live").await as u64,
     }
 }
 
@@ -663,6 +665,25 @@ async fn soak(
     let warmup = (LEASE_TTL + Duration::from_secs(30)).min(total.saturating_sub(2 * WINDOW)).max(total / 10);
     let start = Instant::now() + Duration::from_millis(50);
     let until = start + total;
+    let started_utc = ephemera::clock::rfc3339(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+    );
+    // CPU once a minute (the broker's, the machine's), from the start of the load.
+    let sampling = tokio::spawn({
+        let pid = broker.pid.to_string();
+        async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval_at(start.into(), Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let (busy, steal) = crate::procfs::machine_seconds();
+                samples.push((crate::procfs::cpu(&pid).total_seconds(), busy + steal));
+                if Instant::now() >= until {
+                    return samples;
+                }
+            }
+        }
+    });
     let driving = tokio::spawn(drive(broker.addr, load.clone(), rate, start, until));
     // The gauges at the end of the first window and at the end of the run.
     let store_dir = dir.join("data/ledger");
@@ -674,6 +695,7 @@ async fn soak(
     let last = gauges(&broker, &store_dir, database.as_deref()).await;
     let last_at = (Instant::now() - start).as_secs_f64();
     let samples = driving.await.unwrap();
+    let cpu = sampling.await.unwrap();
     stop.store(true, Ordering::Relaxed);
     rotating.abort();
     reloading.abort();
@@ -694,5 +716,10 @@ async fn soak(
         rotations: issuer.rotations.load(Ordering::Relaxed),
         reloads: reloads.load(Ordering::Relaxed),
         exchanges_between: samples.iter().filter(|s| s.ok && s.exchange && s.at >= first_at && s.at < last_at).count(),
+        cpu_by_minute: cpu.windows(2).map(|w| ((w[1].0 - w[0].0) / 60.0, (w[1].1 - w[0].1) / 60.0)).collect(),
+        started_utc,
+        p99_by_minute: (0..(end / 60.0).ceil() as usize)
+            .map(|m| window(&samples, m as f64 * 60.0, (m + 1) as f64 * 60.0, Gauges::default()).p99)
+            .collect(),
     }
 }

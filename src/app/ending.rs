@@ -315,9 +315,15 @@ impl App {
     /// expiry (not up to `reap_interval` after it); with nothing due it costs the store an index
     /// probe per kind.
     pub async fn reap_due(&self) {
-        match self.store.claim_due(self.now()).await {
+        let quiet = self.backends.quiet_at_expiry();
+        match self.store.claim_due(self.now(), &quiet).await {
             Ok(due) => {
-                self.metrics.leases_ended(REASON_EXPIRED, due.expired.len());
+                self.metrics.leases_ended(REASON_EXPIRED, due.expired.len() + due.ended.len());
+                // Ended by the claim itself (nothing upstream to call): what follows a confirmed
+                // revocation follows them too, the metric, the audit event and the log line.
+                let ended =
+                    due.ended.iter().map(|work| self.revocation_recorded(work, None, Ok(Some(LeaseState::Expired))));
+                futures_util::future::join_all(ended).await;
                 self.run_revocations(due.expired.into_iter().chain(due.retries)).await;
             }
             Err(e) => tracing::error!(error = %e, "the lease store did not hand out due expiries and retries"),

@@ -291,18 +291,44 @@ impl FileStore {
         Ok(self.memory.state(id))
     }
 
-    async fn claim_due_now(&self, now: UnixSeconds) -> Due {
-        let mut expired = Vec::new();
-        let mut started = Vec::new();
-        let ids = self.memory.take_due_expiries(now);
-        for id in &ids {
+    async fn claim_due_now(&self, now: UnixSeconds, quiet: &BTreeSet<String>) -> Due {
+        let (mut expired, mut ending) = (Vec::new(), Vec::new());
+        for id in &self.memory.take_due_expiries(now) {
             if let Some(work) = self.memory.begin(id, REASON_EXPIRED, now) {
-                expired.push(work);
-                started.push((&**id, REASON_EXPIRED));
+                if work.is_quiet(quiet) { ending.push(work) } else { expired.push(work) }
             }
         }
-        self.note_revoke_requested(&started, now).await;
-        Due { expired, retries: self.memory.claim_due_retries(now) }
+        // One append for every start, and for the quiet ones their end too (the outcome a
+        // revocation would have recorded): durable before it is applied, as `finish_now` does.
+        let started = |work: &RevokeWork| Event::RevokeRequested {
+            id: work.lease_id.to_string(),
+            reason: REASON_EXPIRED.to_string(),
+            at: now,
+        };
+        let outcomes: Vec<Event> = ending
+            .iter()
+            .filter_map(|work| self.memory.outcome(&work.lease_id, None, now, &self.options.retry))
+            .collect();
+        let mut events: Vec<Event> = expired.iter().chain(&ending).map(started).collect();
+        events.extend(outcomes.iter().cloned());
+        let ended = if events.is_empty() {
+            Vec::new()
+        } else {
+            match self.record(&events).await {
+                Ok(_recorded) => {
+                    outcomes.into_iter().for_each(|event| self.memory.apply(event));
+                    ending
+                }
+                Err(e) => {
+                    // Not ended, then: they stay `revoking` and go the usual way, whose finish
+                    // records their end when the disk takes it.
+                    tracing::error!(error = %e, leases = events.len(), "journal write failed for due expiries; their outcome will be recorded when the disk takes it");
+                    expired.append(&mut ending);
+                    Vec::new()
+                }
+            }
+        };
+        Due { expired, ended, retries: self.memory.claim_due_retries(now) }
     }
 
     async fn maintain_now(&self, now: UnixSeconds) -> Maintained {
@@ -424,8 +450,12 @@ impl LeaseStore for FileStore {
         Box::pin(self.finish_now(id, error, now))
     }
 
-    fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>> {
-        Box::pin(async move { Ok(self.claim_due_now(now).await) })
+    fn claim_due<'a>(
+        &'a self,
+        now: UnixSeconds,
+        quiet: &'a BTreeSet<String>,
+    ) -> BoxFuture<'a, Result<Due, StoreError>> {
+        Box::pin(async move { Ok(self.claim_due_now(now, quiet).await) })
     }
 
     fn claim_all_pending(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Vec<RevokeWork>, StoreError>> {
@@ -510,6 +540,7 @@ impl LeaseStore for FileStore {
             last_records: t.last_records.load(Ordering::Relaxed),
             last_snapshot_bytes: journal.stats().snapshot_bytes.load(Ordering::Relaxed),
             appended_bytes: journal.stats().appended_bytes.load(Ordering::Relaxed),
+            fsyncs: journal.stats().fsyncs.load(Ordering::Relaxed),
         })
     }
 

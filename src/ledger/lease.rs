@@ -265,6 +265,12 @@ impl RevokeWork {
             reason: lease.reason.clone(),
         }
     }
+
+    /// Is every credential of a backend in `quiet` (`LeaseStore::claim_due`)? Then its expiry
+    /// needs nothing upstream. `false` for a lease with no credential: it takes the usual way.
+    pub fn is_quiet(&self, quiet: &std::collections::BTreeSet<String>) -> bool {
+        !self.credentials.is_empty() && self.credentials.iter().all(|c| quiet.contains(&*c.backend))
+    }
 }
 
 /// Backoff for failed revocations.

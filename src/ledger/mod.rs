@@ -31,4 +31,6 @@ pub use lease::{
 };
 pub use postgres::{DELIVERY_RETENTION_SECS, PgStore, SCHEMA_VERSION};
 pub use snapshot::ClaimSnapshot;
-pub use store::{CompactionStats, Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
+pub use store::{
+    CompactionStats, Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, NO_QUIET_BACKENDS, StoreError,
+};

@@ -50,9 +50,16 @@ pub enum IssueError {
 pub struct Due {
     /// Active leases whose expiry has come, now `revoking` with reason `expired`.
     pub expired: Vec<RevokeWork>,
+    /// Active leases whose expiry has come and whose every credential ends with them (of a
+    /// backend in the claim's `quiet` set): already `expired`, ended by the claim itself, with
+    /// nothing left to revoke. Handed out for their audit events and metrics.
+    pub ended: Vec<RevokeWork>,
     /// Pending revocations whose retry time has come.
     pub retries: Vec<RevokeWork>,
 }
+
+/// No backend's credentials end with their lease: every expiry goes through a revocation.
+pub static NO_QUIET_BACKENDS: BTreeSet<String> = BTreeSet::new();
 
 /// Lease counts, for `/metrics`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -178,8 +185,13 @@ pub trait LeaseStore: Send + Sync {
         })
     }
 
-    /// The expiries and retries due at `now`, claimed for this caller.
-    fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>>;
+    /// The expiries and retries due at `now`, claimed for this caller. An expired lease whose
+    /// every credential is of a backend in `quiet` (one whose credentials die with the lease
+    /// at its expiry, with nothing to call upstream: `Backend::quiet_at_expiry`) is ended in the
+    /// same step, `expired`, and handed out in [`Due::ended`]: one write to the store where a
+    /// claim and then a finish made two.
+    fn claim_due<'a>(&'a self, now: UnixSeconds, quiet: &'a BTreeSet<String>)
+    -> BoxFuture<'a, Result<Due, StoreError>>;
 
     /// Every pending revocation, due or not, claimed for this caller (start-up resumes them all).
     fn claim_all_pending(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Vec<RevokeWork>, StoreError>>;

@@ -54,11 +54,11 @@ async fn a_revocation_is_handed_to_one_caller_and_expiry_follows_the_clock(s: &d
     assert!(s.begin_revoke("a", "job", 10).await.unwrap().is_none(), "second revoke gets no work");
     assert_eq!(s.finish_revoke("a", None, 10).await.unwrap(), Some(LeaseState::Revoked));
     assert_eq!(ids(s.live_of_job("job1", 10).await.unwrap()), ["b"]);
-    assert!(s.claim_due(99).await.unwrap().expired.is_empty(), "nothing expires early");
-    let due = s.claim_due(100).await.unwrap();
+    assert!(s.claim_due(99, &NO_QUIET_BACKENDS).await.unwrap().expired.is_empty(), "nothing expires early");
+    let due = s.claim_due(100, &NO_QUIET_BACKENDS).await.unwrap();
     assert_eq!(work_ids(&due.expired), ["b", "c"]);
     assert_eq!(s.get("b").await.unwrap().unwrap().reason.as_deref(), Some(REASON_EXPIRED));
-    assert!(s.claim_due(100).await.unwrap().expired.is_empty(), "expiry work is handed out once");
+    assert!(s.claim_due(100, &NO_QUIET_BACKENDS).await.unwrap().expired.is_empty(), "expiry work is handed out once");
     assert!(s.begin_revoke("c", "job", 100).await.unwrap().is_none(), "an expiring lease is already claimed");
     assert_eq!(s.finish_revoke("c", None, 100).await.unwrap(), Some(LeaseState::Expired));
     assert_eq!(s.finish_revoke("b", None, 100).await.unwrap(), Some(LeaseState::Expired));
@@ -72,21 +72,28 @@ async fn a_revocation_is_handed_to_one_caller_and_expiry_follows_the_clock(s: &d
 async fn failures_back_off_then_become_irrevocable_and_are_still_retried(s: &dyn LeaseStore) {
     s.issue(lease("a", "j", 1000), None).await.unwrap();
     s.begin_revoke("a", "job", 0).await.unwrap().unwrap();
-    assert!(s.claim_due(0).await.unwrap().retries.is_empty(), "the caller of begin_revoke makes the first attempt");
+    assert!(
+        s.claim_due(0, &NO_QUIET_BACKENDS).await.unwrap().retries.is_empty(),
+        "the caller of begin_revoke makes the first attempt"
+    );
     let stalled = s.get("a").await.unwrap().unwrap().next_attempt_at;
     assert_eq!(stalled, STALLED_ATTEMPT_SECS, "an attempt that never reports back is retried");
     assert_eq!(s.finish_revoke("a", Some("boom".into()), 0).await.unwrap(), Some(LeaseState::Revoking));
     let next = s.get("a").await.unwrap().unwrap().next_attempt_at;
     assert!((15..=25).contains(&next), "10 s × 2 ± 25 %: {next}");
-    assert!(s.claim_due(next - 1).await.unwrap().retries.is_empty());
-    assert_eq!(s.claim_due(next).await.unwrap().retries.len(), 1);
-    assert!(s.claim_due(next).await.unwrap().retries.is_empty(), "a retry is handed out once");
+    assert!(s.claim_due(next - 1, &NO_QUIET_BACKENDS).await.unwrap().retries.is_empty());
+    assert_eq!(s.claim_due(next, &NO_QUIET_BACKENDS).await.unwrap().retries.len(), 1);
+    assert!(s.claim_due(next, &NO_QUIET_BACKENDS).await.unwrap().retries.is_empty(), "a retry is handed out once");
     s.finish_revoke("a", Some("boom".into()), next).await.unwrap();
     assert_eq!(s.finish_revoke("a", Some("boom".into()), next).await.unwrap(), Some(LeaseState::Irrevocable));
     assert_eq!(s.counts().await.unwrap().of(LeaseState::Irrevocable), 1);
     let at = s.get("a").await.unwrap().unwrap().next_attempt_at;
     assert_eq!(at, next + 600);
-    assert_eq!(s.claim_due(at).await.unwrap().retries.len(), 1, "irrevocable leases are retried, never dropped");
+    assert_eq!(
+        s.claim_due(at, &NO_QUIET_BACKENDS).await.unwrap().retries.len(),
+        1,
+        "irrevocable leases are retried, never dropped"
+    );
     assert_eq!(s.finish_revoke("a", None, at).await.unwrap(), Some(LeaseState::Revoked));
     assert_eq!(s.counts().await.unwrap().of(LeaseState::Irrevocable), 0);
 }
@@ -94,10 +101,10 @@ async fn failures_back_off_then_become_irrevocable_and_are_still_retried(s: &dyn
 async fn a_claimed_retry_that_never_reports_back_is_due_again_after_the_stall_time(s: &dyn LeaseStore) {
     s.issue(lease("a", "j", 1000), None).await.unwrap();
     s.begin_revoke("a", "job", 0).await.unwrap().unwrap();
-    assert_eq!(s.claim_due(STALLED_ATTEMPT_SECS).await.unwrap().retries.len(), 1);
+    assert_eq!(s.claim_due(STALLED_ATTEMPT_SECS, &NO_QUIET_BACKENDS).await.unwrap().retries.len(), 1);
     let again = 2 * STALLED_ATTEMPT_SECS;
-    assert!(s.claim_due(again - 1).await.unwrap().retries.is_empty());
-    assert_eq!(s.claim_due(again).await.unwrap().retries.len(), 1);
+    assert!(s.claim_due(again - 1, &NO_QUIET_BACKENDS).await.unwrap().retries.is_empty());
+    assert_eq!(s.claim_due(again, &NO_QUIET_BACKENDS).await.unwrap().retries.len(), 1);
     assert_eq!(work_ids(&s.claim_all_pending(again).await.unwrap()), ["a"], "start-up claims it whatever is due");
 }
 
@@ -188,7 +195,11 @@ async fn what_one_store_exports_another_imports_in_the_same_state(s: &dyn LeaseS
     assert_eq!((b.state, b.attempts, b.last_error.as_deref()), (LeaseState::Revoking, 1, Some("boom")));
     assert_eq!(state(s, "c").await, Some(LeaseState::Revoked));
     assert_eq!(s.issue(lease("d", "j", 100), Some(&key)).await, Err(IssueError::Replayed), "replay keys move too");
-    assert_eq!(work_ids(&s.claim_due(b.next_attempt_at).await.unwrap().retries), ["b"], "pending work moves too");
+    assert_eq!(
+        work_ids(&s.claim_due(b.next_attempt_at, &NO_QUIET_BACKENDS).await.unwrap().retries),
+        ["b"],
+        "pending work moves too"
+    );
 
     let sorted = |mut v: Vec<Event>| {
         v.sort_by_key(|e| format!("{e:?}"));
@@ -304,7 +315,7 @@ async fn revocations_confirmed_together_are_each_recorded_in_their_own_state(s: 
     for (id, job, expires_at) in [("a", "job1", 100), ("b", "job2", 100), ("c", "job3", 1000), ("d", "job4", 1000)] {
         s.issue(lease(id, job, expires_at), None).await.unwrap();
     }
-    let mut expired = s.claim_due(100).await.unwrap().expired;
+    let mut expired = s.claim_due(100, &NO_QUIET_BACKENDS).await.unwrap().expired;
     expired.sort_by(|x, y| x.lease_id.cmp(&y.lease_id));
     let a = &expired[0];
     assert_eq!((&*a.lease_id, &*a.job, a.reason.as_deref()), ("a", "job1", Some(REASON_EXPIRED)));
@@ -320,7 +331,55 @@ async fn revocations_confirmed_together_are_each_recorded_in_their_own_state(s: 
     assert_eq!(state(s, "b").await, Some(Expired));
     assert_eq!(state(s, "c").await, Some(Revoked));
     assert!(s.get("nope").await.unwrap().is_none(), "nothing recorded for an unknown lease");
-    assert!(s.claim_due(10_000).await.unwrap().retries.is_empty(), "no attempt left pending");
+    assert!(s.claim_due(10_000, &NO_QUIET_BACKENDS).await.unwrap().retries.is_empty(), "no attempt left pending");
+}
+
+async fn an_expired_lease_whose_credentials_are_all_quiet_ends_in_its_claim(s: &dyn LeaseStore) {
+    use crate::mint::{Revocation, RevokeHandle};
+    let with = |id: &str, expires_at: i64, backends: &[&str]| {
+        let mut l = lease(id, &format!("job-{id}"), expires_at);
+        l.credentials = backends
+            .iter()
+            .map(|b| {
+                let handle = RevokeHandle { backend: (*b).into(), data: serde_json::json!({"id": id}) };
+                LeaseCredential::new("c", b, Revocation::Immediate, &handle)
+            })
+            .collect();
+        l
+    };
+    // a: only quiet credentials; b: one that needs its backend; c: none at all; d: not due.
+    for l in [
+        with("a", 100, &["jwt", "jwt"]),
+        with("b", 100, &["jwt", "aws"]),
+        with("c", 100, &[]),
+        with("d", 500, &["jwt"]),
+    ] {
+        s.issue(l, None).await.unwrap();
+    }
+    let quiet = std::collections::BTreeSet::from(["jwt".to_string()]);
+    let due = s.claim_due(100, &quiet).await.unwrap();
+    assert_eq!(work_ids(&due.ended), ["a"], "ended in the claim");
+    assert_eq!(work_ids(&due.expired), ["b", "c"], "revoked the usual way");
+    let a = &due.ended[0];
+    assert_eq!((&*a.job, a.reason.as_deref(), a.credentials.len()), ("job-a", Some(REASON_EXPIRED), 2));
+    assert_eq!((a.policy.as_deref(), a.issuer.as_deref()), (Some("p"), Some("i")), "the work tells its audit event");
+    let stored = s.get("a").await.unwrap().unwrap();
+    assert_eq!((stored.state, stored.reason.as_deref()), (LeaseState::Expired, Some(REASON_EXPIRED)));
+    assert_eq!(state(s, "b").await, Some(LeaseState::Revoking));
+    assert_eq!(state(s, "d").await, Some(LeaseState::Active));
+    let again = s.claim_due(100, &quiet).await.unwrap();
+    assert!(again.ended.is_empty() && again.expired.is_empty(), "handed out once");
+    assert!(s.begin_revoke("a", "job", 101).await.unwrap().is_none(), "an ended lease is not revoked again");
+    let stalled = s.claim_due(100 + STALLED_ATTEMPT_SECS, &quiet).await.unwrap();
+    assert_eq!(work_ids(&stalled.retries), ["b", "c"], "only the revocations that were handed out are pending");
+    assert_eq!(s.finish_revoke("b", None, 101).await.unwrap(), Some(LeaseState::Expired));
+    let counts = s.counts().await.unwrap();
+    assert_eq!((counts.of(LeaseState::Expired), counts.of(LeaseState::Active)), (2, 1), "a and b ended, d live");
+    assert_eq!(
+        s.maintain(100 + ENDED_RETENTION_SECS).await.unwrap().forgotten,
+        2,
+        "a is forgotten like any ended lease"
+    );
 }
 
 // ---- the stores -----------------------------------------------------------------------------
@@ -384,6 +443,7 @@ stores!(
     a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_takes_them_all,
     a_backlog_larger_than_a_pruning_batch_is_forgotten_in_one_pass,
     revocations_confirmed_together_are_each_recorded_in_their_own_state,
+    an_expired_lease_whose_credentials_are_all_quiet_ends_in_its_claim,
 );
 
 // ---- the file store's own --------------------------------------------------------------------
@@ -401,6 +461,26 @@ fn replaying_records_twice_gives_the_same_state() {
     }
     let counts = s.counts_now();
     assert_eq!((counts.of(LeaseState::Revoking), counts.of(LeaseState::Active)), (1, 0));
+}
+
+#[tokio::test]
+async fn a_lease_ended_in_its_claim_reopens_expired() {
+    use crate::mint::{Revocation, RevokeHandle};
+    let dir = tempfile::tempdir().unwrap();
+    let handle = RevokeHandle { backend: "jwt".into(), data: serde_json::json!({"jti": "x"}) };
+    let mut l = lease("a", "j", 100);
+    l.credentials = Box::new([LeaseCredential::new("api", "jwt", Revocation::Immediate, &handle)]);
+    {
+        let s = FileStore::open(dir.path(), FileStoreOptions::default(), None).unwrap();
+        s.issue(l, None).await.unwrap();
+        let quiet = std::collections::BTreeSet::from(["jwt".to_string()]);
+        assert_eq!(work_ids(&s.claim_due(100, &quiet).await.unwrap().ended), ["a"]);
+    }
+    // Dropped without a flush: the claim's append was durable before the lease read expired.
+    let reopened = FileStore::open(dir.path(), FileStoreOptions::default(), None).unwrap();
+    let a = reopened.get("a").await.unwrap().unwrap();
+    assert_eq!((a.state, a.reason.as_deref()), (LeaseState::Expired, Some(REASON_EXPIRED)));
+    assert!(reopened.claim_all_pending(200).await.unwrap().is_empty(), "nothing left to revoke after the restart");
 }
 
 #[tokio::test]
@@ -464,6 +544,8 @@ async fn compactions_are_spaced_in_proportion_to_the_last_snapshot() {
     let figures = s.compactions().unwrap();
     assert_eq!((figures.compactions, figures.running, figures.last_records), (1, false, 50));
     assert!(figures.appended_bytes > 0 && figures.last_snapshot_bytes > 0, "{figures:?}");
+    // 50 appends awaited one after another: a batch, and an fsync, each (and the flush's).
+    assert!((50..=52).contains(&figures.fsyncs), "one fsync per batch of appends: {figures:?}");
     let snapshot = std::fs::metadata(dir.path().join("journal")).unwrap().len();
     // Appends short of twice the snapshot: no compaction.
     let mut i = 0;

@@ -32,6 +32,10 @@ impl Backend for Bounded {
         self.inner.revocation()
     }
 
+    fn quiet_at_expiry(&self) -> bool {
+        self.inner.quiet_at_expiry()
+    }
+
     fn mint<'a>(
         &'a self,
         grant: &'a Grant,

@@ -17,7 +17,7 @@ use crate::secret::SecretString;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -196,6 +196,16 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Do this backend's credentials die with their lease at its expiry, with nothing to call
+    /// upstream (its [`Backend::revoke`] does nothing then)? A broker JWT does: introspection
+    /// reads the lease's state, and its revoke is a no-op. The reaper then
+    /// ends an expired lease whose every credential is of such a backend in the claim itself:
+    /// one write to the store, no revocation round (`LeaseStore::claim_due`). `false` unless a
+    /// backend is sure.
+    fn quiet_at_expiry(&self) -> bool {
+        false
+    }
+
     /// The upstream's remaining API budget as it last said (GitHub's `x-ratelimit-remaining`),
     /// for `/metrics`; `None` where there is none or nothing was called yet.
     fn rate_limit_remaining(&self) -> Option<u64> {
@@ -282,6 +292,12 @@ impl Backends {
     }
 
     /// Every backend's [`Backend::orphans`].
+    /// The backends whose credentials end quietly with their lease's expiry
+    /// ([`Backend::quiet_at_expiry`]).
+    pub fn quiet_at_expiry(&self) -> BTreeSet<String> {
+        self.by_name.iter().filter(|(_, b)| b.quiet_at_expiry()).map(|(name, _)| name.clone()).collect()
+    }
+
     pub async fn orphans(&self, now: UnixSeconds) -> Vec<Orphan> {
         let mut out = Vec::new();
         for backend in self.by_name.values() {

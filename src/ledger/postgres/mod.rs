@@ -333,21 +333,49 @@ impl PgStore {
     /// Claims revocation work with `FOR UPDATE SKIP LOCKED`: rows another replica is claiming
     /// at this moment are skipped, not waited for, and each row is handed to one claimer.
     async fn claim(&self, what: &str, sql: &str, now: UnixSeconds) -> Result<Vec<RevokeWork>, StoreError> {
+        let claimed = self.claim_rows(what, sql, now, None).await?;
+        Ok(claimed.into_iter().map(|(work, _)| work).collect())
+    }
+
+    /// [`PgStore::claim`]'s rows with the state each was left in; `quiet` is the expiry
+    /// claim's `$4`.
+    async fn claim_rows(
+        &self,
+        what: &str,
+        sql: &str,
+        now: UnixSeconds,
+        quiet: Option<&BTreeSet<String>>,
+    ) -> Result<Vec<(RevokeWork, LeaseState)>, StoreError> {
         let s = &self.shared;
         s.timed(what, async {
             let client = s.client().await?;
             let statement = client.prepare_cached(sql).await?;
             let stalled = now + s.claim_timeout;
-            let found = client.query(&statement, &[&now, &stalled, &s.replica]).await?;
-            Ok(found.iter().map(rows::work).collect::<Result<Vec<_>, _>>()?)
+            let found = match quiet {
+                Some(quiet) => {
+                    let quiet: Vec<&str> = quiet.iter().map(String::as_str).collect();
+                    client.query(&statement, &[&now, &stalled, &s.replica, &quiet]).await?
+                }
+                None => client.query(&statement, &[&now, &stalled, &s.replica]).await?,
+            };
+            Ok(found
+                .iter()
+                .map(|row| Ok((rows::work(row)?, state_at(row, 6)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?)
         })
         .await
     }
 
-    async fn claim_due_now(&self, now: UnixSeconds) -> Result<Due, StoreError> {
-        let expired = self.claim("claiming due expiries", &reaper::claim_expired(), now).await?;
+    async fn claim_due_now(&self, now: UnixSeconds, quiet: &BTreeSet<String>) -> Result<Due, StoreError> {
+        let claimed = self.claim_rows("claiming due expiries", &reaper::claim_expired(), now, Some(quiet)).await?;
+        let (ended, expired): (Vec<_>, Vec<_>) =
+            claimed.into_iter().partition(|(_, state)| *state == LeaseState::Expired);
         let retries = self.claim("claiming due retries", &reaper::claim_retries(), now).await?;
-        Ok(Due { expired, retries })
+        Ok(Due {
+            expired: expired.into_iter().map(|(work, _)| work).collect(),
+            ended: ended.into_iter().map(|(work, _)| work).collect(),
+            retries,
+        })
     }
 
     async fn claim_all_pending_now(&self, now: UnixSeconds) -> Result<Vec<RevokeWork>, StoreError> {
@@ -729,8 +757,12 @@ impl LeaseStore for PgStore {
         Box::pin(self.finish_revoked_now(ids))
     }
 
-    fn claim_due(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Due, StoreError>> {
-        Box::pin(self.claim_due_now(now))
+    fn claim_due<'a>(
+        &'a self,
+        now: UnixSeconds,
+        quiet: &'a BTreeSet<String>,
+    ) -> BoxFuture<'a, Result<Due, StoreError>> {
+        Box::pin(self.claim_due_now(now, quiet))
     }
 
     fn claim_all_pending(&self, now: UnixSeconds) -> BoxFuture<'_, Result<Vec<RevokeWork>, StoreError>> {

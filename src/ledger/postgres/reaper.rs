@@ -17,11 +17,18 @@ pub const CLAIM_LIMIT: i64 = 5000;
 /// Rows one pruning statement deletes at most.
 pub const PRUNE_BATCH: u64 = 5000;
 
-/// `$1` now, `$2` when a claim counts as stalled, `$3` the claiming replica: active leases past
-/// their expiry start revoking, claimed by this replica.
+/// A lease whose every credential is of a quiet backend (`$4`): its expiry needs nothing
+/// upstream. A lease with no credential at all takes the usual way.
+const QUIET: &str = "(cardinality(backends) > 0 AND backends <@ $4::text[])";
+
+/// `$1` now, `$2` when a claim counts as stalled, `$3` the claiming replica, `$4` the quiet
+/// backends (`LeaseStore::claim_due`): active leases past their expiry start revoking, claimed by
+/// this replica; those whose credentials are all quiet end here, `expired`, in the same write.
 pub fn claim_expired() -> String {
     returning_work(&format!(
-        "UPDATE ephemera_lease_state SET state = 'revoking', reason = 'expired', next_attempt_at = $2, claimed_by = $3 \
+        "UPDATE ephemera_lease_state SET reason = 'expired', next_attempt_at = $2, \
+             state = CASE WHEN {QUIET} THEN 'expired' ELSE 'revoking' END, \
+             claimed_by = CASE WHEN {QUIET} THEN NULL ELSE $3 END \
          WHERE id = ANY(ARRAY(SELECT id FROM ephemera_lease_state WHERE state = 'active' AND expires_at <= $1 \
                               ORDER BY expires_at LIMIT {CLAIM_LIMIT} FOR UPDATE SKIP LOCKED)) \
            AND state = 'active'"
@@ -127,7 +134,7 @@ mod tests {
         tokio::spawn(connection);
         client.batch_execute(&fill()).await.unwrap();
         let statements = [
-            ("claim_expired", claim_expired(), "$1, 0, 'r'"),
+            ("claim_expired", claim_expired(), "$1, 0, 'r', ARRAY['jwt']"),
             ("claim_retries", claim_retries(), "$1, 0, 'r'"),
             ("prune_leases", prune_leases(), "$1"),
             ("prune_replay_keys", prune_replay_keys(), "$1"),

@@ -23,8 +23,9 @@ pub const LEASE_COLUMNS: &str = "l.id, l.job, l.policy, l.issuer, l.created_at, 
 /// issuer from the lease's other row (joined to what was updated, never a table walk).
 pub fn returning_work(update: &str) -> String {
     format!(
-        "WITH w AS ({update} RETURNING id, credentials::text AS credentials, job, reason) \
-         SELECT w.id, w.credentials, w.job, w.reason, l.policy, l.issuer FROM w LEFT JOIN ephemera_leases l ON l.id = w.id"
+        "WITH w AS ({update} RETURNING id, credentials::text AS credentials, job, reason, state) \
+         SELECT w.id, w.credentials, w.job, w.reason, l.policy, l.issuer, w.state \
+         FROM w LEFT JOIN ephemera_leases l ON l.id = w.id"
     )
 }
 

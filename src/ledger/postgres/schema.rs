@@ -70,7 +70,7 @@ async fn apply(client: &mut deadpool_postgres::Object, replica: &str, upto: i32)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{PgStore, RetryPolicy};
+    use crate::ledger::{NO_QUIET_BACKENDS, PgStore, RetryPolicy};
     use std::sync::Arc;
 
     #[tokio::test]
@@ -145,7 +145,8 @@ mod tests {
             assert_eq!(store.get(&l.id).await.unwrap().as_ref(), Some(l), "lease {} after the migration", l.id);
         }
         // What the narrow table serves: claims of work, revocations, renewals, counts, pruning.
-        let retries: Vec<_> = store.claim_due(60).await.unwrap().retries.iter().map(|w| w.lease_id.clone()).collect();
+        let retries: Vec<_> =
+            store.claim_due(60, &NO_QUIET_BACKENDS).await.unwrap().retries.iter().map(|w| w.lease_id.clone()).collect();
         assert_eq!(retries, [Arc::from("b")], "the retry due by now, not the one due at 70");
         assert!(store.renew("a", &[cred("a-3")], 8).await.unwrap());
         let work = store.begin_revoke("a", "job", 9).await.unwrap().unwrap();
