@@ -393,3 +393,34 @@ async fn a_revocation_the_disk_did_not_record_is_reported_pending_and_recorded_o
     assert_eq!(broker.running.app.lease(&id).await.unwrap().unwrap().state, LeaseState::Revoked);
     assert_eq!(broker.introspect(&jwt).await["active"], false, "the revocation was lost in the restart");
 }
+
+#[tokio::test]
+async fn a_quiet_expiry_the_disk_did_not_record_stays_pending_and_ends_once_the_disk_recovers() {
+    // A lease of broker JWTs only ends in its expiry claim (nothing to revoke upstream). If the
+    // disk refuses that claim's record, the lease must not read expired on the strength of it.
+    let issuer = FakeIssuer::start().await;
+    let full = Arc::new(AtomicBool::new(false));
+    let broker = Broker::start_with_faults(
+        &[("ci", "github-actions", &issuer)],
+        &[("deploy", DEPLOY_POLICY)],
+        &Extra::default(),
+        Some(full_disk(full.clone())),
+    )
+    .await;
+    let (_, body) = broker.exchange_raw(&token(&issuer, NOW), r#"{"policy":"deploy","ttl":"5m"}"#).await;
+    let id = body["lease_id"].as_str().unwrap().to_string();
+    let jwt = jwt_of(&body);
+    let app = &broker.running.app;
+    full.store(true, Ordering::SeqCst);
+    broker.clock.advance(300);
+    app.reap_once().await;
+    assert_eq!(app.lease(&id).await.unwrap().unwrap().state, LeaseState::Revoking, "expired on an unrecorded claim");
+    assert_eq!(broker.introspect(&jwt).await["active"], false, "past its expiry the JWT is dead all the same");
+    full.store(false, Ordering::SeqCst);
+    broker.clock.advance(ephemera::ledger::STALLED_ATTEMPT_SECS);
+    app.reap_once().await;
+    assert_eq!(app.lease(&id).await.unwrap().unwrap().state, LeaseState::Expired);
+    let broker = broker.restart(None).await;
+    assert_eq!(broker.running.app.lease(&id).await.unwrap().unwrap().state, LeaseState::Expired, "lost in the restart");
+    assert!(broker.journal_events().iter().any(|e| matches!(e, Event::Expired { id: i, .. } if *i == id)));
+}

@@ -322,8 +322,8 @@ impl FileStore {
                 Err(e) => {
                     // Not ended, then: they stay `revoking` and go the usual way, whose finish
                     // records their end when the disk takes it.
-                    tracing::error!(error = %e, leases = events.len(), "journal write failed for due expiries; their outcome will be recorded when the disk takes it");
                     expired.append(&mut ending);
+                    tracing::error!(error = %e, leases = expired.len(), "journal write failed for due expiries; their outcome will be recorded when the disk takes it");
                     Vec::new()
                 }
             }
