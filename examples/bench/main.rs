@@ -1,7 +1,7 @@
 //! ephemera's benchmark harness (issue 7). `scripts/bench` builds it in release and runs it:
 //!
 //!     target/release/examples/bench [--quick] [--broker target/release/ephemera] [--perf DIR]
-//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood,live-set] [--leases N]
+//!                                   [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood,live-set,live-set-postgres] [--leases N]
 //!                                   [--keep DIR]
 //!
 //! It prints one Markdown table. Every row is measured in this run, next to a baseline measured
@@ -26,6 +26,7 @@ mod http;
 mod jwks;
 mod ledger;
 mod live_set;
+mod live_set_pg;
 mod load;
 mod postgres;
 mod procfs;
@@ -74,7 +75,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood,live-set] [--leases N] [--keep DIR]"
+                "bench: {e}\nusage: bench [--quick] [--broker PATH] [--perf DIR] [--only crypto,exchange,jwks,ledger,postgres,renew,github,token-exchange,flood,live-set,live-set-postgres] [--leases N] [--keep DIR]"
             );
             return ExitCode::from(2);
         }
@@ -102,6 +103,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "token-exchange",
             "flood",
             "live-set",
+            "live-set-postgres",
         ]
         .map(String::from)
         .to_vec(),
@@ -224,6 +226,13 @@ fn run(args: &Args) -> Vec<Row> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let plan = exchange::Plan::new(args.quick);
         rows.extend(rt.block_on(live_set::run(&args.broker, &plan, &dir.join("live-set"), big)));
+    }
+    if wants("live-set-postgres") {
+        let big = args.leases.unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+        eprintln!("== 11d–e. the exchange under a large live set on PostgreSQL: 1k vs {big} live leases (issue 23)");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let plan = exchange::Plan::new(args.quick);
+        rows.extend(rt.block_on(live_set_pg::run(&args.broker, &plan, &dir.join("live-set-postgres"), big)));
     }
     rows.sort_by_key(|r| order(&r.id));
     rows

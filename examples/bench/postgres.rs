@@ -96,7 +96,7 @@ impl Server {
 
     /// The server's processes: the postmaster and its children (a backend per connection, the
     /// WAL writer, the checkpointer, …).
-    fn processes(&self) -> Vec<String> {
+    pub fn processes(&self) -> Vec<String> {
         let pid_file = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).unwrap_or_default();
         let Some(postmaster) = pid_file.lines().next().map(str::trim) else { return Vec::new() };
         let mut all = crate::procfs::children(postmaster);
@@ -106,11 +106,7 @@ impl Server {
 
     /// Runs `sql` as the superuser.
     async fn execute(&self, sql: &str) {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
-        let connection = tokio::spawn(connection);
-        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-        drop(client);
-        let _ = connection.await;
+        execute(&self.url, sql).await;
     }
 
     /// A new database on the server; its URL.
@@ -125,7 +121,7 @@ impl Server {
     /// latency or fsyncs are measured: the kernel writes back pages ~30 s after they were
     /// dirtied (hundreds of MB after the saturation rounds), and a phase that meets that
     /// write-back on the one disk waits behind it, whichever store it measures.
-    async fn checkpoint(&self) {
+    pub async fn checkpoint(&self) {
         self.execute("CHECKPOINT").await;
     }
 }
@@ -229,16 +225,30 @@ async fn over_http(binary: &Path, plan: &Plan, server: &Server, dir: &Path) -> F
     }
 }
 
-/// The brokers: on the file store, alone on a database, and three replicas on another; all
-/// with one signing key (ES256, PKCS#8 DER, made here).
-async fn start_settings(binary: &Path, server: &Server, dir: &Path) -> [Setting; 3] {
-    let key = dir.join("jwt-signing.pk8");
+/// A new ES256 signing key (PKCS#8 DER) at `path`: replicas of one database share one.
+pub fn write_signing_key(path: &Path) {
     let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
         &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
         &ring::rand::SystemRandom::new(),
     )
     .unwrap();
-    std::fs::write(&key, pkcs8.as_ref()).unwrap();
+    std::fs::write(path, pkcs8.as_ref()).unwrap();
+}
+
+/// Runs `sql` on the database at `url`.
+pub async fn execute(url: &str, sql: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    drop(client);
+    let _ = connection.await;
+}
+
+/// The brokers: on the file store, alone on a database, and three replicas on another; all
+/// with one signing key (ES256, PKCS#8 DER, made here).
+async fn start_settings(binary: &Path, server: &Server, dir: &Path) -> [Setting; 3] {
+    let key = dir.join("jwt-signing.pk8");
+    write_signing_key(&key);
     let (one_url, three_url) =
         (ledger_toml(&server.database("bench_one").await), ledger_toml(&server.database("bench_three").await));
     let file = Broker::start_with(binary, &dir.join("file"), &setup(None, &key, "")).await;

@@ -1,0 +1,193 @@
+//! Rows 11d–11e (issue 23, PostgreSQL's half): the exchange under a large live set on the shared
+//! store. Two brokers, each on its own database of one PostgreSQL server (the bench's, fsync on),
+//! one holding 1k live leases and one holding 1M, take the same open-loop load at 50 % of the 1k
+//! broker's saturation, window by window in turn.
+//!
+//! PostgreSQL has no compaction: what a large live set could cost there is the tables and their
+//! indexes outgrowing the server's memory (an exchange inserts into the lease table, its state
+//! table with four indexes, the replay keys; the reaper claims by the expiry index), and
+//! autovacuum and checkpoints over more pages. Pruning, the counterpart of compaction, only ever
+//! touches ended leases, of which both sides have the same few.
+//!
+//! The live leases are copies of a real one: the broker's first exchange on each database is
+//! copied `count` times by SQL (new id, job and a day more to live), so every row has the shape
+//! and size an exchange writes. CPU per exchange is the broker's plus the whole server's
+//! (`/proc`), over the windows: the database's work is the store's cost here.
+
+use crate::broker::{Broker, Setup};
+use crate::exchange::{Plan, SAT_ROUNDS, Tokens, over_rounds, requests, saturation_round};
+use crate::load::{Outcome, closed_loop, open_loop};
+use crate::table::{Row, percentile};
+use std::path::Path;
+use std::time::Instant;
+
+const ROUNDS: usize = 3;
+
+/// Copies the database's one lease `count` times: both of its rows, as they are but for the id,
+/// the job and the expiry (a day later, so none expires during the run). The column lists come
+/// from the catalog, so a schema change needs nothing here.
+fn fill(count: usize) -> String {
+    let copy = |table: &str| {
+        format!(
+            "DO $$ DECLARE cols text; vals text; BEGIN
+               SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position),
+                      string_agg(CASE column_name
+                                   WHEN 'id' THEN '''lse_fill'' || lpad(i::text, 8, ''0'')'
+                                   WHEN 'job' THEN 't.job || ''-fill-'' || i'
+                                   WHEN 'expires_at' THEN 't.expires_at + 86400'
+                                   ELSE 't.' || quote_ident(column_name) END, ', ' ORDER BY ordinal_position)
+                 INTO cols, vals
+                 FROM information_schema.columns WHERE table_name = '{table}' AND table_schema = current_schema();
+               EXECUTE format('INSERT INTO {table} (%s) SELECT %s FROM {table} t, generate_series(1, {count}) i
+                               WHERE t.id = (SELECT min(id) FROM {table})', cols, vals);
+             END $$;"
+        )
+    };
+    format!("{}{}", copy("ephemera_leases"), copy("ephemera_lease_state"))
+}
+
+/// Active leases in the database at `url`.
+async fn live_leases(url: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let row = client.query_one("SELECT count(*) FROM ephemera_lease_state WHERE state = 'active'", &[]).await.unwrap();
+    drop(client);
+    let _ = connection.await;
+    row.get(0)
+}
+
+#[derive(Default)]
+struct Side {
+    outcome: Outcome,
+    /// Broker and server CPU seconds over the windows.
+    broker_cpu: f64,
+    database_cpu: f64,
+}
+
+pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row> {
+    ephemera::install_crypto();
+    std::fs::create_dir_all(dir).unwrap();
+    let small = 1_000;
+    let scale = if big >= 1_000_000 { format!("{}M", big / 1_000_000) } else { format!("{}k", big / 1_000) };
+    let server = crate::postgres::Server::start();
+    let key = dir.join("jwt-es256.pk8");
+    crate::postgres::write_signing_key(&key);
+    let mut tokens = Tokens::new();
+    let firsts = [requests(&tokens.take(1).1), requests(&tokens.take(1).1)];
+    let warmups = [requests(&tokens.take(plan.warmup).1), requests(&tokens.take(plan.warmup).1)];
+    let saturation: Vec<_> = (0..SAT_ROUNDS).map(|_| requests(&tokens.take(plan.saturation / SAT_ROUNDS).1)).collect();
+    let windows: Vec<[_; 2]> =
+        (0..ROUNDS).map(|_| [requests(&tokens.take(plan.open).1), requests(&tokens.take(plan.open).1)]).collect();
+
+    let mut brokers = Vec::new();
+    let mut urls = Vec::new();
+    for ((name, count), first) in [("small", small), ("big", big)].into_iter().zip(firsts) {
+        let url = server.database(&format!("live_{name}")).await;
+        urls.push(url.clone());
+        let ledger = format!("\n[ledger]\nstore = \"postgres\"\nurl = \"{url}\"\n");
+        let setup = Setup { replica_id: Some(name), signing_key_file: Some(&key), extra: &ledger, ..Setup::default() };
+        let broker = Broker::start_with(binary, &dir.join(name), &setup).await;
+        closed_loop(broker.addr, first, 1, 201).await.check("the lease to copy");
+        let started = Instant::now();
+        crate::postgres::execute(&url, &fill(count)).await;
+        // The large database settled, as a broker that has held a million leases for a while
+        // finds it: autovacuum's first pass over a fresh million rows (hint bits, the visibility
+        // map, statistics) is not what a large live set costs. The small one is left as young
+        // as a new deployment's: analyzed at 1k rows and then grown 30-fold by the saturation
+        // rounds, its prepared statements would keep plans made for a table of 1k rows.
+        if name == "big" {
+            crate::postgres::execute(&url, "VACUUM ANALYZE").await;
+        }
+        let leases = live_leases(&url).await;
+        assert!(leases > count as i64, "{name}: {leases} live leases after copying one {count} times");
+        eprintln!("  {name}: copied a lease {count} times in {:.1} s", started.elapsed().as_secs_f64());
+        brokers.push(broker);
+    }
+    for (broker, warmup) in brokers.iter().zip(warmups) {
+        closed_loop(broker.addr, warmup, plan.saturation_conns, 201).await.check("warm-up");
+    }
+    server.checkpoint().await;
+    let database = server.processes();
+    let pid = brokers[0].pid.to_string();
+    let mut rounds = Vec::new();
+    for round in saturation {
+        let pids = std::slice::from_ref(&pid);
+        rounds.push(
+            saturation_round("saturation, 1k live", &[brokers[0].addr], pids, &database, round, plan.saturation_conns)
+                .await,
+        );
+    }
+    let (rate, _, _) = over_rounds(&rounds, |r| r.rate);
+    let half = rate / 2.0;
+    // Both settled before the windows: the saturation rounds left the 1k database tens of
+    // thousands of fresh rows, and autovacuum's first pass over them must not fall in its
+    // windows (an `ANALYZE` also has every pooled connection plan its statements anew).
+    for url in &urls {
+        crate::postgres::execute(url, "VACUUM ANALYZE").await;
+    }
+    server.checkpoint().await;
+
+    let mut sides = [Side::default(), Side::default()];
+    for round in windows {
+        for (i, requests) in round.into_iter().enumerate() {
+            let broker = &brokers[i];
+            let pid = broker.pid.to_string();
+            let (cpu, db_cpu) = (crate::procfs::cpu(&pid), crate::procfs::cpu_of(&server.processes()));
+            let outcome = open_loop(broker.addr, requests, half, plan.open_conns, 201).await;
+            sides[i].broker_cpu += crate::procfs::cpu(&pid).since(&cpu);
+            sides[i].database_cpu += crate::procfs::cpu_of(&server.processes()).since(&db_cpu);
+            outcome.check("open loop under a live set, postgres");
+            let mut latencies = outcome.latencies.clone();
+            latencies.sort_by(f64::total_cmp);
+            eprintln!(
+                "  postgres, {} live: {} exchanges at {half:.0}/s, p99 {:.2} ms",
+                if i == 0 { "1k" } else { &scale },
+                outcome.ok,
+                percentile(&latencies, 0.99) * 1e3,
+            );
+            sides[i].outcome.merge(outcome);
+        }
+    }
+    drop(brokers);
+    drop(server);
+
+    let sorted = |s: &Side| {
+        let mut v = s.outcome.latencies.clone();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let [small_lat, big_lat] = [&sides[0], &sides[1]].map(sorted);
+    let p = |l: &[f64], q: f64| percentile(l, q) * 1e3;
+    let per = |s: &Side| {
+        let ok = s.outcome.ok as f64;
+        ((s.broker_cpu + s.database_cpu) / ok, s.broker_cpu / ok, s.database_cpu / ok)
+    };
+    let ((big_all, big_broker, big_db), (small_all, small_broker, small_db)) = (per(&sides[1]), per(&sides[0]));
+    let n = sides[1].outcome.ok;
+    vec![
+        Row::new(
+            "11d",
+            &format!("**exchange p99 at 50 % of saturation, PostgreSQL, {scale} live leases ÷ 1k** (fsync on)"),
+            format!(
+                "p99 {:.2} ms, p50 {:.2} ms ({n} exchanges at {half:.0}/s in {ROUNDS} windows)",
+                p(&big_lat, 0.99),
+                p(&big_lat, 0.5)
+            ),
+            format!(
+                "1k live: p99 {:.2} ms, p50 {:.2} ms (same schedule, windows in turn)",
+                p(&small_lat, 0.99),
+                p(&small_lat, 0.5)
+            ),
+        )
+        .ratio(p(&big_lat, 0.99) / p(&small_lat, 0.99))
+        .goal("≤ 1.2", p(&big_lat, 0.99) / p(&small_lat, 0.99) <= 1.2),
+        Row::new(
+            "11e",
+            &format!("**broker + PostgreSQL CPU per exchange at 50 % of saturation, {scale} live leases ÷ 1k**"),
+            format!("{:.0} µs = {:.0} broker + {:.0} database", big_all * 1e6, big_broker * 1e6, big_db * 1e6),
+            format!("1k live: {:.0} µs = {:.0} + {:.0}", small_all * 1e6, small_broker * 1e6, small_db * 1e6),
+        )
+        .ratio(big_all / small_all)
+        .goal("≤ 1.2", big_all / small_all <= 1.2),
+    ]
+}
