@@ -33,6 +33,19 @@ async fn flaky_broker(issuer: &FakeIssuer, failures: u32) -> (Broker, Arc<Mutex<
     (broker, flaky)
 }
 
+/// A broker whose journal's disk is full while the flag it returns is set.
+async fn full_disk_broker(issuer: &FakeIssuer) -> (Broker, Arc<AtomicBool>) {
+    let full = Arc::new(AtomicBool::new(false));
+    let broker = Broker::start_with_faults(
+        &[("ci", "github-actions", issuer)],
+        &[("deploy", DEPLOY_POLICY)],
+        &Extra::default(),
+        Some(full_disk(full.clone())),
+    )
+    .await;
+    (broker, full)
+}
+
 #[tokio::test]
 async fn a_lease_survives_a_restart_and_can_still_be_revoked() {
     let issuer = FakeIssuer::start().await;
@@ -365,14 +378,7 @@ async fn a_revocation_the_disk_did_not_record_is_reported_pending_and_recorded_o
     // the job told `revoked`; after a restart the journal still said active, and the revoked
     // JWT introspected active again.
     let issuer = FakeIssuer::start().await;
-    let full = Arc::new(AtomicBool::new(false));
-    let broker = Broker::start_with_faults(
-        &[("ci", "github-actions", &issuer)],
-        &[("deploy", DEPLOY_POLICY)],
-        &Extra::default(),
-        Some(full_disk(full.clone())),
-    )
-    .await;
+    let (broker, full) = full_disk_broker(&issuer).await;
     let t = token(&issuer, NOW);
     let (_, body) = broker.exchange(&t, "deploy").await;
     let id = body["lease_id"].as_str().unwrap().to_string();
@@ -399,14 +405,7 @@ async fn a_quiet_expiry_the_disk_did_not_record_stays_pending_and_ends_once_the_
     // A lease of broker JWTs only ends in its expiry claim (nothing to revoke upstream). If the
     // disk refuses that claim's record, the lease must not read expired on the strength of it.
     let issuer = FakeIssuer::start().await;
-    let full = Arc::new(AtomicBool::new(false));
-    let broker = Broker::start_with_faults(
-        &[("ci", "github-actions", &issuer)],
-        &[("deploy", DEPLOY_POLICY)],
-        &Extra::default(),
-        Some(full_disk(full.clone())),
-    )
-    .await;
+    let (broker, full) = full_disk_broker(&issuer).await;
     let (_, body) = broker.exchange_raw(&token(&issuer, NOW), r#"{"policy":"deploy","ttl":"5m"}"#).await;
     let id = body["lease_id"].as_str().unwrap().to_string();
     let jwt = jwt_of(&body);
