@@ -257,24 +257,13 @@ impl FileStore {
 
     async fn begin_now(&self, id: &str, reason: &str, now: UnixSeconds) -> Option<RevokeWork> {
         let work = self.memory.begin(id, reason, now)?;
-        self.note_revoke_requested(&[(id, reason)], now).await;
+        // Records that the revocation started, so a crash mid-revocation resumes it at start.
+        // Only a hint for recovery: the outcome record is the one that counts (see the module
+        // docs), so a failure here is logged, and the revocation goes on.
+        if let Err(e) = self.record(&[revoke_requested(id, reason, now)]).await {
+            tracing::error!(error = %e, lease_id = %id, "journal write failed for a revocation's start; its outcome will be recorded when the disk takes it");
+        }
         Some(work)
-    }
-
-    /// Records that revocations started, so a crash mid-revocation resumes them at start. Only a
-    /// hint for recovery: the outcome record is the one that counts (see the module docs), so a
-    /// failure here is logged, and the revocation goes on.
-    async fn note_revoke_requested(&self, started: &[(&str, &str)], now: UnixSeconds) {
-        if started.is_empty() {
-            return;
-        }
-        let events: Vec<Event> = started
-            .iter()
-            .map(|(id, reason)| Event::RevokeRequested { id: id.to_string(), reason: reason.to_string(), at: now })
-            .collect();
-        if let Err(e) = self.record(&events).await {
-            tracing::error!(error = %e, leases = started.len(), "journal write failed for a revocation's start; its outcome will be recorded when the disk takes it");
-        }
     }
 
     async fn finish_now(
@@ -300,11 +289,7 @@ impl FileStore {
         }
         // One append for every start, and for the quiet ones their end too (the outcome a
         // revocation would have recorded): durable before it is applied, as `finish_now` does.
-        let started = |work: &RevokeWork| Event::RevokeRequested {
-            id: work.lease_id.to_string(),
-            reason: REASON_EXPIRED.to_string(),
-            at: now,
-        };
+        let started = |work: &RevokeWork| revoke_requested(&work.lease_id, REASON_EXPIRED, now);
         let outcomes: Vec<Event> = ending
             .iter()
             .filter_map(|work| self.memory.outcome(&work.lease_id, None, now, &self.options.retry))
@@ -421,6 +406,11 @@ fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Resul
     }
     sink(&out)?;
     Ok(records)
+}
+
+/// The journal record of a revocation's start.
+fn revoke_requested(id: &str, reason: &str, at: UnixSeconds) -> Event {
+    Event::RevokeRequested { id: id.to_string(), reason: reason.to_string(), at }
 }
 
 impl LeaseStore for FileStore {
