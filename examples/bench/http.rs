@@ -138,9 +138,12 @@ fn bad(what: &str) -> Error {
 pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
     let Ok(mut conn) = Conn::open(addr).await else { return 0.0 };
     let Ok(reply) = conn.send(&request("GET", "/metrics", &[], "", b"")).await else { return 0.0 };
-    reply
-        .text()
-        .lines()
+    sample(&reply.text(), name)
+}
+
+/// One unlabelled sample in a `/metrics` text (0 where it is missing).
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
 }

@@ -54,11 +54,7 @@ struct Compactions {
 async fn compactions(addr: std::net::SocketAddr) -> Compactions {
     let mut conn = Conn::open(addr).await.unwrap();
     let text = conn.send(&request("GET", "/metrics", &[], "", b"")).await.unwrap().text();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
-    };
+    let value = |name: &str| crate::http::sample(&text, name);
     Compactions {
         total: value("ephemera_journal_compactions_total"),
         running: value("ephemera_journal_compacting") > 0.0,
@@ -226,7 +222,8 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
     ]
 }
 
-fn sorted(latencies: &[f64]) -> Vec<f64> {
+/// Latencies in ascending order, for percentiles.
+pub fn sorted(latencies: &[f64]) -> Vec<f64> {
     let mut v = latencies.to_vec();
     v.sort_by(f64::total_cmp);
     v

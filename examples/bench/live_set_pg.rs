@@ -16,6 +16,7 @@
 
 use crate::broker::{Broker, Setup};
 use crate::exchange::{Plan, SAT_ROUNDS, Tokens, over_rounds, requests, saturation_round};
+use crate::live_set::sorted;
 use crate::load::{Outcome, closed_loop, open_loop};
 use crate::table::{Row, percentile};
 use std::path::Path;
@@ -137,8 +138,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             sides[i].broker_cpu += crate::procfs::cpu(&pid).since(&cpu);
             sides[i].database_cpu += crate::procfs::cpu_of(&server.processes()).since(&db_cpu);
             outcome.check("open loop under a live set, postgres");
-            let mut latencies = outcome.latencies.clone();
-            latencies.sort_by(f64::total_cmp);
+            let latencies = sorted(&outcome.latencies);
             eprintln!(
                 "  postgres, {} live: {} exchanges at {half:.0}/s, p99 {:.2} ms",
                 if i == 0 { "1k" } else { &scale },
@@ -151,12 +151,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
     drop(brokers);
     drop(server);
 
-    let sorted = |s: &Side| {
-        let mut v = s.outcome.latencies.clone();
-        v.sort_by(f64::total_cmp);
-        v
-    };
-    let [small_lat, big_lat] = [&sides[0], &sides[1]].map(sorted);
+    let [small_lat, big_lat] = [&sides[0], &sides[1]].map(|s| sorted(&s.outcome.latencies));
     let p = |l: &[f64], q: f64| percentile(l, q) * 1e3;
     let per = |s: &Side| {
         let ok = s.outcome.ok as f64;

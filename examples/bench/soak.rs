@@ -665,9 +665,7 @@ async fn soak(
     let warmup = (LEASE_TTL + Duration::from_secs(30)).min(total.saturating_sub(2 * WINDOW)).max(total / 10);
     let start = Instant::now() + Duration::from_millis(50);
     let until = start + total;
-    let started_utc = ephemera::clock::rfc3339(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
-    );
+    let started_utc = ephemera::clock::rfc3339(ephemera::clock::Clock::now(&ephemera::clock::SystemClock));
     // CPU once a minute (the broker's, the machine's), from the start of the load.
     let sampling = tokio::spawn({
         let pid = broker.pid.to_string();
