@@ -400,7 +400,12 @@ fn journaled_store() -> Made {
 /// A fresh database on the test PostgreSQL server (see [`super::postgres::testing`]).
 async fn postgres_store() -> Made {
     let cfg = super::postgres::testing::fresh_database().await;
-    (Box::new(PgStore::open(&cfg, None, "suite", RETRY).await.unwrap()), None)
+    (
+        Box::new(
+            PgStore::open(&cfg, None, "suite", RETRY).await.unwrap().with_counts_max_age(std::time::Duration::ZERO),
+        ),
+        None,
+    )
 }
 
 macro_rules! stores {

@@ -70,7 +70,18 @@ pub struct PgStore {
     shared: Arc<Shared>,
     queue: writer::Queue,
     probe: tokio::task::JoinHandle<()>,
+    /// The last count of the leases and when it was taken ([`COUNTS_MAX_AGE`]); the lock is
+    /// held while counting, so callers arriving meanwhile take that count instead of another.
+    counted: tokio::sync::Mutex<Option<(std::time::Instant, Counts)>>,
+    counts_max_age: Duration,
 }
+
+/// How old a count of the leases by state and backend may be before [`LeaseStore::counts`]
+/// counts again. A count reads the whole state table (~0.3 s of the server's CPU at ~550k
+/// leases, growing with them): a Prometheus scraping every replica and an operator's console
+/// polling the health view would each have run it every few seconds. Now one replica counts at
+/// most once per this interval, however many ask; the gauges are at most this old.
+pub const COUNTS_MAX_AGE: Duration = Duration::from_secs(15);
 
 /// What the store's tasks share: the pool, who this replica is, and its health.
 pub struct Shared {
@@ -221,7 +232,14 @@ impl PgStore {
         let queue = writer::start(shared.clone());
         let probe = tokio::spawn(probe(Arc::downgrade(&shared)));
         tracing::info!(store = %where_, schema = schema::LATEST, was = found, replica, "ledger on postgres");
-        Ok(PgStore { shared, queue, probe })
+        Ok(PgStore { shared, queue, probe, counted: tokio::sync::Mutex::new(None), counts_max_age: COUNTS_MAX_AGE })
+    }
+
+    /// Counts anew when the last count is older than `max_age` (tests that check every
+    /// change take `Duration::ZERO`).
+    pub fn with_counts_max_age(mut self, max_age: Duration) -> PgStore {
+        self.counts_max_age = max_age;
+        self
     }
 
     async fn issue_now(&self, lease: Lease, replay: Option<&ReplayKey>) -> Result<(), IssueError> {
@@ -509,6 +527,22 @@ impl PgStore {
             Ok(handles)
         })
         .await
+    }
+
+    /// The last count while it is young and the database reachable (an unreachable store
+    /// reports nothing rather than a figure it cannot check), otherwise a new one.
+    async fn counts_recent(&self) -> Result<Counts, StoreError> {
+        let mut counted = self.counted.lock().await;
+        let reachable = self.shared.health.load(Ordering::Acquire) == OPEN;
+        if let Some((at, counts)) = &*counted
+            && reachable
+            && at.elapsed() < self.counts_max_age
+        {
+            return Ok(counts.clone());
+        }
+        let counts = self.counts_now().await?;
+        *counted = Some((std::time::Instant::now(), counts.clone()));
+        Ok(counts)
     }
 
     async fn counts_now(&self) -> Result<Counts, StoreError> {
@@ -804,7 +838,7 @@ impl LeaseStore for PgStore {
     }
 
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>> {
-        Box::pin(self.counts_now())
+        Box::pin(self.counts_recent())
     }
 
     fn export(&self) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
@@ -874,6 +908,26 @@ mod tests {
             .unwrap_err();
         assert!(failed.0.contains("error serializing") && !failed.0.contains("unreachable"), "{failed}");
         assert_eq!(store.health(), Health::Open, "readiness does not flap for a bug of ours");
+    }
+
+    #[tokio::test]
+    async fn a_count_of_the_leases_is_taken_once_per_interval_however_many_ask() {
+        let cfg = testing::fresh_database().await;
+        let store = PgStore::open(&cfg, None, "t", RetryPolicy::default()).await.unwrap();
+        let issue = |id: &'static str| {
+            let store = &store;
+            async move { store.issue(crate::ledger::suite::lease(id, id, 100), None).await.unwrap() }
+        };
+        issue("lse_a").await;
+        let first = store.counts().await.unwrap();
+        assert_eq!(first.of(LeaseState::Active), 1);
+        issue("lse_b").await;
+        // Within the interval: the same count, the new lease not yet in it, for every caller.
+        let again = futures_util::future::join_all((0..4).map(|_| store.counts())).await;
+        assert!(again.iter().all(|c| c.as_ref().unwrap() == &first), "{again:?}");
+        // Past it (an interval of zero): counted anew.
+        let store = store.with_counts_max_age(Duration::ZERO);
+        assert_eq!(store.counts().await.unwrap().of(LeaseState::Active), 2);
     }
 
     #[tokio::test]
