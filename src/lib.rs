@@ -22,6 +22,7 @@ pub mod identity;
 pub mod ids;
 pub mod ledger;
 pub mod limits;
+pub mod log_format;
 pub mod metrics;
 pub mod mint;
 pub mod names;

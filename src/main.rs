@@ -405,11 +405,10 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
-        .json()
+        .fmt_fields(ephemera::log_format::JsonFields)
+        .event_format(ephemera::log_format::JsonLine)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_current_span(true)
-        .with_span_list(false)
         .init();
 }
 

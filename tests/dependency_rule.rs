@@ -28,6 +28,7 @@ const ALLOWED: &[(&str, &[&str], &str)] = &[
         "connections to PostgreSQL (pool, rustls), for the ledger and the postgres backend",
     ),
     ("metrics", &[], "Prometheus text from atomics"),
+    ("log_format", &[], "one JSON log line per event, written straight into the line buffer"),
     ("config", &["clock", "secret", "names", "claims", "aws_format"], "TOML → validated Config"),
     ("audit", &["config", "claims"], "the audit sink"),
     // ---- the rooms, each reading only rooms below it ----

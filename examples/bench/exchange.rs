@@ -564,6 +564,10 @@ pub struct Attribution {
     verify_us: f64,
     app_us: f64,
     app_logged_us: f64,
+    /// A request's log line (its span, the lease id recorded on it, the event) into a sink:
+    /// the binary's `log_format`, and `tracing-subscriber`'s JSON format it replaced.
+    log_line_us: f64,
+    log_line_reference_us: f64,
     n: usize,
 }
 
@@ -617,17 +621,56 @@ async fn in_process(dir: &Path, tokens: &mut Tokens, n: usize) -> Attribution {
     let app_us = exchange_all(tokens.take(n).1).await;
     let log = std::fs::File::create(dir.join("in-process.log")).unwrap();
     let subscriber = tracing_subscriber::fmt()
-        .json()
+        .fmt_fields(ephemera::log_format::JsonFields)
+        .event_format(ephemera::log_format::JsonLine)
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_writer(std::sync::Mutex::new(log))
-        .with_current_span(true)
-        .with_span_list(false)
         .finish();
     let guard = tracing::subscriber::set_default(subscriber);
     let app_logged_us = exchange_all(tokens.take(n).1).await;
     drop(guard);
     running.shutdown().await;
-    Attribution { verify_us, app_us, app_logged_us, n }
+    let lines = n * 20;
+    let ours = || {
+        tracing_subscriber::fmt()
+            .fmt_fields(ephemera::log_format::JsonFields)
+            .event_format(ephemera::log_format::JsonLine)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::sink)
+            .finish()
+    };
+    let reference = || {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::sink)
+            .with_current_span(true)
+            .with_span_list(false)
+            .finish()
+    };
+    // Twice each, in turn: the first round of each warms what it touches.
+    let (_, _) = (request_lines(lines, ours()), request_lines(lines, reference()));
+    let (log_line_us, log_line_reference_us) = (request_lines(lines, ours()), request_lines(lines, reference()));
+    Attribution { verify_us, app_us, app_logged_us, log_line_us, log_line_reference_us, n }
+}
+
+/// CPU µs per request line as `http::request_context` writes it, under `subscriber`.
+fn request_lines(n: usize, subscriber: impl tracing::Subscriber + Send + Sync + 'static) -> f64 {
+    let cpu = crate::procfs::thread_cpu_seconds();
+    tracing::subscriber::with_default(subscriber, || {
+        for i in 0..n {
+            let span = tracing::info_span!(
+                "request",
+                request_id = %"req_01jf2q9zb3w5n7x0y4k6m8p1r3",
+                lease_id = tracing::field::Empty
+            );
+            span.record("lease_id", tracing::field::display("lse_01jf2q9zb3w5n7x0y4k6m8p1r3"));
+            span.in_scope(|| {
+                tracing::info!(method = %"POST", route = %"/v1/exchange", status = 201u16, micros = i as u64, "request");
+            });
+        }
+    });
+    (crate::procfs::thread_cpu_seconds() - cpu) / n as f64 * 1e6
 }
 
 impl Attribution {
@@ -656,6 +699,13 @@ impl Attribution {
                 format!("{total:.1} µs (floor)"),
             )
             .ratio(self.app_logged_us / total),
+            Row::new(
+                "A3b",
+                "attribution: one request's log line (span, lease id, event) into a sink, `log_format` (as the binary)",
+                format!("{:.2} µs (n = {})", self.log_line_us, n * 20),
+                format!("{:.2} µs (`tracing-subscriber`'s JSON format, as before)", self.log_line_reference_us),
+            )
+            .ratio(self.log_line_us / self.log_line_reference_us),
             Row::new(
                 "A4",
                 "attribution: the binary over HTTP, one connection (sequential)",
