@@ -670,7 +670,8 @@ pub fn init_log_capture() {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let writer = Capture(buf.clone());
         let subscriber = tracing_subscriber::fmt()
-            .json()
+            .fmt_fields(ephemera::log_format::JsonFields)
+            .event_format(ephemera::log_format::JsonLine)
             .with_max_level(tracing::Level::DEBUG)
             .with_writer(move || writer.clone())
             .finish();
