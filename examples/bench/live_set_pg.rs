@@ -6,9 +6,11 @@
 //! The windows are short (about half a second each) and strictly alternate, 1k, 1M, 1k, 1M:
 //! this machine has stalls of a second or two that have nothing to do with the live set (both
 //! sides showed them, whichever was loaded; see docs/benchmarks.md), and with three long windows
-//! a side one stall decided which side's p99 it raised. A stall now spans windows of both sides,
-//! so what is left between them is the live set's. (An ABBA order, tried first, put two windows
-//! of one side back to back at every other pair, and a stall there landed on one side again.)
+//! a side one stall decided which side's p99 it raised. Short windows are meant to spread a
+//! stall over both sides (an ABBA order, tried first, put two windows of one side back to back
+//! at every other pair); on this machine a few stalled windows still fall on one side or the
+//! other in a run, so the row also reports each side's median window p99, which they do not
+//! move.
 //!
 //! PostgreSQL has no compaction: what a large live set could cost there is the tables and their
 //! indexes outgrowing the server's memory (an exchange inserts into the lease table, its state

@@ -1,8 +1,8 @@
-//! The soak (issue 21, `scripts/soak`): the real broker for a set time (default 10 minutes) at
-//! half its saturation (a closed loop of the same mix, before the soak), under a mix of what
-//! production sends, on the file store and on
-//! PostgreSQL; the broker's RSS, open file descriptors, store size and latency compared between
-//! the first minute after warm-up and the last.
+//! The soak (issue 21, `scripts/soak`): the real broker for a set time (default 10 minutes)
+//! under a mix of what production sends, at half the rate a closed loop of that mix reaches
+//! (run before the soak), on the file store and on PostgreSQL; the broker's RSS, open file
+//! descriptors, store size and latency compared between the first minute after warm-up and the
+//! last.
 //!
 //! The mix, by request number: 55 % exchanges, 5 % exchanges of renewable leases, 10 % renewals,
 //! 10 % revokes by the job, 10 % GitHub `workflow_job` webhooks, 10 % denials (a token from

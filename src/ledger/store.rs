@@ -226,8 +226,9 @@ pub trait LeaseStore: Send + Sync {
         backends: &'a BTreeSet<String>,
     ) -> BoxFuture<'a, Result<Vec<RevokeHandle>, StoreError>>;
 
-    /// Lease counts (a store may answer from a figure it keeps up to date). A backend with no
-    /// active lease may be missing from `active_by_backend`.
+    /// Lease counts (a store may answer from a figure it keeps up to date, or, where counting
+    /// reads every lease, from a recent count: PostgreSQL's is up to `COUNTS_MAX_AGE` old). A
+    /// backend with no active lease may be missing from `active_by_backend`.
     fn counts(&self) -> BoxFuture<'_, Result<Counts, StoreError>>;
 
     // ---- shared with other replicas ---------------------------------------------------------
