@@ -26,16 +26,12 @@ pub struct JsonFields;
 
 impl<'w> FormatFields<'w> for JsonFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
-        let mut visitor = Pairs { out: &mut writer, first: true, result: Ok(()) };
-        fields.record(&mut visitor);
-        visitor.result
+        pairs(&mut writer, true, fields)
     }
 
     fn add_fields(&self, current: &mut FormattedFields<Self>, fields: &tracing::span::Record<'_>) -> fmt::Result {
         let first = current.fields.is_empty();
-        let mut visitor = Pairs { out: &mut current.fields, first, result: Ok(()) };
-        fields.record(&mut visitor);
-        visitor.result
+        pairs(&mut current.fields, first, fields)
     }
 }
 
@@ -48,9 +44,7 @@ where
         out.write_str("{\"timestamp\":\"")?;
         write!(out, "{}", humantime::format_rfc3339_micros(std::time::SystemTime::now()))?;
         write!(out, "\",\"level\":\"{}\",\"fields\":{{", meta.level())?;
-        let mut visitor = Pairs { out: &mut out, first: true, result: Ok(()) };
-        event.record(&mut visitor);
-        visitor.result?;
+        pairs(&mut out, true, event)?;
         out.write_str("},\"target\":")?;
         string(&mut out, meta.target())?;
         let span = event.parent().and_then(|id| ctx.span(id)).or_else(|| ctx.lookup_current());
@@ -69,6 +63,14 @@ where
         }
         out.write_str("}\n")
     }
+}
+
+/// Writes `fields` as `"name":value` pairs, commas between (and before the first unless
+/// `first`).
+fn pairs(out: &mut impl fmt::Write, first: bool, fields: impl RecordFields) -> fmt::Result {
+    let mut visitor = Pairs { out, first, result: Ok(()) };
+    fields.record(&mut visitor);
+    visitor.result
 }
 
 /// Writes each field it visits as `"name":value`, commas between.
