@@ -162,9 +162,11 @@ impl Storage for FileStorage {
         std::fs::rename(self.path.with_extension("compact"), &self.path)?;
         sync_dir(&self.path)?;
         let old = std::mem::replace(&mut self.file, OpenOptions::new().read(true).append(true).open(&self.path)?);
-        // The old journal is unlinked now; closing its last handle frees all its blocks, which
-        // for a few hundred MB took the writer 5–30 ms. A thread of its own does that.
-        let _ = std::thread::Builder::new().name("ephemera-unlink".into()).spawn(move || drop(old));
+        // The old journal is unlinked now, and this handle is all that keeps its blocks. A
+        // thread of its own frees them, a step at a time ([`release`]).
+        let _ = std::thread::Builder::new().name("ephemera-unlink".into()).spawn(move || {
+            let _ = release(&old, || std::thread::sleep(RELEASE_REST));
+        });
         Ok(())
     }
 
@@ -175,6 +177,32 @@ impl Storage for FileStorage {
     fn reader(&mut self) -> std::io::Result<Box<dyn JournalReader>> {
         Ok(Box::new(File::open(&self.path)?))
     }
+}
+
+/// How much of a replaced journal [`release`] frees at a time, and how long it rests between.
+const RELEASE_STEP: u64 = 8 * 1024 * 1024;
+const RELEASE_REST: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Frees a replaced (already unlinked) journal's blocks [`RELEASE_STEP`] at a time, calling
+/// `rest` between steps; returns the number of steps. Closing the last handle of a journal of a
+/// million leases frees a few hundred MB at once, and measured here (ext4 mounted with
+/// `discard`) that stalled **every other file's fdatasync on the disk** for ~30 ms: the next
+/// group commit's, and so every exchange waiting on it. Cut back 8 MiB at a time with 5 ms
+/// rests, the worst concurrent fdatasync stayed under 4 ms, and 400 MB took ~0.35 s to free.
+/// (RocksDB frees obsolete files the same way, for the same reason: its `DeleteScheduler`'s
+/// `bytes_max_delete_chunk`, one `ftruncate` per chunk.)
+fn release(file: &File, mut rest: impl FnMut()) -> std::io::Result<usize> {
+    let mut len = file.metadata()?.len();
+    let mut steps = 0;
+    while len > 0 {
+        len = len.saturating_sub(RELEASE_STEP);
+        file.set_len(len)?;
+        steps += 1;
+        if len > 0 {
+            rest();
+        }
+    }
+    Ok(steps)
 }
 
 fn sync_dir(path: &Path) -> std::io::Result<()> {
@@ -201,6 +229,21 @@ mod tests {
         assert_eq!(replayed.events, events(2));
         assert_eq!(replayed.truncated, 3);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes.len() as u64 - 3);
+    }
+
+    #[test]
+    fn a_replaced_journal_is_freed_a_step_at_a_time_with_a_rest_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old-journal");
+        let file = OpenOptions::new().read(true).append(true).create(true).open(&path).unwrap();
+        file.set_len(2 * RELEASE_STEP + 1).unwrap();
+        std::fs::remove_file(&path).unwrap(); // renamed over, as `install` leaves it
+        let mut lengths = Vec::new();
+        let steps = release(&file, || lengths.push(file.metadata().unwrap().len())).unwrap();
+        assert_eq!(steps, 3);
+        assert_eq!(lengths, [RELEASE_STEP + 1, 1], "a rest after every step but the last");
+        assert_eq!(file.metadata().unwrap().len(), 0);
+        assert_eq!(release(&file, || panic!("nothing left to rest after")).unwrap(), 0);
     }
 
     #[test]
