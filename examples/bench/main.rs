@@ -36,6 +36,7 @@ mod soak;
 mod table;
 mod token_exchange;
 mod tokens;
+mod windows;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

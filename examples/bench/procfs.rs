@@ -70,6 +70,14 @@ pub fn cpu_without(pid: &str, skip: &str) -> Cpu {
     all
 }
 
+/// Does the process have a living thread whose name starts with `name`?
+pub fn has_thread(pid: &str, name: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks
+        .flatten()
+        .any(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.starts_with(name)))
+}
+
 /// [`cpu`] of several processes together (a database server's: a process per connection).
 pub fn cpu_of(pids: &[String]) -> Cpu {
     let mut all = Cpu { per_thread: HashMap::new(), total: 0.0 };
