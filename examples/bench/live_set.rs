@@ -61,8 +61,7 @@ struct Compactions {
 }
 
 async fn compactions(addr: std::net::SocketAddr) -> Compactions {
-    let mut conn = Conn::open(addr).await.unwrap();
-    let text = conn.send(&request("GET", "/metrics", &[], "", b"")).await.unwrap().text();
+    let text = metrics(addr).await;
     let value = |name: &str| crate::http::sample(&text, name);
     Compactions {
         total: value("ephemera_journal_compactions_total"),
@@ -78,8 +77,7 @@ async fn compactions(addr: std::net::SocketAddr) -> Compactions {
 /// Exchanges the broker at `addr` has timed over 10 ms inside itself since it started (its
 /// latency histogram: the count less the `le="0.01"` bucket).
 pub async fn over_10ms_inside(addr: std::net::SocketAddr) -> f64 {
-    let mut conn = crate::http::Conn::open(addr).await.unwrap();
-    let text = conn.send(&crate::http::request("GET", "/metrics", &[], "", b"")).await.unwrap().text();
+    let text = metrics(addr).await;
     let sample = |name: &str| crate::http::sample(&text, name);
     sample("ephemera_exchange_duration_seconds_count")
         - sample("ephemera_exchange_duration_seconds_bucket{le=\"0.01\"}")
@@ -87,9 +85,13 @@ pub async fn over_10ms_inside(addr: std::net::SocketAddr) -> f64 {
 
 /// The journal's group commits (fsyncs) since the broker started.
 async fn fsyncs(addr: std::net::SocketAddr) -> f64 {
+    crate::http::sample(&metrics(addr).await, "ephemera_journal_fsyncs_total")
+}
+
+/// The broker's `/metrics` page.
+async fn metrics(addr: std::net::SocketAddr) -> String {
     let mut conn = Conn::open(addr).await.unwrap();
-    let text = conn.send(&request("GET", "/metrics", &[], "", b"")).await.unwrap().text();
-    crate::http::sample(&text, "ephemera_journal_fsyncs_total")
+    conn.send(&request("GET", "/metrics", &[], "", b"")).await.unwrap().text()
 }
 
 /// Polls `/metrics` until a compaction runs (`true`) or none does (`false`), for at most 60 s.
