@@ -36,8 +36,11 @@ const COMPACT_OFTEN: &str = "[ledger]\nreap_interval = \"1s\"\ncompact_bytes = 1
 /// The shipped defaults (`FileStoreOptions::default`), for the amortized charge.
 const DEFAULT_COMPACT_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
 const DEFAULT_COMPACT_RATIO: f64 = 0.5;
-/// Rounds of windows (one per side, each of `plan.open / 2` exchanges): `3 × plan.open` a side.
-const ROUNDS: usize = 6;
+/// Rounds of windows (one per side, each of `plan.open / 4` exchanges): `3 × plan.open` a side.
+/// A window is shorter than a compaction of 1M leases, so each one is inside one.
+const ROUNDS: usize = 12;
+/// Exchanges a batch of priming sends (`prime_a_compaction`).
+const PRIME_BATCH: usize = 500;
 
 /// The figures of one broker over its windows.
 #[derive(Default)]
@@ -121,6 +124,24 @@ async fn until_quiet(broker: &Broker) {
     }
 }
 
+/// Sends batches from `primes` (closed loop, unmeasured) until a compaction runs; returns how
+/// many exchanges that took. A compaction made due starts at the next reap, a second later.
+async fn prime_a_compaction(addr: std::net::SocketAddr, primes: &mut Vec<std::sync::Arc<Vec<Vec<u8>>>>) -> usize {
+    let mut sent = 0;
+    loop {
+        let batch = primes.pop().expect("more priming exchanges than signed for");
+        sent += batch.len();
+        closed_loop(addr, batch, 8, 201).await.check("a compaction made due");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            if compactions(addr).await.running {
+                return sent;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// [`until_quiet`], and still quiet past the broker's next reap: a compaction due from appends
 /// made during the last one (a window's) starts at the next reap, up to a second later, and
 /// would otherwise run in the next broker's window.
@@ -152,11 +173,12 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
     let mut take = |n: usize| requests(&tokens.take(n).1);
     let warmups: [_; SIDES] = std::array::from_fn(|_| take(plan.warmup));
     let saturation: Vec<_> = (0..SAT_ROUNDS).map(|_| take(plan.saturation / SAT_ROUNDS)).collect();
-    let per_window = plan.open / 2;
+    let per_window = plan.open / 4;
     let rounds: Vec<[_; SIDES]> = (0..ROUNDS).map(|_| std::array::from_fn(|_| take(per_window))).collect();
     // Exchanges before each large window that make a compaction due (`compact_ratio` 0.01 of
-    // ~350 MB is ~3,000 exchanges' appends), so that the window opens with one running.
-    let primes: Vec<_> = (0..ROUNDS).map(|_| take(per_window / 2)).collect();
+    // ~350 MB is ~3,000 exchanges' appends, `compact_bytes` ~900), so that the window opens
+    // with one running: batches of `PRIME_BATCH`, as many as it takes.
+    let mut primes: Vec<_> = (0..ROUNDS * 12).map(|_| take(PRIME_BATCH)).collect();
 
     let setup = Setup::extra(COMPACT_OFTEN);
     let mut brokers = Vec::new();
@@ -188,7 +210,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
     }
     let names = ["1k", scale.as_str(), "control"];
     let mut primed = 0;
-    for (round, prime) in rounds.into_iter().zip(primes) {
+    for round in rounds {
         for (i, requests) in round.into_iter().enumerate() {
             let broker = &brokers[i];
             // No other broker compacting or freeing a journal, nor about to: it would share the
@@ -198,9 +220,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             }
             if i == LARGE {
                 // The worst case: the window opens with a compaction of the live set running.
-                primed += prime.len();
-                closed_loop(broker.addr, prime.clone(), 8, 201).await.check("a compaction made due");
-                until_compacting(broker.addr, true).await;
+                primed += prime_a_compaction(broker.addr, &mut primes).await;
             }
             let at_start = compactions(broker.addr).await;
             let pid = broker.pid.to_string();
@@ -209,6 +229,8 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             let others: Vec<String> =
                 brokers.iter().filter(|b| b.pid != broker.pid).map(|b| b.pid.to_string()).collect();
             let (others_cpu, window_started) = (crate::procfs::cpu_of(&others), Instant::now());
+            let (all_cpu, machine, bench) =
+                (crate::procfs::cpu(&pid), crate::procfs::machine_seconds().0, crate::procfs::cpu_seconds("self"));
             let (inside_before, fsyncs_before) = (over_10ms_inside(broker.addr).await, fsyncs(broker.addr).await);
             let outcome = open_loop(broker.addr, requests, half, plan.open_conns, 201).await;
             let window_seconds = window_started.elapsed().as_secs_f64();
@@ -216,12 +238,17 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             let commits = (fsyncs(broker.addr).await - fsyncs_before) / window_seconds;
             sides[i].cpu += crate::procfs::cpu_without(&pid, "ephemera-compac").since(&cpu);
             let others_cores = crate::procfs::cpu_of(&others).since(&others_cpu) / window_seconds;
+            // Where the machine's CPU went in the window: this broker (compaction included), the
+            // load generator (this process), and everything else (the kernel's own threads).
+            let broker_cores = crate::procfs::cpu(&pid).since(&all_cpu) / window_seconds;
+            let bench_cores = (crate::procfs::cpu_seconds("self") - bench) / window_seconds;
+            let machine_cores = (crate::procfs::machine_seconds().0 - machine) / window_seconds;
             outcome.check("open loop under a live set");
             let at_end = compactions(broker.addr).await;
             sides[i].compactions_seen += (at_end.total - at_start.total) as u64 + u64::from(at_end.running);
             let p99 = windows.add(i, &outcome.latencies);
             eprintln!(
-                "  {} live: {} exchanges at {half:.0}/s, p99 {p99:.2} ms, max {:.2} ms; over 10 ms, from the client's send / inside the broker: {} / {inside:.0}; {commits:.0} group commits/s; the other brokers meanwhile: {others_cores:.2} cores",
+                "  {} live: {} exchanges at {half:.0}/s, p99 {p99:.2} ms, max {:.2} ms; over 10 ms, from the client's send / inside the broker: {} / {inside:.0}; {commits:.0} group commits/s; cores busy: machine {machine_cores:.2}, this broker {broker_cores:.2}, load generator {bench_cores:.2}, other brokers {others_cores:.2}",
                 names[i],
                 outcome.ok,
                 sorted(&outcome.latencies).last().copied().unwrap_or(0.0) * 1e3,

@@ -246,8 +246,8 @@ fn start_compaction(storage: &mut dyn Storage, job: Job, tx: &WeakSender<Command
 /// How much lower than the rest of the broker a compaction's thread runs (its nice value, added
 /// to the process's). Compaction can wait; an exchange's reply cannot. Measured with 1M live
 /// leases at half of saturation (bench row 11a, docs/benchmarks.md): at the process's priority a
-/// compaction running through a window raised the window's p99 ×8 over a broker without one (a
-/// queue before the handler: the exchanges got too little CPU), at +10 ×3. Not +19: against
+/// compaction running through a window raised the window's p99 ×9 over a broker without one (a
+/// queue before the handler: the exchanges got too little CPU), at +10 ×1.4–3.3. Not +19: against
 /// three busy threads of the broker's priority a thread at +19 gets ~0.5 % of a core (CPU shares
 /// by weight: 15 against 1024 each), at +10 ~3.5 % (110), and a compaction must still finish
 /// under full load, copying the appends made meanwhile. An unprivileged process cannot raise a
