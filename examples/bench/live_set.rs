@@ -51,7 +51,8 @@ struct Side {
     compactions_seen: u64,
 }
 
-/// What `/metrics` says of the journal's compactions.
+/// What `/metrics` says of the journal's compactions, its group commits, and the exchanges
+/// slow inside the broker: one page, read before and after each window.
 #[derive(Debug, Default, Clone, Copy)]
 struct Compactions {
     total: f64,
@@ -61,6 +62,8 @@ struct Compactions {
     records: f64,
     snapshot_bytes: f64,
     appended: f64,
+    fsyncs: f64,
+    slow_inside: f64,
 }
 
 async fn compactions(addr: std::net::SocketAddr) -> Compactions {
@@ -74,21 +77,22 @@ async fn compactions(addr: std::net::SocketAddr) -> Compactions {
         records: value("ephemera_journal_compaction_records"),
         snapshot_bytes: value("ephemera_journal_snapshot_bytes"),
         appended: value("ephemera_journal_appended_bytes_total"),
+        fsyncs: value("ephemera_journal_fsyncs_total"),
+        slow_inside: slow_inside(&text),
     }
 }
 
-/// Exchanges the broker at `addr` has timed over 10 ms inside itself since it started (its
-/// latency histogram: the count less the `le="0.01"` bucket).
+/// Exchanges the broker at `addr` has timed over 10 ms inside itself since it started.
 pub async fn over_10ms_inside(addr: std::net::SocketAddr) -> f64 {
-    let text = metrics(addr).await;
-    let sample = |name: &str| crate::http::sample(&text, name);
-    sample("ephemera_exchange_duration_seconds_count")
-        - sample("ephemera_exchange_duration_seconds_bucket{le=\"0.01\"}")
+    slow_inside(&metrics(addr).await)
 }
 
-/// The journal's group commits (fsyncs) since the broker started.
-async fn fsyncs(addr: std::net::SocketAddr) -> f64 {
-    crate::http::sample(&metrics(addr).await, "ephemera_journal_fsyncs_total")
+/// [`over_10ms_inside`] from a `/metrics` page: the exchange latency histogram's count less its
+/// `le="0.01"` bucket.
+fn slow_inside(text: &str) -> f64 {
+    let sample = |name: &str| crate::http::sample(text, name);
+    sample("ephemera_exchange_duration_seconds_count")
+        - sample("ephemera_exchange_duration_seconds_bucket{le=\"0.01\"}")
 }
 
 /// The broker's `/metrics` page.
@@ -231,11 +235,8 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             let (others_cpu, window_started) = (crate::procfs::cpu_of(&others), Instant::now());
             let (all_cpu, machine, bench) =
                 (crate::procfs::cpu(&pid), crate::procfs::machine_seconds().0, crate::procfs::cpu_seconds("self"));
-            let (inside_before, fsyncs_before) = (over_10ms_inside(broker.addr).await, fsyncs(broker.addr).await);
             let outcome = open_loop(broker.addr, requests, half, plan.open_conns, 201).await;
             let window_seconds = window_started.elapsed().as_secs_f64();
-            let inside = over_10ms_inside(broker.addr).await - inside_before;
-            let commits = (fsyncs(broker.addr).await - fsyncs_before) / window_seconds;
             sides[i].cpu += crate::procfs::cpu_without(&pid, "ephemera-compac").since(&cpu);
             let others_cores = crate::procfs::cpu_of(&others).since(&others_cpu) / window_seconds;
             // Where the machine's CPU went in the window: this broker (compaction included), the
@@ -246,6 +247,8 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             outcome.check("open loop under a live set");
             let at_end = compactions(broker.addr).await;
             sides[i].compactions_seen += (at_end.total - at_start.total) as u64 + u64::from(at_end.running);
+            let inside = at_end.slow_inside - at_start.slow_inside;
+            let commits = (at_end.fsyncs - at_start.fsyncs) / window_seconds;
             let p99 = windows.add(i, &outcome.latencies);
             eprintln!(
                 "  {} live: {} exchanges at {half:.0}/s, p99 {p99:.2} ms, max {:.2} ms; over 10 ms, from the client's send / inside the broker: {} / {inside:.0}; {commits:.0} group commits/s; cores busy: machine {machine_cores:.2}, this broker {broker_cores:.2}, load generator {bench_cores:.2}, other brokers {others_cores:.2}",
