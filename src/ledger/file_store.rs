@@ -217,15 +217,17 @@ impl FileStore {
         {
             return Err(IssueError::Replayed);
         }
-        let lease = Box::new(lease);
         let mut events = Vec::with_capacity(2);
         if let Some(key) = replay {
             events.push(Event::JtiUsed { key: key.key().to_string(), exp: key.until() });
         }
-        events.push(Event::Created { lease: lease.clone() });
+        events.push(Event::Created { lease: Box::new(lease) });
         match self.record(&events).await {
             Ok(_recorded) => {
-                self.memory.insert(lease);
+                // The record itself goes to memory (moved, not copied): it is the last event.
+                if let Some(Event::Created { lease }) = events.pop() {
+                    self.memory.insert(Arc::from(lease));
+                }
                 Ok(())
             }
             Err(e) => {
@@ -345,7 +347,18 @@ impl FileStore {
             // Everything before `since` in memory before the snapshot is read ([`Appends`]).
             let since = journal.stats().len.load(Ordering::Acquire);
             appends.drain().await;
-            let source: SnapshotSource = Box::new(move |sink| write_snapshot(&memory, sink));
+            // The references are taken here, at the broker's priority, not on the compaction's
+            // thread (nice +10): that pass holds each shard's read lock in turn, and a thread
+            // the scheduler sets aside while holding one would stop every insert into that
+            // shard, and with it a runtime worker, until it ran again (priority inversion).
+            let taken = tokio::task::spawn_blocking(move || (memory.leases_now(), memory.jtis())).await;
+            let Ok((leases, jtis)) = taken else {
+                tracing::error!(
+                    "journal compaction failed: reading the live set panicked; appends continue on the old journal"
+                );
+                return;
+            };
+            let source: SnapshotSource = Box::new(move |sink| write_snapshot(leases, jtis, sink));
             match journal.compact_from(source, Some(since)).await {
                 Ok(c) => {
                     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -378,25 +391,29 @@ impl FileStore {
 }
 
 /// Writes every remembered lease and guarded `jti` into a compaction's file, in pieces of about
-/// 256 KiB, straight from memory: nothing is cloned but the ids, a map lock is held only while
-/// one lease is encoded, and never while a piece is written (a write can wait on the disk).
-/// A lease added meanwhile may be missed and one forgotten meanwhile skipped: the records
-/// carried over cover both ([`Appends`]).
-fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<usize> {
+/// 256 KiB. The leases are references taken from memory in one pass ([`Memory::leases_now`]),
+/// so no map lock is held while one is encoded or a piece written (a write can wait on the
+/// disk); each is let go as soon as it is encoded, so a lease changed meanwhile is copied once
+/// at most. A lease added after the pass is missed and one changed after it is written as it
+/// was: the records carried over cover both ([`Appends`]).
+fn write_snapshot(
+    leases: Vec<Arc<Lease>>,
+    jtis: Vec<(Arc<str>, UnixSeconds)>,
+    sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<usize> {
     const PIECE: usize = 256 * 1024;
     let mut encoder = SnapshotEncoder::default();
     let mut out = Vec::with_capacity(PIECE + 64 * 1024);
     let mut records = 0;
-    for id in memory.lease_ids() {
-        if memory.with_lease(&id, |lease| encoder.encode_lease(lease, &mut out)) {
-            records += 1;
-        }
+    for lease in leases {
+        encoder.encode_lease(&lease, &mut out);
+        records += 1;
         if out.len() >= PIECE {
             sink(&out)?;
             out.clear();
         }
     }
-    for (key, exp) in memory.jtis() {
+    for (key, exp) in jtis {
         encoder.encode(&[Event::JtiUsed { key: key.to_string(), exp }], &mut out);
         records += 1;
         if out.len() >= PIECE {

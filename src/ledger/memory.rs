@@ -49,8 +49,11 @@ impl TimeIndex {
 const SHARDS: usize = 64;
 
 pub(super) struct Memory {
-    /// Boxed: a map slot is then 24 bytes, and a hash table keeps up to half its slots empty.
-    leases: DashMap<Arc<str>, Box<Lease>>,
+    /// Behind an `Arc`: a map slot is then 24 bytes (a hash table keeps up to half its slots
+    /// empty), and a compaction takes a reference to every lease in one pass and encodes them
+    /// with no map lock held ([`Memory::leases_now`]); a change to a lease the compaction still
+    /// holds copies it first ([`Arc::make_mut`]).
+    leases: DashMap<Arc<str>, Arc<Lease>>,
     by_job: DashMap<Arc<str>, Vec<Arc<str>>>,
     expiries: TimeIndex,
     retries: TimeIndex,
@@ -101,7 +104,7 @@ impl Memory {
                 // already known (the same record twice) is kept as it is.
                 if let dashmap::Entry::Vacant(slot) = self.leases.entry(lease.id.clone()) {
                     self.index(&lease);
-                    slot.insert(lease);
+                    slot.insert(Arc::from(lease));
                 }
             }
             Event::RevokeRequested { id, reason, .. } => self.update(&id, |l| {
@@ -158,21 +161,16 @@ impl Memory {
     /// `jti`s still guarded.
     pub(super) fn snapshot(&self) -> Vec<Event> {
         let mut events: Vec<Event> = Vec::with_capacity(self.leases.len() + self.jtis.len());
-        events.extend(self.leases.iter().map(|l| Event::Created { lease: l.value().clone() }));
+        events.extend(self.leases.iter().map(|l| Event::Created { lease: Box::new(Lease::clone(l.value())) }));
         events.extend(self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().to_string(), exp: *e.value() }));
         events
     }
 
-    /// The ids of every remembered lease, for a compaction to read them one by one
-    /// ([`Memory::with_lease`]) without holding a map lock for longer than one lease takes.
-    pub(super) fn lease_ids(&self) -> Vec<Arc<str>> {
-        self.leases.iter().map(|l| l.key().clone()).collect()
-    }
-
-    /// Calls `f` with lease `id` under its map entry's read lock (`false` if it is gone). `f`
-    /// must be quick and must not block: the lock stops every write to the lease's shard.
-    pub(super) fn with_lease(&self, id: &str, f: impl FnOnce(&Lease)) -> bool {
-        self.leases.get(id).map(|lease| f(&lease)).is_some()
+    /// A reference to every remembered lease, for a compaction to encode with no map lock held.
+    /// Each shard's read lock is held while its entries are counted out (a reference count each,
+    /// nothing copied); a lease changed afterwards is copied by the change, not here.
+    pub(super) fn leases_now(&self) -> Vec<Arc<Lease>> {
+        self.leases.iter().map(|l| Arc::clone(l.value())).collect()
     }
 
     /// Every guarded `jti` and its expiry, copied.
@@ -204,7 +202,7 @@ impl Memory {
         self.jtis.remove(key);
     }
 
-    pub(super) fn insert(&self, lease: Box<Lease>) {
+    pub(super) fn insert(&self, lease: Arc<Lease>) {
         self.index(&lease);
         self.leases.insert(lease.id.clone(), lease);
     }
@@ -216,16 +214,17 @@ impl Memory {
     /// not active: only one caller gets the work.
     pub(super) fn begin(&self, id: &str, reason: &str, now: UnixSeconds) -> Option<RevokeWork> {
         let work = {
-            let mut lease = self.leases.get_mut(id)?;
-            if lease.state != LeaseState::Active {
+            let mut entry = self.leases.get_mut(id)?;
+            if entry.state != LeaseState::Active {
                 return None;
             }
+            let lease = Arc::make_mut(&mut entry);
             lease.state = LeaseState::Revoking;
             lease.reason = Some(name::intern(reason));
             lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
             self.retries.insert(lease.next_attempt_at, lease.id.clone());
-            self.count_backends(&lease, false);
-            RevokeWork::of(&lease)
+            self.count_backends(lease, false);
+            RevokeWork::of(lease)
         };
         self.counts[LeaseState::Active.index()].fetch_sub(1, Ordering::Relaxed);
         self.counts[LeaseState::Revoking.index()].fetch_add(1, Ordering::Relaxed);
@@ -253,13 +252,14 @@ impl Memory {
     }
 
     fn claim_retry(&self, id: &str, due_by: UnixSeconds, now: UnixSeconds) -> Option<RevokeWork> {
-        let mut lease = self.leases.get_mut(id)?;
-        if !lease.state.is_pending() || lease.next_attempt_at > due_by {
+        let mut entry = self.leases.get_mut(id)?;
+        if !entry.state.is_pending() || entry.next_attempt_at > due_by {
             return None;
         }
+        let lease = Arc::make_mut(&mut entry);
         lease.next_attempt_at = now + STALLED_ATTEMPT_SECS;
         self.retries.insert(lease.next_attempt_at, lease.id.clone());
-        Some(RevokeWork::of(&lease))
+        Some(RevokeWork::of(lease))
     }
 
     /// Forgets leases that ended more than [`ENDED_RETENTION_SECS`] ago, and used `jti`s whose
@@ -375,20 +375,21 @@ impl Memory {
     /// them too. Returns the record to journal; `None` (nothing changed) when the lease is
     /// unknown, not active, not renewable or past its end.
     pub(super) fn renew(&self, id: &str, credentials: &[LeaseCredential], now: UnixSeconds) -> Option<Event> {
-        let mut lease = self.leases.get_mut(id)?;
-        if !lease.is_renewable(now) {
+        let mut entry = self.leases.get_mut(id)?;
+        if !entry.is_renewable(now) {
             return None;
         }
+        let lease = Arc::make_mut(&mut entry);
         let count = lease.renewal.as_ref().map_or(0, |r| r.count).saturating_add(1);
-        self.append_credentials(&mut lease, credentials, count, now);
+        self.append_credentials(lease, credentials, count, now);
         Some(Event::Renewed { id: id.to_string(), at: now, count, credentials: credentials.to_vec() })
     }
 
     /// Applies a recorded renewal, whatever the lease's state (module docs of `Event::Renewed`).
     /// Idempotent: a credential already listed is not added again.
     fn add_credentials(&self, id: &str, credentials: Vec<LeaseCredential>, count: u32, at: UnixSeconds) {
-        let Some(mut lease) = self.leases.get_mut(id) else { return };
-        self.append_credentials(&mut lease, &credentials, count, at);
+        let Some(mut entry) = self.leases.get_mut(id) else { return };
+        self.append_credentials(Arc::make_mut(&mut entry), &credentials, count, at);
     }
 
     fn append_credentials(&self, lease: &mut Lease, credentials: &[LeaseCredential], count: u32, at: UnixSeconds) {
@@ -416,15 +417,16 @@ impl Memory {
 
     /// Changes one lease, keeping the per-state counts and the time indexes in step.
     fn update(&self, id: &str, change: impl FnOnce(&mut Lease)) {
-        let Some(mut lease) = self.leases.get_mut(id) else { return };
+        let Some(mut entry) = self.leases.get_mut(id) else { return };
+        let lease = Arc::make_mut(&mut entry);
         let before = lease.state;
-        change(&mut lease);
+        change(lease);
         let after = lease.state;
         if before != after {
             self.counts[before.index()].fetch_sub(1, Ordering::Relaxed);
             self.counts[after.index()].fetch_add(1, Ordering::Relaxed);
             if before == LeaseState::Active {
-                self.count_backends(&lease, false);
+                self.count_backends(lease, false);
             }
         }
         if after.is_pending() {
@@ -471,5 +473,38 @@ impl Memory {
             }
         }
         self.by_job.entry(lease.job.clone()).or_default().push(lease.id.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(i: usize) -> Event {
+        let lease = serde_json::json!({
+            "id": format!("lse_{i}"), "job": format!("github:74:{i}:1:{i}"), "policy": "deploy", "issuer": "github",
+            "created_at": 10, "expires_at": 600, "state": "active", "credentials": [
+                {"name": "api", "kind": "jwt", "revocation": "immediate", "handle": {"backend": "jwt", "data": {"jti": "j"}}},
+            ],
+            "claims": {"repository": "octo-org/octo-repo"},
+        });
+        serde_json::from_value(serde_json::json!({"t": "created", "lease": lease})).unwrap()
+    }
+
+    #[test]
+    fn a_lease_changed_while_a_compaction_holds_it_is_copied_and_the_compaction_sees_it_as_taken() {
+        let memory = Memory::default();
+        let Event::Created { lease: taken } = lease(1) else { unreachable!() };
+        let id = taken.id.to_string();
+        memory.apply(Event::Created { lease: taken });
+        let held = memory.leases_now();
+        // The revocation's write to the lease's shard does not wait for the compaction, which
+        // holds no map lock, only a reference: the change lands on a copy.
+        memory.apply(Event::RevokeRequested { id: id.clone(), reason: "job".into(), at: 20 });
+        memory.apply(Event::Revoked { id: id.clone(), at: 21 });
+        assert_eq!(held[0].state, LeaseState::Active, "the compaction writes the lease as it took it");
+        assert_eq!(memory.state(&id), Some(LeaseState::Revoked), "memory has the change");
+        assert_eq!(memory.count(LeaseState::Revoked), 1);
+        assert_eq!(Arc::strong_count(&held[0]), 1, "the copy is memory's own; the compaction's is let go alone");
     }
 }

@@ -286,7 +286,7 @@ impl ClaimSnapshot {
     /// value written as its id in `dict`. Strings new to the file are appended to `defs`;
     /// returns how many.
     pub fn write_refs(&self, dict: &mut FileDict, defs: &mut Vec<u8>, out: &mut Vec<u8>) -> u64 {
-        let mut table = table();
+        let mut table = None;
         let mut new = 0;
         self.write_entries(out, SHARED, |out, id| {
             put_varint(out, u64::from(dict.file_id(&mut table, id, defs, &mut new)));

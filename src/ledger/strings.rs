@@ -166,13 +166,24 @@ pub struct FileDict {
 
 impl FileDict {
     /// The file id of table id `id`, writing its string to `defs` (and counting it in `new`)
-    /// the first time.
-    pub(super) fn file_id(&mut self, table: &mut Table, id: u32, defs: &mut Vec<u8>, new: &mut u64) -> u32 {
+    /// the first time. The table's lock is taken (into `table`) only then: a compaction
+    /// encodes a million leases whose strings are nearly all in the file already, and every
+    /// exchange takes that lock, so a compaction thread set aside by the scheduler while
+    /// holding it would stop them all. (`id` stays valid without the lock: the lease being
+    /// encoded holds a reference to it.)
+    pub(super) fn file_id(
+        &mut self,
+        table: &mut Option<MutexGuard<'static, Table>>,
+        id: u32,
+        defs: &mut Vec<u8>,
+        new: &mut u64,
+    ) -> u32 {
         let at = id as usize;
         if at >= self.file_ids.len() {
             self.file_ids.resize(at + 1, 0);
         }
         if self.file_ids[at] == 0 {
+            let table = table.get_or_insert_with(self::table);
             table.retain(id);
             self.next += 1;
             self.file_ids[at] = self.next;

@@ -418,6 +418,38 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_compaction_encodes_a_lease_whose_strings_the_file_has_while_an_exchange_holds_the_string_table() {
+        // Every exchange takes the string table's lock (interning its claims). A compaction
+        // thread that took it for every lease, then was set aside by the scheduler (it runs at
+        // nice +10), would hold every exchange up; it takes it only for a string new to the file.
+        let (first, second) = (lease(1), lease(2));
+        let mut encoder = SnapshotEncoder::default();
+        let mut out = Vec::new();
+        encoder.encode(std::slice::from_ref(&first), &mut out);
+        let held = crate::ledger::strings::table();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            encoder.encode(std::slice::from_ref(&second), &mut out);
+            // `second` goes back with the rest: dropping it here would take the lock.
+            let _ = done.send((encoder, out, second));
+        });
+        let (encoder, mut out, second) =
+            finished.recv_timeout(std::time::Duration::from_secs(30)).expect("the encoder waited for the table's lock");
+        drop(held);
+        // A new string still defines itself (taking the lock, now free).
+        let mut third = lease(3);
+        if let Event::Created { lease } = &mut third {
+            let claims = serde_json::json!({"repository": "octo-org/another-repo-entirely"});
+            lease.claims = ClaimSnapshot::new(claims.as_object().unwrap());
+        }
+        let mut encoder = encoder;
+        encoder.encode(std::slice::from_ref(&third), &mut out);
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&out);
+        assert_eq!(decode(&file).unwrap().0, vec![first, second, third]);
+    }
+
+    #[test]
     fn a_compacted_journal_replays_the_same_leases_and_writes_each_shared_string_once() {
         let all: Vec<Event> = (0..200).map(lease).chain(events(2)).collect();
         let mut compacted = MAGIC.to_vec();
