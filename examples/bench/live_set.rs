@@ -64,6 +64,7 @@ struct Compactions {
     appended: f64,
     fsyncs: f64,
     slow_inside: f64,
+    over_5ms_inside: f64,
 }
 
 async fn compactions(addr: std::net::SocketAddr) -> Compactions {
@@ -79,6 +80,8 @@ async fn compactions(addr: std::net::SocketAddr) -> Compactions {
         appended: value("ephemera_journal_appended_bytes_total"),
         fsyncs: value("ephemera_journal_fsyncs_total"),
         slow_inside: slow_inside(&text),
+        over_5ms_inside: value("ephemera_exchange_duration_seconds_count")
+            - value("ephemera_exchange_duration_seconds_bucket{le=\"0.005\"}"),
     }
 }
 
@@ -128,14 +131,22 @@ async fn until_quiet(broker: &Broker) {
     }
 }
 
-/// Sends batches from `primes` (closed loop, unmeasured) until a compaction runs; returns how
-/// many exchanges that took. A compaction made due starts at the next reap, a second later.
-async fn prime_a_compaction(addr: std::net::SocketAddr, primes: &mut Vec<std::sync::Arc<Vec<Vec<u8>>>>) -> usize {
+/// Sends batches from `primes` (unmeasured) until a compaction runs; returns how many exchanges
+/// that took. A compaction made due starts at the next reap, a second later. At the window's
+/// own rate and connections (`rate`, `conns`): primed at saturation (a closed loop), the window
+/// opened on the tail of a burst the other windows never see, its first tenth slow in the 1M
+/// windows only (`over 5 ms by tenth of the window`).
+async fn prime_a_compaction(
+    addr: std::net::SocketAddr,
+    primes: &mut Vec<std::sync::Arc<Vec<Vec<u8>>>>,
+    rate: f64,
+    conns: usize,
+) -> usize {
     let mut sent = 0;
     loop {
         let batch = primes.pop().expect("more priming exchanges than signed for");
         sent += batch.len();
-        closed_loop(addr, batch, 8, 201).await.check("a compaction made due");
+        open_loop(addr, batch, rate, conns, 201).await.check("a compaction made due");
         let started = Instant::now();
         while started.elapsed() < Duration::from_millis(1500) {
             if compactions(addr).await.running {
@@ -224,7 +235,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             }
             if i == LARGE {
                 // The worst case: the window opens with a compaction of the live set running.
-                primed += prime_a_compaction(broker.addr, &mut primes).await;
+                primed += prime_a_compaction(broker.addr, &mut primes, half, plan.open_conns).await;
             }
             let at_start = compactions(broker.addr).await;
             let pid = broker.pid.to_string();
@@ -233,9 +244,13 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             let others: Vec<String> =
                 brokers.iter().filter(|b| b.pid != broker.pid).map(|b| b.pid.to_string()).collect();
             let (others_cpu, window_started) = (crate::procfs::cpu_of(&others), Instant::now());
+            let waited = crate::procfs::runqueue_wait_without(&pid, "ephemera-compac");
+            let bench_waited = crate::procfs::runqueue_wait_without("self", "-");
             let (all_cpu, machine, bench) =
                 (crate::procfs::cpu(&pid), crate::procfs::machine_seconds().0, crate::procfs::cpu_seconds("self"));
-            let outcome = open_loop(broker.addr, requests, half, plan.open_conns, 201).await;
+            let conns = std::env::var("BENCH_OPEN_CONNS").ok().and_then(|v| v.parse().ok()).unwrap_or(plan.open_conns);
+            let requests_len = requests.len();
+            let outcome = open_loop(broker.addr, requests, half, conns, 201).await;
             let window_seconds = window_started.elapsed().as_secs_f64();
             sides[i].cpu += crate::procfs::cpu_without(&pid, "ephemera-compac").since(&cpu);
             let others_cores = crate::procfs::cpu_of(&others).since(&others_cpu) / window_seconds;
@@ -248,15 +263,26 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             let at_end = compactions(broker.addr).await;
             sides[i].compactions_seen += (at_end.total - at_start.total) as u64 + u64::from(at_end.running);
             let inside = at_end.slow_inside - at_start.slow_inside;
+            let inside_5ms = at_end.over_5ms_inside - at_start.over_5ms_inside;
+            let per_exchange = |seconds: f64| seconds / outcome.ok.max(1) as f64 * 1e6;
+            let wait_each = per_exchange(crate::procfs::runqueue_wait_without(&pid, "ephemera-compac") - waited);
+            let bench_wait_each = per_exchange(crate::procfs::runqueue_wait_without("self", "-") - bench_waited);
             let commits = (at_end.fsyncs - at_start.fsyncs) / window_seconds;
             let p99 = windows.add(i, &outcome.latencies);
             eprintln!(
-                "  {} live: {} exchanges at {half:.0}/s, p99 {p99:.2} ms, max {:.2} ms; over 10 ms, from the client's send / inside the broker: {} / {inside:.0}; {commits:.0} group commits/s; cores busy: machine {machine_cores:.2}, this broker {broker_cores:.2}, load generator {bench_cores:.2}, other brokers {others_cores:.2}",
+                "  {} live: {} exchanges at {half:.0}/s, p99 {p99:.2} ms, max {:.2} ms; over 10 ms, from the client's send / inside the broker: {} / {inside:.0} (over 5 ms: {} / {inside_5ms:.0}); {commits:.0} group commits/s; run-queue wait an exchange: broker {wait_each:.1} µs, load generator {bench_wait_each:.1} µs; cores busy: machine {machine_cores:.2}, this broker {broker_cores:.2}, load generator {bench_cores:.2}, other brokers {others_cores:.2}",
                 names[i],
                 outcome.ok,
                 sorted(&outcome.latencies).last().copied().unwrap_or(0.0) * 1e3,
                 outcome.latencies.iter().filter(|l| **l > 0.010).count(),
+                outcome.latencies.iter().filter(|l| **l > 0.005).count(),
             );
+            // Where in the window the exchanges over 5 ms were: a count per tenth of it.
+            let mut tenths = [0usize; 10];
+            for at in &outcome.slow_at {
+                tenths[(at * 10 / requests_len.max(1)).min(9)] += 1;
+            }
+            eprintln!("    over 5 ms by tenth of the window: {tenths:?}");
             sides[i].outcome.merge(outcome);
         }
     }

@@ -18,6 +18,9 @@ pub struct Outcome {
     pub first_error: Option<String>,
     /// Seconds per successful request (open loop: from its scheduled send time).
     pub latencies: Vec<f64>,
+    /// Open loop: the schedule positions of the requests that took over 5 ms (where in a
+    /// window the slow ones were).
+    pub slow_at: Vec<usize>,
     pub wall: f64,
 }
 
@@ -29,6 +32,7 @@ impl Outcome {
             self.first_error = other.first_error;
         }
         self.latencies.extend(other.latencies);
+        self.slow_at.extend(other.slow_at);
     }
 
     fn record(&mut self, result: std::io::Result<crate::http::Response>, expect: u16, latency: f64) -> bool {
@@ -146,7 +150,11 @@ pub async fn open_loop(addr: SocketAddr, requests: Arc<Vec<Vec<u8>>>, rate: f64,
                     let job = rx.lock().await.recv().await;
                     let Some((i, at)) = job else { break };
                     let result = conn.send(&requests[i]).await;
-                    if !out.record(result, expect, at.elapsed().as_secs_f64()) {
+                    let latency = at.elapsed().as_secs_f64();
+                    if latency > 0.005 {
+                        out.slow_at.push(i);
+                    }
+                    if !out.record(result, expect, latency) {
                         conn = Conn::open(addr).await.unwrap();
                     }
                 }

@@ -82,7 +82,8 @@ fn main() -> ExitCode {
         }
     };
     let started = Instant::now();
-    let machine = procfs::machine();
+    let mut machine = procfs::machine();
+    machine.push(("broker binary".into(), broker_built(&args.broker)));
     let rows = run(&args);
     print_report(&args, &machine, &rows, started.elapsed().as_secs_f64());
     ExitCode::SUCCESS
@@ -302,6 +303,23 @@ fn ledger_child(argv: &[String]) -> ExitCode {
     let rows = rt.block_on(ledger::run(n, records, &broker, keep.as_deref()));
     println!("{}", serde_json::to_string(&rows).unwrap());
     ExitCode::SUCCESS
+}
+
+/// The broker binary's path and when it was built. A bench rebuilt without the broker (`cargo
+/// build --examples` does not build binaries) measures the broker of an earlier change: said
+/// out loud, because it happened.
+fn broker_built(broker: &std::path::Path) -> String {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = modified(broker) else { return format!("{} (not found)", broker.display()) };
+    let seconds = built.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let this = std::env::current_exe().ok().and_then(|p| modified(&p));
+    let older = this.is_some_and(|bench| built + std::time::Duration::from_secs(600) < bench);
+    format!(
+        "{}, built {}{}",
+        broker.display(),
+        ephemera::clock::rfc3339(seconds),
+        if older { " (over 10 minutes before this bench: rebuild it with `scripts/bench`)" } else { "" }
+    )
 }
 
 fn print_report(args: &Args, machine: &[(String, String)], rows: &[Row], secs: f64) {

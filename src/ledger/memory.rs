@@ -45,8 +45,11 @@ impl TimeIndex {
 /// Shards of the maps that hold a million entries. A shard grows by doubling under its write
 /// lock, rehashing its entries while inserts into it wait: with dashmap's default of 8 on two
 /// cores, the first inserts after replaying a million leases stopped exchanges for hundreds of
-/// milliseconds (row 11a); with 64 each growth moves a sixty-fourth.
-const SHARDS: usize = 64;
+/// milliseconds (row 11a); with 64 each growth moved a sixty-fourth. 1,024: a compaction's pass
+/// over the leases ([`Memory::leases_now`]) runs at a low priority and holds one shard's read
+/// lock at a time, so what an insert can wait behind is a thousandth of the leases (a shard
+/// costs a cache-padded lock and an empty table, 128 bytes: under 400 KiB for the three maps).
+const SHARDS: usize = 1024;
 
 pub(super) struct Memory {
     /// Behind an `Arc`: a map slot is then 24 bytes (a hash table keeps up to half its slots

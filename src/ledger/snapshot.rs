@@ -49,6 +49,10 @@ pub struct ClaimSnapshot(Option<Arc<Encoded>>);
 
 struct Encoded {
     bytes: Box<[u8]>,
+    /// Its entries: a journal form starts with the count, and a compaction writes a million
+    /// of them; counting would walk every entry twice. (Free in size: the `Arc`'s allocation
+    /// is in the same allocator class with it or without it.)
+    count: u32,
 }
 
 impl Drop for Encoded {
@@ -216,7 +220,9 @@ impl ClaimSnapshot {
                 }
             }
         }
-        ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice() })))
+        // A token of at most 16 KiB holds a few hundred claims at most.
+        let count = u32::try_from(claims.len()).unwrap_or(u32::MAX);
+        ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice(), count })))
     }
 
     fn bytes(&self) -> &[u8] {
@@ -297,7 +303,7 @@ impl ClaimSnapshot {
     /// The entries in a journal form: `string` writes each table id (every key, and a shared
     /// value after the tag `shared`); everything else is copied as it is stored.
     fn write_entries(&self, out: &mut Vec<u8>, shared: u8, mut string: impl FnMut(&mut Vec<u8>, u32)) {
-        put_varint(out, Entries(self.bytes()).count() as u64);
+        put_varint(out, u64::from(self.0.as_ref().map_or(0, |e| e.count)));
         for (key, entry) in Entries(self.bytes()) {
             string(out, key);
             match entry {
@@ -325,12 +331,12 @@ impl ClaimSnapshot {
     /// Reads [`ClaimSnapshot::write_refs`]'s form, the file's dictionary so far being in `memo`.
     /// `None` if the bytes are not one, or refer to a string the file has not defined.
     pub fn read_refs(input: &mut &[u8], memo: &ReplayMemo) -> Option<ClaimSnapshot> {
-        let count = usize::try_from(get_varint(input)?).ok()?;
+        let count = u32::try_from(get_varint(input)?).ok()?;
         if count == 0 {
             return Some(ClaimSnapshot(None));
         }
         // Bounded by the bytes left: a corrupt count cannot make us allocate a huge buffer.
-        let mut out = Vec::with_capacity((count * 6).min(input.len() + 16));
+        let mut out = Vec::with_capacity((count as usize * 6).min(input.len() + 16));
         let mut table = table();
         for _ in 0..count {
             let start = out.len();
@@ -341,18 +347,18 @@ impl ClaimSnapshot {
                 return None;
             }
         }
-        Some(ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice() }))))
+        Some(ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice(), count }))))
     }
 
     /// Reads the journal form, interning as [`ClaimSnapshot::new`] does (one table lock for the
     /// whole snapshot: replay reads a million of these). `None` if the bytes are not one.
     pub fn read_from(input: &mut &[u8], memo: &mut ReplayMemo) -> Option<ClaimSnapshot> {
-        let count = usize::try_from(get_varint(input)?).ok()?;
+        let count = u32::try_from(get_varint(input)?).ok()?;
         if count == 0 {
             return Some(ClaimSnapshot(None));
         }
         // Bounded by the bytes left: a corrupt count cannot make us allocate a huge buffer.
-        let mut out = Vec::with_capacity((count * 6).min(input.len() + 16));
+        let mut out = Vec::with_capacity((count as usize * 6).min(input.len() + 16));
         let mut table = table();
         // On a bad entry, give back the ids taken so far. An entry is parsed whole before
         // anything of it is interned, so they are all in `out`, in complete entries.
@@ -384,7 +390,7 @@ impl ClaimSnapshot {
                 }
             }
         }
-        Some(ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice() }))))
+        Some(ClaimSnapshot(Some(Arc::new(Encoded { bytes: out.into_boxed_slice(), count }))))
     }
 }
 

@@ -55,16 +55,21 @@ impl SnapshotEncoder {
     /// One lease's `Created` record, encoded from where it lives (compaction streams a
     /// million of these from memory without cloning one).
     pub fn encode_lease(&mut self, lease: &Lease, out: &mut Vec<u8>) {
-        self.payload.clear();
         self.defs.clear();
         self.claims.clear();
         let new = lease.claims.write_refs(&mut self.dict, &mut self.defs, &mut self.claims);
-        self.payload.push(if lease.renewal.is_some() { DICT_RENEWABLE } else { DICT_LEASE });
-        put_varint(&mut self.payload, new);
-        self.payload.extend_from_slice(&self.defs);
-        binary::write_lease(lease, &mut self.payload);
-        self.payload.extend_from_slice(&self.claims);
-        push_record(out, &self.payload);
+        // Written in place, its header filled in after: a million of these are not copied twice.
+        let start = out.len();
+        out.extend_from_slice(&[0; 8]);
+        out.push(if lease.renewal.is_some() { DICT_RENEWABLE } else { DICT_LEASE });
+        put_varint(out, new);
+        out.extend_from_slice(&self.defs);
+        binary::write_lease(lease, out);
+        out.extend_from_slice(&self.claims);
+        let len = ((out.len() - start - 8) as u32).to_le_bytes();
+        let crc = checksum(&len, &out[start + 8..]).to_le_bytes();
+        out[start..start + 4].copy_from_slice(&len);
+        out[start + 4..start + 8].copy_from_slice(&crc);
     }
 }
 
