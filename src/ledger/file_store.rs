@@ -221,13 +221,11 @@ impl FileStore {
         if let Some(key) = replay {
             events.push(Event::JtiUsed { key: key.key().to_string(), exp: key.until() });
         }
-        events.push(Event::Created { lease: Box::new(lease) });
+        let lease = Arc::new(lease);
+        events.push(Event::Created { lease: lease.clone() });
         match self.record(&events).await {
             Ok(_recorded) => {
-                // The record itself goes to memory (moved, not copied): it is the last event.
-                if let Some(Event::Created { lease }) = events.pop() {
-                    self.memory.insert(Arc::from(lease));
-                }
+                self.memory.insert(lease);
                 Ok(())
             }
             Err(e) => {

@@ -107,7 +107,7 @@ impl Memory {
                 // already known (the same record twice) is kept as it is.
                 if let dashmap::Entry::Vacant(slot) = self.leases.entry(lease.id.clone()) {
                     self.index(&lease);
-                    slot.insert(Arc::from(lease));
+                    slot.insert(lease);
                 }
             }
             Event::RevokeRequested { id, reason, .. } => self.update(&id, |l| {
@@ -164,7 +164,7 @@ impl Memory {
     /// `jti`s still guarded.
     pub(super) fn snapshot(&self) -> Vec<Event> {
         let mut events: Vec<Event> = Vec::with_capacity(self.leases.len() + self.jtis.len());
-        events.extend(self.leases.iter().map(|l| Event::Created { lease: Box::new(Lease::clone(l.value())) }));
+        events.extend(self.leases.iter().map(|l| Event::Created { lease: Arc::clone(l.value()) }));
         events.extend(self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().to_string(), exp: *e.value() }));
         events
     }

@@ -277,7 +277,7 @@ async fn a_renewal_adds_credentials_until_the_lease_ends_and_its_revocation_take
         Event::Created { lease } if &*lease.id == "a" => Some(lease.clone()),
         _ => None,
     });
-    assert_eq!(moved.map(|l| (l.credentials.len(), l.renewal)), Some((2, a.renewal)), "an export keeps it");
+    assert_eq!(moved.map(|l| (l.credentials.len(), l.renewal.clone())), Some((2, a.renewal)), "an export keeps it");
 
     // A lease renewed MAX_RENEWALS times takes no more: a job renewing in a loop cannot grow it
     // without end.
@@ -299,10 +299,10 @@ async fn a_backlog_larger_than_a_pruning_batch_is_forgotten_in_one_pass(s: &dyn 
         let mut ended = lease(&format!("e{i}"), "j", 100);
         ended.state = LeaseState::Revoked;
         ended.reason = Some("job".into());
-        records.push(Event::Created { lease: Box::new(ended) });
+        records.push(Event::Created { lease: Arc::new(ended) });
         records.push(Event::JtiUsed { key: format!("k{i}"), exp: 50 });
     }
-    records.push(Event::Created { lease: Box::new(lease("live", "j", 1_000_000)) });
+    records.push(Event::Created { lease: Arc::new(lease("live", "j", 1_000_000)) });
     assert_eq!(s.import(&records).await.unwrap(), 12_001);
     assert_eq!(s.maintain(100 + ENDED_RETENTION_SECS).await.unwrap().forgotten, 12_000);
     assert_eq!(s.counts().await.unwrap().total(), 1);
@@ -457,7 +457,7 @@ stores!(
 fn replaying_records_twice_gives_the_same_state() {
     let s = FileStore::in_memory(FileStoreOptions::default());
     let events = [
-        Event::Created { lease: Box::new(lease("a", "j", 100)) },
+        Event::Created { lease: Arc::new(lease("a", "j", 100)) },
         Event::RevokeRequested { id: "a".into(), reason: "job".into(), at: 5 },
         Event::RevokeFailed { id: "a".into(), at: 5, attempts: 1, next_at: 7, error: "x".into() },
     ];

@@ -122,7 +122,7 @@ fn decode_payload(payload: &[u8], memo: &mut ReplayMemo) -> Result<Event, String
         (Some(_), rest) if !rest.is_empty() => Err("trailing bytes after a lease record".into()),
         (Some((mut lease, claims)), _) => {
             lease.claims = claims;
-            Ok(Event::Created { lease: Box::new(lease) })
+            Ok(Event::Created { lease: std::sync::Arc::new(lease) })
         }
     }
 }
@@ -397,7 +397,7 @@ pub(super) mod tests {
 
     fn renewable(i: usize) -> Event {
         let Event::Created { mut lease } = lease(i) else { unreachable!() };
-        lease.renewal =
+        std::sync::Arc::make_mut(&mut lease).renewal =
             Some(Box::new(crate::ledger::Renewal { token_sha256: "ab".repeat(32).into(), count: 7, last_at: 42 }));
         Event::Created { lease }
     }
@@ -444,6 +444,7 @@ pub(super) mod tests {
         // A new string still defines itself (taking the lock, now free).
         let mut third = lease(3);
         if let Event::Created { lease } = &mut third {
+            let lease = std::sync::Arc::make_mut(lease);
             let claims = serde_json::json!({"repository": "octo-org/another-repo-entirely"});
             lease.claims = ClaimSnapshot::new(claims.as_object().unwrap());
         }

@@ -607,7 +607,7 @@ impl PgStore {
             let keys = client.query("SELECT key, until FROM ephemera_replay_keys ORDER BY key", &[]).await?;
             let mut out = Vec::with_capacity(leases.len() + keys.len());
             for row in &leases {
-                out.push(Event::Created { lease: Box::new(rows::lease(row)?) });
+                out.push(Event::Created { lease: std::sync::Arc::new(rows::lease(row)?) });
             }
             for row in &keys {
                 out.push(Event::JtiUsed { key: rows::get(row, 0)?, exp: rows::get(row, 1)? });
