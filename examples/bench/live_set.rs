@@ -83,23 +83,22 @@ async fn compactions(addr: std::net::SocketAddr) -> Compactions {
         snapshot_bytes: value("ephemera_journal_snapshot_bytes"),
         appended: value("ephemera_journal_appended_bytes_total"),
         fsyncs: value("ephemera_journal_fsyncs_total"),
-        slow_inside: slow_inside(&text),
-        over_5ms_inside: value("ephemera_exchange_duration_seconds_count")
-            - value("ephemera_exchange_duration_seconds_bucket{le=\"0.005\"}"),
+        slow_inside: over_inside(&text, "0.01"),
+        over_5ms_inside: over_inside(&text, "0.005"),
     }
 }
 
 /// Exchanges the broker at `addr` has timed over 10 ms inside itself since it started.
 pub async fn over_10ms_inside(addr: std::net::SocketAddr) -> f64 {
-    slow_inside(&metrics(addr).await)
+    over_inside(&metrics(addr).await, "0.01")
 }
 
-/// [`over_10ms_inside`] from a `/metrics` page: the exchange latency histogram's count less its
-/// `le="0.01"` bucket.
-fn slow_inside(text: &str) -> f64 {
+/// Exchanges over `le` seconds inside the broker, from a `/metrics` page: the exchange latency
+/// histogram's count less its `le` bucket.
+fn over_inside(text: &str, le: &str) -> f64 {
     let sample = |name: &str| crate::http::sample(text, name);
     sample("ephemera_exchange_duration_seconds_count")
-        - sample("ephemera_exchange_duration_seconds_bucket{le=\"0.01\"}")
+        - sample(&format!("ephemera_exchange_duration_seconds_bucket{{le=\"{le}\"}}"))
 }
 
 /// The broker's `/metrics` page.
@@ -248,8 +247,8 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             let others: Vec<String> =
                 brokers.iter().filter(|b| b.pid != broker.pid).map(|b| b.pid.to_string()).collect();
             let (others_cpu, window_started) = (crate::procfs::cpu_of(&others), Instant::now());
-            let waited = crate::procfs::runqueue_wait_without(&pid, "ephemera-compac");
-            let bench_waited = crate::procfs::runqueue_wait_without("self", "-");
+            let waited = crate::procfs::runqueue_wait_without(&pid, Some("ephemera-compac"));
+            let bench_waited = crate::procfs::runqueue_wait_without("self", None);
             let (all_cpu, machine, bench) =
                 (crate::procfs::cpu(&pid), crate::procfs::machine_seconds().0, crate::procfs::cpu_seconds("self"));
             let requests_len = requests.len();
@@ -268,8 +267,8 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
             let inside = at_end.slow_inside - at_start.slow_inside;
             let inside_5ms = at_end.over_5ms_inside - at_start.over_5ms_inside;
             let per_exchange = |seconds: f64| seconds / outcome.ok.max(1) as f64 * 1e6;
-            let wait_each = per_exchange(crate::procfs::runqueue_wait_without(&pid, "ephemera-compac") - waited);
-            let bench_wait_each = per_exchange(crate::procfs::runqueue_wait_without("self", "-") - bench_waited);
+            let wait_each = per_exchange(crate::procfs::runqueue_wait_without(&pid, Some("ephemera-compac")) - waited);
+            let bench_wait_each = per_exchange(crate::procfs::runqueue_wait_without("self", None) - bench_waited);
             let commits = (at_end.fsyncs - at_start.fsyncs) / window_seconds;
             let p99 = windows.add(i, &outcome.latencies);
             eprintln!(
@@ -278,7 +277,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
                 outcome.ok,
                 sorted(&outcome.latencies).last().copied().unwrap_or(0.0) * 1e3,
                 outcome.latencies.iter().filter(|l| **l > 0.010).count(),
-                outcome.latencies.iter().filter(|l| **l > 0.005).count(),
+                outcome.latencies.iter().filter(|l| **l > crate::load::SLOW).count(),
             );
             // Where in the window the exchanges over 5 ms were: a count per tenth of it.
             let mut tenths = [0usize; 10];

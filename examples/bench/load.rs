@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// What [`Outcome::slow_at`] counts as slow, in seconds.
+pub const SLOW: f64 = 0.005;
+
 #[derive(Default)]
 pub struct Outcome {
     pub ok: usize,
@@ -18,7 +21,7 @@ pub struct Outcome {
     pub first_error: Option<String>,
     /// Seconds per successful request (open loop: from its scheduled send time).
     pub latencies: Vec<f64>,
-    /// Open loop: the schedule positions of the requests that took over 5 ms (where in a
+    /// Open loop: the schedule positions of the requests that took over [`SLOW`] (where in a
     /// window the slow ones were).
     pub slow_at: Vec<usize>,
     pub wall: f64,
@@ -151,7 +154,7 @@ pub async fn open_loop(addr: SocketAddr, requests: Arc<Vec<Vec<u8>>>, rate: f64,
                     let Some((i, at)) = job else { break };
                     let result = conn.send(&requests[i]).await;
                     let latency = at.elapsed().as_secs_f64();
-                    if latency > 0.005 {
+                    if latency > SLOW {
                         out.slow_at.push(i);
                     }
                     if !out.record(result, expect, latency) {

@@ -241,14 +241,15 @@ pub fn machine() -> Vec<(String, String)> {
     ]
 }
 
-/// Seconds the threads of `pid` (but those named `skip…`) have waited on a run queue, runnable
+/// Seconds the threads of `pid` (but those named `skip…`, if given) have waited on a run queue, runnable
 /// but not running, since each started (`/proc/PID/task/TID/schedstat`, second field): the
 /// time the scheduler made them wait for a core.
-pub fn runqueue_wait_without(pid: &str, skip: &str) -> f64 {
+pub fn runqueue_wait_without(pid: &str, skip: Option<&str>) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
     let mut total = 0.0;
     for task in tasks.flatten() {
-        if std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.starts_with(skip)) {
+        let comm = || std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if skip.is_some_and(|skip| comm().starts_with(skip)) {
             continue;
         }
         let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
