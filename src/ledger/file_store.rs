@@ -8,6 +8,7 @@
 //! pending and its stalled-attempt retry runs it again.
 
 use super::journal::{Compacted, FileStorage, Journal, JournalError, SnapshotEncoder, SnapshotSource, Storage};
+use super::lease_map::SHARDS;
 use super::memory::Memory;
 use super::store::{CompactionStats, Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
 use super::{Event, Lease, LeaseCredential, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
@@ -345,13 +346,12 @@ impl FileStore {
             // Everything before `since` in memory before the snapshot is read ([`Appends`]).
             let since = journal.stats().len.load(Ordering::Acquire);
             appends.drain().await;
-            // The references are taken on the compaction's own thread, at its lower priority:
-            // the pass costs a core for a tenth of a second with a million leases (a cache miss
-            // per lease), and at the broker's priority it queued the exchanges behind it (row
-            // 11a, the first tenth of each window). It holds one shard's read lock at a time, a
-            // 1/`memory::SHARDS` of the leases: an insert into that shard waits if the scheduler sets
-            // the thread aside meanwhile, any other does not.
-            let source: SnapshotSource = Box::new(move |sink| write_snapshot(memory.leases_now(), memory.jtis(), sink));
+            // The references are taken on the compaction's own thread, at its lower priority, a
+            // shard at a time between its paced pieces ([`write_snapshot`]): taking them all at
+            // once cost a core for a tenth of a second with a million leases (a cache miss per
+            // lease), unpaced, and the exchanges queued behind it (row 11a, the first tenth of
+            // each window).
+            let source: SnapshotSource = Box::new(move |sink| write_snapshot(&memory, sink));
             match journal.compact_from(source, Some(since)).await {
                 Ok(c) => {
                     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -384,31 +384,34 @@ impl FileStore {
 }
 
 /// Writes every remembered lease and guarded `jti` into a compaction's file, in pieces of about
-/// 256 KiB. The leases are references taken from memory in one pass ([`Memory::leases_now`]),
-/// so no map lock is held while one is encoded or a piece written (a write can wait on the
-/// disk); each is let go as soon as it is encoded, so a lease changed meanwhile is copied once
-/// at most. A lease added after the pass is missed and one changed after it is written as it
-/// was: the records carried over cover both ([`Appends`]).
-fn write_snapshot(
-    leases: Vec<Arc<Lease>>,
-    jtis: Vec<(Arc<str>, UnixSeconds)>,
-    sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<usize> {
+/// 256 KiB (the sink paces them). The leases are references taken from memory a shard at a time
+/// ([`Memory::leases_of_shard`], about a thousand), so no map lock is held while one is encoded
+/// or a piece written (a write can wait on the disk), and taking them is spread over the pieces;
+/// each is let go as soon as it is encoded, so a lease changed meanwhile is copied once at
+/// most. A lease added to a shard after it was taken is missed, one changed after it is written
+/// as it was, and one added before is written even when its record came after the snapshot's
+/// start: the records carried over cover the first two, and applying a known lease's `Created`
+/// again changes nothing ([`Appends`]).
+fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<usize> {
     const PIECE: usize = 256 * 1024;
     let mut encoder = SnapshotEncoder::default();
     let mut out = Vec::with_capacity(PIECE + 64 * 1024);
     let mut records = 0;
-    for lease in leases {
-        encoder.encode_lease(&lease, &mut out);
-        records += 1;
-        if out.len() >= PIECE {
-            sink(&out)?;
-            out.clear();
+    for shard in 0..SHARDS {
+        for lease in memory.leases_of_shard(shard) {
+            encoder.encode_lease(&lease, &mut out);
+            records += 1;
+            make_way(records);
+            if out.len() >= PIECE {
+                sink(&out)?;
+                out.clear();
+            }
         }
     }
-    for (key, exp) in jtis {
+    for (key, exp) in memory.jtis() {
         encoder.encode(&[Event::JtiUsed { key: key.to_string(), exp }], &mut out);
         records += 1;
+        make_way(records);
         if out.len() >= PIECE {
             sink(&out)?;
             out.clear();
@@ -419,6 +422,21 @@ fn write_snapshot(
 }
 
 /// The journal record of a revocation's start.
+/// Records a compaction encodes between two offers of its core ([`make_way`]): about 50 µs of
+/// work.
+const MAKE_WAY_EVERY: usize = 32;
+
+/// Every [`MAKE_WAY_EVERY`] records, lets any thread waiting for the compaction's core run
+/// first (`sched_yield`; it returns at once when none waits). The thread's lower priority alone
+/// did not do that: a scheduler trace of row 11a's 1M windows (docs/benchmarks.md) caught the
+/// journal's writer, woken onto the compaction's core, waiting 4.4 ms (a scheduler tick) behind
+/// it while the other core sat idle, and every exchange of that group commit with it.
+fn make_way(records: usize) {
+    if records.is_multiple_of(MAKE_WAY_EVERY) {
+        std::thread::yield_now();
+    }
+}
+
 fn revoke_requested(id: &str, reason: &str, at: UnixSeconds) -> Event {
     Event::RevokeRequested { id: id.to_string(), reason: reason.to_string(), at }
 }

@@ -1,4 +1,4 @@
-//! The file store's in-process half: leases by id ([`DashMap`]), an index by job, and ordered
+//! The file store's in-process half: leases by id ([`LeaseMap`]), an index by job, and ordered
 //! indexes of expiries, revocation retries and forget times, so ending a job's leases or reaping
 //! never scans the rest. Synchronous, and never holds a map guard across an `.await` (there is
 //! none here); [`super::FileStore`] orders these changes with its journal.
@@ -6,6 +6,7 @@
 //! Lock order: a `leases` entry first, then an index, never the reverse.
 
 use super::lease::name;
+use super::lease_map::{LeaseMap, SHARDS};
 use super::{
     ENDED_RETENTION_SECS, Event, Lease, LeaseCredential, LeaseFilter, LeaseState, LiveLease, RetryPolicy, RevokeWork,
     STALLED_ATTEMPT_SECS,
@@ -42,21 +43,13 @@ impl TimeIndex {
     }
 }
 
-/// Shards of the maps that hold a million entries. A shard grows by doubling under its write
-/// lock, rehashing its entries while inserts into it wait: with dashmap's default of 8 on two
-/// cores, the first inserts after replaying a million leases stopped exchanges for hundreds of
-/// milliseconds (row 11a); with 64 each growth moved a sixty-fourth. 1,024: a compaction's pass
-/// over the leases ([`Memory::leases_now`]) runs at a low priority and holds one shard's read
-/// lock at a time, so what an insert can wait behind is a thousandth of the leases (a shard
-/// costs a cache-padded lock and an empty table, 128 bytes: under 400 KiB for the three maps).
-const SHARDS: usize = 1024;
-
 pub(super) struct Memory {
     /// Behind an `Arc`: a map slot is then 24 bytes (a hash table keeps up to half its slots
-    /// empty), and a compaction takes a reference to every lease in one pass and encodes them
-    /// with no map lock held ([`Memory::leases_now`]); a change to a lease the compaction still
-    /// holds copies it first ([`Arc::make_mut`]).
-    leases: DashMap<Arc<str>, Arc<Lease>>,
+    /// empty), and a compaction takes references to the leases a shard at a time and encodes
+    /// them with no map lock held ([`Memory::leases_of_shard`]); a change to a lease the
+    /// compaction still holds copies it first ([`Arc::make_mut`]).
+    leases: LeaseMap,
+    /// Sharded as the leases are ([`SHARDS`]: a shard grows by doubling under its write lock).
     by_job: DashMap<Arc<str>, Vec<Arc<str>>>,
     expiries: TimeIndex,
     retries: TimeIndex,
@@ -71,7 +64,7 @@ pub(super) struct Memory {
 impl Default for Memory {
     fn default() -> Memory {
         Memory {
-            leases: DashMap::with_shard_amount(SHARDS),
+            leases: LeaseMap::default(),
             by_job: DashMap::with_shard_amount(SHARDS),
             expiries: TimeIndex::default(),
             retries: TimeIndex::default(),
@@ -89,7 +82,7 @@ impl Memory {
     /// while it runs, and split into [`SHARDS`] shards.
     pub(super) fn with_capacity(leases: usize) -> Memory {
         Memory {
-            leases: DashMap::with_capacity_and_shard_amount(leases, SHARDS),
+            leases: LeaseMap::with_capacity(leases),
             by_job: DashMap::with_capacity_and_shard_amount(leases, SHARDS),
             jtis: DashMap::with_shard_amount(SHARDS),
             ..Memory::default()
@@ -105,10 +98,7 @@ impl Memory {
             Event::Created { lease } => {
                 // One lookup of the id, not two: a replay applies a million of these. A lease
                 // already known (the same record twice) is kept as it is.
-                if let dashmap::Entry::Vacant(slot) = self.leases.entry(lease.id.clone()) {
-                    self.index(&lease);
-                    slot.insert(lease);
-                }
+                self.leases.insert_new(lease, |lease| self.index(lease));
             }
             Event::RevokeRequested { id, reason, .. } => self.update(&id, |l| {
                 if l.state == LeaseState::Active {
@@ -164,16 +154,17 @@ impl Memory {
     /// `jti`s still guarded.
     pub(super) fn snapshot(&self) -> Vec<Event> {
         let mut events: Vec<Event> = Vec::with_capacity(self.leases.len() + self.jtis.len());
-        events.extend(self.leases.iter().map(|l| Event::Created { lease: Arc::clone(l.value()) }));
+        self.leases.for_each(|l| events.push(Event::Created { lease: Arc::clone(l) }));
         events.extend(self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().to_string(), exp: *e.value() }));
         events
     }
 
-    /// A reference to every remembered lease, for a compaction to encode with no map lock held.
-    /// Each shard's read lock is held while its entries are counted out (a reference count each,
-    /// nothing copied); a lease changed afterwards is copied by the change, not here.
-    pub(super) fn leases_now(&self) -> Vec<Arc<Lease>> {
-        self.leases.iter().map(|l| Arc::clone(l.value())).collect()
+    /// A reference to every remembered lease of shard `i` (of [`SHARDS`]), for a compaction to
+    /// encode with no map lock held. The shard's read lock is held while its entries are counted
+    /// out (a reference count each, nothing copied); a lease changed afterwards is copied by the
+    /// change, not here.
+    pub(super) fn leases_of_shard(&self, i: usize) -> Vec<Arc<Lease>> {
+        self.leases.shard(i)
     }
 
     /// Every guarded `jti` and its expiry, copied.
@@ -207,7 +198,7 @@ impl Memory {
 
     pub(super) fn insert(&self, lease: Arc<Lease>) {
         self.index(&lease);
-        self.leases.insert(lease.id.clone(), lease);
+        self.leases.insert(lease);
     }
 
     // ---- ending ------------------------------------------------------------------------
@@ -250,7 +241,12 @@ impl Memory {
 
     /// Every pending revocation, due or not, claimed.
     pub(super) fn claim_all_pending(&self, now: UnixSeconds) -> Vec<RevokeWork> {
-        let ids: Vec<Arc<str>> = self.leases.iter().filter(|l| l.state.is_pending()).map(|l| l.id.clone()).collect();
+        let mut ids: Vec<Arc<str>> = Vec::new();
+        self.leases.for_each(|l| {
+            if l.state.is_pending() {
+                ids.push(l.id.clone());
+            }
+        });
         ids.iter().filter_map(|id| self.claim_retry(id, UnixSeconds::MAX, now)).collect()
     }
 
@@ -270,9 +266,8 @@ impl Memory {
     pub(super) fn forget_ended(&self, now: UnixSeconds) -> usize {
         let mut forgotten = 0;
         for id in self.forget_at.take_due(now) {
-            let removed =
-                self.leases.remove_if(&id, |_, l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired));
-            if let Some((_, lease)) = removed {
+            let removed = self.leases.remove_if(&id, |l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired));
+            if let Some(lease) = removed {
                 self.counts[lease.state.index()].fetch_sub(1, Ordering::Relaxed);
                 if let Some(mut ids) = self.by_job.get_mut(&lease.job) {
                     ids.retain(|i| *i != id);
@@ -314,7 +309,15 @@ impl Memory {
                 let ids = self.by_job.get(job.as_str()).map(|ids| ids.clone()).unwrap_or_default();
                 ids.iter().filter_map(|id| self.get(id)).filter(|l| filter.matches(l)).collect()
             }
-            None => self.leases.iter().filter(|l| filter.matches(l)).map(|l| Lease::clone(&l)).collect(),
+            None => {
+                let mut out = Vec::new();
+                self.leases.for_each(|l| {
+                    if filter.matches(l) {
+                        out.push(Lease::clone(l));
+                    }
+                });
+                out
+            }
         };
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out.truncate(limit);
@@ -324,17 +327,19 @@ impl Memory {
     /// Live leases of `policies` (or all), without their credentials: each entry costs a few
     /// reference counts, not a copy of the lease.
     pub(super) fn live_leases(&self, policies: Option<&BTreeSet<String>>, now: UnixSeconds) -> Vec<LiveLease> {
-        self.leases
-            .iter()
-            .filter(|l| l.is_live(now) && policies.is_none_or(|p| p.contains(&*l.policy)))
-            .map(|l| LiveLease {
-                id: l.id.clone(),
-                job: l.job.clone(),
-                policy: l.policy.clone(),
-                issuer: l.issuer.clone(),
-                claims: l.claims.clone(),
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.leases.for_each(|l| {
+            if l.is_live(now) && policies.is_none_or(|p| p.contains(&*l.policy)) {
+                out.push(LiveLease {
+                    id: l.id.clone(),
+                    job: l.job.clone(),
+                    policy: l.policy.clone(),
+                    issuer: l.issuer.clone(),
+                    claims: l.claims.clone(),
+                });
+            }
+        });
+        out
     }
 
     /// Handles of every credential minted by one of `backends`, in any lease: only those are
@@ -350,10 +355,12 @@ impl Memory {
 
     fn handles_where(&self, backends: &BTreeSet<String>, wanted: impl Fn(&Lease) -> bool) -> Vec<RevokeHandle> {
         let mut out = Vec::new();
-        for lease in self.leases.iter().filter(|l| wanted(l)) {
-            let ours = lease.credentials.iter().filter(|c| backends.contains(&*c.backend));
-            out.extend(ours.map(|c| c.handle()));
-        }
+        self.leases.for_each(|lease| {
+            if wanted(lease) {
+                let ours = lease.credentials.iter().filter(|c| backends.contains(&*c.backend));
+                out.extend(ours.map(|c| c.handle()));
+            }
+        });
         out
     }
 
@@ -500,7 +507,7 @@ mod tests {
         let Event::Created { lease: taken } = lease(1) else { unreachable!() };
         let id = taken.id.to_string();
         memory.apply(Event::Created { lease: taken });
-        let held = memory.leases_now();
+        let held: Vec<Arc<Lease>> = (0..SHARDS).flat_map(|i| memory.leases_of_shard(i)).collect();
         // The revocation's write to the lease's shard does not wait for the compaction, which
         // holds no map lock, only a reference: the change lands on a copy.
         memory.apply(Event::RevokeRequested { id: id.clone(), reason: "job".into(), at: 20 });

@@ -15,6 +15,7 @@ mod event;
 mod file_store;
 pub mod journal;
 mod lease;
+mod lease_map;
 mod memory;
 mod postgres;
 pub mod snapshot;
