@@ -14,9 +14,9 @@
 //! so the pass is spread over the compaction's paced pieces, as the encoding is.
 
 use super::Lease;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use parking_lot::{MappedRwLockReadGuard, MappedRwLockWriteGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
@@ -27,7 +27,9 @@ use std::sync::Arc;
 /// compaction takes a shard's references is a thousandth of them.
 pub(super) const SHARDS: usize = 1024;
 
-type Shard = HashMap<Arc<str>, Arc<Lease>>;
+/// A shard: the leases, found by their id's hash, computed once per call for both the shard
+/// and the slot in it (as a `DashMap` does; a `HashMap` a shard would hash the id again).
+type Shard = HashTable<Arc<Lease>>;
 
 pub(super) struct LeaseMap {
     shards: Box<[RwLock<Shard>]>,
@@ -47,33 +49,52 @@ impl LeaseMap {
     pub(super) fn with_capacity(leases: usize) -> LeaseMap {
         let each = leases.div_ceil(SHARDS);
         LeaseMap {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::with_capacity(each))).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::with_capacity(each))).collect(),
             pick: RandomState::new(),
         }
     }
 
-    fn shard_of(&self, id: &str) -> &RwLock<Shard> {
-        // `SHARDS` is a power of two: the low bits of a keyed SipHash are as good as any.
-        &self.shards[(self.pick.hash_one(id) as usize) & (SHARDS - 1)]
+    fn hash(&self, id: &str) -> u64 {
+        self.pick.hash_one(id)
+    }
+
+    /// The shard of an id's hash. Bits 40 and up: a shard's table takes a slot from the low
+    /// bits and a tag from the top seven, and within one shard these bits are all the same.
+    fn shard_of(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[(hash >> 40) as usize & (SHARDS - 1)]
+    }
+
+    fn rehash(&self) -> impl Fn(&Arc<Lease>) -> u64 + '_ {
+        |lease| self.hash(&lease.id)
     }
 
     pub(super) fn get(&self, id: &str) -> Option<MappedRwLockReadGuard<'_, Arc<Lease>>> {
-        RwLockReadGuard::try_map(self.shard_of(id).read(), |shard| shard.get(id)).ok()
+        let hash = self.hash(id);
+        RwLockReadGuard::try_map(self.shard_of(hash).read(), |shard| shard.find(hash, |l| *l.id == *id)).ok()
     }
 
     /// The lease, its shard write-locked while the guard lives.
     pub(super) fn get_mut(&self, id: &str) -> Option<MappedRwLockWriteGuard<'_, Arc<Lease>>> {
-        RwLockWriteGuard::try_map(self.shard_of(id).write(), |shard| shard.get_mut(id)).ok()
+        let hash = self.hash(id);
+        RwLockWriteGuard::try_map(self.shard_of(hash).write(), |shard| shard.find_mut(hash, |l| *l.id == *id)).ok()
     }
 
+    /// Inserts `lease`, or replaces the one with its id.
     pub(super) fn insert(&self, lease: Arc<Lease>) {
-        self.shard_of(&lease.id).write().insert(lease.id.clone(), lease);
+        let hash = self.hash(&lease.id);
+        match self.shard_of(hash).write().entry(hash, |l| l.id == lease.id, self.rehash()) {
+            Entry::Occupied(mut slot) => *slot.get_mut() = lease,
+            Entry::Vacant(slot) => {
+                slot.insert(lease);
+            }
+        }
     }
 
     /// Inserts `lease` unless its id is known, calling `first` just before, under the shard's
     /// lock (so no one sees the lease before its indexes). False: known, nothing done.
     pub(super) fn insert_new(&self, lease: Arc<Lease>, first: impl FnOnce(&Lease)) -> bool {
-        match self.shard_of(&lease.id).write().entry(lease.id.clone()) {
+        let hash = self.hash(&lease.id);
+        match self.shard_of(hash).write().entry(hash, |l| l.id == lease.id, self.rehash()) {
             Entry::Occupied(_) => false,
             Entry::Vacant(slot) => {
                 first(&lease);
@@ -85,22 +106,24 @@ impl LeaseMap {
 
     /// Removes lease `id` if `ended` says so of it, and returns it.
     pub(super) fn remove_if(&self, id: &str, ended: impl FnOnce(&Lease) -> bool) -> Option<Arc<Lease>> {
-        let mut shard = self.shard_of(id).write();
-        if ended(shard.get(id)?) { shard.remove(id) } else { None }
+        let hash = self.hash(id);
+        let mut shard = self.shard_of(hash).write();
+        let found = shard.find_entry(hash, |l| *l.id == *id).ok()?;
+        if ended(found.get()) { Some(found.remove().0) } else { None }
     }
 
     /// Calls `f` with every lease, one shard at a time, each under its read lock (admin queries
     /// and tests: `f` must not look up a lease).
     pub(super) fn for_each(&self, mut f: impl FnMut(&Arc<Lease>)) {
         for shard in self.shards.iter() {
-            shard.read().values().for_each(&mut f);
+            shard.read().iter().for_each(&mut f);
         }
     }
 
     /// A reference to every lease of shard `i` (of [`SHARDS`]; none past the last), taken
     /// under its read lock and returned with no lock held.
     pub(super) fn shard(&self, i: usize) -> Vec<Arc<Lease>> {
-        self.shards.get(i).map(|shard| shard.read().values().cloned().collect()).unwrap_or_default()
+        self.shards.get(i).map(|shard| shard.read().iter().cloned().collect()).unwrap_or_default()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -149,7 +172,7 @@ mod tests {
         assert_eq!(taken.len(), 1);
         // A write to the lease's shard while the references are held: it would wait forever if
         // taking them had left the shard's read lock held.
-        let shard = map.shard_of("lse_1");
+        let shard = map.shard_of(map.hash("lse_1"));
         assert!(shard.try_write().is_some(), "the shard is still locked");
         drop(map.get_mut("lse_1"));
         assert!(!map.insert_new(lease(1), |_| panic!("indexed twice")), "a known lease went in again");
