@@ -421,7 +421,6 @@ fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Resul
     Ok(records)
 }
 
-/// The journal record of a revocation's start.
 /// Records a compaction encodes between two offers of its core ([`make_way`]): about 50 µs of
 /// work.
 const MAKE_WAY_EVERY: usize = 32;
@@ -437,6 +436,7 @@ fn make_way(records: usize) {
     }
 }
 
+/// The journal record of a revocation's start.
 fn revoke_requested(id: &str, reason: &str, at: UnixSeconds) -> Event {
     Event::RevokeRequested { id: id.to_string(), reason: reason.to_string(), at }
 }
