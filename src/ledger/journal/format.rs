@@ -12,18 +12,15 @@ const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
 /// Encodes events as self-contained records (without the file magic): what appends write.
 pub fn encode(events: &[Event], out: &mut Vec<u8>) {
-    let mut payload = Vec::new();
     for event in events {
-        payload.clear();
-        match event {
+        push_record(out, |payload| match event {
             Event::Created { lease } => {
                 payload.push(if lease.renewal.is_some() { BINARY_RENEWABLE } else { BINARY_LEASE });
-                binary::write_lease(lease, &mut payload);
-                lease.claims.write_to(&mut payload);
+                binary::write_lease(lease, payload);
+                lease.claims.write_to(payload);
             }
-            other => json_payload(other, &mut payload),
-        }
-        push_record(out, &payload);
+            other => json_payload(other, payload),
+        });
     }
 }
 
@@ -33,7 +30,6 @@ pub fn encode(events: &[Event], out: &mut Vec<u8>) {
 #[derive(Default)]
 pub struct SnapshotEncoder {
     dict: FileDict,
-    payload: Vec<u8>,
     defs: Vec<u8>,
     claims: Vec<u8>,
 }
@@ -43,11 +39,7 @@ impl SnapshotEncoder {
         for event in events {
             match event {
                 Event::Created { lease } => self.encode_lease(lease, out),
-                other => {
-                    self.payload.clear();
-                    json_payload(other, &mut self.payload);
-                    push_record(out, &self.payload);
-                }
+                other => push_record(out, |payload| json_payload(other, payload)),
             }
         }
     }
@@ -58,18 +50,13 @@ impl SnapshotEncoder {
         self.defs.clear();
         self.claims.clear();
         let new = lease.claims.write_refs(&mut self.dict, &mut self.defs, &mut self.claims);
-        // Written in place, its header filled in after: a million of these are not copied twice.
-        let start = out.len();
-        out.extend_from_slice(&[0; 8]);
-        out.push(if lease.renewal.is_some() { DICT_RENEWABLE } else { DICT_LEASE });
-        put_varint(out, new);
-        out.extend_from_slice(&self.defs);
-        binary::write_lease(lease, out);
-        out.extend_from_slice(&self.claims);
-        let len = ((out.len() - start - 8) as u32).to_le_bytes();
-        let crc = checksum(&len, &out[start + 8..]).to_le_bytes();
-        out[start..start + 4].copy_from_slice(&len);
-        out[start + 4..start + 8].copy_from_slice(&crc);
+        push_record(out, |payload| {
+            payload.push(if lease.renewal.is_some() { DICT_RENEWABLE } else { DICT_LEASE });
+            put_varint(payload, new);
+            payload.extend_from_slice(&self.defs);
+            binary::write_lease(lease, payload);
+            payload.extend_from_slice(&self.claims);
+        });
     }
 }
 
@@ -78,11 +65,17 @@ fn json_payload(event: &Event, payload: &mut Vec<u8>) {
     let _ = serde_json::to_writer(payload, event);
 }
 
-fn push_record(out: &mut Vec<u8>, payload: &[u8]) {
-    let len = (payload.len() as u32).to_le_bytes();
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&checksum(&len, payload).to_le_bytes());
-    out.extend_from_slice(payload);
+/// Appends one record: its header (length, CRC) and the payload `write` appends. The payload is
+/// written in place and the header filled in after, so no record is copied from a buffer of
+/// its own (a compaction writes a million, every append one or two).
+fn push_record(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    write(out);
+    let len = ((out.len() - start - 8) as u32).to_le_bytes();
+    let crc = checksum(&len, &out[start + 8..]).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc);
 }
 
 /// First byte of a self-contained binary `Created` payload (JSON payloads start with `{`).
@@ -499,8 +492,8 @@ pub(super) mod tests {
         assert_eq!(err, "not a lease record");
 
         let mut file = MAGIC.to_vec();
-        push_record(&mut file, second);
-        push_record(&mut file, second);
+        push_record(&mut file, |out| out.extend_from_slice(second));
+        push_record(&mut file, |out| out.extend_from_slice(second));
         let err = decode(&file).unwrap_err();
         assert!(err.starts_with("unreadable record at byte 8"), "{err}");
     }
