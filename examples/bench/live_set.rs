@@ -277,7 +277,7 @@ pub async fn run(binary: &Path, plan: &Plan, dir: &Path, big: usize) -> Vec<Row>
                 outcome.ok,
                 sorted(&outcome.latencies).last().copied().unwrap_or(0.0) * 1e3,
                 outcome.latencies.iter().filter(|l| **l > 0.010).count(),
-                outcome.latencies.iter().filter(|l| **l > crate::load::SLOW).count(),
+                outcome.slow_at.len(),
             );
             // Where in the window the exchanges over 5 ms were: a count per tenth of it.
             let mut tenths = [0usize; 10];
