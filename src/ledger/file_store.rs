@@ -8,8 +8,8 @@
 //! pending and its stalled-attempt retry runs it again.
 
 use super::journal::{Compacted, FileStorage, Journal, JournalError, SnapshotEncoder, SnapshotSource, Storage};
-use super::lease_map::SHARDS;
 use super::memory::Memory;
+use super::sharded::SHARDS;
 use super::store::{CompactionStats, Counts, Due, Health, IssueError, LeaseStore, LiveLease, Maintained, StoreError};
 use super::{Event, Lease, LeaseCredential, LeaseFilter, LeaseState, REASON_EXPIRED, RetryPolicy, RevokeWork};
 use crate::clock::UnixSeconds;
@@ -385,7 +385,8 @@ impl FileStore {
 
 /// Writes every remembered lease and guarded `jti` into a compaction's file, in pieces of about
 /// 256 KiB (the sink paces them). The leases are references taken from memory a shard at a time
-/// ([`Memory::leases_of_shard`], about a thousand), so no map lock is held while one is encoded
+/// ([`Memory::leases_of_shard`], about a thousand), and so are the `jti`s
+/// ([`Memory::jtis_of_shard`]), so no map lock is held while one is encoded
 /// or a piece written (a write can wait on the disk), and taking them is spread over the pieces;
 /// each is let go as soon as it is encoded, so a lease changed meanwhile is copied once at
 /// most. A lease added to a shard after it was taken is missed, one changed after it is written
@@ -408,13 +409,15 @@ fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Resul
             }
         }
     }
-    for (key, exp) in memory.jtis() {
-        encoder.encode(&[Event::JtiUsed { key: key.to_string(), exp }], &mut out);
-        records += 1;
-        make_way(records);
-        if out.len() >= PIECE {
-            sink(&out)?;
-            out.clear();
+    for shard in 0..SHARDS {
+        for used in memory.jtis_of_shard(shard) {
+            encoder.encode(&[Event::JtiUsed { key: used.key.to_string(), exp: used.exp }], &mut out);
+            records += 1;
+            make_way(records);
+            if out.len() >= PIECE {
+                sink(&out)?;
+                out.clear();
+            }
         }
     }
     sink(&out)?;

@@ -6,7 +6,7 @@
 //! Lock order: a `leases` entry first, then an index, never the reverse.
 
 use super::lease::name;
-use super::lease_map::{LeaseMap, SHARDS};
+use super::sharded::{JtiMap, LeaseMap, SHARDS, UsedJti};
 use super::{
     ENDED_RETENTION_SECS, Event, Lease, LeaseCredential, LeaseFilter, LeaseState, LiveLease, RetryPolicy, RevokeWork,
     STALLED_ATTEMPT_SECS,
@@ -54,7 +54,8 @@ pub(super) struct Memory {
     expiries: TimeIndex,
     retries: TimeIndex,
     forget_at: TimeIndex,
-    jtis: DashMap<Arc<str>, UnixSeconds>,
+    /// Sharded as the leases are, and taken by a compaction a shard at a time as they are.
+    jtis: JtiMap,
     jti_expiries: TimeIndex,
     counts: [AtomicUsize; 5],
     /// Active leases per backend (a lease with credentials from two backends counts in both).
@@ -69,7 +70,7 @@ impl Default for Memory {
             expiries: TimeIndex::default(),
             retries: TimeIndex::default(),
             forget_at: TimeIndex::default(),
-            jtis: DashMap::with_shard_amount(SHARDS),
+            jtis: JtiMap::default(),
             jti_expiries: TimeIndex::default(),
             counts: Default::default(),
             active_by_backend: DashMap::default(),
@@ -84,7 +85,6 @@ impl Memory {
         Memory {
             leases: LeaseMap::with_capacity(leases),
             by_job: DashMap::with_capacity_and_shard_amount(leases, SHARDS),
-            jtis: DashMap::with_shard_amount(SHARDS),
             ..Memory::default()
         }
     }
@@ -119,7 +119,7 @@ impl Memory {
             Event::Renewed { id, at, count, credentials } => self.add_credentials(&id, credentials, count, at),
             Event::JtiUsed { key, exp } => {
                 let key: Arc<str> = key.into();
-                self.jtis.insert(key.clone(), exp);
+                self.jtis.insert(UsedJti { key: key.clone(), exp });
                 self.jti_expiries.insert(exp, key);
             }
         }
@@ -155,7 +155,7 @@ impl Memory {
     pub(super) fn snapshot(&self) -> Vec<Event> {
         let mut events: Vec<Event> = Vec::with_capacity(self.leases.len() + self.jtis.len());
         self.leases.for_each(|l| events.push(Event::Created { lease: Arc::clone(l) }));
-        events.extend(self.jtis.iter().map(|e| Event::JtiUsed { key: e.key().to_string(), exp: *e.value() }));
+        self.jtis.for_each(|j| events.push(Event::JtiUsed { key: j.key.to_string(), exp: j.exp }));
         events
     }
 
@@ -167,33 +167,27 @@ impl Memory {
         self.leases.shard(i)
     }
 
-    /// Every guarded `jti` and its expiry, copied.
-    pub(super) fn jtis(&self) -> Vec<(Arc<str>, UnixSeconds)> {
-        self.jtis.iter().map(|e| (e.key().clone(), *e.value())).collect()
+    /// Every guarded `jti` of shard `i` (of [`SHARDS`]) and its expiry, for a compaction, as
+    /// [`Memory::leases_of_shard`] takes the leases.
+    pub(super) fn jtis_of_shard(&self, i: usize) -> Vec<UsedJti> {
+        self.jtis.shard(i)
     }
 
     // ---- issuing -----------------------------------------------------------------------
 
     pub(super) fn jti_seen(&self, key: &str) -> bool {
-        self.jtis.contains_key(key)
+        self.jtis.get(key).is_some()
     }
 
     /// Reserves a `jti` key; `false` if it is taken (a replay).
     pub(super) fn reserve_jti(&self, key: &str, exp: UnixSeconds) -> bool {
         let key: Arc<str> = key.into();
-        match self.jtis.entry(key.clone()) {
-            dashmap::Entry::Occupied(_) => false,
-            dashmap::Entry::Vacant(v) => {
-                v.insert(exp);
-                self.jti_expiries.insert(exp, key);
-                true
-            }
-        }
+        self.jtis.insert_new(UsedJti { key, exp }, |used| self.jti_expiries.insert(exp, used.key.clone()))
     }
 
     /// Gives a reserved key back (its lease was not recorded).
     pub(super) fn release_jti(&self, key: &str) {
-        self.jtis.remove(key);
+        self.jtis.remove_if(key, |_| true);
     }
 
     pub(super) fn insert(&self, lease: Arc<Lease>) {
@@ -277,7 +271,7 @@ impl Memory {
             }
         }
         for key in self.jti_expiries.take_due(now) {
-            self.jtis.remove_if(&key, |_, exp| *exp <= now);
+            self.jtis.remove_if(&key, |used| used.exp <= now);
         }
         forgotten
     }
@@ -516,5 +510,29 @@ mod tests {
         assert_eq!(memory.state(&id), Some(LeaseState::Revoked), "memory has the change");
         assert_eq!(memory.count(LeaseState::Revoked), 1);
         assert_eq!(Arc::strong_count(&held[0]), 1, "the copy is memory's own; the compaction's is let go alone");
+    }
+
+    #[test]
+    fn a_compaction_taking_the_jti_shards_in_turn_gets_every_guarded_key_once_and_no_expired_or_released_one() {
+        let memory = Memory::default();
+        // Keys 0..3000: even ones valid until 500, odd ones until 100.
+        for i in 0..3000 {
+            assert!(memory.reserve_jti(&format!("iss|jti-{i}"), if i % 2 == 0 { 500 } else { 100 }));
+        }
+        assert!(!memory.reserve_jti("iss|jti-4", 900), "a replay of a guarded key was admitted");
+        memory.release_jti("iss|jti-6");
+        memory.forget_ended(100);
+        memory.apply(Event::JtiUsed { key: "iss|replayed".into(), exp: 700 });
+        let mut taken: Vec<(String, UnixSeconds)> =
+            (0..=SHARDS).flat_map(|i| memory.jtis_of_shard(i)).map(|j| (j.key.to_string(), j.exp)).collect();
+        taken.sort();
+        let mut expected: Vec<(String, UnixSeconds)> =
+            (0..3000).filter(|i| i % 2 == 0 && *i != 6).map(|i| (format!("iss|jti-{i}"), 500)).collect();
+        expected.push(("iss|replayed".into(), 700));
+        expected.sort();
+        assert_eq!(taken, expected);
+        assert!(memory.jti_seen("iss|jti-0") && !memory.jti_seen("iss|jti-1") && !memory.jti_seen("iss|jti-6"));
+        assert!(memory.reserve_jti("iss|jti-6", 900), "a released key is free again");
+        assert!(memory.reserve_jti("iss|jti-1", 900), "an expired key is free again");
     }
 }
