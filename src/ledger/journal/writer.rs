@@ -305,7 +305,7 @@ const REST_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
 /// compaction takes of the cores comes out of the exchanges' share when they are busy: with 1M
 /// live leases at half of saturation on two cores (bench row 11a), paced to half a core (rest 1)
 /// the typical window's p99 was 1.02–1.49× that of a broker without a compaction, with windows
-/// up to 55 ms; at a quarter 0.86–0.91×, none over 12.3 ms (docs/benchmarks.md).
+/// up to 55 ms; at a quarter 0.86–1.01× in three runs, none over 12.3 ms (docs/benchmarks.md).
 const REST_PER_WORK: u32 = 3;
 
 /// The compaction thread's work: the magic, the snapshot (streamed from its source), the
