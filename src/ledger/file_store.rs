@@ -398,26 +398,26 @@ fn write_snapshot(memory: &Memory, sink: &mut dyn FnMut(&[u8]) -> std::io::Resul
     let mut encoder = SnapshotEncoder::default();
     let mut out = Vec::with_capacity(PIECE + 64 * 1024);
     let mut records = 0;
+    // After each record: now and then offer the core, and hand over a full piece.
+    let mut encoded = |out: &mut Vec<u8>| -> std::io::Result<()> {
+        records += 1;
+        make_way(records);
+        if out.len() >= PIECE {
+            sink(out)?;
+            out.clear();
+        }
+        Ok(())
+    };
     for shard in 0..SHARDS {
         for lease in memory.leases_of_shard(shard) {
             encoder.encode_lease(&lease, &mut out);
-            records += 1;
-            make_way(records);
-            if out.len() >= PIECE {
-                sink(&out)?;
-                out.clear();
-            }
+            encoded(&mut out)?;
         }
     }
     for shard in 0..SHARDS {
         for used in memory.jtis_of_shard(shard) {
             encoder.encode(&[Event::JtiUsed { key: used.key.to_string(), exp: used.exp }], &mut out);
-            records += 1;
-            make_way(records);
-            if out.len() >= PIECE {
-                sink(&out)?;
-                out.clear();
-            }
+            encoded(&mut out)?;
         }
     }
     sink(&out)?;
