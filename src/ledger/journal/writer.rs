@@ -265,20 +265,33 @@ fn yield_to_requests() {
     }
 }
 
-/// A compaction's file, synced every [`SYNC_EVERY`] bytes, written at most a quarter of the
-/// time: after each piece the thread rests [`REST_PER_WORK`] times as long as the piece took
-/// (encoding included), so a compaction never takes more than a quarter of a core from the
-/// request path, however large the live set. A compaction takes four times as long; appends
-/// never wait for it, and the next one is not due until `compact_ratio` of the snapshot has
-/// been appended again.
+/// A compaction's file, synced every [`SYNC_EVERY`] bytes, written with at most a quarter of a
+/// core: after every stretch of [`REST_AFTER`] the thread rests [`REST_PER_WORK`] times the CPU
+/// time it used in it (encoding included), so a compaction never takes more than a quarter of
+/// a core from the request path, however large the live set. A compaction takes four times its
+/// CPU time; appends never wait for it, and the next one is not due until `compact_ratio` of
+/// the snapshot has been appended again.
+///
+/// CPU time, not wall time: a stretch the thread spent waiting (for a core, at its lower
+/// priority, while the exchanges keep both busy; or for the disk) took nothing from anyone, and
+/// resting for it too would slow a compaction most exactly when appends pile up fastest, under
+/// full load, where it must still finish and catch up with them.
 struct Paced {
     file: Box<dyn Replacement>,
     len: u64,
     unsynced: u64,
+    /// The start of the current stretch: its wall time, and the thread's CPU time.
     since: std::time::Instant,
+    cpu_since: std::time::Duration,
+    /// Sleeps (a test records instead).
+    rest: fn(std::time::Duration),
 }
 
 impl Paced {
+    fn new(file: Box<dyn Replacement>, rest: fn(std::time::Duration)) -> Paced {
+        Paced { file, len: 0, unsynced: 0, since: std::time::Instant::now(), cpu_since: thread_cpu_time(), rest }
+    }
+
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.file.write(bytes)?;
         self.len += bytes.len() as u64;
@@ -287,15 +300,26 @@ impl Paced {
             self.file.sync()?;
             self.unsynced = 0;
         }
-        // Rest in proportion to the work since the last rest, capped so a stalled disk does not
-        // turn into a stalled compaction.
-        let worked = self.since.elapsed();
-        if worked >= REST_AFTER {
-            std::thread::sleep((worked * REST_PER_WORK).min(std::time::Duration::from_millis(150)));
-            self.since = std::time::Instant::now();
+        if self.since.elapsed() >= REST_AFTER {
+            let cpu = thread_cpu_time();
+            (self.rest)(rest_after(cpu.saturating_sub(self.cpu_since)));
+            (self.since, self.cpu_since) = (std::time::Instant::now(), cpu);
         }
         Ok(())
     }
+}
+
+/// The rest after a stretch in which the compaction's thread used `cpu`: [`REST_PER_WORK`]
+/// times as long, capped so that one long stretch does not turn into a stalled compaction.
+fn rest_after(cpu: std::time::Duration) -> std::time::Duration {
+    (cpu * REST_PER_WORK).min(std::time::Duration::from_millis(150))
+}
+
+/// The calling thread's CPU time (user and system) since it started; zero where the clock
+/// cannot be read (then a compaction does not rest).
+fn thread_cpu_time() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
 }
 
 /// How much work a compaction's thread does between rests ([`Paced`]).
@@ -305,7 +329,7 @@ const REST_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
 /// compaction takes of the cores comes out of the exchanges' share when they are busy: with 1M
 /// live leases at half of saturation on two cores (bench row 11a), paced to half a core (rest 1)
 /// the typical window's p99 was 1.02–1.49× that of a broker without a compaction, with windows
-/// up to 55 ms; at a quarter 0.86–1.01× in three runs, none over 12.3 ms (docs/benchmarks.md).
+/// up to 55 ms; at a quarter 0.78–1.01× in four runs, none over 14.6 ms (docs/benchmarks.md).
 const REST_PER_WORK: u32 = 3;
 
 /// The compaction thread's work: the magic, the snapshot (streamed from its source), the
@@ -316,7 +340,7 @@ fn write_compaction(
     reader: Box<dyn JournalReader>,
     replacement: Box<dyn Replacement>,
 ) -> std::io::Result<Written> {
-    let mut out = Paced { file: replacement, len: 0, unsynced: 0, since: std::time::Instant::now() };
+    let mut out = Paced::new(replacement, std::thread::sleep);
     out.write(MAGIC)?;
     let records = source(&mut |bytes| out.write(bytes))?;
     let snapshot_bytes = out.len;
@@ -336,7 +360,7 @@ fn write_compaction(
         to = durable;
     }
     out.file.sync()?;
-    let cpu_micros = thread_cpu_micros();
+    let cpu_micros = u64::try_from(thread_cpu_time().as_micros()).unwrap_or(u64::MAX);
     Ok(Written {
         replacement: out.file,
         records,
@@ -346,16 +370,6 @@ fn write_compaction(
         len: out.len,
         cpu_micros,
     })
-}
-
-/// The calling thread's CPU time so far, from `/proc/thread-self/stat` (utime and stime, in
-/// the kernel's fixed 100 ticks a second); 0 where there is no such file.
-fn thread_cpu_micros() -> u64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else { return 0 };
-    // The name, in parentheses, may hold spaces: the fields that count come after the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) * 10_000
 }
 
 fn write_batch(storage: &mut dyn Storage, len: &mut u64, batch: &[u8], stats: &Stats) -> Result<(), JournalError> {
@@ -390,6 +404,62 @@ mod tests {
     use crate::ledger::journal::format::{DICT_LEASE, decode};
     use crate::ledger::journal::{FileStorage, Journal};
     use std::sync::Arc;
+
+    #[test]
+    fn a_compaction_rests_for_the_cpu_it_used_not_for_the_time_it_spent_waiting() {
+        use std::time::Duration;
+        thread_local! { static RESTS: std::cell::RefCell<Vec<Duration>> = const { std::cell::RefCell::new(Vec::new()) }; }
+        fn record(rest: Duration) {
+            RESTS.with(|r| r.borrow_mut().push(rest));
+        }
+        let taken = || RESTS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+        /// Holds each write 6 ms without using the CPU: a slow disk, or a core the exchanges
+        /// keep busy while the compaction's thread waits at its lower priority.
+        struct Waiting;
+        impl Replacement for Waiting {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<()> {
+                std::thread::sleep(Duration::from_millis(6));
+                Ok(())
+            }
+            fn sync(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        /// Takes 6 ms of CPU a write (encoding, copying).
+        struct Busy;
+        impl Replacement for Busy {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<()> {
+                let start = thread_cpu_time();
+                while thread_cpu_time() - start < Duration::from_millis(6) {}
+                Ok(())
+            }
+            fn sync(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut waiting = Paced::new(Box::new(Waiting), record);
+        for _ in 0..3 {
+            waiting.write(b"x").unwrap();
+        }
+        let rests = taken();
+        assert_eq!(rests.len(), 3, "a stretch of 6 ms is over REST_AFTER: one rest after each");
+        assert!(rests.iter().all(|r| *r < Duration::from_millis(3)), "rested for time spent waiting: {rests:?}");
+        let mut busy = Paced::new(Box::new(Busy), record);
+        for _ in 0..3 {
+            busy.write(b"x").unwrap();
+        }
+        let rests = taken();
+        assert_eq!(rests.len(), 3);
+        assert!(
+            rests.iter().all(|r| *r >= Duration::from_millis(18)),
+            "6 ms of CPU, rested less than 3 × that: {rests:?}"
+        );
+        assert_eq!(
+            rest_after(Duration::from_secs(1)),
+            Duration::from_millis(150),
+            "one long stretch does not stall it"
+        );
+    }
 
     #[test]
     fn a_compaction_thread_runs_lower_than_the_broker_and_only_it_does() {
