@@ -316,10 +316,14 @@ fn rest_after(cpu: std::time::Duration) -> std::time::Duration {
 }
 
 /// The calling thread's CPU time (user and system) since it started; zero where the clock
-/// cannot be read (then a compaction does not rest).
+/// cannot be read (then a compaction does not rest). The fallible call: rustix's infallible
+/// `clock_gettime` panics on a kernel without this clock, which would end the compaction's
+/// thread without an answer.
 fn thread_cpu_time() -> std::time::Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    std::time::Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
+    use rustix::time::{ClockId, DynamicClockId, clock_gettime_dynamic};
+    clock_gettime_dynamic(DynamicClockId::Known(ClockId::ThreadCPUTime)).map_or(std::time::Duration::ZERO, |t| {
+        std::time::Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
+    })
 }
 
 /// How much work a compaction's thread does between rests ([`Paced`]).
