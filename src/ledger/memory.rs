@@ -235,12 +235,7 @@ impl Memory {
 
     /// Every pending revocation, due or not, claimed.
     pub(super) fn claim_all_pending(&self, now: UnixSeconds) -> Vec<RevokeWork> {
-        let mut ids: Vec<Arc<str>> = Vec::new();
-        self.leases.for_each(|l| {
-            if l.state.is_pending() {
-                ids.push(l.id.clone());
-            }
-        });
+        let ids = self.leases.filter_map(|l| l.state.is_pending().then(|| l.id.clone()));
         ids.iter().filter_map(|id| self.claim_retry(id, UnixSeconds::MAX, now)).collect()
     }
 
@@ -303,15 +298,7 @@ impl Memory {
                 let ids = self.by_job.get(job.as_str()).map(|ids| ids.clone()).unwrap_or_default();
                 ids.iter().filter_map(|id| self.get(id)).filter(|l| filter.matches(l)).collect()
             }
-            None => {
-                let mut out = Vec::new();
-                self.leases.for_each(|l| {
-                    if filter.matches(l) {
-                        out.push(Lease::clone(l));
-                    }
-                });
-                out
-            }
+            None => self.leases.filter_map(|l| filter.matches(l).then(|| Lease::clone(l))),
         };
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out.truncate(limit);
@@ -321,19 +308,15 @@ impl Memory {
     /// Live leases of `policies` (or all), without their credentials: each entry costs a few
     /// reference counts, not a copy of the lease.
     pub(super) fn live_leases(&self, policies: Option<&BTreeSet<String>>, now: UnixSeconds) -> Vec<LiveLease> {
-        let mut out = Vec::new();
-        self.leases.for_each(|l| {
-            if l.is_live(now) && policies.is_none_or(|p| p.contains(&*l.policy)) {
-                out.push(LiveLease {
-                    id: l.id.clone(),
-                    job: l.job.clone(),
-                    policy: l.policy.clone(),
-                    issuer: l.issuer.clone(),
-                    claims: l.claims.clone(),
-                });
-            }
-        });
-        out
+        self.leases.filter_map(|l| {
+            (l.is_live(now) && policies.is_none_or(|p| p.contains(&*l.policy))).then(|| LiveLease {
+                id: l.id.clone(),
+                job: l.job.clone(),
+                policy: l.policy.clone(),
+                issuer: l.issuer.clone(),
+                claims: l.claims.clone(),
+            })
+        })
     }
 
     /// Handles of every credential minted by one of `backends`, in any lease: only those are

@@ -153,6 +153,14 @@ impl<V: Keyed> Sharded<V> {
         }
     }
 
+    /// What `f` makes of each entry, where it makes something, one shard at a time under its
+    /// read lock (as [`Sharded::for_each`]).
+    pub(super) fn filter_map<T>(&self, mut f: impl FnMut(&V) -> Option<T>) -> Vec<T> {
+        let mut out = Vec::new();
+        self.for_each(|entry| out.extend(f(entry)));
+        out
+    }
+
     /// A copy of every entry of shard `i` (of [`SHARDS`]; none past the last), taken under its
     /// read lock and returned with no lock held: for a lease a reference count, for a `jti` a
     /// reference count and its expiry.
