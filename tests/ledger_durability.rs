@@ -220,12 +220,15 @@ async fn a_torn_journal_tail_is_cut_at_start_and_the_leases_before_it_survive() 
     let path = broker.journal_path();
     let dir = broker.dir.clone();
     broker.running.shutdown().await;
-    let good = std::fs::metadata(&path).unwrap().len();
-    // A crash mid-append: a header promising 500 bytes, and only 10 of them.
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-    std::io::Write::write_all(
-        &mut f,
+    // The records end before the file does: it is grown ahead in zeros, where appends land.
+    let (_, good) = ephemera::ledger::journal::decode(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() > good, "the journal has no room after its records");
+    // A crash mid-append: a header promising 500 bytes, and only 10 of them, then the zeros.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &f,
         &[244, 1, 0, 0, 1, 2, 3, 4, b'{', b'"', b't', b'"', b':', b'"', b'c', b'r', b'e', b'a'],
+        good,
     )
     .unwrap();
     drop(f);

@@ -286,11 +286,17 @@ pub fn decode_with(bytes: &[u8], mut sink: impl FnMut(Event)) -> Result<u64, Str
             return Err(format!("corrupt record at byte {at}: impossible length {len}"));
         }
         let Some(payload) = rest.get(8..8 + len) else { break }; // torn: runs past the end
-        let after = rest.len() - 8 - len;
+        let after = &rest[8 + len..];
         if checksum(&len_bytes, payload) != crc {
-            if after == 0 {
-                break; // torn: the last record's bytes did not all reach the disk
+            // Torn: the last record's bytes did not all reach the disk. Only zeros may follow it:
+            // the room the file was grown by ahead of its records (`FileStorage`'s `ROOM_STEP`),
+            // which a torn append lands in. Anything else after it means records were appended
+            // after it: corruption, and silently dropping it and what follows could forget a
+            // lease that still needs revoking.
+            if after.iter().all(|b| *b == 0) {
+                break;
             }
+            let after = after.len();
             return Err(format!("corrupt record at byte {at}: checksum mismatch, with {after} bytes after it"));
         }
         let event = decode_payload(payload, &mut memo).map_err(|e| format!("unreadable record at byte {at}: {e}"))?;
@@ -538,6 +544,28 @@ pub(super) mod tests {
         let mut bytes = file_with(&events(2));
         bytes.extend_from_slice(&[0u8; 4096]);
         assert_eq!(decode(&bytes).unwrap().0, events(2));
+    }
+
+    #[test]
+    fn a_torn_record_in_the_zero_room_after_the_records_is_torn_at_every_length_not_corrupt() {
+        // A journal grown ahead in zeros (`FileStorage`'s room): a crash mid-append leaves the
+        // record's first bytes, then the zeros it did not overwrite.
+        let whole = file_with(&events(3));
+        let two = file_with(&events(2)).len();
+        for cut in two + 1..whole.len() {
+            let mut bytes = whole[..cut].to_vec();
+            bytes.resize(whole.len() + 4096, 0);
+            let (decoded, good) = decode(&bytes).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            assert_eq!((decoded, good), (events(2), two as u64), "cut at {cut}");
+        }
+        // A record whose bytes are damaged with a later record's bytes after it, though, is
+        // corruption even when the room follows them both.
+        let mut bytes = whole.clone();
+        bytes[two + 10] ^= 0xff;
+        bytes.extend_from_slice(&file_with(&events(1))[MAGIC.len()..]);
+        bytes.resize(bytes.len() + 4096, 0);
+        let err = decode(&bytes).unwrap_err();
+        assert!(err.contains(&format!("corrupt record at byte {two}")), "{err}");
     }
 
     #[test]

@@ -33,10 +33,15 @@
 //! self-contained (`0x01`): a dictionary across appends would have to be rolled back with every
 //! failed write, and the tail after a compaction is at most `compact_bytes` long.
 //!
-//! A crash can leave a torn tail (a record cut short, or whose bytes never reached the disk): it
-//! is truncated at start. A bad record *before* the tail is corruption, not a crash: the start
-//! stops with the byte offset, because silently dropping it could forget a lease that still
-//! needs revoking.
+//! **The room.** The file runs on past its last record in zeros, up to a MiB: appends land in
+//! blocks already written, so their `fdatasync` writes only the data, not the inode too (the
+//! file's size changes once a MiB; `file::ROOM_STEP` has the measurement). Replay stops at the
+//! zeros, and a start keeps them.
+//!
+//! A crash can leave a torn tail (a record cut short, or whose bytes never reached the disk,
+//! zeros of the room possibly after it): it is truncated at start, room and all. A bad record
+//! *before* the tail is corruption, not a crash: the start stops with the byte offset, because
+//! silently dropping it could forget a lease that still needs revoking.
 //!
 //! **Group commit.** One writer thread appends: it takes every queued append, writes them, one
 //! `fsync`, and answers all; concurrent callers share that `fsync` and each learns whether its
@@ -91,8 +96,8 @@ pub struct Replayed {
     pub events: Vec<Event>,
     /// Bytes cut from a torn tail (0 when the file ended cleanly).
     pub truncated: u64,
-    /// The file's length afterwards: where the next append lands, and what a failed append is
-    /// cut back to.
+    /// The end of the last good record: where the next append lands, and what a failed append
+    /// is cut back to. The file may run on in zeros (the room, module docs).
     pub len: u64,
 }
 
