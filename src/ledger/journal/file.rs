@@ -109,8 +109,13 @@ impl FileStorage {
     ) -> Result<(FileStorage, Replayed), JournalError> {
         let err = |what: &str, e: std::io::Error| JournalError(format!("journal {}: {what}: {e}", path.display()));
         // Not `append`: appends land at the end of the last record, inside the room after it.
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).open(path).map_err(|e| err("cannot open", e))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| err("cannot open", e))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         file.read_to_end(&mut bytes).map_err(|e| err("cannot read", e))?;
