@@ -70,7 +70,16 @@ impl Drop for Home {
 }
 
 async fn start(cluster: &Cluster, home: &Path) -> Replica {
-    let extra = ReplicaExtra { file_store: true, home: Some(home.to_path_buf()), ..ReplicaExtra::default() };
+    let extra = ReplicaExtra {
+        file_store: true,
+        home: Some(home.to_path_buf()),
+        // One client and one repository make the hundreds of exchanges that fill the journal's
+        // room on a full disk: the abuse limits are not what these tests are for.
+        tail_toml: "[limits]\naddress = { per_second = 100000, burst = 100000 }\n\
+                    repository = { per_second = 100000, burst = 100000 }\n"
+            .into(),
+        ..ReplicaExtra::default()
+    };
     cluster.start("disk", &extra).await
 }
 
