@@ -71,13 +71,21 @@ impl Replacement for File {
 /// data. PostgreSQL fills its WAL segments with zeros before use for the same reason
 /// (`wal_init_zero`). `fallocate` would not do: its blocks are "unwritten", and the first write
 /// into each converts it, a metadata change again (and a journalled one on ext4 with a journal
-/// or XFS). The zeros are written in the same `pwrite` as the append that needs them and made
-/// durable by its `fdatasync`: one larger sync per step (~700 exchanges), none in between.
+/// or XFS). The zeros are written right after the records of the append that needs them and
+/// made durable by its `fdatasync`: one larger sync per step (~700 exchanges), none in between
+/// (and none for a batch large enough to pay for its own inode write, [`LARGE_BATCH`]).
 ///
 /// Replay stops at a zero tail (`decode_with`), and a start keeps it as room ([`FileStorage::open`]).
 /// A side effect users see: a disk that fills up still takes up to this many bytes of records
 /// before appends fail, since the blocks are the journal's already.
 pub(crate) const ROOM_STEP: u64 = 1024 * 1024;
+
+/// A batch at least this large grows no room when it runs out: it pays for its own inode write
+/// well enough, and the zeros are not free. Every byte of room is written twice (as a zero, then
+/// as a record), which at the rate of large batches is the disk's bandwidth: 256 concurrent
+/// writers made ~160k leases/s durable with room grown on every batch against ~220k/s without
+/// (bench row 3e). The next small batch grows it again.
+const LARGE_BATCH: usize = 64 * 1024;
 
 pub struct FileStorage {
     path: PathBuf,
@@ -180,7 +188,7 @@ impl Storage for FileStorage {
     fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.file.write_all_at(bytes, self.end)?;
         self.end += bytes.len() as u64;
-        if self.end > self.room {
+        if self.end > self.room && bytes.len() < LARGE_BATCH {
             // Out of room: a step of zeros after the records, made durable by the same sync
             // ([`ROOM_STEP`]). Without it the records are still whole: on a disk too full for
             // the zeros, appends go on growing the file until not even they fit.
@@ -297,6 +305,19 @@ mod tests {
         bytes
     }
 
+    fn revoked(i: usize) -> Event {
+        Event::Revoked { id: format!("lse_{i}"), at: i as i64 }
+    }
+
+    /// A journal `FileStorage` wrote two records to, synced and closed: the room after them.
+    fn written_journal(dir: &Path) -> PathBuf {
+        let path = dir.join("journal");
+        let (mut storage, _) = FileStorage::open(&path).unwrap();
+        storage.append(&record(&events(2))).unwrap();
+        storage.sync().unwrap();
+        path
+    }
+
     #[test]
     fn appends_land_in_zeros_grown_a_step_ahead_so_the_file_changes_size_once_a_step() {
         let dir = tempfile::tempdir().unwrap();
@@ -312,7 +333,7 @@ mod tests {
         let mut appended = events(1);
         let mut i = 1;
         let (last, bytes) = loop {
-            let event = Event::Revoked { id: format!("lse_{i}"), at: i as i64 };
+            let event = revoked(i);
             let bytes = record(std::slice::from_ref(&event));
             if end + bytes.len() as u64 > grown {
                 break (event, bytes);
@@ -335,35 +356,44 @@ mod tests {
     }
 
     #[test]
-    fn a_start_keeps_the_zero_room_and_appends_after_the_last_record() {
+    fn a_batch_too_large_to_gain_from_room_grows_none_and_the_next_small_one_does() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
-        let (mut storage, _) = FileStorage::open(&path).unwrap();
-        storage.append(&record(&events(2))).unwrap();
-        storage.sync().unwrap();
+        let (mut storage, opened) = FileStorage::open(&path).unwrap();
+        let large: Vec<Event> = (0..LARGE_BATCH / 20).map(revoked).collect();
+        let bytes = record(&large);
+        assert!(bytes.len() >= LARGE_BATCH, "the test's batch is too small: {} bytes", bytes.len());
+        storage.append(&bytes).unwrap();
+        let end = opened.len + bytes.len() as u64;
+        assert_eq!(size(&path), end, "a large batch wrote a MiB of zeros after itself");
+        storage.append(&record(&[revoked(1)])).unwrap();
+        let end = end + record(&[revoked(1)]).len() as u64;
+        assert_eq!(size(&path), end + ROOM_STEP, "the small batch after it grew no room");
         drop(storage);
+        let (_, replayed) = FileStorage::open(&path).unwrap();
+        assert_eq!(replayed.events, [large, vec![revoked(1)]].concat());
+    }
+
+    #[test]
+    fn a_start_keeps_the_zero_room_and_appends_after_the_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written_journal(dir.path());
         let grown = size(&path);
         let (mut storage, replayed) = FileStorage::open(&path).unwrap();
         assert_eq!((replayed.events, replayed.truncated), (events(2), 0), "the room is not a torn tail");
         assert_eq!(size(&path), grown, "the start cut the room");
-        storage.append(&record(&[Event::Revoked { id: "lse_9".into(), at: 9 }])).unwrap();
+        storage.append(&record(&[revoked(9)])).unwrap();
         storage.sync().unwrap();
         assert_eq!(size(&path), grown, "the append after a restart did not land in the room");
         drop(storage);
         let (_, again) = FileStorage::open(&path).unwrap();
-        let mut expected = events(2);
-        expected.push(Event::Revoked { id: "lse_9".into(), at: 9 });
-        assert_eq!(again.events, expected, "the record appended after the restart is lost");
+        assert_eq!(again.events, [events(2), vec![revoked(9)]].concat(), "the record appended after the restart is lost");
     }
 
     #[test]
     fn a_torn_append_in_the_room_is_cut_room_and_all_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal");
-        let (mut storage, _) = FileStorage::open(&path).unwrap();
-        storage.append(&record(&events(2))).unwrap();
-        storage.sync().unwrap();
-        drop(storage);
+        let path = written_journal(dir.path());
         let good = FileStorage::open(&path).unwrap().1.len;
         // A crash mid-append: a header promising 500 bytes, and only 10 of them, zeros after.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
@@ -391,10 +421,10 @@ mod tests {
         storage.append(&record(&events(3))[..30]).unwrap();
         storage.truncate(end).unwrap();
         assert_eq!(size(&path), end);
-        storage.append(&record(&[Event::Revoked { id: "lse_7".into(), at: 7 }])).unwrap();
+        storage.append(&record(&[revoked(7)])).unwrap();
         drop(storage);
         let (_, replayed) = FileStorage::open(&path).unwrap();
-        assert_eq!(replayed.events, vec![events(1).remove(0), Event::Revoked { id: "lse_7".into(), at: 7 }]);
+        assert_eq!(replayed.events, [events(1), vec![revoked(7)]].concat());
         assert_eq!(replayed.truncated, 0);
     }
 
