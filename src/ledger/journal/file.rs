@@ -387,7 +387,11 @@ mod tests {
         assert_eq!(size(&path), grown, "the append after a restart did not land in the room");
         drop(storage);
         let (_, again) = FileStorage::open(&path).unwrap();
-        assert_eq!(again.events, [events(2), vec![revoked(9)]].concat(), "the record appended after the restart is lost");
+        assert_eq!(
+            again.events,
+            [events(2), vec![revoked(9)]].concat(),
+            "the record appended after the restart is lost"
+        );
     }
 
     #[test]
