@@ -129,9 +129,9 @@ impl FileStorage {
         file.read_to_end(&mut bytes).map_err(|e| err("cannot read", e))?;
         reserve(count_records(&bytes));
         let good_len = replay(&bytes, apply).map_err(|e| JournalError(format!("journal {}: {e}", path.display())))?;
-        let events = Vec::new();
-        let storage = |file, len| FileStorage { path: path.to_path_buf(), file, end: len, room: len };
-        if good_len == 0 {
+        let tail = bytes.get(usize::try_from(good_len).unwrap_or(usize::MAX)..).unwrap_or_default();
+        // Where the next append lands, the file's length after it (the room), and what was cut.
+        let (len, room, truncated) = if good_len == 0 {
             // New, or a crash while its magic was being written: (re)initialise it, so nothing is
             // ever appended to a file without the magic.
             file.set_len(0)
@@ -139,24 +139,18 @@ impl FileStorage {
                 .and_then(|()| file.sync_all())
                 .map_err(|e| err("cannot initialise", e))?;
             sync_dir(path).map_err(|e| err("cannot sync its directory", e))?;
-            let truncated = bytes.len() as u64;
-            let len = MAGIC.len() as u64;
-            return Ok((storage(file, len), Replayed { events, truncated, len }));
-        }
-        let tail = bytes.get(usize::try_from(good_len).unwrap_or(usize::MAX)..).unwrap_or_default();
-        if tail.iter().all(|b| *b == 0) {
+            (MAGIC.len() as u64, MAGIC.len() as u64, bytes.len() as u64)
+        } else if tail.iter().all(|b| *b == 0) {
             // The room (or blocks a crash left as zeros): the next append lands at its start.
-            let room = bytes.len() as u64;
-            return Ok((
-                FileStorage { room, ..storage(file, good_len) },
-                Replayed { events, truncated: 0, len: good_len },
-            ));
-        }
-        // A torn record (in the room, zeros may follow it): cut, room and all. The next append
-        // grows the file again.
-        file.set_len(good_len).and_then(|()| file.sync_all()).map_err(|e| err("cannot truncate a torn tail", e))?;
-        let truncated = tail.len() as u64;
-        Ok((storage(file, good_len), Replayed { events, truncated, len: good_len }))
+            (good_len, bytes.len() as u64, 0)
+        } else {
+            // A torn record (in the room, zeros may follow it): cut, room and all. The next
+            // append grows the file again.
+            file.set_len(good_len).and_then(|()| file.sync_all()).map_err(|e| err("cannot truncate a torn tail", e))?;
+            (good_len, good_len, tail.len() as u64)
+        };
+        let storage = FileStorage { path: path.to_path_buf(), file, end: len, room };
+        Ok((storage, Replayed { events: Vec::new(), truncated, len }))
     }
 }
 
